@@ -72,17 +72,18 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
     if not text:
         raise ConfigError("empty address")
     if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
             raise ConfigError(f"bad address {text!r}: expected [IPV6]:PORT")
-        port_text = rest[1:] if rest else ""
+        has_port, port_text = bool(rest), rest[1:]
     elif text.count(":") == 1:
         host, port_text = text.split(":")
+        has_port = True
     else:  # a bare name, IPv4 address or unbracketed IPv6 address
-        host, port_text = text, ""
+        host, has_port, port_text = text, False, ""
     if not host:
         raise ConfigError(f"bad address {text!r}: no host")
-    if not port_text:
+    if not has_port:
         return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"bad port {port_text!r} in address {text!r}")
@@ -148,8 +149,9 @@ def _parse_node_line(line: str, where: str) -> Node:
     return Node(name, address, bind)
 
 
-def _line_number(text: str, section: str, needle: str) -> int:
-    """The line of ``text`` where ``needle`` first appears inside ``section``.
+def _line_number(text: str, section: str, needle: Optional[str]) -> int:
+    """The line of ``text`` where ``needle`` first appears inside ``section``
+    (the section's own header line when ``needle`` is None).
 
     configparser forgets line numbers; operators want them in errors.
     """
@@ -158,7 +160,9 @@ def _line_number(text: str, section: str, needle: str) -> int:
         stripped = line.strip()
         if stripped.startswith("["):
             in_section = stripped == f"[{section}]"
-        elif in_section and needle in line:
+            if in_section and needle is None:
+                return number
+        elif in_section and needle is not None and needle in line:
             return number
     return 0
 
@@ -176,14 +180,14 @@ def parse_config(text: str, source: str) -> Dict[str, Service]:
             continue
         options = dict(parser[section])
 
-        def where(needle: str) -> str:
+        def where(needle: Optional[str]) -> str:
             line = _line_number(text, section, needle)
             return f"{source}, [{section}]" + (f", line {line}" if line else "")
 
         if not options.get("name"):
-            raise ConfigError(f"{where('name')}: missing 'name:'")
+            raise ConfigError(f"{where(None)}: missing 'name:'")
         if not options.get("nodes", "").strip():
-            raise ConfigError(f"{where('nodes')}: missing 'nodes:' (one node "
+            raise ConfigError(f"{where(None)}: missing 'nodes:' (one node "
                               "a line: NODENAME hostname=HOST[:PORT])")
         nodes = [_parse_node_line(line, where(line))
                  for line in options.pop("nodes").splitlines() if line.strip()]
@@ -244,36 +248,31 @@ def candidate_addresses(service: Service,
 #   daemon -> {"op": "welcome", "version": 1, "service": S, "node": N}
 #   client -> {"op": "hello", "version": 1, "role": "app"|"console", ...}
 #
-# An app's hello carries "proc": {"id", "hostname", "progname", "pid"}; then
-# it sends {"op": "state", ...} (its whole state, which replaces whatever the
-# daemon knew of that process) and afterwards {"op": "events", "events": [...]}
-# batches.  Each event is [KIND, CONN_ID, AGO] or [KIND, ID, AGO, EXTRA]:
-# AGO is how many seconds before the message was sent the event happened, so
-# clocks of different hosts never need to agree.  A console sends requests
-# such as {"op": "snapshot"} and reads one reply line per request.  A
-# malformed message gets {"op": "error", "error": TEXT} and a closed socket.
+# An app's hello carries "proc": {"id", "hostname", "progname", "pid"}.  It
+# then sends {"op": "state", ...}, its whole state, which replaces whatever
+# the daemon knew of that process, and from then on {"op": "update", ...}
+# messages with what changed since the previous one (see ProcessState).
+# Times travel as ages: seconds before the message was sent, so the clocks
+# of different hosts never need to agree.
+#
+# A console sends requests such as {"op": "snapshot"} and reads one reply
+# line per request.  A malformed message gets {"op": "error", "error": TEXT}
+# and a closed socket.
 
 PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 1 << 20
-MAX_EVENTS_PER_MESSAGE = 5000
-
-CONNECT = "C"    # [C, conn, ago, pool]   a new DBAPI connection in pool
-CHECKOUT = "O"   # [O, conn, ago, pool]   handed to the application
-CHECKIN = "I"    # [I, conn, ago]         returned to the pool
-CLOSE = "X"      # [X, conn, ago]         closed, invalidated, discarded
-POOL = "P"       # [P, pool, ago, limit]  a pool: pool_size + max_overflow,
-                 #                        or null when unlimited
+MAX_MESSAGE_BYTES = 1 << 20     # the most a client may send in one message
+MAX_REPLY_BYTES = 64 << 20      # the most a snapshot reply may be
 
 
 class ProtocolError(Exception):
     """The peer sent something that is not connmon protocol."""
 
 
-def encode(message: Dict[str, Any]) -> bytes:
+def encode(message: Dict[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
     data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
-    if len(data) > MAX_MESSAGE_BYTES:
+    if len(data) > limit:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the "
-                            f"{MAX_MESSAGE_BYTES} byte limit")
+                            f"{limit} byte limit")
     return data
 
 
@@ -287,15 +286,15 @@ def decode(line: bytes) -> Dict[str, Any]:
     return message
 
 
-def read_message(rfile) -> Optional[Dict[str, Any]]:
+def read_message(rfile, limit: int = MAX_MESSAGE_BYTES
+                 ) -> Optional[Dict[str, Any]]:
     """Read one message from a binary file; None at a clean end of stream."""
-    line = rfile.readline(MAX_MESSAGE_BYTES + 1)
+    line = rfile.readline(limit + 1)
     if not line:
         return None
     if not line.endswith(b"\n"):
-        if len(line) > MAX_MESSAGE_BYTES:
-            raise ProtocolError(f"message longer than {MAX_MESSAGE_BYTES} "
-                                "bytes")
+        if len(line) > limit:
+            raise ProtocolError(f"message longer than {limit} bytes")
         raise ProtocolError("connection closed in the middle of a message")
     return decode(line)
 
@@ -314,17 +313,18 @@ def expect(message: Optional[Dict[str, Any]], op: str) -> Dict[str, Any]:
 class Connection:
     """A client's handshaken connection to one connmond."""
 
-    def __init__(self, sock: socket.socket, welcome: Dict[str, Any]):
+    def __init__(self, sock: socket.socket):
         self.sock = sock
         self.rfile = sock.makefile("rb")
-        self.welcome = welcome
+        self.welcome: Dict[str, Any] = {}
 
     def send(self, message: Dict[str, Any]) -> None:
         self.sock.sendall(encode(message))
 
     def request(self, message: Dict[str, Any]) -> Dict[str, Any]:
         self.send(message)
-        return expect(read_message(self.rfile), message["op"])
+        return expect(read_message(self.rfile, MAX_REPLY_BYTES),
+                      message["op"])
 
     def close(self) -> None:
         self.rfile.close()
@@ -346,7 +346,7 @@ def open_connection(addresses: Iterable[Address], role: str,
             continue
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(sock, {})
+            conn = Connection(sock)
             conn.welcome = expect(read_message(conn.rfile), "welcome")
             conn.send(dict(op="hello", version=PROTOCOL_VERSION, role=role,
                            **hello))
@@ -361,85 +361,162 @@ def open_connection(addresses: Iterable[Address], role: str,
 # 3. State model
 # ---------------------------------------------------------------------------
 #
-# The application keeps a ProcessState for itself; the daemon keeps one per
-# attached process inside a Picture, and both change them with the same
-# ProcessState.apply(), so the two can never disagree about what an event
-# means.
+# A ProcessState is one process's connections.  The application keeps one
+# for itself and folds its pool events into it (apply); every flush it sends
+# the difference from what it sent last (message).  The daemon keeps one per
+# attached process and changes it with those messages (load, update).  Both
+# sides use this one class, so they cannot disagree about the meaning.
+#
+# Per-event work is kept to a few dict operations on the application side,
+# and never crosses the wire: a flush that saw ten thousand checkouts sends
+# a count, a hold-time sum and the peaks, not ten thousand events.
 
-
-class PooledConnection:
-    __slots__ = ("pool", "checked_out_at")
-
-    def __init__(self, pool: int, checked_out_at: Optional[float] = None):
-        self.pool = pool
-        self.checked_out_at = checked_out_at  # None while idle in the pool
+CONNECT = "connect"      # (CONNECT, conn, when, pool): a new DBAPI connection
+CHECKOUT = "checkout"    # (CHECKOUT, conn, when, pool): handed to the app
+CHECKIN = "checkin"      # (CHECKIN, conn, when): returned to the pool
+CLOSE = "close"          # (CLOSE, conn, when): closed, invalidated, discarded
+POOL = "pool"            # (POOL, pool, when, limit): pool_size+max_overflow,
+                         #                            None when unlimited
 
 
 class ProcessState:
-    """The connections of one process, and its maxima."""
+    """The open connections of one process, which of them are checked out
+    and since when, its pools' capacities, and what happened since the last
+    message (checkout count, hold times, peaks)."""
 
     def __init__(self, ident: str, hostname: str, progname: str, pid: int):
         self.ident = ident
         self.hostname = hostname
         self.progname = progname
         self.pid = pid
-        self.conns: Dict[int, PooledConnection] = {}
-        self.pools: Dict[int, Optional[int]] = {}
-        self.checked_out = 0
-        self.max_conns = 0
-        self.max_checked_out = 0
         self.since = time.time()
+        self.conns: Dict[int, int] = {}            # connection -> pool
+        self.checked_out: Dict[int, float] = {}    # connection -> since when
+        self.pools: Dict[int, Optional[int]] = {}  # pool -> capacity
+        self.max_conns = self.max_checked_out = 0
+        self.reset_counters()
 
     @property
     def key(self) -> Tuple[str, str]:
         return self.hostname, self.progname
 
+    def reset_counters(self) -> None:
+        self.checkouts = self.holds = 0
+        self.hold_total = 0.0
+        self.peak_conns = len(self.conns)
+        self.peak_checked_out = len(self.checked_out)
+
+    # -- application side -----------------------------------------------------
+
     def apply(self, kind: str, ident: int, when: float,
-              extra: Any = None) -> Tuple[int, int]:
-        """Apply one event; return the change in (connections, checkouts).
+              extra: Any = None) -> None:
+        """Fold one pool event in.
 
-        Events for connections this process does not know are what a forked
-        child sees for its parent's connections: a checkout adopts the
-        connection, a checkin or close of it changes nothing.
+        A forked child sees its parent's pooled connections: a checkout
+        adopts such a connection, a checkin or close of one changes nothing.
         """
-        conn = self.conns.get(ident)
         if kind == CHECKOUT:
-            added = 0
-            if conn is None:
-                conn = self.conns[ident] = PooledConnection(extra)
-                added = 1
-            if conn.checked_out_at is not None:
-                return self._changed(added, 0)
-            conn.checked_out_at = when
-            return self._changed(added, 1)
-        if kind == CHECKIN:
-            if conn is None or conn.checked_out_at is None:
-                return 0, 0
-            conn.checked_out_at = None
-            return self._changed(0, -1)
-        if kind == CONNECT:
-            if conn is not None:
-                return 0, 0
-            self.conns[ident] = PooledConnection(extra)
-            return self._changed(1, 0)
-        if kind == CLOSE:
-            if conn is None:
-                return 0, 0
-            del self.conns[ident]
-            return self._changed(-1, -1 if conn.checked_out_at is not None
-                                 else 0)
-        if kind == POOL:
+            if ident in self.checked_out:
+                return
+            self.checked_out[ident] = when
+            self.checkouts += 1
+            if len(self.checked_out) > self.peak_checked_out:
+                self.peak_checked_out = len(self.checked_out)
+            if ident not in self.conns:
+                self.apply(CONNECT, ident, when, extra)
+        elif kind == CHECKIN:
+            since = self.checked_out.pop(ident, None)
+            if since is not None:
+                self.hold_total += when - since
+                self.holds += 1
+        elif kind == CONNECT:
+            self.conns[ident] = extra
+            if len(self.conns) > self.peak_conns:
+                self.peak_conns = len(self.conns)
+        elif kind == CLOSE:
+            self.conns.pop(ident, None)
+            self.checked_out.pop(ident, None)
+        elif kind == POOL:
             self.pools[ident] = extra
-            return 0, 0
-        raise ProtocolError(f"unknown event kind {kind!r}")
 
-    def _changed(self, conns: int, checkouts: int) -> Tuple[int, int]:
-        self.checked_out += checkouts
-        if len(self.conns) > self.max_conns:
-            self.max_conns = len(self.conns)
-        if self.checked_out > self.max_checked_out:
-            self.max_checked_out = self.checked_out
-        return conns, checkouts
+    def message(self, op: str, sent: "ProcessState", now: float
+                ) -> Dict[str, Any]:
+        """What takes a daemon from knowing ``sent`` to knowing this state.
+
+        ``op`` "state" with an empty ``sent`` is the whole state.
+        """
+        conns, out = self.conns, self.checked_out
+        message = {
+            "op": op,
+            "connect": [[c, p] for c, p in conns.items()
+                        if c not in sent.conns],
+            "close": [c for c in sent.conns if c not in conns],
+            "checkout": [[c, round(now - t, 6)] for c, t in out.items()
+                         if sent.checked_out.get(c) != t],
+            "checkin": [c for c in sent.checked_out
+                        if c not in out and c in conns],
+            "checkouts": self.checkouts,
+            "hold": [round(self.hold_total, 6), self.holds],
+            "peak": [self.peak_conns, self.peak_checked_out],
+        }
+        if self.pools != sent.pools:
+            message["pools"] = [[p, limit] for p, limit in self.pools.items()]
+        return message
+
+    def copy(self) -> "ProcessState":
+        """A copy of the connections and pools (what was sent)."""
+        twin = ProcessState(self.ident, self.hostname, self.progname,
+                            self.pid)
+        twin.conns = dict(self.conns)
+        twin.checked_out = dict(self.checked_out)
+        twin.pools = dict(self.pools)
+        return twin
+
+    # -- daemon side ----------------------------------------------------------
+
+    def update(self, message: Dict[str, Any], now: float) -> Dict[str, Any]:
+        """Apply a "state" or "update" message, validating every field.
+
+        "state" replaces everything.  Returns the message's counters: the
+        checkout count, the hold time sum and count, and the peaks.
+        """
+        connect = _pairs(message, "connect", _is_int)
+        close = _ints(message, "close")
+        checkout = _pairs(message, "checkout", _is_age)
+        checkin = _ints(message, "checkin")
+        pools = (_pairs(message, "pools", _is_limit)
+                 if "pools" in message else None)
+        checkouts = message.get("checkouts")
+        hold = message.get("hold")
+        peak = message.get("peak")
+        if not (_is_count(checkouts)
+                and isinstance(hold, list) and len(hold) == 2
+                and _is_age(hold[0]) and _is_count(hold[1])
+                and isinstance(peak, list) and len(peak) == 2
+                and _is_count(peak[0]) and _is_count(peak[1])):
+            raise ProtocolError("update needs 'checkouts', 'hold' [seconds, "
+                                "count] and 'peak' [conns, checkouts]")
+        if message["op"] == "state":
+            self.conns.clear()
+            self.checked_out.clear()
+            self.pools.clear()
+        if pools is not None:
+            self.pools = dict(pools)
+        self.conns.update(connect)
+        for ident in close:
+            self.conns.pop(ident, None)
+            self.checked_out.pop(ident, None)
+        for ident in checkin:
+            self.checked_out.pop(ident, None)
+        for ident, age in checkout:
+            if ident in self.conns:
+                self.checked_out[ident] = now - age
+        self.max_conns = max(self.max_conns, peak[0], len(self.conns))
+        self.max_checked_out = max(self.max_checked_out, peak[1],
+                                   len(self.checked_out))
+        return {"checkouts": checkouts, "hold_total": hold[0],
+                "holds": hold[1], "peak_conns": max(peak[0], len(self.conns)),
+                "peak_checked_out": max(peak[1], len(self.checked_out))}
 
     @property
     def limit(self) -> Optional[int]:
@@ -448,78 +525,39 @@ class ProcessState:
             return None
         return sum(self.pools.values())
 
-    def oldest_checkout(self) -> Optional[float]:
-        times = [c.checked_out_at for c in self.conns.values()
-                 if c.checked_out_at is not None]
-        return min(times) if times else None
-
-    # The "state" message: everything needed to rebuild this object.
-
-    def to_message(self, now: float) -> Dict[str, Any]:
-        return {
-            "op": "state",
-            "conns": [[ident, c.pool, None if c.checked_out_at is None
-                       else round(now - c.checked_out_at, 6)]
-                      for ident, c in self.conns.items()],
-            "pools": [[ident, limit] for ident, limit in self.pools.items()],
-        }
-
-    def load_message(self, message: Dict[str, Any], now: float) -> None:
-        """Replace everything with a "state" message (validated here)."""
-        conns, pools = message.get("conns"), message.get("pools")
-        if not isinstance(conns, list) or not isinstance(pools, list):
-            raise ProtocolError("state message needs 'conns' and 'pools' "
-                                "lists")
-        self.conns.clear()
-        self.pools.clear()
-        self.checked_out = 0
-        for item in pools:
-            if not (isinstance(item, list) and len(item) == 2
-                    and _is_int(item[0]) and (item[1] is None
-                                              or _is_int(item[1]))):
-                raise ProtocolError(f"bad pool entry {item!r}")
-            self.apply(POOL, item[0], now, item[1])
-        for item in conns:
-            if not (isinstance(item, list) and len(item) == 3
-                    and _is_int(item[0]) and _is_int(item[1])
-                    and (item[2] is None or _is_age(item[2]))):
-                raise ProtocolError(f"bad connection entry {item!r}")
-            self.apply(CONNECT, item[0], now, item[1])
-            if item[2] is not None:
-                self.apply(CHECKOUT, item[0], now - item[2])
-
 
 def _is_int(value: Any) -> bool:
     return type(value) is int and -(1 << 62) < value < (1 << 62)
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value < (1 << 62)
 
 
 def _is_age(value: Any) -> bool:
     return type(value) in (int, float) and 0 <= value < 1e9
 
 
-def parse_events(message: Dict[str, Any]) -> List[list]:
-    """Validate an "events" message and return its events."""
-    events = message.get("events")
-    if not isinstance(events, list) or len(events) > MAX_EVENTS_PER_MESSAGE:
-        raise ProtocolError("events message needs an 'events' list of at "
-                            f"most {MAX_EVENTS_PER_MESSAGE} events")
-    for event in events:
-        if not _valid_event(event):
-            raise ProtocolError(f"bad event {event!r}")
-    return events
+def _is_limit(value: Any) -> bool:
+    return value is None or _is_count(value)
 
 
-def _valid_event(event: Any) -> bool:
-    if not (isinstance(event, list) and event and isinstance(event[0], str)
-            and len(event) == _EVENT_LENGTH.get(event[0])):
-        return False
-    if not (_is_int(event[1]) and _is_age(event[2])):
-        return False
-    return (len(event) == 3 or _is_int(event[3])
-            or (event[0] == POOL and event[3] is None))
+def _ints(message: Dict[str, Any], key: str) -> List[int]:
+    value = message.get(key)
+    if not isinstance(value, list) or not all(map(_is_int, value)):
+        raise ProtocolError(f"{message['op']}: {key!r} must be a list of "
+                            "integers")
+    return value
 
 
-_EVENT_LENGTH = {CONNECT: 4, CHECKOUT: 4, CHECKIN: 3, CLOSE: 3, POOL: 4}
+def _pairs(message: Dict[str, Any], key: str, check) -> List[list]:
+    value = message.get(key)
+    if not isinstance(value, list) or not all(
+            isinstance(item, list) and len(item) == 2 and _is_int(item[0])
+            and check(item[1]) for item in value):
+        raise ProtocolError(f"{message['op']}: {key!r} must be a list of "
+                            "[id, value] pairs")
+    return value
 
 
 class RateMeter:
@@ -532,12 +570,12 @@ class RateMeter:
         self.count = 0
         self.last = 0
 
-    def add(self, when: float) -> None:
+    def add(self, when: float, count: int = 1) -> None:
         second = int(when)
         if second > self.second:
             self.last = self.count if second == self.second + 1 else 0
             self.second, self.count = second, 0
-        self.count += 1
+        self.count += count
 
     def rate(self, now: float) -> int:
         second = int(now)
@@ -556,13 +594,16 @@ class ProgramRow:
         self.maxnproc = self.maxconn = self.maxckout = 0
         self.checkouts = RateMeter()
 
-    def add(self, nproc: int, conn: int, ckout: int) -> None:
+    def add(self, nproc: int, conn: int, ckout: int,
+            peak_conn: int = 0, peak_ckout: int = 0) -> None:
+        """Change the totals; ``peak_*`` are how far above the new totals
+        they went in between (a burst inside one update)."""
         self.nproc += nproc
         self.conn += conn
         self.ckout += ckout
         self.maxnproc = max(self.maxnproc, self.nproc)
-        self.maxconn = max(self.maxconn, self.conn)
-        self.maxckout = max(self.maxckout, self.ckout)
+        self.maxconn = max(self.maxconn, self.conn + peak_conn)
+        self.maxckout = max(self.maxckout, self.ckout + peak_ckout)
 
     def clear_maxima(self) -> None:
         self.maxnproc, self.maxconn, self.maxckout = (
@@ -593,18 +634,21 @@ class Picture:
 
     def _add(self, proc: ProcessState, sign: int) -> None:
         """Count a whole process in (sign 1) or out (sign -1)."""
-        conns, checkouts = sign * len(proc.conns), sign * proc.checked_out
+        conns, checkouts = sign * len(proc.conns), sign * len(proc.checked_out)
         self._row(proc).add(sign, conns, checkouts)
         self.host_nproc[proc.hostname] += sign
         if self.host_nproc[proc.hostname] <= 0:
             del self.host_nproc[proc.hostname]
         self._totals(conns, checkouts)
 
-    def _totals(self, conns: int, checkouts: int) -> None:
+    def _totals(self, conns: int, checkouts: int, peak_conns: int = 0,
+                peak_checkouts: int = 0) -> None:
         self.connections += conns
         self.checkouts += checkouts
-        self.max_connections = max(self.max_connections, self.connections)
-        self.max_checkouts = max(self.max_checkouts, self.checkouts)
+        self.max_connections = max(self.max_connections,
+                                   self.connections + peak_conns)
+        self.max_checkouts = max(self.max_checkouts,
+                                 self.checkouts + peak_checkouts)
         self.max_processes = max(self.max_processes, len(self.processes))
         self.max_hosts = max(self.max_hosts, len(self.host_nproc))
 
@@ -625,33 +669,40 @@ class Picture:
         self._add(self.processes.pop(ident), -1)
         return True
 
-    def apply_events(self, ident: str, owner: object, events: List[list],
-                     now: float) -> None:
-        """Apply a batch, unless a newer connection has taken the process."""
+    def update(self, ident: str, owner: object, message: Dict[str, Any],
+               now: float) -> None:
+        """Apply an app's "update", unless a newer connection has taken the
+        process over (then this one's news is stale)."""
         if self.owners.get(ident) is not owner:
             return
         proc = self.processes[ident]
+        conns, checked_out = len(proc.conns), len(proc.checked_out)
+        counters = proc.update(message, now)
+        conns, checked_out = (len(proc.conns) - conns,
+                              len(proc.checked_out) - checked_out)
+        peaks = (counters["peak_conns"] - len(proc.conns),
+                 counters["peak_checked_out"] - len(proc.checked_out))
         row = self._row(proc)
-        for event in events:
-            when = now - event[2]
-            conns, checkouts = proc.apply(event[0], event[1], when,
-                                          event[3] if len(event) > 3 else None)
-            if event[0] == CHECKOUT:
-                row.checkouts.add(when)
-            if conns or checkouts:
-                row.add(0, conns, checkouts)
-                self._totals(conns, checkouts)
+        row.add(0, conns, checked_out, *peaks)
+        row.checkouts.add(now, counters["checkouts"])
+        self._totals(conns, checked_out, *peaks)
 
     def clear_maxima(self) -> None:
         for row in self.rows.values():
             row.clear_maxima()
+        for proc in self.processes.values():
+            proc.max_conns = len(proc.conns)
+            proc.max_checked_out = len(proc.checked_out)
         self.max_hosts, self.max_processes = (len(self.host_nproc),
                                               len(self.processes))
         self.max_connections, self.max_checkouts = (self.connections,
                                                     self.checkouts)
 
-    def snapshot(self, now: float) -> Dict[str, Any]:
-        """The JSON snapshot of DESIGN.md (without "service" and "node")."""
+    def snapshot(self, now: float, procs: bool = False) -> Dict[str, Any]:
+        """The JSON snapshot of DESIGN.md (without "service" and "node").
+
+        With ``procs``, each row also lists its live processes.
+        """
         rows = [{
             "hostname": row.hostname,
             "progname": row.progname,
@@ -664,6 +715,20 @@ class Picture:
             "maxckout": row.maxckout,
             "ckout_per_sec": row.checkouts.rate(now),
         } for _, row in sorted(self.rows.items())]
+        if procs:
+            by_row: Dict[Tuple[str, str], list] = {}
+            for proc in sorted(self.processes.values(), key=lambda p: p.pid):
+                by_row.setdefault(proc.key, []).append({
+                    "pid": proc.pid,
+                    "conn": len(proc.conns),
+                    "ckout": len(proc.checked_out),
+                    "maxconn": proc.max_conns,
+                    "maxckout": proc.max_checked_out,
+                    "since": round(proc.since, 3),
+                })
+            for row in rows:
+                row["procs"] = by_row.get((row["hostname"], row["progname"]),
+                                          [])
         return {
             "hosts": len(self.host_nproc),
             "max_hosts": self.max_hosts,
@@ -687,8 +752,6 @@ RECONNECT_MIN = 0.1      # first retry after a lost connection
 RECONNECT_MAX = 5.0      # retries back off to at most this many seconds
 SEND_TIMEOUT = 5.0       # a daemon that does not read for this long is lost
 
-DISPOSE = "D"            # app-side only: [D, pool, t], turned into closes
-
 
 def progname() -> str:
     """The program's name as operators know it: ``nova-api``, not python."""
@@ -700,12 +763,12 @@ def progname() -> str:
 
 
 class Sender:
-    """Ships one process's pool events to connmond from a daemon thread.
+    """Ships one process's connection state to connmond from a daemon thread.
 
     Listeners on application threads call ``events.append`` and ``wake``
-    only.  The thread drains the deque into ``state`` (so memory stays
-    bounded whatever the daemon does), and while connected forwards the same
-    events; after every (re)connect it first sends the whole state.
+    only.  The thread folds the events into ``state`` (so memory stays
+    bounded whatever the daemon does) and, while connected, sends what
+    changed; after every (re)connect it first sends the whole state.
     """
 
     def __init__(self, addresses: List[Address], description: str):
@@ -719,8 +782,8 @@ class Sender:
         self.events.clear()
         self.state = ProcessState(os.urandom(8).hex(), socket.gethostname(),
                                   progname(), os.getpid())
-        self._orphans: set = set()   # checked out when their pool was disposed
-        self._wake_pending = False
+        self._sent = self.state.copy()
+        self.wake_pending = False
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -733,9 +796,10 @@ class Sender:
         self._start()
 
     def wake(self) -> None:
-        """Tell the thread there are events; one pipe write per batch."""
-        if not self._wake_pending:
-            self._wake_pending = True
+        """Tell the thread there are events: one pipe write per batch, since
+        listeners call this only while ``wake_pending`` is false."""
+        if not self.wake_pending:
+            self.wake_pending = True
             try:
                 os.write(self._wake_write, b"!")
             except OSError:
@@ -773,10 +837,10 @@ class Sender:
                 if self._wake_read in readable:
                     time.sleep(FLUSH_DELAY)
                     os.read(self._wake_read, 4096)
-                    self._wake_pending = False
-                    batch = self._drain()
-                    if conn is not None and batch:
-                        self._send_events(conn, batch)
+                    self.wake_pending = False
+                    self._drain()
+                    if conn is not None:
+                        self._send("update", conn)
             except (OSError, ProtocolError) as err:
                 log.warning("connmon: lost connmond %s: %s", self.description,
                             err)
@@ -795,7 +859,9 @@ class Sender:
             conn = open_connection(self.addresses, "app", proc=proc)
             conn.sock.settimeout(SEND_TIMEOUT)
             self._drain()
-            conn.send(state.to_message(time.monotonic()))
+            state.reset_counters()   # what happened while away is history
+            self._sent = ProcessState(state.ident, "", "", 0)
+            self._send("state", conn)
         except (OSError, ProtocolError) as err:
             # Say it once, then quietly keep trying.
             (log.warning if failures == 0 else log.debug)(
@@ -814,48 +880,20 @@ class Sender:
                 pass
         return None
 
-    def _drain(self) -> List[list]:
-        """Apply queued events to our state; return them in wire form."""
-        events = self.events
-        now = time.monotonic()
-        batch = []
+    def _send(self, op: str, conn: Connection) -> None:
         state = self.state
+        conn.send(state.message(op, self._sent, time.monotonic()))
+        self._sent = state.copy()
+        state.reset_counters()
+
+    def _drain(self) -> None:
+        """Fold the queued events into our state."""
+        events = self.events
+        apply = self.state.apply
         for _ in range(len(events)):
-            kind, ident, when, *extra = events.popleft()
-            if kind == DISPOSE:
-                batch.extend(self._dispose_pool(ident, when))
-                continue
-            if ident is None:  # a record with no id: not ours to count
-                continue
-            state.apply(kind, ident, when, *extra)
-            batch.append([kind, ident, round(now - when, 6), *extra])
-            if kind == CHECKIN and ident in self._orphans:
-                # Returned to a disposed pool: it is gone from our view.
-                self._orphans.discard(ident)
-                state.apply(CLOSE, ident, when)
-                batch.append([CLOSE, ident, round(now - when, 6)])
-        return batch
-
-    def _dispose_pool(self, pool: int, when: float) -> List[list]:
-        """``engine.dispose()`` left a pool: its idle connections are gone and
-        the checked-out ones will go when returned (no close event fires for
-        them; the old pool is simply forgotten)."""
-        closes = []
-        for ident, conn in list(self.state.conns.items()):
-            if conn.pool != pool:
-                continue
-            if conn.checked_out_at is None:
-                self.state.apply(CLOSE, ident, when)
-                closes.append([CLOSE, ident, round(time.monotonic() - when, 6)])
-            else:
-                self._orphans.add(ident)
-        return closes
-
-    @staticmethod
-    def _send_events(conn: Connection, batch: List[list]) -> None:
-        for start in range(0, len(batch), MAX_EVENTS_PER_MESSAGE):
-            conn.send({"op": "events",
-                       "events": batch[start:start + MAX_EVENTS_PER_MESSAGE]})
+            event = events.popleft()
+            if event[1] is not None:   # None: a pool entry we never saw open
+                apply(*event)
 
 
 _senders: Dict[Tuple[Address, ...], Sender] = {}
@@ -874,7 +912,7 @@ def get_sender(addresses: List[Address], description: str) -> Sender:
 
 def _after_fork_in_child() -> None:
     global _senders_lock
-    _senders_lock = threading.Lock()
+    _senders_lock = threading.Lock()   # another thread may have held it
     for sender in _senders.values():
         sender.after_fork_in_child()
 
@@ -887,7 +925,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # ---------------------------------------------------------------------------
 
 URL_PARAMETERS = ("connmon_service", "connmon_addr", "connmon_config")
-CONN_ID = "connmon_id"   # key in ConnectionPoolEntry.info
+CONN_ID = "connmon_id"       # ConnectionPoolEntry.info key: our connection id
+CONN_POOL = "connmon_pool"   # ... and the pool the connection was made for
 
 _connection_ids = itertools.count(1)
 _pool_ids = itertools.count(1)
@@ -950,13 +989,18 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         log.exception("connmon: cannot start; %s runs unmonitored", engine)
         return
     record = sender.events.append
-    wake = sender.wake
     clock = time.monotonic
     pool_id = next(_pool_ids)
 
+    def wake():
+        if not sender.wake_pending:
+            sender.wake()
+
     def on_connect(dbapi_connection, connection_record):
         ident = next(_connection_ids)
-        connection_record.info[CONN_ID] = ident
+        info = connection_record.info
+        info[CONN_ID] = ident
+        info[CONN_POOL] = engine.pool
         record((CONNECT, ident, clock(), pool_id))
         wake()
 
@@ -966,7 +1010,12 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         wake()
 
     def on_checkin(dbapi_connection, connection_record):
-        record((CHECKIN, connection_record.info.get(CONN_ID), clock()))
+        info = connection_record.info
+        record((CHECKIN, info.get(CONN_ID), clock()))
+        if info.get(CONN_POOL) is not engine.pool:
+            # Checked out across engine.dispose() and now returned to the
+            # old pool, which drops it without a close event.
+            record((CLOSE, info.get(CONN_ID), clock()))
         wake()
 
     def on_close(dbapi_connection, connection_record):
@@ -986,16 +1035,12 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         record((CLOSE, detached.pop(id(dbapi_connection), None), clock()))
         wake()
 
-    def on_engine_disposed(disposed_engine):
-        nonlocal pool_id
-        record((DISPOSE, pool_id, clock()))
-        pool_id = next(_pool_ids)
-        record((POOL, pool_id, clock(), _pool_limit(disposed_engine.pool)))
-        wake()
-
-    # invalidate, soft_invalidate and pool-wide invalidation need no
-    # listener: a hard invalidation fires "close" for the connection, and the
-    # other two close it (firing "close") at its next checkout.
+    # Pool events only.  invalidate and soft_invalidate need no listener: a
+    # hard invalidation fires "close", the others close the connection
+    # (firing "close") at its next checkout.  engine.dispose() closes idle
+    # connections with "close" events; see on_checkin for the others.  (The
+    # engine_disposed event would do, but any Engine-level listener puts
+    # SQLAlchemy's per-statement event dispatch on every connection.)
     for name, listener in (("connect", on_connect),
                            ("checkout", on_checkout),
                            ("checkin", on_checkin),
@@ -1003,7 +1048,6 @@ def instrument(engine, settings: Dict[str, str]) -> None:
                            ("detach", on_detach),
                            ("close_detached", on_close_detached)):
         event.listen(engine, name, listener)
-    event.listen(engine, "engine_disposed", on_engine_disposed)
     record((POOL, pool_id, clock(), _pool_limit(engine.pool)))
     wake()
 
@@ -1080,6 +1124,10 @@ def _make_plugin_class():
             resolve_target(self.settings)   # fail fast on a bad config
 
         def update_url(self, url):
+            if url.drivername.endswith("connmon"):
+                # A <driver>_connmon dialect too: it reads the parameters
+                # (after this) and keeps them from the driver itself.
+                return url
             return url.difference_update_query(URL_PARAMETERS)
 
         def engine_created(self, engine):

@@ -43,10 +43,11 @@ class Target:
                                        timeout=timeout)
 
 
-def fetch_snapshot(target: Target, timeout: float = 5.0) -> Dict[str, Any]:
+def fetch_snapshot(target: Target, timeout: float = 5.0,
+                   procs: bool = False) -> Dict[str, Any]:
     conn = target.connect(timeout)
     try:
-        snapshot = conn.request({"op": "snapshot"})
+        snapshot = conn.request({"op": "snapshot", "procs": procs})
     finally:
         conn.close()
     del snapshot["op"]
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print one snapshot and exit")
     parser.add_argument("--json", action="store_true",
                         help="with --once: print the snapshot as JSON")
+    parser.add_argument("--procs", action="store_true",
+                        help="with --once --json: list each row's processes")
     return parser
 
 
@@ -128,7 +131,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"connmon: error: {err}", file=sys.stderr)
         return 2
     try:
-        snapshot = fetch_snapshot(target)
+        snapshot = fetch_snapshot(target, procs=args.procs)
     except (OSError, connmon.ProtocolError) as err:
         print(f"connmon: cannot get a snapshot from {target.description}: "
               f"{err}", file=sys.stderr)

@@ -45,9 +45,9 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
             self.address_family = socket.AF_INET6
         super().__init__(node.bind, ConnmonHandler)
 
-    def snapshot(self) -> Dict[str, Any]:
+    def snapshot(self, procs: bool = False) -> Dict[str, Any]:
         with self.lock:
-            snapshot = self.picture.snapshot(time.monotonic())
+            snapshot = self.picture.snapshot(time.monotonic(), procs)
         return {"service": self.service.name, "node": self.node.name,
                 **snapshot}
 
@@ -98,8 +98,8 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
     def serve_app(self, hello: Dict[str, Any]) -> None:
         proc = process_from_hello(hello)
         name = f"{proc.progname}[{proc.pid}] on {proc.hostname}"
-        state = connmon.expect(read_message(self.rfile), "state")
-        proc.load_message(state, time.monotonic())
+        proc.update(connmon.expect(read_message(self.rfile), "state"),
+                    time.monotonic())
         lock, picture = self.server.lock, self.server.picture
         with lock:
             picture.attach(proc, self)
@@ -110,17 +110,10 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
                 message = read_message(self.rfile)
                 if message is None:
                     break
-                if message["op"] == "state":
-                    replacement = process_from_hello(hello)
-                    replacement.load_message(message, time.monotonic())
-                    with lock:
-                        picture.attach(replacement, self)
-                    continue
-                events = connmon.parse_events(connmon.expect(message,
-                                                             "events"))
+                connmon.expect(message, "update")
                 with lock:
-                    picture.apply_events(proc.ident, self, events,
-                                         time.monotonic())
+                    picture.update(proc.ident, self, message,
+                                   time.monotonic())
         finally:
             with lock:
                 picture.detach(proc.ident, self)
@@ -135,7 +128,8 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
             if request is None:
                 break
             if request["op"] == "snapshot":
-                self.send({"op": "snapshot", **self.server.snapshot()})
+                self.send({"op": "snapshot", **self.server.snapshot(
+                    procs=request.get("procs") is True)})
             elif request["op"] == "clear_maxima":
                 with self.server.lock:
                     self.server.picture.clear_maxima()
