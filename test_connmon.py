@@ -25,6 +25,10 @@ import connmon
 import connmon_console
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Subprocesses import connmon from this checkout, whatever is installed.
+CHILD_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [HERE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+              if p]))
 IN_CI = os.environ.get("CI") == "true"
 MYSQL_URL = os.environ.get("CONNMON_TEST_MYSQL",
                            "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -100,7 +104,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "connmon_server", "-c", str(self.config),
              "-s", "test", "--log-level", "DEBUG"],
-            cwd=HERE, stdout=subprocess.DEVNULL,
+            cwd=HERE, env=CHILD_ENV, stdout=subprocess.DEVNULL,
             stderr=open(self.log, "ab"))
         wait_until(self._listening, 15, f"connmond on port {self.port}")
 
@@ -237,7 +241,8 @@ class App:
         self.progname = progname
         self.proc = subprocess.Popen(
             [sys.executable, str(script), url, json.dumps(engine_options)],
-            cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            cwd=HERE, env=CHILD_ENV, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             stderr=open(tmp_path / f"{progname}.log", "ab"),
             start_new_session=True, text=True)
         self.log = tmp_path / f"{progname}.log"
@@ -378,7 +383,8 @@ def test_daemon_refuses_bad_config_and_ambiguous_node(tmp_path):
                  "    n1 hostname=127.0.0.1:1\n    n2 hostname=127.0.0.1:2\n")
     result = subprocess.run(
         [sys.executable, "-m", "connmon_server", "-c", path, "-s", "a"],
-        cwd=HERE, capture_output=True, text=True, timeout=30)
+        cwd=HERE, env=CHILD_ENV, capture_output=True, text=True,
+        timeout=30)
     assert result.returncode == 2
     assert ("has several nodes (n1, n2); say which one this is with --node"
             in result.stderr)
@@ -709,7 +715,8 @@ def test_console_once_json_and_table(daemon, apps, tmp_path):
                  ["-c", str(daemon.config), "-s", "test", "-n", "node1"]):
         result = subprocess.run(
             [sys.executable, "-m", "connmon_console", "--once", "--json",
-             *args], cwd=HERE, capture_output=True, text=True, timeout=30)
+             *args], cwd=HERE, env=CHILD_ENV, capture_output=True, text=True,
+            timeout=30)
         assert result.returncode == 0, result.stderr
         snapshot = json.loads(result.stdout)
         assert {k: snapshot[k] for k in (
@@ -723,7 +730,8 @@ def test_console_once_json_and_table(daemon, apps, tmp_path):
                             "maxckout", "ckout_per_sec"}
     result = subprocess.run(
         [sys.executable, "-m", "connmon_console", "--once", "-H",
-         daemon.address], cwd=HERE, capture_output=True, text=True,
+         daemon.address], cwd=HERE, env=CHILD_ENV, capture_output=True,
+        text=True,
         timeout=30)
     assert "Connections [1 / 1]" in result.stdout
     assert "console_app.py" in result.stdout
@@ -733,7 +741,8 @@ def test_console_exits_nonzero_when_no_node_answers(tmp_path):
     port = free_port()
     result = subprocess.run(
         [sys.executable, "-m", "connmon_console", "--once", "--json", "-H",
-         f"127.0.0.1:{port}"], cwd=HERE, capture_output=True, text=True,
+         f"127.0.0.1:{port}"], cwd=HERE, env=CHILD_ENV, capture_output=True,
+        text=True,
         timeout=30)
     assert result.returncode == 1
     assert (f"connmon: cannot get a snapshot from 127.0.0.1:{port}: no "
