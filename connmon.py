@@ -384,11 +384,14 @@ class ProcessState:
     and since when, its pools' capacities, and what happened since the last
     message (checkout count, hold times, peaks)."""
 
-    def __init__(self, ident: str, hostname: str, progname: str, pid: int):
+    def __init__(self, ident: str, hostname: str, progname: str, pid: int,
+                 session: int = 0):
         self.ident = ident
         self.hostname = hostname
         self.progname = progname
         self.pid = pid
+        self.session = session   # grows with every (re)connect of the process
+        self.origin = ""         # daemon side: the node it is attached to
         self.since = time.time()
         self.conns: Dict[int, int] = {}            # connection -> pool
         self.checked_out: Dict[int, float] = {}    # connection -> since when
@@ -399,6 +402,12 @@ class ProcessState:
     @property
     def key(self) -> Tuple[str, str]:
         return self.hostname, self.progname
+
+    def describe(self) -> Dict[str, Any]:
+        """Who this process is: the "proc" of an app's hello."""
+        return {"id": self.ident, "hostname": self.hostname,
+                "progname": self.progname, "pid": self.pid,
+                "session": self.session}
 
     def reset_counters(self) -> None:
         self.checkouts = self.holds = 0
@@ -439,27 +448,26 @@ class ProcessState:
         elif kind == POOL:
             self.pools[ident] = extra
 
-    def message(self, op: str, sent: "ProcessState", now: float
+    def message(self, now: float, sent: Optional["ProcessState"] = None
                 ) -> Dict[str, Any]:
-        """What takes a daemon from knowing ``sent`` to knowing this state.
-
-        ``op`` "state" with an empty ``sent`` is the whole state.
-        """
+        """The "update" that takes a daemon from knowing ``sent`` to knowing
+        this state; without ``sent``, the "state" message (all of it)."""
         conns, out = self.conns, self.checked_out
+        sent_conns = sent.conns if sent else {}
+        sent_out = sent.checked_out if sent else {}
         message = {
-            "op": op,
+            "op": "update" if sent else "state",
             "connect": [[c, p] for c, p in conns.items()
-                        if c not in sent.conns],
-            "close": [c for c in sent.conns if c not in conns],
+                        if c not in sent_conns],
+            "close": [c for c in sent_conns if c not in conns],
             "checkout": [[c, round(now - t, 6)] for c, t in out.items()
-                         if sent.checked_out.get(c) != t],
-            "checkin": [c for c in sent.checked_out
-                        if c not in out and c in conns],
+                         if sent_out.get(c) != t],
+            "checkin": [c for c in sent_out if c not in out and c in conns],
             "checkouts": self.checkouts,
             "hold": [round(self.hold_total, 6), self.holds],
             "peak": [self.peak_conns, self.peak_checked_out],
         }
-        if self.pools != sent.pools:
+        if sent is None or self.pools != sent.pools:
             message["pools"] = [[p, limit] for p, limit in self.pools.items()]
         return message
 
@@ -613,13 +621,20 @@ class ProgramRow:
 class Picture:
     """Everything one daemon knows: attached processes and per-program rows.
 
+    Each process carries a session number that grows with every connection
+    it makes, so news can arrive by any path in any order: an attach from an
+    older session than one already seen, or an update or detach for a
+    session that is no longer current, is stale and changes nothing.
+
     Not thread-safe by itself: the daemon holds one lock around every call.
     Times are the daemon's ``time.monotonic()``.
     """
 
+    MAX_TOMBSTONES = 100_000   # sessions of gone processes remembered
+
     def __init__(self) -> None:
         self.processes: Dict[str, ProcessState] = {}
-        self.owners: Dict[str, object] = {}
+        self.tombstones: collections.OrderedDict = collections.OrderedDict()
         self.rows: Dict[Tuple[str, str], ProgramRow] = {}
         self.host_nproc: collections.Counter = collections.Counter()
         self.connections = self.checkouts = 0
@@ -652,30 +667,54 @@ class Picture:
         self.max_processes = max(self.max_processes, len(self.processes))
         self.max_hosts = max(self.max_hosts, len(self.host_nproc))
 
-    def attach(self, proc: ProcessState, owner: object) -> None:
-        """Add a process, replacing any earlier state of the same process."""
-        old = self.processes.pop(proc.ident, None)
-        if old is not None:
-            self._add(old, -1)
-        self.processes[proc.ident] = proc
-        self.owners[proc.ident] = owner
-        self._add(proc, 1)
+    def current(self, ident: str, session: int) -> Optional[ProcessState]:
+        """The process if ``session`` is its current session, else None."""
+        proc = self.processes.get(ident)
+        return proc if proc is not None and proc.session == session else None
 
-    def detach(self, ident: str, owner: object) -> bool:
-        """Drop a process, unless a newer connection has taken it over."""
-        if self.owners.get(ident) is not owner:
+    def attach(self, proc: ProcessState, origin: str) -> bool:
+        """Add a process attached to node ``origin``, replacing any earlier
+        state of it.  Returns False, changing nothing, for stale news."""
+        live = self.processes.get(proc.ident)
+        if live is not None and proc.session < live.session:
             return False
-        del self.owners[ident]
-        self._add(self.processes.pop(ident), -1)
+        if live is None and proc.session <= self.tombstones.get(proc.ident,
+                                                                 -1):
+            return False
+        if live is not None:
+            self._add(self.processes.pop(proc.ident), -1)
+        self.tombstones.pop(proc.ident, None)
+        proc.origin = origin
+        self.processes[proc.ident] = proc
+        self._add(proc, 1)
         return True
 
-    def update(self, ident: str, owner: object, message: Dict[str, Any],
-               now: float) -> None:
-        """Apply an app's "update", unless a newer connection has taken the
-        process over (then this one's news is stale)."""
-        if self.owners.get(ident) is not owner:
-            return
-        proc = self.processes[ident]
+    def detach(self, ident: str, session: int) -> bool:
+        """The process ended that session: drop it, and remember the session
+        so that late news of it is known to be stale."""
+        proc = self.current(ident, session)
+        if proc is None:
+            return False
+        self._add(self.processes.pop(ident), -1)
+        self.tombstones[ident] = session
+        if len(self.tombstones) > self.MAX_TOMBSTONES:
+            self.tombstones.popitem(last=False)
+        return True
+
+    def detach_origin(self, origin: str) -> int:
+        """A node is out of reach: drop the processes attached to it.  No
+        tombstones: they come back as they were when the node returns."""
+        gone = [p for p in self.processes.values() if p.origin == origin]
+        for proc in gone:
+            self._add(self.processes.pop(proc.ident), -1)
+        return len(gone)
+
+    def update(self, ident: str, session: int, message: Dict[str, Any],
+               now: float) -> bool:
+        """Apply an app's "update" to its current session; False if stale."""
+        proc = self.current(ident, session)
+        if proc is None:
+            return False
         conns, checked_out = len(proc.conns), len(proc.checked_out)
         counters = proc.update(message, now)
         conns, checked_out = (len(proc.conns) - conns,
@@ -686,6 +725,38 @@ class Picture:
         row.add(0, conns, checked_out, *peaks)
         row.checkouts.add(now, counters["checkouts"])
         self._totals(conns, checked_out, *peaks)
+        return True
+
+    def maxima(self) -> Dict[str, Any]:
+        """The maxima, for a peer to merge (cluster maxima converge)."""
+        return {"rows": [[r.hostname, r.progname, r.maxnproc, r.maxconn,
+                          r.maxckout] for r in self.rows.values()],
+                "totals": [self.max_hosts, self.max_processes,
+                           self.max_connections, self.max_checkouts]}
+
+    def merge_maxima(self, message: Dict[str, Any]) -> None:
+        rows, totals = message.get("rows"), message.get("totals")
+        if not (isinstance(rows, list) and isinstance(totals, list)
+                and len(totals) == 4 and all(map(_is_count, totals))
+                and all(isinstance(r, list) and len(r) == 5
+                        and all(isinstance(t, str) and 0 < len(t) <= 255
+                                for t in r[:2])
+                        and all(map(_is_count, r[2:])) for r in rows)):
+            raise ProtocolError("maxima needs 'rows' [[hostname, progname, "
+                                "maxnproc, maxconn, maxckout], ...] and "
+                                "'totals' [4 counts]")
+        for hostname, progname, maxnproc, maxconn, maxckout in rows:
+            row = self.rows.get((hostname, progname))
+            if row is None:
+                row = self.rows[hostname, progname] = ProgramRow(hostname,
+                                                                 progname)
+            row.maxnproc = max(row.maxnproc, maxnproc)
+            row.maxconn = max(row.maxconn, maxconn)
+            row.maxckout = max(row.maxckout, maxckout)
+        self.max_hosts, self.max_processes, self.max_connections, \
+            self.max_checkouts = map(max, zip(totals, (
+                self.max_hosts, self.max_processes, self.max_connections,
+                self.max_checkouts)))
 
     def clear_maxima(self) -> None:
         for row in self.rows.values():
@@ -840,7 +911,7 @@ class Sender:
                     self.wake_pending = False
                     self._drain()
                     if conn is not None:
-                        self._send("update", conn)
+                        self._send(conn)
             except (OSError, ProtocolError) as err:
                 log.warning("connmon: lost connmond %s: %s", self.description,
                             err)
@@ -853,15 +924,15 @@ class Sender:
 
     def _connect(self, failures: int) -> Optional[Connection]:
         state = self.state
-        proc = {"id": state.ident, "hostname": state.hostname,
-                "progname": state.progname, "pid": state.pid}
+        state.session += 1
         try:
-            conn = open_connection(self.addresses, "app", proc=proc)
+            conn = open_connection(
+                random.sample(self.addresses, len(self.addresses)), "app",
+                proc=state.describe())
             conn.sock.settimeout(SEND_TIMEOUT)
             self._drain()
             state.reset_counters()   # what happened while away is history
-            self._sent = ProcessState(state.ident, "", "", 0)
-            self._send("state", conn)
+            self._send(conn, full=True)
         except (OSError, ProtocolError) as err:
             # Say it once, then quietly keep trying.
             (log.warning if failures == 0 else log.debug)(
@@ -880,9 +951,10 @@ class Sender:
                 pass
         return None
 
-    def _send(self, op: str, conn: Connection) -> None:
+    def _send(self, conn: Connection, full: bool = False) -> None:
         state = self.state
-        conn.send(state.message(op, self._sent, time.monotonic()))
+        conn.send(state.message(time.monotonic(), None if full else
+                                self._sent))
         self._sent = state.copy()
         state.reset_counters()
 
