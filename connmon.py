@@ -791,6 +791,7 @@ class Picture:
             for proc in sorted(self.processes.values(), key=lambda p: p.pid):
                 by_row.setdefault(proc.key, []).append({
                     "pid": proc.pid,
+                    "node": proc.origin,
                     "conn": len(proc.conns),
                     "ckout": len(proc.checked_out),
                     "maxconn": proc.max_conns,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -19,6 +20,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 
 import connmon
@@ -83,15 +86,21 @@ class Daemon:
     """A real connmond subprocess on a free loopback port."""
 
     def __init__(self, tmp_path, port: Optional[int] = None,
-                 extra_config: str = ""):
+                 extra_config: str = "", config=None,
+                 node: str = "node1"):
+        """A one-node service "test" of its own, or ``node`` of the service
+        "test" in an existing ``config`` file."""
         self.port = port or free_port()
-        self.config = tmp_path / f"connmon-{self.port}.cfg"
-        self.config.write_text(textwrap.dedent(f"""\
-            [connmon_service_test]
-            name: test
-            nodes:
-                node1 hostname=127.0.0.1:{self.port} bind=127.0.0.1
-            """) + extra_config)
+        self.node = node
+        if config is None:
+            config = tmp_path / f"connmon-{self.port}.cfg"
+            config.write_text(textwrap.dedent(f"""\
+                [connmon_service_test]
+                name: test
+                nodes:
+                    node1 hostname=127.0.0.1:{self.port} bind=127.0.0.1
+                """) + extra_config)
+        self.config = config
         self.log = tmp_path / f"connmond-{self.port}.log"
         self.proc: Optional[subprocess.Popen] = None
         self.start()
@@ -103,7 +112,7 @@ class Daemon:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "connmon_server", "-c", str(self.config),
-             "-s", "test", "--log-level", "DEBUG"],
+             "-s", "test", "-n", self.node, "--log-level", "DEBUG"],
             cwd=HERE, env=CHILD_ENV, stdout=subprocess.DEVNULL,
             stderr=open(self.log, "ab"))
         wait_until(self._listening, 15, f"connmond on port {self.port}")
@@ -165,7 +174,7 @@ def daemon(tmp_path):
 # The application the tests drive: a real program using a real engine.  It
 # reads one command a line and answers one line.
 APP_SCRIPT = r'''
-import json, os, signal, sys, time
+import json, os, signal, sys, threading, time
 import sqlalchemy as sa
 
 url, options = sys.argv[1], json.loads(sys.argv[2])
@@ -222,6 +231,12 @@ for line in sys.stdin:
             workers.append(pid)
         answer("ok", *workers)
         continue
+    elif cmd == "busy":
+        def churn():
+            while True:
+                with engine.connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+        threading.Thread(target=churn, daemon=True).start()
     elif cmd == "ticks":
         answer("ok", sender_ticks())
         continue
@@ -774,3 +789,230 @@ def test_sigterm_stops_the_daemon_cleanly(tmp_path):
     daemon.kill(signal.SIGTERM)
     assert daemon.proc.returncode == 0
     assert "connmond stopping" in daemon.log.read_text()
+
+
+# ---------------------------------------------------------------------------
+# HA cluster (issue 4): three real connmond nodes on loopback
+# ---------------------------------------------------------------------------
+
+
+class ThreeNodes:
+    """Nodes node1..node3 of service "test", each its own connmond."""
+
+    def __init__(self, tmp_path):
+        ports = [free_port() for _ in range(3)]
+        self.config = tmp_path / "cluster.cfg"
+        self.config.write_text(
+            "[connmon_service_test]\nname: test\nnodes:\n" + "".join(
+                f"    node{i} hostname=127.0.0.1:{port} bind=127.0.0.1\n"
+                for i, port in enumerate(ports, 1)))
+        self.nodes = {f"node{i}": Daemon(tmp_path, port, config=self.config,
+                                         node=f"node{i}")
+                      for i, port in enumerate(ports, 1)}
+        self.down: set = set()
+        self.last_seen: tuple = ()
+
+    def url(self, tmp_path, name: str) -> str:
+        """An SQLite URL monitored through the service (any node)."""
+        return (f"sqlite:///{tmp_path}/{name}.sqlite?plugin=connmon"
+                f"&connmon_service=test&connmon_config={self.config}")
+
+    def kill(self, name: str) -> None:
+        self.nodes[name].kill()
+        self.down.add(name)
+
+    def restart(self, name: str) -> None:
+        self.nodes[name].start()
+        self.down.discard(name)
+
+    def live(self) -> List[Daemon]:
+        return [d for n, d in self.nodes.items() if n not in self.down]
+
+    def stop(self) -> None:
+        for daemon in self.nodes.values():
+            daemon.stop()
+
+    def converged(self, truth: Dict[str, tuple], loose: tuple = ()
+                  ) -> Optional[List[dict]]:
+        """Every live node's snapshots if all show ``truth``: progname ->
+        (nproc, conn, ckout), with only (nproc, conn) compared for the
+        programs in ``loose`` (busy ones, whose checkouts come and go);
+        every live peer up; else None."""
+        snapshots = [d.snapshot() for d in self.live()]
+        for snapshot in snapshots:
+            seen = {row["progname"]: (row["nproc"], row["conn"], row["ckout"])
+                    for row in snapshot["rows"] if row["connected"]}
+            for name in loose:
+                seen[name] = seen.get(name, (0, 0, 0))[:2]
+            up = {n for n, is_up in snapshot["peers"].items() if is_up}
+            self.last_seen = (snapshot["node"], seen, up)
+            if seen != truth or up != {d.node for d in self.live()
+                                       } - {snapshot["node"]}:
+                return None
+        return snapshots
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    nodes = ThreeNodes(tmp_path)
+    yield nodes
+    nodes.stop()
+
+
+def wait_converged(cluster: ThreeNodes, truth: Dict[str, tuple],
+                   loose: tuple = (), timeout: float = 20.0) -> List[dict]:
+    try:
+        return wait_until(lambda: cluster.converged(truth, loose), timeout,
+                          f"every live node to show {truth}")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; node, rows, peers up: "
+                             f"{cluster.last_seen}") from None
+
+
+def test_cluster_every_node_shows_the_whole_picture(cluster, apps, tmp_path):
+    pinned = [apps(f"sqlite:///{tmp_path}/p{i}.sqlite?plugin=connmon"
+                   f"&connmon_addr={d.address}", f"pinned{i}.py")
+              for i, d in enumerate(cluster.live(), 1)]
+    anywhere = [apps(cluster.url(tmp_path, f"a{i}"), f"anywhere{i}.py")
+                for i in range(1, 3)]
+    for i, app in enumerate(pinned + anywhere, 1):
+        app(f"hold {i}")
+    pinned[0]("release 1")
+    truth = {"pinned1.py": (1, 1, 0), "pinned2.py": (1, 2, 2),
+             "pinned3.py": (1, 3, 3), "anywhere1.py": (1, 4, 4),
+             "anywhere2.py": (1, 5, 5)}
+    snapshots = wait_converged(cluster, truth)
+    # Each pinned app is attached where it was sent; all nodes agree.
+    for i, snapshot in enumerate(snapshots, 1):
+        assert snapshot["node"] == f"node{i}"
+    row = cluster.nodes["node3"].row("pinned2.py", procs=True)
+    assert [p["node"] for p in row["procs"]] == ["node2"]
+    maxima = [{r["progname"]: (r["maxnproc"], r["maxconn"], r["maxckout"])
+               for r in s["rows"]} for s in snapshots]
+    assert maxima[0] == maxima[1] == maxima[2]
+    assert maxima[0]["pinned1.py"] == (1, 1, 1)
+
+
+def test_cluster_node_killed_under_load_and_restarted(cluster, apps,
+                                                      tmp_path):
+    held = {f"app{i}.py": i for i in range(1, 5)}
+    started = {name: apps(cluster.url(tmp_path, name), name)
+               for name in held}
+    for name, n in held.items():
+        started[name](f"hold {n}")
+    busy = apps(cluster.url(tmp_path, "busy"), "busy.py")
+    busy("busy")
+    truth = {name: (1, n, n) for name, n in held.items()}
+    truth["busy.py"] = (1, 1)
+    wait_converged(cluster, truth, loose=("busy.py",))
+
+    # Kill the node most apps are attached to.
+    row_nodes = [p["node"] for r in cluster.nodes["node1"].snapshot(
+        procs=True)["rows"] for p in r["procs"]]
+    victim = max(sorted(cluster.nodes), key=row_nodes.count)
+    assert row_nodes.count(victim) >= 1
+    cluster.kill(victim)
+    for name, n in held.items():   # the apps keep changing meanwhile
+        started[name]("hold 1")
+        truth[name] = (1, n + 1, n + 1)
+    snapshots = wait_converged(cluster, truth, loose=("busy.py",))
+    for snapshot in snapshots:
+        assert snapshot["peers"][victim] is False
+        assert victim not in {p["node"] for r in cluster.nodes[
+            snapshot["node"]].snapshot(procs=True)["rows"]
+            for p in r["procs"]}
+
+    cluster.restart(victim)
+    started["app1.py"]("release 2")
+    truth["app1.py"] = (1, 2, 0)
+    wait_converged(cluster, truth, loose=("busy.py",))
+
+
+def test_cluster_random_failover_orderings_never_double_count(
+        cluster, apps, tmp_path):
+    seed = int(os.environ.get("CONNMON_TEST_SEED", time.time()))
+    rng = random.Random(seed)
+    held = {f"app{i}.py": 0 for i in range(1, 5)}
+    pooled = dict(held)   # a released connection stays in the pool
+    started = {name: apps(cluster.url(tmp_path, name), name, pool_size=20)
+               for name in held}
+    for step in range(10):
+        live, down = sorted(n for n in cluster.nodes
+                            if n not in cluster.down), sorted(cluster.down)
+        if down and (len(live) == 1 or rng.random() < 0.5):
+            action = "restart " + rng.choice(down)
+            cluster.restart(action.split()[1])
+        else:
+            action = "kill " + rng.choice(live)
+            cluster.kill(action.split()[1])
+        name = rng.choice(sorted(held))
+        if held[name] and rng.random() < 0.4:
+            action += f", release 1 in {name}"
+            started[name]("release 1")
+            held[name] -= 1
+        else:
+            action += f", hold 1 more in {name}"
+            started[name]("hold 1")
+            held[name] += 1
+            pooled[name] = max(pooled[name], held[name])
+        truth = {name: (1, pooled[name], n) for name, n in held.items()}
+        try:
+            wait_converged(cluster, truth)
+        except AssertionError as err:
+            raise AssertionError(f"seed {seed}, step {step} ({action}): "
+                                 f"{err}") from None
+
+
+def _session_news(ident: str, session: int, held: int, ends: bool
+                  ) -> List[tuple]:
+    """What one node tells others about one session of a process: it
+    attached (with ``held`` connections checked out), and maybe it ended."""
+    proc = connmon.ProcessState(ident, "host", "prog.py", 42, session)
+    for conn in range(held):
+        proc.apply(connmon.CHECKOUT, conn, 0.0, 1)
+    news = [("attach", proc)]
+    if ends:
+        news.append(("detach", session))
+    return news
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    origins=st.lists(st.sampled_from(["nodeA", "nodeB"]), min_size=1,
+                     max_size=6),
+    holds=st.lists(st.integers(0, 3), min_size=6, max_size=6),
+    order=st.lists(st.booleans(), min_size=24, max_size=24))
+def test_cluster_news_in_any_order_counts_each_process_once(origins, holds,
+                                                            order):
+    """A process fails over between nodes A and B (one session a node
+    visit).  Node C hears each node's news in that node's order, but the
+    two streams interleave arbitrarily: C must end with the last session's
+    state, counted once."""
+    streams: Dict[str, List[tuple]] = {"nodeA": [], "nodeB": []}
+    for session, origin in enumerate(origins, 1):
+        streams[origin] += [
+            (origin, kind, item) for kind, item in _session_news(
+                "p1", session, holds[session - 1],
+                ends=session < len(origins))]
+    picture = connmon.Picture()
+    choices = iter(order)
+    while streams["nodeA"] or streams["nodeB"]:
+        pick = "nodeA" if next(choices, True) else "nodeB"
+        if not streams[pick]:
+            pick = "nodeB" if pick == "nodeA" else "nodeA"
+        origin, kind, item = streams[pick].pop(0)
+        if kind == "attach":
+            twin = connmon.ProcessState(item.ident, item.hostname,
+                                        item.progname, item.pid, item.session)
+            twin.update(item.message(0.0), 0.0)
+            picture.attach(twin, origin)
+        else:
+            picture.detach("p1", item)
+    last = len(origins)
+    snapshot = picture.snapshot(0.0)
+    assert (snapshot["processes"], snapshot["connections"],
+            snapshot["checkouts"]) == (1, holds[last - 1], holds[last - 1])
+    assert picture.processes["p1"].session == last
+    (row,) = snapshot["rows"]
+    assert (row["nproc"], row["conn"], row["ckout"]) == (
+        1, holds[last - 1], holds[last - 1])
