@@ -43,6 +43,7 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = socket.SOMAXCONN   # a whole cloud reconnects at once
 
     def __init__(self, service: connmon.Service, node: connmon.Node):
         self.service = service
