@@ -9,6 +9,7 @@ interleaved), because the machines this runs on are shared and noisy.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -28,22 +29,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Daemon:
-    """A connmond subprocess on a free loopback port."""
+def write_config(workdir: str, ports: List[int]) -> str:
+    """A service "bench" with one node a port, n1, n2..."""
+    config = os.path.join(workdir, f"bench-{ports[0]}.cfg")
+    with open(config, "w") as file:
+        file.write("[connmon_service_bench]\nname: bench\nnodes:\n" + "".join(
+            f"    n{i} hostname=127.0.0.1:{port} bind=127.0.0.1\n"
+            for i, port in enumerate(ports, 1)))
+    return config
 
-    def __init__(self, workdir: str):
-        self.port = free_port()
-        config = os.path.join(workdir, f"bench-{self.port}.cfg")
-        with open(config, "w") as file:
-            file.write(textwrap.dedent(f"""\
-                [connmon_service_bench]
-                name: bench
-                nodes:
-                    n1 hostname=127.0.0.1:{self.port} bind=127.0.0.1
-                """))
+
+class Daemon:
+    """A connmond subprocess on a free loopback port (or node ``node`` of
+    an existing ``config``)."""
+
+    def __init__(self, workdir: str, config: str = "", node: str = "n1",
+                 port: int = 0):
+        self.port = port or free_port()
+        config = config or write_config(workdir, [self.port])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "connmon_server", "-c", config, "-s",
-             "bench", "--log-level", "WARNING"], cwd=HERE)
+             "bench", "-n", node, "--log-level", "ERROR"], cwd=HERE)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -120,8 +126,411 @@ def bench_hotpath(quick: bool) -> None:
             for name, us in medians.items()])
 
 
+def bench_hotpath_mysql(quick: bool) -> None:
+    """The same cycle with a real MariaDB SELECT 1 in it (target <= 1.02)."""
+    import sqlalchemy as sa
+
+    url = os.environ.get("CONNMON_TEST_MYSQL",
+                         "mysql+pymysql://root@127.0.0.1:3306/test")
+    rounds, cycles = (7, 300) if quick else (15, 1000)
+
+    def select_one(engine, cycles: int) -> float:
+        start = time.perf_counter()
+        for _ in range(cycles):
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1").scalar()
+        return (time.perf_counter() - start) / cycles * 1e6
+
+    with tempfile.TemporaryDirectory() as workdir:
+        daemon = Daemon(workdir)
+        try:
+            engines = {
+                "plain": sa.create_engine(url),
+                "connmon": sa.create_engine(
+                    url.replace("+pymysql", "+pymysql_connmon")
+                    + f"?connmon_addr={daemon.address}"),
+            }
+            samples: Dict[str, List[float]] = {n: [] for n in engines}
+            for engine in engines.values():
+                select_one(engine, cycles)
+            for _ in range(rounds):
+                for name, engine in engines.items():
+                    samples[name].append(select_one(engine, cycles))
+        finally:
+            daemon.stop()
+    medians = {n: statistics.median(v) for n, v in samples.items()}
+    report(f"hotpath-mysql: connect(); SELECT 1; close() on MariaDB, median "
+           f"of {rounds} interleaved runs x {cycles} (target ratio <= 1.02)",
+           [(f"{name:<8}", f"{us:8.2f} us",
+             f"ratio {us / medians['plain']:.3f}")
+            for name, us in medians.items()])
+
+
+def bench_breakdown(quick: bool) -> None:
+    """Where the hot-path cost goes: the same cycle with listeners that do
+    progressively more of what connmon's do."""
+    import collections
+
+    import sqlalchemy as sa
+    from sqlalchemy import event
+
+    import connmon
+
+    rounds, cycles = (7, 2000) if quick else (15, 5000)
+    with tempfile.TemporaryDirectory() as workdir:
+        db = os.path.join(workdir, "bench.sqlite")
+        queue: collections.deque = collections.deque(maxlen=1000)
+        clock = time.monotonic
+
+        def engine_with(checkout, checkin):
+            engine = sa.create_engine(f"sqlite:///{db}")
+            if checkout:
+                event.listen(engine, "checkout", checkout)
+                event.listen(engine, "checkin", checkin)
+            return engine
+
+        engines = {
+            "plain": engine_with(None, None),
+            "no-op listeners": engine_with(lambda d, r, p: None,
+                                           lambda d, r: None),
+            "append a tuple": engine_with(
+                lambda d, r, p: queue.append(
+                    ("checkout", r.info.get("id"), clock(), 1)),
+                lambda d, r: queue.append(
+                    ("checkin", r.info.get("id"), clock()))),
+            "connmon (down)": sa.create_engine(
+                f"sqlite:///{db}?plugin=connmon"
+                f"&connmon_addr=127.0.0.1:{free_port()}"),
+        }
+        medians = interleaved(engines, rounds, cycles)
+    plain = medians["plain"]
+    report("breakdown: what each part of the listeners costs per "
+           "connect()+close() cycle (two pool events)",
+           [(f"{name:<16}", f"{us:7.2f} us", f"ratio {us / plain:.3f}",
+             f"+{us - plain:5.2f} us")
+            for name, us in medians.items()])
+    del connmon
+
+
+class SyntheticApp:
+    """A client that speaks the app protocol like a real process would,
+    with pre-encoded messages so that it costs the generator little CPU."""
+
+    def __init__(self, port: int, name: str, conns: int):
+        import connmon
+        self.proc = connmon.ProcessState(os.urandom(8).hex(), "bench-host",
+                                         name, os.getpid(), 1)
+        self.conn = connmon.open_connection([("127.0.0.1", port)], "app",
+                                            proc=self.proc.describe())
+        for ident in range(conns):
+            self.proc.apply(connmon.CONNECT, ident, 0.0, 1)
+        self.conn.send(self.proc.message(0.0))
+        ids = list(range(conns))
+        base = {"connect": [], "close": [], "checkouts": 0, "hold": [0, 0],
+                "peak": [conns, conns]}
+        self.checkout_all = connmon.encode(dict(
+            base, op="update", checkout=[[c, 0.001] for c in ids],
+            checkin=[], checkouts=conns))
+        self.checkin_all = connmon.encode(dict(
+            base, op="update", checkout=[], checkin=ids,
+            hold=[0.001 * conns, conns]))
+        self.close_all = connmon.encode(dict(
+            base, op="update", checkout=[], checkin=[], close=ids))
+
+    def send(self, data: bytes) -> None:
+        self.conn.sock.sendall(data)
+
+
+def _drive(port: int, clients: int, rounds: int, conns: int,
+           ready, go, done) -> None:
+    """Run in a separate process: synthetic apps flooding one daemon."""
+    apps = [SyntheticApp(port, f"flood{i}", conns) for i in range(clients)]
+    ready.set()
+    go.wait()
+    burst = 20   # checkout/checkin pairs written per sendall
+    for _ in range(0, rounds, burst):
+        for app in apps:
+            app.send((app.checkout_all + app.checkin_all) * burst)
+    for app in apps:
+        app.send(app.close_all)
+    done.wait()
+
+
+def daemon_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def snapshot(port: int) -> dict:
+    import connmon
+    conn = connmon.open_connection([("127.0.0.1", port)], "console")
+    try:
+        return conn.request({"op": "snapshot"})
+    finally:
+        conn.close()
+
+
+def flood(port: int, watch_port: int, pid: int, clients: int, rounds: int,
+          conns: int = 50) -> tuple:
+    """Events/s and daemon CPU% for ``clients`` synthetic apps flooding the
+    daemon on ``port``, finished when the daemon on ``watch_port`` has seen
+    every last close."""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    ready, go, done = context.Event(), context.Event(), context.Event()
+    driver = context.Process(target=_drive, args=(
+        port, clients, rounds, conns, ready, go, done))
+    driver.start()
+    try:
+        ready.wait(60)
+        deadline = time.monotonic() + 60
+        while snapshot(watch_port)["connections"] != clients * conns:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the synthetic apps never all arrived")
+            time.sleep(0.01)
+        cpu = daemon_cpu_seconds(pid)
+        start = time.perf_counter()
+        go.set()
+        deadline = time.monotonic() + 300
+        while True:
+            now = snapshot(watch_port)
+            if now["connections"] == 0 and now["processes"] == clients:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not all events arrived: {now}")
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - start
+        cpu = daemon_cpu_seconds(pid) - cpu
+    finally:
+        done.set()
+        driver.join(30)
+    events = clients * (2 * rounds * conns + conns)
+    return events / elapsed, 100 * cpu / elapsed, now
+
+
+def bench_ingest(quick: bool) -> None:
+    """Events/s one connmond takes from 1, 10 and 50 synthetic clients
+    (target >= 300,000/s with 50); each checkout or checkin of a connection
+    is one event."""
+    rows = []
+    rounds = 100 if quick else 400
+    with tempfile.TemporaryDirectory() as workdir:
+        for clients in (1, 10, 50):
+            daemon = Daemon(workdir)
+            try:
+                rate, cpu, final = flood(daemon.port, daemon.port,
+                                         daemon.proc.pid, clients,
+                                         rounds * 50 // clients)
+            finally:
+                daemon.stop()
+            rows.append((f"{clients:3d} clients", f"{rate:12,.0f} events/s",
+                         f"daemon CPU {cpu:5.1f}%",
+                         f"final conn {final['connections']} "
+                         f"ckout {final['checkouts']} "
+                         f"processes {final['processes']}"))
+    report("ingest: events/s into one connmond (target >= 300,000 with 50 "
+           "clients)", rows)
+
+
+def _hold_clients(port: int, pipe) -> None:
+    """Run in a separate process: open synthetic apps on command (each with
+    three connections) and keep a trickle of updates going on all of them."""
+    import threading
+    apps: List[SyntheticApp] = []
+    lock = threading.Lock()
+
+    def trickle() -> None:
+        while True:
+            with lock:
+                batch = apps[::10]
+            for app in batch:
+                app.send(app.checkout_all + app.checkin_all)
+            time.sleep(0.5)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    while True:
+        wanted = pipe.recv()
+        if wanted is None:
+            return
+        while len(apps) < wanted:
+            app = SyntheticApp(port, f"scale{len(apps) % 500}", 3)
+            with lock:
+                apps.append(app)
+        pipe.send(len(apps))
+
+
+def bench_scale(quick: bool) -> None:
+    """Thousands of concurrent client connections on one connmond: its RSS
+    and how long a snapshot takes (targets: 5,000 clients, RSS <= 512 MB,
+    connmon --once --json <= 1 s)."""
+    import multiprocessing
+    steps = (500, 1000, 2000, 5000) if not quick else (500, 2000, 5000)
+    context = multiprocessing.get_context("fork")
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        daemon = Daemon(workdir)
+        here, there = context.Pipe()
+        holder = context.Process(target=_hold_clients,
+                                 args=(daemon.port, there))
+        holder.start()
+        try:
+            base = daemon_rss_mb(daemon.proc.pid)
+            for clients in steps:
+                here.send(clients)
+                if not here.poll(300):
+                    raise RuntimeError("the synthetic clients did not open")
+                here.recv()
+                start = time.perf_counter()
+                result = subprocess.run(
+                    [sys.executable, "-m", "connmon_console", "--once",
+                     "--json", "-H", daemon.address], cwd=HERE,
+                    capture_output=True, text=True, timeout=60)
+                once = time.perf_counter() - start
+                processes = json.loads(result.stdout)["processes"]
+                rss = daemon_rss_mb(daemon.proc.pid)
+                rows.append((f"{clients:5d} clients", f"processes {processes}",
+                             f"RSS {rss:6.1f} MB",
+                             f"{(rss - base) / clients * 1000:5.1f} MB per "
+                             "1,000 clients",
+                             f"--once --json {once:5.2f} s"))
+        finally:
+            here.send(None)
+            holder.join(30)
+            daemon.stop()
+    report("scale: concurrent clients on one connmond (targets: RSS <= 512 "
+           "MB at 5,000, --once --json <= 1 s)", rows)
+
+
+def bench_latency(quick: bool) -> None:
+    """From a pool event in an application to the daemon's picture: p50 and
+    p99 while the same process makes 1,000 and 50,000 events/s (target p99
+    <= 50 ms at 1,000/s)."""
+    import threading
+
+    import sqlalchemy as sa
+
+    import connmon
+
+    samples_wanted = 50 if quick else 200
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        daemon = Daemon(workdir)
+        db = os.path.join(workdir, "bench.sqlite")
+        url = f"sqlite:///{db}?plugin=connmon&connmon_addr={daemon.address}"
+        churn = sa.create_engine(url)
+        probe = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        console = connmon.open_connection([("127.0.0.1", daemon.port)],
+                                          "console")
+        progname = connmon.progname()
+
+        def conns() -> int:
+            for row in console.request({"op": "snapshot"})["rows"]:
+                if row["progname"] == progname:
+                    return row["conn"]
+            return 0
+
+        def wait_for(count: int) -> float:
+            start = time.perf_counter()
+            while conns() != count:
+                if time.perf_counter() - start > 10:
+                    raise RuntimeError("event never arrived")
+            return time.perf_counter() - start
+
+        try:
+            for rate in (1_000, 50_000):
+                stop = threading.Event()
+                achieved = []
+
+                def load() -> None:
+                    # Two events a cycle, paced to the rate on average.
+                    start, done = time.perf_counter(), 0
+                    while not stop.is_set():
+                        churn.connect().close()
+                        done += 2
+                        ahead = done / rate - (time.perf_counter() - start)
+                        if ahead > 0:
+                            time.sleep(ahead)
+                    achieved.append(done / (time.perf_counter() - start))
+
+                worker = threading.Thread(target=load, daemon=True)
+                worker.start()
+                time.sleep(0.5)
+                base = conns()
+                samples = []
+                for _ in range(samples_wanted):
+                    conn = probe.connect()   # connect + checkout events
+                    samples.append(wait_for(base + 1))
+                    conn.close()             # checkin + close events
+                    wait_for(base)
+                stop.set()
+                worker.join(10)
+                samples.sort()
+                p50 = samples[len(samples) // 2] * 1000
+                p99 = samples[int(len(samples) * 0.99) - 1] * 1000
+                rows.append((f"{rate:7,d} events/s (achieved "
+                             f"{achieved[0]:7,.0f})", f"p50 {p50:6.1f} ms",
+                             f"p99 {p99:6.1f} ms",
+                             f"({len(samples)} samples)"))
+        finally:
+            console.close()
+            daemon.stop()
+    report("latency: pool event in the app -> in connmond's picture "
+           "(target p99 <= 50 ms at 1,000/s)", rows)
+
+
+def bench_cluster(quick: bool) -> None:
+    """Events/s from 50 synthetic clients into node n1 of a three-node
+    cluster until node n3 has seen them all, against a single node."""
+    rounds = 20 if quick else 80
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        daemon = Daemon(workdir)
+        try:
+            single, cpu, _ = flood(daemon.port, daemon.port,
+                                   daemon.proc.pid, 50, rounds)
+        finally:
+            daemon.stop()
+        rows.append(("single node ", f"{single:12,.0f} events/s",
+                     f"daemon CPU {cpu:5.1f}%"))
+        ports = [free_port() for _ in range(3)]
+        config = write_config(workdir, ports)
+        nodes = [Daemon(workdir, config, f"n{i}", port)
+                 for i, port in enumerate(ports, 1)]
+        try:
+            deadline = time.monotonic() + 30
+            while not all(all(snapshot(port)["peers"].values())
+                          for port in ports):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the cluster never formed")
+                time.sleep(0.1)
+            clustered, cpu, _ = flood(ports[0], ports[2], nodes[0].proc.pid,
+                                      50, rounds)
+        finally:
+            for node in nodes:
+                node.stop()
+        rows.append(("3-node cluster", f"{clustered:12,.0f} events/s",
+                     f"n1 CPU {cpu:5.1f}%",
+                     f"ratio {clustered / single:.2f} of a single node"))
+    report("cluster: events/s in at n1, seen at n3, vs one node", rows)
+
+
 SCENARIOS: Dict[str, Callable[[bool], None]] = {
     "hotpath": bench_hotpath,
+    "hotpath-mysql": bench_hotpath_mysql,
+    "breakdown": bench_breakdown,
+    "ingest": bench_ingest,
+    "scale": bench_scale,
+    "latency": bench_latency,
+    "cluster": bench_cluster,
 }
 
 
