@@ -1061,13 +1061,13 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     except Exception:  # e.g. no threads left: run unmonitored, never fail
         log.exception("connmon: cannot start; %s runs unmonitored", engine)
         return
+    # The listeners run on the application's threads for every checkout and
+    # checkin: each only appends a tuple and, for the first event of a
+    # batch, wakes the sender (the wake_pending test is inlined because a
+    # function call here is a measurable share of a pool checkout).
     record = sender.events.append
     clock = time.monotonic
     pool_id = next(_pool_ids)
-
-    def wake():
-        if not sender.wake_pending:
-            sender.wake()
 
     def on_connect(dbapi_connection, connection_record):
         ident = next(_connection_ids)
@@ -1075,12 +1075,14 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         info[CONN_ID] = ident
         info[CONN_POOL] = engine.pool
         record((CONNECT, ident, clock(), pool_id))
-        wake()
+        if not sender.wake_pending:
+            sender.wake()
 
     def on_checkout(dbapi_connection, connection_record, connection_proxy):
         record((CHECKOUT, connection_record.info.get(CONN_ID), clock(),
                 pool_id))
-        wake()
+        if not sender.wake_pending:
+            sender.wake()
 
     def on_checkin(dbapi_connection, connection_record):
         info = connection_record.info
@@ -1089,11 +1091,13 @@ def instrument(engine, settings: Dict[str, str]) -> None:
             # Checked out across engine.dispose() and now returned to the
             # old pool, which drops it without a close event.
             record((CLOSE, info.get(CONN_ID), clock()))
-        wake()
+        if not sender.wake_pending:
+            sender.wake()
 
     def on_close(dbapi_connection, connection_record):
         record((CLOSE, connection_record.info.get(CONN_ID), clock()))
-        wake()
+        if not sender.wake_pending:
+            sender.wake()
 
     # A detached connection leaves its pool entry (which gets a fresh
     # connection and info) but stays open until close_detached.
@@ -1106,7 +1110,8 @@ def instrument(engine, settings: Dict[str, str]) -> None:
 
     def on_close_detached(dbapi_connection):
         record((CLOSE, detached.pop(id(dbapi_connection), None), clock()))
-        wake()
+        if not sender.wake_pending:
+            sender.wake()
 
     # Pool events only.  invalidate and soft_invalidate need no listener: a
     # hard invalidation fires "close", the others close the connection
@@ -1122,7 +1127,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
                            ("close_detached", on_close_detached)):
         event.listen(engine, name, listener)
     record((POOL, pool_id, clock(), _pool_limit(engine.pool)))
-    wake()
+    sender.wake()
 
 
 def _dialect_subclass(real_cls):
