@@ -1265,7 +1265,7 @@ def test_oslo_db_enginefacade_sessions_and_forked_workers(daemon, tmp_path,
         daemon.wait_row("nova-conductor", nproc=1, conn=3, ckout=3)
         sql_mode, size, overflow, timeout = app("info")
         assert "TRADITIONAL" in sql_mode.split(",")   # oslo.db's default
-        assert (size, overflow, timeout) == ("3", "2", "5.0")
+        assert (size, overflow, timeout) == ("3", "2", "5")
         app("release 3")
         daemon.wait_row("nova-conductor", conn=3, ckout=0)
 
@@ -1292,7 +1292,8 @@ PLAIN_ENV = {key: value for key, value in os.environ.items()
 def copy_modules(directory, *names: str) -> None:
     directory.mkdir()
     for name in names:
-        (directory / name).write_bytes((HERE_PATH / name).read_bytes())
+        with open(os.path.join(HERE, name), "rb") as file:
+            (directory / name).write_bytes(file.read())
 
 
 def test_vendored_connmon_py_in_a_bare_venv(tmp_path, daemon):
@@ -1343,9 +1344,6 @@ def test_vendored_connmon_py_in_a_bare_venv(tmp_path, daemon):
     finally:
         app.kill()
         app.wait(10)
-
-
-HERE_PATH = __import__("pathlib").Path(HERE)
 
 
 def test_daemon_and_console_need_only_the_stdlib(tmp_path, apps):
