@@ -1193,17 +1193,21 @@ def test_oslo_db_create_engine_pool_options_sql_mode_and_ping(daemon):
         daemon.wait_row(me, conn=0, ckout=0)
 
 
-# An OpenStack-style service: its database access goes through
-# enginefacade writer and reader sessions, the way nova and neutron do it.
+# An OpenStack-style service: it reads its [database] section with
+# oslo.config and goes through enginefacade writer and reader sessions, the
+# way nova and neutron do.
 OSLO_APP_SCRIPT = r'''
-import json, os, sys, time
+import os, sys, time
 import sqlalchemy as sa
+from oslo_config import cfg
+from oslo_db import options as db_options
 from oslo_db.sqlalchemy import enginefacade
 
-url, options = sys.argv[1], json.loads(sys.argv[2])
+conf = cfg.ConfigOpts()
+db_options.set_defaults(conf)
+conf(["--config-file", sys.argv[1]], project="connmon-test")
 context = enginefacade.transaction_context()
-context.configure(connection=url, slave_connection=url,
-                  synchronous_reader=False, **options)
+context.configure(**dict(conf.database.items()))
 held = []
 
 class Request:
@@ -1255,10 +1259,26 @@ class OsloApp(App):
 @pytest.mark.parametrize("form", ["dialect", "plugin"])
 def test_oslo_db_enginefacade_sessions_and_forked_workers(daemon, tmp_path,
                                                           form):
+    """The devstack recipe's URL (connmon_service=, found in the config
+    file) in a nova.conf-style [database] section."""
     require_database(MYSQL_URL)
-    app = OsloApp(tmp_path, monitored(MYSQL_URL, daemon, form) +
-                  "&charset=utf8", "nova-conductor", max_pool_size=3,
-                  max_overflow=2, pool_timeout=5)
+    from sqlalchemy.engine import make_url
+    url = make_url(monitored(MYSQL_URL, daemon, form)).difference_update_query(
+        ["connmon_addr"]).update_query_dict({
+            "charset": "utf8", "connmon_service": "test",
+            "connmon_config": str(daemon.config)})
+    url = url.render_as_string(hide_password=False)
+    conf = tmp_path / "nova.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        [database]
+        connection = {url}
+        slave_connection = {url}
+        synchronous_reader = false
+        max_pool_size = 3
+        max_overflow = 2
+        pool_timeout = 5
+        """))
+    app = OsloApp(tmp_path, str(conf), "nova-conductor")
     try:
         app("writer 2")
         app("reader 1")   # the slave_connection engine: a second pool
