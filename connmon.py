@@ -11,6 +11,8 @@ This one file is all an application host needs.  Read top to bottom:
                       every reconnect
 5. SQLAlchemy glue -- the ``<driver>_connmon`` dialect names and the
                       ``?plugin=connmon`` engine plugin
+6. vendoring       -- ``python connmon.py --install-entry-points``: the
+                      entry points of section 5, registered without pip
 
 Sections 1-3 use only the standard library (the daemon and the console import
 them); SQLAlchemy is imported only by section 5, when an engine asks for it.

@@ -299,6 +299,11 @@ METRICS = [
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+def _number(value: Any) -> Any:
+    """Booleans as 1 and 0, for Prometheus and spreadsheets alike."""
+    return int(value) if isinstance(value, bool) else value
+
+
 def escape_label_value(text: str) -> str:
     return (text.replace("\\", r"\\").replace('"', r'\"')
             .replace("\n", r"\n"))
@@ -316,7 +321,7 @@ def render_metrics(snapshot: Dict[str, Any]) -> str:
         for row, label in zip(snapshot["rows"], labels):
             value = row.get(key)
             if value is not None:
-                lines.append(f"{metric}{label} {value + 0}")
+                lines.append(f"{metric}{label} {_number(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -339,6 +344,7 @@ class MetricsServer(socketserver.ThreadingTCPServer):
 
 class MetricsHandler(http.server.BaseHTTPRequestHandler):
     server: MetricsServer
+    timeout = 10   # seconds; a client that sends nothing is dropped
 
     def do_GET(self) -> None:
         path = self.path.partition("?")[0]
@@ -375,9 +381,7 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
 
 
 def _csv_cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    return int(value) if isinstance(value, bool) else value
+    return "" if value is None else _number(value)
 
 
 class CsvDump:
