@@ -1180,6 +1180,9 @@ def install_entry_points(target: str) -> str:
                 os.remove(os.path.join(old, file))
             os.rmdir(old)
     dist_info = os.path.join(target, f"connmon-{__version__}.dist-info")
+    if os.path.exists(dist_info):
+        raise OSError(f"{dist_info} exists and was not written by this "
+                      "command (installed by pip?); leaving it alone")
     os.makedirs(dist_info)
     dialects = "".join(f"{name} = connmon:{attr}\n"
                        for name, attr in DIALECT_ENTRY_POINTS.items())

@@ -1412,3 +1412,36 @@ def test_daemon_and_console_need_only_the_stdlib(tmp_path, apps):
         server.terminate()
         server.wait(10)
     assert server.returncode == 0
+
+
+def test_install_entry_points_replaces_its_own_and_spares_pips(tmp_path):
+    from importlib.metadata import PathDistribution
+    target = tmp_path / "site"
+    copy_modules(target, "connmon.py")
+    stale = target / "connmon-0.0.1.dist-info"
+    stale.mkdir()
+    (stale / "INSTALLER").write_text(connmon.INSTALLER)
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, str(target / "connmon.py"),
+             "--install-entry-points"], cwd=tmp_path, env=PLAIN_ENV,
+            capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+    (dist_info,) = target.glob("*.dist-info")
+    assert dist_info.name == f"connmon-{connmon.__version__}.dist-info"
+    dist = PathDistribution(dist_info)
+    assert (dist.metadata["Name"], dist.version) == (
+        "connmon", connmon.__version__)
+    assert {(ep.group, ep.name, ep.value) for ep in dist.entry_points} == {
+        *(("sqlalchemy.dialects", name, f"connmon:{attr}")
+          for name, attr in connmon.DIALECT_ENTRY_POINTS.items()),
+        ("sqlalchemy.plugins", "connmon", "connmon:ConnmonPlugin")}
+
+    (dist_info / "INSTALLER").write_text("pip\n")   # as pip would leave it
+    result = subprocess.run(
+        [sys.executable, str(target / "connmon.py"), "--install-entry-points",
+         "--target", str(target)], cwd=tmp_path, env=PLAIN_ENV,
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "exists and was not written by this command" in result.stderr
+    assert (dist_info / "INSTALLER").read_text() == "pip\n"
