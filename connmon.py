@@ -11,6 +11,8 @@ This one file is all an application host needs.  Read top to bottom:
                       every reconnect
 5. SQLAlchemy glue -- the ``<driver>_connmon`` dialect names and the
                       ``?plugin=connmon`` engine plugin
+6. vendoring       -- ``python connmon.py --install-entry-points``: the
+                      entry points of section 5, registered without pip
 
 Sections 1-3 use only the standard library (the daemon and the console import
 them); SQLAlchemy is imported only by section 5, when an engine asks for it.
@@ -601,6 +603,7 @@ class ProgramRow:
         self.nproc = self.conn = self.ckout = 0
         self.maxnproc = self.maxconn = self.maxckout = 0
         self.checkouts = RateMeter()
+        self.ckout_total = 0    # checkouts since the daemon started
 
     def add(self, nproc: int, conn: int, ckout: int,
             peak_conn: int = 0, peak_ckout: int = 0) -> None:
@@ -724,6 +727,7 @@ class Picture:
         row = self._row(proc)
         row.add(0, conns, checked_out, *peaks)
         row.checkouts.add(now, counters["checkouts"])
+        row.ckout_total += counters["checkouts"]
         self._totals(conns, checked_out, *peaks)
         return True
 
@@ -785,6 +789,7 @@ class Picture:
             "maxconn": row.maxconn,
             "maxckout": row.maxckout,
             "ckout_per_sec": row.checkouts.rate(now),
+            "ckout_total": row.ckout_total,
         } for _, row in sorted(self.rows.items())]
         if procs:
             by_row: Dict[Tuple[str, str], list] = {}
@@ -1221,3 +1226,94 @@ def __getattr__(name: str):
         globals()[name] = cls = _make_plugin_class()
         return cls
     raise AttributeError(name)
+
+
+# ---------------------------------------------------------------------------
+# 6. Vendoring: registering the entry points without pip
+# ---------------------------------------------------------------------------
+#
+# SQLAlchemy finds "<driver>_connmon" and "plugin=connmon" through entry
+# points, which importlib.metadata reads from *.dist-info directories on
+# sys.path.  On a host where pip is not allowed, copy this file next to the
+# application and run
+#
+#     python connmon.py --install-entry-points [--target DIR]
+#
+# to write the few lines pip would have written.
+
+INSTALLER = "connmon.py --install-entry-points"
+
+
+def install_entry_points(target: str) -> str:
+    """Write ``connmon-VERSION.dist-info`` into ``target``; return its path.
+
+    Older ones written by this command are removed, so that an upgraded
+    connmon.py never leaves two registrations behind.
+    """
+    for name in os.listdir(target):
+        old = os.path.join(target, name)
+        if (name.startswith("connmon-") and name.endswith(".dist-info")
+                and _read(os.path.join(old, "INSTALLER")) == INSTALLER):
+            for file in os.listdir(old):
+                os.remove(os.path.join(old, file))
+            os.rmdir(old)
+    dist_info = os.path.join(target, f"connmon-{__version__}.dist-info")
+    if os.path.exists(dist_info):
+        raise OSError(f"{dist_info} exists and was not written by this "
+                      "command (installed by pip?); leaving it alone")
+    os.makedirs(dist_info)
+    dialects = "".join(f"{name} = connmon:{attr}\n"
+                       for name, attr in DIALECT_ENTRY_POINTS.items())
+    files = {
+        "METADATA": f"Metadata-Version: 2.1\nName: connmon\n"
+                    f"Version: {__version__}\n",
+        "entry_points.txt": f"[sqlalchemy.dialects]\n{dialects}\n"
+                            "[sqlalchemy.plugins]\n"
+                            "connmon = connmon:ConnmonPlugin\n",
+        "INSTALLER": INSTALLER,
+    }
+    for name, text in files.items():
+        with open(os.path.join(dist_info, name), "w",
+                  encoding="utf-8") as file:
+            file.write(text)
+    return dist_info
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="python connmon.py", description="connmon's application side. "
+        "Without pip: register its SQLAlchemy entry points.")
+    parser.add_argument("--install-entry-points", action="store_true",
+                        required=True, help="write connmon-VERSION.dist-info"
+                        " so that SQLAlchemy finds the <driver>_connmon "
+                        "dialects and plugin=connmon")
+    parser.add_argument("--target", default=os.path.dirname(
+        os.path.abspath(__file__)), help="where to write it: a directory "
+        "on the application's sys.path, next to connmon.py (default: "
+        "%(default)s)")
+    args = parser.parse_args(argv)
+    if not os.path.exists(os.path.join(args.target, "connmon.py")):
+        log.warning("no connmon.py in %s: the entry points will not load "
+                    "unless connmon is importable some other way",
+                    args.target)
+    try:
+        print(install_entry_points(args.target))
+    except OSError as err:
+        print(f"connmon: error: cannot write to {args.target}: {err}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="connmon: %(message)s")
+    sys.exit(main())

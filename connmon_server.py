@@ -11,6 +11,10 @@ With several nodes in the service, every node links to every other node
 and forwards what its own applications say; each node holds the whole
 cluster's picture.  See ``Cluster``.
 
+Optional exports, each on its own daemon thread and each reading only
+``ConnmonServer.snapshot()``: Prometheus text on ``GET /metrics`` and a CSV
+file appended to every ``csv_interval`` seconds.
+
 Run ``connmond`` or ``python -m connmon_server``.
 """
 
@@ -18,7 +22,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import configparser
+import csv
+import http.server
+import io
 import logging
+import logging.config
+import os
 import random
 import signal
 import socket
@@ -26,7 +36,7 @@ import socketserver
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import connmon
 from connmon import ProtocolError, read_message
@@ -387,6 +397,301 @@ class PeerLink:
 
 
 # ---------------------------------------------------------------------------
+# Daemon options: what a service section says beyond name and nodes
+# ---------------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"expected a port number 1-65535, got {text!r}")
+    return int(text)
+
+
+def _bind_host(text: str) -> str:
+    host, port = connmon.parse_address(text, 0)
+    if port:
+        raise ValueError(f"expected an address without a port (the port "
+                         f"is metrics_port), got {text!r}")
+    return host
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 1e6:
+        raise ValueError(f"expected a number of seconds above 0, got "
+                         f"{text!r}")
+    return seconds
+
+
+def csv_known_columns() -> List[str]:
+    """``time``, ``token``, ``service``, ``node`` and every key of a
+    snapshot row, learnt from the model so that a key added there is a
+    column here without a change."""
+    picture = connmon.Picture()
+    picture.attach(connmon.ProcessState("x", "host", "prog", 1), None)
+    (row,) = picture.snapshot(0.0)["rows"]
+    return ["time", "token", "service", "node", *row]
+
+
+def _columns(text: str) -> List[str]:
+    columns = text.replace(",", " ").split()
+    known = csv_known_columns()
+    unknown = [column for column in columns if column not in known]
+    if unknown:
+        raise ValueError(f"unknown column {', '.join(unknown)} (known: "
+                         f"{', '.join(known)})")
+    if len(set(columns)) < len(columns):
+        raise ValueError(f"a column is listed twice in {text!r}")
+    return columns
+
+
+# name: (parse the text, default text); "" means off.
+OPTIONS = {
+    "metrics_port": (_port, ""),
+    "metrics_bind": (_bind_host, ""),
+    "csv_dump": (str, ""),
+    "csv_columns": (_columns, "time token hostname progname nproc conn "
+                    "ckout maxnproc maxconn maxckout ckout_total"),
+    "csv_token": (str, ""),
+    "csv_interval": (_seconds, "10"),
+}
+
+
+class DaemonOptions:
+    """The options of a service section that only connmond reads
+    (``connmon.Service`` keeps them as text), checked at start: a typo
+    stops the daemon with a message, never silently switches an export
+    off."""
+
+    metrics_port: Optional[int]
+    metrics_bind: str
+    csv_dump: Optional[str]
+    csv_columns: List[str]
+    csv_token: str
+    csv_interval: float
+
+    def __init__(self, service: connmon.Service, node: connmon.Node):
+        given = {name: service.options.get(name, "").strip()
+                 for name in OPTIONS}
+        for name, (parse, default) in OPTIONS.items():
+            text = given[name] or default
+            try:
+                setattr(self, name, parse(text) if text else None)
+            except ValueError as err:
+                raise connmon.ConfigError(f"{service.source}: {name}: {err}"
+                                          ) from None
+        needs = {"metrics_bind": "metrics_port", "csv_columns": "csv_dump",
+                 "csv_token": "csv_dump", "csv_interval": "csv_dump"}
+        for name, needed in needs.items():
+            if given[name] and not given[needed]:
+                raise connmon.ConfigError(f"{service.source}: {name} is set "
+                                          f"but {needed} is not")
+        self.metrics_bind = self.metrics_bind or node.bind[0]
+        self.csv_token = self.csv_token or ""
+
+
+# ---------------------------------------------------------------------------
+# Prometheus: GET /metrics
+# ---------------------------------------------------------------------------
+
+# (metric, snapshot row key, type, help): one per-row sample each, labelled
+# with hostname and progname; rows whose value is null have no sample.
+METRICS = [
+    ("connmon_processes", "nproc", "gauge",
+     "Processes of the program attached to connmond."),
+    ("connmon_connections", "conn", "gauge",
+     "Open database connections of the program."),
+    ("connmon_checked_out_connections", "ckout", "gauge",
+     "Database connections checked out of their pools."),
+    ("connmon_max_processes", "maxnproc", "gauge",
+     "Most processes at once since the maxima were last cleared."),
+    ("connmon_max_connections", "maxconn", "gauge",
+     "Most open connections at once since the maxima were last cleared."),
+    ("connmon_max_checked_out_connections", "maxckout", "gauge",
+     "Most checked-out connections at once since the maxima were last "
+     "cleared."),
+    ("connmon_pool_limit_connections", "limit", "gauge",
+     "Capacity of the program's pools (pool_size + max_overflow); absent "
+     "when unlimited."),
+    ("connmon_oldest_checkout_age_seconds", "oldest", "gauge",
+     "Age of the oldest checked-out connection; absent when none is."),
+    ("connmon_checkouts_total", "ckout_total", "counter",
+     "Checkouts since connmond started."),
+    ("connmon_connected", "connected", "gauge",
+     "1 while a process of the program is attached, 0 once all are gone."),
+]
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _number(value: Any) -> Any:
+    """Booleans as 1 and 0, for Prometheus and spreadsheets alike."""
+    return int(value) if isinstance(value, bool) else value
+
+
+def escape_label_value(text: str) -> str:
+    return (text.replace("\\", r"\\").replace('"', r'\"')
+            .replace("\n", r"\n"))
+
+
+def render_metrics(snapshot: Dict[str, Any]) -> str:
+    """The snapshot's rows in the Prometheus text exposition format 0.0.4."""
+    lines = []
+    labels = [f'{{hostname="{escape_label_value(row["hostname"])}",'
+              f'progname="{escape_label_value(row["progname"])}"}}'
+              for row in snapshot["rows"]]
+    for metric, key, kind, text in METRICS:
+        lines.append(f"# HELP {metric} {text}")
+        lines.append(f"# TYPE {metric} {kind}")
+        for row, label in zip(snapshot["rows"], labels):
+            value = row.get(key)
+            if value is not None:
+                lines.append(f"{metric}{label} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer(socketserver.ThreadingTCPServer):
+    """``GET /metrics`` and ``GET /healthz`` for one ConnmonServer.
+
+    A plain TCP server under ``http.server``'s handler: HTTPServer would
+    look the bind address up in DNS at start.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: connmon.Address, daemon: ConnmonServer):
+        self.daemon = daemon
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, MetricsHandler)
+
+
+class MetricsHandler(http.server.BaseHTTPRequestHandler):
+    server: MetricsServer
+    timeout = 10   # seconds; a client that sends nothing is dropped
+
+    def do_GET(self) -> None:
+        path = self.path.partition("?")[0]
+        if path == "/metrics":
+            self.reply(200, render_metrics(self.server.daemon.snapshot()),
+                       METRICS_CONTENT_TYPE)
+        elif path == "/healthz":
+            # Serving means the state lock can be had: not wedged.
+            lock = self.server.daemon.lock
+            if lock.acquire(timeout=5):
+                lock.release()
+                self.reply(200, "ok\n")
+            else:
+                self.reply(503, "connmond state lock is stuck\n")
+        else:
+            self.reply(404, "connmond serves /metrics and /healthz\n")
+
+    def reply(self, status: int, body: str,
+              content_type: str = "text/plain; charset=utf-8") -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("metrics: %s %s", self.address_string(), format % args)
+
+
+# ---------------------------------------------------------------------------
+# CSV dump
+# ---------------------------------------------------------------------------
+
+
+def _csv_cell(value: Any) -> Any:
+    return "" if value is None else _number(value)
+
+
+class CsvDump:
+    """Every interval, appends a line per host+program whose values changed
+    since the last line written for it.
+
+    The file is opened anew each time: it is never truncated, a restarted
+    daemon goes on appending under the existing header, and a file rotated
+    away is started afresh with a header.  Failing to write is logged once
+    (then at DEBUG) and retried; the daemon carries on.
+    """
+
+    def __init__(self, daemon: ConnmonServer, options: DaemonOptions):
+        self.daemon = daemon
+        self.path = options.csv_dump
+        self.columns = options.csv_columns
+        self.interval = options.csv_interval
+        self.fixed = {"token": options.csv_token,
+                      "service": daemon.service.name,
+                      "node": daemon.node.name}
+        self.header = self.format([self.columns])
+        self.written: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        self.failing = False
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            try:
+                self.dump()
+            except Exception:  # never let the thread die silently
+                log.exception("CSV dump to %s failed", self.path)
+
+    def dump(self) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        changed = {}
+        for row in self.daemon.snapshot()["rows"]:
+            record = {**row, **self.fixed}
+            cells = {column: _csv_cell(record[column])
+                     for column in self.columns if column != "time"}
+            key = (row["hostname"], row["progname"])
+            if self.written.get(key) != cells:
+                changed[key] = cells
+        if not changed:
+            return
+        text = self.format([stamp if column == "time" else cells[column]
+                            for column in self.columns]
+                           for cells in changed.values())
+        try:
+            self.append(text)
+        except (OSError, ValueError) as err:
+            (log.debug if self.failing else log.error)(
+                "cannot write CSV to %s: %s; connmond carries on and "
+                "retries every %gs", self.path, err, self.interval)
+            self.failing = True
+            return
+        if self.failing:
+            log.warning("writing CSV to %s again", self.path)
+            self.failing = False
+        self.written.update(changed)
+
+    def append(self, text: str) -> None:
+        with open(self.path, "a+", encoding="utf-8", newline="") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                text = self.header + text
+            else:
+                file.seek(0)
+                first = file.readline(len(self.header) + 1)
+                if first != self.header:
+                    raise ValueError(
+                        f"the file starts with {first.strip()!r}, not this "
+                        f"csv_columns header {self.header.strip()!r}; move "
+                        "it away or set csv_columns to match")
+            file.write(text)
+
+    @staticmethod
+    def format(rows) -> str:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(rows)
+        return out.getvalue()
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -413,33 +718,92 @@ def build_parser() -> argparse.ArgumentParser:
                         help="service name (default: %(default)s)")
     parser.add_argument("-n", "--node", help="which node of the service this "
                         "daemon is (required when there are several)")
-    parser.add_argument("--log-level", default="INFO",
+    parser.add_argument("--log-level",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="(default: %(default)s)")
+                        help="the root logger's level (default: INFO, or "
+                        "what the config file's logging sections say)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the config for this service and node, "
+                        "say OK or what is wrong, and exit")
     return parser
+
+
+def config_path(given: Optional[str]) -> Optional[str]:
+    """The config file load_config reads, or None for the built-in one."""
+    if given is None and os.path.exists(connmon.DEFAULT_CONFIG_FILE):
+        return connmon.DEFAULT_CONFIG_FILE
+    return given
+
+
+def configure_logging(path: Optional[str], level: Optional[str]) -> None:
+    """Log to stderr, or as the config file's ``[loggers]``, ``[handlers]``
+    and ``[formatters]`` sections say (the ``logging.config.fileConfig``
+    format).  ``--log-level`` sets the root logger's level either way."""
+    sections = configparser.ConfigParser(interpolation=None)
+    if path:
+        sections.read(path, encoding="utf-8")   # readable: parsed already
+    if {"loggers", "handlers", "formatters"} & set(sections.sections()):
+        try:
+            logging.config.fileConfig(path, disable_existing_loggers=False)
+        except Exception as err:  # fileConfig raises anything at all
+            raise connmon.ConfigError(
+                f"{path}: logging sections: {type(err).__name__}: {err}"
+            ) from None
+    else:
+        logging.basicConfig(stream=sys.stderr, format="%(asctime)s "
+                            "%(name)s %(levelname)s %(message)s")
+        level = level or "INFO"
+    if level:
+        logging.getLogger().setLevel(level)
+
+
+def describe(node: connmon.Node, options: DaemonOptions) -> str:
+    parts = [f"node {node.name} listening on "
+             f"{connmon.format_address(node.bind)}"]
+    if options.metrics_port:
+        parts.append("metrics on " + connmon.format_address(
+            (options.metrics_bind, options.metrics_port)))
+    if options.csv_dump:
+        parts.append(f"CSV to {options.csv_dump} every "
+                     f"{options.csv_interval:g}s")
+    return ", ".join(parts)
 
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s "
-                        "%(message)s")
+    path = config_path(args.config)
     try:
         service = connmon.find_service(args.service, args.config)
         node = choose_node(service, args.node)
+        options = DaemonOptions(service, node)
+        configure_logging(path, args.log_level)
     except connmon.ConfigError as err:
         print(f"connmond: error: {err}", file=sys.stderr)
         return 2
+    if args.check_config:
+        print(f"connmond: config OK: {path or '<built-in default>'} service "
+              f"{service.name!r}: {describe(node, options)}")
+        return 0
+    metrics = None
+    address = node.bind
     try:
         server = ConnmonServer(service, node)
+        if options.metrics_port:
+            address = (options.metrics_bind, options.metrics_port)
+            metrics = MetricsServer(address, server)
     except OSError as err:
         print(f"connmond: error: cannot listen on "
-              f"{connmon.format_address(node.bind)}: {err}", file=sys.stderr)
+              f"{connmon.format_address(address)}: {err}", file=sys.stderr)
         return 1
+    if metrics is not None:
+        threading.Thread(target=metrics.serve_forever, daemon=True,
+                         name="connmond-metrics").start()
+    if options.csv_dump:
+        threading.Thread(target=CsvDump(server, options).run, daemon=True,
+                         name="connmond-csv").start()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    log.info("connmond %s: service %r node %s listening on %s",
-             connmon.__version__, service.name, node.name,
-             connmon.format_address(server.server_address[:2]))
+    log.info("connmond %s: service %r %s", connmon.__version__,
+             service.name, describe(node, options))
     server.cluster.start()
     try:
         server.serve_forever()
@@ -447,6 +811,9 @@ def main(argv: Optional[list] = None) -> int:
         log.info("connmond stopping")
     finally:
         server.server_close()
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
     return 0
 
 

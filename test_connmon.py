@@ -249,10 +249,12 @@ for line in sys.stdin:
 class App:
     """A real application process, driven one command at a time."""
 
+    source = APP_SCRIPT   # the program it runs
+
     def __init__(self, tmp_path, url: str, progname: str = "app.py",
                  **engine_options: Any):
         script = tmp_path / progname
-        script.write_text(APP_SCRIPT)
+        script.write_text(self.source)
         self.progname = progname
         self.proc = subprocess.Popen(
             [sys.executable, str(script), url, json.dumps(engine_options)],
@@ -353,7 +355,7 @@ def test_config_builtin_default_when_no_file(monkeypatch, tmp_path):
         "node1", ("localhost", 5800), ("0.0.0.0", 5800))
 
 
-@pytest.mark.parametrize("text, message", [
+MALFORMED_CONFIGS = [  # (config text of service "a", message)
     ("[connmon_service_a]\nnodes:\n    n1 hostname=h\n",
      "[connmon_service_a], line 1: missing 'name:'"),
     ("[connmon_service_a]\nname: a\n",
@@ -373,7 +375,10 @@ def test_config_builtin_default_when_no_file(monkeypatch, tmp_path):
      "[connmon_service_a], line 4: node 'n1' is listed twice"),
     ("[connmon_service_a\nname: a\n",
      "File contains no section headers."),
-])
+]
+
+
+@pytest.mark.parametrize("text, message", MALFORMED_CONFIGS)
 def test_config_errors_name_file_section_and_line(tmp_path, text, message):
     path = write(tmp_path, text)
     with pytest.raises(connmon.ConfigError) as err:
@@ -1016,3 +1021,668 @@ def test_cluster_news_in_any_order_counts_each_process_once(origins, holds,
     (row,) = snapshot["rows"]
     assert (row["nproc"], row["conn"], row["ckout"]) == (
         1, holds[last - 1], holds[last - 1])
+
+
+# ---------------------------------------------------------------------------
+# Issue 6: oslo.db and devstack, Prometheus, CSV, logging config,
+# --check-config, vendoring
+# ---------------------------------------------------------------------------
+
+import connmon_server  # noqa: E402  (the daemon's exports are tested here)
+
+
+def run_connmond(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "connmon_server", *args],
+                          cwd=HERE, env=CHILD_ENV, capture_output=True,
+                          text=True, timeout=30)
+
+
+@pytest.mark.parametrize("text, message", MALFORMED_CONFIGS)
+def test_check_config_catches_malformed_configs(tmp_path, text, message):
+    result = run_connmond("--check-config", "-c", write(tmp_path, text),
+                          "-s", "a")
+    assert result.returncode == 2
+    assert result.stderr.startswith("connmond: error: ")
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_says_ok_in_one_line(tmp_path):
+    path = write(tmp_path, """\
+        [connmon_service_a]
+        name: a
+        metrics_port: 9187
+        csv_dump: /var/lib/connmon/a.csv
+        csv_interval: 2.5
+        nodes:
+            n1 hostname=127.0.0.1:1 bind=127.0.0.1
+        """)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (
+        f"connmond: config OK: {path} service 'a': node n1 listening on "
+        "127.0.0.1:1, metrics on 127.0.0.1:9187, CSV to "
+        "/var/lib/connmon/a.csv every 2.5s\n")
+
+
+@pytest.mark.parametrize("options, message", [
+    ("metrics_port: http", "metrics_port: expected a port number 1-65535, "
+     "got 'http'"),
+    ("metrics_port: 70000", "metrics_port: expected a port number"),
+    ("metrics_port: 9100\nmetrics_bind: 0.0.0.0:9100",
+     "metrics_bind: expected an address without a port (the port is "
+     "metrics_port), got '0.0.0.0:9100'"),
+    ("metrics_bind: 0.0.0.0", "metrics_bind is set but metrics_port is not"),
+    ("csv_dump: /tmp/x.csv\ncsv_interval: 0",
+     "csv_interval: expected a number of seconds above 0, got '0'"),
+    ("csv_dump: /tmp/x.csv\ncsv_interval: soon",
+     "csv_interval: expected a number of seconds above 0, got 'soon'"),
+    ("csv_dump: /tmp/x.csv\ncsv_columns: time, hostname, colour",
+     "csv_columns: unknown column colour (known: time, token, service, "
+     "node, hostname, progname,"),
+    ("csv_dump: /tmp/x.csv\ncsv_columns: conn conn",
+     "csv_columns: a column is listed twice in 'conn conn'"),
+    ("csv_token: run-7", "csv_token is set but csv_dump is not"),
+])
+def test_check_config_catches_bad_daemon_options(tmp_path, options, message):
+    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + options +
+                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert result.returncode == 2
+    assert f"connmond: error: {path} [connmon_service_a]: {message}" in (
+        result.stderr)
+
+
+def test_check_config_catches_bad_logging_sections(tmp_path):
+    path = write(tmp_path, """\
+        [connmon_service_a]
+        name: a
+        nodes:
+            n1 hostname=127.0.0.1:1
+        [loggers]
+        keys = root
+        [handlers]
+        keys = nowhere
+        [formatters]
+        keys =
+        [logger_root]
+        handlers = nowhere
+        """)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert result.returncode == 2
+    assert f"connmond: error: {path}: logging sections: KeyError" in (
+        result.stderr)
+    assert "handler_nowhere" in result.stderr
+
+
+# -- Prometheus ---------------------------------------------------------------
+
+
+def http_get(port: int, path: str):
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}",
+                                    timeout=10) as reply:
+            return reply.status, reply.headers, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read().decode()
+
+
+def metric_samples(text: str) -> Dict[tuple, float]:
+    """{(sample name, hostname, progname): value} of a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, sample.labels["hostname"],
+                   sample.labels["progname"])
+            assert key not in samples, key
+            samples[key] = sample.value
+    return samples
+
+
+def expected_samples(snapshot: Dict[str, Any]) -> Dict[tuple, float]:
+    """What /metrics must say for a snapshot, by the table of metrics."""
+    return {(metric, row["hostname"], row["progname"]): float(row[key])
+            for metric, key, _, _ in connmon_server.METRICS
+            for row in snapshot["rows"] if row.get(key) is not None}
+
+
+class SyntheticApp:
+    """An application process that speaks the real protocol by hand, so it
+    can claim any hostname."""
+
+    def __init__(self, daemon: Daemon, hostname: str, progname: str):
+        self.state = connmon.ProcessState(os.urandom(8).hex(), hostname,
+                                          progname, 4242, session=1)
+        self.sent: Optional[connmon.ProcessState] = None
+        self.conn = connmon.open_connection(
+            [("127.0.0.1", daemon.port)], "app", proc=self.state.describe())
+        self.send()
+
+    def send(self) -> None:
+        """The whole state the first time, then what changed."""
+        self.conn.send(self.state.message(time.monotonic(), self.sent))
+        self.sent = self.state.copy()
+        self.state.reset_counters()
+
+    def event(self, kind: str, conn: int, *extra: Any) -> None:
+        self.state.apply(kind, conn, time.monotonic(), *extra)
+
+
+def test_metrics_equal_the_snapshot_with_awkward_labels(tmp_path, apps):
+    port = free_port()
+    daemon = Daemon(tmp_path, extra_config=f"metrics_port: {port}\n"
+                    "metrics_bind: 127.0.0.1\n")
+    try:
+        app = apps(f"sqlite:///{tmp_path}/m.sqlite?plugin=connmon"
+                   f"&connmon_addr={daemon.address}", "metrics_app.py")
+        daemon.wait_row("metrics_app.py", nproc=1)
+        app("hold 2")
+        app("query 3")
+        # The queries need a third connection; it stays pooled.
+        daemon.wait_row("metrics_app.py", conn=3, ckout=2, ckout_total=5)
+
+        hostname = 'rack "7"\\db\\api'   # a double quote and backslashes
+        synthetic = SyntheticApp(daemon, hostname, 'nova-"api"')
+        for conn in (1, 2):
+            synthetic.event(connmon.CONNECT, conn, 1)
+        synthetic.event(connmon.CHECKOUT, 1, 1)
+        synthetic.send()
+        for _ in range(3):
+            synthetic.event(connmon.CHECKOUT, 2, 1)
+            synthetic.event(connmon.CHECKIN, 2)
+        synthetic.send()
+        daemon.wait_row('nova-"api"', conn=2, ckout=1, ckout_total=4)
+
+        snapshot = daemon.snapshot()
+        status, headers, text = http_get(port, "/metrics")
+        assert status == 200
+        assert headers["Content-Type"] == (
+            "text/plain; version=0.0.4; charset=utf-8")
+        assert r'hostname="rack \"7\"\\db\\api"' in text
+        samples = metric_samples(text)
+        assert samples == expected_samples(snapshot)
+        host = socket.gethostname()
+        for name, value in [("connmon_connections", 3),
+                            ("connmon_checked_out_connections", 2),
+                            ("connmon_processes", 1),
+                            ("connmon_checkouts_total", 5),
+                            ("connmon_connected", 1)]:
+            assert samples[(name, host, "metrics_app.py")] == value
+        for name, value in [("connmon_connections", 2),
+                            ("connmon_checked_out_connections", 1),
+                            ("connmon_max_connections", 2),
+                            ("connmon_checkouts_total", 4)]:
+            assert samples[(name, hostname, 'nova-"api"')] == value
+
+        synthetic.conn.close()   # the row stays, disconnected
+        daemon.wait_row('nova-"api"', connected=False, conn=0)
+        samples = metric_samples(http_get(port, "/metrics")[2])
+        assert samples[("connmon_connected", hostname, 'nova-"api"')] == 0
+        assert samples[("connmon_checkouts_total", hostname,
+                        'nova-"api"')] == 4
+
+        assert http_get(port, "/healthz")[:3:2] == (200, "ok\n")
+        assert http_get(port, "/nothing")[0] == 404
+    finally:
+        daemon.stop()
+
+
+def test_metrics_text_escapes_newlines_and_skips_nulls():
+    from prometheus_client.parser import text_string_to_metric_families
+    row = {"hostname": "two\nlines", "progname": 'a\\"b', "connected": True,
+           "nproc": 1, "conn": 3, "ckout": 0, "maxnproc": 1, "maxconn": 4,
+           "maxckout": 2, "ckout_total": 9, "limit": None, "oldest": 1.5}
+    text = connmon_server.render_metrics({"rows": [row]})
+    assert "\ntwo" not in text and r'hostname="two\nlines"' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["connmon_pool_limit_connections"].samples == []
+    (oldest,) = families["connmon_oldest_checkout_age_seconds"].samples
+    assert oldest.labels == {"hostname": "two\nlines", "progname": 'a\\"b'}
+    assert oldest.value == 1.5
+    assert families["connmon_checkouts"].type == "counter"
+
+
+# -- CSV ----------------------------------------------------------------------
+
+
+def csv_rows(path) -> List[Dict[str, str]]:
+    import csv
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_csv_dump_appends_changed_rows_and_survives_restart(tmp_path, apps):
+    out = tmp_path / "connmon.csv"
+    daemon = Daemon(tmp_path, extra_config=f"csv_dump: {out}\n"
+                    "csv_interval: 0.2\ncsv_token: run-1\n")
+    try:
+        url = (f"sqlite:///{tmp_path}/c.sqlite?plugin=connmon"
+               f"&connmon_addr={daemon.address}")
+        one = apps(url, "one.py")
+        one("hold 2")
+
+        def rows_where(progname: str, **values: str):
+            return [row for row in (csv_rows(out) if out.exists() else [])
+                    if row["progname"] == progname and
+                    all(row[k] == v for k, v in values.items())]
+        wait_until(lambda: rows_where("one.py", conn="2", ckout="2"),
+                   what="a CSV row of one.py with 2 connections")
+        header = out.read_text().splitlines()[0]
+        assert header == ("time,token,hostname,progname,nproc,conn,ckout,"
+                          "maxnproc,maxconn,maxckout,ckout_total")
+
+        # Only what changed is written: one.py is quiet while two.py moves
+        # through two states (so at least two more intervals pass).
+        two = apps(url, "two.py")
+        two("hold 1")
+        wait_until(lambda: rows_where("two.py", conn="1"), what="two.py 1")
+        two("hold 1")
+        wait_until(lambda: rows_where("two.py", conn="2"), what="two.py 2")
+        rows = csv_rows(out)
+        last_one = max(i for i, row in enumerate(rows)
+                       if row["progname"] == "one.py")
+        assert rows[last_one]["conn"] == "2"
+        assert last_one < min(i for i, row in enumerate(rows)
+                              if row["progname"] == "two.py")
+        for row in rows:
+            assert row["token"] == "run-1"
+            assert row["hostname"] == socket.gethostname()
+            time.strptime(row["time"], "%Y-%m-%dT%H:%M:%SZ")
+
+        before = out.read_text()
+        daemon.stop()
+        daemon.start()
+        one("release 1")
+        wait_until(lambda: rows_where("one.py", conn="2", ckout="1"),
+                   what="a CSV row of one.py after the restart")
+        after = out.read_text()
+        assert after.startswith(before)       # appended, never truncated
+        assert after.count(header) == 1       # and one header
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("case", ["missing-directory", "disk-full",
+                                  "other-header"])
+def test_csv_trouble_is_one_log_line_and_the_daemon_carries_on(
+        tmp_path, apps, case):
+    out = {"missing-directory": tmp_path / "later" / "connmon.csv",
+           "disk-full": "/dev/full",
+           "other-header": tmp_path / "theirs.csv"}[case]
+    if case == "disk-full" and not os.path.exists(out):
+        pytest.skip("no /dev/full on this system")
+    if case == "other-header":
+        out.write_text("a,b\n1,2\n")
+    daemon = Daemon(tmp_path, extra_config=f"csv_dump: {out}\n"
+                    "csv_interval: 0.1\n")
+    try:
+        app = apps(f"sqlite:///{tmp_path}/t.sqlite?plugin=connmon"
+                   f"&connmon_addr={daemon.address}", "trouble.py")
+        app("hold 1")
+
+        def complaints() -> List[str]:
+            return [line for line in daemon.log.read_text().splitlines()
+                    if f"cannot write CSV to {out}" in line]
+        # Three tries: one ERROR line, then quiet (DEBUG) retries.
+        lines = wait_until(lambda: (lambda c: c if len(c) >= 3 else None)(
+            complaints()), what="three CSV write attempts")
+        assert [" ERROR " in line for line in lines[:3]] == [
+            True, False, False]
+        assert "connmond carries on" in lines[0]
+        if case == "other-header":
+            assert "the file starts with 'a,b'" in lines[0]
+            assert out.read_text() == "a,b\n1,2\n"
+        app("hold 1")
+        daemon.wait_row("trouble.py", conn=2, ckout=2)   # still serving
+        if case == "missing-directory":
+            out.parent.mkdir()
+            rows = wait_until(lambda: out.exists() and csv_rows(out),
+                              what="CSV rows once the directory exists")
+            assert rows[-1]["conn"] == "2"
+            wait_until(lambda: f"writing CSV to {out} again"
+                       in daemon.log.read_text(), what="recovery log line")
+    finally:
+        daemon.stop()
+
+
+# -- Logging ------------------------------------------------------------------
+
+
+def test_logging_sections_in_the_config_are_honoured(tmp_path, apps):
+    logfile = tmp_path / "connmond-own.log"
+    daemon = Daemon(tmp_path, extra_config=textwrap.dedent(f"""\
+        [loggers]
+        keys = root, connmond
+        [handlers]
+        keys = file
+        [formatters]
+        keys = plain
+        [logger_root]
+        level = WARNING
+        handlers = file
+        [logger_connmond]
+        level = INFO
+        handlers = file
+        propagate = 0
+        qualname = connmond
+        [handler_file]
+        class = FileHandler
+        args = ({str(logfile)!r}, "a")
+        formatter = plain
+        [formatter_plain]
+        format = CUSTOM %(levelname)s %(name)s: %(message)s
+        """))
+    try:
+        app = apps(f"sqlite:///{tmp_path}/l.sqlite?plugin=connmon"
+                   f"&connmon_addr={daemon.address}", "logged.py")
+        app("hold 1")
+        daemon.wait_row("logged.py", conn=1)
+        wait_until(lambda: "app logged.py[" in logfile.read_text(),
+                   what="the app's connect line in the configured log")
+        lines = logfile.read_text().splitlines()
+        assert lines[0].startswith("CUSTOM INFO connmond: connmond ")
+        assert any(line.startswith("CUSTOM INFO connmond: ") and
+                   "app logged.py[" in line and "connected" in line
+                   for line in lines)
+        assert "connmond" not in daemon.log.read_text()   # not on stderr
+    finally:
+        daemon.stop()
+
+
+# -- oslo.db ------------------------------------------------------------------
+
+
+def test_oslo_db_create_engine_pool_options_sql_mode_and_ping(daemon):
+    require_database(MYSQL_URL)
+    import sqlalchemy as sa
+    from oslo_db.sqlalchemy import engines
+    me = connmon.progname()
+    for form in ("dialect", "plugin"):
+        engine = engines.create_engine(
+            monitored(MYSQL_URL, daemon, form) + "&charset=utf8",
+            mysql_sql_mode="TRADITIONAL", max_pool_size=2, max_overflow=1,
+            pool_timeout=1, max_retries=1)
+        assert engine.dialect.name == "mysql"
+        assert (engine.pool.size(), engine.pool.timeout()) == (2, 1)
+        held = [engine.connect() for _ in range(3)]   # 2 + 1 overflow
+        for conn in held:
+            mode = conn.execute(sa.text("SELECT @@SESSION.sql_mode")).scalar()
+            assert "TRADITIONAL" in mode.split(",")
+        daemon.wait_row(me, conn=3, ckout=3)
+        with pytest.raises(sa.exc.TimeoutError):
+            engine.connect()   # pool_timeout: the pool is full
+        thread_id = held[0].connection.dbapi_connection.thread_id()
+        for conn in held:
+            conn.close()       # the overflow connection is closed
+        daemon.wait_row(me, conn=2, ckout=0, maxconn=3)
+
+        # oslo.db pings at checkout (pool_pre_ping): a connection killed
+        # on the server is replaced, and counted once.
+        admin = sa.create_engine(MYSQL_URL, poolclass=sa.pool.NullPool)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"KILL CONNECTION {int(thread_id)}"))
+        held = [engine.connect() for _ in range(2)]
+        for conn in held:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        daemon.wait_row(me, conn=2, ckout=2, maxconn=3)
+        for conn in held:
+            conn.close()
+        engine.dispose()
+        daemon.wait_row(me, conn=0, ckout=0)
+
+
+# An OpenStack-style service: it reads its [database] section with
+# oslo.config and goes through enginefacade writer and reader sessions, the
+# way nova and neutron do.
+OSLO_APP_SCRIPT = r'''
+import os, sys, time
+import sqlalchemy as sa
+from oslo_config import cfg
+from oslo_db import options as db_options
+from oslo_db.sqlalchemy import enginefacade
+
+conf = cfg.ConfigOpts()
+db_options.set_defaults(conf)
+conf(["--config-file", sys.argv[1]], project="connmon-test")
+context = enginefacade.transaction_context()
+context.configure(**dict(conf.database.items()))
+held = []
+
+class Request:
+    """A request context: enginefacade keeps its session on it."""
+
+def hold(mode, n):
+    for _ in range(n):
+        scope = getattr(context, mode).using(Request())
+        session = scope.__enter__()
+        session.execute(sa.text("SELECT 1"))
+        held.append((scope, session))
+
+def answer(*words):
+    print("ok", *words, flush=True)
+
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd in ("writer", "reader"):
+        hold(cmd, int(args[0]))
+    elif cmd == "release":
+        for _ in range(int(args[0])):
+            held.pop()[0].__exit__(None, None, None)
+    elif cmd == "info":
+        session = held[-1][1]
+        pool = context.writer.get_engine().pool
+        answer(session.execute(sa.text("SELECT @@SESSION.sql_mode")).scalar(),
+               pool.size(), pool._max_overflow, pool.timeout())
+        continue
+    elif cmd == "fork":
+        workers = []
+        for i in range(int(args[0])):
+            pid = os.fork()
+            if pid == 0:   # worker i holds i % 3 + 1 writer sessions
+                held.clear()
+                hold("writer", i % 3 + 1)
+                while True:
+                    time.sleep(60)
+            workers.append(pid)
+        answer(*workers)
+        continue
+    answer()
+'''
+
+
+class OsloApp(App):
+    source = OSLO_APP_SCRIPT
+
+
+@pytest.mark.parametrize("form", ["dialect", "plugin"])
+def test_oslo_db_enginefacade_sessions_and_forked_workers(daemon, tmp_path,
+                                                          form):
+    """The devstack recipe's URL (connmon_service=, found in the config
+    file) in a nova.conf-style [database] section."""
+    require_database(MYSQL_URL)
+    from sqlalchemy.engine import make_url
+    url = make_url(monitored(MYSQL_URL, daemon, form)).difference_update_query(
+        ["connmon_addr"]).update_query_dict({
+            "charset": "utf8", "connmon_service": "test",
+            "connmon_config": str(daemon.config)})
+    url = url.render_as_string(hide_password=False)
+    conf = tmp_path / "nova.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        [database]
+        connection = {url}
+        slave_connection = {url}
+        synchronous_reader = false
+        max_pool_size = 3
+        max_overflow = 2
+        pool_timeout = 5
+        """))
+    app = OsloApp(tmp_path, str(conf), "nova-conductor")
+    try:
+        app("writer 2")
+        app("reader 1")   # the slave_connection engine: a second pool
+        daemon.wait_row("nova-conductor", nproc=1, conn=3, ckout=3)
+        sql_mode, size, overflow, timeout = app("info")
+        assert "TRADITIONAL" in sql_mode.split(",")   # oslo.db's default
+        assert (size, overflow, timeout) == ("3", "2", "5")
+        app("release 3")
+        daemon.wait_row("nova-conductor", conn=3, ckout=0)
+
+        workers = app.fork(4)
+        held = {pid: i % 3 + 1 for i, pid in enumerate(workers)}
+        total = sum(held.values())
+        # Each worker's checkouts find connections inherited from the
+        # parent; oslo.db's fork guard discards them and connects anew.
+        row = daemon.wait_row("nova-conductor", procs=True, nproc=5,
+                              conn=3 + total, ckout=total)
+        assert {p["pid"]: (p["conn"], p["ckout"]) for p in row["procs"]} == {
+            app.proc.pid: (3, 0), **{pid: (n, n) for pid, n in held.items()}}
+    finally:
+        app.stop()
+    daemon.wait_row("nova-conductor", connected=False, conn=0)
+
+
+# -- Vendoring ----------------------------------------------------------------
+
+PLAIN_ENV = {key: value for key, value in os.environ.items()
+             if not key.startswith("PYTHON")}
+
+
+def copy_modules(directory, *names: str) -> None:
+    directory.mkdir()
+    for name in names:
+        with open(os.path.join(HERE, name), "rb") as file:
+            (directory / name).write_bytes(file.read())
+
+
+def test_vendored_connmon_py_in_a_bare_venv(tmp_path, daemon):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                   env=PLAIN_ENV, timeout=300)
+    python = str(venv / "bin" / "python")
+    pip = subprocess.run([python, "-m", "pip", "install", "-q",
+                          "--disable-pip-version-check", "SQLAlchemy>=2",
+                          "PyMySQL"], env=PLAIN_ENV, capture_output=True,
+                         text=True, timeout=600)
+    if pip.returncode != 0:
+        message = f"cannot pip install SQLAlchemy, PyMySQL: {pip.stderr}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    require_database(MYSQL_URL)
+    probe = "import importlib.metadata as m; m.distribution('connmon')"
+    assert subprocess.run([python, "-c", probe], cwd=tmp_path,
+                          env=PLAIN_ENV, capture_output=True).returncode == 1
+
+    app_dir = tmp_path / "app"
+    copy_modules(app_dir, "connmon.py")
+    result = subprocess.run([python, "connmon.py", "--install-entry-points"],
+                            cwd=app_dir, env=PLAIN_ENV, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(
+        app_dir / f"connmon-{connmon.__version__}.dist-info")
+
+    (app_dir / "vendored.py").write_text(textwrap.dedent("""\
+        import sys
+        import sqlalchemy as sa
+        held = [sa.create_engine(url).connect() for url in sys.argv[1:]]
+        print("ok", flush=True)
+        sys.stdin.read()
+        """))
+    urls = [monitored(MYSQL_URL, daemon, form)
+            for form in ("dialect", "plugin")]
+    app = subprocess.Popen([python, str(app_dir / "vendored.py"), *urls],
+                           cwd=tmp_path, env=PLAIN_ENV, text=True,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    try:
+        assert app.stdout.readline() == "ok\n", app.stderr.read()
+        row = daemon.wait_row("vendored.py", nproc=1, conn=2, ckout=2)
+        assert row["hostname"] == socket.gethostname()
+    finally:
+        app.kill()
+        app.wait(10)
+
+
+def test_daemon_and_console_need_only_the_stdlib(tmp_path, apps):
+    """Run from a directory that holds only the three modules, with
+    ``-E -s -S``: no site-packages, no PYTHON* variables; the working
+    directory is the only thing on sys.path besides the stdlib (``-I``
+    would drop it too, see README.txt)."""
+    bare = tmp_path / "bare"
+    copy_modules(bare, "connmon.py", "connmon_server.py",
+                 "connmon_console.py")
+    python = [sys.executable, "-E", "-s", "-S"]
+    check = subprocess.run(
+        python + ["-c", "import sys, connmon_server, connmon_console; "
+                  "print(sys.path[0]); import sqlalchemy"],
+        cwd=bare, env=PLAIN_ENV, capture_output=True, text=True, timeout=30)
+    assert check.stdout == "\n"   # '' is the working directory
+    assert "No module named 'sqlalchemy'" in check.stderr
+
+    port = free_port()
+    config = tmp_path / "bare.cfg"
+    config.write_text(f"[connmon_service_default]\nname: default\nnodes:\n"
+                      f"    n1 hostname=127.0.0.1:{port} bind=127.0.0.1\n")
+    log = open(tmp_path / "bare-connmond.log", "ab")
+    server = subprocess.Popen(python + ["-m", "connmon_server", "-c",
+                                        str(config)],
+                              cwd=bare, env=PLAIN_ENV, stderr=log)
+    try:
+        app = apps(f"sqlite:///{tmp_path}/b.sqlite?plugin=connmon"
+                   f"&connmon_addr=127.0.0.1:{port}", "bare_app.py")
+        app("hold 2")
+
+        def console() -> Optional[dict]:
+            result = subprocess.run(
+                python + ["-m", "connmon_console", "--once", "--json", "-c",
+                          str(config)], cwd=bare, env=PLAIN_ENV,
+                capture_output=True, text=True, timeout=30)
+            if result.returncode != 0:
+                return None
+            snapshot = json.loads(result.stdout)
+            return snapshot if snapshot["connections"] == 2 else None
+        snapshot = wait_until(console, what="the bare console's snapshot")
+        (row,) = snapshot["rows"]
+        assert (row["progname"], row["conn"], row["ckout"]) == (
+            "bare_app.py", 2, 2)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert server.returncode == 0
+
+
+def test_install_entry_points_replaces_its_own_and_spares_pips(tmp_path):
+    from importlib.metadata import PathDistribution
+    target = tmp_path / "site"
+    copy_modules(target, "connmon.py")
+    stale = target / "connmon-0.0.1.dist-info"
+    stale.mkdir()
+    (stale / "INSTALLER").write_text(connmon.INSTALLER)
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, str(target / "connmon.py"),
+             "--install-entry-points"], cwd=tmp_path, env=PLAIN_ENV,
+            capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+    (dist_info,) = target.glob("*.dist-info")
+    assert dist_info.name == f"connmon-{connmon.__version__}.dist-info"
+    dist = PathDistribution(dist_info)
+    assert (dist.metadata["Name"], dist.version) == (
+        "connmon", connmon.__version__)
+    assert {(ep.group, ep.name, ep.value) for ep in dist.entry_points} == {
+        *(("sqlalchemy.dialects", name, f"connmon:{attr}")
+          for name, attr in connmon.DIALECT_ENTRY_POINTS.items()),
+        ("sqlalchemy.plugins", "connmon", "connmon:ConnmonPlugin")}
+
+    (dist_info / "INSTALLER").write_text("pip\n")   # as pip would leave it
+    result = subprocess.run(
+        [sys.executable, str(target / "connmon.py"), "--install-entry-points",
+         "--target", str(target)], cwd=tmp_path, env=PLAIN_ENV,
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "exists and was not written by this command" in result.stderr
+    assert (dist_info / "INSTALLER").read_text() == "pip\n"
