@@ -237,6 +237,9 @@ for line in sys.stdin:
                 with engine.connect() as conn:
                     conn.execute(sa.text("SELECT 1"))
         threading.Thread(target=churn, daemon=True).start()
+    elif cmd == "version":
+        answer("ok", sa.__version__)
+        continue
     elif cmd == "ticks":
         answer("ok", sender_ticks())
         continue
@@ -252,13 +255,14 @@ class App:
     source = APP_SCRIPT   # the program it runs
 
     def __init__(self, tmp_path, url: str, progname: str = "app.py",
+                 env: Optional[Dict[str, str]] = None,
                  **engine_options: Any):
         script = tmp_path / progname
         script.write_text(self.source)
         self.progname = progname
         self.proc = subprocess.Popen(
             [sys.executable, str(script), url, json.dumps(engine_options)],
-            cwd=HERE, env=CHILD_ENV, stdin=subprocess.PIPE,
+            cwd=HERE, env=env or CHILD_ENV, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=open(tmp_path / f"{progname}.log", "ab"),
             start_new_session=True, text=True)
@@ -449,22 +453,60 @@ def test_queuepool_counts(backend, daemon, apps, tmp_path):
         require_database(url)
     app = apps(monitored(url, daemon, form), "queuepool.py", pool_size=2,
                max_overflow=3)
-    daemon.wait_row("queuepool.py", nproc=1, conn=0, ckout=0)
+    check_queuepool_counts(app, daemon)
+
+
+def check_queuepool_counts(app: "App", daemon: Daemon) -> None:
+    """Hold, return, overflow, dispose: the daemon follows exactly."""
+    name = app.progname
+    daemon.wait_row(name, nproc=1, conn=0, ckout=0)
     app("hold 5")
-    daemon.wait_row("queuepool.py", conn=5, ckout=5, maxconn=5, maxckout=5)
+    daemon.wait_row(name, conn=5, ckout=5, maxconn=5, maxckout=5)
     app("release 3")
     # Two returns fill the pool (size 2); the third is overflow and closed.
-    daemon.wait_row("queuepool.py", conn=4, ckout=2)
+    daemon.wait_row(name, conn=4, ckout=2)
     app("release 2")   # two more overflow closes
-    daemon.wait_row("queuepool.py", conn=2, ckout=0)
+    daemon.wait_row(name, conn=2, ckout=0)
     app("query 20")
-    daemon.wait_row("queuepool.py", conn=2, ckout=0)
+    daemon.wait_row(name, conn=2, ckout=0)
     app("dispose")
-    row = daemon.wait_row("queuepool.py", conn=0, ckout=0, nproc=1)
+    row = daemon.wait_row(name, conn=0, ckout=0, nproc=1)
     assert (row["maxconn"], row["maxckout"], row["maxnproc"]) == (5, 5, 1)
     snapshot = daemon.snapshot()
     assert (snapshot["connections"], snapshot["max_connections"],
             snapshot["max_checkouts"], snapshot["processes"]) == (0, 5, 5, 1)
+
+
+@pytest.fixture(scope="session")
+def sqlalchemy_2_0(tmp_path_factory) -> Dict[str, str]:
+    """The environment for apps on SQLAlchemy 2.0 (installed into a folder
+    that comes before the site-packages holding 2.1)."""
+    target = tmp_path_factory.mktemp("sqlalchemy-2.0")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q",
+         "--disable-pip-version-check", "--target", str(target),
+         "SQLAlchemy>=2.0,<2.1"], capture_output=True, text=True,
+        timeout=600)
+    if result.returncode:
+        message = f"cannot install SQLAlchemy 2.0: {result.stderr[-800:]}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return dict(CHILD_ENV, PYTHONPATH=os.pathsep.join([HERE, str(target)]))
+
+
+@pytest.mark.parametrize("backend", ["mysql-dialect", "sqlite-plugin"])
+def test_queuepool_counts_on_sqlalchemy_2_0(backend, sqlalchemy_2_0, daemon,
+                                            apps, tmp_path):
+    url, form = BACKENDS[backend]
+    url = url.format(tmp=tmp_path)
+    if not url.startswith("sqlite"):
+        require_database(url)
+    app = apps(monitored(url, daemon, form), "queuepool20.py",
+               env=sqlalchemy_2_0, pool_size=2, max_overflow=3)
+    (version,) = app("version")
+    assert version.startswith("2.0.")
+    check_queuepool_counts(app, daemon)
 
 
 def test_dispose_with_connections_checked_out(daemon, apps):
