@@ -580,19 +580,23 @@ class Console:
         for other, column_width in layout:
             if other is column:
                 if start < width:
-                    self.put_heading(start, column.heading, column_width)
+                    self.put_heading(start, column, column_width)
                 break
             start += column_width
         self.draw_rows(layout, rows)
 
-    def put_heading(self, x: int, heading: str, width: int) -> None:
-        """Mark the sort column's heading, htop style."""
+    def put_heading(self, x: int, column: Column, width: int) -> None:
+        """Mark the sort column's heading, htop style: highlighted, with
+        an arrow in the space after it."""
         mark = "\N{DOWNWARDS ARROW}" if self.reverse else (
             "\N{UPWARDS ARROW}")
+        text = format_line([(column, width)], [column.heading])
+        text = ((text.rstrip() + mark).ljust(width)[:width] if column.text
+                else text[:-1] + mark)
         _, screen_width = self.window.getmaxyx()
         try:
-            self.window.addnstr(HEADER_LINES - 1, x, (heading + mark)[
-                :width - 1], screen_width - x, self.styles["sorted"])
+            self.window.addnstr(HEADER_LINES - 1, x, text, screen_width - x,
+                                self.styles["sorted"])
         except curses.error:
             pass
 
