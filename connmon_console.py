@@ -452,12 +452,15 @@ class Console:
         self.selected = self.top = 0
 
     def move(self, key: int) -> None:
-        page = max(1, self.body_height() - 1)
+        """Move the selection; a page key scrolls the view with it."""
+        page = max(1, self.body_height())
         steps = {curses.KEY_UP: -1, curses.KEY_DOWN: 1,
                  curses.KEY_PPAGE: -page, curses.KEY_NPAGE: page,
                  curses.KEY_HOME: -1 << 30, curses.KEY_END: 1 << 30}
         if key in steps:
             self.selected += steps[key]
+        if key in (curses.KEY_PPAGE, curses.KEY_NPAGE):
+            self.top += steps[key]
 
     def enter_procs(self) -> None:
         rows = self.table_rows()
@@ -627,19 +630,22 @@ class Console:
 
 def run_screen(target: Target, interval: float, colors: bool) -> None:
     """Draw the live screen until ``q`` or Ctrl-C; the terminal is restored
-    either way (curses.wrapper)."""
+    either way.  (curses.wrapper would start colours even for --no-color.)
+    """
     os.environ.setdefault("ESCDELAY", "25")    # Esc answers at once
     feed = Feed(target, interval)
     feed.start()
-
-    def main(window) -> None:
-        Console(window, feed, interval,
-                colors and curses.has_colors()).run()
-
+    window = curses.initscr()
     try:
-        curses.wrapper(main)
+        curses.noecho()
+        curses.cbreak()
+        Console(window, feed, interval, colors and curses.has_colors()).run()
     finally:
         feed.stop()
+        window.keypad(False)
+        curses.echo()
+        curses.nocbreak()
+        curses.endwin()
 
 
 # ---------------------------------------------------------------------------
