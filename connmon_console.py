@@ -12,6 +12,7 @@ Run ``connmon`` or ``python -m connmon_console``.
 from __future__ import annotations
 
 import argparse
+import codecs
 import curses
 import importlib.util
 import json
@@ -319,6 +320,9 @@ OLDEST: age in seconds of the longest checked-out connection.
 HOLD_MS: mean checkout hold time over the last second.
 """
 
+UNICODE_GLYPHS = {"dash": "\N{EM DASH}", "up": "\N{UPWARDS ARROW}",
+                  "down": "\N{DOWNWARDS ARROW}"}
+ASCII_GLYPHS = {"dash": "-", "up": "^", "down": "v"}
 ESC = 27
 ENTER_KEYS = (curses.KEY_ENTER, 10, 13)
 BACK_KEYS = (ESC, curses.KEY_BACKSPACE, 127, 8)
@@ -361,6 +365,10 @@ class Console:
         self.feed = feed
         self.interval = interval
         self.styles = Styles(colors)
+        # curses encodes text for the locale: only UTF-8 has the pretty ones
+        self.glyphs = (UNICODE_GLYPHS
+                       if codecs.lookup(window.encoding).name == "utf-8"
+                       else ASCII_GLYPHS)
         self.picture: Optional[Dict[str, Any]] = None
         self.seen_generation = -1
         self.view = "table"                # or "procs" or "help"
@@ -541,12 +549,12 @@ class Console:
         elif feed.state == "connecting":
             state = "connecting"
         else:
-            state = "disconnected \N{EM DASH} retrying"
+            state = f"disconnected {self.glyphs['dash']} retrying"
         parts = [f"connmon {connmon.__version__}", where, state,
                  f"every {self.interval:g}s"]
         if self.paused:
             parts.append("PAUSED")
-        return " \N{EM DASH} ".join(parts)
+        return f" {self.glyphs['dash']} ".join(parts)
 
     def row_attr(self, row: Dict[str, Any], selected: bool) -> int:
         attr = self.styles["stale" if self.feed.state != "connected"
@@ -591,8 +599,7 @@ class Console:
     def put_heading(self, x: int, column: Column, width: int) -> None:
         """Mark the sort column's heading, htop style: highlighted, with
         an arrow in the space after it."""
-        mark = "\N{DOWNWARDS ARROW}" if self.reverse else (
-            "\N{UPWARDS ARROW}")
+        mark = self.glyphs["down" if self.reverse else "up"]
         text = format_line([(column, width)], [column.heading])
         text = ((text.rstrip() + mark).ljust(width)[:width] if column.text
                 else text[:-1] + mark)

@@ -843,7 +843,7 @@ class Terminal:
     KEYS = ("kcuu1", "kcud1", "knp", "kpp", "khome", "kend", "kf6")
 
     def __init__(self, tmp_path, *args: str, cols: int = 120,
-                 lines: int = 30):
+                 lines: int = 30, env: Optional[Dict[str, str]] = None):
         self.master, self.slave = os.openpty()
         curses.setupterm("xterm-256color", self.slave)
         self.key = {name: curses.tigetstr(name) for name in self.KEYS}
@@ -852,7 +852,8 @@ class Terminal:
         self.log = tmp_path / f"console-{self.master}.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "connmon_console", *args], cwd=HERE,
-            env=dict(CHILD_ENV, TERM="xterm-256color"), stdin=self.slave,
+            env=dict(CHILD_ENV, TERM="xterm-256color", **(env or {})),
+            stdin=self.slave,
             stdout=self.slave, stderr=open(self.log, "ab"),
             start_new_session=True, preexec_fn=_controlling_tty)
 
@@ -936,8 +937,8 @@ class Terminal:
 def terminal(tmp_path):
     started: List[Terminal] = []
 
-    def start(*args: str, **size: int) -> Terminal:
-        term = Terminal(tmp_path, *args, **size)
+    def start(*args: str, **options: Any) -> Terminal:
+        term = Terminal(tmp_path, *args, **options)
         started.append(term)
         return term
 
@@ -1296,3 +1297,17 @@ def _parent_pid(pid: int) -> Optional[int]:
     except OSError:
         return None
     return None if fields[0] == "Z" else int(fields[1])
+
+
+def test_console_on_an_ascii_terminal(daemon, terminal):
+    """Without a UTF-8 locale curses cannot encode dashes and arrows: the
+    console draws ASCII instead of failing."""
+    term = terminal("-H", daemon.address, "-i", "0.2",
+                    env={"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0",
+                         "PYTHONUTF8": "0"})
+    term.wait_text(f" - attached to {daemon.address} - every 0.2s")
+    term.wait_text("HOSTNAME^")
+    term.press(b"r")
+    term.wait_text("HOSTNAMEv")
+    daemon.kill()
+    term.wait_text("disconnected - retrying")
