@@ -273,7 +273,8 @@ class Feed:
                 conn.close()
                 conn = None
                 self._publish(state="disconnected", error=str(err))
-                continue   # try the other nodes at once, then back off
+                self._sleep()
+                continue
             del snapshot["op"]
             self._publish(snapshot=snapshot, state="connected", error="",
                           attached_to=connmon.format_address(
@@ -386,16 +387,22 @@ class Console:
     # -- the loop -------------------------------------------------------------
 
     def run(self) -> None:
-        curses.curs_set(0)
+        try:
+            curses.curs_set(0)
+        except curses.error:
+            pass   # a terminal that cannot hide its cursor
         self.window.timeout(100)           # poll the feed ten times a second
         self.window.keypad(True)
+        drawn, key = -1, -1
         while True:
-            self.adopt()
-            self.draw()
+            # Draw after a key, or when the feed has news; else stay idle.
+            generation = self.feed.generation
+            if key != -1 or generation != drawn:
+                self.adopt()
+                self.draw()
+                drawn = generation
             key = self.window.getch()
-            if key == -1:
-                continue
-            if not self.handle(key):
+            if key != -1 and not self.handle(key):
                 return
 
     def adopt(self) -> None:
@@ -625,6 +632,8 @@ class Console:
         height, _ = self.window.getmaxyx()
         if self.editing_filter:
             text = f"Filter: {self.filter}_  (Enter keeps, Esc clears)"
+        elif self.feed.state == "disconnected":
+            text = self.feed.error
         else:
             text = self.message or (
                 "q quit  ? help  </> sort  r reverse  / filter  p pause  "

@@ -1280,7 +1280,9 @@ def test_demo_runs_and_stops_everything(terminal):
     port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
     children = [int(name) for name in os.listdir("/proc") if name.isdigit()
                 and _parent_pid(int(name)) == term.proc.pid]
-    assert len(children) >= 7   # connmond and six demo applications
+    # connmond and the five demo apps that run for good (the cron job
+    # comes and goes)
+    assert len(children) >= 6
     term.press(b"q")
     assert term.proc.wait(30) == 0
     with pytest.raises(OSError):
