@@ -3,7 +3,8 @@
     python bench_connmon.py [--quick] [SCENARIO ...]
 
 Every figure is a ratio or count inside one run (plugin vs plain engine,
-interleaved), because the machines this runs on are shared and noisy.
+interleaved), because the machines this runs on are shared and noisy; the
+console's figure is CPU time (not wall time) per refresh, against a target.
 """
 
 from __future__ import annotations

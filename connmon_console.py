@@ -79,7 +79,8 @@ class Column:
     the terminal; number columns are right-aligned and fixed."""
 
     def __init__(self, heading: str, key: str, width: int,
-                 text: bool = False, show: Callable[[Any], str] = None):
+                 text: bool = False,
+                 show: Optional[Callable[[Any], str]] = None):
         self.heading = heading
         self.key = key
         self.width = width
@@ -130,7 +131,7 @@ PROC_COLUMNS = [
     Column("MAXCONN", "maxconn", 8),
     Column("MAXCKOUT", "maxckout", 9),
     Column("OLDEST", "oldest", 8),
-    Column("  CONNECTED SINCE", "since", 21, show=since_text),
+    Column("CONNECTED SINCE", "since", 21, show=since_text),
 ]
 
 Layout = List[Tuple[Column, int]]
@@ -183,7 +184,8 @@ def summary_lines(snapshot: Dict[str, Any]) -> List[str]:
 
 
 def row_state(row: Dict[str, Any]) -> str:
-    """"exhausted", "live" or "gone": what a row's colour says."""
+    """"exhausted", "live" or "gone": what a row's colour says.  (A
+    process, in the drill-down, has no "connected": it is live.)"""
     if row.get("exhausted"):
         return "exhausted"
     return "live" if row.get("connected", True) else "gone"
@@ -256,11 +258,14 @@ class Feed:
 
     def _run(self) -> None:
         conn: Optional[connmon.Connection] = None
+        address = ""
         while not self._stopping:
             if conn is None:
                 try:
                     conn = self.target.connect(self.CONNECT_TIMEOUT)
                     conn.sock.settimeout(self.REPLY_TIMEOUT)
+                    address = connmon.format_address(
+                        conn.sock.getpeername()[:2])
                 except (OSError, connmon.ProtocolError) as err:
                     self._publish(state="disconnected", error=str(err))
                     self._sleep()
@@ -277,8 +282,7 @@ class Feed:
                 continue
             del snapshot["op"]
             self._publish(snapshot=snapshot, state="connected", error="",
-                          attached_to=connmon.format_address(
-                              conn.sock.getpeername()[:2]))
+                          attached_to=address)
             self._sleep()
         if conn is not None:
             conn.close()
@@ -952,6 +956,8 @@ def run_demo(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"connmon: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C while the demo was starting
+        return 0
     finally:
         demo.stop()
 
