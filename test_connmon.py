@@ -852,7 +852,7 @@ class Terminal:
         self.log = tmp_path / f"console-{self.master}.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "connmon_console", *args], cwd=HERE,
-            env=dict(CHILD_ENV, TERM="xterm-256color", **(env or {})),
+            env={**CHILD_ENV, "TERM": "xterm-256color", **(env or {})},
             stdin=self.slave,
             stdout=self.slave, stderr=open(self.log, "ab"),
             start_new_session=True, preexec_fn=_controlling_tty)
@@ -1313,3 +1313,42 @@ def test_console_on_an_ascii_terminal(daemon, terminal):
     term.wait_text("HOSTNAMEv")
     daemon.kill()
     term.wait_text("disconnected - retrying")
+
+
+def test_console_on_a_terminal_without_colours(daemon, apps, tmp_path,
+                                               terminal):
+    full = apps(sqlite_url(tmp_path, daemon), "full.py", pool_size=1,
+                max_overflow=0)
+    full("hold 1")
+    apps(sqlite_url(tmp_path, daemon), "calm.py")("hold 1")
+    daemon.wait_row("full.py", exhausted=True)
+    daemon.wait_row("calm.py", ckout=1)
+    term = terminal("-H", daemon.address, "-i", "0.2",
+                    env={"TERM": "vt100"})
+    term.wait_for(lambda t: len(t.rows()) == 2, "both rows")
+    colours = {(char.fg, char.bg) for line in term.screen.buffer.values()
+               for char in line.values()}
+    assert colours == {("default", "default")}
+    # Without colours the exhausted row is bold, the others are not.
+    full_y, calm_y = term.rows()["full.py"][0], term.rows()["calm.py"][0]
+    assert term.screen.buffer[full_y][0].bold
+    assert not term.screen.buffer[calm_y][0].bold
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-H", "127.0.0.1:1", "-i", "0"], "argument -i/--interval: '0' is not "
+     "a number of seconds from 0.05 to 3600"),
+    (["-H", "127.0.0.1:1", "-i", "x"], "'x' is not a number of seconds"),
+    (["--demo", "--once"], "--demo is interactive"),
+    (["--demo", "-H", "127.0.0.1:1"], "argument -H/--host: not allowed with "
+     "argument --demo"),
+    (["-H", "127.0.0.1:1"], "the live screen needs a terminal; use --once "
+     "for scripts"),
+])
+def test_console_command_line_errors(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", *args], cwd=HERE,
+        env=CHILD_ENV, capture_output=True, text=True, timeout=30,
+        stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert message in result.stderr
