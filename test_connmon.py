@@ -1047,9 +1047,15 @@ def test_console_rows_match_the_truth_with_colours(daemon, apps, tmp_path,
     # alpha's one-connection pool is exhausted: highlighted.
     y, _ = term.rows()["alpha.py"]
     assert term.screen.buffer[y][0].bg == "brown"   # pyte's name for yellow
-    for line in ("Hosts       [1 / 1]", "Processes   [2 / 3]",
-                 "Connections [4 / 6]", "Checkouts   [3 / 5 /"):
-        assert line in term.text
+    truth = daemon.snapshot()
+    assert (truth["hosts"], truth["processes"], truth["connections"],
+            truth["checkouts"]) == (1, 2, 4, 3)
+    totals = [f"Hosts       [1 / {truth['max_hosts']}]",
+              f"Processes   [2 / {truth['max_processes']}]",
+              f"Connections [4 / {truth['max_connections']}]",
+              f"Checkouts   [3 / {truth['max_checkouts']} / "]
+    term.wait_for(lambda t: all(line in t.text for line in totals),
+                  f"totals {totals}")
 
     # The truth changes; the screen follows within a few refreshes.
     beta("hold 2")
@@ -1129,9 +1135,13 @@ def test_console_filter_pause_and_drill_down(daemon, apps, tmp_path,
                                              terminal):
     url = sqlite_url(tmp_path, daemon)
     web = apps(url, "web-api.py")
-    worker = apps(url, "worker.py")
     web("hold 1")
-    pids = [worker.proc.pid] + worker.fork(3)   # hold 1, 2 and 3
+    pids = []
+    for held in range(4):   # four processes of one program: 0..3 held
+        worker = apps(url, "worker.py")
+        if held:
+            worker(f"hold {held}")
+        pids.append(worker.proc.pid)
     daemon.wait_row("worker.py", nproc=4, ckout=6)
     daemon.wait_row("web-api.py", ckout=1)
     term = terminal("-H", daemon.address, "-i", "0.2")
@@ -1139,8 +1149,8 @@ def test_console_filter_pause_and_drill_down(daemon, apps, tmp_path,
                   "both rows")
 
     term.press(b"/wOrK")
+    term.wait_text("Filter: wOrK_")
     term.wait_for(lambda t: set(t.rows()) == {"worker.py"}, "filtered")
-    assert "Filter: wOrK_" in term.text
     term.press(b"\r")
     term.wait_text("[filter: wOrK]")
     term.press(b"\x1b")
@@ -1162,13 +1172,14 @@ def test_console_filter_pause_and_drill_down(daemon, apps, tmp_path,
     term.press(term.key["kcud1"] + b"\r")
     term.wait_text("worker.py on")
     term.wait_text("4 processes")
-    shown = {}
-    for line in term.text.splitlines()[7:]:
-        fields = line.split()
-        if fields and fields[0].isdigit():
-            shown[int(fields[0])] = fields[1:3]
-    assert shown == {pid: [str(n), str(n)] for pid, n in
-                     zip(pids, [0, 1, 2, 3])}
+
+    def processes(t: Terminal) -> Dict[int, List[str]]:
+        """pid -> [conn, ckout] of the process lines on screen."""
+        return {int(fields[0]): fields[1:3] for fields in (
+            line.split() for line in t.display[7:])
+            if fields and fields[0].isdigit()}
+    want = {pid: [str(n), str(n)] for pid, n in zip(pids, [0, 1, 2, 3])}
+    term.wait_for(lambda t: processes(t) == want, f"processes {want}")
     assert "CONNECTED SINCE" in term.text
     term.press(b"\x7f")   # Backspace returns to the table
     term.wait_for(lambda t: len(t.rows()) == 2, "back to the table")
@@ -1223,8 +1234,8 @@ def test_console_survives_daemon_restart(daemon, apps, tmp_path, terminal):
     daemon.kill()
     term.wait_text("disconnected \N{EM DASH} retrying")
     # The last picture stays, greyed.
-    assert term.numbers("steady.py")[:3] == ["1", "2", "2"]
-    assert term.colour("steady.py") == "brightblack"
+    term.wait_for(lambda t: t.numbers("steady.py")[:3] == ["1", "2", "2"]
+                  and t.colour("steady.py") == "brightblack", "greyed")
     app("hold 1")   # changes while the daemon is away
     daemon.start()
     term.wait_for(lambda t: f"attached to {daemon.address}" in t.text and
