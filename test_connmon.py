@@ -1265,14 +1265,18 @@ def test_console_fails_over_to_another_node(tmp_path, apps, terminal):
         second.stop()
 
 
-@pytest.mark.parametrize("how", [b"q", b"\x03"])
-def test_quit_and_ctrl_c_restore_the_terminal(daemon, terminal, how):
+@pytest.mark.parametrize("how", ["q", "ctrl-c", "sigterm"])
+def test_quit_ctrl_c_and_sigterm_restore_the_terminal(daemon, terminal,
+                                                      how):
     term = terminal("-H", daemon.address)
     before = term.lflag()
     assert before & termios.ECHO and before & termios.ICANON
     term.wait_text(f"attached to {daemon.address}")
     assert not term.lflag() & (termios.ECHO | termios.ICANON)   # curses on
-    term.press(how)
+    if how == "sigterm":
+        term.proc.terminate()
+    else:
+        term.press(b"q" if how == "q" else b"\x03")
     assert term.proc.wait(10) == 0
     after = term.lflag()
     assert after & termios.ECHO and after & termios.ICANON
