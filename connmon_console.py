@@ -191,6 +191,13 @@ def row_state(row: Dict[str, Any]) -> str:
     return "live" if row.get("connected", True) else "gone"
 
 
+def row_identity(row: Dict[str, Any]) -> Any:
+    """What a row is, whatever its numbers: a process's pid, else the
+    host+program."""
+    return row["pid"] if "pid" in row else (row["hostname"],
+                                            row["progname"])
+
+
 def format_table(snapshot: Dict[str, Any]) -> str:
     layout = natural(COLUMNS, snapshot["rows"])
     lines = [f"connmon: service {snapshot['service']} node {snapshot['node']}"]
@@ -383,9 +390,10 @@ class Console:
         self.editing_filter = False
         self.paused = False
         self.selected = 0
+        self.selected_key: Any = None      # the selected row follows its row
         self.top = 0
         self.drill: Tuple[str, str] = ("", "")
-        self.saved_position = (0, 0)           # the table's, while drilled
+        self.saved_position: tuple = (0, 0, None)  # the table's, drilled
         self.message = ""
 
     # -- the loop -------------------------------------------------------------
@@ -469,6 +477,7 @@ class Console:
         elif 32 <= key < 127:
             self.filter += chr(key)
         self.selected = self.top = 0
+        self.selected_key = None
 
     def move(self, key: int) -> None:
         """Move the selection; a page key scrolls the view with it."""
@@ -478,6 +487,7 @@ class Console:
                  curses.KEY_HOME: -1 << 30, curses.KEY_END: 1 << 30}
         if key in steps:
             self.selected += steps[key]
+            self.selected_key = None
         if key in (curses.KEY_PPAGE, curses.KEY_NPAGE):
             self.top += steps[key]
 
@@ -487,14 +497,16 @@ class Console:
             row = rows[min(self.selected, len(rows) - 1)]
             self.drill = (row["hostname"], row["progname"])
             self.view = "procs"
-            self.saved_position = (self.selected, self.top)
+            self.saved_position = (self.selected, self.top,
+                                   self.selected_key)
             self.selected = self.top = 0
+            self.selected_key = None
             self.feed.want_procs = True
             self.feed.refresh_now()
 
     def leave_procs(self) -> None:
         self.view = "table"
-        self.selected, self.top = self.saved_position
+        self.selected, self.top, self.selected_key = self.saved_position
         self.feed.want_procs = False
 
     # -- what to show ---------------------------------------------------------
@@ -573,14 +585,22 @@ class Console:
         return attr | curses.A_REVERSE if selected else attr
 
     def draw_rows(self, layout: Layout, rows: List[Dict[str, Any]]) -> None:
-        """The visible slice of ``rows``, keeping the selection on screen."""
+        """The visible slice of ``rows``, keeping the selection on screen
+        and on its row when the rows move (htop does the same)."""
         height = self.body_height()
+        if self.selected_key is not None:
+            for index, row in enumerate(rows):
+                if row_identity(row) == self.selected_key:
+                    self.selected = index
+                    break
         self.selected = max(0, min(self.selected, len(rows) - 1))
         if self.selected < self.top:
             self.top = self.selected
         elif self.selected >= self.top + height:
             self.top = self.selected - height + 1
         self.top = max(0, min(self.top, len(rows) - height))
+        self.selected_key = row_identity(rows[self.selected]) if rows else (
+            None)
         for y, row in enumerate(rows[self.top:self.top + height],
                                 HEADER_LINES):
             self.put(y, format_row(layout, row),

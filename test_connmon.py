@@ -1126,6 +1126,19 @@ def test_console_sorts_by_every_column(daemon, apps, tmp_path, terminal):
                 orders.add(tuple(want))
             term.press(b"r")
     assert len(orders) >= 6   # the columns really order differently
+
+    def selected(t: Terminal) -> List[str]:
+        return [name for name, (y, _) in t.rows().items()
+                if t.screen.buffer[y][0].reverse]
+    # The selection stays on its row when the order changes under it.
+    term.press(term.key["khome"] + term.key["kcud1"] * 3)
+    term.wait_for(lambda t: selected(t) == [t.order()[3]],
+                  "the fourth row selected")
+    (chosen,) = selected(term)
+    term.press(b"r")
+    term.wait_for(lambda t: t.order() == expected("oldest", True)
+                  and selected(t) == [chosen], f"{chosen} still selected")
+    term.press(b"r")
     term.press(b"<")   # from OLDEST back to HOLD_MS, marked in its heading
     term.wait_text("sorted by HOLD_MS ascending")
     assert "HOLD_MS\N{UPWARDS ARROW} OLDEST" in term.text
