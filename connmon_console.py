@@ -646,7 +646,8 @@ class Console:
         procs = self.proc_rows()
         _, width = self.window.getmaxyx()
         layout = fit(PROC_COLUMNS, width)
-        count = "loading" if procs is None else f"{len(procs)} processes"
+        count = f"{len(procs)} processes" if procs is not None else (
+            "paused (p resumes)" if self.paused else "loading")
         self.put(HEADER_LINES - 2, f"{prog} on {host}: {count} "
                  "(Esc returns)", self.styles["title"])
         self.put(HEADER_LINES - 1, headings(layout), self.styles["heading"])
