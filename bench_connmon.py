@@ -3,7 +3,8 @@
     python bench_connmon.py [--quick] [SCENARIO ...]
 
 Every figure is a ratio or count inside one run (plugin vs plain engine,
-interleaved), because the machines this runs on are shared and noisy.
+interleaved), because the machines this runs on are shared and noisy; the
+console's figure is CPU time (not wall time) per refresh, against a target.
 """
 
 from __future__ import annotations
@@ -216,14 +217,17 @@ class SyntheticApp:
     """A client that speaks the app protocol like a real process would,
     with pre-encoded messages so that it costs the generator little CPU."""
 
-    def __init__(self, port: int, name: str, conns: int):
+    def __init__(self, port: int, name: str, conns: int,
+                 hostname: str = "bench-host", checked_out: int = 0):
         import connmon
-        self.proc = connmon.ProcessState(os.urandom(8).hex(), "bench-host",
+        self.proc = connmon.ProcessState(os.urandom(8).hex(), hostname,
                                          name, os.getpid(), 1)
         self.conn = connmon.open_connection([("127.0.0.1", port)], "app",
                                             proc=self.proc.describe())
         for ident in range(conns):
             self.proc.apply(connmon.CONNECT, ident, 0.0, 1)
+        for ident in range(checked_out):
+            self.proc.apply(connmon.CHECKOUT, ident, 0.0, 1)
         self.conn.send(self.proc.message(0.0))
         ids = list(range(conns))
         base = {"connect": [], "close": [], "checkouts": 0, "hold": [0, 0],
@@ -523,6 +527,111 @@ def bench_cluster(quick: bool) -> None:
     report("cluster: events/s in at n1, seen at n3, vs one node", rows)
 
 
+class FakeFleet:
+    """Many application processes speaking connmon's protocol (a thousand
+    real engines would swamp a small machine): each row is one host+program
+    with one process of two connections, a third of them idle."""
+
+    def __init__(self, address: tuple, rows: int, live: int):
+        self.live: List[SyntheticApp] = []
+        for index in range(rows):
+            app = SyntheticApp(address[1], f"program-{index:04d}", 2,
+                               f"host{index // 40:03d}",
+                               checked_out=1 if index % 3 else 0)
+            if index < live:
+                self.live.append(app)
+            else:
+                app.conn.close()   # the row stays, as a program that is gone
+        self.out = [False] * live
+
+    def churn(self, count: int) -> None:
+        """Check the connections out or in on ``count`` random live rows."""
+        import random
+        for index in random.sample(range(len(self.live)), count):
+            app = self.live[index]
+            out = self.out[index] = not self.out[index]
+            app.send(app.checkout_all if out else app.checkin_all)
+
+    def close(self) -> None:
+        for app in self.live:
+            app.conn.close()
+
+
+CONSOLE_CHILD = r"""
+import json, sys, time
+import connmon, connmon_console as cc
+
+address, refreshes, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+target = cc.Target(cc.build_parser().parse_args(["-H", address]))
+feed = cc.Feed(target, 1.0)            # not started: fed by hand below
+conn = target.connect()
+window = cc.curses.initscr()
+try:
+    console = cc.Console(window, feed, 1.0, True)
+    samples = []
+    for refresh in range(refreshes):
+        if refresh == refreshes // 2:
+            console.sort_index = 3     # half the time sorted by CONN
+        start = time.process_time()
+        snapshot = conn.request({"op": "snapshot", "procs": False})
+        del snapshot["op"]
+        feed._publish(snapshot=snapshot, state="connected",
+                      attached_to=address)
+        console.adopt()
+        console.draw()
+        samples.append(time.process_time() - start)
+        time.sleep(0.02)               # let the fleet change the numbers
+finally:
+    cc.curses.endwin()
+with open(out, "w") as file:
+    json.dump({"samples": samples, "rows": len(snapshot["rows"])}, file)
+"""
+
+
+def bench_console(quick: bool) -> None:
+    """Console CPU per refresh with 1,000 rows: fetch and decode a snapshot
+    from a real connmond, sort, draw with curses into a real pty (target
+    <= 20 ms)."""
+    import pty
+    import select
+    refreshes = 40 if quick else 150
+    with tempfile.TemporaryDirectory() as workdir:
+        daemon = Daemon(workdir)
+        fleet = FakeFleet(("127.0.0.1", daemon.port), 1000, 300)
+        out = os.path.join(workdir, "console.json")
+        pid, master = pty.fork()
+        if pid == 0:   # the console, on the pty's slave side
+            os.environ.update(TERM="xterm-256color", LINES="50",
+                              COLUMNS="160", PYTHONPATH=HERE)
+            os.execv(sys.executable, [sys.executable, "-c", CONSOLE_CHILD,
+                                      daemon.address, str(refreshes), out])
+        try:
+            while True:   # read the screen output, and keep rows changing
+                fleet.churn(20)
+                if select.select([master], [], [], 0.01)[0]:
+                    try:
+                        if not os.read(master, 1 << 16):
+                            break
+                    except OSError:   # the console closed the pty
+                        break
+            _, status = os.waitpid(pid, 0)
+        finally:
+            fleet.close()
+            daemon.stop()
+        if status != 0:
+            raise RuntimeError(f"console child failed (status {status})")
+        with open(out) as file:
+            result = json.load(file)
+    samples = sorted(result["samples"][5:])   # after warm-up
+    ms = [sample * 1000 for sample in samples]
+    report(f"console: CPU per refresh (snapshot request + JSON decode + "
+           f"sort + curses draw), {result['rows']} rows, 160x50 pty, "
+           f"{len(ms)} refreshes (target <= 20 ms)",
+           [("median", f"{statistics.median(ms):6.2f} ms"),
+            ("p90   ", f"{ms[int(len(ms) * 0.9)]:6.2f} ms"),
+            ("max   ", f"{ms[-1]:6.2f} ms")])
+
+
 SCENARIOS: Dict[str, Callable[[bool], None]] = {
     "hotpath": bench_hotpath,
     "hotpath-mysql": bench_hotpath_mysql,
@@ -531,6 +640,7 @@ SCENARIOS: Dict[str, Callable[[bool], None]] = {
     "scale": bench_scale,
     "latency": bench_latency,
     "cluster": bench_cluster,
+    "console": bench_console,
 }
 
 

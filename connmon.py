@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import configparser
+import encodings.idna  # noqa: F401  (see below)
 import itertools
 import json
 import logging
@@ -43,6 +44,11 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 __version__ = "0.4.0"
 
 log = logging.getLogger("connmon")
+
+# encodings.idna is imported above, on the importing thread, because
+# socket.getaddrinfo() imports it on first use: were that first use on the
+# sender thread while the application forks, the child would inherit a
+# half-imported codec and never resolve a name.
 
 DEFAULT_CONFIG_FILE = "/etc/connmon.cfg"
 DEFAULT_PORT = 5800
@@ -594,6 +600,38 @@ class RateMeter:
         return self.count if second == self.second + 1 else 0
 
 
+class HoldMeter:
+    """Mean checkout hold time of the checkins reported over the last
+    complete second (RateMeter's window), so it reads like ckout/s."""
+
+    __slots__ = ("second", "total", "count", "last")
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.total, self.count = 0.0, 0
+        self.last: Tuple[float, int] = (0.0, 0)
+
+    def add(self, when: float, total: float, count: int) -> None:
+        second = int(when)
+        if second > self.second:
+            self.last = ((self.total, self.count)
+                         if second == self.second + 1 else (0.0, 0))
+            self.second, self.total, self.count = second, 0.0, 0
+        self.total += total
+        self.count += count
+
+    def mean_ms(self, now: float) -> Optional[float]:
+        """Milliseconds; None when nothing was checked in in the window."""
+        second = int(now)
+        if second == self.second:
+            total, count = self.last
+        elif second == self.second + 1:
+            total, count = self.total, self.count
+        else:
+            return None
+        return round(total / count * 1000, 1) if count else None
+
+
 class ProgramRow:
     """The live totals and the maxima of one host+program."""
 
@@ -604,6 +642,7 @@ class ProgramRow:
         self.maxnproc = self.maxconn = self.maxckout = 0
         self.checkouts = RateMeter()
         self.ckout_total = 0    # checkouts since the daemon started
+        self.holds = HoldMeter()
 
     def add(self, nproc: int, conn: int, ckout: int,
             peak_conn: int = 0, peak_ckout: int = 0) -> None:
@@ -728,6 +767,7 @@ class Picture:
         row.add(0, conns, checked_out, *peaks)
         row.checkouts.add(now, counters["checkouts"])
         row.ckout_total += counters["checkouts"]
+        row.holds.add(now, counters["hold_total"], counters["holds"])
         self._totals(conns, checked_out, *peaks)
         return True
 
@@ -776,8 +816,20 @@ class Picture:
     def snapshot(self, now: float, procs: bool = False) -> Dict[str, Any]:
         """The JSON snapshot of DESIGN.md (without "service" and "node").
 
-        With ``procs``, each row also lists its live processes.
+        With ``procs``, each row also lists its live processes.  "oldest"
+        is the age in seconds of the longest checked-out connection (the
+        leak finder), "limit" the pools' summed capacity (None when any is
+        unlimited), "exhausted" whether every connection allowed is out.
         """
+        oldest: Dict[Tuple[str, str], float] = {}
+        limits: Dict[Tuple[str, str], Optional[int]] = {}
+        for proc in self.processes.values():
+            if proc.checked_out:
+                since = min(proc.checked_out.values())
+                oldest[proc.key] = min(since, oldest.get(proc.key, since))
+            total, limit = limits.get(proc.key, 0), proc.limit
+            limits[proc.key] = (None if total is None or limit is None
+                                else total + limit)
         rows = [{
             "hostname": row.hostname,
             "progname": row.progname,
@@ -790,7 +842,11 @@ class Picture:
             "maxckout": row.maxckout,
             "ckout_per_sec": row.checkouts.rate(now),
             "ckout_total": row.ckout_total,
-        } for _, row in sorted(self.rows.items())]
+            "hold_ms": row.holds.mean_ms(now),
+            "oldest": _age(now, oldest.get(key)),
+            "limit": limits.get(key),
+            "exhausted": is_exhausted(row.ckout, limits.get(key)),
+        } for key, row in sorted(self.rows.items())]
         if procs:
             by_row: Dict[Tuple[str, str], list] = {}
             for proc in sorted(self.processes.values(), key=lambda p: p.pid):
@@ -802,6 +858,11 @@ class Picture:
                     "maxconn": proc.max_conns,
                     "maxckout": proc.max_checked_out,
                     "since": round(proc.since, 3),
+                    "oldest": _age(now, min(proc.checked_out.values(),
+                                            default=None)),
+                    "limit": proc.limit,
+                    "exhausted": is_exhausted(len(proc.checked_out),
+                                              proc.limit),
                 })
             for row in rows:
                 row["procs"] = by_row.get((row["hostname"], row["progname"]),
@@ -818,6 +879,16 @@ class Picture:
             "checkouts_per_sec": sum(r["ckout_per_sec"] for r in rows),
             "rows": rows,
         }
+
+
+def _age(now: float, since: Optional[float]) -> Optional[float]:
+    return None if since is None else round(max(0.0, now - since), 1)
+
+
+def is_exhausted(ckout: int, limit: Optional[int]) -> bool:
+    """Every connection the pools allow is checked out: threads that want
+    one more wait (and time out)."""
+    return bool(limit) and ckout >= limit
 
 
 # ---------------------------------------------------------------------------

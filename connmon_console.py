@@ -1,7 +1,10 @@
 """connmon: the console that shows what connmond knows.
 
-``connmon --once --json`` prints one snapshot as JSON; ``connmon --once``
-prints it as a plain table.
+``connmon`` draws a live, ``top``-like screen with curses: one row per
+host+program, refreshed every ``-i`` seconds, with htop's keys (``?`` lists
+them).  ``connmon --once`` prints one snapshot as a plain table and
+``--once --json`` as JSON.  ``connmon --demo`` starts a private connmond and
+a few demo applications and watches them: the no-setup way to see it work.
 
 Run ``connmon`` or ``python -m connmon_console``.
 """
@@ -9,9 +12,20 @@ Run ``connmon`` or ``python -m connmon_console``.
 from __future__ import annotations
 
 import argparse
+import codecs
+import curses
+import importlib.util
 import json
+import os
+import random
+import signal
+import socket
+import subprocess
 import sys
-from typing import Any, Dict, List, Optional
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import connmon
 
@@ -54,17 +68,108 @@ def fetch_snapshot(target: Target, timeout: float = 5.0,
     return snapshot
 
 
-COLUMNS = [  # (heading, snapshot key, width)
-    ("HOSTNAME", "hostname", 20),
-    ("PROGNAME", "progname", 24),
-    ("NPROC", "nproc", 6),
-    ("CONN", "conn", 6),
-    ("CKOUT", "ckout", 6),
-    ("MAXNPROC", "maxnproc", 9),
-    ("MAXCONN", "maxconn", 8),
-    ("MAXCKOUT", "maxckout", 9),
-    ("CKOUT/S", "ckout_per_sec", 8),
+# ---------------------------------------------------------------------------
+# Tables: shared by --once and the live screen
+# ---------------------------------------------------------------------------
+
+
+class Column:
+    """One column of a table: its heading, the snapshot key it shows and
+    its width.  Text columns are left-aligned and may grow or shrink with
+    the terminal; number columns are right-aligned and fixed."""
+
+    def __init__(self, heading: str, key: str, width: int,
+                 text: bool = False,
+                 show: Optional[Callable[[Any], str]] = None):
+        self.heading = heading
+        self.key = key
+        self.width = width
+        self.text = text
+        self.show = show or cell
+
+    def sort_key(self, row: Dict[str, Any]) -> Any:
+        """Order rows by this column; "-" (None) below every number."""
+        value = row[self.key]
+        return value if self.text else (value is not None, value or 0)
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if value < 1e5 else str(int(value))
+    return str(value)
+
+
+def since_text(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+MIN_TEXT_WIDTH = 8
+MAX_TEXT_WIDTH = 40
+
+COLUMNS = [
+    Column("HOSTNAME", "hostname", 20, text=True),
+    Column("PROGNAME", "progname", 24, text=True),
+    Column("NPROC", "nproc", 6),
+    Column("CONN", "conn", 6),
+    Column("CKOUT", "ckout", 6),
+    Column("LIMIT", "limit", 6),
+    Column("MAXNPROC", "maxnproc", 9),
+    Column("MAXCONN", "maxconn", 8),
+    Column("MAXCKOUT", "maxckout", 9),
+    Column("CKOUT/S", "ckout_per_sec", 8),
+    Column("HOLD_MS", "hold_ms", 8),
+    Column("OLDEST", "oldest", 8),
 ]
+
+PROC_COLUMNS = [
+    Column("PID", "pid", 9),
+    Column("CONN", "conn", 6),
+    Column("CKOUT", "ckout", 6),
+    Column("LIMIT", "limit", 6),
+    Column("MAXCONN", "maxconn", 8),
+    Column("MAXCKOUT", "maxckout", 9),
+    Column("OLDEST", "oldest", 8),
+    Column("CONNECTED SINCE", "since", 21, show=since_text),
+]
+
+Layout = List[Tuple[Column, int]]
+
+
+def fit(columns: List[Column], width: int) -> Layout:
+    """Share what the number columns leave of ``width`` among the text
+    columns; the caller cuts lines at the screen's edge."""
+    texts = sum(1 for column in columns if column.text)
+    spare = width - sum(c.width for c in columns if not c.text)
+    share = max(MIN_TEXT_WIDTH, min(MAX_TEXT_WIDTH, spare // max(1, texts)))
+    return [(column, share if column.text else column.width)
+            for column in columns]
+
+
+def natural(columns: List[Column], rows: List[Dict[str, Any]]) -> Layout:
+    """Widths for plain text: wide enough for every name, nothing cut."""
+    return [(column, max([column.width] + [len(column.show(row[column.key]))
+                                           + 2 for row in rows])
+             if column.text else column.width) for column in columns]
+
+
+def format_line(layout: Layout, values: List[str]) -> str:
+    cells = []
+    for (column, width), text in zip(layout, values):
+        text = text[:width - 1]
+        cells.append(text.ljust(width) if column.text
+                     else text.rjust(width - 1) + " ")
+    return "".join(cells)
+
+
+def headings(layout: Layout) -> str:
+    return format_line(layout, [column.heading for column, _ in layout])
+
+
+def format_row(layout: Layout, row: Dict[str, Any]) -> str:
+    return format_line(layout, [column.show(row[column.key])
+                                for column, _ in layout])
 
 
 def summary_lines(snapshot: Dict[str, Any]) -> List[str]:
@@ -78,24 +183,701 @@ def summary_lines(snapshot: Dict[str, Any]) -> List[str]:
     ]
 
 
-def format_row(values: List[Any]) -> str:
-    cells = []
-    for (_, _, width), value in zip(COLUMNS, values):
-        text = str(value)[:width - 1]
-        cells.append(text.ljust(width) if isinstance(value, str)
-                     else text.rjust(width - 1) + " ")
-    return "".join(cells).rstrip()
+def row_state(row: Dict[str, Any]) -> str:
+    """"exhausted", "live" or "gone": what a row's colour says.  (A
+    process, in the drill-down, has no "connected": it is live.)"""
+    if row.get("exhausted"):
+        return "exhausted"
+    return "live" if row.get("connected", True) else "gone"
+
+
+def row_identity(row: Dict[str, Any]) -> Any:
+    """What a row is, whatever its numbers: a process's pid, else the
+    host+program."""
+    return row["pid"] if "pid" in row else (row["hostname"],
+                                            row["progname"])
 
 
 def format_table(snapshot: Dict[str, Any]) -> str:
+    layout = natural(COLUMNS, snapshot["rows"])
     lines = [f"connmon: service {snapshot['service']} node {snapshot['node']}"]
     lines += summary_lines(snapshot)
     lines.append("")
-    lines.append(format_row([heading for heading, _, _ in COLUMNS]))
+    lines.append(headings(layout).rstrip())
+    marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)"}
     for row in snapshot["rows"]:
-        line = format_row([row[key] for _, key, _ in COLUMNS])
-        lines.append(line if row["connected"] else line + "  (gone)")
+        lines.append(format_row(layout, row).rstrip() + marks[row_state(row)])
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# The feed: one connection to connmond, polled from its own thread
+# ---------------------------------------------------------------------------
+
+
+class Feed:
+    """Keeps the console's one connection to connmond and fetches a
+    snapshot every interval on a thread of its own, so that a slow or dead
+    daemon never freezes the screen.  When the connection is lost it keeps
+    the last snapshot and tries every node of the service again."""
+
+    CONNECT_TIMEOUT = 3.0
+    REPLY_TIMEOUT = 10.0
+
+    def __init__(self, target: Target, interval: float):
+        self.target = target
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.snapshot: Optional[Dict[str, Any]] = None
+        self.state = "connecting"      # then "connected" / "disconnected"
+        self.attached_to = ""          # the address of the current daemon
+        self.error = ""
+        self.generation = 0            # bumped on every change
+        self.want_procs = False        # a drill-down is open
+        self._requests: List[Dict[str, Any]] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="connmon-feed")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def refresh_now(self) -> None:
+        self._wake.set()
+
+    def ask(self, request: Dict[str, Any]) -> None:
+        """Send ``request`` (e.g. clear_maxima) before the next snapshot;
+        kept until a daemon has answered it."""
+        with self.lock:
+            self._requests.append(request)
+        self._wake.set()
+
+    def _publish(self, **changes: Any) -> None:
+        with self.lock:
+            for name, value in changes.items():
+                setattr(self, name, value)
+            self.generation += 1
+
+    def _run(self) -> None:
+        conn: Optional[connmon.Connection] = None
+        address = ""
+        while not self._stopping:
+            if conn is None:
+                try:
+                    conn = self.target.connect(self.CONNECT_TIMEOUT)
+                    conn.sock.settimeout(self.REPLY_TIMEOUT)
+                    address = connmon.format_address(
+                        conn.sock.getpeername()[:2])
+                except (OSError, connmon.ProtocolError) as err:
+                    self._publish(state="disconnected", error=str(err))
+                    self._sleep()
+                    continue
+            try:
+                self._serve_requests(conn)
+                snapshot = conn.request({"op": "snapshot",
+                                         "procs": self.want_procs})
+            except (OSError, connmon.ProtocolError) as err:
+                conn.close()
+                conn = None
+                self._publish(state="disconnected", error=str(err))
+                self._sleep()
+                continue
+            del snapshot["op"]
+            self._publish(snapshot=snapshot, state="connected", error="",
+                          attached_to=address)
+            self._sleep()
+        if conn is not None:
+            conn.close()
+
+    def _serve_requests(self, conn: connmon.Connection) -> None:
+        while self._requests:
+            conn.request(self._requests[0])
+            with self.lock:
+                self._requests.pop(0)
+
+    def _sleep(self) -> None:
+        self._wake.wait(self.interval)
+        self._wake.clear()
+
+
+# ---------------------------------------------------------------------------
+# The live screen
+# ---------------------------------------------------------------------------
+
+HELP = """\
+connmon keys
+
+  q            quit
+  ? h          this help (any key returns)
+  Up Down      select a row
+  PgUp PgDn    scroll a page
+  Home End     first / last row
+  < >  F6      sort by the previous / next column
+  r            reverse the sort order
+  /            filter rows by a part of the hostname or progname
+               (Enter keeps it, Esc clears it)
+  p            pause / resume updates
+  Enter        show the processes of the selected row
+  Esc  Bkspc   back from the processes to the table
+  c            clear the maxima (in connmond: every console sees it)
+
+Rows: green = program has live processes, red = none left,
+highlighted = every pooled connection is checked out (ckout >= limit).
+OLDEST: age in seconds of the longest checked-out connection.
+HOLD_MS: mean checkout hold time over the last second.
+"""
+
+UNICODE_GLYPHS = {"dash": "\N{EM DASH}", "up": "\N{UPWARDS ARROW}",
+                  "down": "\N{DOWNWARDS ARROW}"}
+ASCII_GLYPHS = {"dash": "-", "up": "^", "down": "v"}
+ESC = 27
+ENTER_KEYS = (curses.KEY_ENTER, 10, 13)
+BACK_KEYS = (ESC, curses.KEY_BACKSPACE, 127, 8)
+HEADER_LINES = 7           # title, four totals, context, column headings
+
+
+class Styles:
+    """The curses attribute for each kind of line, with colours when the
+    terminal has them and plain attributes otherwise."""
+
+    def __init__(self, colors: bool):
+        self.attrs = {"live": curses.A_NORMAL, "gone": curses.A_DIM,
+                      "exhausted": curses.A_BOLD, "stale": curses.A_DIM,
+                      "title": curses.A_BOLD, "heading": curses.A_REVERSE,
+                      "sorted": curses.A_REVERSE | curses.A_BOLD}
+        if colors:
+            curses.start_color()
+            curses.use_default_colors()
+            grey = 8 if curses.COLORS > 8 else curses.COLOR_WHITE
+            for number, (name, fg, bg) in enumerate((
+                    ("live", curses.COLOR_GREEN, -1),
+                    ("gone", curses.COLOR_RED, -1),
+                    ("exhausted", curses.COLOR_BLACK, curses.COLOR_YELLOW),
+                    ("stale", grey, -1),
+                    ("sorted", curses.COLOR_BLACK, curses.COLOR_CYAN)), 1):
+                curses.init_pair(number, fg, bg)
+                self.attrs[name] = curses.color_pair(number)
+
+    def __getitem__(self, name: str) -> int:
+        return self.attrs[name]
+
+
+class Console:
+    """The interactive screen: what is shown (table, processes, help), in
+    which order, filtered how, paused or not, and the keys that change it.
+    Only the visible rows are formatted, so thousands of rows are cheap."""
+
+    def __init__(self, window, feed: Feed, interval: float, colors: bool):
+        self.window = window
+        self.feed = feed
+        self.interval = interval
+        self.styles = Styles(colors)
+        # curses encodes text for the locale: only UTF-8 has the pretty ones
+        self.glyphs = (UNICODE_GLYPHS
+                       if codecs.lookup(window.encoding).name == "utf-8"
+                       else ASCII_GLYPHS)
+        self.picture: Optional[Dict[str, Any]] = None
+        self.seen_generation = -1
+        self.view = "table"                # or "procs" or "help"
+        self.sort_index = 0
+        self.reverse = False
+        self.filter = ""
+        self.editing_filter = False
+        self.paused = False
+        self.selected = 0
+        self.selected_key: Any = None      # the selected row follows its row
+        self.top = 0
+        self.drill: Tuple[str, str] = ("", "")
+        self.saved_position: tuple = (0, 0, None)  # the table's, drilled
+        self.message = ""
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            curses.curs_set(0)
+        except curses.error:
+            pass   # a terminal that cannot hide its cursor
+        self.window.timeout(100)           # poll the feed ten times a second
+        self.window.keypad(True)
+        drawn, key = -1, -1
+        while True:
+            # Draw after a key, or when the feed has news; else stay idle.
+            generation = self.feed.generation
+            if key != -1 or generation != drawn:
+                self.adopt()
+                self.draw()
+                drawn = generation
+            key = self.window.getch()
+            if key != -1 and not self.handle(key):
+                return
+
+    def adopt(self) -> None:
+        """Take the feed's newest snapshot, unless paused."""
+        feed = self.feed
+        if feed.generation != self.seen_generation and not self.paused:
+            with feed.lock:
+                self.seen_generation = feed.generation
+                if feed.snapshot is not None:
+                    self.picture = feed.snapshot
+
+    # -- keys -----------------------------------------------------------------
+
+    def handle(self, key: int) -> bool:
+        """Act on one key; False means quit."""
+        if self.editing_filter:
+            self.edit_filter(key)
+            return True
+        if key == ord("q"):
+            return False
+        if key == curses.KEY_RESIZE:
+            self.window.clear()   # repaint everything at the new size
+        elif self.view == "help":
+            self.view = "table"
+        elif key in (ord("?"), ord("h")):
+            self.view = "help"
+        elif key == ord("p"):
+            self.paused = not self.paused
+        elif key == ord("c"):
+            self.feed.ask({"op": "clear_maxima"})
+            self.message = "asked connmond to clear the maxima"
+        elif self.view == "procs":
+            if key in BACK_KEYS:
+                self.leave_procs()
+            else:
+                self.move(key)
+        elif key in ENTER_KEYS:
+            self.enter_procs()
+        elif key in (ord(">"), curses.KEY_F6):
+            self.sort_index = (self.sort_index + 1) % len(COLUMNS)
+        elif key == ord("<"):
+            self.sort_index = (self.sort_index - 1) % len(COLUMNS)
+        elif key == ord("r"):
+            self.reverse = not self.reverse
+        elif key == ord("/"):
+            self.editing_filter = True
+        elif key == ESC:
+            self.filter = ""
+        else:
+            self.move(key)
+        return True
+
+    def edit_filter(self, key: int) -> None:
+        if key == ESC:
+            self.filter, self.editing_filter = "", False
+        elif key in ENTER_KEYS:
+            self.editing_filter = False
+        elif key in (curses.KEY_BACKSPACE, 127, 8):
+            self.filter = self.filter[:-1]
+        elif 32 <= key < 127:
+            self.filter += chr(key)
+        self.selected = self.top = 0
+        self.selected_key = None
+
+    def move(self, key: int) -> None:
+        """Move the selection; a page key scrolls the view with it."""
+        page = max(1, self.body_height())
+        steps = {curses.KEY_UP: -1, curses.KEY_DOWN: 1,
+                 curses.KEY_PPAGE: -page, curses.KEY_NPAGE: page,
+                 curses.KEY_HOME: -1 << 30, curses.KEY_END: 1 << 30}
+        if key in steps:
+            self.selected += steps[key]
+            self.selected_key = None
+        if key in (curses.KEY_PPAGE, curses.KEY_NPAGE):
+            self.top += steps[key]
+
+    def enter_procs(self) -> None:
+        rows = self.table_rows()
+        if rows:
+            row = rows[min(self.selected, len(rows) - 1)]
+            self.drill = (row["hostname"], row["progname"])
+            self.view = "procs"
+            self.saved_position = (self.selected, self.top,
+                                   self.selected_key)
+            self.selected = self.top = 0
+            self.selected_key = None
+            self.feed.want_procs = True
+            self.feed.refresh_now()
+
+    def leave_procs(self) -> None:
+        self.view = "table"
+        self.selected, self.top, self.selected_key = self.saved_position
+        self.feed.want_procs = False
+
+    # -- what to show ---------------------------------------------------------
+
+    def table_rows(self) -> List[Dict[str, Any]]:
+        if self.picture is None:
+            return []
+        rows = self.picture["rows"]
+        if self.filter:
+            needle = self.filter.lower()
+            rows = [row for row in rows if needle in row["hostname"].lower()
+                    or needle in row["progname"].lower()]
+        column = COLUMNS[self.sort_index]
+        # Ties keep the snapshot's hostname, progname order.
+        return sorted(rows, key=column.sort_key, reverse=self.reverse)
+
+    def proc_rows(self) -> Optional[List[Dict[str, Any]]]:
+        """The drilled-into row's processes; None until they arrive."""
+        for row in (self.picture or {}).get("rows", []):
+            if (row["hostname"], row["progname"]) == self.drill:
+                return row.get("procs")
+        return []
+
+    def body_height(self) -> int:
+        height, _ = self.window.getmaxyx()
+        return max(0, height - HEADER_LINES - 1)
+
+    # -- drawing --------------------------------------------------------------
+
+    def put(self, y: int, text: str, attr: int = curses.A_NORMAL) -> None:
+        height, width = self.window.getmaxyx()
+        if 0 <= y < height:
+            try:
+                self.window.addnstr(y, 0, text.ljust(width), width, attr)
+            except curses.error:
+                pass   # writing the bottom-right cell; the text is drawn
+
+    def draw(self) -> None:
+        self.window.erase()
+        self.put(0, self.title(), self.styles["title"])
+        if self.view == "help":
+            for y, line in enumerate(HELP.splitlines(), 1):
+                self.put(y, line)
+        else:
+            if self.picture is not None:
+                for y, line in enumerate(summary_lines(self.picture), 1):
+                    self.put(y, line)
+            if self.view == "procs":
+                self.draw_procs()
+            else:
+                self.draw_table()
+        self.draw_footer()
+        self.window.refresh()
+
+    def title(self) -> str:
+        feed = self.feed
+        where = feed.target.description
+        if self.picture is not None:
+            where = (f"service {self.picture['service']} node "
+                     f"{self.picture['node']}")
+        if feed.state == "connected":
+            state = f"attached to {feed.attached_to}"
+        elif feed.state == "connecting":
+            state = "connecting"
+        else:
+            state = f"disconnected {self.glyphs['dash']} retrying"
+        parts = [f"connmon {connmon.__version__}", where, state,
+                 f"every {self.interval:g}s"]
+        if self.paused:
+            parts.append("PAUSED")
+        return f" {self.glyphs['dash']} ".join(parts)
+
+    def row_attr(self, row: Dict[str, Any], selected: bool) -> int:
+        attr = self.styles["stale" if self.feed.state != "connected"
+                           else row_state(row)]
+        return attr | curses.A_REVERSE if selected else attr
+
+    def draw_rows(self, layout: Layout, rows: List[Dict[str, Any]]) -> None:
+        """The visible slice of ``rows``, keeping the selection on screen
+        and on its row when the rows move (htop does the same)."""
+        height = self.body_height()
+        if self.selected_key is not None:
+            for index, row in enumerate(rows):
+                if row_identity(row) == self.selected_key:
+                    self.selected = index
+                    break
+        self.selected = max(0, min(self.selected, len(rows) - 1))
+        if self.selected < self.top:
+            self.top = self.selected
+        elif self.selected >= self.top + height:
+            self.top = self.selected - height + 1
+        self.top = max(0, min(self.top, len(rows) - height))
+        self.selected_key = row_identity(rows[self.selected]) if rows else (
+            None)
+        for y, row in enumerate(rows[self.top:self.top + height],
+                                HEADER_LINES):
+            self.put(y, format_row(layout, row),
+                     self.row_attr(row, self.top + y - HEADER_LINES
+                                   == self.selected))
+
+    def draw_table(self) -> None:
+        _, width = self.window.getmaxyx()
+        layout = fit(COLUMNS, width)
+        rows = self.table_rows()
+        order = "descending" if self.reverse else "ascending"
+        context = (f"{len(rows)} rows, sorted by "
+                   f"{COLUMNS[self.sort_index].heading} {order}")
+        if self.filter:
+            context += f", filter {self.filter!r}"
+        self.put(HEADER_LINES - 2, context)
+        self.put(HEADER_LINES - 1, headings(layout), self.styles["heading"])
+        column, start = COLUMNS[self.sort_index], 0
+        for other, column_width in layout:
+            if other is column:
+                if start < width:
+                    self.put_heading(start, column, column_width)
+                break
+            start += column_width
+        self.draw_rows(layout, rows)
+
+    def put_heading(self, x: int, column: Column, width: int) -> None:
+        """Mark the sort column's heading, htop style: highlighted, with
+        an arrow in the space after it."""
+        mark = self.glyphs["down" if self.reverse else "up"]
+        text = format_line([(column, width)], [column.heading])
+        text = ((text.rstrip() + mark).ljust(width)[:width] if column.text
+                else text[:-1] + mark)
+        _, screen_width = self.window.getmaxyx()
+        try:
+            self.window.addnstr(HEADER_LINES - 1, x, text, screen_width - x,
+                                self.styles["sorted"])
+        except curses.error:
+            pass
+
+    def draw_procs(self) -> None:
+        host, prog = self.drill
+        procs = self.proc_rows()
+        _, width = self.window.getmaxyx()
+        layout = fit(PROC_COLUMNS, width)
+        count = f"{len(procs)} processes" if procs is not None else (
+            "paused (p resumes)" if self.paused else "loading")
+        self.put(HEADER_LINES - 2, f"{prog} on {host}: {count} "
+                 "(Esc returns)", self.styles["title"])
+        self.put(HEADER_LINES - 1, headings(layout), self.styles["heading"])
+        self.draw_rows(layout, procs or [])
+
+    def draw_footer(self) -> None:
+        height, _ = self.window.getmaxyx()
+        if self.editing_filter:
+            text = f"Filter: {self.filter}_  (Enter keeps, Esc clears)"
+        elif self.feed.state == "disconnected":
+            text = self.feed.error
+        else:
+            text = self.message or (
+                "q quit  ? help  </> sort  r reverse  / filter  p pause  "
+                "Enter processes  c clear maxima")
+            if self.filter:
+                text = f"[filter: {self.filter}]  " + text
+        self.put(height - 1, text, curses.A_REVERSE)
+        self.message = ""
+
+
+def run_screen(target: Target, interval: float, colors: bool) -> None:
+    """Draw the live screen until ``q`` or Ctrl-C; the terminal is restored
+    either way.  (curses.wrapper would start colours even for --no-color.)
+    """
+    os.environ.setdefault("ESCDELAY", "25")    # Esc answers at once
+    feed = Feed(target, interval)
+    feed.start()
+    window = curses.initscr()
+    try:
+        curses.noecho()
+        curses.cbreak()
+        Console(window, feed, interval, colors and curses.has_colors()).run()
+    finally:
+        feed.stop()
+        window.keypad(False)
+        curses.echo()
+        curses.nocbreak()
+        curses.endwin()
+
+
+# ---------------------------------------------------------------------------
+# The demo: a private connmond and a few demo applications
+# ---------------------------------------------------------------------------
+
+# progname, copies, engine options, behaviour (see demo_app)
+DEMO_PROGRAMS = [
+    ("nova-api", 2, {}, "web"),
+    ("nova-conductor", 1, {}, "holder"),
+    ("keystone-leaky", 1, {"pool_size": 3, "max_overflow": 4,
+                           "pool_timeout": 5}, "leaker"),
+    ("glance-api", 1, {"pool_size": 2, "max_overflow": 1,
+                       "pool_timeout": 1}, "exhauster"),
+    ("cinder-cron", 1, {}, "cron"),
+]
+DEMO_RESTART_DELAY = 4.0     # seconds before a demo app that ended returns
+
+
+class Demo:
+    """``connmon --demo``: a private connmond on a free loopback port and
+    demo applications (SQLite engines through the plugin) that come and
+    go.  ``stop`` ends every process it started."""
+
+    def __init__(self) -> None:
+        self.workdir = tempfile.TemporaryDirectory(prefix="connmon-demo-")
+        self.address = ("127.0.0.1", free_port())
+        here = os.path.dirname(os.path.abspath(connmon.__file__))
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [here] + [p for p in os.environ.get("PYTHONPATH", "").split(
+                os.pathsep) if p]))
+        self.daemon: Optional[subprocess.Popen] = None
+        self.apps: List[Tuple[subprocess.Popen, tuple]] = []
+        self.stopping = threading.Event()
+        self.log = os.path.join(self.workdir.name, "demo.log")
+
+    def start(self) -> None:
+        config = os.path.join(self.workdir.name, "demo.cfg")
+        with open(config, "w") as file:
+            file.write(f"[connmon_service_demo]\nname: demo\nnodes:\n"
+                       f"    demo hostname=127.0.0.1:{self.address[1]} "
+                       "bind=127.0.0.1\n")
+        self.daemon = self.spawn(["-m", "connmon_server", "-c", config,
+                                  "-s", "demo", "--log-level", "WARNING"])
+        deadline = time.monotonic() + 15
+        while not self.listening():
+            if self.daemon.poll() is not None or time.monotonic() > deadline:
+                with open(self.log) as file:
+                    raise OSError("the demo connmond did not start: "
+                                  + file.read())
+            time.sleep(0.05)
+        for program in DEMO_PROGRAMS:
+            for _ in range(program[1]):
+                self.start_app(program)
+        threading.Thread(target=self.supervise, daemon=True,
+                         name="connmon-demo").start()
+
+    def spawn(self, argv: List[str]) -> subprocess.Popen:
+        with open(self.log, "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, *argv], env=self.env,
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=log, start_new_session=True)
+
+    def listening(self) -> bool:
+        try:
+            socket.create_connection(self.address, 0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def start_app(self, program: tuple) -> None:
+        name, _, options, behaviour = program
+        url = (f"sqlite+pysqlite_connmon:///{self.workdir.name}/demo.sqlite"
+               f"?connmon_addr={connmon.format_address(self.address)}")
+        code = (f"import connmon_console; connmon_console.demo_app("
+                f"{name!r}, {url!r}, {options!r}, {behaviour!r})")
+        self.apps.append((self.spawn(["-c", code]), program))
+
+    def supervise(self) -> None:
+        """Bring back demo apps that ended, after a pause (so their row
+        turns red for a while)."""
+        while not self.stopping.wait(DEMO_RESTART_DELAY):
+            for proc, program in list(self.apps):
+                if proc.poll() is not None and not self.stopping.is_set():
+                    self.apps.remove((proc, program))
+                    self.start_app(program)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        procs = [proc for proc, _ in self.apps] + [self.daemon]
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            if proc is not None:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                proc.stdin.close()
+        self.workdir.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def demo_app(name: str, url: str, options: Dict[str, Any],
+             behaviour: str) -> None:
+    """One demo application process (run by ``Demo`` with ``-c``).
+
+    web: four threads doing short queries.  holder: holds two connections
+    for half a minute at a time.  leaker: never returns one connection in
+    three, then dies when its pool is dry.  exhauster: more threads than
+    its pool allows, holding for seconds.  cron: works a few seconds and
+    exits.  It exits when its parent (the console) goes away.
+    """
+    import sqlalchemy as sa
+    from sqlalchemy.dialects import registry
+
+    sys.argv[0] = name                     # the progname connmon shows
+    # Also works from a plain checkout, without installed entry points.
+    registry.register("sqlite.pysqlite_connmon", "connmon", "sqlite_pysqlite")
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)),
+                     daemon=True).start()
+    engine = sa.create_engine(url, poolclass=sa.pool.QueuePool,
+                              connect_args={"check_same_thread": False},
+                              **options)
+
+    def use(hold: float) -> None:
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+                time.sleep(hold)
+        except sa.exc.TimeoutError:
+            pass   # the pool is exhausted: that is the point of the demo
+
+    def forever(pause: Callable[[], float], hold: Callable[[], float]):
+        while True:
+            use(hold())
+            time.sleep(pause())
+
+    def threads(count: int, pause, hold) -> None:
+        for _ in range(count):
+            threading.Thread(target=forever, args=(pause, hold),
+                             daemon=True).start()
+
+    if behaviour == "web":
+        threads(4, lambda: random.uniform(0, 0.3),
+                lambda: random.expovariate(1 / 0.05))
+    elif behaviour == "holder":
+        threads(2, lambda: random.uniform(1, 3),
+                lambda: random.uniform(20, 40))
+    elif behaviour == "exhauster":
+        threads(5, lambda: random.uniform(0, 0.5),
+                lambda: random.uniform(1, 3))
+    elif behaviour == "leaker":
+        leaked = []
+        while True:
+            try:
+                leaked.append(engine.connect())   # never closed: a leak
+            except sa.exc.TimeoutError:
+                os._exit(1)   # "crashes" when its pool is dry; it returns
+            time.sleep(random.uniform(1, 3))
+    elif behaviour == "cron":
+        deadline = time.monotonic() + random.uniform(6, 12)
+        while time.monotonic() < deadline:
+            use(random.uniform(0.05, 0.5))
+        os._exit(0)
+    threading.Event().wait()
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from 0.05 to 3600")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +893,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "service (default: any that answers)")
     where.add_argument("-H", "--host", help="attach to connmond at "
                        "HOST[:PORT] directly, without a config file")
+    where.add_argument("--demo", action="store_true",
+                       help="start a private connmond and demo "
+                       "applications, and watch them")
+    parser.add_argument("-i", "--interval", type=positive_float, default=1.0,
+                        help="seconds between refreshes (default: "
+                        "%(default)s)")
+    parser.add_argument("--no-color", action="store_true",
+                        help="no colours, attributes only")
     parser.add_argument("--once", action="store_true",
                         help="print one snapshot and exit")
     parser.add_argument("--json", action="store_true",
@@ -125,11 +915,17 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     if args.json and not args.once:
         parser.error("--json goes with --once")
+    if args.demo and args.once:
+        parser.error("--demo is interactive; it does not go with --once")
+    if args.demo:
+        return run_demo(args)
     try:
         target = Target(args)
     except connmon.ConfigError as err:
         print(f"connmon: error: {err}", file=sys.stderr)
         return 2
+    if not args.once:
+        return watch(target, args)
     try:
         snapshot = fetch_snapshot(target, procs=args.procs)
     except (OSError, connmon.ProtocolError) as err:
@@ -142,6 +938,49 @@ def main(argv: Optional[list] = None) -> int:
     else:
         print(format_table(snapshot))
     return 0
+
+
+def no_terminal() -> bool:
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return False
+    print("connmon: the live screen needs a terminal; use --once for "
+          "scripts", file=sys.stderr)
+    return True
+
+
+def watch(target: Target, args: argparse.Namespace) -> int:
+    if no_terminal():
+        return 2
+    # SIGTERM and SIGHUP end the screen like Ctrl-C: terminal restored.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
+    try:
+        run_screen(target, args.interval, not args.no_color)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("sqlalchemy") is None:
+        print("connmon: error: --demo needs SQLAlchemy for its demo "
+              "applications: pip install 'connmon[sqlalchemy]'",
+              file=sys.stderr)
+        return 2
+    if no_terminal():
+        return 2
+    demo = Demo()
+    try:
+        demo.start()
+        args.host = connmon.format_address(demo.address)
+        return watch(Target(args), args)
+    except OSError as err:
+        print(f"connmon: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:   # Ctrl-C while the demo was starting
+        return 0
+    finally:
+        demo.stop()
 
 
 if __name__ == "__main__":

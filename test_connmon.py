@@ -1728,3 +1728,609 @@ def test_install_entry_points_replaces_its_own_and_spares_pips(tmp_path):
     assert result.returncode == 1
     assert "exists and was not written by this command" in result.stderr
     assert (dist_info / "INSTALLER").read_text() == "pip\n"
+
+
+# ---------------------------------------------------------------------------
+# Issue 3: the top-like console, oldest / hold_ms / limit, --demo
+# ---------------------------------------------------------------------------
+
+import curses
+import fcntl
+import struct
+import termios
+
+
+def sqlite_url(tmp_path, daemon: Daemon, name: str = "db") -> str:
+    return (f"sqlite+pysqlite_connmon:///{tmp_path}/{name}.sqlite"
+            f"?connmon_addr={daemon.address}")
+
+
+def _controlling_tty() -> None:
+    """In the console's child: make the pty its controlling terminal, so
+    that the kernel sends it SIGWINCH on a resize, as a real terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def xterm_screen(cols: int, lines: int):
+    """A pyte screen and stream that also know the three xterm sequences
+    ncurses uses for xterm-256color and pyte lacks: REP (repeat the last
+    character), SU and SD (scroll the region up / down)."""
+    import pyte
+
+    class Screen(pyte.Screen):
+        last = " "
+
+        def draw(self, data: str) -> None:
+            super().draw(data)
+            self.last = data[-1:] or self.last
+
+        def repeat(self, count: int = 1, *_: Any, **__: Any) -> None:
+            self.draw(self.last * max(1, count))
+
+        def _scroll(self, count: int, row: int, step) -> None:
+            self.save_cursor()
+            self.cursor.y = row
+            for _ in range(max(1, count)):
+                step()
+            self.restore_cursor()
+
+        def scroll_up(self, count: int = 1, *_: Any, **__: Any) -> None:
+            bottom = (self.margins.bottom if self.margins
+                      else self.lines - 1)
+            self._scroll(count, bottom, self.index)
+
+        def scroll_down(self, count: int = 1, *_: Any, **__: Any) -> None:
+            top = self.margins.top if self.margins else 0
+            self._scroll(count, top, self.reverse_index)
+
+    class Stream(pyte.ByteStream):
+        csi = dict(pyte.ByteStream.csi, b="repeat", S="scroll_up",
+                   T="scroll_down")
+
+    screen = Screen(cols, lines)
+    return screen, Stream(screen)
+
+
+class Terminal:
+    """The real console in a real pseudo-terminal, seen through pyte."""
+
+    KEYS = ("kcuu1", "kcud1", "knp", "kpp", "khome", "kend", "kf6")
+
+    def __init__(self, tmp_path, *args: str, cols: int = 120,
+                 lines: int = 30, env: Optional[Dict[str, str]] = None):
+        self.master, self.slave = os.openpty()
+        curses.setupterm("xterm-256color", self.slave)
+        self.key = {name: curses.tigetstr(name) for name in self.KEYS}
+        self.screen, self.stream = xterm_screen(cols, lines)
+        self.resize(cols, lines)
+        self.log = tmp_path / f"console-{self.master}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "connmon_console", *args], cwd=HERE,
+            env={**CHILD_ENV, "TERM": "xterm-256color", **(env or {})},
+            stdin=self.slave,
+            stdout=self.slave, stderr=open(self.log, "ab"),
+            start_new_session=True, preexec_fn=_controlling_tty)
+
+    def resize(self, cols: int, lines: int) -> None:
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ,
+                    struct.pack("HHHH", lines, cols, 0, 0))
+        self.screen.resize(lines, cols)
+
+    def pump(self) -> None:
+        while select.select([self.master], [], [], 0)[0]:
+            try:
+                data = os.read(self.master, 1 << 16)
+            except OSError:   # the console closed the pty
+                return
+            if not data:
+                return
+            self.stream.feed(data)
+
+    @property
+    def display(self) -> List[str]:
+        self.pump()
+        return self.screen.display
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.display)
+
+    def wait_for(self, check: Callable[["Terminal"], Any], what: str,
+                 timeout: float = 20.0) -> Any:
+        try:
+            return wait_until(lambda: self.proc.poll() is None and check(
+                self), timeout, what)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nconsole exit status "
+                                 f"{self.proc.poll()}; screen:\n"
+                                 f"{self.text}\nlog:\n"
+                                 f"{self.log.read_text()}") from None
+
+    def wait_text(self, text: str, timeout: float = 20.0) -> None:
+        self.wait_for(lambda t: text in t.text, f"{text!r} on screen",
+                      timeout)
+
+    def press(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def rows(self) -> Dict[str, tuple]:
+        """The table's rows on screen: progname -> (line number, fields)."""
+        self.pump()
+        found = {}
+        for y, line in enumerate(self.screen.display):
+            fields = line.split()
+            if y >= 7 and len(fields) == 12:
+                found[fields[1]] = (y, fields)
+        return found
+
+    def numbers(self, progname: str) -> List[str]:
+        """The numbers of a row; [] while it is not on screen."""
+        row = self.rows().get(progname)
+        return row[1][2:] if row else []
+
+    def colour(self, progname: str) -> str:
+        y, _ = self.rows()[progname]
+        return self.screen.buffer[y][0].fg
+
+    def order(self) -> List[str]:
+        return [name for name, _ in sorted(self.rows().items(),
+                                           key=lambda item: item[1][0])]
+
+    def lflag(self) -> int:
+        return termios.tcgetattr(self.slave)[3]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    started: List[Terminal] = []
+
+    def start(*args: str, **options: Any) -> Terminal:
+        term = Terminal(tmp_path, *args, **options)
+        started.append(term)
+        return term
+
+    yield start
+    for term in started:
+        term.close()
+        assert "Traceback" not in term.log.read_text()
+
+
+def expected_numbers(row: Dict[str, Any]) -> List[str]:
+    """How the console should show a snapshot row's numbers (all but the
+    time-dependent ckout/s, hold_ms and oldest)."""
+    return [str(row[key]) if row[key] is not None else "-" for key in (
+        "nproc", "conn", "ckout", "limit", "maxnproc", "maxconn",
+        "maxckout")]
+
+
+def test_snapshot_oldest_hold_ms_limit_exhausted(daemon, apps, tmp_path):
+    small = apps(sqlite_url(tmp_path, daemon), "small.py", pool_size=2,
+                 max_overflow=1, pool_timeout=1)
+    memory = apps(f"sqlite+pysqlite_connmon://?connmon_addr="
+                  f"{daemon.address}", "memory.py")
+    small("hold 3")
+    memory("hold 1")
+    daemon.wait_row("small.py", ckout=3)
+    daemon.wait_row("memory.py", ckout=1)
+    # A connection held 3 s is at least 3 s old, in the JSON snapshot too.
+    wait_until(lambda: (daemon.row("small.py")["oldest"] or 0) >= 3,
+               what="small.py oldest >= 3")
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "--json",
+         "--procs", "-H", daemon.address], cwd=HERE, env=CHILD_ENV,
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    rows = {row["progname"]: row for row in json.loads(result.stdout)["rows"]}
+    row = rows["small.py"]
+    assert row["oldest"] >= 3
+    assert (row["limit"], row["ckout"], row["exhausted"]) == (3, 3, True)
+    (proc,) = row["procs"]
+    assert (proc["pid"], proc["limit"], proc["exhausted"]) == (
+        small.proc.pid, 3, True)
+    assert proc["oldest"] >= 3
+    # SQLite :memory: uses SingletonThreadPool: no limit, never exhausted.
+    assert (rows["memory.py"]["limit"], rows["memory.py"]["exhausted"]) == (
+        None, False)
+    assert rows["memory.py"]["hold_ms"] is None   # nothing returned yet
+
+    # Returning the 3-second connection: the mean hold time shows it for
+    # one window, then there is nothing to average again.
+    small("release 1")
+    row = wait_until(lambda: (lambda r: r if r["hold_ms"] else None)(
+        daemon.row("small.py")), what="small.py hold_ms")
+    assert row["hold_ms"] >= 3000
+    assert (row["ckout"], row["exhausted"]) == (2, False)
+    daemon.wait_row("small.py", hold_ms=None)
+    small("release 2")
+    row = daemon.wait_row("small.py", ckout=0, oldest=None)
+    assert row["limit"] == 3
+
+    # A gone program has no limit (and so is not "exhausted" at 0 of 0).
+    small.stop()
+    row = daemon.wait_row("small.py", connected=False)
+    assert (row["limit"], row["oldest"], row["exhausted"]) == (
+        None, None, False)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "-H",
+         daemon.address], cwd=HERE, env=CHILD_ENV, capture_output=True,
+        text=True, timeout=30)
+    lines = result.stdout.splitlines()
+    assert lines[6].split() == ["HOSTNAME", "PROGNAME", "NPROC", "CONN",
+                                "CKOUT", "LIMIT", "MAXNPROC", "MAXCONN",
+                                "MAXCKOUT", "CKOUT/S", "HOLD_MS", "OLDEST"]
+    (memory_line,) = [line for line in lines if "memory.py" in line]
+    assert memory_line.split()[2:6] == ["1", "1", "1", "-"]
+    (small_line,) = [line for line in lines if "small.py" in line]
+    assert small_line.endswith("(gone)")
+
+
+def test_console_rows_match_the_truth_with_colours(daemon, apps, tmp_path,
+                                                   terminal):
+    alpha = apps(sqlite_url(tmp_path, daemon), "alpha.py", pool_size=1,
+                 max_overflow=0)
+    beta = apps(sqlite_url(tmp_path, daemon), "beta.py")
+    gone = apps(sqlite_url(tmp_path, daemon), "gone.py")
+    alpha("hold 1")
+    beta("hold 3")
+    beta("release 1")
+    gone("hold 2")
+    daemon.wait_row("gone.py", ckout=2)
+    gone.stop()
+    daemon.wait_row("gone.py", connected=False)
+    daemon.wait_row("beta.py", conn=3, ckout=2)
+    term = terminal("-H", daemon.address, "-i", "0.2")
+    term.wait_text(f"attached to {daemon.address}")
+    rows = {row["progname"]: row for row in daemon.snapshot()["rows"]}
+    for name in ("alpha.py", "beta.py", "gone.py"):
+        term.wait_for(lambda t: t.numbers(name) and t.numbers(name)[:7] ==
+                      expected_numbers(rows[name]), f"{name} numbers")
+    assert term.numbers("alpha.py")[:7] == ["1", "1", "1", "1", "1", "1",
+                                            "1"]
+    assert term.numbers("gone.py")[:7] == ["0", "0", "0", "-", "1", "2",
+                                           "2"]
+    assert term.colour("beta.py") == "green"
+    assert term.colour("gone.py") == "red"
+    # alpha's one-connection pool is exhausted: highlighted.
+    y, _ = term.rows()["alpha.py"]
+    assert term.screen.buffer[y][0].bg == "brown"   # pyte's name for yellow
+    truth = daemon.snapshot()
+    assert (truth["hosts"], truth["processes"], truth["connections"],
+            truth["checkouts"]) == (1, 2, 4, 3)
+    totals = [f"Hosts       [1 / {truth['max_hosts']}]",
+              f"Processes   [2 / {truth['max_processes']}]",
+              f"Connections [4 / {truth['max_connections']}]",
+              f"Checkouts   [3 / {truth['max_checkouts']} / "]
+    term.wait_for(lambda t: all(line in t.text for line in totals),
+                  f"totals {totals}")
+
+    # The truth changes; the screen follows within a few refreshes.
+    beta("hold 2")
+    daemon.wait_row("beta.py", conn=4, ckout=4)
+    term.wait_for(lambda t: t.numbers("beta.py")[:3] == ["1", "4", "4"],
+                  "beta.py at 4 checkouts")
+    alpha("release 1")
+    term.wait_for(lambda t: t.colour("alpha.py") == "green" and
+                  t.screen.buffer[t.rows()["alpha.py"][0]][0].bg
+                  == "default", "alpha.py no longer exhausted")
+
+    # 'c' clears the maxima in connmond; the screen shows it.
+    term.press(b"c")
+    term.wait_for(lambda t: t.numbers("gone.py")[4:7] == ["0", "0", "0"],
+                  "cleared maxima")
+    assert daemon.row("beta.py")["maxckout"] == 4
+
+
+def test_console_sorts_by_every_column(daemon, apps, tmp_path, terminal):
+    url = sqlite_url(tmp_path, daemon)
+    started = {}
+    for name, commands, options in (
+            ("a-one.py", ["hold 1"], {"pool_size": 2, "max_overflow": 0}),
+            ("b-three.py", ["hold 3"], {}),
+            ("c-idle.py", ["hold 2", "release 2"], {"pool_size": 4,
+                                                    "max_overflow": 0}),
+            ("d-gone.py", ["hold 4"], {})):
+        started[name] = apps(url, name, **options)
+        for command in commands:
+            started[name](command)
+    apps(f"sqlite+pysqlite_connmon://?connmon_addr={daemon.address}",
+         "e-memory.py")("hold 1")
+    daemon.wait_row("d-gone.py", ckout=4)
+    started["d-gone.py"].stop()
+    daemon.wait_row("d-gone.py", connected=False)
+    daemon.wait_row("c-idle.py", conn=2, ckout=0)
+    daemon.wait_row("e-memory.py", ckout=1)
+    term = terminal("-H", daemon.address, "-i", "0.2")
+    term.wait_for(lambda t: len(t.rows()) == 5, "five rows")
+    assert term.order() == ["a-one.py", "b-three.py", "c-idle.py",
+                            "d-gone.py", "e-memory.py"]
+    snapshot_rows = daemon.snapshot()["rows"]
+    keys = ["hostname", "progname", "nproc", "conn", "ckout", "limit",
+            "maxnproc", "maxconn", "maxckout", "ckout_per_sec", "hold_ms",
+            "oldest"]
+    headings = ["HOSTNAME", "PROGNAME", "NPROC", "CONN", "CKOUT", "LIMIT",
+                "MAXNPROC", "MAXCONN", "MAXCKOUT", "CKOUT/S", "HOLD_MS",
+                "OLDEST"]
+
+    def expected(key: str, reverse: bool) -> List[str]:
+        # "-" (no value) sorts below every number; ties keep name order.
+        rows = sorted(snapshot_rows, key=lambda r: (
+            r[key] if isinstance(r[key], str) else
+            float("-inf") if r[key] is None else r[key]), reverse=reverse)
+        return [row["progname"] for row in rows]
+
+    orders = set()
+    for index, (key, heading) in enumerate(zip(keys, headings)):
+        if index:
+            term.press(b">" if index % 2 else term.key["kf6"])
+        for reverse in (False, True):
+            order = "descending" if reverse else "ascending"
+            term.wait_text(f"sorted by {heading} {order}")
+            if key not in ("ckout_per_sec", "hold_ms"):  # all idle: equal
+                want = expected(key, reverse)
+                term.wait_for(lambda t: t.order() == want,
+                              f"order by {key} {order}: {want}")
+                orders.add(tuple(want))
+            term.press(b"r")
+    assert len(orders) >= 6   # the columns really order differently
+
+    def selected(t: Terminal) -> List[str]:
+        return [name for name, (y, _) in t.rows().items()
+                if t.screen.buffer[y][0].reverse]
+    # The selection stays on its row when the order changes under it.
+    term.press(term.key["khome"] + term.key["kcud1"] * 3)
+    term.wait_for(lambda t: selected(t) == [t.order()[3]],
+                  "the fourth row selected")
+    (chosen,) = selected(term)
+    term.press(b"r")
+    term.wait_for(lambda t: t.order() == expected("oldest", True)
+                  and selected(t) == [chosen], f"{chosen} still selected")
+    term.press(b"r")
+    term.press(b"<")   # from OLDEST back to HOLD_MS, marked in its heading
+    term.wait_text("sorted by HOLD_MS ascending")
+    assert "HOLD_MS\N{UPWARDS ARROW} OLDEST" in term.text
+
+
+def test_console_filter_pause_and_drill_down(daemon, apps, tmp_path,
+                                             terminal):
+    url = sqlite_url(tmp_path, daemon)
+    web = apps(url, "web-api.py")
+    web("hold 1")
+    pids = []
+    for held in range(4):   # four processes of one program: 0..3 held
+        worker = apps(url, "worker.py")
+        if held:
+            worker(f"hold {held}")
+        pids.append(worker.proc.pid)
+    daemon.wait_row("worker.py", nproc=4, ckout=6)
+    daemon.wait_row("web-api.py", ckout=1)
+    term = terminal("-H", daemon.address, "-i", "0.2")
+    term.wait_for(lambda t: set(t.rows()) == {"web-api.py", "worker.py"},
+                  "both rows")
+
+    term.press(b"/wOrK")
+    term.wait_text("Filter: wOrK_")
+    term.wait_for(lambda t: set(t.rows()) == {"worker.py"}, "filtered")
+    term.press(b"\r")
+    term.wait_text("[filter: wOrK]")
+    term.press(b"\x1b")
+    term.wait_for(lambda t: len(t.rows()) == 2, "filter cleared")
+
+    # Pause: the truth changes, the numbers on screen do not.
+    term.press(b"p")
+    term.wait_text("PAUSED")
+    web("hold 2")
+    daemon.wait_row("web-api.py", ckout=3)
+    time.sleep(1.0)   # five refresh intervals: nothing may change
+    assert term.numbers("web-api.py")[:3] == ["1", "1", "1"]
+    term.press(b"p")
+    term.wait_for(lambda t: "PAUSED" not in t.text and
+                  t.numbers("web-api.py")[:3] == ["1", "3", "3"],
+                  "updates resumed")
+
+    # Enter on worker.py (second row) lists its four processes.
+    term.press(term.key["kcud1"] + b"\r")
+    term.wait_text("worker.py on")
+    term.wait_text("4 processes")
+
+    def processes(t: Terminal) -> Dict[int, List[str]]:
+        """pid -> [conn, ckout] of the process lines on screen."""
+        return {int(fields[0]): fields[1:3] for fields in (
+            line.split() for line in t.display[7:])
+            if fields and fields[0].isdigit()}
+    want = {pid: [str(n), str(n)] for pid, n in zip(pids, [0, 1, 2, 3])}
+    term.wait_for(lambda t: processes(t) == want, f"processes {want}")
+    assert "CONNECTED SINCE" in term.text
+    term.press(b"\x7f")   # Backspace returns to the table
+    term.wait_for(lambda t: len(t.rows()) == 2, "back to the table")
+    term.press(b"?")
+    term.wait_text("connmon keys")
+    term.press(b"x")
+    term.wait_for(lambda t: len(t.rows()) == 2, "back from help")
+
+
+def test_console_resize_scroll_and_no_color(daemon, apps, tmp_path,
+                                            terminal):
+    url = sqlite_url(tmp_path, daemon)
+    for index in range(12):
+        apps(url, f"prog{index:02d}.py")("hold 1")
+    wait_until(lambda: daemon.snapshot()["checkouts"] == 12,
+               what="12 checkouts")
+    term = terminal("-H", daemon.address, "-i", "0.2", "--no-color",
+                    lines=15)
+    # 15 lines: 7 header lines and a footer leave 7 rows visible.
+    term.wait_for(lambda t: len(t.rows()) == 7, "seven visible rows")
+    colours = {(char.fg, char.bg) for line in term.screen.buffer.values()
+               for char in line.values()}
+    assert colours == {("default", "default")}
+    term.press(term.key["kend"])
+    term.wait_for(lambda t: t.order()[-1] == "prog11.py", "scrolled to end")
+    term.press(term.key["khome"])
+    term.wait_for(lambda t: t.order()[0] == "prog00.py", "back at the top")
+    term.press(term.key["knp"])
+    term.wait_for(lambda t: "prog00.py" not in t.order(), "page down")
+
+    term.resize(40, 15)
+    term.wait_for(lambda t: t.display[5].startswith("12 rows") and
+                  "PROGNAM NPROC" in t.display[6], "40 columns")
+    for keys in (b">", term.key["kcud1"], b"\r", b"\x1b", b"?", b"x"):
+        term.press(keys)
+    term.resize(30, 4)   # smaller than the header: nothing to draw, no crash
+    term.wait_for(lambda t: t.display[0].startswith("connmon"),
+                  "tiny")
+    term.resize(120, 30)
+    term.wait_for(lambda t: len(t.rows()) == 12 and "OLDEST" in t.text,
+                  "full width again")
+    assert term.proc.poll() is None
+
+
+def test_console_survives_daemon_restart(daemon, apps, tmp_path, terminal):
+    app = apps(sqlite_url(tmp_path, daemon), "steady.py")
+    app("hold 2")
+    daemon.wait_row("steady.py", ckout=2)
+    term = terminal("-H", daemon.address, "-i", "0.2")
+    term.wait_for(lambda t: t.numbers("steady.py") and
+                  t.colour("steady.py") == "green", "steady.py live")
+    daemon.kill()
+    term.wait_text("disconnected \N{EM DASH} retrying")
+    # The last picture stays, greyed.
+    term.wait_for(lambda t: t.numbers("steady.py")[:3] == ["1", "2", "2"]
+                  and t.colour("steady.py") == "brightblack", "greyed")
+    app("hold 1")   # changes while the daemon is away
+    daemon.start()
+    term.wait_for(lambda t: f"attached to {daemon.address}" in t.text and
+                  t.numbers("steady.py")[:3] == ["1", "3", "3"] and
+                  t.colour("steady.py") == "green", "reattached")
+
+
+def test_console_fails_over_to_another_node(tmp_path, apps, terminal):
+    first, second = Daemon(tmp_path), Daemon(tmp_path)
+    try:
+        config = tmp_path / "two.cfg"
+        config.write_text(textwrap.dedent(f"""\
+            [connmon_service_two]
+            name: two
+            nodes:
+                n1 hostname=127.0.0.1:{first.port}
+                n2 hostname=127.0.0.1:{second.port}
+            """))
+        term = terminal("-c", str(config), "-s", "two", "-i", "0.2")
+        term.wait_text("attached to 127.0.0.1:")
+        attached = first if f":{first.port} " in term.text else second
+        other = second if attached is first else first
+        attached.kill()
+        term.wait_text(f"attached to {other.address}")
+    finally:
+        first.stop()
+        second.stop()
+
+
+@pytest.mark.parametrize("how", ["q", "ctrl-c", "sigterm"])
+def test_quit_ctrl_c_and_sigterm_restore_the_terminal(daemon, terminal,
+                                                      how):
+    term = terminal("-H", daemon.address)
+    before = term.lflag()
+    assert before & termios.ECHO and before & termios.ICANON
+    term.wait_text(f"attached to {daemon.address}")
+    assert not term.lflag() & (termios.ECHO | termios.ICANON)   # curses on
+    if how == "sigterm":
+        term.proc.terminate()
+    else:
+        term.press(b"q" if how == "q" else b"\x03")
+    assert term.proc.wait(10) == 0
+    after = term.lflag()
+    assert after & termios.ECHO and after & termios.ICANON
+
+
+def test_demo_runs_and_stops_everything(terminal):
+    pytest.importorskip("sqlalchemy")
+    term = terminal("--demo")
+    for name in ("nova-api", "nova-conductor", "keystone-leaky",
+                 "glance-api"):
+        term.wait_for(lambda t: name in t.rows(), f"demo program {name}")
+    # glance-api's pool (2 + 1) is kept exhausted by five threads.
+    term.wait_for(lambda t: t.numbers("glance-api")[2:4] == ["3", "3"] and
+                  t.screen.buffer[t.rows()["glance-api"][0]][0].bg
+                  == "brown", "glance-api exhausted")
+    port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
+    children = [int(name) for name in os.listdir("/proc") if name.isdigit()
+                and _parent_pid(int(name)) == term.proc.pid]
+    # connmond and the five demo apps that run for good (the cron job
+    # comes and goes)
+    assert len(children) >= 6
+    term.press(b"q")
+    assert term.proc.wait(30) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), 1).close()
+    alive = [pid for pid in children if _parent_pid(pid) is not None]
+    assert not alive
+
+
+def _parent_pid(pid: int) -> Optional[int]:
+    """The parent of a live (non-zombie) process; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[1])
+
+
+def test_console_on_an_ascii_terminal(daemon, terminal):
+    """Without a UTF-8 locale curses cannot encode dashes and arrows: the
+    console draws ASCII instead of failing."""
+    term = terminal("-H", daemon.address, "-i", "0.2",
+                    env={"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0",
+                         "PYTHONUTF8": "0"})
+    term.wait_text(f" - attached to {daemon.address} - every 0.2s")
+    term.wait_text("HOSTNAME^")
+    term.press(b"r")
+    term.wait_text("HOSTNAMEv")
+    daemon.kill()
+    term.wait_text("disconnected - retrying")
+
+
+def test_console_on_a_terminal_without_colours(daemon, apps, tmp_path,
+                                               terminal):
+    full = apps(sqlite_url(tmp_path, daemon), "full.py", pool_size=1,
+                max_overflow=0)
+    full("hold 1")
+    apps(sqlite_url(tmp_path, daemon), "calm.py")("hold 1")
+    daemon.wait_row("full.py", exhausted=True)
+    daemon.wait_row("calm.py", ckout=1)
+    term = terminal("-H", daemon.address, "-i", "0.2",
+                    env={"TERM": "vt100"})
+    term.wait_for(lambda t: len(t.rows()) == 2, "both rows")
+    colours = {(char.fg, char.bg) for line in term.screen.buffer.values()
+               for char in line.values()}
+    assert colours == {("default", "default")}
+    # Without colours the exhausted row is bold, the others are not.
+    full_y, calm_y = term.rows()["full.py"][0], term.rows()["calm.py"][0]
+    assert term.screen.buffer[full_y][0].bold
+    assert not term.screen.buffer[calm_y][0].bold
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-H", "127.0.0.1:1", "-i", "0"], "argument -i/--interval: '0' is not "
+     "a number of seconds from 0.05 to 3600"),
+    (["-H", "127.0.0.1:1", "-i", "x"], "'x' is not a number of seconds"),
+    (["--demo", "--once"], "--demo is interactive"),
+    (["--demo", "-H", "127.0.0.1:1"], "argument -H/--host: not allowed with "
+     "argument --demo"),
+    (["-H", "127.0.0.1:1"], "the live screen needs a terminal; use --once "
+     "for scripts"),
+])
+def test_console_command_line_errors(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", *args], cwd=HERE,
+        env=CHILD_ENV, capture_output=True, text=True, timeout=30,
+        stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert message in result.stderr
