@@ -36,6 +36,7 @@ import random
 import select
 import socket
 import sys
+import sysconfig
 import threading
 import time
 import weakref
@@ -379,6 +380,85 @@ def open_connection(addresses: Iterable[Address], role: str,
 # and never crosses the wire: a flush that saw ten thousand checkouts sends
 # a count, a hold-time sum and the peaks, not ten thousand events.
 
+# Where in the application: the leak finder names the first frame, walking
+# out from the pool, that is not SQLAlchemy, oslo.db, connmon or the
+# standard library.  Only a file name, a line number and a function name
+# are ever taken from a frame: never a local variable or an argument.
+
+_LIBRARY_PACKAGES = (f"{os.sep}sqlalchemy{os.sep}", f"{os.sep}oslo_db{os.sep}",
+                     "<sqlalchemy generated")   # SQLAlchemy's wrappers
+_STDLIB = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")})
+_SITE_PACKAGES = tuple({sysconfig.get_paths()[k]
+                        for k in ("purelib", "platlib")})
+# id(code object) -> not the application.  Keyed by id because hashing a
+# code object hashes its constants, every time; the code objects are kept
+# alive (the list) so that no id is reused.
+_internal_codes: Dict[int, bool] = {}
+_classified_codes: List[Any] = []
+
+
+def _is_internal(code) -> bool:
+    internal = _internal_codes.get(id(code))
+    if internal is None:
+        name = code.co_filename
+        internal = (name == _is_internal.__code__.co_filename   # connmon
+                    or name.startswith("<frozen")
+                    or any(package in name for package in _LIBRARY_PACKAGES)
+                    or (name.startswith(_STDLIB)
+                        and not name.startswith(_SITE_PACKAGES)))
+        _classified_codes.append(code)
+        _internal_codes[id(code)] = internal
+    return internal
+
+
+def describe_code(code, line: int) -> str:
+    return (f"{code.co_filename}:{line} in "
+            f"{getattr(code, 'co_qualname', code.co_name)}")
+
+
+def describe_frame(frame) -> str:
+    """The innermost application frame at or outside ``frame``."""
+    innermost = frame
+    while frame is not None and _is_internal(frame.f_code):
+        frame = frame.f_back
+    frame = frame or innermost
+    return describe_code(frame.f_code, frame.f_lineno)
+
+
+_site_depth = 3   # how deep the application frame was at the last checkout
+_sites: Dict[Tuple[int, int], Any] = {}   # (id(code), line) -> code object
+
+
+def checkout_site(_getframe=sys._getframe, _sites=_sites
+                  ) -> Optional[Tuple[int, int]]:
+    """The application frame asking for a connection, as (id(code), line),
+    or None; for a pool listener to call.
+
+    Walking frames costs (each is materialised), so a site found once is
+    remembered with its depth: when the frame at the depth found last time
+    is a known site, that is the answer.  Only a new site, or a stack of
+    another shape, walks the frames one by one.
+    """
+    global _site_depth
+    try:
+        frame = _getframe(_site_depth)
+    except ValueError:
+        frame = None
+    if frame is not None:
+        site = (id(frame.f_code), frame.f_lineno)
+        if site in _sites:
+            return site
+    frame, depth = _getframe(2), 2   # 0: here, 1: the listener
+    while frame is not None:
+        if not _is_internal(frame.f_code):
+            _site_depth = depth
+            site = (id(frame.f_code), frame.f_lineno)
+            _sites[site] = frame.f_code   # which also keeps the id unique
+            return site
+        frame, depth = frame.f_back, depth + 1
+    return None
+
+
 CONNECT = "connect"      # (CONNECT, conn, when, pool): a new DBAPI connection
 CHECKOUT = "checkout"    # (CHECKOUT, conn, when, pool): handed to the app
 CHECKIN = "checkin"      # (CHECKIN, conn, when): returned to the pool
@@ -405,6 +485,12 @@ class ProcessState:
         self.checked_out: Dict[int, float] = {}    # connection -> since when
         self.pools: Dict[int, Optional[int]] = {}  # pool -> capacity
         self.max_conns = self.max_checked_out = 0
+        # The leak finder: where each checked-out connection was checked out
+        # (a site id, named in site_names), by which thread (app side only),
+        # and for long holders where that thread is now.
+        self.holders: Dict[int, tuple] = {}   # connection -> (site, thread)
+        self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
+        self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
         self.reset_counters()
 
     @property
@@ -426,7 +512,8 @@ class ProcessState:
     # -- application side -----------------------------------------------------
 
     def apply(self, kind: str, ident: int, when: float,
-              extra: Any = None) -> None:
+              extra: Any = None, site: Optional[int] = None,
+              thread: Optional[int] = None) -> None:
         """Fold one pool event in.
 
         A forked child sees its parent's pooled connections: a checkout
@@ -439,6 +526,8 @@ class ProcessState:
             self.checkouts += 1
             if len(self.checked_out) > self.peak_checked_out:
                 self.peak_checked_out = len(self.checked_out)
+            if site is not None:
+                self.holders[ident] = (site, thread)
             if ident not in self.conns:
                 self.apply(CONNECT, ident, when, extra)
         elif kind == CHECKIN:
@@ -446,15 +535,39 @@ class ProcessState:
             if since is not None:
                 self.hold_total += when - since
                 self.holds += 1
+                self.holders.pop(ident, None)
+                if self.held_at:
+                    self.held_at.pop(ident, None)
         elif kind == CONNECT:
             self.conns[ident] = extra
             if len(self.conns) > self.peak_conns:
                 self.peak_conns = len(self.conns)
         elif kind == CLOSE:
             self.conns.pop(ident, None)
-            self.checked_out.pop(ident, None)
+            if self.checked_out.pop(ident, None) is not None:
+                self._forget_holder(ident)
         elif kind == POOL:
             self.pools[ident] = extra
+
+    def _forget_holder(self, ident: int) -> None:
+        self.holders.pop(ident, None)
+        self.held_at.pop(ident, None)
+
+    def look_at_long_holders(self, now: float, threshold: float) -> None:
+        """Note where the threads holding connections for longer than
+        ``threshold`` seconds are now: the innermost application frame of
+        each, or "thread gone" when the thread ended without returning the
+        connection (a leak for sure).  Costs nothing without long holders.
+        """
+        long = [ident for ident, since in self.checked_out.items()
+                if now - since >= threshold and ident in self.holders]
+        if not long:
+            return
+        frames = sys._current_frames()
+        for ident in long:
+            frame = frames.get(self.holders[ident][1])
+            self.held_at[ident] = ("thread gone" if frame is None
+                                   else describe_frame(frame))
 
     def message(self, now: float, sent: Optional["ProcessState"] = None
                 ) -> Dict[str, Any]:
@@ -475,6 +588,18 @@ class ProcessState:
             "hold": [round(self.hold_total, 6), self.holds],
             "peak": [self.peak_conns, self.peak_checked_out],
         }
+        sent_sites = sent.site_names if sent else {}
+        sent_held = sent.held_at if sent else {}
+        for key, value in (
+                ("sites", [[i, name] for i, name in self.site_names.items()
+                           if i not in sent_sites]),
+                ("checkout_sites", [[c, self.holders[c][0]] for c, t in
+                                    out.items() if c in self.holders
+                                    and sent_out.get(c) != t]),
+                ("held_at", [[c, text] for c, text in self.held_at.items()
+                             if sent_held.get(c) != text])):
+            if value:
+                message[key] = value
         if sent is None or self.pools != sent.pools:
             message["pools"] = [[p, limit] for p, limit in self.pools.items()]
         return message
@@ -486,6 +611,8 @@ class ProcessState:
         twin.conns = dict(self.conns)
         twin.checked_out = dict(self.checked_out)
         twin.pools = dict(self.pools)
+        twin.site_names = dict(self.site_names)
+        twin.held_at = dict(self.held_at)
         return twin
 
     # -- daemon side ----------------------------------------------------------
@@ -502,6 +629,10 @@ class ProcessState:
         checkin = _ints(message, "checkin")
         pools = (_pairs(message, "pools", _is_limit)
                  if "pools" in message else None)
+        sites = _pairs(message, "sites", _is_name, optional=True)
+        checkout_sites = _pairs(message, "checkout_sites", _is_int,
+                                optional=True)
+        held_at = _pairs(message, "held_at", _is_name, optional=True)
         checkouts = message.get("checkouts")
         hold = message.get("hold")
         peak = message.get("peak")
@@ -513,20 +644,31 @@ class ProcessState:
             raise ProtocolError("update needs 'checkouts', 'hold' [seconds, "
                                 "count] and 'peak' [conns, checkouts]")
         if message["op"] == "state":
-            self.conns.clear()
-            self.checked_out.clear()
-            self.pools.clear()
+            for table in (self.conns, self.checked_out, self.pools,
+                          self.holders, self.site_names, self.held_at):
+                table.clear()
         if pools is not None:
             self.pools = dict(pools)
         self.conns.update(connect)
         for ident in close:
             self.conns.pop(ident, None)
             self.checked_out.pop(ident, None)
+            self._forget_holder(ident)
         for ident in checkin:
             self.checked_out.pop(ident, None)
+            self._forget_holder(ident)
         for ident, age in checkout:
             if ident in self.conns:
                 self.checked_out[ident] = now - age
+                self._forget_holder(ident)
+        room = MAX_SITES - len(self.site_names)
+        self.site_names.update(sites[:max(0, room)])
+        for ident, site in checkout_sites:
+            if ident in self.checked_out:
+                self.holders[ident] = (site, None)
+        for ident, text in held_at:
+            if ident in self.checked_out:
+                self.held_at[ident] = text
         self.max_conns = max(self.max_conns, peak[0], len(self.conns))
         self.max_checked_out = max(self.max_checked_out, peak[1],
                                    len(self.checked_out))
@@ -540,6 +682,9 @@ class ProcessState:
         if any(limit is None for limit in self.pools.values()):
             return None
         return sum(self.pools.values())
+
+
+MAX_SITES = 1000   # checkout sites the daemon keeps names of, per process
 
 
 def _is_int(value: Any) -> bool:
@@ -566,8 +711,13 @@ def _ints(message: Dict[str, Any], key: str) -> List[int]:
     return value
 
 
-def _pairs(message: Dict[str, Any], key: str, check) -> List[list]:
-    value = message.get(key)
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 1000
+
+
+def _pairs(message: Dict[str, Any], key: str, check,
+           optional: bool = False) -> List[list]:
+    value = message.get(key, [] if optional else None)
     if not isinstance(value, list) or not all(
             isinstance(item, list) and len(item) == 2 and _is_int(item[0])
             and check(item[1]) for item in value):
@@ -931,6 +1081,7 @@ class Sender:
         self.state = ProcessState(os.urandom(8).hex(), socket.gethostname(),
                                   progname(), os.getpid())
         self._sent = self.state.copy()
+        self._site_ids: Dict[Tuple[int, int], int] = {}
         self.wake_pending = False
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
@@ -1039,10 +1190,28 @@ class Sender:
         """Fold the queued events into our state."""
         events = self.events
         apply = self.state.apply
+        site_ids = self._site_ids
         for _ in range(len(events)):
             event = events.popleft()
-            if event[1] is not None:   # None: a pool entry we never saw open
+            if event[1] is None:   # a pool entry we never saw open
+                continue
+            if len(event) == 6:    # a checkout with its site and thread
+                kind, ident, when, pool, site, thread = event
+                apply(kind, ident, when, pool,
+                      site_ids.get(site) or self._site_id(site), thread)
+            else:
                 apply(*event)
+
+    def _site_id(self, site: Optional[Tuple[int, int]]) -> Optional[int]:
+        """A small number for a checkout site, named once on the wire."""
+        if site is None:
+            return None
+        ident = self._site_ids.get(site)
+        if ident is None:
+            ident = self._site_ids[site] = len(self._site_ids) + 1
+            self.state.site_names[ident] = describe_code(_sites[site],
+                                                         site[1])
+        return ident
 
 
 _senders: Dict[Tuple[Address, ...], Sender] = {}
@@ -1073,7 +1242,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # 5. SQLAlchemy glue
 # ---------------------------------------------------------------------------
 
-URL_PARAMETERS = ("connmon_service", "connmon_addr", "connmon_config")
+URL_PARAMETERS = ("connmon_service", "connmon_addr", "connmon_config",
+                  "connmon_sites")
 CONN_ID = "connmon_id"       # ConnectionPoolEntry.info key: our connection id
 CONN_POOL = "connmon_pool"   # ... and the pool the connection was made for
 
@@ -1093,6 +1263,9 @@ def url_settings(query: Dict[str, Any]) -> Dict[str, str]:
                               + ", ".join(URL_PARAMETERS))
         if isinstance(value, tuple):
             raise ConfigError(f"URL parameter {key!r} is given more than once")
+        if key == "connmon_sites" and value not in ("0", "1"):
+            raise ConfigError(f"URL parameter connmon_sites={value!r}: say 1 "
+                              "(note checkout sites, the default) or 0")
         settings[key] = value
     return settings
 
@@ -1143,6 +1316,8 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     # function call here is a measurable share of a pool checkout).
     record = sender.events.append
     clock = time.monotonic
+    get_ident = threading.get_ident
+    sites = settings.get("connmon_sites", "1") == "1"
     pool_id = next(_pool_ids)
 
     def on_connect(dbapi_connection, connection_record):
@@ -1155,8 +1330,12 @@ def instrument(engine, settings: Dict[str, str]) -> None:
             sender.wake()
 
     def on_checkout(dbapi_connection, connection_record, connection_proxy):
-        record((CHECKOUT, connection_record.info.get(CONN_ID), clock(),
-                pool_id))
+        if sites:
+            record((CHECKOUT, connection_record.info.get(CONN_ID), clock(),
+                    pool_id, checkout_site(), get_ident()))
+        else:
+            record((CHECKOUT, connection_record.info.get(CONN_ID), clock(),
+                    pool_id))
         if not sender.wake_pending:
             sender.wake()
 
