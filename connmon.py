@@ -676,6 +676,37 @@ class ProcessState:
                 "holds": hold[1], "peak_conns": max(peak[0], len(self.conns)),
                 "peak_checked_out": max(peak[1], len(self.checked_out))}
 
+    def site_of(self, ident: int) -> Optional[str]:
+        holder = self.holders.get(ident)
+        return None if holder is None else self.site_names.get(holder[0])
+
+    def count_sites(self, sites: Dict[Optional[str], dict],
+                    now: float) -> None:
+        """Add this process's checked-out connections to ``sites``: per
+        checkout site, how many are held, the oldest age, the long
+        holders and where they are held now."""
+        for ident, since in self.checked_out.items():
+            name = self.site_of(ident)
+            site = sites.get(name)
+            if site is None:
+                site = sites[name] = {"site": name, "held": 0, "oldest": 0.0,
+                                      "long_holders": []}
+            age = round(now - since, 1)
+            site["held"] += 1
+            site["oldest"] = max(site["oldest"], age)
+            if ident in self.held_at:
+                site["long_holders"].append({
+                    "pid": self.pid, "age": age,
+                    "held_at": self.held_at[ident]})
+
+    def long_holders(self, now: float) -> List[dict]:
+        """The connections held long enough for the app to say where."""
+        return sorted(({"age": round(now - self.checked_out[ident], 1),
+                        "site": self.site_of(ident), "held_at": held_at}
+                       for ident, held_at in self.held_at.items()
+                       if ident in self.checked_out),
+                      key=lambda h: -h["age"])
+
     @property
     def limit(self) -> Optional[int]:
         """Capacity of all this process's pools; None if any is unlimited."""
@@ -973,10 +1004,12 @@ class Picture:
         """
         oldest: Dict[Tuple[str, str], float] = {}
         limits: Dict[Tuple[str, str], Optional[int]] = {}
+        sites: Dict[Tuple[str, str], Dict[Optional[str], dict]] = {}
         for proc in self.processes.values():
             if proc.checked_out:
                 since = min(proc.checked_out.values())
                 oldest[proc.key] = min(since, oldest.get(proc.key, since))
+                proc.count_sites(sites.setdefault(proc.key, {}), now)
             total, limit = limits.get(proc.key, 0), proc.limit
             limits[proc.key] = (None if total is None or limit is None
                                 else total + limit)
@@ -996,6 +1029,7 @@ class Picture:
             "oldest": _age(now, oldest.get(key)),
             "limit": limits.get(key),
             "exhausted": is_exhausted(row.ckout, limits.get(key)),
+            "sites": top_sites(sites.get(key, {})),
         } for key, row in sorted(self.rows.items())]
         if procs:
             by_row: Dict[Tuple[str, str], list] = {}
@@ -1013,6 +1047,7 @@ class Picture:
                     "limit": proc.limit,
                     "exhausted": is_exhausted(len(proc.checked_out),
                                               proc.limit),
+                    "long_holders": proc.long_holders(now),
                 })
             for row in rows:
                 row["procs"] = by_row.get((row["hostname"], row["progname"]),
@@ -1029,6 +1064,18 @@ class Picture:
             "checkouts_per_sec": sum(r["ckout_per_sec"] for r in rows),
             "rows": rows,
         }
+
+
+TOP_SITES = 10   # checkout sites listed per host+program
+
+
+def top_sites(sites: Dict[Optional[str], dict]) -> List[dict]:
+    """The sites holding the most connections (then the oldest) first."""
+    ranked = sorted(sites.values(), key=lambda s: (-s["held"], -s["oldest"],
+                                                   s["site"] or ""))
+    for site in ranked:
+        site["long_holders"].sort(key=lambda h: -h["age"])
+    return ranked[:TOP_SITES]
 
 
 def _age(now: float, since: Optional[float]) -> Optional[float]:
