@@ -2334,3 +2334,165 @@ def test_console_command_line_errors(args, message):
         stdin=subprocess.DEVNULL)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Issue 8: the leak finder -- where in the application connections are held
+# ---------------------------------------------------------------------------
+
+LEAK_APP_SCRIPT = r'''
+import json, sys, threading, time
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+leaked = []
+held = []
+
+def leak(n):
+    for _ in range(n):
+        leaked.append(engine.connect())   # LEAK-SITE
+
+def site_a(n):
+    for _ in range(n):
+        held.append(engine.connect())   # SITE-A
+
+def site_b(n):
+    for _ in range(n):
+        held.append(engine.connect())   # SITE-B
+
+def sleeper():
+    with engine.connect() as conn:   # SLEEPER-SITE
+        conn.execute(sa.text("SELECT 1"))
+        time.sleep(600)   # SLEEPER-HELD
+
+for line in sys.stdin:
+    cmd, *args = line.split()
+    n = int(args[0]) if args else 0
+    if cmd == "leak":   # from a thread that ends: a true leak
+        worker = threading.Thread(target=leak, args=(n,))
+        worker.start()
+        worker.join()
+    elif cmd == "sleeper":
+        threading.Thread(target=sleeper, daemon=True).start()
+    elif cmd in ("site_a", "site_b"):
+        globals()[cmd](n)
+    print("ok", flush=True)
+'''
+
+
+class LeakApp(App):
+    source = LEAK_APP_SCRIPT
+
+
+def line_of(marker: str, source: str = LEAK_APP_SCRIPT) -> int:
+    (number,) = [i for i, line in enumerate(source.splitlines(), 1)
+                 if f"# {marker}" in line]
+    return number
+
+
+@pytest.fixture
+def leak_daemon(tmp_path):
+    """A daemon whose config tells apps to say where a connection held for
+    more than a second is."""
+    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 1\n")
+    yield daemon
+    daemon.stop()
+
+
+def leak_app(tmp_path, daemon: Daemon, url: str = "", **options) -> LeakApp:
+    url = url or (f"sqlite:///{tmp_path}/leak.sqlite?plugin=connmon"
+                  f"&connmon_service=test&connmon_config={daemon.config}")
+    return LeakApp(tmp_path, url, "leaky.py", pool_size=20, **options)
+
+
+def sites_of(daemon: Daemon, progname: str) -> Dict[str, dict]:
+    row = daemon.row(progname)
+    return {site["site"]: site for site in row["sites"]} if row else {}
+
+
+def test_leak_reported_at_its_checkout_line_and_thread_gone(tmp_path,
+                                                            leak_daemon):
+    app = leak_app(tmp_path, leak_daemon)
+    try:
+        app("leak 2")
+        script = tmp_path / "leaky.py"
+        site = f"{script}:{line_of('LEAK-SITE')} in leak"
+        found = wait_until(
+            lambda: (lambda s: s.get(site) if s.get(site, {}).get(
+                "long_holders") else None)(sites_of(leak_daemon, "leaky.py")),
+            what=f"the leak reported at {site}")
+        assert found["held"] == 2
+        assert [h["held_at"] for h in found["long_holders"]] == [
+            "thread gone", "thread gone"]
+        assert all(h["age"] >= 1 and h["pid"] == app.proc.pid
+                   for h in found["long_holders"])
+    finally:
+        app.stop()
+
+
+def test_sleeping_holder_reported_at_the_sleeping_line(tmp_path,
+                                                       leak_daemon):
+    app = leak_app(tmp_path, leak_daemon)
+    try:
+        app("sleeper")
+        script = tmp_path / "leaky.py"
+        site = f"{script}:{line_of('SLEEPER-SITE')} in sleeper"
+        held_at = f"{script}:{line_of('SLEEPER-HELD')} in sleeper"
+        found = wait_until(
+            lambda: (lambda s: s.get(site) if s.get(site, {}).get(
+                "long_holders") else None)(sites_of(leak_daemon, "leaky.py")),
+            what=f"the sleeper reported at {site}")
+        assert [h["held_at"] for h in found["long_holders"]] == [held_at]
+        (proc,) = leak_daemon.row("leaky.py", procs=True)["procs"]
+        (holder,) = proc["long_holders"]
+        assert (holder["site"], holder["held_at"]) == (site, held_at)
+    finally:
+        app.stop()
+
+
+def test_sites_ranked_by_connections_held(tmp_path, leak_daemon):
+    app = leak_app(tmp_path, leak_daemon)
+    try:
+        app("site_a 3")
+        app("site_b 5")
+        script = tmp_path / "leaky.py"
+        ranked = wait_until(
+            lambda: [(s["site"], s["held"]) for s in
+                     leak_daemon.row("leaky.py")["sites"]] or None,
+            what="sites")
+        wait_until(lambda: [(s["site"], s["held"]) for s in leak_daemon.row(
+            "leaky.py")["sites"]] == [
+                (f"{script}:{line_of('SITE-B')} in site_b", 5),
+                (f"{script}:{line_of('SITE-A')} in site_a", 3)],
+            what=f"site_b (5) ranked above site_a (3); saw {ranked}")
+    finally:
+        app.stop()
+
+
+def test_sites_can_be_turned_off(tmp_path, leak_daemon):
+    url = (f"sqlite:///{tmp_path}/off.sqlite?plugin=connmon&connmon_sites=0"
+           f"&connmon_service=test&connmon_config={leak_daemon.config}")
+    app = leak_app(tmp_path, leak_daemon, url)
+    try:
+        app("site_a 2")
+        row = leak_daemon.wait_row("leaky.py", ckout=2)
+        assert [(s["site"], s["held"]) for s in row["sites"]] == [(None, 2)]
+    finally:
+        app.stop()
+
+
+def test_oslo_db_writer_attributed_to_the_application(daemon, tmp_path):
+    require_database(MYSQL_URL)
+    conf = tmp_path / "nova.conf"
+    url = monitored(MYSQL_URL, daemon, "plugin")
+    conf.write_text(f"[database]\nconnection = {url}\n")
+    app = OsloApp(tmp_path, str(conf), "oslo_sites.py")
+    try:
+        app("writer 2")
+        row = daemon.wait_row("oslo_sites.py", ckout=2)
+        (site,) = row["sites"]
+        assert site["held"] == 2
+        assert site["site"].startswith(f"{tmp_path / 'oslo_sites.py'}:")
+        assert site["site"].endswith(" in hold")
+    finally:
+        app.stop()
