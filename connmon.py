@@ -1096,6 +1096,7 @@ FLUSH_DELAY = 0.01       # gather a batch for this long after the first event
 RECONNECT_MIN = 0.1      # first retry after a lost connection
 RECONNECT_MAX = 5.0      # retries back off to at most this many seconds
 SEND_TIMEOUT = 5.0       # a daemon that does not read for this long is lost
+DEFAULT_HOLD_WARN = 10.0  # a checkout held this long: say where it is held
 
 
 def progname() -> str:
@@ -1116,9 +1117,11 @@ class Sender:
     changed; after every (re)connect it first sends the whole state.
     """
 
-    def __init__(self, addresses: List[Address], description: str):
+    def __init__(self, addresses: List[Address], description: str,
+                 hold_warn: float = DEFAULT_HOLD_WARN):
         self.addresses = addresses
         self.description = description
+        self.hold_warn = hold_warn
         self.events: collections.deque = collections.deque()
         self._start()
 
@@ -1129,6 +1132,7 @@ class Sender:
                                   progname(), os.getpid())
         self._sent = self.state.copy()
         self._site_ids: Dict[Tuple[int, int], int] = {}
+        self._scanned = 0.0   # when long holders were last looked at
         self.wake_pending = False
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
@@ -1171,8 +1175,8 @@ class Sender:
                     else:
                         failures, delay = 0, 0.0
                 waiting = [self._wake_read] + ([conn.sock] if conn else [])
-                timeout = None if conn else max(0.0,
-                                                retry_at - time.monotonic())
+                timeout = (self._scan_due() if conn else
+                           max(0.0, retry_at - time.monotonic()))
                 readable, _, _ = select.select(waiting, [], [], timeout)
                 if conn is not None and conn.sock in readable:
                     if not conn.sock.recv(4096):
@@ -1187,6 +1191,8 @@ class Sender:
                     self._drain()
                     if conn is not None:
                         self._send(conn)
+                if conn is not None and self._scan_due() == 0:
+                    self._scan(conn)
             except (OSError, ProtocolError) as err:
                 log.warning("connmon: lost connmond %s: %s", self.description,
                             err)
@@ -1232,6 +1238,24 @@ class Sender:
                                 self._sent))
         self._sent = state.copy()
         state.reset_counters()
+
+    def _scan_due(self) -> Optional[float]:
+        """Seconds until long holders are next looked at; None while no
+        connection with a known holder is checked out (nothing to do)."""
+        if not self.state.holders:
+            return None
+        return max(0.0, self._scanned + self.scan_interval - time.monotonic())
+
+    def _scan(self, conn: Connection) -> None:
+        """Say where the threads holding connections for long are now."""
+        self._scanned = time.monotonic()
+        self.state.look_at_long_holders(self._scanned, self.hold_warn)
+        if self.state.held_at != self._sent.held_at:
+            self._send(conn)
+
+    @property
+    def scan_interval(self) -> float:
+        return min(5.0, self.hold_warn / 2)
 
     def _drain(self) -> None:
         """Fold the queued events into our state."""
