@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import collections
 import configparser
+import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -32,6 +34,7 @@ import os
 import random
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -245,8 +248,18 @@ def candidate_addresses(service: Service,
 # One JSON object a line, UTF-8, at most MAX_MESSAGE_BYTES including the
 # newline.  The daemon speaks first:
 #
-#   daemon -> {"op": "welcome", "version": 1, "service": S, "node": N}
-#   client -> {"op": "hello", "version": 1, "role": "app"|"console", ...}
+#   daemon -> {"op": "welcome", "version": 1, "service": S, "node": N,
+#              "nonce": HEX, "heartbeat": SECONDS}
+#   client -> {"op": "hello", "version": 1, "role": "app"|"console", ...,
+#              "auth": HMAC-SHA256(secret, nonce and role), when secret}
+#   daemon -> {"op": "ready"}, or {"op": "error", "error": TEXT} and EOF
+#
+# With TLS configured, all of this runs inside TLS.  The secret itself
+# never crosses the wire: the hello proves knowledge of it for this one
+# connection (the nonce is fresh), so a captured hello cannot be replayed.
+# Clients send {"op": "ping"} every third of the heartbeat, which the
+# daemon answers with {"op": "pong"}; either side gives up a peer it has not
+# heard from for the whole heartbeat (a stopped process, a vanished host).
 #
 # An app's hello carries "proc": {"id", "hostname", "progname", "pid"}.  It
 # then sends {"op": "state", ...}, its whole state, which replaces whatever
@@ -262,10 +275,151 @@ def candidate_addresses(service: Service,
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20     # the most a client may send in one message
 MAX_REPLY_BYTES = 64 << 20      # the most a snapshot reply may be
+DEFAULT_HEARTBEAT = 30.0        # seconds of silence that lose a peer
+MIN_HEARTBEAT, MAX_HEARTBEAT = 1.0, 3600.0
+MAX_SECRET_BYTES = 4096
 
 
 class ProtocolError(Exception):
     """The peer sent something that is not connmon protocol."""
+
+
+class AuthError(ProtocolError):
+    """The hello did not prove knowledge of the service's secret."""
+
+
+def hello_proof(secret: bytes, nonce: str, role: str) -> str:
+    """What a client puts in its hello's "auth": an HMAC-SHA256, keyed by
+    the shared secret, over the daemon's fresh nonce and the client's role."""
+    text = f"connmon hello\n{nonce}\n{role}".encode("utf-8", "surrogatepass")
+    return hmac.new(secret, text, hashlib.sha256).hexdigest()
+
+
+def proof_is_valid(secret: bytes, nonce: str, role: str, proof: Any) -> bool:
+    """Check a hello's "auth" in constant time, whatever type it has."""
+    if not isinstance(proof, str):
+        return False
+    return hmac.compare_digest(hello_proof(secret, nonce, role).encode(),
+                               proof.encode("utf-8", "surrogatepass"))
+
+
+def read_secret(path: str) -> bytes:
+    """The shared secret kept in ``path`` (surrounding whitespace and the
+    final newline are not part of it)."""
+    try:
+        with open(path, "rb") as file:
+            secret = file.read(MAX_SECRET_BYTES + 1).strip()
+    except OSError as err:
+        raise ConfigError(f"cannot read secret file {path}: "
+                          f"{err.strerror or err}") from None
+    if not secret:
+        raise ConfigError(f"secret file {path} is empty")
+    if len(secret) > MAX_SECRET_BYTES:
+        raise ConfigError(f"secret file {path} is longer than "
+                          f"{MAX_SECRET_BYTES} bytes")
+    return secret
+
+
+TLS_OPTIONS = ("ssl_certfile", "ssl_keyfile", "ssl_cafile",
+               "ssl_client_certfile", "ssl_client_keyfile",
+               "ssl_client_cafile")
+
+
+class Security:
+    """A service's shared secret and TLS files: what a client proves in
+    its hello and how every connection to the service is protected.
+
+    TLS is on when any ``ssl_*`` option is set.  The daemon uses
+    ``ssl_certfile``/``ssl_keyfile`` (and asks clients for certificates
+    signed by ``ssl_client_cafile`` if set); clients check the daemon
+    against ``ssl_cafile`` (default: the system's CAs) and present
+    ``ssl_client_certfile``/``ssl_client_keyfile`` if set.
+    """
+
+    def __init__(self, secret: Optional[bytes] = None,
+                 tls: Optional[Dict[str, str]] = None, source: str = ""):
+        self.secret = secret
+        self.tls = dict(tls or {})
+        self.source = source
+        self._client_context: Optional[ssl.SSLContext] = None
+
+    @classmethod
+    def of_service(cls, service: "Service",
+                   secret_file: Optional[str] = None) -> "Security":
+        """The service's settings; ``secret_file`` overrides its secret."""
+        options = service.options
+        secret_file = secret_file or options.get("auth_secret_file")
+        try:
+            secret = (read_secret(secret_file) if secret_file else
+                      options.get("auth_secret", "").encode() or None)
+        except ConfigError as err:
+            raise ConfigError(f"{service.source}: {err}") from None
+        tls = {key: value for key, value in options.items()
+               if key.startswith("ssl_")}
+        for key in tls:
+            if key not in TLS_OPTIONS:
+                raise ConfigError(f"{service.source}: unknown option {key!r}"
+                                  "; TLS options are " + ", ".join(
+                                      TLS_OPTIONS))
+        return cls(secret, tls, service.source)
+
+    @property
+    def key(self) -> tuple:
+        """Equal for settings that make equal connections."""
+        return self.secret, tuple(sorted(self.tls.items()))
+
+    def client_context(self) -> Optional[ssl.SSLContext]:
+        """The TLS context clients connect with (None: plain TCP).  Made
+        once; a bad file is a ConfigError, so call it at start-up."""
+        if self.tls and self._client_context is None:
+            try:
+                context = ssl.create_default_context(
+                    cafile=self.tls.get("ssl_cafile"))
+                if "ssl_client_certfile" in self.tls:
+                    context.load_cert_chain(
+                        self.tls["ssl_client_certfile"],
+                        self.tls.get("ssl_client_keyfile"))
+            except (OSError, ssl.SSLError) as err:
+                raise ConfigError(f"{self.source}: cannot load TLS files: "
+                                  f"{err}") from None
+            self._client_context = context
+        return self._client_context
+
+    def server_context(self) -> Optional[ssl.SSLContext]:
+        """The daemon's TLS context (None: plain TCP)."""
+        if not self.tls:
+            return None
+        if "ssl_certfile" not in self.tls:
+            raise ConfigError(f"{self.source}: TLS needs ssl_certfile (and "
+                              "ssl_keyfile) on the daemon")
+        try:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls["ssl_certfile"],
+                                    self.tls.get("ssl_keyfile"))
+            if "ssl_client_cafile" in self.tls:
+                context.load_verify_locations(self.tls["ssl_client_cafile"])
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(f"{self.source}: cannot load TLS files: "
+                              f"{err}") from None
+        return context
+
+    def wrap(self, sock: socket.socket, host: str) -> socket.socket:
+        """A client socket, inside TLS if the service uses it."""
+        context = self.client_context()
+        if context is None:
+            return sock
+        return context.wrap_socket(sock, server_hostname=host)
+
+    def proof(self, welcome: Dict[str, Any], role: str) -> Dict[str, str]:
+        """The hello's "auth" field for this welcome, if we have a secret."""
+        if self.secret is None:
+            return {}
+        nonce = welcome.get("nonce")
+        if not isinstance(nonce, str) or not nonce:
+            raise ProtocolError("the daemon sent no nonce to authenticate "
+                                "with (is it older than this client?)")
+        return {"auth": hello_proof(self.secret, nonce, role)}
 
 
 def encode(message: Dict[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
@@ -281,6 +435,8 @@ def decode(line: bytes) -> Dict[str, Any]:
         message = json.loads(line)
     except (ValueError, UnicodeDecodeError) as err:
         raise ProtocolError(f"not JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError("not JSON: nested too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise ProtocolError("not a JSON object with a string 'op'")
     return message
@@ -318,6 +474,15 @@ class Connection:
         self.rfile = sock.makefile("rb")
         self.welcome: Dict[str, Any] = {}
 
+    @property
+    def heartbeat(self) -> float:
+        """The daemon's heartbeat timeout, as its welcome announced."""
+        value = self.welcome.get("heartbeat")
+        if type(value) in (int, float) and (
+                MIN_HEARTBEAT <= value <= MAX_HEARTBEAT):
+            return float(value)
+        return DEFAULT_HEARTBEAT
+
     def send(self, message: Dict[str, Any]) -> None:
         self.sock.sendall(encode(message))
 
@@ -332,11 +497,15 @@ class Connection:
 
 
 def open_connection(addresses: Iterable[Address], role: str,
-                    timeout: float = 5.0, **hello: Any) -> Connection:
-    """Connect to the first address that answers and do the handshake.
+                    timeout: float = 5.0,
+                    security: Optional[Security] = None,
+                    **hello: Any) -> Connection:
+    """Connect to the first address that answers and do the handshake
+    (TLS and the secret's proof as ``security`` says).
 
     Raises OSError naming every address tried when none works.
     """
+    security = security or Security()
     failures = []
     for address in addresses:
         try:
@@ -346,10 +515,12 @@ def open_connection(addresses: Iterable[Address], role: str,
             continue
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = security.wrap(sock, address[0])
             conn = Connection(sock)
             conn.welcome = expect(read_message(conn.rfile), "welcome")
             conn.send(dict(op="hello", version=PROTOCOL_VERSION, role=role,
-                           **hello))
+                           **security.proof(conn.welcome, role), **hello))
+            expect(read_message(conn.rfile), "ready")
             return conn
         except (OSError, ProtocolError) as err:
             sock.close()
@@ -377,6 +548,13 @@ CHECKIN = "checkin"      # (CHECKIN, conn, when): returned to the pool
 CLOSE = "close"          # (CLOSE, conn, when): closed, invalidated, discarded
 POOL = "pool"            # (POOL, pool, when, limit): pool_size+max_overflow,
                          #                            None when unlimited
+
+# What the daemon accepts of one process, and how many host+program rows of
+# programs that are gone it remembers: memory stays bounded whatever
+# clients send.
+MAX_PROCESS_CONNECTIONS = 10000
+MAX_PROCESS_POOLS = 1000
+MAX_ROWS = 10000
 
 
 class ProcessState:
@@ -496,6 +674,13 @@ class ProcessState:
                 and _is_count(peak[0]) and _is_count(peak[1])):
             raise ProtocolError("update needs 'checkouts', 'hold' [seconds, "
                                 "count] and 'peak' [conns, checkouts]")
+        known = 0 if message["op"] == "state" else len(self.conns)
+        if known + len(connect) > MAX_PROCESS_CONNECTIONS:
+            raise ProtocolError(f"more than {MAX_PROCESS_CONNECTIONS} "
+                                "connections in one process")
+        if pools is not None and len(pools) > MAX_PROCESS_POOLS:
+            raise ProtocolError(f"more than {MAX_PROCESS_POOLS} pools in one "
+                                "process")
         if message["op"] == "state":
             self.conns.clear()
             self.checked_out.clear()
@@ -629,8 +814,18 @@ class Picture:
     def _row(self, proc: ProcessState) -> ProgramRow:
         row = self.rows.get(proc.key)
         if row is None:
+            if len(self.rows) >= MAX_ROWS:
+                self._forget_a_gone_row()
             row = self.rows[proc.key] = ProgramRow(*proc.key)
         return row
+
+    def _forget_a_gone_row(self) -> None:
+        """Drop the oldest row with no live process (there is one unless
+        every row is live, which the daemon's max_clients bounds)."""
+        for key, row in self.rows.items():
+            if row.nproc == 0:
+                del self.rows[key]
+                return
 
     def _add(self, proc: ProcessState, sign: int) -> None:
         """Count a whole process in (sign 1) or out (sign -1)."""
@@ -762,6 +957,59 @@ def progname() -> str:
     return name
 
 
+PING = {"op": "ping"}
+
+
+class Heartbeat:
+    """When to ping a quiet daemon, and when to give it up for lost.
+
+    A ping goes out every third of the daemon's heartbeat timeout; a daemon
+    not heard from (pongs included) for the whole timeout is lost, as if it
+    had hung up: a host that vanished without a FIN, or a stopped daemon.
+    Between those moments the thread sleeps.
+    """
+
+    def __init__(self, timeout: float, now: float):
+        self.timeout = timeout
+        self.heard_at = now
+        self.ping_at = now + timeout / 3
+
+    def heard(self, now: float) -> None:
+        self.heard_at = now
+
+    def lost(self, now: float) -> bool:
+        return now - self.heard_at >= self.timeout
+
+    def ping_due(self, now: float) -> bool:
+        if now < self.ping_at:
+            return False
+        self.ping_at = now + self.timeout / 3
+        return True
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next ping or the deadline, whichever is first."""
+        return max(0.0, min(self.ping_at, self.heard_at + self.timeout) - now)
+
+
+class Backoff:
+    """Jittered exponential retry delays from RECONNECT_MIN up to
+    RECONNECT_MAX, back to the start once a daemon has answered."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.delay = 0.0
+        self.retry_at = 0.0
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        self.delay = min(RECONNECT_MAX, max(RECONNECT_MIN, self.delay * 2))
+        self.retry_at = now + self.delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self.failures = 0
+        self.delay = 0.0
+
+
 class Sender:
     """Ships one process's connection state to connmond from a daemon thread.
 
@@ -771,9 +1019,11 @@ class Sender:
     changed; after every (re)connect it first sends the whole state.
     """
 
-    def __init__(self, addresses: List[Address], description: str):
+    def __init__(self, addresses: List[Address], description: str,
+                 security: Security):
         self.addresses = addresses
         self.description = description
+        self.security = security
         self.events: collections.deque = collections.deque()
         self._start()
 
@@ -809,31 +1059,29 @@ class Sender:
 
     def _run(self) -> None:
         conn: Optional[Connection] = None
-        delay = 0.0
-        retry_at = 0.0
-        failures = 0
+        beat = Heartbeat(DEFAULT_HEARTBEAT, 0.0)
+        backoff = Backoff()
         while True:
             try:
-                if conn is None and time.monotonic() >= retry_at:
-                    conn = self._connect(failures)
+                if conn is None and time.monotonic() >= backoff.retry_at:
+                    conn = self._connect(backoff.failures)
                     if conn is None:
-                        failures += 1
-                        delay = min(RECONNECT_MAX,
-                                    max(RECONNECT_MIN, delay * 2))
-                        retry_at = time.monotonic() + delay * random.uniform(
-                            0.8, 1.2)
+                        backoff.failed(time.monotonic())
                     else:
-                        failures, delay = 0, 0.0
-                waiting = [self._wake_read] + ([conn.sock] if conn else [])
-                timeout = None if conn else max(0.0,
-                                                retry_at - time.monotonic())
+                        beat = Heartbeat(conn.heartbeat, time.monotonic())
+                now = time.monotonic()
+                if conn is None:
+                    waiting = [self._wake_read]
+                    timeout = max(0.0, backoff.retry_at - now)
+                else:
+                    waiting = [self._wake_read, conn.sock]
+                    timeout = beat.wait(now)
                 readable, _, _ = select.select(waiting, [], [], timeout)
                 if conn is not None and conn.sock in readable:
-                    if not conn.sock.recv(4096):
-                        log.warning("connmon: connmond %s closed the "
-                                    "connection", self.description)
-                        conn = self._drop(conn)
-                        retry_at = time.monotonic()
+                    # The daemon says nothing but pongs (or why it hangs up).
+                    expect(read_message(conn.rfile), "pong")
+                    beat.heard(time.monotonic())
+                    backoff.reset()
                 if self._wake_read in readable:
                     time.sleep(FLUSH_DELAY)
                     os.read(self._wake_read, 4096)
@@ -841,22 +1089,35 @@ class Sender:
                     self._drain()
                     if conn is not None:
                         self._send("update", conn)
+                if conn is not None:
+                    self._keep_alive(conn, beat)
             except (OSError, ProtocolError) as err:
-                log.warning("connmon: lost connmond %s: %s", self.description,
-                            err)
+                # Say it once, then quietly keep trying.
+                (log.warning if backoff.failures == 0 else log.debug)(
+                    "connmon: lost connmond %s: %s", self.description, err)
                 conn = self._drop(conn)
-                retry_at = time.monotonic() + RECONNECT_MIN
+                backoff.failed(time.monotonic())
             except Exception:  # never let the thread die silently
                 log.exception("connmon: sender error")
                 conn = self._drop(conn)
-                retry_at = time.monotonic() + RECONNECT_MAX
+                backoff.failed(time.monotonic())
+
+    @staticmethod
+    def _keep_alive(conn: Connection, beat: "Heartbeat") -> None:
+        now = time.monotonic()
+        if beat.lost(now):
+            raise ProtocolError(f"no answer for {beat.timeout:g} s "
+                                "(heartbeat)")
+        if beat.ping_due(now):
+            conn.send(PING)
 
     def _connect(self, failures: int) -> Optional[Connection]:
         state = self.state
         proc = {"id": state.ident, "hostname": state.hostname,
                 "progname": state.progname, "pid": state.pid}
         try:
-            conn = open_connection(self.addresses, "app", proc=proc)
+            conn = open_connection(self.addresses, "app",
+                                   security=self.security, proc=proc)
             conn.sock.settimeout(SEND_TIMEOUT)
             self._drain()
             state.reset_counters()   # what happened while away is history
@@ -896,17 +1157,19 @@ class Sender:
                 apply(*event)
 
 
-_senders: Dict[Tuple[Address, ...], Sender] = {}
+_senders: Dict[tuple, Sender] = {}
 _senders_lock = threading.Lock()
 
 
-def get_sender(addresses: List[Address], description: str) -> Sender:
-    """The process's sender for this daemon address list, made on first use."""
-    key = tuple(sorted(addresses))
+def get_sender(addresses: List[Address], description: str,
+               security: Security) -> Sender:
+    """The process's sender for these daemons and settings, made on first
+    use."""
+    key = (tuple(sorted(addresses)), security.key)
     with _senders_lock:
         sender = _senders.get(key)
         if sender is None:
-            sender = _senders[key] = Sender(addresses, description)
+            sender = _senders[key] = Sender(addresses, description, security)
         return sender
 
 
@@ -924,7 +1187,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # 5. SQLAlchemy glue
 # ---------------------------------------------------------------------------
 
-URL_PARAMETERS = ("connmon_service", "connmon_addr", "connmon_config")
+URL_PARAMETERS = ("connmon_service", "connmon_addr", "connmon_config",
+                  "connmon_secret_file")
 CONN_ID = "connmon_id"       # ConnectionPoolEntry.info key: our connection id
 CONN_POOL = "connmon_pool"   # ... and the pool the connection was made for
 
@@ -948,18 +1212,26 @@ def url_settings(query: Dict[str, Any]) -> Dict[str, str]:
     return settings
 
 
-def resolve_target(settings: Dict[str, str]) -> Tuple[List[Address], str]:
-    """Daemon addresses (and a description for logs) for URL settings.
+def resolve_target(settings: Dict[str, str]
+                   ) -> Tuple[List[Address], str, Security]:
+    """Daemon addresses, a description for logs and the security settings
+    for URL settings.
 
-    Reads the config file but does no DNS: names are resolved by the sender.
+    Reads the config, secret and TLS files but does no DNS: names are
+    resolved by the sender.
     """
+    secret_file = settings.get("connmon_secret_file")
     if "connmon_addr" in settings:
         address = parse_address(settings["connmon_addr"])
-        return [address], format_address(address)
+        security = Security(read_secret(secret_file) if secret_file
+                            else None)
+        return [address], format_address(address), security
     service = find_service(settings.get("connmon_service", DEFAULT_SERVICE),
                            settings.get("connmon_config"))
+    security = Security.of_service(service, secret_file)
+    security.client_context()   # a bad TLS file fails here, at start-up
     return ([node.address for node in service.nodes],
-            f"service {service.name!r}")
+            f"service {service.name!r}", security)
 
 
 def _pool_limit(pool) -> Optional[int]:
@@ -981,10 +1253,10 @@ def instrument(engine, settings: Dict[str, str]) -> None:
 
     if engine in _instrumented:
         return
-    addresses, description = resolve_target(settings)
+    addresses, description, security = resolve_target(settings)
     _instrumented.add(engine)
     try:
-        sender = get_sender(addresses, description)
+        sender = get_sender(addresses, description, security)
     except Exception:  # e.g. no threads left: run unmonitored, never fail
         log.exception("connmon: cannot start; %s runs unmonitored", engine)
         return
