@@ -234,7 +234,11 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
         trusted = False
         try:
             if isinstance(self.connection, ssl.SSLSocket):
-                self.connection.do_handshake()
+                try:
+                    self.connection.do_handshake()
+                except ssl.SSLEOFError:   # a port probe, most likely
+                    log.debug("%s: closed before TLS", self.peer)
+                    return
             nonce = secrets.token_hex(16)
             self.send(self.server.welcome(nonce))
             hello = read_message(self.rfile, MAX_HELLO_BYTES)

@@ -774,3 +774,279 @@ def test_sigterm_stops_the_daemon_cleanly(tmp_path):
     daemon.kill(signal.SIGTERM)
     assert daemon.proc.returncode == 0
     assert "connmond stopping" in daemon.log.read_text()
+
+
+# ---------------------------------------------------------------------------
+# Issue 5: hardening -- auth, TLS, heartbeats, hostile input; the app never
+# notices
+# ---------------------------------------------------------------------------
+
+SECRET = "hunter2-Sh4red-Secret"
+
+
+class SecureDaemon(Daemon):
+    """A Daemon whose own snapshots (wait_row, ...) connect like any client
+    of its service: with the secret and TLS of its config file."""
+
+    def snapshot(self, procs: bool = False) -> Dict[str, Any]:
+        service = connmon.find_service("test", str(self.config))
+        conn = connmon.open_connection(
+            [("127.0.0.1", self.port)], "console",
+            security=connmon.Security.of_service(service))
+        try:
+            return conn.request({"op": "snapshot", "procs": procs})
+        finally:
+            conn.close()
+
+
+def secret_file(tmp_path, name: str, secret: str = SECRET) -> str:
+    path = tmp_path / name
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def console(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "--json", *args],
+        cwd=HERE, env=CHILD_ENV, capture_output=True, text=True, timeout=30)
+
+
+def sqlite_app_url(tmp_path, query: str) -> str:
+    return f"sqlite:///{tmp_path}/hardening.sqlite?plugin=connmon&{query}"
+
+
+def test_auth_right_secret_works_wrong_or_missing_refused(tmp_path, apps):
+    good = secret_file(tmp_path, "good.secret")
+    wrong = secret_file(tmp_path, "wrong.secret", "not-the-secret")
+    daemon = SecureDaemon(tmp_path, extra_config=f"auth_secret_file: {good}\n")
+    relay = Relay(daemon.port)   # to see the refused apps keep trying
+    try:
+        app = apps(sqlite_app_url(tmp_path, f"connmon_addr={daemon.address}"
+                                  f"&connmon_secret_file={good}"), "good.py")
+        app("hold 2")
+        daemon.wait_row("good.py", conn=2, ckout=2)
+
+        refused = {
+            "wrong.py": apps(sqlite_app_url(
+                tmp_path, f"connmon_addr=127.0.0.1:{relay.port}"
+                f"&connmon_secret_file={wrong}"), "wrong.py"),
+            "nosecret.py": apps(sqlite_app_url(
+                tmp_path, f"connmon_addr=127.0.0.1:{relay.port}"),
+                "nosecret.py"),
+        }
+        for name, bad in refused.items():
+            bad("hold 2")
+            bad("query 200")   # the app works as ever
+            bad("release 2")
+        # Both keep retrying (with backoff) and are refused every time...
+        wait_until(lambda: all(relay.received.count(
+            f'"progname":"{name}"'.encode()) >= 3 for name in refused),
+            30, "three attempts of each refused app")
+        for name, bad in refused.items():
+            bad("query 10")
+            text = bad.log.read_text()
+            # ...but each says so once, clearly, and nothing worse.
+            assert text.count("authentication failed (wrong or missing "
+                              "secret)") == 1, text
+            assert "Traceback" not in text
+        assert "app: authentication failed" in daemon.log.read_text()
+        rows = {row["progname"] for row in daemon.snapshot()["rows"]}
+        assert rows == {"good.py"}
+    finally:
+        relay.close()
+        daemon.stop()
+
+
+def test_auth_consoles_and_raw_clients(tmp_path):
+    good = secret_file(tmp_path, "good.secret")
+    daemon = SecureDaemon(tmp_path, extra_config=f"auth_secret_file: {good}\n")
+    try:
+        ok = console("-H", daemon.address, "-u", good)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["service"] == "test"
+        ok = console("-c", str(daemon.config), "-s", "test")   # from config
+        assert ok.returncode == 0, ok.stderr
+        for args in (["-H", daemon.address],
+                     ["-H", daemon.address, "-u",
+                      secret_file(tmp_path, "bad.secret", "guess")]):
+            refused = console(*args)
+            assert refused.returncode == 1
+            assert ("refused: console: authentication failed (wrong or "
+                    "missing secret)") in refused.stderr
+            assert refused.stdout == ""
+        # An unauthenticated client learns nothing and changes nothing: no
+        # snapshot, no state, whatever it sends after its hello.  A proof
+        # made for another connection's nonce (a replay) is no better.
+        other = connmon.open_connection(
+            [("127.0.0.1", daemon.port)], "console",
+            security=connmon.Security(SECRET.encode()))
+        stale = connmon.hello_proof(SECRET.encode(),
+                                    other.welcome["nonce"], "app")
+        other.close()
+        for extra in ({}, {"auth": stale}, {"auth": 42}, {"auth": "é"}):
+            with socket.create_connection(("127.0.0.1", daemon.port)) as s:
+                s.settimeout(10)
+                rfile = s.makefile("rb")
+                assert connmon.read_message(rfile)["op"] == "welcome"
+                s.sendall(connmon.encode(dict(
+                    op="hello", version=1, role="app", proc=dict(
+                        id="intruder", hostname="h", progname="intruder.py",
+                        pid=1), **extra)) + b'{"op":"state","connect":[[1,1'
+                    b']],"close":[],"checkout":[],"checkin":[],"checkouts":0'
+                    b',"hold":[0,0],"peak":[1,0]}\n{"op":"snapshot"}\n')
+                reply = connmon.read_message(rfile)
+                assert reply == {"op": "error", "error": "app: "
+                                 "authentication failed (wrong or missing "
+                                 "secret)"}
+                assert rfile.read() == b""
+        assert daemon.snapshot()["rows"] == []
+        assert SECRET not in daemon.log.read_text()
+    finally:
+        daemon.stop()
+
+
+def test_wire_carries_neither_secret_nor_password(tmp_path, apps):
+    require_database(POSTGRESQL_URL)
+    good = secret_file(tmp_path, "good.secret")
+    daemon = SecureDaemon(tmp_path, extra_config=f"auth_secret_file: {good}\n")
+    relay = Relay(daemon.port)
+    try:
+        password = "s3cr3t-Pa55word"   # trust auth: the server ignores it
+        url = POSTGRESQL_URL.replace("postgres@", f"postgres:{password}@")
+        url = url.replace("postgresql+psycopg2://",
+                          "postgresql+psycopg2_connmon://")
+        url += (f"?connmon_addr=127.0.0.1:{relay.port}"
+                f"&connmon_secret_file={good}")
+        app = apps(url, "wire.py")
+        app("hold 2")
+        daemon.wait_row("wire.py", conn=2, ckout=2)
+        with relay.lock:
+            wire = bytes(relay.received)
+        assert b'"auth":"' in wire and b'"op":"update"' in wire
+        for secret in (SECRET.encode(), password.encode(), good.encode()):
+            assert secret not in wire
+        for log_file in (daemon.log, app.log):
+            assert SECRET not in log_file.read_text()
+    finally:
+        relay.close()
+        daemon.stop()
+
+
+class TestCA:
+    """A certificate authority made for one test, with files on disk."""
+
+    __test__ = False   # not a test class, whatever its name says
+
+    def __init__(self, tmp_path, name: str):
+        import trustme
+        self.ca = trustme.CA()
+        self.dir = tmp_path / name
+        self.dir.mkdir()
+        self.cafile = str(self.dir / "ca.pem")
+        self.ca.cert_pem.write_to_path(self.cafile)
+
+    def issue(self, name: str, *identities: str) -> tuple:
+        """(certfile, keyfile) of a new leaf certificate."""
+        leaf = self.ca.issue_cert(*identities)
+        certfile, keyfile = (str(self.dir / f"{name}.pem"),
+                             str(self.dir / f"{name}.key"))
+        leaf.cert_chain_pems[0].write_to_path(certfile)
+        leaf.private_key_pem.write_to_path(keyfile)
+        return certfile, keyfile
+
+
+def client_config(tmp_path, daemon: Daemon, name: str, options: str) -> str:
+    """A config file naming the daemon's node, with the client's options."""
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(f"""\
+        [connmon_service_test]
+        name: test
+        nodes:
+            node1 hostname=127.0.0.1:{daemon.port}
+        """) + options)
+    return str(path)
+
+
+def test_tls_right_ca_works_wrong_ca_refused(tmp_path, apps):
+    ca, stranger = TestCA(tmp_path, "ca"), TestCA(tmp_path, "stranger")
+    certfile, keyfile = ca.issue("server", "127.0.0.1", "localhost")
+    good = secret_file(tmp_path, "good.secret")
+    daemon = SecureDaemon(tmp_path, extra_config=(
+        f"auth_secret_file: {good}\nssl_certfile: {certfile}\n"
+        f"ssl_keyfile: {keyfile}\nssl_cafile: {ca.cafile}\n"))
+    relay = Relay(daemon.port)
+    try:
+        trusting = client_config(tmp_path, daemon, "trusting.cfg", (
+            f"auth_secret_file: {good}\nssl_cafile: {ca.cafile}\n"))
+        app = apps(sqlite_app_url(tmp_path, f"connmon_config={trusting}"
+                                  "&connmon_service=test"), "tls.py")
+        app("hold 2")
+        daemon.wait_row("tls.py", conn=2, ckout=2)
+        ok = console("-c", trusting, "-s", "test")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["connections"] == 2
+
+        # Through the relay: encrypted, so not even the JSON shows.
+        relayed = tmp_path / "relayed.cfg"
+        relayed.write_text((tmp_path / "trusting.cfg").read_text().replace(
+            f":{daemon.port}", f":{relay.port}"))
+        spied = apps(sqlite_app_url(tmp_path, f"connmon_config={relayed}"
+                                    "&connmon_service=test"), "spied.py")
+        spied("hold 1")
+        daemon.wait_row("spied.py", conn=1, ckout=1)
+        with relay.lock:
+            wire = bytes(relay.received)
+        assert wire and b'"op"' not in wire and SECRET.encode() not in wire
+
+        doubting = client_config(tmp_path, daemon, "doubting.cfg", (
+            f"auth_secret_file: {good}\nssl_cafile: {stranger.cafile}\n"))
+        refused = apps(sqlite_app_url(tmp_path, f"connmon_config={doubting}"
+                                      "&connmon_service=test"), "wrongca.py")
+        refused("hold 2")
+        refused("query 200")
+        wait_until(lambda: "certificate verify failed" in
+                   refused.log.read_text(), 15, "the refused app's log line")
+        refused("release 2")
+        bad = console("-c", doubting, "-s", "test")
+        assert bad.returncode == 1 and "certificate verify failed" in (
+            bad.stderr)
+        plain = console("-H", daemon.address, "-u", good)   # no TLS at all
+        assert plain.returncode == 1
+        wait_until(lambda: "TLS failed" in daemon.log.read_text(), 15,
+                   "the daemon's log line")
+        assert "wrongca.py" not in {r["progname"]
+                                    for r in daemon.snapshot()["rows"]}
+        assert "Traceback" not in refused.log.read_text()
+    finally:
+        relay.close()
+        daemon.stop()
+
+
+def test_tls_client_certificates(tmp_path, apps):
+    ca = TestCA(tmp_path, "ca")
+    certfile, keyfile = ca.issue("server", "127.0.0.1")
+    client_cert, client_key = ca.issue("client", "app.example")
+    daemon = SecureDaemon(tmp_path, extra_config=(
+        f"ssl_certfile: {certfile}\nssl_keyfile: {keyfile}\n"
+        f"ssl_cafile: {ca.cafile}\nssl_client_cafile: {ca.cafile}\n"
+        f"ssl_client_certfile: {client_cert}\n"
+        f"ssl_client_keyfile: {client_key}\n"))
+    try:
+        with_cert = client_config(tmp_path, daemon, "with.cfg", (
+            f"ssl_cafile: {ca.cafile}\nssl_client_certfile: {client_cert}\n"
+            f"ssl_client_keyfile: {client_key}\n"))
+        without = client_config(tmp_path, daemon, "without.cfg",
+                                f"ssl_cafile: {ca.cafile}\n")
+        app = apps(sqlite_app_url(tmp_path, f"connmon_config={with_cert}"
+                                  "&connmon_service=test"), "cert.py")
+        app("hold 1")
+        daemon.wait_row("cert.py", conn=1, ckout=1)
+        assert console("-c", with_cert, "-s", "test").returncode == 0
+        bad = console("-c", without, "-s", "test")
+        assert bad.returncode == 1, bad.stdout
+        assert "certificate required" in bad.stderr
+        wait_until(lambda: "PEER_DID_NOT_RETURN_A_CERTIFICATE" in
+                   daemon.log.read_text(), 15, "the daemon's log line")
+    finally:
+        daemon.stop()
