@@ -1011,12 +1011,15 @@ class Backoff:
 
 
 class Sender:
-    """Ships one process's connection state to connmond from a daemon thread.
+    """Ships one process's connection state to connmond from two daemon
+    threads.
 
     Listeners on application threads call ``events.append`` and ``wake``
-    only.  The thread folds the events into ``state`` (so memory stays
-    bounded whatever the daemon does) and, while connected, sends what
-    changed; after every (re)connect it first sends the whole state.
+    only.  The fold thread folds the events into ``state``, never touching
+    the network, so memory stays bounded however long a connect, a DNS
+    look-up or a send to a stuck daemon blocks.  The network thread, while
+    connected, sends what changed; after every (re)connect it first sends
+    the whole state.
     """
 
     def __init__(self, addresses: List[Address], description: str,
@@ -1033,16 +1036,27 @@ class Sender:
         self.state = ProcessState(os.urandom(8).hex(), socket.gethostname(),
                                   progname(), os.getpid())
         self._sent = self.state.copy()
+        self.lock = threading.Lock()   # state and _sent, between threads
         self.wake_pending = False
-        self._wake_read, self._wake_write = os.pipe()
+        self._wake_read, self._wake_write = os.pipe()    # listeners -> fold
+        self._news_read, self._news_write = os.pipe()    # fold -> network
         os.set_blocking(self._wake_write, False)
+        os.set_blocking(self._news_write, False)
+        self._folder = threading.Thread(target=self._fold, daemon=True,
+                                        name="connmon-fold")
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="connmon-sender")
+        self._folder.start()
         self._thread.start()
 
+    @property
+    def threads(self) -> List[threading.Thread]:
+        return [self._folder, self._thread]
+
     def after_fork_in_child(self) -> None:
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        for fd in (self._wake_read, self._wake_write, self._news_read,
+                   self._news_write):
+            os.close(fd)
         self._start()
 
     def wake(self) -> None:
@@ -1055,7 +1069,24 @@ class Sender:
             except OSError:
                 pass
 
-    # -- the thread ---------------------------------------------------------
+    # -- the threads --------------------------------------------------------
+
+    def _fold(self) -> None:
+        while True:
+            try:
+                select.select([self._wake_read], [], [])
+                time.sleep(FLUSH_DELAY)
+                os.read(self._wake_read, 4096)
+                self.wake_pending = False
+                with self.lock:
+                    self._drain()
+                try:
+                    os.write(self._news_write, b"!")
+                except BlockingIOError:   # the network thread has news
+                    pass
+            except Exception:  # never let the thread die silently
+                log.exception("connmon: error folding pool events")
+                time.sleep(RECONNECT_MAX)
 
     def _run(self) -> None:
         conn: Optional[Connection] = None
@@ -1071,10 +1102,10 @@ class Sender:
                         beat = Heartbeat(conn.heartbeat, time.monotonic())
                 now = time.monotonic()
                 if conn is None:
-                    waiting = [self._wake_read]
+                    waiting = [self._news_read]
                     timeout = max(0.0, backoff.retry_at - now)
                 else:
-                    waiting = [self._wake_read, conn.sock]
+                    waiting = [self._news_read, conn.sock]
                     timeout = beat.wait(now)
                 readable, _, _ = select.select(waiting, [], [], timeout)
                 if conn is not None and conn.sock in readable:
@@ -1082,11 +1113,8 @@ class Sender:
                     expect(read_message(conn.rfile), "pong")
                     beat.heard(time.monotonic())
                     backoff.reset()
-                if self._wake_read in readable:
-                    time.sleep(FLUSH_DELAY)
-                    os.read(self._wake_read, 4096)
-                    self.wake_pending = False
-                    self._drain()
+                if self._news_read in readable:
+                    os.read(self._news_read, 4096)
                     if conn is not None:
                         self._send("update", conn)
                 if conn is not None:
@@ -1119,9 +1147,9 @@ class Sender:
             conn = open_connection(self.addresses, "app",
                                    security=self.security, proc=proc)
             conn.sock.settimeout(SEND_TIMEOUT)
-            self._drain()
-            state.reset_counters()   # what happened while away is history
-            self._sent = ProcessState(state.ident, "", "", 0)
+            with self.lock:
+                state.reset_counters()   # what happened while away is past
+                self._sent = ProcessState(state.ident, "", "", 0)
             self._send("state", conn)
         except (OSError, ProtocolError) as err:
             # Say it once, then quietly keep trying.
@@ -1142,10 +1170,12 @@ class Sender:
         return None
 
     def _send(self, op: str, conn: Connection) -> None:
-        state = self.state
-        conn.send(state.message(op, self._sent, time.monotonic()))
-        self._sent = state.copy()
-        state.reset_counters()
+        with self.lock:
+            state = self.state
+            message = state.message(op, self._sent, time.monotonic())
+            self._sent = state.copy()
+            state.reset_counters()
+        conn.send(message)
 
     def _drain(self) -> None:
         """Fold the queued events into our state."""

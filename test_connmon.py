@@ -185,9 +185,12 @@ def hold(n):
 def sender_ticks():
     import connmon
     (sender,) = connmon._senders.values()
-    with open(f"/proc/self/task/{sender._thread.native_id}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    ticks = 0
+    for thread in sender.threads:
+        with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks
 
 for line in sys.stdin:
     cmd, *args = line.split()
@@ -1050,3 +1053,268 @@ def test_tls_client_certificates(tmp_path, apps):
                    daemon.log.read_text(), 15, "the daemon's log line")
     finally:
         daemon.stop()
+
+
+CONSOLE_HOLDER = r'''
+import sys, connmon
+conn = connmon.open_connection([("127.0.0.1", int(sys.argv[1]))], "console")
+print(conn.sock.getsockname()[1], flush=True)
+sys.stdin.read()
+'''
+
+
+def test_silent_daemon_app_and_console_are_given_up(tmp_path, apps):
+    daemon = Daemon(tmp_path, extra_config="heartbeat_timeout: 2\n")
+    holder = None
+    try:
+        app = apps(sqlite_app_url(tmp_path, f"connmon_addr={daemon.address}"),
+                   "stopped.py")
+        app("hold 1")
+        daemon.wait_row("stopped.py", nproc=1, conn=1)
+
+        # A stopped daemon: the app notices, and works on meanwhile.
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            app("query 100")
+            wait_until(lambda: "no answer for 2 s (heartbeat)" in
+                       app.log.read_text(), 20, "the app to give up")
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        # (the queries opened a second connection, now idle in the pool)
+        daemon.wait_row("stopped.py", nproc=1, conn=2, ckout=1, timeout=20)
+
+        # A stopped app: the daemon drops it; once resumed it comes back.
+        os.kill(app.proc.pid, signal.SIGSTOP)
+        try:
+            daemon.wait_row("stopped.py", nproc=0, conn=0, timeout=20)
+        finally:
+            os.kill(app.proc.pid, signal.SIGCONT)
+        daemon.wait_row("stopped.py", nproc=1, conn=2, ckout=1, timeout=20)
+        assert "silent for 2s (heartbeat_timeout)" in daemon.log.read_text()
+
+        # A stopped console.
+        holder = subprocess.Popen(
+            [sys.executable, "-c", CONSOLE_HOLDER, str(daemon.port)],
+            cwd=HERE, env=CHILD_ENV, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+        port = holder.stdout.readline().strip()
+        assert port.isdigit()
+        os.kill(holder.pid, signal.SIGSTOP)
+        wait_until(lambda: f"127.0.0.1:{port}: silent for 2s" in
+                   daemon.log.read_text(), 20, "the console to be dropped")
+        assert "Traceback" not in app.log.read_text()
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait(10)
+        daemon.stop()
+
+
+def test_connection_cap_and_hello_deadline(tmp_path):
+    daemon = Daemon(tmp_path, extra_config="max_clients: 3\n")
+    silent = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", daemon.port), 5)
+            sock.settimeout(5)
+            assert connmon.read_message(sock.makefile("rb"))["op"] == (
+                "welcome")
+            silent.append(sock)
+        with socket.create_connection(("127.0.0.1", daemon.port), 5) as sock:
+            sock.settimeout(5)
+            rfile = sock.makefile("rb")
+            assert connmon.read_message(rfile) == {
+                "op": "error", "error": "too many connections (max_clients "
+                "is 3)"}
+            assert rfile.read() == b""
+        full = console("-H", daemon.address)
+        assert full.returncode == 1
+        assert "refused: too many connections" in full.stderr
+        assert "refused: too many connections" in daemon.log.read_text()
+
+        # One of them trickles a byte at a time: the hello deadline is a
+        # deadline, not an idle timeout.  All three are hung up on.
+        trickler = silent[0]
+        trickler.sendall(b"{")
+
+        def all_hung_up() -> bool:
+            try:
+                trickler.sendall(b" ")
+            except OSError:
+                pass
+            return all(closed(sock) for sock in silent)
+        wait_until(all_hung_up, 30, "the hello deadline")
+        assert daemon.snapshot()["service"] == "test"   # slots are free
+        assert "no hello within 10s" in daemon.log.read_text()
+    finally:
+        for sock in silent:
+            sock.close()
+        daemon.stop()
+
+
+def closed(sock: socket.socket) -> bool:
+    """Has the peer hung up?  (Reads and drops what it sent before.)"""
+    ready, _, _ = select.select([sock], [], [], 0)
+    if not ready:
+        return False
+    try:
+        while sock.recv(65536, socket.MSG_DONTWAIT):
+            pass
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class FakeDaemon(threading.Thread):
+    """A listener that misbehaves in one way:
+
+    - "no-accept": never accepts (the kernel completes the TCP handshake;
+      nothing is ever read or written);
+    - "never-read": says a valid welcome and ready, then never reads nor
+      answers a ping (with a tiny receive buffer, so whatever the app sends
+      piles up in its send buffer);
+    - "garbage": answers every connection with random bytes.
+    """
+
+    def __init__(self, behaviour: str):
+        super().__init__(daemon=True)
+        self.behaviour = behaviour
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.clients: List[socket.socket] = []
+        if behaviour != "no-accept":
+            self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.clients.append(client)   # kept open, never read
+            if self.behaviour == "never-read":
+                answer = connmon.encode(
+                    {"op": "welcome", "version": 1, "service": "x",
+                     "node": "fake", "nonce": "00", "heartbeat": 2}
+                ) + connmon.encode({"op": "ready"})
+            else:
+                answer = os.urandom(4096) + b"\n"
+            try:
+                client.sendall(answer)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for client in self.clients:
+            client.close()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.parametrize("fault, symptom", [
+    ("no-accept", "timed out"),
+    ("never-read", "no answer for 2 s (heartbeat)"),
+    ("garbage", "not JSON"),
+    ("unresolvable", "cannot reach connmond connmon-test.invalid:5800"),
+])
+def test_app_unharmed_by_a_faulty_daemon(fault, symptom, apps, tmp_path):
+    fake = None if fault == "unresolvable" else FakeDaemon(fault)
+    address = (f"127.0.0.1:{fake.port}" if fake
+               else "connmon-test.invalid:5800")
+    try:
+        app = apps(sqlite_app_url(tmp_path, f"connmon_addr={address}"),
+                   "faulty.py", pool_size=1, max_overflow=-1)
+        app("hold 1")
+        app("release 1")
+        rss_before = rss_kib(app.proc.pid)
+        for _ in range(40):   # a stream of updates: connects and closes
+            app("hold 30")
+            app("release 30")
+        app("query 2000")
+        wait_until(lambda: symptom in app.log.read_text(), 30,
+                   f"the app to log {symptom!r}")
+        (before,) = app("ticks")
+        time.sleep(3)   # the window the sender's CPU time is measured over
+        app("query 100")
+        (after,) = app("ticks")
+        # A busy-looping sender would burn ~300 ticks in 3 s.
+        assert int(after) - int(before) < 30
+        assert rss_kib(app.proc.pid) - rss_before < 32 * 1024
+        assert "Traceback" not in app.log.read_text()
+    finally:
+        if fake:
+            fake.close()
+
+
+@pytest.mark.parametrize("query, message", [
+    ("connmon_addr=127.0.0.1:1&connmon_secret_file=/nonexistent.secret",
+     "cannot read secret file /nonexistent.secret: No such file"),
+    ("connmon_addr=127.0.0.1:1&connmon_secret_file={empty}",
+     "empty.secret is empty"),
+    ("connmon_config={cfg}&connmon_service=badtls",
+     "[connmon_service_badtls]: cannot load TLS files"),
+    ("connmon_config={cfg}&connmon_service=typo",
+     "[connmon_service_typo]: unknown option 'ssl_cert'"),
+    ("connmon_config={cfg}&connmon_service=nosecret",
+     "[connmon_service_nosecret]: cannot read secret file /nonexistent"),
+])
+@pytest.mark.parametrize("form", ["sqlite+pysqlite_connmon://", "sqlite://"])
+def test_bad_security_settings_fail_at_create_engine(tmp_path, form, query,
+                                                     message):
+    import sqlalchemy as sa
+    empty = tmp_path / "empty.secret"
+    empty.write_text("\n")
+    cfg = write(tmp_path, """\
+        [connmon_service_badtls]
+        name: badtls
+        nodes:
+            n1 hostname=127.0.0.1
+        ssl_cafile: /nonexistent-ca.pem
+        [connmon_service_typo]
+        name: typo
+        nodes:
+            n1 hostname=127.0.0.1
+        ssl_cert: /etc/x.pem
+        [connmon_service_nosecret]
+        name: nosecret
+        nodes:
+            n1 hostname=127.0.0.1
+        auth_secret_file: /nonexistent
+        """)
+    url = form + "/?" + query.format(cfg=cfg, empty=empty)
+    if form == "sqlite://":
+        url += "&plugin=connmon"
+    with pytest.raises(connmon.ConfigError) as err:
+        sa.create_engine(url)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ("heartbeat_timeout: 0.1\n", "heartbeat_timeout must be a number from 1 "
+     "to 3600, not '0.1'"),
+    ("max_clients: many\n", "max_clients must be a number from 1 to "
+     "1.04858e+06, not 'many'"),
+    ("ssl_cafile: /etc/ssl/certs/ca-certificates.crt\n",
+     "TLS needs ssl_certfile (and ssl_keyfile) on the daemon"),
+    ("ssl_certfile: /nonexistent.pem\n", "cannot load TLS files"),
+])
+def test_daemon_refuses_bad_security_settings(tmp_path, options, message):
+    path = write(tmp_path, "[connmon_service_a]\nname: a\nnodes:\n"
+                 "    n1 hostname=127.0.0.1:1\n" + options)
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_server", "-c", path, "-s", "a"],
+        cwd=HERE, env=CHILD_ENV, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr
