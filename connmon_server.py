@@ -212,6 +212,7 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
     def setup(self) -> None:
         self.peer = connmon.format_address(self.client_address[:2])
         self.request.settimeout(HELLO_TIMEOUT)
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.server.ssl_context is not None:
             # No I/O yet: the handshake waits for handle(), under the hello
             # deadline and its error handling.

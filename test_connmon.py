@@ -1318,3 +1318,222 @@ def test_daemon_refuses_bad_security_settings(tmp_path, options, message):
         cwd=HERE, env=CHILD_ENV, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+class Thrower:
+    """Throws hostile inputs at a daemon and counts them.
+
+    Each input before the hello needs a connection of its own.  Inputs
+    after a valid hello go one at a time, each followed by a ping: the
+    pong says the daemon took the input and carries on, an error that it
+    refused it (and hung up; the thrower says hello again for the next).
+    """
+
+    def __init__(self, port: int):
+        self.port = port
+        self.thrown = 0
+        self.refused = 0
+        self.serial = 0
+
+    def connect(self) -> tuple:
+        sock = socket.create_connection(("127.0.0.1", self.port), 10)
+        sock.settimeout(10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rfile = sock.makefile("rb")
+        assert connmon.read_message(rfile)["op"] == "welcome"
+        return sock, rfile
+
+    def before_hello(self, data: bytes) -> None:
+        """Send ``data`` as the first bytes, then end the stream."""
+        sock, rfile = self.connect()
+        with sock:
+            try:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                while rfile.read(65536):
+                    pass
+            except OSError:   # the daemon may hang up while we still talk
+                pass
+        self.thrown += 1
+
+    def hello(self, role: str) -> tuple:
+        sock, rfile = self.connect()
+        self.serial += 1
+        proc = {"id": f"fuzz-{self.serial}", "hostname": "fuzz-host",
+                "progname": "fuzz.py", "pid": self.serial}
+        sock.sendall(connmon.encode({"op": "hello", "version": 1,
+                                     "role": role, "proc": proc}))
+        assert connmon.read_message(rfile) == {"op": "ready"}
+        if role == "app":
+            sock.sendall(connmon.encode({
+                "op": "state", "connect": [[1, 1], [2, 1]], "close": [],
+                "checkout": [[2, 0.5]], "checkin": [], "checkouts": 1,
+                "hold": [0, 0], "peak": [2, 1], "pools": [[1, 5]]}))
+        return sock, rfile
+
+    def after_hello(self, role: str, lines: List[bytes]) -> None:
+        """Send each line after a valid hello of ``role``."""
+        sock = rfile = None
+        try:
+            for line in lines:
+                if sock is None:
+                    sock, rfile = self.hello(role)
+                sock.sendall(line + connmon.encode({"op": "ping"}))
+                self.thrown += 1
+                while True:   # a console's request may have its own reply
+                    reply = connmon.read_message(rfile, 64 << 20)
+                    if reply is None or reply["op"] in ("pong", "error"):
+                        break
+                if reply is None or reply["op"] == "error":
+                    self.refused += 1
+                    sock.close()
+                    sock = None
+        finally:
+            if sock is not None:
+                sock.close()
+
+
+def hostile_strategies():
+    """Hypothesis strategies for hostile input, built on first use."""
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers()
+               | st.floats(allow_nan=True, allow_infinity=True)
+               | st.text(max_size=12))
+    json_values = st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=12)
+    absurd = st.sampled_from([-1, 2 ** 62, 2 ** 64, -2 ** 63, 1e308, -0.5,
+                              float("nan"), float("inf"), True, "7", None])
+    ident = st.integers(0, 40) | absurd
+    age = st.floats(0, 100) | absurd
+    count = st.integers(0, 1000) | absurd
+
+    def pairs(second):
+        return st.lists(st.tuples(ident, second).map(list), max_size=8)
+
+    update = st.fixed_dictionaries({
+        "op": st.sampled_from(["update", "update", "update", "state"]),
+        "connect": pairs(ident), "close": st.lists(ident, max_size=8),
+        "checkout": pairs(age), "checkin": st.lists(ident, max_size=8),
+        "checkouts": count, "hold": st.tuples(age, count).map(list),
+        "peak": st.tuples(count, count).map(list),
+    }, optional={"pools": pairs(st.none() | count)})
+    keys = st.sampled_from(["op", "connect", "close", "checkout", "checkin",
+                            "checkouts", "hold", "peak", "pools", "proc"])
+    mutated = st.builds(lambda base, changes: {**base, **dict(changes)},
+                        update, st.lists(st.tuples(keys, json_values),
+                                         max_size=2))
+
+    def storm(size: int, base: int, op: str) -> dict:
+        """An event storm: many events for connections nobody opened."""
+        ids = list(range(base, base + size))
+        return {"op": op, "connect": [[i, 1] for i in ids[::2]],
+                "close": ids[1::4], "checkout": [[i, 0.1] for i in ids],
+                "checkin": ids[::3], "checkouts": size,
+                "hold": [0.5, size], "peak": [size, size]}
+    storms = st.builds(storm, st.integers(1, 12000), st.integers(-2 ** 40,
+                       2 ** 40), st.sampled_from(["update", "state"]))
+
+    def line(message) -> bytes:
+        return json.dumps(message).encode() + b"\n"
+
+    app_lines = st.one_of(mutated.map(line), mutated.map(line),
+                          storms.map(line), json_values.map(line),
+                          st.binary(max_size=60).map(lambda b: b + b"\n"))
+    console_lines = st.builds(
+        lambda op, procs: line({"op": op, "procs": procs}),
+        st.sampled_from(["snapshot", "clear_maxima", "update", "hello"])
+        | st.text(max_size=8).filter(lambda op: op != "ping"),
+        json_values)
+    hello = st.fixed_dictionaries(
+        {"op": st.just("hello")},
+        optional={"version": st.just(1) | json_values,
+                  "role": st.sampled_from(["app", "console", "peer"])
+                  | json_values,
+                  "proc": st.fixed_dictionaries({}, optional={
+                      k: json_values for k in ("id", "hostname",
+                                               "progname", "pid")})
+                  | json_values,
+                  "auth": json_values})
+    raw = st.one_of(
+        st.binary(max_size=300),
+        hello.map(line), hello.map(lambda h: line(h)[:-3]),   # truncated
+        json_values.map(line))
+    return raw, app_lines, console_lines
+
+
+FUZZ_EXAMPLES = 110
+FUZZ_MINIMUM_INPUTS = 10_000
+
+
+def test_fuzz_daemon_survives_hostile_input(tmp_path, apps):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    daemon = Daemon(tmp_path)
+    thrower = Thrower(daemon.port)
+    try:
+        honest = apps(sqlite_app_url(tmp_path,
+                                     f"connmon_addr={daemon.address}"),
+                      "honest_fuzz.py", pool_size=5)
+        honest("hold 3")
+        honest("release 1")
+        daemon.wait_row("honest_fuzz.py", conn=3, ckout=2)
+        rss_start = status_kib(daemon.proc.pid, "VmRSS")
+
+        # A few big ones by hand: over the hello limit, over the message
+        # limit, nested past the recursion limit, too many digits.
+        thrower.before_hello(b"x" * 20000 + b"\n")
+        thrower.after_hello("app", [b"[" * 200000 + b"]" * 200000,
+                                    b'{"op":"update","checkouts":'
+                                    + b"9" * 5000 + b"}",
+                                    b" " * (connmon.MAX_MESSAGE_BYTES + 1)])
+        thrower.after_hello("console", [b"{" * 100000])
+
+        raw, app_lines, console_lines = hostile_strategies()
+
+        # Each app line is thrown in three places: after an app's hello,
+        # after a console's, and instead of a hello.
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.lists(raw, min_size=5, max_size=10),
+               st.lists(app_lines, min_size=30, max_size=40),
+               st.lists(console_lines, min_size=3, max_size=8))
+        def throw(raw_inputs, app_inputs, console_inputs):
+            for data in raw_inputs + app_inputs:
+                thrower.before_hello(data)
+            thrower.after_hello("app", app_inputs)
+            thrower.after_hello("console", app_inputs + console_inputs)
+            honest("query 5")   # the honest app streams on meanwhile
+
+        throw()
+        assert thrower.thrown >= FUZZ_MINIMUM_INPUTS
+        assert thrower.refused >= FUZZ_MINIMUM_INPUTS // 10
+
+        # The daemon answers, with the honest app's truth and nobody else's.
+        honest("hold 1")
+        row = daemon.wait_row("honest_fuzz.py", conn=3, ckout=3, nproc=1)
+        snapshot = daemon.snapshot()
+        assert (snapshot["processes"], snapshot["connections"],
+                snapshot["checkouts"]) == (1, 3, 3), snapshot
+        assert row["connected"]
+        peak = status_kib(daemon.proc.pid, "VmHWM")
+        assert peak - rss_start < 64 * 1024, (rss_start, peak)
+        text = daemon.log.read_text()
+        assert "Traceback" not in text
+        # One line per kind of problem per interval, not one per input.
+        assert text.count("closing the connection") < 100
+        print(f"fuzz: {thrower.thrown} inputs, {thrower.refused} refused; "
+              f"daemon RSS {rss_start} kB at start, peak {peak} kB")
+    finally:
+        daemon.stop()
