@@ -24,7 +24,8 @@ setup(
         "mysql": ["SQLAlchemy>=2.0", "PyMySQL"],
         "postgresql": ["SQLAlchemy>=2.0", "psycopg2-binary"],
         "test": ["SQLAlchemy>=2.0", "PyMySQL", "psycopg2-binary",
-                 "pytest", "pyte", "hypothesis", "prometheus_client"],
+                 "pytest", "pyte", "hypothesis", "prometheus_client",
+                 "trustme"],
     },
     entry_points={
         "console_scripts": [
