@@ -688,20 +688,24 @@ class ProcessState:
         if pools is not None:
             self.pools = dict(pools)
         self.conns.update(connect)
+        unknown = 0   # events for connections the process never announced
         for ident in close:
-            self.conns.pop(ident, None)
+            unknown += self.conns.pop(ident, None) is None
             self.checked_out.pop(ident, None)
         for ident in checkin:
-            self.checked_out.pop(ident, None)
+            unknown += self.checked_out.pop(ident, None) is None
         for ident, age in checkout:
             if ident in self.conns:
                 self.checked_out[ident] = now - age
+            else:
+                unknown += 1
         self.max_conns = max(self.max_conns, peak[0], len(self.conns))
         self.max_checked_out = max(self.max_checked_out, peak[1],
                                    len(self.checked_out))
         return {"checkouts": checkouts, "hold_total": hold[0],
                 "holds": hold[1], "peak_conns": max(peak[0], len(self.conns)),
-                "peak_checked_out": max(peak[1], len(self.checked_out))}
+                "peak_checked_out": max(peak[1], len(self.checked_out)),
+                "unknown": unknown}
 
     @property
     def limit(self) -> Optional[int]:
@@ -865,11 +869,13 @@ class Picture:
         return True
 
     def update(self, ident: str, owner: object, message: Dict[str, Any],
-               now: float) -> None:
+               now: float) -> int:
         """Apply an app's "update", unless a newer connection has taken the
-        process over (then this one's news is stale)."""
+        process over (then this one's news is stale).  Returns how many of
+        its events were for connections the process never announced
+        (ignored; an honest process sends none)."""
         if self.owners.get(ident) is not owner:
-            return
+            return 0
         proc = self.processes[ident]
         conns, checked_out = len(proc.conns), len(proc.checked_out)
         counters = proc.update(message, now)
@@ -881,6 +887,7 @@ class Picture:
         row.add(0, conns, checked_out, *peaks)
         row.checkouts.add(now, counters["checkouts"])
         self._totals(conns, checked_out, *peaks)
+        return counters["unknown"]
 
     def clear_maxima(self) -> None:
         for row in self.rows.values():
@@ -991,6 +998,11 @@ class Heartbeat:
         return max(0.0, min(self.ping_at, self.heard_at + self.timeout) - now)
 
 
+# The jitter's own generator: the application's seeded ``random`` stays
+# the application's.  Reseeded in forked children, so workers spread out.
+_jitter = random.Random()
+
+
 class Backoff:
     """Jittered exponential retry delays from RECONNECT_MIN up to
     RECONNECT_MAX, back to the start once a daemon has answered."""
@@ -1003,7 +1015,7 @@ class Backoff:
     def failed(self, now: float) -> None:
         self.failures += 1
         self.delay = min(RECONNECT_MAX, max(RECONNECT_MIN, self.delay * 2))
-        self.retry_at = now + self.delay * random.uniform(0.8, 1.2)
+        self.retry_at = now + self.delay * _jitter.uniform(0.8, 1.2)
 
     def reset(self) -> None:
         self.failures = 0
@@ -1206,6 +1218,7 @@ def get_sender(addresses: List[Address], description: str,
 def _after_fork_in_child() -> None:
     global _senders_lock
     _senders_lock = threading.Lock()   # another thread may have held it
+    _jitter.seed()
     for sender in _senders.values():
         sender.after_fork_in_child()
 

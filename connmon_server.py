@@ -326,8 +326,13 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
                     continue
                 connmon.expect(message, "update")
                 with lock:
-                    picture.update(proc.ident, self, message,
-                                   time.monotonic())
+                    unknown = picture.update(proc.ident, self, message,
+                                             time.monotonic())
+                if unknown:
+                    problems.log(logging.WARNING, "unknown", "%s: app %s "
+                                 "sent %d events for connections it never "
+                                 "announced; ignored", self.peer, name,
+                                 unknown)
         finally:
             with lock:
                 picture.detach(proc.ident, self)

@@ -1531,9 +1531,33 @@ def test_fuzz_daemon_survives_hostile_input(tmp_path, apps):
         assert peak - rss_start < 64 * 1024, (rss_start, peak)
         text = daemon.log.read_text()
         assert "Traceback" not in text
+        assert "for connections it never announced; ignored" in text
         # One line per kind of problem per interval, not one per input.
         assert text.count("closing the connection") < 100
         print(f"fuzz: {thrower.thrown} inputs, {thrower.refused} refused; "
               f"daemon RSS {rss_start} kB at start, peak {peak} kB")
     finally:
         daemon.stop()
+
+
+def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
+    thrower = Thrower(daemon.port)
+    sock, rfile = thrower.hello("app")
+    with sock:
+        sock.sendall(connmon.encode({
+            "op": "update", "connect": [[i, 1] for i in range(10001)],
+            "close": [], "checkout": [], "checkin": [], "checkouts": 0,
+            "hold": [0, 0], "peak": [0, 0]}))
+        assert connmon.read_message(rfile) == {
+            "op": "error",
+            "error": "more than 10000 connections in one process"}
+    # The rows of programs that are gone make room for new ones.
+    monkeypatch.setattr(connmon, "MAX_ROWS", 5)
+    picture = connmon.Picture()
+    for n in range(8):
+        picture.attach(connmon.ProcessState(f"id{n}", "h", f"p{n}", n + 1),
+                       owner=n)
+        if n != 2:
+            picture.detach(f"id{n}", n)
+    assert sorted(picture.rows) == [("h", p) for p in
+                                    ("p2", "p4", "p5", "p6", "p7")]
