@@ -843,9 +843,11 @@ def test_auth_right_secret_works_wrong_or_missing_refused(tmp_path, apps):
             bad("query 200")   # the app works as ever
             bad("release 2")
         # Both keep retrying (with backoff) and are refused every time...
-        wait_until(lambda: all(relay.received.count(
-            f'"progname":"{name}"'.encode()) >= 3 for name in refused),
-            30, "three attempts of each refused app")
+        def attempts(name: str) -> int:
+            with relay.lock:
+                return relay.received.count(f'"progname":"{name}"'.encode())
+        wait_until(lambda: all(attempts(name) >= 3 for name in refused),
+                   30, "three attempts of each refused app")
         for name, bad in refused.items():
             bad("query 10")
             text = bad.log.read_text()
