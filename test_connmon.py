@@ -909,6 +909,14 @@ def test_auth_consoles_and_raw_clients(tmp_path):
         assert SECRET not in daemon.log.read_text()
     finally:
         daemon.stop()
+    # The secret may also be written into the config file itself.
+    inline = SecureDaemon(tmp_path, extra_config=f"auth_secret: {SECRET}\n")
+    try:
+        assert console("-H", inline.address, "-u", good).returncode == 0
+        assert console("-H", inline.address).returncode == 1
+        assert inline.snapshot()["service"] == "test"
+    finally:
+        inline.stop()
 
 
 def test_wire_carries_neither_secret_nor_password(tmp_path, apps):
