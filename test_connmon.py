@@ -946,10 +946,8 @@ def test_wire_carries_neither_secret_nor_password(tmp_path, apps):
         daemon.stop()
 
 
-class TestCA:
+class CertificateAuthority:
     """A certificate authority made for one test, with files on disk."""
-
-    __test__ = False   # not a test class, whatever its name says
 
     def __init__(self, tmp_path, name: str):
         import trustme
@@ -982,7 +980,8 @@ def client_config(tmp_path, daemon: Daemon, name: str, options: str) -> str:
 
 
 def test_tls_right_ca_works_wrong_ca_refused(tmp_path, apps):
-    ca, stranger = TestCA(tmp_path, "ca"), TestCA(tmp_path, "stranger")
+    ca = CertificateAuthority(tmp_path, "ca")
+    stranger = CertificateAuthority(tmp_path, "stranger")
     certfile, keyfile = ca.issue("server", "127.0.0.1", "localhost")
     good = secret_file(tmp_path, "good.secret")
     daemon = SecureDaemon(tmp_path, extra_config=(
@@ -1037,7 +1036,7 @@ def test_tls_right_ca_works_wrong_ca_refused(tmp_path, apps):
 
 
 def test_tls_client_certificates(tmp_path, apps):
-    ca = TestCA(tmp_path, "ca")
+    ca = CertificateAuthority(tmp_path, "ca")
     certfile, keyfile = ca.issue("server", "127.0.0.1")
     client_cert, client_key = ca.issue("client", "app.example")
     daemon = SecureDaemon(tmp_path, extra_config=(
@@ -1225,12 +1224,12 @@ class FakeDaemon(threading.Thread):
             client.close()
 
 
-def rss_kib(pid: int) -> int:
+def status_kib(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
+    raise AssertionError(f"no {field} for {pid}")
 
 
 @pytest.mark.parametrize("fault, symptom", [
@@ -1248,7 +1247,7 @@ def test_app_unharmed_by_a_faulty_daemon(fault, symptom, apps, tmp_path):
                    "faulty.py", pool_size=1, max_overflow=-1)
         app("hold 1")
         app("release 1")
-        rss_before = rss_kib(app.proc.pid)
+        rss_before = status_kib(app.proc.pid, "VmRSS")
         for _ in range(40):   # a stream of updates: connects and closes
             app("hold 30")
             app("release 30")
@@ -1261,7 +1260,7 @@ def test_app_unharmed_by_a_faulty_daemon(fault, symptom, apps, tmp_path):
         (after,) = app("ticks")
         # A busy-looping sender would burn ~300 ticks in 3 s.
         assert int(after) - int(before) < 30
-        assert rss_kib(app.proc.pid) - rss_before < 32 * 1024
+        assert status_kib(app.proc.pid, "VmRSS") - rss_before < 32 * 1024
         assert "Traceback" not in app.log.read_text()
     finally:
         if fake:
@@ -1328,14 +1327,6 @@ def test_daemon_refuses_bad_security_settings(tmp_path, options, message):
         cwd=HERE, env=CHILD_ENV, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert message in result.stderr
-
-
-def status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {field} for {pid}")
 
 
 class Thrower:
