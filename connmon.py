@@ -6,9 +6,9 @@ This one file is all an application host needs.  Read top to bottom:
 2. wire protocol   -- newline-delimited JSON over TCP, with hard size limits
 3. state model     -- one process's connections, and the daemon's picture of
                       every process grouped by host and program
-4. sender          -- the background thread that ships a process's pool
-                      events to ``connmond`` and resends its whole state after
-                      every reconnect
+4. sender          -- the background threads that fold a process's pool
+                      events and ship them to ``connmond``, resending its
+                      whole state after every reconnect
 5. SQLAlchemy glue -- the ``<driver>_connmon`` dialect names and the
                       ``?plugin=connmon`` engine plugin
 
@@ -16,8 +16,8 @@ Sections 1-3 use only the standard library (the daemon and the console import
 them); SQLAlchemy is imported only by section 5, when an engine asks for it.
 
 The application is never hurt by monitoring: pool event listeners only append
-a tuple to a deque; the network, DNS and every retry happen on one daemon
-thread per process, and no exception from here reaches the application once
+a tuple to a deque; the network, DNS and every retry happen on background
+threads, and no exception from here reaches the application once
 ``create_engine()`` has returned.
 """
 
@@ -946,7 +946,7 @@ class Picture:
 
 
 # ---------------------------------------------------------------------------
-# 4. The sender: one background thread per process and daemon address list
+# 4. The sender: background threads per process and daemon address list
 # ---------------------------------------------------------------------------
 
 FLUSH_DELAY = 0.01       # gather a batch for this long after the first event
