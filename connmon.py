@@ -6,9 +6,9 @@ This one file is all an application host needs.  Read top to bottom:
 2. wire protocol   -- newline-delimited JSON over TCP, with hard size limits
 3. state model     -- one process's connections, and the daemon's picture of
                       every process grouped by host and program
-4. sender          -- the background thread that ships a process's pool
-                      events to ``connmond`` and resends its whole state after
-                      every reconnect
+4. sender          -- the background threads that fold a process's pool
+                      events and ship them to ``connmond``, resending its
+                      whole state after every reconnect
 5. SQLAlchemy glue -- the ``<driver>_connmon`` dialect names and the
                       ``?plugin=connmon`` engine plugin
 6. vendoring       -- ``python connmon.py --install-entry-points``: the
@@ -18,8 +18,8 @@ Sections 1-3 use only the standard library (the daemon and the console import
 them); SQLAlchemy is imported only by section 5, when an engine asks for it.
 
 The application is never hurt by monitoring: pool event listeners only append
-a tuple to a deque; the network, DNS and every retry happen on one daemon
-thread per process, and no exception from here reaches the application once
+a tuple to a deque; the network, DNS and every retry happen on background
+threads, and no exception from here reaches the application once
 ``create_engine()`` has returned.
 """
 
@@ -28,6 +28,8 @@ from __future__ import annotations
 import collections
 import configparser
 import encodings.idna  # noqa: F401  (see below)
+import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -35,6 +37,7 @@ import os
 import random
 import select
 import socket
+import ssl
 import sys
 import sysconfig
 import threading
@@ -254,8 +257,18 @@ def candidate_addresses(service: Service,
 # One JSON object a line, UTF-8, at most MAX_MESSAGE_BYTES including the
 # newline.  The daemon speaks first:
 #
-#   daemon -> {"op": "welcome", "version": 1, "service": S, "node": N}
-#   client -> {"op": "hello", "version": 1, "role": "app"|"console", ...}
+#   daemon -> {"op": "welcome", "version": 1, "service": S, "node": N,
+#              "nonce": HEX, "heartbeat": SECONDS}
+#   client -> {"op": "hello", "version": 1, "role": "app"|"console", ...,
+#              "auth": HMAC-SHA256(secret, nonce and role), when secret}
+#   daemon -> {"op": "ready"}, or {"op": "error", "error": TEXT} and EOF
+#
+# With TLS configured, all of this runs inside TLS.  The secret itself
+# never crosses the wire: the hello proves knowledge of it for this one
+# connection (the nonce is fresh), so a captured hello cannot be replayed.
+# Clients send {"op": "ping"} every third of the heartbeat, which the
+# daemon answers with {"op": "pong"}; either side gives up a peer it has not
+# heard from for the whole heartbeat (a stopped process, a vanished host).
 #
 # An app's hello carries "proc": {"id", "hostname", "progname", "pid"}.  It
 # then sends {"op": "state", ...}, its whole state, which replaces whatever
@@ -271,10 +284,151 @@ def candidate_addresses(service: Service,
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20     # the most a client may send in one message
 MAX_REPLY_BYTES = 64 << 20      # the most a snapshot reply may be
+DEFAULT_HEARTBEAT = 30.0        # seconds of silence that lose a peer
+MIN_HEARTBEAT, MAX_HEARTBEAT = 1.0, 3600.0
+MAX_SECRET_BYTES = 4096
 
 
 class ProtocolError(Exception):
     """The peer sent something that is not connmon protocol."""
+
+
+class AuthError(ProtocolError):
+    """The hello did not prove knowledge of the service's secret."""
+
+
+def hello_proof(secret: bytes, nonce: str, role: str) -> str:
+    """What a client puts in its hello's "auth": an HMAC-SHA256, keyed by
+    the shared secret, over the daemon's fresh nonce and the client's role."""
+    text = f"connmon hello\n{nonce}\n{role}".encode("utf-8", "surrogatepass")
+    return hmac.new(secret, text, hashlib.sha256).hexdigest()
+
+
+def proof_is_valid(secret: bytes, nonce: str, role: str, proof: Any) -> bool:
+    """Check a hello's "auth" in constant time, whatever type it has."""
+    if not isinstance(proof, str):
+        return False
+    return hmac.compare_digest(hello_proof(secret, nonce, role).encode(),
+                               proof.encode("utf-8", "surrogatepass"))
+
+
+def read_secret(path: str) -> bytes:
+    """The shared secret kept in ``path`` (surrounding whitespace and the
+    final newline are not part of it)."""
+    try:
+        with open(path, "rb") as file:
+            secret = file.read(MAX_SECRET_BYTES + 1).strip()
+    except OSError as err:
+        raise ConfigError(f"cannot read secret file {path}: "
+                          f"{err.strerror or err}") from None
+    if not secret:
+        raise ConfigError(f"secret file {path} is empty")
+    if len(secret) > MAX_SECRET_BYTES:
+        raise ConfigError(f"secret file {path} is longer than "
+                          f"{MAX_SECRET_BYTES} bytes")
+    return secret
+
+
+TLS_OPTIONS = ("ssl_certfile", "ssl_keyfile", "ssl_cafile",
+               "ssl_client_certfile", "ssl_client_keyfile",
+               "ssl_client_cafile")
+
+
+class Security:
+    """A service's shared secret and TLS files: what a client proves in
+    its hello and how every connection to the service is protected.
+
+    TLS is on when any ``ssl_*`` option is set.  The daemon uses
+    ``ssl_certfile``/``ssl_keyfile`` (and asks clients for certificates
+    signed by ``ssl_client_cafile`` if set); clients check the daemon
+    against ``ssl_cafile`` (default: the system's CAs) and present
+    ``ssl_client_certfile``/``ssl_client_keyfile`` if set.
+    """
+
+    def __init__(self, secret: Optional[bytes] = None,
+                 tls: Optional[Dict[str, str]] = None, source: str = ""):
+        self.secret = secret
+        self.tls = dict(tls or {})
+        self.source = source
+        self._client_context: Optional[ssl.SSLContext] = None
+
+    @classmethod
+    def of_service(cls, service: "Service",
+                   secret_file: Optional[str] = None) -> "Security":
+        """The service's settings; ``secret_file`` overrides its secret."""
+        options = service.options
+        secret_file = secret_file or options.get("auth_secret_file")
+        try:
+            secret = (read_secret(secret_file) if secret_file else
+                      options.get("auth_secret", "").encode() or None)
+        except ConfigError as err:
+            raise ConfigError(f"{service.source}: {err}") from None
+        tls = {key: value for key, value in options.items()
+               if key.startswith("ssl_")}
+        for key in tls:
+            if key not in TLS_OPTIONS:
+                raise ConfigError(f"{service.source}: unknown option {key!r}"
+                                  "; TLS options are " + ", ".join(
+                                      TLS_OPTIONS))
+        return cls(secret, tls, service.source)
+
+    @property
+    def key(self) -> tuple:
+        """Equal for settings that make equal connections."""
+        return self.secret, tuple(sorted(self.tls.items()))
+
+    def client_context(self) -> Optional[ssl.SSLContext]:
+        """The TLS context clients connect with (None: plain TCP).  Made
+        once; a bad file is a ConfigError, so call it at start-up."""
+        if self.tls and self._client_context is None:
+            try:
+                context = ssl.create_default_context(
+                    cafile=self.tls.get("ssl_cafile"))
+                if "ssl_client_certfile" in self.tls:
+                    context.load_cert_chain(
+                        self.tls["ssl_client_certfile"],
+                        self.tls.get("ssl_client_keyfile"))
+            except (OSError, ssl.SSLError) as err:
+                raise ConfigError(f"{self.source}: cannot load TLS files: "
+                                  f"{err}") from None
+            self._client_context = context
+        return self._client_context
+
+    def server_context(self) -> Optional[ssl.SSLContext]:
+        """The daemon's TLS context (None: plain TCP)."""
+        if not self.tls:
+            return None
+        if "ssl_certfile" not in self.tls:
+            raise ConfigError(f"{self.source}: TLS needs ssl_certfile (and "
+                              "ssl_keyfile) on the daemon")
+        try:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls["ssl_certfile"],
+                                    self.tls.get("ssl_keyfile"))
+            if "ssl_client_cafile" in self.tls:
+                context.load_verify_locations(self.tls["ssl_client_cafile"])
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(f"{self.source}: cannot load TLS files: "
+                              f"{err}") from None
+        return context
+
+    def wrap(self, sock: socket.socket, host: str) -> socket.socket:
+        """A client socket, inside TLS if the service uses it."""
+        context = self.client_context()
+        if context is None:
+            return sock
+        return context.wrap_socket(sock, server_hostname=host)
+
+    def proof(self, welcome: Dict[str, Any], role: str) -> Dict[str, str]:
+        """The hello's "auth" field for this welcome, if we have a secret."""
+        if self.secret is None:
+            return {}
+        nonce = welcome.get("nonce")
+        if not isinstance(nonce, str) or not nonce:
+            raise ProtocolError("the daemon sent no nonce to authenticate "
+                                "with (is it older than this client?)")
+        return {"auth": hello_proof(self.secret, nonce, role)}
 
 
 def encode(message: Dict[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
@@ -290,6 +444,8 @@ def decode(line: bytes) -> Dict[str, Any]:
         message = json.loads(line)
     except (ValueError, UnicodeDecodeError) as err:
         raise ProtocolError(f"not JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError("not JSON: nested too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise ProtocolError("not a JSON object with a string 'op'")
     return message
@@ -327,6 +483,15 @@ class Connection:
         self.rfile = sock.makefile("rb")
         self.welcome: Dict[str, Any] = {}
 
+    @property
+    def heartbeat(self) -> float:
+        """The daemon's heartbeat timeout, as its welcome announced."""
+        value = self.welcome.get("heartbeat")
+        if type(value) in (int, float) and (
+                MIN_HEARTBEAT <= value <= MAX_HEARTBEAT):
+            return float(value)
+        return DEFAULT_HEARTBEAT
+
     def send(self, message: Dict[str, Any]) -> None:
         self.sock.sendall(encode(message))
 
@@ -341,11 +506,15 @@ class Connection:
 
 
 def open_connection(addresses: Iterable[Address], role: str,
-                    timeout: float = 5.0, **hello: Any) -> Connection:
-    """Connect to the first address that answers and do the handshake.
+                    timeout: float = 5.0,
+                    security: Optional[Security] = None,
+                    **hello: Any) -> Connection:
+    """Connect to the first address that answers and do the handshake
+    (TLS and the secret's proof as ``security`` says).
 
     Raises OSError naming every address tried when none works.
     """
+    security = security or Security()
     failures = []
     for address in addresses:
         try:
@@ -355,10 +524,12 @@ def open_connection(addresses: Iterable[Address], role: str,
             continue
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = security.wrap(sock, address[0])
             conn = Connection(sock)
             conn.welcome = expect(read_message(conn.rfile), "welcome")
             conn.send(dict(op="hello", version=PROTOCOL_VERSION, role=role,
-                           **hello))
+                           **security.proof(conn.welcome, role), **hello))
+            expect(read_message(conn.rfile), "ready")
             return conn
         except (OSError, ProtocolError) as err:
             sock.close()
@@ -465,6 +636,13 @@ CHECKIN = "checkin"      # (CHECKIN, conn, when): returned to the pool
 CLOSE = "close"          # (CLOSE, conn, when): closed, invalidated, discarded
 POOL = "pool"            # (POOL, pool, when, limit): pool_size+max_overflow,
                          #                            None when unlimited
+
+# What the daemon accepts of one process, and how many host+program rows of
+# programs that are gone it remembers: memory stays bounded whatever
+# clients send.
+MAX_PROCESS_CONNECTIONS = 10000
+MAX_PROCESS_POOLS = 1000
+MAX_ROWS = 10000
 
 
 class ProcessState:
@@ -643,6 +821,13 @@ class ProcessState:
                 and _is_count(peak[0]) and _is_count(peak[1])):
             raise ProtocolError("update needs 'checkouts', 'hold' [seconds, "
                                 "count] and 'peak' [conns, checkouts]")
+        known = 0 if message["op"] == "state" else len(self.conns)
+        if known + len(connect) > MAX_PROCESS_CONNECTIONS:
+            raise ProtocolError(f"more than {MAX_PROCESS_CONNECTIONS} "
+                                "connections in one process")
+        if pools is not None and len(pools) > MAX_PROCESS_POOLS:
+            raise ProtocolError(f"more than {MAX_PROCESS_POOLS} pools in one "
+                                "process")
         if message["op"] == "state":
             for table in (self.conns, self.checked_out, self.pools,
                           self.holders, self.site_names, self.held_at):
@@ -650,17 +835,20 @@ class ProcessState:
         if pools is not None:
             self.pools = dict(pools)
         self.conns.update(connect)
+        unknown = 0   # events for connections the process never announced
         for ident in close:
-            self.conns.pop(ident, None)
+            unknown += self.conns.pop(ident, None) is None
             self.checked_out.pop(ident, None)
             self._forget_holder(ident)
         for ident in checkin:
-            self.checked_out.pop(ident, None)
+            unknown += self.checked_out.pop(ident, None) is None
             self._forget_holder(ident)
         for ident, age in checkout:
             if ident in self.conns:
                 self.checked_out[ident] = now - age
                 self._forget_holder(ident)
+            else:
+                unknown += 1
         room = MAX_SITES - len(self.site_names)
         self.site_names.update(sites[:max(0, room)])
         for ident, site in checkout_sites:
@@ -674,7 +862,8 @@ class ProcessState:
                                    len(self.checked_out))
         return {"checkouts": checkouts, "hold_total": hold[0],
                 "holds": hold[1], "peak_conns": max(peak[0], len(self.conns)),
-                "peak_checked_out": max(peak[1], len(self.checked_out))}
+                "peak_checked_out": max(peak[1], len(self.checked_out)),
+                "unknown": unknown}
 
     def site_of(self, ident: int) -> Optional[str]:
         holder = self.holders.get(ident)
@@ -867,8 +1056,18 @@ class Picture:
     def _row(self, proc: ProcessState) -> ProgramRow:
         row = self.rows.get(proc.key)
         if row is None:
+            if len(self.rows) >= MAX_ROWS:
+                self._forget_a_gone_row()
             row = self.rows[proc.key] = ProgramRow(*proc.key)
         return row
+
+    def _forget_a_gone_row(self) -> None:
+        """Drop the oldest row with no live process (there is one unless
+        every row is live, which the daemon's max_clients bounds)."""
+        for key, row in self.rows.items():
+            if row.nproc == 0:
+                del self.rows[key]
+                return
 
     def _add(self, proc: ProcessState, sign: int) -> None:
         """Count a whole process in (sign 1) or out (sign -1)."""
@@ -933,11 +1132,14 @@ class Picture:
         return len(gone)
 
     def update(self, ident: str, session: int, message: Dict[str, Any],
-               now: float) -> bool:
-        """Apply an app's "update" to its current session; False if stale."""
+               now: float) -> Optional[int]:
+        """Apply an app's "update" to its current session.  Returns None for
+        stale news (ignored), else how many of its events were for
+        connections the process never announced (ignored; an honest
+        process sends none)."""
         proc = self.current(ident, session)
         if proc is None:
-            return False
+            return None
         conns, checked_out = len(proc.conns), len(proc.checked_out)
         counters = proc.update(message, now)
         conns, checked_out = (len(proc.conns) - conns,
@@ -950,7 +1152,7 @@ class Picture:
         row.ckout_total += counters["checkouts"]
         row.holds.add(now, counters["hold_total"], counters["holds"])
         self._totals(conns, checked_out, *peaks)
-        return True
+        return counters["unknown"]
 
     def maxima(self) -> Dict[str, Any]:
         """The maxima, for a peer to merge (cluster maxima converge)."""
@@ -1089,7 +1291,7 @@ def is_exhausted(ckout: int, limit: Optional[int]) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# 4. The sender: one background thread per process and daemon address list
+# 4. The sender: background threads per process and daemon address list
 # ---------------------------------------------------------------------------
 
 FLUSH_DELAY = 0.01       # gather a batch for this long after the first event
@@ -1108,19 +1310,81 @@ def progname() -> str:
     return name
 
 
+PING = {"op": "ping"}
+
+
+class Heartbeat:
+    """When to ping a quiet daemon, and when to give it up for lost.
+
+    A ping goes out every third of the daemon's heartbeat timeout; a daemon
+    not heard from (pongs included) for the whole timeout is lost, as if it
+    had hung up: a host that vanished without a FIN, or a stopped daemon.
+    Between those moments the thread sleeps.
+    """
+
+    def __init__(self, timeout: float, now: float):
+        self.timeout = timeout
+        self.heard_at = now
+        self.ping_at = now + timeout / 3
+
+    def heard(self, now: float) -> None:
+        self.heard_at = now
+
+    def lost(self, now: float) -> bool:
+        return now - self.heard_at >= self.timeout
+
+    def ping_due(self, now: float) -> bool:
+        if now < self.ping_at:
+            return False
+        self.ping_at = now + self.timeout / 3
+        return True
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next ping or the deadline, whichever is first."""
+        return max(0.0, min(self.ping_at, self.heard_at + self.timeout) - now)
+
+
+# The jitter's own generator: the application's seeded ``random`` stays
+# the application's.  Reseeded in forked children, so workers spread out.
+_jitter = random.Random()
+
+
+class Backoff:
+    """Jittered exponential retry delays from RECONNECT_MIN up to
+    RECONNECT_MAX, back to the start once a daemon has answered."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.delay = 0.0
+        self.retry_at = 0.0
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        self.delay = min(RECONNECT_MAX, max(RECONNECT_MIN, self.delay * 2))
+        self.retry_at = now + self.delay * _jitter.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self.failures = 0
+        self.delay = 0.0
+
+
 class Sender:
-    """Ships one process's connection state to connmond from a daemon thread.
+    """Ships one process's connection state to connmond from two daemon
+    threads.
 
     Listeners on application threads call ``events.append`` and ``wake``
-    only.  The thread folds the events into ``state`` (so memory stays
-    bounded whatever the daemon does) and, while connected, sends what
-    changed; after every (re)connect it first sends the whole state.
+    only.  The fold thread folds the events into ``state``, never touching
+    the network, so memory stays bounded however long a connect, a DNS
+    look-up or a send to a stuck daemon blocks.  The network thread, while
+    connected, sends what changed; after every (re)connect it first sends
+    the whole state.
     """
 
     def __init__(self, addresses: List[Address], description: str,
-                 hold_warn: float = DEFAULT_HOLD_WARN):
+                 security: Security, hold_warn: float = DEFAULT_HOLD_WARN):
         self.addresses = addresses
         self.description = description
+        self.security = security
         self.hold_warn = hold_warn
         self.events: collections.deque = collections.deque()
         self._start()
@@ -1133,16 +1397,27 @@ class Sender:
         self._sent = self.state.copy()
         self._site_ids: Dict[Tuple[int, int], int] = {}
         self._scanned = 0.0   # when long holders were last looked at
+        self.lock = threading.Lock()   # state and _sent, between threads
         self.wake_pending = False
-        self._wake_read, self._wake_write = os.pipe()
+        self._wake_read, self._wake_write = os.pipe()    # listeners -> fold
+        self._news_read, self._news_write = os.pipe()    # fold -> network
         os.set_blocking(self._wake_write, False)
+        os.set_blocking(self._news_write, False)
+        self._folder = threading.Thread(target=self._fold, daemon=True,
+                                        name="connmon-fold")
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="connmon-sender")
+        self._folder.start()
         self._thread.start()
 
+    @property
+    def threads(self) -> List[threading.Thread]:
+        return [self._folder, self._thread]
+
     def after_fork_in_child(self) -> None:
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        for fd in (self._wake_read, self._wake_write, self._news_read,
+                   self._news_write):
+            os.close(fd)
         self._start()
 
     def wake(self) -> None:
@@ -1155,64 +1430,94 @@ class Sender:
             except OSError:
                 pass
 
-    # -- the thread ---------------------------------------------------------
+    # -- the threads --------------------------------------------------------
 
-    def _run(self) -> None:
-        conn: Optional[Connection] = None
-        delay = 0.0
-        retry_at = 0.0
-        failures = 0
+    def _fold(self) -> None:
         while True:
             try:
-                if conn is None and time.monotonic() >= retry_at:
-                    conn = self._connect(failures)
-                    if conn is None:
-                        failures += 1
-                        delay = min(RECONNECT_MAX,
-                                    max(RECONNECT_MIN, delay * 2))
-                        retry_at = time.monotonic() + delay * random.uniform(
-                            0.8, 1.2)
-                    else:
-                        failures, delay = 0, 0.0
-                waiting = [self._wake_read] + ([conn.sock] if conn else [])
-                timeout = (self._scan_due() if conn else
-                           max(0.0, retry_at - time.monotonic()))
-                readable, _, _ = select.select(waiting, [], [], timeout)
-                if conn is not None and conn.sock in readable:
-                    if not conn.sock.recv(4096):
-                        log.warning("connmon: connmond %s closed the "
-                                    "connection", self.description)
-                        conn = self._drop(conn)
-                        retry_at = time.monotonic()
-                if self._wake_read in readable:
+                woken, _, _ = select.select([self._wake_read], [], [],
+                                            self._scan_due())
+                if woken:
                     time.sleep(FLUSH_DELAY)
                     os.read(self._wake_read, 4096)
                     self.wake_pending = False
+                with self.lock:
                     self._drain()
+                    if self._scan_due() == 0:
+                        self._scanned = time.monotonic()
+                        self.state.look_at_long_holders(self._scanned,
+                                                        self.hold_warn)
+                    news = woken or self.state.held_at != self._sent.held_at
+                if news:
+                    try:
+                        os.write(self._news_write, b"!")
+                    except BlockingIOError:   # the network thread has news
+                        pass
+            except Exception:  # never let the thread die silently
+                log.exception("connmon: error folding pool events")
+                time.sleep(RECONNECT_MAX)
+
+    def _run(self) -> None:
+        conn: Optional[Connection] = None
+        beat = Heartbeat(DEFAULT_HEARTBEAT, 0.0)
+        backoff = Backoff()
+        while True:
+            try:
+                if conn is None and time.monotonic() >= backoff.retry_at:
+                    conn = self._connect(backoff.failures)
+                    if conn is None:
+                        backoff.failed(time.monotonic())
+                    else:
+                        beat = Heartbeat(conn.heartbeat, time.monotonic())
+                now = time.monotonic()
+                if conn is None:
+                    waiting = [self._news_read]
+                    timeout = max(0.0, backoff.retry_at - now)
+                else:
+                    waiting = [self._news_read, conn.sock]
+                    timeout = beat.wait(now)
+                readable, _, _ = select.select(waiting, [], [], timeout)
+                if conn is not None and conn.sock in readable:
+                    # The daemon says nothing but pongs (or why it hangs up).
+                    expect(read_message(conn.rfile), "pong")
+                    beat.heard(time.monotonic())
+                    backoff.reset()
+                if self._news_read in readable:
+                    os.read(self._news_read, 4096)
                     if conn is not None:
                         self._send(conn)
-                if conn is not None and self._scan_due() == 0:
-                    self._scan(conn)
+                if conn is not None:
+                    self._keep_alive(conn, beat)
             except (OSError, ProtocolError) as err:
-                log.warning("connmon: lost connmond %s: %s", self.description,
-                            err)
+                # Say it once, then quietly keep trying.
+                (log.warning if backoff.failures == 0 else log.debug)(
+                    "connmon: lost connmond %s: %s", self.description, err)
                 conn = self._drop(conn)
-                retry_at = time.monotonic() + RECONNECT_MIN
+                backoff.failed(time.monotonic())
             except Exception:  # never let the thread die silently
                 log.exception("connmon: sender error")
                 conn = self._drop(conn)
-                retry_at = time.monotonic() + RECONNECT_MAX
+                backoff.failed(time.monotonic())
+
+    @staticmethod
+    def _keep_alive(conn: Connection, beat: "Heartbeat") -> None:
+        now = time.monotonic()
+        if beat.lost(now):
+            raise ProtocolError(f"no answer for {beat.timeout:g} s "
+                                "(heartbeat)")
+        if beat.ping_due(now):
+            conn.send(PING)
 
     def _connect(self, failures: int) -> Optional[Connection]:
         state = self.state
         state.session += 1
         try:
             conn = open_connection(
-                random.sample(self.addresses, len(self.addresses)), "app",
-                proc=state.describe())
+                _jitter.sample(self.addresses, len(self.addresses)), "app",
+                security=self.security, proc=state.describe())
             conn.sock.settimeout(SEND_TIMEOUT)
-            self._drain()
-            state.reset_counters()   # what happened while away is history
+            with self.lock:
+                state.reset_counters()   # what happened while away is past
             self._send(conn, full=True)
         except (OSError, ProtocolError) as err:
             # Say it once, then quietly keep trying.
@@ -1233,29 +1538,21 @@ class Sender:
         return None
 
     def _send(self, conn: Connection, full: bool = False) -> None:
-        state = self.state
-        conn.send(state.message(time.monotonic(), None if full else
-                                self._sent))
-        self._sent = state.copy()
-        state.reset_counters()
+        with self.lock:
+            state = self.state
+            message = state.message(time.monotonic(), None if full else
+                                    self._sent)
+            self._sent = state.copy()
+            state.reset_counters()
+        conn.send(message)
 
     def _scan_due(self) -> Optional[float]:
-        """Seconds until long holders are next looked at; None while no
-        connection with a known holder is checked out (nothing to do)."""
+        """Seconds until the fold thread next looks at long holders; None
+        while no connection with a known holder is out (nothing to do)."""
         if not self.state.holders:
             return None
-        return max(0.0, self._scanned + self.scan_interval - time.monotonic())
-
-    def _scan(self, conn: Connection) -> None:
-        """Say where the threads holding connections for long are now."""
-        self._scanned = time.monotonic()
-        self.state.look_at_long_holders(self._scanned, self.hold_warn)
-        if self.state.held_at != self._sent.held_at:
-            self._send(conn)
-
-    @property
-    def scan_interval(self) -> float:
-        return min(5.0, self.hold_warn / 2)
+        interval = min(5.0, self.hold_warn / 2)
+        return max(0.0, self._scanned + interval - time.monotonic())
 
     def _drain(self) -> None:
         """Fold the queued events into our state."""
@@ -1285,23 +1582,27 @@ class Sender:
         return ident
 
 
-_senders: Dict[Tuple[Address, ...], Sender] = {}
+_senders: Dict[tuple, Sender] = {}
 _senders_lock = threading.Lock()
 
 
-def get_sender(addresses: List[Address], description: str) -> Sender:
-    """The process's sender for this daemon address list, made on first use."""
-    key = tuple(sorted(addresses))
+def get_sender(addresses: List[Address], description: str,
+               security: Security, hold_warn: float) -> Sender:
+    """The process's sender for these daemons and settings, made on first
+    use."""
+    key = (tuple(sorted(addresses)), security.key)
     with _senders_lock:
         sender = _senders.get(key)
         if sender is None:
-            sender = _senders[key] = Sender(addresses, description)
+            sender = _senders[key] = Sender(addresses, description, security,
+                                            hold_warn)
         return sender
 
 
 def _after_fork_in_child() -> None:
     global _senders_lock
     _senders_lock = threading.Lock()   # another thread may have held it
+    _jitter.seed()
     for sender in _senders.values():
         sender.after_fork_in_child()
 
@@ -1314,7 +1615,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # ---------------------------------------------------------------------------
 
 URL_PARAMETERS = ("connmon_service", "connmon_addr", "connmon_config",
-                  "connmon_sites")
+                  "connmon_secret_file", "connmon_sites")
 CONN_ID = "connmon_id"       # ConnectionPoolEntry.info key: our connection id
 CONN_POOL = "connmon_pool"   # ... and the pool the connection was made for
 
@@ -1341,18 +1642,41 @@ def url_settings(query: Dict[str, Any]) -> Dict[str, str]:
     return settings
 
 
-def resolve_target(settings: Dict[str, str]) -> Tuple[List[Address], str]:
-    """Daemon addresses (and a description for logs) for URL settings.
+def resolve_target(settings: Dict[str, str]
+                   ) -> Tuple[List[Address], str, Security, float]:
+    """Daemon addresses, a description for logs, the security settings and
+    the long-holder threshold (hold_warn_seconds) for URL settings.
 
-    Reads the config file but does no DNS: names are resolved by the sender.
+    Reads the config, secret and TLS files but does no DNS: names are
+    resolved by the sender.
     """
+    secret_file = settings.get("connmon_secret_file")
     if "connmon_addr" in settings:
         address = parse_address(settings["connmon_addr"])
-        return [address], format_address(address)
+        security = Security(read_secret(secret_file) if secret_file
+                            else None)
+        return ([address], format_address(address), security,
+                DEFAULT_HOLD_WARN)
     service = find_service(settings.get("connmon_service", DEFAULT_SERVICE),
                            settings.get("connmon_config"))
+    security = Security.of_service(service, secret_file)
+    security.client_context()   # a bad TLS file fails here, at start-up
     return ([node.address for node in service.nodes],
-            f"service {service.name!r}")
+            f"service {service.name!r}", security, hold_warn_of(service))
+
+
+def hold_warn_of(service: Service) -> float:
+    """The service's ``hold_warn_seconds``: how long a checkout is held
+    before the application says where."""
+    text = service.options.get("hold_warn_seconds", "")
+    try:
+        seconds = float(text) if text else DEFAULT_HOLD_WARN
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e6:
+        raise ConfigError(f"{service.source}: hold_warn_seconds must be a "
+                          f"positive number of seconds, not {text!r}")
+    return seconds
 
 
 def _pool_limit(pool) -> Optional[int]:
@@ -1374,10 +1698,10 @@ def instrument(engine, settings: Dict[str, str]) -> None:
 
     if engine in _instrumented:
         return
-    addresses, description = resolve_target(settings)
+    target = resolve_target(settings)
     _instrumented.add(engine)
     try:
-        sender = get_sender(addresses, description)
+        sender = get_sender(*target)
     except Exception:  # e.g. no threads left: run unmonitored, never fail
         log.exception("connmon: cannot start; %s runs unmonitored", engine)
         return

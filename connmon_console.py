@@ -39,6 +39,9 @@ class Target:
             self.address = connmon.parse_address(args.host)
             self.description = connmon.format_address(self.address)
             self.service = None
+            self.security = connmon.Security(
+                connmon.read_secret(args.secret_file) if args.secret_file
+                else None)
         else:
             self.service = connmon.find_service(args.service, args.config)
             self.node = args.node
@@ -46,6 +49,9 @@ class Target:
                 f" node {args.node}" if args.node else "")
             if args.node:
                 self.service.node(args.node)   # fail now on an unknown node
+            self.security = connmon.Security.of_service(self.service,
+                                                        args.secret_file)
+            self.security.client_context()   # fail now on a bad TLS file
 
     def addresses(self) -> List[connmon.Address]:
         if self.service is None:
@@ -54,7 +60,8 @@ class Target:
 
     def connect(self, timeout: float = 5.0) -> connmon.Connection:
         return connmon.open_connection(self.addresses(), "console",
-                                       timeout=timeout)
+                                       timeout=timeout,
+                                       security=self.security)
 
 
 def fetch_snapshot(target: Target, timeout: float = 5.0,
@@ -901,6 +908,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s)")
     parser.add_argument("--no-color", action="store_true",
                         help="no colours, attributes only")
+    parser.add_argument("-u", "--secret-file", help="file holding the "
+                        "service's shared secret (default: the config's "
+                        "auth_secret_file or auth_secret)")
     parser.add_argument("--once", action="store_true",
                         help="print one snapshot and exit")
     parser.add_argument("--json", action="store_true",

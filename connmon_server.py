@@ -30,9 +30,11 @@ import logging
 import logging.config
 import os
 import random
+import secrets
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -46,6 +48,97 @@ log = logging.getLogger("connmond")
 HELLO_TIMEOUT = 10.0      # seconds a new connection has to say hello
 MAX_TEXT = 255            # longest hostname / progname accepted
 MAX_OUTBOX = 100_000      # messages queued for a peer before the link is cut
+MAX_HELLO_BYTES = 16384   # the most a client may send before it is trusted
+DEFAULT_MAX_CLIENTS = 4096
+PROBLEM_LOG_INTERVAL = 10.0   # seconds between two log lines of one kind
+
+
+class ProblemLog:
+    """Logs client problems at most once per kind per interval, so that a
+    flood of bad clients cannot flood the log; the next line of a kind
+    says how many were left out."""
+
+    def __init__(self, logger: logging.Logger, interval: float):
+        self.logger = logger
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.last: Dict[str, float] = {}
+        self.suppressed: collections.Counter = collections.Counter()
+
+    def log(self, level: int, kind: str, text: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if now - self.last.get(kind, -self.interval) < self.interval:
+                self.suppressed[kind] += 1
+                return
+            self.last[kind] = now
+            left_out = self.suppressed.pop(kind, 0)
+        if left_out:
+            text += " (and %d more like this not logged in the last %gs)"
+            args += (left_out, self.interval)
+        self.logger.log(level, text, *args)
+
+
+problems = ProblemLog(log, PROBLEM_LOG_INTERVAL)
+
+
+def brief(err: Exception, limit: int = 200) -> str:
+    """An error's text cut short: it may quote what a client sent."""
+    text = str(err)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def number_option(service: connmon.Service, key: str, default: float,
+                  low: float, high: float) -> float:
+    """A numeric option of the service section, checked."""
+    text = service.options.get(key)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise connmon.ConfigError(f"{service.source}: {key} must be a number "
+                                  f"from {low:g} to {high:g}, not {text!r}")
+    return value
+
+
+class LineReader:
+    """Reads lines from a socket like a binary file's ``readline``, but
+    under an optional absolute deadline (the hello's): a client that
+    trickles a byte at a time cannot hold a connection open past it."""
+
+    def __init__(self, sock: socket.socket, deadline: Optional[float]):
+        self.sock = sock
+        self.deadline = deadline
+        self.buffer = bytearray()
+        self.scanned = 0   # no newline in buffer[:scanned]
+
+    def readline(self, size: int) -> bytes:
+        while True:
+            end = self.buffer.find(b"\n", self.scanned, size)
+            if end >= 0 or len(self.buffer) >= size:
+                cut = end + 1 if end >= 0 else size
+                break
+            self.scanned = len(self.buffer)
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("timed out")
+                self.sock.settimeout(left)
+            data = self.sock.recv(65536)
+            if not data:
+                cut = len(self.buffer)
+                break
+            self.buffer += data
+        line = bytes(self.buffer[:cut])
+        del self.buffer[:cut]
+        self.scanned = 0
+        return line
+
+    def close(self) -> None:
+        self.buffer.clear()
 
 
 class ConnmonServer(socketserver.ThreadingTCPServer):
@@ -60,10 +153,60 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         self.node = node
         self.picture = connmon.Picture()
         self.lock = threading.Lock()
+        # Settings first: a bad one is a ConfigError before we listen.
+        self.security = connmon.Security.of_service(service)
+        self.ssl_context = self.security.server_context()
+        self.heartbeat = number_option(
+            service, "heartbeat_timeout", connmon.DEFAULT_HEARTBEAT,
+            connmon.MIN_HEARTBEAT, connmon.MAX_HEARTBEAT)
+        self.max_clients = int(number_option(
+            service, "max_clients", DEFAULT_MAX_CLIENTS, 1, 1 << 20))
+        self.clients = 0
+        self.clients_lock = threading.Lock()
         self.cluster = Cluster(self)
         if ":" in node.bind[0]:
             self.address_family = socket.AF_INET6
         super().__init__(node.bind, ConnmonHandler)
+
+    def process_request(self, request, client_address) -> None:
+        """Start a handler thread, unless max_clients are connected."""
+        with self.clients_lock:
+            full = self.clients >= self.max_clients
+            if not full:
+                self.clients += 1
+        if full:
+            self.refuse(request, client_address, f"too many connections "
+                        f"(max_clients is {self.max_clients})")
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as err:   # no thread to be had
+            self.client_gone()
+            self.refuse(request, client_address, f"overloaded: {err}")
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.client_gone()
+
+    def client_gone(self) -> None:
+        with self.clients_lock:
+            self.clients -= 1
+
+    def refuse(self, request: socket.socket, client_address,
+               reason: str) -> None:
+        """Say why in one line, without ever blocking the accept loop."""
+        problems.log(logging.WARNING, "refused", "%s: refused: %s",
+                     connmon.format_address(client_address[:2]), reason)
+        if self.ssl_context is None:
+            try:
+                request.setblocking(False)
+                request.send(connmon.encode({"op": "error",
+                                             "error": reason}))
+            except OSError:
+                pass
+        self.shutdown_request(request)
 
     def snapshot(self, procs: bool = False) -> Dict[str, Any]:
         with self.lock:
@@ -72,9 +215,14 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         return {"service": self.service.name, "node": self.node.name,
                 "peers": peers, **snapshot}
 
-    def welcome(self) -> Dict[str, Any]:
+    def welcome(self, nonce: str) -> Dict[str, Any]:
         return {"op": "welcome", "version": connmon.PROTOCOL_VERSION,
-                "service": self.service.name, "node": self.node.name}
+                "service": self.service.name, "node": self.node.name,
+                "nonce": nonce, "heartbeat": self.heartbeat}
+
+
+PING = {"op": "ping"}
+PONG = {"op": "pong"}
 
 
 class ConnmonHandler(socketserver.StreamRequestHandler):
@@ -84,37 +232,100 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
     server: ConnmonServer
 
     def setup(self) -> None:
-        super().setup()
-        self.request.settimeout(HELLO_TIMEOUT)
         self.peer = connmon.format_address(self.client_address[:2])
+        self.request.settimeout(HELLO_TIMEOUT)
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.server.ssl_context is not None:
+            # No I/O yet: the handshake waits for handle(), under the hello
+            # deadline and its error handling.
+            self.request = self.server.ssl_context.wrap_socket(
+                self.request, server_side=True,
+                do_handshake_on_connect=False)
+        super().setup()
+        self.rfile.close()
+        self.rfile = LineReader(self.connection,
+                                time.monotonic() + HELLO_TIMEOUT)
+
+    def finish(self) -> None:
+        super().finish()
+        self.connection.close()   # the TLS socket, if any
 
     def send(self, message: Dict[str, Any]) -> None:
         self.wfile.write(connmon.encode(message, connmon.MAX_REPLY_BYTES))
 
     def handle(self) -> None:
+        trusted = False
         try:
-            self.send(self.server.welcome())
-            hello = connmon.expect(read_message(self.rfile), "hello")
-            if hello.get("version") != connmon.PROTOCOL_VERSION:
-                raise ProtocolError(f"protocol version {hello.get('version')!r}"
-                                    f" not supported (this daemon speaks "
-                                    f"{connmon.PROTOCOL_VERSION})")
-            role = hello.get("role")
-            serve = {"app": self.serve_app,
-                     "console": self.serve_console,
-                     "peer": self.serve_peer}.get(role)
-            if serve is None:
-                raise ProtocolError(f"unknown role {role!r}")
-            self.request.settimeout(None)
+            if isinstance(self.connection, ssl.SSLSocket):
+                try:
+                    self.connection.do_handshake()
+                except ssl.SSLEOFError:   # a port probe, most likely
+                    log.debug("%s: closed before TLS", self.peer)
+                    return
+            nonce = secrets.token_hex(16)
+            self.send(self.server.welcome(nonce))
+            hello = read_message(self.rfile, MAX_HELLO_BYTES)
+            if hello is None:   # a port probe, most likely
+                log.debug("%s: closed before hello", self.peer)
+                return
+            serve = self.check_hello(connmon.expect(hello, "hello"), nonce)
+            trusted = True
+            self.rfile.deadline = None
+            self.connection.settimeout(self.server.heartbeat)
+            self.send({"op": "ready"})
             serve(hello)
+        except connmon.AuthError as err:
+            self.refuse("auth", err)
         except ProtocolError as err:
-            log.warning("%s: %s; closing the connection", self.peer, err)
-            try:
-                self.send({"op": "error", "error": str(err)})
-            except OSError:
-                pass
+            self.refuse("bad " + (hello["role"] if trusted else "hello"), err)
+        except ssl.SSLError as err:
+            problems.log(logging.WARNING, "tls", "%s: TLS failed: %s; closing "
+                         "the connection", self.peer, brief(err))
+        except socket.timeout:
+            if trusted:
+                log.info("%s: silent for %gs (heartbeat_timeout); closing "
+                         "the connection", self.peer, self.server.heartbeat)
+            else:
+                problems.log(logging.WARNING, "hello", "%s: no hello within "
+                             "%gs; closing the connection", self.peer,
+                             HELLO_TIMEOUT)
         except OSError as err:
-            log.info("%s: connection lost: %s", self.peer, err)
+            if trusted:
+                log.info("%s: connection lost: %s", self.peer, err)
+            else:
+                problems.log(logging.INFO, "lost", "%s: connection lost "
+                             "before hello: %s", self.peer, brief(err))
+        except Exception:   # a bug: say so, keep serving everyone else
+            log.exception("%s: internal error; closing the connection",
+                          self.peer)
+
+    def check_hello(self, hello: Dict[str, Any], nonce: str):
+        """The serve method for a valid hello; ProtocolError otherwise."""
+        if hello.get("version") != connmon.PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {hello.get('version')!r}"
+                                f" not supported (this daemon speaks "
+                                f"{connmon.PROTOCOL_VERSION})")
+        role = hello.get("role")
+        serve = {"app": self.serve_app, "console": self.serve_console,
+                 "peer": self.serve_peer}.get(
+            role if isinstance(role, str) else "")
+        if serve is None:
+            raise ProtocolError(f"unknown role {role!r}")
+        secret = self.server.security.secret
+        if secret is not None and not connmon.proof_is_valid(
+                secret, nonce, role, hello.get("auth")):
+            raise connmon.AuthError(f"{role}: authentication failed (wrong "
+                                    "or missing secret)")
+        return serve
+
+    def refuse(self, kind: str, err: ProtocolError) -> None:
+        """One rate-limited log line, the reason to the client, hang up."""
+        problems.log(logging.WARNING, kind, "%s: %s; closing the connection",
+                     self.peer, brief(err))
+        try:
+            self.send({"op": "error", "error": brief(err)})
+        except OSError:
+            pass
 
     # -- applications ---------------------------------------------------------
 
@@ -135,13 +346,22 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
                 message = read_message(self.rfile)
                 if message is None:
                     break
+                if message["op"] == "ping":
+                    self.send(PONG)
+                    continue
                 connmon.expect(message, "update")
                 with lock:
-                    if picture.update(proc.ident, proc.session, message,
-                                      time.monotonic()):
+                    unknown = picture.update(proc.ident, proc.session,
+                                             message, time.monotonic())
+                    if unknown is not None:
                         cluster.broadcast({
                             "op": "forward", "id": proc.ident,
                             "session": proc.session, "update": message})
+                if unknown:
+                    problems.log(logging.WARNING, "unknown", "%s: app %s "
+                                 "sent %d events for connections it never "
+                                 "announced; ignored", self.peer, name,
+                                 unknown)
         finally:
             with lock:
                 if picture.detach(proc.ident, proc.session):
@@ -157,7 +377,9 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
             request = read_message(self.rfile)
             if request is None:
                 break
-            if request["op"] == "snapshot":
+            if request["op"] == "ping":
+                self.send(PONG)
+            elif request["op"] == "snapshot":
                 self.send({"op": "snapshot", **self.server.snapshot(
                     procs=request.get("procs") is True)})
             elif request["op"] == "clear_maxima":
@@ -185,9 +407,10 @@ def process_from(proc: Any) -> connmon.ProcessState:
     fields = []
     for key in ("id", "hostname", "progname"):
         value = proc.get(key)
-        if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+        if not (isinstance(value, str) and 0 < len(value) <= MAX_TEXT
+                and value.isprintable()):
             raise ProtocolError(f"app hello: 'proc.{key}' must be a string "
-                                f"of 1 to {MAX_TEXT} characters")
+                                f"of 1 to {MAX_TEXT} printable characters")
         fields.append(value)
     pid, session = proc.get("pid"), proc.get("session")
     if type(pid) is not int or not 0 < pid < 1 << 32:
@@ -349,16 +572,19 @@ class PeerLink:
             picture.merge_maxima(message)
         elif op == "clear_maxima":
             picture.clear_maxima()
-        else:
+        elif op != "ping":
             raise ProtocolError(f"unknown peer message {op!r}")
 
     def _write_loop(self) -> None:
+        """Write what is queued; on a quiet link, a ping every third of the
+        heartbeat timeout, so that the peer's reads never time out while
+        both nodes live (and do when one is stopped or cut off)."""
         while True:
             with self.ready:
-                while not self.outbox:
-                    self.ready.wait()
+                if not self.outbox:
+                    self.ready.wait(self.server.heartbeat / 3)
                 sock = self.sock
-                batch = list(self.outbox)
+                batch = list(self.outbox) or [PING]
                 self.outbox.clear()
             if sock is None:
                 continue
@@ -375,9 +601,10 @@ class PeerLink:
             try:
                 conn = connmon.open_connection(
                     [self.node.address], "peer",
+                    security=self.server.security,
                     service=self.server.service.name,
                     node=self.server.node.name)
-                conn.sock.settimeout(None)
+                conn.sock.settimeout(self.server.heartbeat)
                 delay = 0.0
                 self.run(conn.sock, conn.rfile)
             except (OSError, ProtocolError) as err:
@@ -776,6 +1003,7 @@ def main(argv: Optional[list] = None) -> int:
         service = connmon.find_service(args.service, args.config)
         node = choose_node(service, args.node)
         options = DaemonOptions(service, node)
+        connmon.Security.of_service(service).server_context()
         configure_logging(path, args.log_level)
     except connmon.ConfigError as err:
         print(f"connmond: error: {err}", file=sys.stderr)
@@ -791,6 +1019,9 @@ def main(argv: Optional[list] = None) -> int:
         if options.metrics_port:
             address = (options.metrics_bind, options.metrics_port)
             metrics = MetricsServer(address, server)
+    except connmon.ConfigError as err:
+        print(f"connmond: error: {err}", file=sys.stderr)
+        return 2
     except OSError as err:
         print(f"connmond: error: cannot listen on "
               f"{connmon.format_address(address)}: {err}", file=sys.stderr)

@@ -25,7 +25,7 @@ setup(
         "postgresql": ["SQLAlchemy>=2.0", "psycopg2-binary"],
         "test": ["SQLAlchemy>=2.0", "PyMySQL", "psycopg2-binary",
                  "pytest", "pyte", "hypothesis", "prometheus_client",
-                 "oslo.db"],
+                 "oslo.db", "trustme"],
     },
     entry_points={
         "console_scripts": [

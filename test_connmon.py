@@ -194,9 +194,12 @@ def hold(n):
 def sender_ticks():
     import connmon
     (sender,) = connmon._senders.values()
-    with open(f"/proc/self/task/{sender._thread.native_id}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    ticks = 0
+    for thread in sender.threads:
+        with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks
 
 for line in sys.stdin:
     cmd, *args = line.split()
@@ -2496,3 +2499,788 @@ def test_oslo_db_writer_attributed_to_the_application(daemon, tmp_path):
         assert site["site"].endswith(" in hold")
     finally:
         app.stop()
+
+
+# ---------------------------------------------------------------------------
+# Issue 5: hardening -- auth, TLS, heartbeats, hostile input; the app never
+# notices
+# ---------------------------------------------------------------------------
+
+SECRET = "hunter2-Sh4red-Secret"
+
+
+class SecureDaemon(Daemon):
+    """A Daemon whose own snapshots (wait_row, ...) connect like any client
+    of its service: with the secret and TLS of its config file."""
+
+    def snapshot(self, procs: bool = False) -> Dict[str, Any]:
+        service = connmon.find_service("test", str(self.config))
+        conn = connmon.open_connection(
+            [("127.0.0.1", self.port)], "console",
+            security=connmon.Security.of_service(service))
+        try:
+            return conn.request({"op": "snapshot", "procs": procs})
+        finally:
+            conn.close()
+
+
+def secret_file(tmp_path, name: str, secret: str = SECRET) -> str:
+    path = tmp_path / name
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def console(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "--json", *args],
+        cwd=HERE, env=CHILD_ENV, capture_output=True, text=True, timeout=30)
+
+
+def sqlite_app_url(tmp_path, query: str) -> str:
+    return f"sqlite:///{tmp_path}/hardening.sqlite?plugin=connmon&{query}"
+
+
+def test_auth_right_secret_works_wrong_or_missing_refused(tmp_path, apps):
+    good = secret_file(tmp_path, "good.secret")
+    wrong = secret_file(tmp_path, "wrong.secret", "not-the-secret")
+    daemon = SecureDaemon(tmp_path, extra_config=f"auth_secret_file: {good}\n")
+    relay = Relay(daemon.port)   # to see the refused apps keep trying
+    try:
+        app = apps(sqlite_app_url(tmp_path, f"connmon_addr={daemon.address}"
+                                  f"&connmon_secret_file={good}"), "good.py")
+        app("hold 2")
+        daemon.wait_row("good.py", conn=2, ckout=2)
+
+        refused = {
+            "wrong.py": apps(sqlite_app_url(
+                tmp_path, f"connmon_addr=127.0.0.1:{relay.port}"
+                f"&connmon_secret_file={wrong}"), "wrong.py"),
+            "nosecret.py": apps(sqlite_app_url(
+                tmp_path, f"connmon_addr=127.0.0.1:{relay.port}"),
+                "nosecret.py"),
+        }
+        for name, bad in refused.items():
+            bad("hold 2")
+            bad("query 200")   # the app works as ever
+            bad("release 2")
+        # Both keep retrying (with backoff) and are refused every time...
+        def attempts(name: str) -> int:
+            with relay.lock:
+                return relay.received.count(f'"progname":"{name}"'.encode())
+        wait_until(lambda: all(attempts(name) >= 3 for name in refused),
+                   30, "three attempts of each refused app")
+        for name, bad in refused.items():
+            bad("query 10")
+            text = bad.log.read_text()
+            # ...but each says so once, clearly, and nothing worse.
+            assert text.count("authentication failed (wrong or missing "
+                              "secret)") == 1, text
+            assert "Traceback" not in text
+        assert "app: authentication failed" in daemon.log.read_text()
+        rows = {row["progname"] for row in daemon.snapshot()["rows"]}
+        assert rows == {"good.py"}
+    finally:
+        relay.close()
+        daemon.stop()
+
+
+def test_auth_consoles_and_raw_clients(tmp_path):
+    good = secret_file(tmp_path, "good.secret")
+    daemon = SecureDaemon(tmp_path, extra_config=f"auth_secret_file: {good}\n")
+    try:
+        ok = console("-H", daemon.address, "-u", good)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["service"] == "test"
+        ok = console("-c", str(daemon.config), "-s", "test")   # from config
+        assert ok.returncode == 0, ok.stderr
+        for args in (["-H", daemon.address],
+                     ["-H", daemon.address, "-u",
+                      secret_file(tmp_path, "bad.secret", "guess")]):
+            refused = console(*args)
+            assert refused.returncode == 1
+            assert ("refused: console: authentication failed (wrong or "
+                    "missing secret)") in refused.stderr
+            assert refused.stdout == ""
+        # An unauthenticated client learns nothing and changes nothing: no
+        # snapshot, no state, whatever it sends after its hello.  A proof
+        # made for another connection's nonce (a replay) is no better.
+        other = connmon.open_connection(
+            [("127.0.0.1", daemon.port)], "console",
+            security=connmon.Security(SECRET.encode()))
+        stale = connmon.hello_proof(SECRET.encode(),
+                                    other.welcome["nonce"], "app")
+        other.close()
+        for extra in ({}, {"auth": stale}, {"auth": 42}, {"auth": "é"}):
+            with socket.create_connection(("127.0.0.1", daemon.port)) as s:
+                s.settimeout(10)
+                rfile = s.makefile("rb")
+                assert connmon.read_message(rfile)["op"] == "welcome"
+                s.sendall(connmon.encode(dict(
+                    op="hello", version=1, role="app", proc=dict(
+                        id="intruder", hostname="h", progname="intruder.py",
+                        pid=1), **extra)) + b'{"op":"state","connect":[[1,1'
+                    b']],"close":[],"checkout":[],"checkin":[],"checkouts":0'
+                    b',"hold":[0,0],"peak":[1,0]}\n{"op":"snapshot"}\n')
+                reply = connmon.read_message(rfile)
+                assert reply == {"op": "error", "error": "app: "
+                                 "authentication failed (wrong or missing "
+                                 "secret)"}
+                assert rfile.read() == b""
+        assert daemon.snapshot()["rows"] == []
+        assert SECRET not in daemon.log.read_text()
+    finally:
+        daemon.stop()
+    # The secret may also be written into the config file itself.
+    inline = SecureDaemon(tmp_path, extra_config=f"auth_secret: {SECRET}\n")
+    try:
+        assert console("-H", inline.address, "-u", good).returncode == 0
+        assert console("-H", inline.address).returncode == 1
+        assert inline.snapshot()["service"] == "test"
+    finally:
+        inline.stop()
+
+
+def test_wire_carries_neither_secret_nor_password(tmp_path, apps):
+    require_database(POSTGRESQL_URL)
+    good = secret_file(tmp_path, "good.secret")
+    daemon = SecureDaemon(tmp_path, extra_config=f"auth_secret_file: {good}\n")
+    relay = Relay(daemon.port)
+    try:
+        password = "s3cr3t-Pa55word"   # trust auth: the server ignores it
+        url = POSTGRESQL_URL.replace("postgres@", f"postgres:{password}@")
+        url = url.replace("postgresql+psycopg2://",
+                          "postgresql+psycopg2_connmon://")
+        url += (f"?connmon_addr=127.0.0.1:{relay.port}"
+                f"&connmon_secret_file={good}")
+        app = apps(url, "wire.py")
+        app("hold 2")
+        daemon.wait_row("wire.py", conn=2, ckout=2)
+        with relay.lock:
+            wire = bytes(relay.received)
+        assert b'"auth":"' in wire and b'"op":"update"' in wire
+        for secret in (SECRET.encode(), password.encode(), good.encode()):
+            assert secret not in wire
+        for log_file in (daemon.log, app.log):
+            assert SECRET not in log_file.read_text()
+    finally:
+        relay.close()
+        daemon.stop()
+
+
+class CertificateAuthority:
+    """A certificate authority made for one test, with files on disk."""
+
+    def __init__(self, tmp_path, name: str):
+        import trustme
+        self.ca = trustme.CA()
+        self.dir = tmp_path / name
+        self.dir.mkdir()
+        self.cafile = str(self.dir / "ca.pem")
+        self.ca.cert_pem.write_to_path(self.cafile)
+
+    def issue(self, name: str, *identities: str) -> tuple:
+        """(certfile, keyfile) of a new leaf certificate."""
+        leaf = self.ca.issue_cert(*identities)
+        certfile, keyfile = (str(self.dir / f"{name}.pem"),
+                             str(self.dir / f"{name}.key"))
+        leaf.cert_chain_pems[0].write_to_path(certfile)
+        leaf.private_key_pem.write_to_path(keyfile)
+        return certfile, keyfile
+
+
+def client_config(tmp_path, daemon: Daemon, name: str, options: str) -> str:
+    """A config file naming the daemon's node, with the client's options."""
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(f"""\
+        [connmon_service_test]
+        name: test
+        nodes:
+            node1 hostname=127.0.0.1:{daemon.port}
+        """) + options)
+    return str(path)
+
+
+def test_tls_right_ca_works_wrong_ca_refused(tmp_path, apps):
+    ca = CertificateAuthority(tmp_path, "ca")
+    stranger = CertificateAuthority(tmp_path, "stranger")
+    certfile, keyfile = ca.issue("server", "127.0.0.1", "localhost")
+    good = secret_file(tmp_path, "good.secret")
+    daemon = SecureDaemon(tmp_path, extra_config=(
+        f"auth_secret_file: {good}\nssl_certfile: {certfile}\n"
+        f"ssl_keyfile: {keyfile}\nssl_cafile: {ca.cafile}\n"))
+    relay = Relay(daemon.port)
+    try:
+        trusting = client_config(tmp_path, daemon, "trusting.cfg", (
+            f"auth_secret_file: {good}\nssl_cafile: {ca.cafile}\n"))
+        app = apps(sqlite_app_url(tmp_path, f"connmon_config={trusting}"
+                                  "&connmon_service=test"), "tls.py")
+        app("hold 2")
+        daemon.wait_row("tls.py", conn=2, ckout=2)
+        ok = console("-c", trusting, "-s", "test")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["connections"] == 2
+
+        # Through the relay: encrypted, so not even the JSON shows.
+        relayed = tmp_path / "relayed.cfg"
+        relayed.write_text((tmp_path / "trusting.cfg").read_text().replace(
+            f":{daemon.port}", f":{relay.port}"))
+        spied = apps(sqlite_app_url(tmp_path, f"connmon_config={relayed}"
+                                    "&connmon_service=test"), "spied.py")
+        spied("hold 1")
+        daemon.wait_row("spied.py", conn=1, ckout=1)
+        with relay.lock:
+            wire = bytes(relay.received)
+        assert wire and b'"op"' not in wire and SECRET.encode() not in wire
+
+        doubting = client_config(tmp_path, daemon, "doubting.cfg", (
+            f"auth_secret_file: {good}\nssl_cafile: {stranger.cafile}\n"))
+        refused = apps(sqlite_app_url(tmp_path, f"connmon_config={doubting}"
+                                      "&connmon_service=test"), "wrongca.py")
+        refused("hold 2")
+        refused("query 200")
+        wait_until(lambda: "certificate verify failed" in
+                   refused.log.read_text(), 15, "the refused app's log line")
+        refused("release 2")
+        bad = console("-c", doubting, "-s", "test")
+        assert bad.returncode == 1 and "certificate verify failed" in (
+            bad.stderr)
+        plain = console("-H", daemon.address, "-u", good)   # no TLS at all
+        assert plain.returncode == 1
+        wait_until(lambda: "TLS failed" in daemon.log.read_text(), 15,
+                   "the daemon's log line")
+        assert "wrongca.py" not in {r["progname"]
+                                    for r in daemon.snapshot()["rows"]}
+        assert "Traceback" not in refused.log.read_text()
+    finally:
+        relay.close()
+        daemon.stop()
+
+
+def test_tls_client_certificates(tmp_path, apps):
+    ca = CertificateAuthority(tmp_path, "ca")
+    certfile, keyfile = ca.issue("server", "127.0.0.1")
+    client_cert, client_key = ca.issue("client", "app.example")
+    daemon = SecureDaemon(tmp_path, extra_config=(
+        f"ssl_certfile: {certfile}\nssl_keyfile: {keyfile}\n"
+        f"ssl_cafile: {ca.cafile}\nssl_client_cafile: {ca.cafile}\n"
+        f"ssl_client_certfile: {client_cert}\n"
+        f"ssl_client_keyfile: {client_key}\n"))
+    try:
+        with_cert = client_config(tmp_path, daemon, "with.cfg", (
+            f"ssl_cafile: {ca.cafile}\nssl_client_certfile: {client_cert}\n"
+            f"ssl_client_keyfile: {client_key}\n"))
+        without = client_config(tmp_path, daemon, "without.cfg",
+                                f"ssl_cafile: {ca.cafile}\n")
+        app = apps(sqlite_app_url(tmp_path, f"connmon_config={with_cert}"
+                                  "&connmon_service=test"), "cert.py")
+        app("hold 1")
+        daemon.wait_row("cert.py", conn=1, ckout=1)
+        assert console("-c", with_cert, "-s", "test").returncode == 0
+        bad = console("-c", without, "-s", "test")
+        assert bad.returncode == 1, bad.stdout
+        assert "certificate required" in bad.stderr
+        wait_until(lambda: "PEER_DID_NOT_RETURN_A_CERTIFICATE" in
+                   daemon.log.read_text(), 15, "the daemon's log line")
+    finally:
+        daemon.stop()
+
+
+CONSOLE_HOLDER = r'''
+import sys, connmon
+conn = connmon.open_connection([("127.0.0.1", int(sys.argv[1]))], "console")
+print(conn.sock.getsockname()[1], flush=True)
+sys.stdin.read()
+'''
+
+
+def test_silent_daemon_app_and_console_are_given_up(tmp_path, apps):
+    daemon = Daemon(tmp_path, extra_config="heartbeat_timeout: 2\n")
+    holder = None
+    try:
+        app = apps(sqlite_app_url(tmp_path, f"connmon_addr={daemon.address}"),
+                   "stopped.py")
+        app("hold 1")
+        daemon.wait_row("stopped.py", nproc=1, conn=1)
+
+        # A stopped daemon: the app notices, and works on meanwhile.
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            app("query 100")
+            wait_until(lambda: "no answer for 2 s (heartbeat)" in
+                       app.log.read_text(), 20, "the app to give up")
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        # (the queries opened a second connection, now idle in the pool)
+        daemon.wait_row("stopped.py", nproc=1, conn=2, ckout=1, timeout=20)
+
+        # A stopped app: the daemon drops it; once resumed it comes back.
+        os.kill(app.proc.pid, signal.SIGSTOP)
+        try:
+            daemon.wait_row("stopped.py", nproc=0, conn=0, timeout=20)
+        finally:
+            os.kill(app.proc.pid, signal.SIGCONT)
+        daemon.wait_row("stopped.py", nproc=1, conn=2, ckout=1, timeout=20)
+        assert "silent for 2s (heartbeat_timeout)" in daemon.log.read_text()
+
+        # A stopped console.
+        holder = subprocess.Popen(
+            [sys.executable, "-c", CONSOLE_HOLDER, str(daemon.port)],
+            cwd=HERE, env=CHILD_ENV, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+        port = holder.stdout.readline().strip()
+        assert port.isdigit()
+        os.kill(holder.pid, signal.SIGSTOP)
+        wait_until(lambda: f"127.0.0.1:{port}: silent for 2s" in
+                   daemon.log.read_text(), 20, "the console to be dropped")
+        assert "Traceback" not in app.log.read_text()
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait(10)
+        daemon.stop()
+
+
+def test_connection_cap_and_hello_deadline(tmp_path):
+    daemon = Daemon(tmp_path, extra_config="max_clients: 3\n")
+    silent = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", daemon.port), 5)
+            sock.settimeout(5)
+            assert connmon.read_message(sock.makefile("rb"))["op"] == (
+                "welcome")
+            silent.append(sock)
+        with socket.create_connection(("127.0.0.1", daemon.port), 5) as sock:
+            sock.settimeout(5)
+            rfile = sock.makefile("rb")
+            assert connmon.read_message(rfile) == {
+                "op": "error", "error": "too many connections (max_clients "
+                "is 3)"}
+            assert rfile.read() == b""
+        full = console("-H", daemon.address)
+        assert full.returncode == 1
+        assert "refused: too many connections" in full.stderr
+        assert "refused: too many connections" in daemon.log.read_text()
+
+        # One of them trickles a byte at a time: the hello deadline is a
+        # deadline, not an idle timeout.  All three are hung up on.
+        trickler = silent[0]
+        trickler.sendall(b"{")
+
+        def all_hung_up() -> bool:
+            try:
+                trickler.sendall(b" ")
+            except OSError:
+                pass
+            return all(closed(sock) for sock in silent)
+        wait_until(all_hung_up, 30, "the hello deadline")
+        assert daemon.snapshot()["service"] == "test"   # slots are free
+        assert "no hello within 10s" in daemon.log.read_text()
+    finally:
+        for sock in silent:
+            sock.close()
+        daemon.stop()
+
+
+def closed(sock: socket.socket) -> bool:
+    """Has the peer hung up?  (Reads and drops what it sent before.)"""
+    ready, _, _ = select.select([sock], [], [], 0)
+    if not ready:
+        return False
+    try:
+        while sock.recv(65536, socket.MSG_DONTWAIT):
+            pass
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class FakeDaemon(threading.Thread):
+    """A listener that misbehaves in one way:
+
+    - "no-accept": never accepts (the kernel completes the TCP handshake;
+      nothing is ever read or written);
+    - "never-read": says a valid welcome and ready, then never reads nor
+      answers a ping (with a tiny receive buffer, so whatever the app sends
+      piles up in its send buffer);
+    - "garbage": answers every connection with random bytes.
+    """
+
+    def __init__(self, behaviour: str):
+        super().__init__(daemon=True)
+        self.behaviour = behaviour
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.clients: List[socket.socket] = []
+        if behaviour != "no-accept":
+            self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.clients.append(client)   # kept open, never read
+            if self.behaviour == "never-read":
+                answer = connmon.encode(
+                    {"op": "welcome", "version": 1, "service": "x",
+                     "node": "fake", "nonce": "00", "heartbeat": 2}
+                ) + connmon.encode({"op": "ready"})
+            else:
+                answer = os.urandom(4096) + b"\n"
+            try:
+                client.sendall(answer)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for client in self.clients:
+            client.close()
+
+
+def status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.mark.parametrize("fault, symptom", [
+    ("no-accept", "timed out"),
+    ("never-read", "no answer for 2 s (heartbeat)"),
+    ("garbage", "not JSON"),
+    ("unresolvable", "cannot reach connmond connmon-test.invalid:5800"),
+])
+def test_app_unharmed_by_a_faulty_daemon(fault, symptom, apps, tmp_path):
+    fake = None if fault == "unresolvable" else FakeDaemon(fault)
+    address = (f"127.0.0.1:{fake.port}" if fake
+               else "connmon-test.invalid:5800")
+    try:
+        app = apps(sqlite_app_url(tmp_path, f"connmon_addr={address}"),
+                   "faulty.py", pool_size=1, max_overflow=-1)
+        app("hold 1")
+        app("release 1")
+        rss_before = status_kib(app.proc.pid, "VmRSS")
+        for _ in range(40):   # a stream of updates: connects and closes
+            app("hold 30")
+            app("release 30")
+        app("query 2000")
+        wait_until(lambda: symptom in app.log.read_text(), 30,
+                   f"the app to log {symptom!r}")
+        (before,) = app("ticks")
+        time.sleep(3)   # the window the sender's CPU time is measured over
+        app("query 100")
+        (after,) = app("ticks")
+        # A busy-looping sender would burn ~300 ticks in 3 s.
+        assert int(after) - int(before) < 30
+        assert status_kib(app.proc.pid, "VmRSS") - rss_before < 32 * 1024
+        assert "Traceback" not in app.log.read_text()
+    finally:
+        if fake:
+            fake.close()
+
+
+@pytest.mark.parametrize("query, message", [
+    ("connmon_addr=127.0.0.1:1&connmon_secret_file=/nonexistent.secret",
+     "cannot read secret file /nonexistent.secret: No such file"),
+    ("connmon_addr=127.0.0.1:1&connmon_secret_file={empty}",
+     "empty.secret is empty"),
+    ("connmon_config={cfg}&connmon_service=badtls",
+     "[connmon_service_badtls]: cannot load TLS files"),
+    ("connmon_config={cfg}&connmon_service=typo",
+     "[connmon_service_typo]: unknown option 'ssl_cert'"),
+    ("connmon_config={cfg}&connmon_service=nosecret",
+     "[connmon_service_nosecret]: cannot read secret file /nonexistent"),
+])
+@pytest.mark.parametrize("form", ["sqlite+pysqlite_connmon://", "sqlite://"])
+def test_bad_security_settings_fail_at_create_engine(tmp_path, form, query,
+                                                     message):
+    import sqlalchemy as sa
+    empty = tmp_path / "empty.secret"
+    empty.write_text("\n")
+    cfg = write(tmp_path, """\
+        [connmon_service_badtls]
+        name: badtls
+        nodes:
+            n1 hostname=127.0.0.1
+        ssl_cafile: /nonexistent-ca.pem
+        [connmon_service_typo]
+        name: typo
+        nodes:
+            n1 hostname=127.0.0.1
+        ssl_cert: /etc/x.pem
+        [connmon_service_nosecret]
+        name: nosecret
+        nodes:
+            n1 hostname=127.0.0.1
+        auth_secret_file: /nonexistent
+        """)
+    url = form + "/?" + query.format(cfg=cfg, empty=empty)
+    if form == "sqlite://":
+        url += "&plugin=connmon"
+    with pytest.raises(connmon.ConfigError) as err:
+        sa.create_engine(url)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ("heartbeat_timeout: 0.1\n", "heartbeat_timeout must be a number from 1 "
+     "to 3600, not '0.1'"),
+    ("max_clients: many\n", "max_clients must be a number from 1 to "
+     "1.04858e+06, not 'many'"),
+    ("ssl_cafile: /etc/ssl/certs/ca-certificates.crt\n",
+     "TLS needs ssl_certfile (and ssl_keyfile) on the daemon"),
+    ("ssl_certfile: /nonexistent.pem\n", "cannot load TLS files"),
+])
+def test_daemon_refuses_bad_security_settings(tmp_path, options, message):
+    path = write(tmp_path, "[connmon_service_a]\nname: a\nnodes:\n"
+                 "    n1 hostname=127.0.0.1:1\n" + options)
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_server", "-c", path, "-s", "a"],
+        cwd=HERE, env=CHILD_ENV, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+class Thrower:
+    """Throws hostile inputs at a daemon and counts them.
+
+    Each input before the hello needs a connection of its own.  Inputs
+    after a valid hello go one at a time, each followed by a ping: the
+    pong says the daemon took the input and carries on, an error that it
+    refused it (and hung up; the thrower says hello again for the next).
+    """
+
+    def __init__(self, port: int):
+        self.port = port
+        self.thrown = 0
+        self.refused = 0
+        self.serial = 0
+
+    def connect(self) -> tuple:
+        sock = socket.create_connection(("127.0.0.1", self.port), 10)
+        sock.settimeout(10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rfile = sock.makefile("rb")
+        assert connmon.read_message(rfile)["op"] == "welcome"
+        return sock, rfile
+
+    def before_hello(self, data: bytes) -> None:
+        """Send ``data`` as the first bytes, then end the stream."""
+        sock, rfile = self.connect()
+        with sock:
+            try:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                while rfile.read(65536):
+                    pass
+            except OSError:   # the daemon may hang up while we still talk
+                pass
+        self.thrown += 1
+
+    def hello(self, role: str) -> tuple:
+        sock, rfile = self.connect()
+        self.serial += 1
+        proc = {"id": f"fuzz-{self.serial}", "hostname": "fuzz-host",
+                "progname": "fuzz.py", "pid": self.serial, "session": 1}
+        sock.sendall(connmon.encode({"op": "hello", "version": 1,
+                                     "role": role, "proc": proc}))
+        assert connmon.read_message(rfile) == {"op": "ready"}
+        if role == "app":
+            sock.sendall(connmon.encode({
+                "op": "state", "connect": [[1, 1], [2, 1]], "close": [],
+                "checkout": [[2, 0.5]], "checkin": [], "checkouts": 1,
+                "hold": [0, 0], "peak": [2, 1], "pools": [[1, 5]]}))
+        return sock, rfile
+
+    def after_hello(self, role: str, lines: List[bytes]) -> None:
+        """Send each line after a valid hello of ``role``."""
+        sock = rfile = None
+        try:
+            for line in lines:
+                if sock is None:
+                    sock, rfile = self.hello(role)
+                sock.sendall(line + connmon.encode({"op": "ping"}))
+                self.thrown += 1
+                while True:   # a console's request may have its own reply
+                    reply = connmon.read_message(rfile, 64 << 20)
+                    if reply is None or reply["op"] in ("pong", "error"):
+                        break
+                if reply is None or reply["op"] == "error":
+                    self.refused += 1
+                    sock.close()
+                    sock = None
+        finally:
+            if sock is not None:
+                sock.close()
+
+
+def hostile_strategies():
+    """Hypothesis strategies for hostile input, built on first use."""
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers()
+               | st.floats(allow_nan=True, allow_infinity=True)
+               | st.text(max_size=12))
+    json_values = st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=12)
+    absurd = st.sampled_from([-1, 2 ** 62, 2 ** 64, -2 ** 63, 1e308, -0.5,
+                              float("nan"), float("inf"), True, "7", None])
+    ident = st.integers(0, 40) | absurd
+    age = st.floats(0, 100) | absurd
+    count = st.integers(0, 1000) | absurd
+
+    def pairs(second):
+        return st.lists(st.tuples(ident, second).map(list), max_size=8)
+
+    update = st.fixed_dictionaries({
+        "op": st.sampled_from(["update", "update", "update", "state"]),
+        "connect": pairs(ident), "close": st.lists(ident, max_size=8),
+        "checkout": pairs(age), "checkin": st.lists(ident, max_size=8),
+        "checkouts": count, "hold": st.tuples(age, count).map(list),
+        "peak": st.tuples(count, count).map(list),
+    }, optional={"pools": pairs(st.none() | count)})
+    keys = st.sampled_from(["op", "connect", "close", "checkout", "checkin",
+                            "checkouts", "hold", "peak", "pools", "proc"])
+    mutated = st.builds(lambda base, changes: {**base, **dict(changes)},
+                        update, st.lists(st.tuples(keys, json_values),
+                                         max_size=2))
+
+    def storm(size: int, base: int, op: str) -> dict:
+        """An event storm: many events for connections nobody opened."""
+        ids = list(range(base, base + size))
+        return {"op": op, "connect": [[i, 1] for i in ids[::2]],
+                "close": ids[1::4], "checkout": [[i, 0.1] for i in ids],
+                "checkin": ids[::3], "checkouts": size,
+                "hold": [0.5, size], "peak": [size, size]}
+    storms = st.builds(storm, st.integers(1, 12000), st.integers(-2 ** 40,
+                       2 ** 40), st.sampled_from(["update", "state"]))
+
+    def line(message) -> bytes:
+        return json.dumps(message).encode() + b"\n"
+
+    app_lines = st.one_of(mutated.map(line), mutated.map(line),
+                          storms.map(line), json_values.map(line),
+                          st.binary(max_size=60).map(lambda b: b + b"\n"))
+    console_lines = st.builds(
+        lambda op, procs: line({"op": op, "procs": procs}),
+        st.sampled_from(["snapshot", "clear_maxima", "update", "hello"])
+        | st.text(max_size=8).filter(lambda op: op != "ping"),
+        json_values)
+    hello = st.fixed_dictionaries(
+        {"op": st.just("hello")},
+        optional={"version": st.just(1) | json_values,
+                  "role": st.sampled_from(["app", "console", "peer"])
+                  | json_values,
+                  "proc": st.fixed_dictionaries({}, optional={
+                      k: json_values for k in ("id", "hostname",
+                                               "progname", "pid")})
+                  | json_values,
+                  "auth": json_values})
+    raw = st.one_of(
+        st.binary(max_size=300),
+        hello.map(line), hello.map(lambda h: line(h)[:-3]),   # truncated
+        json_values.map(line))
+    return raw, app_lines, console_lines
+
+
+FUZZ_EXAMPLES = 110
+FUZZ_MINIMUM_INPUTS = 10_000
+
+
+def test_fuzz_daemon_survives_hostile_input(tmp_path, apps):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    daemon = Daemon(tmp_path)
+    thrower = Thrower(daemon.port)
+    try:
+        honest = apps(sqlite_app_url(tmp_path,
+                                     f"connmon_addr={daemon.address}"),
+                      "honest_fuzz.py", pool_size=5)
+        honest("hold 3")
+        honest("release 1")
+        daemon.wait_row("honest_fuzz.py", conn=3, ckout=2)
+        rss_start = status_kib(daemon.proc.pid, "VmRSS")
+
+        # A few big ones by hand: over the hello limit, over the message
+        # limit, nested past the recursion limit, too many digits.
+        thrower.before_hello(b"x" * 20000 + b"\n")
+        thrower.after_hello("app", [b"[" * 200000 + b"]" * 200000,
+                                    b'{"op":"update","checkouts":'
+                                    + b"9" * 5000 + b"}",
+                                    b" " * (connmon.MAX_MESSAGE_BYTES + 1)])
+        thrower.after_hello("console", [b"{" * 100000])
+
+        raw, app_lines, console_lines = hostile_strategies()
+
+        # Each app line is thrown in three places: after an app's hello,
+        # after a console's, and instead of a hello.
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.lists(raw, min_size=5, max_size=10),
+               st.lists(app_lines, min_size=30, max_size=40),
+               st.lists(console_lines, min_size=3, max_size=8))
+        def throw(raw_inputs, app_inputs, console_inputs):
+            for data in raw_inputs + app_inputs:
+                thrower.before_hello(data)
+            thrower.after_hello("app", app_inputs)
+            thrower.after_hello("console", app_inputs + console_inputs)
+            honest("query 5")   # the honest app streams on meanwhile
+
+        throw()
+        assert thrower.thrown >= FUZZ_MINIMUM_INPUTS
+        assert thrower.refused >= FUZZ_MINIMUM_INPUTS // 10
+
+        # The daemon answers, with the honest app's truth and nobody else's.
+        honest("hold 1")
+        row = daemon.wait_row("honest_fuzz.py", conn=3, ckout=3, nproc=1)
+        snapshot = daemon.snapshot()
+        assert (snapshot["processes"], snapshot["connections"],
+                snapshot["checkouts"]) == (1, 3, 3), snapshot
+        assert row["connected"]
+        peak = status_kib(daemon.proc.pid, "VmHWM")
+        assert peak - rss_start < 64 * 1024, (rss_start, peak)
+        text = daemon.log.read_text()
+        assert "Traceback" not in text
+        assert "for connections it never announced; ignored" in text
+        # One line per kind of problem per interval, not one per input.
+        assert text.count("closing the connection") < 100
+        print(f"fuzz: {thrower.thrown} inputs, {thrower.refused} refused; "
+              f"daemon RSS {rss_start} kB at start, peak {peak} kB")
+    finally:
+        daemon.stop()
+
+
+def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
+    thrower = Thrower(daemon.port)
+    sock, rfile = thrower.hello("app")
+    with sock:
+        sock.sendall(connmon.encode({
+            "op": "update", "connect": [[i, 1] for i in range(10001)],
+            "close": [], "checkout": [], "checkin": [], "checkouts": 0,
+            "hold": [0, 0], "peak": [0, 0]}))
+        assert connmon.read_message(rfile) == {
+            "op": "error",
+            "error": "more than 10000 connections in one process"}
+    # The rows of programs that are gone make room for new ones.
+    monkeypatch.setattr(connmon, "MAX_ROWS", 5)
+    picture = connmon.Picture()
+    for n in range(8):
+        picture.attach(connmon.ProcessState(f"id{n}", "h", f"p{n}", n + 1,
+                                            session=1), "node1")
+        if n != 2:
+            picture.detach(f"id{n}", 1)
+    assert sorted(picture.rows) == [("h", p) for p in
+                                    ("p2", "p4", "p5", "p6", "p7")]
