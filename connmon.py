@@ -1368,6 +1368,17 @@ class Backoff:
         self.delay = 0.0
 
 
+def wait_readable(fds: List[int], timeout: Optional[float]) -> List[int]:
+    """The file descriptors of ``fds`` that are readable, waiting at most
+    ``timeout`` seconds (None: for ever).  poll(), not select(): in a big
+    application our descriptors may well be numbered above 1024."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    ready = poller.poll(None if timeout is None else timeout * 1000)
+    return [fd for fd, _ in ready]
+
+
 class Sender:
     """Ships one process's connection state to connmond from two daemon
     threads.
@@ -1435,8 +1446,7 @@ class Sender:
     def _fold(self) -> None:
         while True:
             try:
-                woken, _, _ = select.select([self._wake_read], [], [],
-                                            self._scan_due())
+                woken = wait_readable([self._wake_read], self._scan_due())
                 if woken:
                     time.sleep(FLUSH_DELAY)
                     os.read(self._wake_read, 4096)
@@ -1474,10 +1484,10 @@ class Sender:
                     waiting = [self._news_read]
                     timeout = max(0.0, backoff.retry_at - now)
                 else:
-                    waiting = [self._news_read, conn.sock]
+                    waiting = [self._news_read, conn.sock.fileno()]
                     timeout = beat.wait(now)
-                readable, _, _ = select.select(waiting, [], [], timeout)
-                if conn is not None and conn.sock in readable:
+                readable = wait_readable(waiting, timeout)
+                if conn is not None and conn.sock.fileno() in readable:
                     # The daemon says nothing but pongs (or why it hangs up).
                     expect(read_message(conn.rfile), "pong")
                     beat.heard(time.monotonic())

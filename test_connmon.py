@@ -633,6 +633,34 @@ def test_app_keeps_working_with_daemon_down(apps, tmp_path):
     assert "Traceback" not in (tmp_path / "down.py.log").read_text()
 
 
+def test_sender_works_with_descriptors_numbered_above_1024(daemon,
+                                                          tmp_path):
+    """A big application has many files open: select() could not wait on
+    the sender's descriptors there."""
+    script = tmp_path / "many_fds.py"
+    script.write_text(textwrap.dedent("""\
+        import os, sys
+        import sqlalchemy as sa
+        files = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        engine = sa.create_engine(sys.argv[1])
+        conn = engine.connect()
+        print("ok", files[-1], flush=True)
+        sys.stdin.read()
+        """))
+    app = subprocess.Popen(
+        [sys.executable, str(script), f"sqlite:///{tmp_path}/fds.sqlite"
+         f"?plugin=connmon&connmon_addr={daemon.address}"],
+        cwd=HERE, env=CHILD_ENV, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    try:
+        ok, last_fd = app.stdout.readline().split()
+        assert ok == "ok" and int(last_fd) > 1024
+        daemon.wait_row("many_fds.py", conn=1, ckout=1)
+    finally:
+        app.kill()
+        app.wait(10)
+
+
 class Relay(threading.Thread):
     """A loopback TCP relay that records every byte clients send."""
 
