@@ -653,6 +653,7 @@ def test_sender_works_with_descriptors_numbered_above_1024(daemon,
         cwd=HERE, env=CHILD_ENV, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True)
     try:
+        assert select.select([app.stdout], [], [], 30)[0], "app is stuck"
         ok, last_fd = app.stdout.readline().split()
         assert ok == "ok" and int(last_fd) > 1024
         daemon.wait_row("many_fds.py", conn=1, ckout=1)
