@@ -878,13 +878,13 @@ def test_sigterm_stops_the_daemon_cleanly(tmp_path):
 class ThreeNodes:
     """Nodes node1..node3 of service "test", each its own connmond."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, extra_config: str = ""):
         ports = [free_port() for _ in range(3)]
         self.config = tmp_path / "cluster.cfg"
         self.config.write_text(
             "[connmon_service_test]\nname: test\nnodes:\n" + "".join(
                 f"    node{i} hostname=127.0.0.1:{port} bind=127.0.0.1\n"
-                for i, port in enumerate(ports, 1)))
+                for i, port in enumerate(ports, 1)) + extra_config)
         self.nodes = {f"node{i}": Daemon(tmp_path, port, config=self.config,
                                          node=f"node{i}")
                       for i, port in enumerate(ports, 1)}
@@ -1040,6 +1040,39 @@ def test_cluster_random_failover_orderings_never_double_count(
         except AssertionError as err:
             raise AssertionError(f"seed {seed}, step {step} ({action}): "
                                  f"{err}") from None
+
+
+def test_cluster_stopped_node_is_cut_off_and_rejoins(apps, tmp_path):
+    """A node that stops answering (SIGSTOP, longer than the heartbeat
+    timeout) is cut off: its applications fail over, the others drop its
+    processes; when it runs again it rejoins, and nothing is counted
+    twice anywhere."""
+    cluster = ThreeNodes(tmp_path, extra_config="heartbeat_timeout: 2\n")
+    try:
+        held = {f"app{i}.py": i for i in range(1, 7)}
+        started = {name: apps(cluster.url(tmp_path, name), name)
+                   for name in held}
+        for name, n in held.items():
+            started[name](f"hold {n}")
+        truth = {name: (1, n, n) for name, n in held.items()}
+        wait_converged(cluster, truth)
+        attached = [p["node"] for r in cluster.nodes["node1"].snapshot(
+            procs=True)["rows"] for p in r["procs"]]
+        victim = max(sorted(cluster.nodes), key=attached.count)
+        cluster.nodes[victim].proc.send_signal(signal.SIGSTOP)
+        cluster.down.add(victim)
+        try:
+            snapshots = wait_converged(cluster, truth)
+            for snapshot in snapshots:
+                assert snapshot["peers"][victim] is False
+        finally:
+            cluster.nodes[victim].proc.send_signal(signal.SIGCONT)
+            cluster.down.discard(victim)
+        started["app1.py"]("hold 1")
+        truth["app1.py"] = (1, 2, 2)
+        wait_converged(cluster, truth)
+    finally:
+        cluster.stop()
 
 
 def _session_news(ident: str, session: int, held: int, ends: bool
