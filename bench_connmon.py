@@ -99,7 +99,8 @@ def report(title: str, rows: List[tuple]) -> None:
 
 def bench_hotpath(quick: bool) -> None:
     """App hot path: engine.connect(); close() on a SQLite QueuePool engine,
-    plugin vs plain, with connmond up and down (target ratio <= 1.3)."""
+    plugin vs plain, with connmond up and down, checkout sites noted (the
+    default) and not (connmon_sites=0) (target ratio <= 1.25)."""
     import sqlalchemy as sa
 
     rounds, cycles = (7, 2000) if quick else (15, 5000)
@@ -113,8 +114,14 @@ def bench_hotpath(quick: bool) -> None:
                 "daemon up": sa.create_engine(
                     f"sqlite:///{db}?plugin=connmon"
                     f"&connmon_addr={daemon.address}"),
+                "up, sites=0": sa.create_engine(
+                    f"sqlite:///{db}?plugin=connmon&connmon_sites=0"
+                    f"&connmon_addr={daemon.address}"),
                 "daemon down": sa.create_engine(
                     f"sqlite+pysqlite_connmon:///{db}?connmon_addr={down}"),
+                "down, sites=0": sa.create_engine(
+                    f"sqlite+pysqlite_connmon:///{db}?connmon_addr={down}"
+                    "&connmon_sites=0"),
             }
             medians = interleaved(engines, rounds, cycles)
         finally:
@@ -122,8 +129,8 @@ def bench_hotpath(quick: bool) -> None:
     plain = medians["plain"]
     report(f"hotpath: connect()+close() on SQLite QueuePool, median of "
            f"{rounds} interleaved runs x {cycles} cycles (target ratio "
-           "<= 1.3)",
-           [(f"{name:<12}", f"{us:7.2f} us", f"ratio {us / plain:.3f}")
+           "<= 1.25)",
+           [(f"{name:<13}", f"{us:7.2f} us", f"ratio {us / plain:.3f}")
             for name, us in medians.items()])
 
 
@@ -260,15 +267,20 @@ def _drive(port: int, clients: int, rounds: int, conns: int,
     done.wait()
 
 
+def cpu_seconds(stat_path: str) -> float:
+    """User + system CPU seconds from a /proc/.../stat file."""
+    with open(stat_path) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def daemon_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
+    return cpu_seconds(f"/proc/{pid}/stat")
 
 
 def thread_cpu_seconds(native_id: int) -> float:
-    """CPU time (user + system) of one thread of this process."""
-    with open(f"/proc/self/task/{native_id}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of one thread of this process."""
+    return cpu_seconds(f"/proc/self/task/{native_id}/stat")
 
 
 def daemon_rss_mb(pid: int) -> float:
