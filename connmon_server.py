@@ -49,7 +49,7 @@ HELLO_TIMEOUT = 10.0      # seconds a new connection has to say hello
 MAX_TEXT = 255            # longest hostname / progname accepted
 MAX_OUTBOX = 100_000      # messages queued for a peer before the link is cut
 MAX_HELLO_BYTES = 16384   # the most a client may send before it is trusted
-DEFAULT_MAX_CLIENTS = 4096
+DEFAULT_MAX_CLIENTS = 10000   # about 280 MB of connmond at most
 PROBLEM_LOG_INTERVAL = 10.0   # seconds between two log lines of one kind
 
 
@@ -996,6 +996,21 @@ def describe(node: connmon.Node, options: DaemonOptions) -> str:
     return ", ".join(parts)
 
 
+def raise_file_limit(clients: int) -> None:
+    """Let connmond hold max_clients sockets: the soft limit on open files
+    is often 1024, the hard one much higher."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = clients + 64   # and a few for the rest
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            log.warning("open files are limited to %d: fewer than "
+                        "max_clients (%d) clients fit (raise LimitNOFILE)",
+                        new, clients)
+
+
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     path = config_path(args.config)
@@ -1032,6 +1047,7 @@ def main(argv: Optional[list] = None) -> int:
     if options.csv_dump:
         threading.Thread(target=CsvDump(server, options).run, daemon=True,
                          name="connmond-csv").start()
+    raise_file_limit(server.max_clients)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     log.info("connmond %s: service %r %s", connmon.__version__,
              service.name, describe(node, options))
