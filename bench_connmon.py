@@ -440,32 +440,6 @@ def bench_latency(quick: bool) -> None:
     <= 50 ms at 1,000/s)."""
     import threading
 
-class Blackhole:
-    """A listener that accepts connections and never reads nor writes."""
-
-    def __init__(self) -> None:
-        import threading
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.held: List[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                self.held.append(self.listener.accept()[0])
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.held:
-            sock.close()
-
-
-def bench_blackhole(quick: bool) -> None:
-    """The app when connmond is unreachable in three ways: the hot-path
-    ratio (as in hotpath) and the sender's CPU time while idle."""
     import sqlalchemy as sa
 
     import connmon
@@ -535,6 +509,75 @@ def bench_blackhole(quick: bool) -> None:
             daemon.stop()
     report("latency: pool event in the app -> in connmond's picture "
            "(target p99 <= 50 ms at 1,000/s)", rows)
+
+
+class Blackhole:
+    """A listener that accepts connections and never reads nor writes."""
+
+    def __init__(self) -> None:
+        import threading
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.held: List[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
+
+
+def bench_blackhole(quick: bool) -> None:
+    """The app when connmond is unreachable in three ways: the hot-path
+    ratio (as in hotpath) and the sender's CPU time while idle."""
+    import sqlalchemy as sa
+
+    import connmon
+
+    rounds, cycles = (7, 2000) if quick else (15, 5000)
+    idle = 5.0
+    blackhole = Blackhole()
+    faults = {
+        "daemon down": f"127.0.0.1:{free_port()}",
+        "never reads": blackhole.address,
+        "unresolvable": "connmon-bench.invalid:5800",
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        db = os.path.join(workdir, "bench.sqlite")
+        engines = {"plain": sa.create_engine(f"sqlite:///{db}")}
+        for name, address in faults.items():
+            engines[name] = sa.create_engine(
+                f"sqlite:///{db}?plugin=connmon&connmon_addr={address}")
+        try:
+            medians = interleaved(engines, rounds, cycles)
+            threads = {}
+            for name, address in faults.items():
+                (sender,) = [s for s in connmon._senders.values()
+                             if s.addresses == [connmon.parse_address(
+                                 address)]]
+                threads[name] = [t.native_id for t in sender.threads]
+            before = {name: sum(map(thread_cpu_seconds, ids))
+                      for name, ids in threads.items()}
+            time.sleep(idle)
+            spent = {name: sum(map(thread_cpu_seconds, ids)) - before[name]
+                     for name, ids in threads.items()}
+        finally:
+            blackhole.close()
+    plain = medians["plain"]
+    report(f"blackhole: connect()+close() on SQLite QueuePool with connmond "
+           f"unreachable, median of {rounds} interleaved runs x {cycles} "
+           f"cycles (target ratio <= 1.3); sender threads' CPU seconds "
+           f"over {idle:g} s idle",
+           [(f"{name:<12}", f"{us:7.2f} us", f"ratio {us / plain:.3f}",
+             f"sender cpu {spent[name]:.2f} s" if name in spent else "")
+            for name, us in medians.items()])
 
 
 def bench_cluster(quick: bool) -> None:
@@ -676,43 +719,6 @@ def bench_console(quick: bool) -> None:
            [("median", f"{statistics.median(ms):6.2f} ms"),
             ("p90   ", f"{ms[int(len(ms) * 0.9)]:6.2f} ms"),
             ("max   ", f"{ms[-1]:6.2f} ms")])
-    rounds, cycles = (7, 2000) if quick else (15, 5000)
-    idle = 5.0
-    blackhole = Blackhole()
-    faults = {
-        "daemon down": f"127.0.0.1:{free_port()}",
-        "never reads": blackhole.address,
-        "unresolvable": "connmon-bench.invalid:5800",
-    }
-    with tempfile.TemporaryDirectory() as workdir:
-        db = os.path.join(workdir, "bench.sqlite")
-        engines = {"plain": sa.create_engine(f"sqlite:///{db}")}
-        for name, address in faults.items():
-            engines[name] = sa.create_engine(
-                f"sqlite:///{db}?plugin=connmon&connmon_addr={address}")
-        try:
-            medians = interleaved(engines, rounds, cycles)
-            threads = {}
-            for name, address in faults.items():
-                (sender,) = [s for s in connmon._senders.values()
-                             if s.addresses == [connmon.parse_address(
-                                 address)]]
-                threads[name] = [t.native_id for t in sender.threads]
-            before = {name: sum(map(thread_cpu_seconds, ids))
-                      for name, ids in threads.items()}
-            time.sleep(idle)
-            spent = {name: sum(map(thread_cpu_seconds, ids)) - before[name]
-                     for name, ids in threads.items()}
-        finally:
-            blackhole.close()
-    plain = medians["plain"]
-    report(f"blackhole: connect()+close() on SQLite QueuePool with connmond "
-           f"unreachable, median of {rounds} interleaved runs x {cycles} "
-           f"cycles (target ratio <= 1.3); sender threads' CPU seconds "
-           f"over {idle:g} s idle",
-           [(f"{name:<12}", f"{us:7.2f} us", f"ratio {us / plain:.3f}",
-             f"sender cpu {spent[name]:.2f} s" if name in spent else "")
-            for name, us in medians.items()])
 
 
 SCENARIOS: Dict[str, Callable[[bool], None]] = {
