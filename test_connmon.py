@@ -7,6 +7,7 @@ Run with ``python -m pytest -v test_connmon.py`` (see README.txt).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -1969,9 +1970,10 @@ def test_snapshot_oldest_hold_ms_limit_exhausted(daemon, apps, tmp_path):
     assert lines[6].split() == ["HOSTNAME", "PROGNAME", "NPROC", "CONN",
                                 "CKOUT", "LIMIT", "MAXNPROC", "MAXCONN",
                                 "MAXCKOUT", "CKOUT/S", "HOLD_MS", "OLDEST"]
-    (memory_line,) = [line for line in lines if "memory.py" in line]
+    rows = [line for line in lines[7:] if not line.startswith(" ")]
+    (memory_line,) = [line for line in rows if "memory.py" in line]
     assert memory_line.split()[2:6] == ["1", "1", "1", "-"]
-    (small_line,) = [line for line in lines if "small.py" in line]
+    (small_line,) = [line for line in rows if "small.py" in line]
     assert small_line.endswith("(gone)")
 
 
@@ -2144,9 +2146,12 @@ def test_console_filter_pause_and_drill_down(daemon, apps, tmp_path,
     term.wait_text("4 processes")
 
     def processes(t: Terminal) -> Dict[int, List[str]]:
-        """pid -> [conn, ckout] of the process lines on screen."""
+        """pid -> [conn, ckout] of the process lines on screen (above the
+        history and the long holders)."""
+        lines = itertools.takewhile(lambda line: not line.startswith(
+            "History"), t.display[7:])
         return {int(fields[0]): fields[1:3] for fields in (
-            line.split() for line in t.display[7:])
+            line.split() for line in lines)
             if fields and fields[0].isdigit()}
     want = {pid: [str(n), str(n)] for pid, n in zip(pids, [0, 1, 2, 3])}
     term.wait_for(lambda t: processes(t) == want, f"processes {want}")
