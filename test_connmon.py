@@ -2569,9 +2569,10 @@ def holder_lines(t: Terminal) -> List[str]:
 
 
 def history_line(t: Terminal, label: str) -> str:
-    (line,) = [line.rstrip() for line in t.display
-               if line.startswith(label + " ")]
-    return line
+    """The drill-down's sparkline for ``label``; "" while not on screen."""
+    lines = [line.rstrip() for line in t.display
+             if line.startswith(label + " ")]
+    return lines[0] if len(lines) == 1 else ""
 
 
 def test_console_drill_down_long_holders_and_history(tmp_path, leak_daemon,
@@ -2668,6 +2669,24 @@ def test_demo_leak_shows_its_site_and_thread_gone(terminal):
     term.wait_for(lambda t: any(site in line and line.endswith(
         "thread gone") for line in holder_lines(t)),
         "a long holder whose thread is gone", timeout=45)
+
+
+def test_console_history_in_ascii(tmp_path, leak_daemon, terminal):
+    """Without a UTF-8 locale the sparklines are drawn in ASCII."""
+    app = leak_app(tmp_path, leak_daemon)
+    try:
+        app("site_a 2")
+        leak_daemon.wait_row("leaky.py", ckout=2)
+        term = terminal("-H", leak_daemon.address, "-i", "0.2",
+                        env={"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0",
+                             "PYTHONUTF8": "0"})
+        term.wait_for(lambda t: "leaky.py" in t.rows(), "the leaky.py row")
+        term.press(b"\r")
+        term.wait_for(lambda t: re.fullmatch(
+            "CKOUT +2 #{3,}", history_line(t, "CKOUT")),
+            "an ASCII history of ckout 2")
+    finally:
+        app.stop()
 
 
 # ---------------------------------------------------------------------------
