@@ -25,7 +25,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import connmon
 
@@ -83,16 +84,27 @@ def fetch_snapshot(target: Target, timeout: float = 5.0,
 class Column:
     """One column of a table: its heading, the snapshot key it shows and
     its width.  Text columns are left-aligned and may grow or shrink with
-    the terminal; number columns are right-aligned and fixed."""
+    the terminal; number columns are right-aligned and fixed.  A location
+    column ("file.py:123 in func") takes a double share of the width and
+    is cut from the left, because its end is what tells lines apart."""
 
     def __init__(self, heading: str, key: str, width: int,
-                 text: bool = False,
+                 text: bool = False, location: bool = False,
                  show: Optional[Callable[[Any], str]] = None):
         self.heading = heading
         self.key = key
         self.width = width
-        self.text = text
+        self.text = text or location
+        self.location = location
         self.show = show or cell
+
+    def cut(self, text: str, room: int) -> str:
+        """``text`` in at most ``room`` characters."""
+        if len(text) <= room:
+            return text
+        if self.location and room > len(CUT_MARK):
+            return CUT_MARK + text[len(text) - room + len(CUT_MARK):]
+        return text[:max(0, room)]
 
     def sort_key(self, row: Dict[str, Any]) -> Any:
         """Order rows by this column; "-" (None) below every number."""
@@ -114,6 +126,7 @@ def since_text(when: float) -> str:
 
 MIN_TEXT_WIDTH = 8
 MAX_TEXT_WIDTH = 40
+CUT_MARK = "..."           # where a location lost its beginning
 
 COLUMNS = [
     Column("HOSTNAME", "hostname", 20, text=True),
@@ -141,17 +154,41 @@ PROC_COLUMNS = [
     Column("CONNECTED SINCE", "since", 21, show=since_text),
 ]
 
+# The drill-down's long holders: connections held past the apps'
+# hold_warn_seconds, with where they were checked out and where the
+# holding thread is now ("thread gone": it ended without returning it).
+HOLDER_COLUMNS = [
+    Column("PID", "pid", 9),
+    Column("AGE", "age", 8),
+    Column("SITE", "site", 0, location=True),
+    Column("HELD AT", "held_at", 0, location=True),
+]
+
+# The sites view: every program's checkout sites, for the whole fleet.
+SITE_COLUMNS = [
+    Column("HOSTNAME", "hostname", 20, text=True),
+    Column("PROGNAME", "progname", 24, text=True),
+    Column("HELD", "held", 6),
+    Column("OLDEST", "oldest", 8),
+    Column("SITE", "site", 0, location=True),
+]
+
 Layout = List[Tuple[Column, int]]
 
 
 def fit(columns: List[Column], width: int) -> Layout:
     """Share what the number columns leave of ``width`` among the text
-    columns; the caller cuts lines at the screen's edge."""
-    texts = sum(1 for column in columns if column.text)
+    columns (a location counting twice, and taking what the others leave);
+    the caller cuts lines at the screen's edge."""
+    texts = [column for column in columns if column.text]
+    locations = sum(1 for column in texts if column.location)
     spare = width - sum(c.width for c in columns if not c.text)
-    share = max(MIN_TEXT_WIDTH, min(MAX_TEXT_WIDTH, spare // max(1, texts)))
-    return [(column, share if column.text else column.width)
-            for column in columns]
+    share = max(MIN_TEXT_WIDTH, min(MAX_TEXT_WIDTH, spare // max(
+        1, len(texts) + locations)))
+    rest = (spare - share * (len(texts) - locations)) // max(1, locations)
+    wide = max(MIN_TEXT_WIDTH, rest)
+    return [(column, (wide if column.location else share) if column.text
+             else column.width) for column in columns]
 
 
 def natural(columns: List[Column], rows: List[Dict[str, Any]]) -> Layout:
@@ -164,7 +201,7 @@ def natural(columns: List[Column], rows: List[Dict[str, Any]]) -> Layout:
 def format_line(layout: Layout, values: List[str]) -> str:
     cells = []
     for (column, width), text in zip(layout, values):
-        text = text[:width - 1]
+        text = column.cut(text, width - 1)
         cells.append(text.ljust(width) if column.text
                      else text.rjust(width - 1) + " ")
     return "".join(cells)
@@ -200,9 +237,9 @@ def row_state(row: Dict[str, Any]) -> str:
 
 def row_identity(row: Dict[str, Any]) -> Any:
     """What a row is, whatever its numbers: a process's pid, else the
-    host+program."""
-    return row["pid"] if "pid" in row else (row["hostname"],
-                                            row["progname"])
+    host+program (and the checkout site, in the sites view)."""
+    return row["pid"] if "pid" in row else (
+        row["hostname"], row["progname"], row.get("site"))
 
 
 def format_table(snapshot: Dict[str, Any]) -> str:
@@ -214,7 +251,17 @@ def format_table(snapshot: Dict[str, Any]) -> str:
     marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)"}
     for row in snapshot["rows"]:
         lines.append(format_row(layout, row).rstrip() + marks[row_state(row)])
+        lines += site_lines(row)
     return "\n".join(lines)
+
+
+def site_lines(row: Dict[str, Any]) -> List[str]:
+    """Under a row of the plain table: where its held connections were
+    checked out, one line a site (those without a known site are left
+    out: capture off, or an older app)."""
+    return [f"    held {site['held']:>4}  oldest {cell(site['oldest']):>7}"
+            f"  {site['site']}" for site in row.get("sites") or ()
+            if site["site"]]
 
 
 # ---------------------------------------------------------------------------
@@ -329,8 +376,12 @@ connmon keys
   /            filter rows by a part of the hostname or progname
                (Enter keeps it, Esc clears it)
   p            pause / resume updates
-  Enter        show the processes of the selected row
-  Esc  Bkspc   back from the processes to the table
+  Enter        show the processes of the selected row: their long
+               holders (where each was checked out, where it is held
+               now) and a history of conn and ckout
+  s            sites: which line of which program holds the most
+               connections, fleet-wide (Enter: that program's processes)
+  Esc  Bkspc   back to the previous view
   c            clear the maxima (in connmond: every console sees it)
 
 Rows: green = program has live processes, red = none left,
@@ -340,12 +391,44 @@ HOLD_MS: mean checkout hold time over the last second.
 """
 
 UNICODE_GLYPHS = {"dash": "\N{EM DASH}", "up": "\N{UPWARDS ARROW}",
-                  "down": "\N{DOWNWARDS ARROW}"}
-ASCII_GLYPHS = {"dash": "-", "up": "^", "down": "v"}
+                  "down": "\N{DOWNWARDS ARROW}",
+                  "spark": "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"}
+ASCII_GLYPHS = {"dash": "-", "up": "^", "down": "v", "spark": "_.:-=+*#"}
 ESC = 27
 ENTER_KEYS = (curses.KEY_ENTER, 10, 13)
 BACK_KEYS = (ESC, curses.KEY_BACKSPACE, 127, 8)
 HEADER_LINES = 7           # title, four totals, context, column headings
+HISTORY_SAMPLES = 120      # refreshes of conn and ckout kept per row
+HISTORY_LINES = 3          # the drill-down's history: caption, two lines
+HOLDERS_HEADER_LINES = 2   # the drill-down's long holders: caption, headings
+
+
+class History:
+    """The conn and ckout of every row over its last refreshes, for the
+    drill-down's sparklines.  Bounded: HISTORY_SAMPLES a row, and rows that
+    left the picture are forgotten."""
+
+    def __init__(self) -> None:
+        self.series: Dict[Tuple[str, str], Deque[Tuple[int, int]]] = {}
+
+    def record(self, rows: List[Dict[str, Any]]) -> None:
+        kept = self.series
+        self.series = {}
+        for row in rows:
+            key = (row["hostname"], row["progname"])
+            samples = kept.get(key) or deque(maxlen=HISTORY_SAMPLES)
+            samples.append((row["conn"], row["ckout"]))
+            self.series[key] = samples
+
+    def of(self, key: Tuple[str, str]) -> List[Tuple[int, int]]:
+        return list(self.series.get(key, ()))
+
+
+def sparkline(values: List[int], top: int, ramp: str) -> str:
+    """One character a value, from ramp[0] (0) up to ramp[-1] (``top``)."""
+    steps = len(ramp) - 1
+    return "".join(ramp[min(steps, round(value * steps / top))]
+                   if top > 0 else ramp[0] for value in values)
 
 
 class Styles:
@@ -389,8 +472,9 @@ class Console:
                        if codecs.lookup(window.encoding).name == "utf-8"
                        else ASCII_GLYPHS)
         self.picture: Optional[Dict[str, Any]] = None
+        self.history = History()
         self.seen_generation = -1
-        self.view = "table"                # or "procs" or "help"
+        self.view = "table"                # or "procs", "sites", "help"
         self.sort_index = 0
         self.reverse = False
         self.filter = ""
@@ -400,7 +484,8 @@ class Console:
         self.selected_key: Any = None      # the selected row follows its row
         self.top = 0
         self.drill: Tuple[str, str] = ("", "")
-        self.saved_position: tuple = (0, 0, None)  # the table's, drilled
+        # the views under this one, each with its selection and scroll
+        self.previous: List[tuple] = []
         self.message = ""
 
     # -- the loop -------------------------------------------------------------
@@ -430,8 +515,10 @@ class Console:
         if feed.generation != self.seen_generation and not self.paused:
             with feed.lock:
                 self.seen_generation = feed.generation
-                if feed.snapshot is not None:
-                    self.picture = feed.snapshot
+                snapshot = feed.snapshot
+            if snapshot is not None and snapshot is not self.picture:
+                self.picture = snapshot
+                self.history.record(snapshot["rows"])
 
     # -- keys -----------------------------------------------------------------
 
@@ -445,21 +532,29 @@ class Console:
         if key == curses.KEY_RESIZE:
             self.window.clear()   # repaint everything at the new size
         elif self.view == "help":
-            self.view = "table"
+            self.close_view()
         elif key in (ord("?"), ord("h")):
-            self.view = "help"
+            self.open_view("help")
         elif key == ord("p"):
             self.paused = not self.paused
         elif key == ord("c"):
             self.feed.ask({"op": "clear_maxima"})
             self.message = "asked connmond to clear the maxima"
-        elif self.view == "procs":
-            if key in BACK_KEYS:
-                self.leave_procs()
-            else:
-                self.move(key)
-        elif key in ENTER_KEYS:
-            self.enter_procs()
+        elif self.view == "table":
+            self.handle_table(key)
+        elif key in BACK_KEYS or (key == ord("s") and self.view == "sites"):
+            self.close_view()
+        elif key in ENTER_KEYS and self.view == "sites":
+            self.drill_into(self.site_rows())
+        else:
+            self.move(key)
+        return True
+
+    def handle_table(self, key: int) -> None:
+        if key in ENTER_KEYS:
+            self.drill_into(self.table_rows())
+        elif key == ord("s"):
+            self.open_view("sites")
         elif key in (ord(">"), curses.KEY_F6):
             self.sort_index = (self.sort_index + 1) % len(COLUMNS)
         elif key == ord("<"):
@@ -472,7 +567,6 @@ class Console:
             self.filter = ""
         else:
             self.move(key)
-        return True
 
     def edit_filter(self, key: int) -> None:
         if key == ESC:
@@ -498,23 +592,36 @@ class Console:
         if key in (curses.KEY_PPAGE, curses.KEY_NPAGE):
             self.top += steps[key]
 
-    def enter_procs(self) -> None:
-        rows = self.table_rows()
+    def drill_into(self, rows: List[Dict[str, Any]]) -> None:
+        """Open the processes of the selected one of ``rows``."""
         if rows:
             row = rows[min(self.selected, len(rows) - 1)]
             self.drill = (row["hostname"], row["progname"])
-            self.view = "procs"
-            self.saved_position = (self.selected, self.top,
-                                   self.selected_key)
-            self.selected = self.top = 0
-            self.selected_key = None
-            self.feed.want_procs = True
-            self.feed.refresh_now()
+            self.open_view("procs")
 
-    def leave_procs(self) -> None:
-        self.view = "table"
-        self.selected, self.top, self.selected_key = self.saved_position
-        self.feed.want_procs = False
+    def open_view(self, view: str) -> None:
+        """Show ``view`` over the current one, which Esc comes back to
+        with its selection where it was."""
+        self.previous.append((self.view, self.selected, self.top,
+                              self.selected_key))
+        self.view = view
+        self.selected = self.top = 0
+        self.selected_key = None
+        self.want_procs()
+
+    def close_view(self) -> None:
+        if self.previous:
+            (self.view, self.selected, self.top,
+             self.selected_key) = self.previous.pop()
+            self.want_procs()
+
+    def want_procs(self) -> None:
+        """Only the drill-down needs the (bigger) snapshot with processes:
+        ask for it at once when it opens."""
+        wanted = self.view == "procs"
+        if wanted and not self.feed.want_procs:
+            self.feed.refresh_now()
+        self.feed.want_procs = wanted
 
     # -- what to show ---------------------------------------------------------
 
@@ -529,6 +636,16 @@ class Console:
         column = COLUMNS[self.sort_index]
         # Ties keep the snapshot's hostname, progname order.
         return sorted(rows, key=column.sort_key, reverse=self.reverse)
+
+    def site_rows(self) -> List[Dict[str, Any]]:
+        """Every (filtered) row's checkout sites in one list: the sites
+        holding the most connections, then the oldest, first."""
+        rows = [{"hostname": row["hostname"], "progname": row["progname"],
+                 **site} for row in self.table_rows()
+                for site in row.get("sites") or ()]
+        return sorted(rows, key=lambda r: (-r["held"], -r["oldest"],
+                                           r["hostname"], r["progname"],
+                                           r["site"] or ""))
 
     def proc_rows(self) -> Optional[List[Dict[str, Any]]]:
         """The drilled-into row's processes; None until they arrive."""
@@ -563,6 +680,8 @@ class Console:
                     self.put(y, line)
             if self.view == "procs":
                 self.draw_procs()
+            elif self.view == "sites":
+                self.draw_sites()
             else:
                 self.draw_table()
         self.draw_footer()
@@ -591,10 +710,12 @@ class Console:
                            else row_state(row)]
         return attr | curses.A_REVERSE if selected else attr
 
-    def draw_rows(self, layout: Layout, rows: List[Dict[str, Any]]) -> None:
-        """The visible slice of ``rows``, keeping the selection on screen
-        and on its row when the rows move (htop does the same)."""
-        height = self.body_height()
+    def draw_rows(self, layout: Layout, rows: List[Dict[str, Any]],
+                  height: Optional[int] = None) -> None:
+        """The visible slice of ``rows`` (``height`` lines under the
+        headings), keeping the selection on screen and on its row when the
+        rows move (htop does the same)."""
+        height = self.body_height() if height is None else height
         if self.selected_key is not None:
             for index, row in enumerate(rows):
                 if row_identity(row) == self.selected_key:
@@ -614,17 +735,27 @@ class Console:
                      self.row_attr(row, self.top + y - HEADER_LINES
                                    == self.selected))
 
+    def draw_section(self, y: int, caption: str, columns: List[Column],
+                     caption_attr: int = curses.A_NORMAL) -> Layout:
+        """A caption line and column headings from line ``y``; returns the
+        layout for the rows below them."""
+        _, width = self.window.getmaxyx()
+        layout = fit(columns, width)
+        self.put(y, caption, caption_attr)
+        self.put(y + 1, headings(layout), self.styles["heading"])
+        return layout
+
+    def filter_text(self) -> str:
+        return f", filter {self.filter!r}" if self.filter else ""
+
     def draw_table(self) -> None:
         _, width = self.window.getmaxyx()
-        layout = fit(COLUMNS, width)
         rows = self.table_rows()
         order = "descending" if self.reverse else "ascending"
-        context = (f"{len(rows)} rows, sorted by "
-                   f"{COLUMNS[self.sort_index].heading} {order}")
-        if self.filter:
-            context += f", filter {self.filter!r}"
-        self.put(HEADER_LINES - 2, context)
-        self.put(HEADER_LINES - 1, headings(layout), self.styles["heading"])
+        layout = self.draw_section(
+            HEADER_LINES - 2, f"{len(rows)} rows, sorted by "
+            f"{COLUMNS[self.sort_index].heading} {order}"
+            + self.filter_text(), COLUMNS)
         column, start = COLUMNS[self.sort_index], 0
         for other, column_width in layout:
             if other is column:
@@ -648,17 +779,62 @@ class Console:
         except curses.error:
             pass
 
+    def draw_sites(self) -> None:
+        rows = self.site_rows()
+        layout = self.draw_section(
+            HEADER_LINES - 2, f"{len(rows)} checkout sites holding "
+            "connections, most held first" + self.filter_text()
+            + " (Enter: processes, Esc returns)", SITE_COLUMNS,
+            self.styles["title"])
+        self.draw_rows(layout, rows)
+
     def draw_procs(self) -> None:
+        """The drilled-into program: its processes, the history of its
+        conn and ckout, and its long holders, oldest first."""
         host, prog = self.drill
         procs = self.proc_rows()
-        _, width = self.window.getmaxyx()
-        layout = fit(PROC_COLUMNS, width)
         count = f"{len(procs)} processes" if procs is not None else (
             "paused (p resumes)" if self.paused else "loading")
-        self.put(HEADER_LINES - 2, f"{prog} on {host}: {count} "
-                 "(Esc returns)", self.styles["title"])
-        self.put(HEADER_LINES - 1, headings(layout), self.styles["heading"])
-        self.draw_rows(layout, procs or [])
+        layout = self.draw_section(
+            HEADER_LINES - 2, f"{prog} on {host}: {count} (Esc returns)",
+            PROC_COLUMNS, self.styles["title"])
+        holders = sorted(({"pid": proc["pid"], **holder}
+                          for proc in procs or ()
+                          for holder in proc.get("long_holders", ())),
+                         key=lambda holder: -holder["age"])
+        room = self.body_height() - HISTORY_LINES - HOLDERS_HEADER_LINES
+        shown = min(len(procs or ()), max(1, room - min(len(holders),
+                                                        room // 2)))
+        self.draw_rows(layout, procs or [], shown)
+        y = HEADER_LINES + shown
+        self.draw_history(y)
+        y += HISTORY_LINES
+        layout = self.draw_section(
+            y, f"{len(holders)} long holders (held past the apps' "
+            "hold_warn_seconds), oldest first", HOLDER_COLUMNS,
+            self.styles["title"])
+        for y, holder in enumerate(holders[:max(0, room - shown)],
+                                   y + HOLDERS_HEADER_LINES):
+            self.put(y, format_row(layout, holder),
+                     self.row_attr(holder, False))
+
+    def draw_history(self, y: int) -> None:
+        """Sparklines of the drilled-into row's conn and ckout over the
+        console's last refreshes, on one scale (the highest conn)."""
+        samples = self.history.of(self.drill)
+        _, width = self.window.getmaxyx()
+        top = max((conn for conn, _ in samples), default=0)
+        self.put(y, f"History of the last {len(samples)} refreshes "
+                 f"(every {self.interval:g}s), 0 to {top} connections",
+                 self.styles["title"])
+        for y, (label, index) in enumerate((("CONN", 0), ("CKOUT", 1)),
+                                           y + 1):
+            values = [sample[index] for sample in samples]
+            now = cell(values[-1] if values else None)
+            text = f"{label:<6}{now:>6} "
+            room = max(0, width - len(text) - 1)
+            self.put(y, text + sparkline(values[-room:] if room else [],
+                                         top, self.glyphs["spark"]))
 
     def draw_footer(self) -> None:
         height, _ = self.window.getmaxyx()
@@ -669,7 +845,7 @@ class Console:
         else:
             text = self.message or (
                 "q quit  ? help  </> sort  r reverse  / filter  p pause  "
-                "Enter processes  c clear maxima")
+                "Enter processes  s sites  c clear maxima")
             if self.filter:
                 text = f"[filter: {self.filter}]  " + text
         self.put(height - 1, text, curses.A_REVERSE)
@@ -711,6 +887,7 @@ DEMO_PROGRAMS = [
     ("cinder-cron", 1, {}, "cron"),
 ]
 DEMO_RESTART_DELAY = 4.0     # seconds before a demo app that ended returns
+DEMO_HOLD_WARN = 5           # the demo apps say where after 5 s, not 10
 
 
 class Demo:
@@ -729,14 +906,15 @@ class Demo:
         self.apps: List[Tuple[subprocess.Popen, tuple]] = []
         self.stopping = threading.Event()
         self.log = os.path.join(self.workdir.name, "demo.log")
+        self.config = os.path.join(self.workdir.name, "demo.cfg")
 
     def start(self) -> None:
-        config = os.path.join(self.workdir.name, "demo.cfg")
-        with open(config, "w") as file:
-            file.write(f"[connmon_service_demo]\nname: demo\nnodes:\n"
+        with open(self.config, "w") as file:
+            file.write(f"[connmon_service_demo]\nname: demo\n"
+                       f"hold_warn_seconds: {DEMO_HOLD_WARN}\nnodes:\n"
                        f"    demo hostname=127.0.0.1:{self.address[1]} "
                        "bind=127.0.0.1\n")
-        self.daemon = self.spawn(["-m", "connmon_server", "-c", config,
+        self.daemon = self.spawn(["-m", "connmon_server", "-c", self.config,
                                   "-s", "demo", "--log-level", "WARNING"])
         deadline = time.monotonic() + 15
         while not self.listening():
@@ -768,7 +946,7 @@ class Demo:
     def start_app(self, program: tuple) -> None:
         name, _, options, behaviour = program
         url = (f"sqlite+pysqlite_connmon:///{self.workdir.name}/demo.sqlite"
-               f"?connmon_addr={connmon.format_address(self.address)}")
+               f"?connmon_service=demo&connmon_config={self.config}")
         code = (f"import connmon_console; connmon_console.demo_app("
                 f"{name!r}, {url!r}, {options!r}, {behaviour!r})")
         self.apps.append((self.spawn(["-c", code]), program))
@@ -805,15 +983,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def leaky_request(engine: Any, leaked: List[Any]) -> None:
+    """The demo's leak, as the sites view shows it: a request handler that
+    keeps its connection in a list that outlives it, so the connection
+    stays checked out after the thread has ended ("thread gone")."""
+    import sqlalchemy as sa
+
+    try:
+        leaked.append(engine.connect())   # never closed: the leak
+    except sa.exc.TimeoutError:
+        os._exit(1)   # "crashes" when its pool is dry; the demo restarts it
+
+
 def demo_app(name: str, url: str, options: Dict[str, Any],
              behaviour: str) -> None:
     """One demo application process (run by ``Demo`` with ``-c``).
 
     web: four threads doing short queries.  holder: holds two connections
-    for half a minute at a time.  leaker: never returns one connection in
-    three, then dies when its pool is dry.  exhauster: more threads than
-    its pool allows, holding for seconds.  cron: works a few seconds and
-    exits.  It exits when its parent (the console) goes away.
+    for half a minute at a time.  leaker: every few seconds a request
+    thread that never returns its connection, until the pool is dry and it
+    dies.  exhauster: more threads than its pool allows, holding for
+    seconds.  cron: works a few seconds and exits.  It exits when its
+    parent (the console) goes away.
     """
     import sqlalchemy as sa
     from sqlalchemy.dialects import registry
@@ -856,13 +1047,13 @@ def demo_app(name: str, url: str, options: Dict[str, Any],
         threads(5, lambda: random.uniform(0, 0.5),
                 lambda: random.uniform(1, 3))
     elif behaviour == "leaker":
-        leaked = []
+        leaked: List[Any] = []
         while True:
-            try:
-                leaked.append(engine.connect())   # never closed: a leak
-            except sa.exc.TimeoutError:
-                os._exit(1)   # "crashes" when its pool is dry; it returns
-            time.sleep(random.uniform(1, 3))
+            request = threading.Thread(target=leaky_request,
+                                       args=(engine, leaked))
+            request.start()
+            request.join()
+            time.sleep(random.uniform(2, 4))
     elif behaviour == "cron":
         deadline = time.monotonic() + random.uniform(6, 12)
         while time.monotonic() < deadline:

@@ -7,9 +7,12 @@ Run with ``python -m pytest -v test_connmon.py`` (see README.txt).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import pathlib
 import random
+import re
 import select
 import signal
 import socket
@@ -18,7 +21,7 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import hypothesis
 import hypothesis.strategies as st
@@ -2031,9 +2034,10 @@ def test_snapshot_oldest_hold_ms_limit_exhausted(daemon, apps, tmp_path):
     assert lines[6].split() == ["HOSTNAME", "PROGNAME", "NPROC", "CONN",
                                 "CKOUT", "LIMIT", "MAXNPROC", "MAXCONN",
                                 "MAXCKOUT", "CKOUT/S", "HOLD_MS", "OLDEST"]
-    (memory_line,) = [line for line in lines if "memory.py" in line]
+    rows = [line for line in lines[7:] if not line.startswith(" ")]
+    (memory_line,) = [line for line in rows if "memory.py" in line]
     assert memory_line.split()[2:6] == ["1", "1", "1", "-"]
-    (small_line,) = [line for line in lines if "small.py" in line]
+    (small_line,) = [line for line in rows if "small.py" in line]
     assert small_line.endswith("(gone)")
 
 
@@ -2206,9 +2210,12 @@ def test_console_filter_pause_and_drill_down(daemon, apps, tmp_path,
     term.wait_text("4 processes")
 
     def processes(t: Terminal) -> Dict[int, List[str]]:
-        """pid -> [conn, ckout] of the process lines on screen."""
+        """pid -> [conn, ckout] of the process lines on screen (above the
+        history and the long holders)."""
+        lines = itertools.takewhile(lambda line: not line.startswith(
+            "History"), t.display[7:])
         return {int(fields[0]): fields[1:3] for fields in (
-            line.split() for line in t.display[7:])
+            line.split() for line in lines)
             if fields and fields[0].isdigit()}
     want = {pid: [str(n), str(n)] for pid, n in zip(pids, [0, 1, 2, 3])}
     term.wait_for(lambda t: processes(t) == want, f"processes {want}")
@@ -2559,6 +2566,187 @@ def test_oslo_db_writer_attributed_to_the_application(daemon, tmp_path):
         assert site["held"] == 2
         assert site["site"].startswith(f"{tmp_path / 'oslo_sites.py'}:")
         assert site["site"].endswith(" in hold")
+    finally:
+        app.stop()
+
+
+def leak_site(marker: str, function: str) -> str:
+    """How the console shows a line of the leak app: its path's tail."""
+    return f"leaky.py:{line_of(marker)} in {function}"
+
+
+def screen_sites(t: Terminal) -> List[Tuple[str, str, str]]:
+    """The sites view's rows on screen: (progname, held, site)."""
+    return [(fields[1], fields[2], fields[4]) for fields in (
+        line.rstrip().split(None, 4) for line in t.display[7:-1])
+        if len(fields) == 5 and fields[2].isdigit()]
+
+
+def test_console_sites_view_ranks_the_holding_lines(tmp_path, leak_daemon,
+                                                    terminal):
+    app = leak_app(tmp_path, leak_daemon)
+    try:
+        app("site_a 3")
+        app("site_b 5")
+        leak_daemon.wait_row("leaky.py", ckout=8)
+        term = terminal("-H", leak_daemon.address, "-i", "0.2")
+        term.wait_for(lambda t: "leaky.py" in t.rows(), "the leaky.py row")
+        want = [("leaky.py", "5", leak_site("SITE-B", "site_b")),
+                ("leaky.py", "3", leak_site("SITE-A", "site_a"))]
+
+        def ranked(t: Terminal) -> bool:
+            shown = screen_sites(t)
+            return [(prog, held) for prog, held, _ in shown] == [
+                (prog, held) for prog, held, _ in want] and all(
+                site.endswith(tail) for (_, _, site), (_, _, tail)
+                in zip(shown, want))
+        term.press(b"s")
+        term.wait_text("2 checkout sites holding connections, most held "
+                       "first")
+        term.wait_for(ranked, f"sites ranked {want}")
+        # 80 columns: the long paths lose their beginning, not their line.
+        term.resize(80, 30)
+        term.wait_for(lambda t: ranked(t) and all(
+            site.startswith("...") for _, _, site in screen_sites(t)),
+            "sites cut from the left")
+        term.press(b"?")
+        term.wait_text("s            sites: which line of which program")
+        term.press(b"x")   # help returns to the sites view
+        term.wait_for(ranked, "the sites view again")
+        term.press(b"\r")   # the top site's program
+        term.wait_text("leaky.py on ")
+        term.press(b"\x1b")
+        term.wait_for(ranked, "back in the sites view")
+        term.press(b"\x1b")
+        term.wait_text("1 rows, sorted by HOSTNAME")   # back in the table
+    finally:
+        app.stop()
+
+
+def holder_lines(t: Terminal) -> List[str]:
+    """The drill-down's long holder lines, oldest first as on screen."""
+    lines = list(itertools.dropwhile(
+        lambda line: "long holders (held past" not in line, t.display))
+    return [line.strip() for line in lines[2:-1] if line.strip()]
+
+
+def history_line(t: Terminal, label: str) -> str:
+    """The drill-down's sparkline for ``label``; "" while not on screen."""
+    lines = [line.rstrip() for line in t.display
+             if line.startswith(label + " ")]
+    return lines[0] if len(lines) == 1 else ""
+
+
+def test_console_drill_down_long_holders_and_history(tmp_path, leak_daemon,
+                                                     terminal):
+    app = leak_app(tmp_path, leak_daemon)
+    try:
+        app("sleeper")
+        leak_daemon.wait_row("leaky.py", ckout=1)
+        term = terminal("-H", leak_daemon.address, "-i", "0.2")
+        term.wait_for(lambda t: "leaky.py" in t.rows(), "the leaky.py row")
+        term.press(b"\r")
+        term.wait_text("leaky.py on ")
+        # One connection, out all along: full marks at the scale of 1.
+        term.wait_for(lambda t: re.fullmatch(
+            "CKOUT +1 \N{FULL BLOCK}{3,}", history_line(t, "CKOUT")),
+            "a history of ckout 1")
+        app("leak 2")
+        # Three now: the old samples drop to a third of the scale.
+        term.wait_for(lambda t: re.fullmatch(
+            "CKOUT +3 \N{LOWER THREE EIGHTHS BLOCK}{3,}"
+            "\N{FULL BLOCK}+", history_line(t, "CKOUT")),
+            "ckout going from 1 to 3 in the history")
+        assert "0 to 3 connections" in term.text
+        term.wait_text("3 long holders")
+        sleeper_site = leak_site("SLEEPER-SITE", "sleeper")
+        sleeping_at = leak_site("SLEEPER-HELD", "sleeper")
+        leak = leak_site("LEAK-SITE", "leak")
+        term.wait_for(lambda t: len(holder_lines(t)) == 3, "three holders")
+        lines = holder_lines(term)
+        holders = [line.split(None, 2) for line in lines]
+        assert {int(pid) for pid, _, _ in holders} == {app.proc.pid}
+        ages = [float(age) for _, age, _ in holders]
+        assert ages == sorted(ages, reverse=True) and ages[-1] >= 1
+        # The sleeper checked out first: the oldest, held where it sleeps.
+        # The leak's thread ended without returning its two connections.
+        first, *leaks = [rest for _, _, rest in holders]
+        assert sleeper_site in first and first.endswith(sleeping_at)
+        assert all(leak in rest and rest.endswith("thread gone")
+                   for rest in leaks), lines
+    finally:
+        app.stop()
+
+
+def test_once_lists_the_sites_under_their_rows(tmp_path, leak_daemon):
+    app = leak_app(tmp_path, leak_daemon)
+    blind = LeakApp(
+        tmp_path, f"sqlite:///{tmp_path}/blind.sqlite?plugin=connmon"
+        f"&connmon_sites=0&connmon_service=test"
+        f"&connmon_config={leak_daemon.config}", "blind.py", pool_size=20)
+    try:
+        app("site_a 3")
+        app("site_b 5")
+        blind("site_a 2")
+        leak_daemon.wait_row("leaky.py", ckout=8)
+        leak_daemon.wait_row("blind.py", ckout=2)
+        result = subprocess.run(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             leak_daemon.address], cwd=HERE, env=CHILD_ENV,
+            capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        (blind_at,) = [i for i, line in enumerate(lines)
+                       if line.split()[1:2] == ["blind.py"]]
+        # No known site (capture off): no site lines, the next row follows.
+        assert lines[blind_at + 1].split()[1] == "leaky.py"
+        script = tmp_path / "leaky.py"
+        assert [re.sub(r"oldest +[0-9.]+", "oldest N", line)
+                for line in lines[blind_at + 2:]] == [
+            f"    held    5  oldest N  {script}:{line_of('SITE-B')} in "
+            "site_b",
+            f"    held    3  oldest N  {script}:{line_of('SITE-A')} in "
+            "site_a"]
+    finally:
+        app.stop()
+        blind.stop()
+
+
+def test_demo_leak_shows_its_site_and_thread_gone(terminal):
+    """The README's walkthrough: the demo's leak in the sites view, then
+    its long holders in the drill-down."""
+    pytest.importorskip("sqlalchemy")
+    source = pathlib.Path(connmon_console.__file__).read_text()
+    site = (f"connmon_console.py:{line_of('never closed: the leak', source)}"
+            " in leaky_request")
+    term = terminal("--demo", "-i", "0.5")
+    term.wait_for(lambda t: "keystone-leaky" in t.rows(), "keystone-leaky")
+    term.press(b"/keystone-leaky\r")
+    term.press(b"s")
+    term.wait_for(lambda t: [(prog, s.endswith(site)) for prog, _, s in
+                             screen_sites(t)] == [("keystone-leaky", True)],
+                  f"the leak at {site}", timeout=30)
+    term.press(b"\r")
+    term.wait_text("keystone-leaky on ")
+    term.wait_for(lambda t: any(site in line and line.endswith(
+        "thread gone") for line in holder_lines(t)),
+        "a long holder whose thread is gone", timeout=45)
+
+
+def test_console_history_in_ascii(tmp_path, leak_daemon, terminal):
+    """Without a UTF-8 locale the sparklines are drawn in ASCII."""
+    app = leak_app(tmp_path, leak_daemon)
+    try:
+        app("site_a 2")
+        leak_daemon.wait_row("leaky.py", ckout=2)
+        term = terminal("-H", leak_daemon.address, "-i", "0.2",
+                        env={"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0",
+                             "PYTHONUTF8": "0"})
+        term.wait_for(lambda t: "leaky.py" in t.rows(), "the leaky.py row")
+        term.press(b"\r")
+        term.wait_for(lambda t: re.fullmatch(
+            "CKOUT +2 #{3,}", history_line(t, "CKOUT")),
+            "an ASCII history of ckout 2")
     finally:
         app.stop()
 
