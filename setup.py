@@ -24,8 +24,8 @@ setup(
         "mysql": ["SQLAlchemy>=2.0", "PyMySQL"],
         "postgresql": ["SQLAlchemy>=2.0", "psycopg2-binary"],
         "test": ["SQLAlchemy>=2.0", "PyMySQL", "psycopg2-binary",
-                 "pytest", "pyte", "hypothesis", "prometheus_client",
-                 "oslo.db", "trustme"],
+                 "psycopg[binary]", "pytest", "pyte", "hypothesis",
+                 "prometheus_client", "oslo.db", "trustme"],
     },
     entry_points={
         "console_scripts": [
