@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from typing import Callable, Dict, List
 

@@ -194,7 +194,8 @@ def parse_config(text: str, source: str) -> Dict[str, Service]:
 
         def where(needle: Optional[str]) -> str:
             line = _line_number(text, section, needle)
-            return f"{source}, [{section}]" + (f", line {line}" if line else "")
+            place = f"{source}, [{section}]"
+            return f"{place}, line {line}" if line else place
 
         if not options.get("name"):
             raise ConfigError(f"{where(None)}: missing 'name:'")

@@ -33,7 +33,8 @@ setup(
             "connmon = connmon_console:main",
         ],
         "sqlalchemy.dialects": [
-            f"{name} = connmon:{attr}" for name, attr in DIALECT_ENTRY_POINTS.items()
+            f"{name} = connmon:{attr}"
+            for name, attr in DIALECT_ENTRY_POINTS.items()
         ],
         "sqlalchemy.plugins": ["connmon = connmon:ConnmonPlugin"],
     },

@@ -38,8 +38,9 @@ CHILD_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
 IN_CI = os.environ.get("CI") == "true"
 MYSQL_URL = os.environ.get("CONNMON_TEST_MYSQL",
                            "mysql+pymysql://root@127.0.0.1:3306/test")
-POSTGRESQL_URL = os.environ.get("CONNMON_TEST_POSTGRESQL",
-                                "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+POSTGRESQL_URL = os.environ.get(
+    "CONNMON_TEST_POSTGRESQL",
+    "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
 
 # ---------------------------------------------------------------------------
@@ -718,7 +719,8 @@ def test_no_credentials_on_the_wire_and_none_to_the_driver(daemon, apps):
     relay = Relay(daemon.port)
     password = "s3cr3t-Pa55word"   # trust auth: the server ignores it
     url = POSTGRESQL_URL.replace("postgres@", f"postgres:{password}@")
-    url = url.replace("postgresql+psycopg2://", "postgresql+psycopg2_connmon://")
+    url = url.replace("postgresql+psycopg2://",
+                      "postgresql+psycopg2_connmon://")
     url += f"?connmon_addr=127.0.0.1:{relay.port}"
     app = apps(url, "secret.py")
     app("hold 2")
@@ -754,7 +756,8 @@ def test_connmon_parameters_never_reach_the_driver(daemon, tmp_path):
 @pytest.mark.parametrize("query, message", [
     ("connmon_servce=default", "unknown URL parameter 'connmon_servce'"),
     ("connmon_addr=127.0.0.1:99999", "bad port '99999'"),
-    ("connmon_service=nosuch&connmon_config={cfg}", "unknown service 'nosuch'"),
+    ("connmon_service=nosuch&connmon_config={cfg}",
+     "unknown service 'nosuch'"),
     ("connmon_config=/nonexistent.cfg", "cannot read config file"),
     ("connmon_addr=a:1&connmon_addr=b:2", "given more than once"),
 ])
