@@ -543,9 +543,9 @@ def open_connection(addresses: Iterable[Address], role: str,
 # ---------------------------------------------------------------------------
 #
 # A ProcessState is one process's connections.  The application keeps one
-# for itself and folds its pool events into it (apply); every flush it sends
+# for itself and folds its pool events into it (fold); every flush it sends
 # the difference from what it sent last (message).  The daemon keeps one per
-# attached process and changes it with those messages (load, update).  Both
+# attached process and changes it with those messages (update).  Both
 # sides use this one class, so they cannot disagree about the meaning.
 #
 # Per-event work is kept to a few dict operations on the application side,
@@ -669,6 +669,7 @@ class ProcessState:
         # and for long holders where that thread is now.
         self.holders: Dict[int, tuple] = {}   # connection -> (site, thread)
         self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
+        self.site_ids: Dict[Tuple[int, int], int] = {}   # app side
         self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
         self.reset_counters()
 
@@ -690,43 +691,59 @@ class ProcessState:
 
     # -- application side -----------------------------------------------------
 
-    def apply(self, kind: str, ident: int, when: float,
-              extra: Any = None, site: Optional[int] = None,
-              thread: Optional[int] = None) -> None:
-        """Fold one pool event in.
+    def fold(self, events: Iterable[tuple]) -> None:
+        """Fold pool events in, in order (the listeners' tuples: see the
+        event kinds above; a checkout may also carry its site and thread).
 
-        A forked child sees its parent's pooled connections: a checkout
-        adopts such a connection, a checkin or close of one changes nothing.
+        One call a batch, the kinds tested inline: this runs for every
+        checkout and checkin of the application.  A forked child sees its
+        parent's pooled connections: a checkout adopts such a connection,
+        a checkin or close of one changes nothing.
         """
-        if kind == CHECKOUT:
-            if ident in self.checked_out:
-                return
-            self.checked_out[ident] = when
-            self.checkouts += 1
-            if len(self.checked_out) > self.peak_checked_out:
-                self.peak_checked_out = len(self.checked_out)
-            if site is not None:
-                self.holders[ident] = (site, thread)
-            if ident not in self.conns:
-                self.apply(CONNECT, ident, when, extra)
-        elif kind == CHECKIN:
-            since = self.checked_out.pop(ident, None)
-            if since is not None:
-                self.hold_total += when - since
-                self.holds += 1
-                self.holders.pop(ident, None)
-                if self.held_at:
-                    self.held_at.pop(ident, None)
-        elif kind == CONNECT:
-            self.conns[ident] = extra
-            if len(self.conns) > self.peak_conns:
-                self.peak_conns = len(self.conns)
-        elif kind == CLOSE:
-            self.conns.pop(ident, None)
-            if self.checked_out.pop(ident, None) is not None:
-                self._forget_holder(ident)
-        elif kind == POOL:
-            self.pools[ident] = extra
+        conns, out = self.conns, self.checked_out
+        holders, held_at, site_ids = self.holders, self.held_at, self.site_ids
+        for event in events:
+            kind, ident, when = event[0], event[1], event[2]
+            if ident is None:   # a pool entry we never saw open
+                continue
+            if kind == CHECKOUT:
+                if ident in out:
+                    continue
+                out[ident] = when
+                self.checkouts += 1
+                if len(out) > self.peak_checked_out:
+                    self.peak_checked_out = len(out)
+                if ident not in conns:
+                    conns[ident] = event[3]
+                    self.peak_conns = max(self.peak_conns, len(conns))
+                if len(event) == 6 and event[4] is not None:
+                    site = event[4]
+                    holders[ident] = (site_ids.get(site)
+                                      or self._name_site(site), event[5])
+            elif kind == CHECKIN:
+                since = out.pop(ident, None)
+                if since is not None:
+                    self.hold_total += when - since
+                    self.holds += 1
+                    holders.pop(ident, None)
+                    if held_at:
+                        held_at.pop(ident, None)
+            elif kind == CONNECT:
+                conns[ident] = event[3]
+                if len(conns) > self.peak_conns:
+                    self.peak_conns = len(conns)
+            elif kind == CLOSE:
+                conns.pop(ident, None)
+                if out.pop(ident, None) is not None:
+                    self._forget_holder(ident)
+            elif kind == POOL:
+                self.pools[ident] = event[3]
+
+    def _name_site(self, site: Tuple[int, int]) -> int:
+        """A small number for a checkout site, named once on the wire."""
+        number = self.site_ids[site] = len(self.site_ids) + 1
+        self.site_names[number] = describe_code(_sites[site], site[1])
+        return number
 
     def _forget_holder(self, ident: int) -> None:
         self.holders.pop(ident, None)
@@ -1407,7 +1424,6 @@ class Sender:
         self.state = ProcessState(os.urandom(8).hex(), socket.gethostname(),
                                   progname(), os.getpid())
         self._sent = self.state.copy()
-        self._site_ids: Dict[Tuple[int, int], int] = {}
         self._scanned = 0.0   # when long holders were last looked at
         self.lock = threading.Lock()   # state and _sent, between threads
         self.wake_pending = False
@@ -1567,30 +1583,8 @@ class Sender:
 
     def _drain(self) -> None:
         """Fold the queued events into our state."""
-        events = self.events
-        apply = self.state.apply
-        site_ids = self._site_ids
-        for _ in range(len(events)):
-            event = events.popleft()
-            if event[1] is None:   # a pool entry we never saw open
-                continue
-            if len(event) == 6:    # a checkout with its site and thread
-                kind, ident, when, pool, site, thread = event
-                apply(kind, ident, when, pool,
-                      site_ids.get(site) or self._site_id(site), thread)
-            else:
-                apply(*event)
-
-    def _site_id(self, site: Optional[Tuple[int, int]]) -> Optional[int]:
-        """A small number for a checkout site, named once on the wire."""
-        if site is None:
-            return None
-        ident = self._site_ids.get(site)
-        if ident is None:
-            ident = self._site_ids[site] = len(self._site_ids) + 1
-            self.state.site_names[ident] = describe_code(_sites[site],
-                                                         site[1])
-        return ident
+        popleft = self.events.popleft
+        self.state.fold([popleft() for _ in range(len(self.events))])
 
 
 _senders: Dict[tuple, Sender] = {}

@@ -1087,7 +1087,7 @@ def _session_news(ident: str, session: int, held: int, ends: bool
     attached (with ``held`` connections checked out), and maybe it ended."""
     proc = connmon.ProcessState(ident, "host", "prog.py", 42, session)
     for conn in range(held):
-        proc.apply(connmon.CHECKOUT, conn, 0.0, 1)
+        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1)])
     news = [("attach", proc)]
     if ends:
         news.append(("detach", session))
@@ -1281,7 +1281,7 @@ class SyntheticApp:
         self.state.reset_counters()
 
     def event(self, kind: str, conn: int, *extra: Any) -> None:
-        self.state.apply(kind, conn, time.monotonic(), *extra)
+        self.state.fold([(kind, conn, time.monotonic(), *extra)])
 
 
 def test_metrics_equal_the_snapshot_with_awkward_labels(tmp_path, apps):
