@@ -588,6 +588,17 @@ def describe_code(code, line: int) -> str:
             f"{getattr(code, 'co_qualname', code.co_name)}")
 
 
+def line_at(code, offset: int) -> int:
+    """The source line of a bytecode offset."""
+    import dis
+    line = code.co_firstlineno
+    for start, start_line in dis.findlinestarts(code):
+        if start > offset:
+            break
+        line = start_line or line
+    return line
+
+
 def describe_frame(frame) -> str:
     """The innermost application frame at or outside ``frame``."""
     innermost = frame
@@ -598,18 +609,19 @@ def describe_frame(frame) -> str:
 
 
 _site_depth = 3   # how deep the application frame was at the last checkout
-_sites: Dict[Tuple[int, int], Any] = {}   # (id(code), line) -> code object
+_sites: Dict[Tuple[int, int], Any] = {}   # (id(code), offset) -> code
 
 
 def checkout_site(_getframe=sys._getframe, _sites=_sites
                   ) -> Optional[Tuple[int, int]]:
-    """The application frame asking for a connection, as (id(code), line),
-    or None; for a pool listener to call.
+    """The application frame asking for a connection, as (id(code),
+    bytecode offset), or None; for a pool listener to call.
 
     Walking frames costs (each is materialised), so a site found once is
     remembered with its depth: when the frame at the depth found last time
     is a known site, that is the answer.  Only a new site, or a stack of
-    another shape, walks the frames one by one.
+    another shape, walks the frames one by one.  (The offset, not the line:
+    a frame's f_lineno scans the code's line table on every access.)
     """
     global _site_depth
     try:
@@ -617,14 +629,14 @@ def checkout_site(_getframe=sys._getframe, _sites=_sites
     except ValueError:
         frame = None
     if frame is not None:
-        site = (id(frame.f_code), frame.f_lineno)
+        site = (id(frame.f_code), frame.f_lasti)
         if site in _sites:
             return site
     frame, depth = _getframe(2), 2   # 0: here, 1: the listener
     while frame is not None:
         if not _is_internal(frame.f_code):
             _site_depth = depth
-            site = (id(frame.f_code), frame.f_lineno)
+            site = (id(frame.f_code), frame.f_lasti)
             _sites[site] = frame.f_code   # which also keeps the id unique
             return site
         frame, depth = frame.f_back, depth + 1
@@ -742,7 +754,8 @@ class ProcessState:
     def _name_site(self, site: Tuple[int, int]) -> int:
         """A small number for a checkout site, named once on the wire."""
         number = self.site_ids[site] = len(self.site_ids) + 1
-        self.site_names[number] = describe_code(_sites[site], site[1])
+        code = _sites[site]
+        self.site_names[number] = describe_code(code, line_at(code, site[1]))
         return number
 
     def _forget_holder(self, ident: int) -> None:
