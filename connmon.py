@@ -43,7 +43,7 @@ import sysconfig
 import threading
 import time
 import weakref
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 __version__ = "0.4.0"
 
@@ -1604,16 +1604,16 @@ _senders: Dict[tuple, Sender] = {}
 _senders_lock = threading.Lock()
 
 
-def get_sender(addresses: List[Address], description: str,
-               security: Security, hold_warn: float) -> Sender:
+def get_sender(target: "Target") -> Sender:
     """The process's sender for these daemons and settings, made on first
     use."""
-    key = (tuple(sorted(addresses)), security.key)
+    key = (tuple(sorted(target.addresses)), target.security.key)
     with _senders_lock:
         sender = _senders.get(key)
         if sender is None:
-            sender = _senders[key] = Sender(addresses, description, security,
-                                            hold_warn)
+            sender = _senders[key] = Sender(
+                target.addresses, target.description, target.security,
+                target.hold_warn)
         return sender
 
 
@@ -1660,10 +1660,18 @@ def url_settings(query: Dict[str, Any]) -> Dict[str, str]:
     return settings
 
 
-def resolve_target(settings: Dict[str, str]
-                   ) -> Tuple[List[Address], str, Security, float]:
-    """Daemon addresses, a description for logs, the security settings and
-    the long-holder threshold (hold_warn_seconds) for URL settings.
+class Target(NamedTuple):
+    """Where an engine's process reports, and how."""
+    addresses: List[Address]
+    description: str            # for log lines
+    security: Security
+    hold_warn: float            # hold_warn_seconds
+    sites: bool                 # note checkout sites
+
+
+def resolve_target(settings: Dict[str, str]) -> Target:
+    """The Target for URL settings (the service's config fills in what the
+    URL does not say).
 
     Reads the config, secret and TLS files but does no DNS: names are
     resolved by the sender.
@@ -1673,14 +1681,21 @@ def resolve_target(settings: Dict[str, str]
         address = parse_address(settings["connmon_addr"])
         security = Security(read_secret(secret_file) if secret_file
                             else None)
-        return ([address], format_address(address), security,
-                DEFAULT_HOLD_WARN)
+        return Target([address], format_address(address), security,
+                      DEFAULT_HOLD_WARN,
+                      settings.get("connmon_sites", "1") == "1")
     service = find_service(settings.get("connmon_service", DEFAULT_SERVICE),
                            settings.get("connmon_config"))
     security = Security.of_service(service, secret_file)
     security.client_context()   # a bad TLS file fails here, at start-up
-    return ([node.address for node in service.nodes],
-            f"service {service.name!r}", security, hold_warn_of(service))
+    sites = settings.get("connmon_sites",
+                         service.options.get("checkout_sites", "1"))
+    if sites not in ("0", "1"):
+        raise ConfigError(f"{service.source}: checkout_sites must be 1 "
+                          f"(the default) or 0, not {sites!r}")
+    return Target([node.address for node in service.nodes],
+                  f"service {service.name!r}", security,
+                  hold_warn_of(service), sites == "1")
 
 
 def hold_warn_of(service: Service) -> float:
@@ -1719,7 +1734,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     target = resolve_target(settings)
     _instrumented.add(engine)
     try:
-        sender = get_sender(*target)
+        sender = get_sender(target)
     except Exception:  # e.g. no threads left: run unmonitored, never fail
         log.exception("connmon: cannot start; %s runs unmonitored", engine)
         return
@@ -1730,7 +1745,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     record = sender.events.append
     clock = time.monotonic
     get_ident = threading.get_ident
-    sites = settings.get("connmon_sites", "1") == "1"
+    sites = target.sites
     pool_id = next(_pool_ids)
 
     def on_connect(dbapi_connection, connection_record):

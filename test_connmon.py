@@ -2556,6 +2556,18 @@ def test_sites_can_be_turned_off(tmp_path, leak_daemon):
         app.stop()
 
 
+def test_sites_can_be_turned_off_in_the_config(tmp_path):
+    daemon = Daemon(tmp_path, extra_config="checkout_sites: 0\n")
+    app = leak_app(tmp_path, daemon)
+    try:
+        app("site_a 2")
+        row = daemon.wait_row("leaky.py", ckout=2)
+        assert [(s["site"], s["held"]) for s in row["sites"]] == [(None, 2)]
+    finally:
+        app.stop()
+        daemon.stop()
+
+
 def test_oslo_db_writer_attributed_to_the_application(daemon, tmp_path):
     require_database(MYSQL_URL)
     conf = tmp_path / "nova.conf"
