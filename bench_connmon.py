@@ -184,8 +184,6 @@ def bench_breakdown(quick: bool) -> None:
     import sqlalchemy as sa
     from sqlalchemy import event
 
-    import connmon
-
     rounds, cycles = (7, 2000) if quick else (15, 5000)
     with tempfile.TemporaryDirectory() as workdir:
         db = os.path.join(workdir, "bench.sqlite")
@@ -219,7 +217,6 @@ def bench_breakdown(quick: bool) -> None:
            [(f"{name:<16}", f"{us:7.2f} us", f"ratio {us / plain:.3f}",
              f"+{us - plain:5.2f} us")
             for name, us in medians.items()])
-    del connmon
 
 
 class SyntheticApp:

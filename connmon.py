@@ -1084,12 +1084,12 @@ class Picture:
         self.max_hosts = self.max_processes = 0
         self.max_connections = self.max_checkouts = 0
 
-    def _row(self, proc: ProcessState) -> ProgramRow:
-        row = self.rows.get(proc.key)
+    def _row(self, key: Tuple[str, str]) -> ProgramRow:
+        row = self.rows.get(key)
         if row is None:
             if len(self.rows) >= MAX_ROWS:
                 self._forget_a_gone_row()
-            row = self.rows[proc.key] = ProgramRow(*proc.key)
+            row = self.rows[key] = ProgramRow(*key)
         return row
 
     def _forget_a_gone_row(self) -> None:
@@ -1103,7 +1103,7 @@ class Picture:
     def _add(self, proc: ProcessState, sign: int) -> None:
         """Count a whole process in (sign 1) or out (sign -1)."""
         conns, checkouts = sign * len(proc.conns), sign * len(proc.checked_out)
-        self._row(proc).add(sign, conns, checkouts)
+        self._row(proc.key).add(sign, conns, checkouts)
         self.host_nproc[proc.hostname] += sign
         if self.host_nproc[proc.hostname] <= 0:
             del self.host_nproc[proc.hostname]
@@ -1177,7 +1177,7 @@ class Picture:
                               len(proc.checked_out) - checked_out)
         peaks = (counters["peak_conns"] - len(proc.conns),
                  counters["peak_checked_out"] - len(proc.checked_out))
-        row = self._row(proc)
+        row = self._row(proc.key)
         row.add(0, conns, checked_out, *peaks)
         row.checkouts.add(now, counters["checkouts"])
         row.ckout_total += counters["checkouts"]
@@ -1204,10 +1204,7 @@ class Picture:
                                 "maxnproc, maxconn, maxckout], ...] and "
                                 "'totals' [4 counts]")
         for hostname, progname, maxnproc, maxconn, maxckout in rows:
-            row = self.rows.get((hostname, progname))
-            if row is None:
-                row = self.rows[hostname, progname] = ProgramRow(hostname,
-                                                                 progname)
+            row = self._row((hostname, progname))
             row.maxnproc = max(row.maxnproc, maxnproc)
             row.maxconn = max(row.maxconn, maxconn)
             row.maxckout = max(row.maxckout, maxckout)
