@@ -608,47 +608,65 @@ def describe_frame(frame) -> str:
     return describe_code(frame.f_code, frame.f_lineno)
 
 
-_site_depth = 3   # how deep the application frame was at the last checkout
-_sites: Dict[Tuple[int, int], Any] = {}   # (id(code), offset) -> code
+# The application frame asking for a connection is found by a frame walk
+# (each frame walked is materialised, which costs), so a site found once is
+# remembered, with its depth: the checkout listener first looks at the frame
+# at the depth of the last site found, and when that frame is at a known
+# site, that is the answer.  Only a new site, or a stack of another shape,
+# walks.  A site is known by (id(code), bytecode offset), not by its line,
+# because a frame's f_lineno scans the code's line table on every access;
+# and it is numbered, once per process, so that only a small number
+# travels with each checkout.
+_site_depth = 3   # from the checkout listener's frame, where the last site was
+_sites: Dict[Tuple[int, int], int] = {}   # (id(code), offset) -> number
+_site_places: Dict[int, Tuple[Any, int]] = {}   # number -> (code, offset)
 
 
-def checkout_site(_getframe=sys._getframe, _sites=_sites
-                  ) -> Optional[Tuple[int, int]]:
-    """The application frame asking for a connection, as (id(code),
-    bytecode offset), or None; for a pool listener to call.
-
-    Walking frames costs (each is materialised), so a site found once is
-    remembered with its depth: when the frame at the depth found last time
-    is a known site, that is the answer.  Only a new site, or a stack of
-    another shape, walks the frames one by one.  (The offset, not the line:
-    a frame's f_lineno scans the code's line table on every access.)
-    """
+def checkout_site(_getframe=sys._getframe) -> Optional[int]:
+    """Walk out from the checkout listener that calls this to the first
+    application frame, and remember its site and depth: the site's number,
+    or None if there is no application frame at all."""
     global _site_depth
-    try:
-        frame = _getframe(_site_depth)
-    except ValueError:
-        frame = None
-    if frame is not None:
-        site = (id(frame.f_code), frame.f_lasti)
-        if site in _sites:
-            return site
-    frame, depth = _getframe(2), 2   # 0: here, 1: the listener
+    frame, depth = _getframe(2), 1   # 0: here, 1: the listener
     while frame is not None:
-        if not _is_internal(frame.f_code):
+        code = frame.f_code
+        if not _is_internal(code):
             _site_depth = depth
-            site = (id(frame.f_code), frame.f_lasti)
-            _sites[site] = frame.f_code   # which also keeps the id unique
-            return site
+            key = (id(code), frame.f_lasti)
+            if key not in _sites:   # the code is kept, so its id stays
+                _site_places[len(_sites) + 1] = (code, frame.f_lasti)
+                _sites[key] = len(_sites) + 1
+            return _sites[key]
         frame, depth = frame.f_back, depth + 1
     return None
 
 
-CONNECT = "connect"      # (CONNECT, conn, when, pool): a new DBAPI connection
-CHECKOUT = "checkout"    # (CHECKOUT, conn, when, pool): handed to the app
-CHECKIN = "checkin"      # (CHECKIN, conn, when): returned to the pool
-CLOSE = "close"          # (CLOSE, conn, when): closed, invalidated, discarded
-POOL = "pool"            # (POOL, pool, when, limit): pool_size+max_overflow,
-                         #                            None when unlimited
+def site_name(number: int) -> str:
+    """"file:line in function" of a checkout site."""
+    code, offset = _site_places[number]
+    return describe_code(code, line_at(code, offset))
+
+
+# Pool events go from the listeners to the sender's fold thread through a
+# list used as a queue, flat: six items an event, added at the end by one
+# list.extend() (atomic: C code, holding the GIL throughout) and taken from
+# the front six at a time.  So what waits in the queue is only numbers,
+# strings and None, which the cyclic garbage collector never looks at;
+# queued tuples made the application's collector run several times as
+# often (measured: see the Performance section).
+#   (CONNECT, conn, when, pool, None, None)     a new DBAPI connection
+#   (CHECKOUT, conn, when, pool, site, thread)  handed to the application;
+#                                 site and thread None without checkout sites
+#   (CHECKIN, conn, when, None, None, None)     returned to the pool
+#   (CLOSE, conn, when, None, None, None)       closed, invalidated, discarded
+#   (POOL, pool, when, limit, None, None)       limit: pool_size+max_overflow,
+#                                               None when unlimited
+CONNECT = "connect"
+CHECKOUT = "checkout"
+CHECKIN = "checkin"
+CLOSE = "close"
+POOL = "pool"
+EVENT_ITEMS = 6
 
 # What the daemon accepts of one process, and how many host+program rows of
 # programs that are gone it remembers: memory stays bounded whatever
@@ -677,11 +695,10 @@ class ProcessState:
         self.pools: Dict[int, Optional[int]] = {}  # pool -> capacity
         self.max_conns = self.max_checked_out = 0
         # The leak finder: where each checked-out connection was checked out
-        # (a site id, named in site_names), by which thread (app side only),
-        # and for long holders where that thread is now.
+        # (a site number, named in site_names), by which thread (app side
+        # only), and for long holders where that thread is now.
         self.holders: Dict[int, tuple] = {}   # connection -> (site, thread)
         self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
-        self.site_ids: Dict[Tuple[int, int], int] = {}   # app side
         self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
         self.reset_counters()
 
@@ -704,59 +721,58 @@ class ProcessState:
     # -- application side -----------------------------------------------------
 
     def fold(self, events: Iterable[tuple]) -> None:
-        """Fold pool events in, in order (the listeners' tuples: see the
-        event kinds above; a checkout may also carry its site and thread).
+        """Fold pool events in, in order (the six items of each: see the
+        event kinds above).
 
-        One call a batch, the kinds tested inline: this runs for every
-        checkout and checkin of the application.  A forked child sees its
-        parent's pooled connections: a checkout adopts such a connection,
-        a checkin or close of one changes nothing.
+        One call a batch, the kinds tested inline, commonest first, and the
+        counters kept in locals: this runs for every checkout and checkin of
+        the application.  A forked child sees its parent's pooled
+        connections: a checkout adopts such a connection, a checkin or close
+        of one changes nothing.
         """
-        conns, out = self.conns, self.checked_out
-        holders, held_at, site_ids = self.holders, self.held_at, self.site_ids
-        for event in events:
-            kind, ident, when = event[0], event[1], event[2]
-            if ident is None:   # a pool entry we never saw open
-                continue
-            if kind == CHECKOUT:
-                if ident in out:
-                    continue
-                out[ident] = when
-                self.checkouts += 1
-                if len(out) > self.peak_checked_out:
-                    self.peak_checked_out = len(out)
-                if ident not in conns:
-                    conns[ident] = event[3]
-                    self.peak_conns = max(self.peak_conns, len(conns))
-                if len(event) == 6 and event[4] is not None:
-                    site = event[4]
-                    holders[ident] = (site_ids.get(site)
-                                      or self._name_site(site), event[5])
-            elif kind == CHECKIN:
+        conns, out, holders = self.conns, self.checked_out, self.holders
+        checkouts, holds, hold_total = (self.checkouts, self.holds,
+                                        self.hold_total)
+        peak_conns, peak_out = self.peak_conns, self.peak_checked_out
+        for kind, ident, when, pool, site, thread in events:
+            if kind is CHECKIN:
                 since = out.pop(ident, None)
                 if since is not None:
-                    self.hold_total += when - since
-                    self.holds += 1
-                    holders.pop(ident, None)
-                    if held_at:
-                        held_at.pop(ident, None)
-            elif kind == CONNECT:
-                conns[ident] = event[3]
-                if len(conns) > self.peak_conns:
-                    self.peak_conns = len(conns)
-            elif kind == CLOSE:
+                    hold_total += when - since
+                    holds += 1
+                    if holders.pop(ident, None) and self.held_at:
+                        self.held_at.pop(ident, None)
+            elif kind is CHECKOUT:
+                if ident is None or ident in out:   # None: never seen open
+                    continue
+                out[ident] = when
+                checkouts += 1
+                if len(out) > peak_out:
+                    peak_out = len(out)
+                if ident not in conns:
+                    conns[ident] = pool
+                    peak_conns = max(peak_conns, len(conns))
+                if site is not None:
+                    holders[ident] = (site, thread)
+            elif kind is CONNECT:
+                conns[ident] = pool
+                if len(conns) > peak_conns:
+                    peak_conns = len(conns)
+            elif kind is CLOSE:
                 conns.pop(ident, None)
                 if out.pop(ident, None) is not None:
                     self._forget_holder(ident)
-            elif kind == POOL:
-                self.pools[ident] = event[3]
+            elif kind is POOL:
+                self.pools[ident] = pool
+        self.checkouts, self.holds, self.hold_total = (checkouts, holds,
+                                                       hold_total)
+        self.peak_conns, self.peak_checked_out = peak_conns, peak_out
 
-    def _name_site(self, site: Tuple[int, int]) -> int:
-        """A small number for a checkout site, named once on the wire."""
-        number = self.site_ids[site] = len(self.site_ids) + 1
-        code = _sites[site]
-        self.site_names[number] = describe_code(code, line_at(code, site[1]))
-        return number
+    def name_sites(self) -> None:
+        """Name the checkout sites of the connections out (app side)."""
+        for site, _ in self.holders.values():
+            if site not in self.site_names:
+                self.site_names[site] = site_name(site)
 
     def _forget_holder(self, ident: int) -> None:
         self.holders.pop(ident, None)
@@ -1411,7 +1427,7 @@ class Sender:
     """Ships one process's connection state to connmond from two daemon
     threads.
 
-    Listeners on application threads call ``events.append`` and ``wake``
+    Listeners on application threads call ``events.extend`` and ``wake``
     only.  The fold thread folds the events into ``state``, never touching
     the network, so memory stays bounded however long a connect, a DNS
     look-up or a send to a stuck daemon blocks.  The network thread, while
@@ -1425,7 +1441,7 @@ class Sender:
         self.description = description
         self.security = security
         self.hold_warn = hold_warn
-        self.events: collections.deque = collections.deque()
+        self.events: List[Any] = []   # see the event kinds
         self._start()
 
     def _start(self) -> None:
@@ -1577,6 +1593,7 @@ class Sender:
     def _send(self, conn: Connection, full: bool = False) -> None:
         with self.lock:
             state = self.state
+            state.name_sites()
             message = state.message(time.monotonic(), None if full else
                                     self._sent)
             self._sent = state.copy()
@@ -1592,9 +1609,14 @@ class Sender:
         return max(0.0, self._scanned + interval - time.monotonic())
 
     def _drain(self) -> None:
-        """Fold the queued events into our state."""
-        popleft = self.events.popleft
-        self.state.fold([popleft() for _ in range(len(self.events))])
+        """Fold the queued events into our state.  Listeners only ever add
+        at the end, so the events queued now can be copied, then deleted,
+        while they go on adding; C code groups the items six by six."""
+        queued = len(self.events)
+        batch = self.events[:queued]
+        del self.events[:queued]
+        items = iter(batch)
+        self.state.fold(zip(*[items] * EVENT_ITEMS))
 
 
 _senders: Dict[tuple, Sender] = {}
@@ -1736,12 +1758,13 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         log.exception("connmon: cannot start; %s runs unmonitored", engine)
         return
     # The listeners run on the application's threads for every checkout and
-    # checkin: each only appends a tuple and, for the first event of a
+    # checkin: each only queues an event and, for the first event of a
     # batch, wakes the sender (the wake_pending test is inlined because a
     # function call here is a measurable share of a pool checkout).
-    record = sender.events.append
+    record = sender.events.extend
     clock = time.monotonic
     get_ident = threading.get_ident
+    getframe = sys._getframe
     sites = target.sites
     pool_id = next(_pool_ids)
 
@@ -1750,32 +1773,39 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         info = connection_record.info
         info[CONN_ID] = ident
         info[CONN_POOL] = engine.pool
-        record((CONNECT, ident, clock(), pool_id))
+        record((CONNECT, ident, clock(), pool_id, None, None))
         if not sender.wake_pending:
             sender.wake()
 
     def on_checkout(dbapi_connection, connection_record, connection_proxy):
-        if sites:
-            record((CHECKOUT, connection_record.info.get(CONN_ID), clock(),
-                    pool_id, checkout_site(), get_ident()))
-        else:
-            record((CHECKOUT, connection_record.info.get(CONN_ID), clock(),
-                    pool_id))
+        site = thread = None
+        if sites:   # see checkout_site: the last site's depth first
+            try:
+                frame = getframe(_site_depth)
+                site = _sites.get((id(frame.f_code), frame.f_lasti))
+            except ValueError:   # a shallower stack
+                pass
+            if site is None:
+                site = checkout_site()
+            thread = get_ident()
+        record((CHECKOUT, connection_record.info.get(CONN_ID), clock(),
+                pool_id, site, thread))
         if not sender.wake_pending:
             sender.wake()
 
     def on_checkin(dbapi_connection, connection_record):
         info = connection_record.info
-        record((CHECKIN, info.get(CONN_ID), clock()))
+        record((CHECKIN, info.get(CONN_ID), clock(), None, None, None))
         if info.get(CONN_POOL) is not engine.pool:
             # Checked out across engine.dispose() and now returned to the
             # old pool, which drops it without a close event.
-            record((CLOSE, info.get(CONN_ID), clock()))
+            record((CLOSE, info.get(CONN_ID), clock(), None, None, None))
         if not sender.wake_pending:
             sender.wake()
 
     def on_close(dbapi_connection, connection_record):
-        record((CLOSE, connection_record.info.get(CONN_ID), clock()))
+        record((CLOSE, connection_record.info.get(CONN_ID), clock(), None,
+                None, None))
         if not sender.wake_pending:
             sender.wake()
 
@@ -1789,7 +1819,8 @@ def instrument(engine, settings: Dict[str, str]) -> None:
             detached[id(dbapi_connection)] = ident
 
     def on_close_detached(dbapi_connection):
-        record((CLOSE, detached.pop(id(dbapi_connection), None), clock()))
+        record((CLOSE, detached.pop(id(dbapi_connection), None), clock(),
+                None, None, None))
         if not sender.wake_pending:
             sender.wake()
 
@@ -1806,7 +1837,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
                            ("detach", on_detach),
                            ("close_detached", on_close_detached)):
         event.listen(engine, name, listener)
-    record((POOL, pool_id, clock(), _pool_limit(engine.pool)))
+    record((POOL, pool_id, clock(), _pool_limit(engine.pool), None, None))
     sender.wake()
 
 
