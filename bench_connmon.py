@@ -10,6 +10,8 @@ console's figure is CPU time (not wall time) per refresh, against a target.
 from __future__ import annotations
 
 import argparse
+import collections
+import gc
 import json
 import os
 import socket
@@ -17,8 +19,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,7 +72,7 @@ class Daemon:
 
 
 def cycle_time(engine, cycles: int) -> float:
-    """Median-friendly sample: microseconds per connect()+close() cycle."""
+    """Microseconds per connect()+close() cycle."""
     connect = engine.connect
     start = time.perf_counter()
     for _ in range(cycles):
@@ -77,17 +80,66 @@ def cycle_time(engine, cycles: int) -> float:
     return (time.perf_counter() - start) / cycles * 1e6
 
 
-def interleaved(engines: Dict[str, object], rounds: int,
-                cycles: int) -> Dict[str, float]:
-    """Median µs per cycle for each engine, measured in alternation."""
+def select_one_time(engine, cycles: int) -> float:
+    """Microseconds per connect(); SELECT 1; close() cycle, on a new
+    database connection: two connections of one server differ by several
+    per cent on their own (measured), which must not pass for the cost of
+    a listener."""
+    engine.dispose()
+    for _ in range(5):   # connect, and warm up
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1").scalar()
+    start = time.perf_counter()
+    for _ in range(cycles):
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1").scalar()
+    return (time.perf_counter() - start) / cycles * 1e6
+
+
+def listening_engine(url: str, queue=None):
+    """An engine with the two pool listeners any monitor needs, doing
+    nothing, or appending an event tuple to ``queue``: the floor."""
+    import sqlalchemy as sa
+    from sqlalchemy import event
+
+    engine = sa.create_engine(url)
+    clock = time.monotonic
+    if queue is None:
+        event.listen(engine, "checkout", lambda d, r, p: None)
+        event.listen(engine, "checkin", lambda d, r: None)
+    else:
+        event.listen(engine, "checkout", lambda d, r, p: queue.append(
+            ("checkout", r.info.get("id"), clock(), 1, None, None)))
+        event.listen(engine, "checkin", lambda d, r: queue.append(
+            ("checkin", r.info.get("id"), clock(), None, None, None)))
+    return engine
+
+
+class Paired(NamedTuple):
+    us: float      # median microseconds per cycle
+    ratio: float   # median of the per-round ratios to "plain"
+
+
+def interleaved(engines: Dict[str, object], rounds: int, cycles: int,
+                measure: Callable[[object, int], float] = cycle_time
+                ) -> Dict[str, Paired]:
+    """Each engine measured once a round, in an order that turns round by
+    round; its ratio to the "plain" engine of the same round, so that a
+    slow spell of the machine falls on both sides of each ratio."""
     samples: Dict[str, List[float]] = {name: [] for name in engines}
+    ratios: Dict[str, List[float]] = {name: [] for name in engines}
+    names = list(engines)
     for engine in engines.values():
-        cycle_time(engine, cycles)   # warm up: pool filled, caches primed
-    for _ in range(rounds):
-        for name, engine in engines.items():
-            samples[name].append(cycle_time(engine, cycles))
-    return {name: statistics.median(values)
-            for name, values in samples.items()}
+        measure(engine, cycles)   # warm up: pool filled, caches primed
+    for turn in range(rounds):
+        order = names[turn % len(names):] + names[:turn % len(names)]
+        times = {name: measure(engines[name], cycles) for name in order}
+        for name, us in times.items():
+            samples[name].append(us)
+            ratios[name].append(us / times["plain"])
+    return {name: Paired(statistics.median(samples[name]),
+                         statistics.median(ratios[name]))
+            for name in engines}
 
 
 def report(title: str, rows: List[tuple]) -> None:
@@ -96,13 +148,19 @@ def report(title: str, rows: List[tuple]) -> None:
         print("  " + "  ".join(str(cell) for cell in row))
 
 
+def ratio_rows(results: Dict[str, Paired], width: int) -> List[tuple]:
+    return [(f"{name:<{width}}", f"{result.us:8.2f} us",
+             f"ratio {result.ratio:.3f}")
+            for name, result in results.items()]
+
+
 def bench_hotpath(quick: bool) -> None:
     """App hot path: engine.connect(); close() on a SQLite QueuePool engine,
     plugin vs plain, with connmond up and down, checkout sites noted (the
     default) and not (connmon_sites=0) (target ratio <= 1.25)."""
     import sqlalchemy as sa
 
-    rounds, cycles = (7, 2000) if quick else (15, 5000)
+    rounds, cycles = (9, 2000) if quick else (25, 4000)
     with tempfile.TemporaryDirectory() as workdir:
         daemon = Daemon(workdir)
         down = f"127.0.0.1:{free_port()}"   # nothing listens there
@@ -122,15 +180,12 @@ def bench_hotpath(quick: bool) -> None:
                     f"sqlite+pysqlite_connmon:///{db}?connmon_addr={down}"
                     "&connmon_sites=0"),
             }
-            medians = interleaved(engines, rounds, cycles)
+            results = interleaved(engines, rounds, cycles)
         finally:
             daemon.stop()
-    plain = medians["plain"]
-    report(f"hotpath: connect()+close() on SQLite QueuePool, median of "
-           f"{rounds} interleaved runs x {cycles} cycles (target ratio "
-           "<= 1.25)",
-           [(f"{name:<13}", f"{us:7.2f} us", f"ratio {us / plain:.3f}")
-            for name, us in medians.items()])
+    report(f"hotpath: connect()+close() on SQLite QueuePool, {rounds} "
+           f"rounds x {cycles} cycles, median of the rounds' ratios "
+           "(target ratio <= 1.25)", ratio_rows(results, 13))
 
 
 def bench_hotpath_mysql(quick: bool) -> None:
@@ -139,84 +194,111 @@ def bench_hotpath_mysql(quick: bool) -> None:
 
     url = os.environ.get("CONNMON_TEST_MYSQL",
                          "mysql+pymysql://root@127.0.0.1:3306/test")
-    rounds, cycles = (11, 200) if quick else (41, 300)
-
-    def select_one(engine, cycles: int) -> float:
-        start = time.perf_counter()
-        for _ in range(cycles):
-            with engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1").scalar()
-        return (time.perf_counter() - start) / cycles * 1e6
-
+    rounds, cycles = (41, 50) if quick else (201, 60)
+    floor: collections.deque = collections.deque(maxlen=1000)
     with tempfile.TemporaryDirectory() as workdir:
         daemon = Daemon(workdir)
         try:
             # A second plain engine shows how far apart two identical
-            # engines measure here: the noise a ratio must be read against.
+            # engines measure here: the noise a ratio must be read against;
+            # the bare listeners, what any listener costs.
             engines = {
                 "plain": sa.create_engine(url),
                 "plain again": sa.create_engine(url),
+                "no-op listeners": listening_engine(url),
+                "append a tuple": listening_engine(url, floor),
+                "connmon sites=0": sa.create_engine(
+                    f"{url}?plugin=connmon&connmon_sites=0"
+                    f"&connmon_addr={daemon.address}"),
                 "connmon": sa.create_engine(
                     url.replace("+pymysql", "+pymysql_connmon")
                     + f"?connmon_addr={daemon.address}"),
             }
-            samples: Dict[str, List[float]] = {n: [] for n in engines}
-            for engine in engines.values():
-                select_one(engine, cycles)
-            for _ in range(rounds):
-                for name, engine in engines.items():
-                    samples[name].append(select_one(engine, cycles))
+            results = interleaved(engines, rounds, cycles, select_one_time)
         finally:
             daemon.stop()
-    medians = {n: statistics.median(v) for n, v in samples.items()}
-    report(f"hotpath-mysql: connect(); SELECT 1; close() on MariaDB, median "
-           f"of {rounds} interleaved runs x {cycles} (target ratio <= 1.02)",
-           [(f"{name:<11}", f"{us:8.2f} us",
-             f"ratio {us / medians['plain']:.3f}")
-            for name, us in medians.items()])
+    report(f"hotpath-mysql: connect(); SELECT 1; close() on MariaDB, "
+           f"{rounds} rounds x {cycles} cycles, median of the rounds' "
+           "ratios (target ratio <= 1.02)", ratio_rows(results, 15))
+
+
+class DrainedQueue:
+    """A deque of event tuples that a thread empties every 10 ms, like
+    a sender that queued tuples would: the design connmon left."""
+
+    def __init__(self) -> None:
+        self.queue: collections.deque = collections.deque()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        popleft = self.queue.popleft
+        while not self.stopped.wait(0.01):
+            for _ in range(len(self.queue)):
+                popleft()
+
+
+def gc_runs(engine, cycles: int) -> float:
+    """Collections of the cyclic garbage collector per 1,000 cycles."""
+    before = sum(generation["collections"] for generation in gc.get_stats())
+    cycle_time(engine, cycles)
+    after = sum(generation["collections"] for generation in gc.get_stats())
+    return (after - before) / cycles * 1000
+
+
+def thread_cpu_us(thread: threading.Thread) -> float:
+    """CPU microseconds one thread of this process has used."""
+    clock = time.pthread_getcpuclockid(thread.ident)
+    return time.clock_gettime(clock) * 1e6
 
 
 def bench_breakdown(quick: bool) -> None:
     """Where the hot-path cost goes: the same cycle with listeners that do
-    progressively more of what connmon's do."""
-    import collections
-
+    more and more of what connmon's do, how often each makes the garbage
+    collector run, and the CPU connmon's fold thread spends per cycle."""
     import sqlalchemy as sa
-    from sqlalchemy import event
 
-    rounds, cycles = (7, 2000) if quick else (15, 5000)
+    import connmon
+
+    rounds, cycles = (9, 2000) if quick else (25, 4000)
+    floor: collections.deque = collections.deque(maxlen=1000)
+    drained = DrainedQueue()
     with tempfile.TemporaryDirectory() as workdir:
         db = os.path.join(workdir, "bench.sqlite")
-        queue: collections.deque = collections.deque(maxlen=1000)
-        clock = time.monotonic
-
-        def engine_with(checkout, checkin):
-            engine = sa.create_engine(f"sqlite:///{db}")
-            if checkout:
-                event.listen(engine, "checkout", checkout)
-                event.listen(engine, "checkin", checkin)
-            return engine
-
+        down = f"127.0.0.1:{free_port()}"   # nothing listens there
         engines = {
-            "plain": engine_with(None, None),
-            "no-op listeners": engine_with(lambda d, r, p: None,
-                                           lambda d, r: None),
-            "append a tuple": engine_with(
-                lambda d, r, p: queue.append(
-                    ("checkout", r.info.get("id"), clock(), 1)),
-                lambda d, r: queue.append(
-                    ("checkin", r.info.get("id"), clock()))),
-            "connmon (down)": sa.create_engine(
-                f"sqlite:///{db}?plugin=connmon"
-                f"&connmon_addr=127.0.0.1:{free_port()}"),
+            "plain": sa.create_engine(f"sqlite:///{db}"),
+            "no-op listeners": listening_engine(f"sqlite:///{db}"),
+            "append a tuple": listening_engine(f"sqlite:///{db}", floor),
+            "queue tuples": listening_engine(f"sqlite:///{db}",
+                                             drained.queue),
+            "connmon sites=0": sa.create_engine(
+                f"sqlite:///{db}?plugin=connmon&connmon_addr={down}"
+                "&connmon_sites=0"),
+            "connmon": sa.create_engine(
+                f"sqlite:///{db}?plugin=connmon&connmon_addr={down}"),
         }
-        medians = interleaved(engines, rounds, cycles)
-    plain = medians["plain"]
-    report("breakdown: what each part of the listeners costs per "
-           "connect()+close() cycle (two pool events)",
-           [(f"{name:<16}", f"{us:7.2f} us", f"ratio {us / plain:.3f}",
-             f"+{us - plain:5.2f} us")
-            for name, us in medians.items()])
+        results = interleaved(engines, rounds, cycles)
+        collections_per_1000 = {name: gc_runs(engine, 20 * cycles)
+                                for name, engine in engines.items()}
+        (sender,) = [s for s in connmon._senders.values()
+                     if s.addresses == [connmon.parse_address(down)]]
+        fold_cycles = 50 * cycles
+        before = thread_cpu_us(sender.threads[0])
+        cycle_time(engines["connmon"], fold_cycles)
+        time.sleep(3 * connmon.FLUSH_DELAY)   # the last batch folded
+        fold_us = (thread_cpu_us(sender.threads[0]) - before) / fold_cycles
+        drained.stopped.set()
+    plain = results["plain"].us
+    report("breakdown: the cycle (two pool events) with listeners doing "
+           "more and more; collections of the app's garbage collector per "
+           "1,000 cycles",
+           [row + (f"+{result.us - plain:5.2f} us",
+                   f"gc {collections_per_1000[name]:4.2f}")
+            for row, (name, result) in zip(ratio_rows(results, 16),
+                                           results.items())])
+    print(f"  connmon's fold thread: {fold_us:.2f} us CPU per cycle "
+          f"(included above: it holds the GIL while it folds)")
 
 
 class SyntheticApp:
@@ -275,11 +357,6 @@ def cpu_seconds(stat_path: str) -> float:
 
 def daemon_cpu_seconds(pid: int) -> float:
     return cpu_seconds(f"/proc/{pid}/stat")
-
-
-def thread_cpu_seconds(native_id: int) -> float:
-    """CPU time of one thread of this process."""
-    return cpu_seconds(f"/proc/self/task/{native_id}/stat")
 
 
 def daemon_rss_mb(pid: int) -> float:
@@ -537,7 +614,7 @@ def bench_blackhole(quick: bool) -> None:
 
     import connmon
 
-    rounds, cycles = (7, 2000) if quick else (15, 5000)
+    rounds, cycles = (9, 2000) if quick else (25, 4000)
     idle = 5.0
     blackhole = Blackhole()
     faults = {
@@ -552,28 +629,27 @@ def bench_blackhole(quick: bool) -> None:
             engines[name] = sa.create_engine(
                 f"sqlite:///{db}?plugin=connmon&connmon_addr={address}")
         try:
-            medians = interleaved(engines, rounds, cycles)
+            results = interleaved(engines, rounds, cycles)
             threads = {}
             for name, address in faults.items():
                 (sender,) = [s for s in connmon._senders.values()
                              if s.addresses == [connmon.parse_address(
                                  address)]]
-                threads[name] = [t.native_id for t in sender.threads]
-            before = {name: sum(map(thread_cpu_seconds, ids))
-                      for name, ids in threads.items()}
+                threads[name] = sender.threads
+            before = {name: sum(map(thread_cpu_us, pair))
+                      for name, pair in threads.items()}
             time.sleep(idle)
-            spent = {name: sum(map(thread_cpu_seconds, ids)) - before[name]
-                     for name, ids in threads.items()}
+            spent = {name: (sum(map(thread_cpu_us, pair)) - before[name]) / 1e6
+                     for name, pair in threads.items()}
         finally:
             blackhole.close()
-    plain = medians["plain"]
     report(f"blackhole: connect()+close() on SQLite QueuePool with connmond "
-           f"unreachable, median of {rounds} interleaved runs x {cycles} "
-           f"cycles (target ratio <= 1.3); sender threads' CPU seconds "
-           f"over {idle:g} s idle",
-           [(f"{name:<12}", f"{us:7.2f} us", f"ratio {us / plain:.3f}",
-             f"sender cpu {spent[name]:.2f} s" if name in spent else "")
-            for name, us in medians.items()])
+           f"unreachable, {rounds} rounds x {cycles} cycles, median of the "
+           f"rounds' ratios (target ratio <= 1.25); the sender threads' CPU "
+           f"seconds over {idle:g} s idle",
+           [row + (f"sender cpu {spent[name]:.3f} s" if name in spent
+                   else "",)
+            for row, name in zip(ratio_rows(results, 12), results)])
 
 
 def bench_cluster(quick: bool) -> None:

@@ -1147,8 +1147,8 @@ class Picture:
         live = self.processes.get(proc.ident)
         if live is not None and proc.session < live.session:
             return False
-        if live is None and proc.session <= self.tombstones.get(proc.ident,
-                                                                 -1):
+        if live is None and (proc.session
+                             <= self.tombstones.get(proc.ident, -1)):
             return False
         if live is not None:
             self._add(self.processes.pop(proc.ident), -1)
@@ -1338,7 +1338,7 @@ def is_exhausted(ckout: int, limit: Optional[int]) -> bool:
 # 4. The sender: background threads per process and daemon address list
 # ---------------------------------------------------------------------------
 
-FLUSH_DELAY = 0.01       # gather a batch for this long after the first event
+FLUSH_DELAY = 0.025      # gather a batch for this long after the first event
 RECONNECT_MIN = 0.1      # first retry after a lost connection
 RECONNECT_MAX = 5.0      # retries back off to at most this many seconds
 SEND_TIMEOUT = 5.0       # a daemon that does not read for this long is lost
@@ -1487,28 +1487,42 @@ class Sender:
     # -- the threads --------------------------------------------------------
 
     def _fold(self) -> None:
+        """Woken by the first event of a batch, fold a batch every
+        FLUSH_DELAY for as long as events keep coming; listeners do not
+        wake it meanwhile (wake_pending stays true), which spares the
+        application a pipe write and this thread a wake-up per batch."""
         while True:
             try:
                 woken = wait_readable([self._wake_read], self._scan_due())
-                if woken:
+                busy = bool(woken)
+                while busy:
                     time.sleep(FLUSH_DELAY)
-                    os.read(self._wake_read, 4096)
-                    self.wake_pending = False
-                with self.lock:
-                    self._drain()
-                    if self._scan_due() == 0:
-                        self._scanned = time.monotonic()
-                        self.state.look_at_long_holders(self._scanned,
-                                                        self.hold_warn)
-                    news = woken or self.state.held_at != self._sent.held_at
-                if news:
-                    try:
-                        os.write(self._news_write, b"!")
-                    except BlockingIOError:   # the network thread has news
-                        pass
+                    busy = bool(self.events)
+                    if not busy:   # a quiet spell: back to being woken
+                        os.read(self._wake_read, 4096)
+                        self.wake_pending = False
+                    self._fold_batch()   # (and what came meanwhile)
+                if not woken:   # time to look at long holders
+                    self._fold_batch()
             except Exception:  # never let the thread die silently
                 log.exception("connmon: error folding pool events")
                 time.sleep(RECONNECT_MAX)
+
+    def _fold_batch(self) -> None:
+        """Fold the queued events, look at long holders when that is due,
+        and tell the network thread when there is something to send."""
+        with self.lock:
+            news = self._drain() > 0
+            if self._scan_due() == 0:
+                self._scanned = time.monotonic()
+                self.state.look_at_long_holders(self._scanned,
+                                                self.hold_warn)
+            news = news or self.state.held_at != self._sent.held_at
+        if news:
+            try:
+                os.write(self._news_write, b"!")
+            except BlockingIOError:   # the network thread has news already
+                pass
 
     def _run(self) -> None:
         conn: Optional[Connection] = None
@@ -1523,8 +1537,8 @@ class Sender:
                     else:
                         beat = Heartbeat(conn.heartbeat, time.monotonic())
                 now = time.monotonic()
-                if conn is None:
-                    waiting = [self._news_read]
+                if conn is None:   # news can wait: a reconnect sends all
+                    waiting = []
                     timeout = max(0.0, backoff.retry_at - now)
                 else:
                     waiting = [self._news_read, conn.sock.fileno()]
@@ -1608,15 +1622,17 @@ class Sender:
         interval = min(5.0, self.hold_warn / 2)
         return max(0.0, self._scanned + interval - time.monotonic())
 
-    def _drain(self) -> None:
-        """Fold the queued events into our state.  Listeners only ever add
-        at the end, so the events queued now can be copied, then deleted,
-        while they go on adding; C code groups the items six by six."""
+    def _drain(self) -> int:
+        """Fold the queued events into our state; how many items there
+        were.  Listeners only ever add at the end, so the events queued now
+        can be copied, then deleted, while they go on adding; C code groups
+        the items six by six."""
         queued = len(self.events)
         batch = self.events[:queued]
         del self.events[:queued]
         items = iter(batch)
         self.state.fold(zip(*[items] * EVENT_ITEMS))
+        return queued
 
 
 _senders: Dict[tuple, Sender] = {}
