@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, NamedTuple
+from typing import Any, Callable, Dict, List, NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,20 +80,25 @@ def cycle_time(engine, cycles: int) -> float:
     return (time.perf_counter() - start) / cycles * 1e6
 
 
-def select_one_time(engine, cycles: int) -> float:
+def select_one_time(make_engine: Callable[[], object], cycles: int
+                    ) -> float:
     """Microseconds per connect(); SELECT 1; close() cycle, on a new
-    database connection: two connections of one server differ by several
-    per cent on their own (measured), which must not pass for the cost of
-    a listener."""
-    engine.dispose()
+    engine and so a new database connection: two engines, two connections
+    of one server differ by a per cent or more on their own (measured),
+    which must not pass for the cost of a listener.  The cycles are timed
+    once connmon has told the daemon of the connection: the steady state."""
+    engine = make_engine()
     for _ in range(5):   # connect, and warm up
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1").scalar()
+    time.sleep(0.1)   # connmon tells the daemon of the new connection
     start = time.perf_counter()
     for _ in range(cycles):
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1").scalar()
-    return (time.perf_counter() - start) / cycles * 1e6
+    spent = time.perf_counter() - start
+    engine.dispose()
+    return spent / cycles * 1e6
 
 
 def listening_engine(url: str, queue=None):
@@ -117,26 +122,30 @@ def listening_engine(url: str, queue=None):
 
 class Paired(NamedTuple):
     us: float      # median microseconds per cycle
-    ratio: float   # median of the per-round ratios to "plain"
+    ratio: float   # median of the per-round ratios to the plain engines
 
 
-def interleaved(engines: Dict[str, object], rounds: int, cycles: int,
-                measure: Callable[[object, int], float] = cycle_time
+def interleaved(engines: Dict[str, Any], rounds: int, cycles: int,
+                measure: Callable[[Any, int], float] = cycle_time
                 ) -> Dict[str, Paired]:
-    """Each engine measured once a round, in an order that turns round by
-    round; its ratio to the "plain" engine of the same round, so that a
-    slow spell of the machine falls on both sides of each ratio."""
+    """Each engine (or whatever ``measure`` takes: for MariaDB, a function
+    that makes one) measured once a round, in an order that turns round by
+    round; its ratio to the plain engines of the same round (their mean,
+    where there are two), so that a slow spell of the machine falls on both
+    sides of each ratio."""
     samples: Dict[str, List[float]] = {name: [] for name in engines}
     ratios: Dict[str, List[float]] = {name: [] for name in engines}
     names = list(engines)
+    plain = [name for name in names if name.startswith("plain")]
     for engine in engines.values():
         measure(engine, cycles)   # warm up: pool filled, caches primed
     for turn in range(rounds):
         order = names[turn % len(names):] + names[:turn % len(names)]
         times = {name: measure(engines[name], cycles) for name in order}
+        reference = statistics.mean(times[name] for name in plain)
         for name, us in times.items():
             samples[name].append(us)
-            ratios[name].append(us / times["plain"])
+            ratios[name].append(us / reference)
     return {name: Paired(statistics.median(samples[name]),
                          statistics.median(ratios[name]))
             for name in engines}
@@ -194,7 +203,7 @@ def bench_hotpath_mysql(quick: bool) -> None:
 
     url = os.environ.get("CONNMON_TEST_MYSQL",
                          "mysql+pymysql://root@127.0.0.1:3306/test")
-    rounds, cycles = (41, 50) if quick else (201, 60)
+    rounds, cycles = (25, 100) if quick else (101, 100)
     floor: collections.deque = collections.deque(maxlen=1000)
     with tempfile.TemporaryDirectory() as workdir:
         daemon = Daemon(workdir)
@@ -203,14 +212,14 @@ def bench_hotpath_mysql(quick: bool) -> None:
             # engines measure here: the noise a ratio must be read against;
             # the bare listeners, what any listener costs.
             engines = {
-                "plain": sa.create_engine(url),
-                "plain again": sa.create_engine(url),
-                "no-op listeners": listening_engine(url),
-                "append a tuple": listening_engine(url, floor),
-                "connmon sites=0": sa.create_engine(
+                "plain": lambda: sa.create_engine(url),
+                "plain again": lambda: sa.create_engine(url),
+                "no-op listeners": lambda: listening_engine(url),
+                "append a tuple": lambda: listening_engine(url, floor),
+                "connmon sites=0": lambda: sa.create_engine(
                     f"{url}?plugin=connmon&connmon_sites=0"
                     f"&connmon_addr={daemon.address}"),
-                "connmon": sa.create_engine(
+                "connmon": lambda: sa.create_engine(
                     url.replace("+pymysql", "+pymysql_connmon")
                     + f"?connmon_addr={daemon.address}"),
             }

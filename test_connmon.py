@@ -223,6 +223,12 @@ for line in sys.stdin:
         conn.close()
     elif cmd == "dispose":
         engine.dispose()
+    elif cmd == "engines":
+        # make, use and drop N engines more, as some programs do
+        for _ in range(n):
+            sa.create_engine(url, **options).connect().close()
+        import gc
+        gc.collect()
     elif cmd == "backend_pid":
         answer("ok", held[-1].connection.dbapi_connection.thread_id())
         continue
@@ -528,6 +534,19 @@ def test_dispose_with_connections_checked_out(daemon, apps):
     daemon.wait_row("dispose.py", conn=0, ckout=0)
     app("hold 1")     # the new pool works and is counted
     daemon.wait_row("dispose.py", conn=1, ckout=1)
+
+
+def test_engines_made_and_dropped_leave_no_trace(daemon, apps, tmp_path):
+    """More engines, one after another, than the daemon takes pools from
+    one process: each is forgotten once collected."""
+    app = apps(f"sqlite:///{tmp_path}/engines.sqlite?plugin=connmon"
+               f"&connmon_addr={daemon.address}", "engines.py")
+    app("hold 1")
+    daemon.wait_row("engines.py", conn=1, ckout=1, limit=15)
+    app(f"engines {connmon.MAX_PROCESS_POOLS + 50}", timeout=120)
+    app("hold 1")   # the process is still attached and counted
+    daemon.wait_row("engines.py", nproc=1, conn=2, ckout=2, limit=15)
+    assert "pools in one process" not in daemon.log.read_text()
 
 
 def test_invalidate_pre_ping_and_recycle(daemon, apps):
