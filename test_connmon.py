@@ -549,6 +549,26 @@ def test_engines_made_and_dropped_leave_no_trace(daemon, apps, tmp_path):
     assert "pools in one process" not in daemon.log.read_text()
 
 
+def test_counters_keep_coming_while_the_app_is_busy(daemon, apps,
+                                                    tmp_path):
+    """Checkout counts alone go at least once a second, and at once when
+    the events stop."""
+    app = apps(f"sqlite:///{tmp_path}/busy.sqlite?plugin=connmon"
+               f"&connmon_addr={daemon.address}", "busy.py")
+    app("hold 1")   # a connection held throughout: its count never changes
+    daemon.wait_row("busy.py", conn=1, ckout=1)
+    app("query 3")
+    daemon.wait_row("busy.py", ckout_total=4, timeout=5)
+    app("busy")
+    total = daemon.row("busy.py")["ckout_total"]
+    for _ in range(3):   # it grows, again and again
+        total = wait_until(
+            lambda: max(0, daemon.row("busy.py")["ckout_total"] - total)
+            and daemon.row("busy.py")["ckout_total"], 5,
+            "the checkout count to grow")
+    assert daemon.row("busy.py")["ckout_per_sec"] > 0
+
+
 def test_invalidate_pre_ping_and_recycle(daemon, apps):
     require_database(MYSQL_URL)
     app = apps(monitored(MYSQL_URL, daemon), "invalidate.py", pool_size=5,
