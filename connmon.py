@@ -1793,6 +1793,13 @@ def _pool_limit(pool) -> Optional[int]:
     return pool.size() + max_overflow
 
 
+def _engine_gone(sender: Sender, pool_id: int) -> None:
+    """An instrumented engine was collected (weakref.finalize)."""
+    sender.events.extend((ENGINE_GONE, pool_id, time.monotonic(), None, None,
+                          None))
+    sender.wake()
+
+
 def instrument(engine, settings: Dict[str, str]) -> None:
     """Listen to the engine's pool events; called once create_engine() has
     made the engine.  Configuration errors raise here, at start-up."""
@@ -1890,11 +1897,6 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     record((POOL, pool_id, clock(), _pool_limit(engine.pool), None, None))
     weakref.finalize(engine, _engine_gone, sender, pool_id)
 
-
-def _engine_gone(sender: Sender, pool_id: int) -> None:
-    sender.events.extend((ENGINE_GONE, pool_id, time.monotonic(), None, None,
-                          None))
-    sender.wake()
     sender.wake()
 
 
