@@ -74,7 +74,7 @@ class Daemon:
 # Rounds, and cycles a round, of the SQLite hot path (quick or not): a
 # round lasts many of connmon's FLUSH_DELAY, so that each engine's own
 # batches are folded (and paid for) in its own round, not the next one's.
-SQLITE_ROUNDS = {False: (25, 20000), True: (11, 10000)}
+SQLITE_ROUNDS = {False: (25, 20000), True: (9, 8000)}
 
 
 def cycle_time(engine, cycles: int) -> float:
