@@ -94,15 +94,17 @@ def select_one_time(make_engine: Callable[[], object], cycles: int
     which must not pass for the cost of a listener.  The cycles are timed
     once connmon has told the daemon of the connection: the steady state."""
     engine = make_engine()
-    for _ in range(5):   # connect, and warm up
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1").scalar()
+
+    def run(count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1").scalar()
+        return time.perf_counter() - start
+
+    run(5)            # connect, and warm up
     time.sleep(0.1)   # connmon tells the daemon of the new connection
-    start = time.perf_counter()
-    for _ in range(cycles):
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1").scalar()
-    spent = time.perf_counter() - start
+    spent = run(cycles)
     engine.dispose()
     return spent / cycles * 1e6
 

@@ -634,8 +634,8 @@ def checkout_site(_getframe=sys._getframe) -> Optional[int]:
             _site_depth = depth
             key = (id(code), frame.f_lasti)
             if key not in _sites:   # the code is kept, so its id stays
-                _site_places[len(_sites) + 1] = (code, frame.f_lasti)
-                _sites[key] = len(_sites) + 1
+                _sites[key] = number = len(_sites) + 1
+                _site_places[number] = (code, frame.f_lasti)
             return _sites[key]
         frame, depth = frame.f_back, depth + 1
     return None
@@ -1474,9 +1474,8 @@ class Sender:
                                   progname(), os.getpid())
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent
-        self._unsent = False    # events folded since
         self._scanned = 0.0   # when long holders were last looked at
-        self.lock = threading.Lock()   # state and _sent*, between threads
+        self.lock = threading.Lock()   # state, _sent*, between threads
         self.wake_pending = False
         self._wake_read, self._wake_write = os.pipe()    # listeners -> fold
         self._news_read, self._news_write = os.pipe()    # fold -> network
@@ -1542,14 +1541,14 @@ class Sender:
         message wakes the daemon; sparing it the unchanged ones measurably
         spares an application that shares the host with it."""
         with self.lock:
-            self._unsent = self._drain() > 0 or self._unsent
-            now = time.monotonic()
+            self._drain()
+            state, now = self.state, time.monotonic()
             if self._scan_due() == 0:
                 self._scanned = now
-                self.state.look_at_long_holders(now, self.hold_warn)
-            news = self.state.differs_visibly(self._sent) or (
-                self._unsent and (quiet or now - self._sent_at
-                                  >= COUNTERS_DELAY))
+                state.look_at_long_holders(now, self.hold_warn)
+            counted = state.checkouts or state.holds   # since the last send
+            news = state.differs_visibly(self._sent) or (
+                counted and (quiet or now - self._sent_at >= COUNTERS_DELAY))
         if news:
             try:
                 os.write(self._news_write, b"!")
@@ -1644,7 +1643,6 @@ class Sender:
                                     self._sent)
             self._sent = state.copy()
             self._sent_at = time.monotonic()
-            self._unsent = False
             state.reset_counters()
         conn.send(message)
 
@@ -1656,17 +1654,15 @@ class Sender:
         interval = min(5.0, self.hold_warn / 2)
         return max(0.0, self._scanned + interval - time.monotonic())
 
-    def _drain(self) -> int:
-        """Fold the queued events into our state; how many items there
-        were.  Listeners only ever add at the end, so the events queued now
-        can be copied, then deleted, while they go on adding; C code groups
-        the items six by six."""
+    def _drain(self) -> None:
+        """Fold the queued events into our state.  Listeners only ever add
+        at the end, so the events queued now can be copied, then deleted,
+        while they go on adding; C code groups the items six by six."""
         queued = len(self.events)
         batch = self.events[:queued]
         del self.events[:queued]
         items = iter(batch)
         self.state.fold(zip(*[items] * EVENT_ITEMS))
-        return queued
 
 
 _senders: Dict[tuple, Sender] = {}
@@ -1896,7 +1892,6 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         event.listen(engine, name, listener)
     record((POOL, pool_id, clock(), _pool_limit(engine.pool), None, None))
     weakref.finalize(engine, _engine_gone, sender, pool_id)
-
     sender.wake()
 
 
