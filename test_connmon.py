@@ -3591,3 +3591,39 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
             picture.detach(f"id{n}", 1)
     assert sorted(picture.rows) == [("h", p) for p in
                                     ("p2", "p4", "p5", "p6", "p7")]
+
+
+# ---------------------------------------------------------------------------
+# App servers and runtimes: uWSGI, gunicorn, eventlet, gevent, asyncio
+# ---------------------------------------------------------------------------
+
+# (tests of the runtimes go here)
+
+
+# ---------------------------------------------------------------------------
+# The leak finder in threads, pooled threads, greenlets and tasks; the
+# dialect names
+# ---------------------------------------------------------------------------
+
+# (tests of the leak finder's truth go here)
+
+
+# ---------------------------------------------------------------------------
+# Trust boundaries: peers, impersonation, shares, hostile text
+# ---------------------------------------------------------------------------
+
+# (tests of the trust boundaries go here)
+
+
+# ---------------------------------------------------------------------------
+# Pool pressure and databases
+# ---------------------------------------------------------------------------
+
+# (tests of pool pressure go here)
+
+
+# ---------------------------------------------------------------------------
+# The operator's console at 80x24; the command line and the config check
+# ---------------------------------------------------------------------------
+
+# (tests of the console's habits go here)
