@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import configparser
+import difflib
 import encodings.idna  # noqa: F401  (see below)
 import hashlib
 import hmac
@@ -43,7 +44,8 @@ import sysconfig
 import threading
 import time
 import weakref
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional,
+                    Tuple)
 
 __version__ = "0.4.0"
 
@@ -100,6 +102,11 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"bad port {port_text!r} in address {text!r}")
     return host, int(port_text)
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """"1 process", "2 processes"."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def format_address(address: Address) -> str:
@@ -179,13 +186,58 @@ def _line_number(text: str, section: str, needle: Optional[str]) -> int:
     return 0
 
 
+def _section_at(text: str, lineno: int) -> Optional[str]:
+    """The section a line of ``text`` belongs to (None before the first)."""
+    section = None
+    for line in text.splitlines()[:lineno]:
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1]
+    return section
+
+
+def _check_headers(text: str, source: str) -> None:
+    """A section header without its ']' (configparser would take it for an
+    option line, and complain about something else)."""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.startswith("[") and not line.rstrip().endswith("]"):
+            section = _section_at(text, lineno - 1)
+            where = f", [{section}]" if section else ""
+            raise ConfigError(f"{source}{where}, line {lineno}: section "
+                              f"header {line.strip()!r} has no closing ']'")
+
+
+def _parse_error(err: configparser.Error, text: str, source: str) -> str:
+    """configparser's many-line complaint as one line naming the file, the
+    section and the line."""
+    lineno = getattr(err, "lineno", None)
+    if getattr(err, "errors", None):   # a ParsingError: the first line
+        lineno = err.errors[0][0]
+    if not lineno:
+        return f"{source}: " + " ".join(str(err).split())
+    line = text.splitlines()[lineno - 1].strip()
+    section = _section_at(text, lineno - 1)
+    where = f"{source}, [{section}], line {lineno}" if section else (
+        f"{source}, line {lineno}")
+    if isinstance(err, (configparser.DuplicateOptionError,
+                        configparser.DuplicateSectionError)):
+        what = (f"option {err.option!r}" if isinstance(
+            err, configparser.DuplicateOptionError) else
+            f"section [{err.section}]")
+        return f"{where}: {what} is given twice"
+    if isinstance(err, configparser.MissingSectionHeaderError):
+        return f"{where}: {line!r} comes before any [section] header"
+    return (f"{where}: {line!r} is not 'option: value' (no ':' or '=')")
+
+
 def parse_config(text: str, source: str) -> Dict[str, Service]:
     """Parse config text into services keyed by their ``name:``."""
+    _check_headers(text, source)
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read_string(text, source=source)
     except configparser.Error as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(_parse_error(err, text, source)) from None
     services: Dict[str, Service] = {}
     for section in parser.sections():
         if not section.startswith("connmon_service_"):
@@ -214,15 +266,25 @@ def parse_config(text: str, source: str) -> Dict[str, Service]:
     return services
 
 
+def config_file(path: Optional[str] = None) -> Optional[str]:
+    """The file ``load_config(path)`` reads; None for the built-in default
+    (no ``path`` given and no ``/etc/connmon.cfg``)."""
+    if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+        return DEFAULT_CONFIG_FILE
+    return path
+
+
+BUILT_IN = "<built-in default>"
+
+
 def load_config(path: Optional[str] = None) -> Dict[str, Service]:
     """Read ``path``, or ``/etc/connmon.cfg``, or else the built-in default.
 
     A file named explicitly must exist; the default file is optional.
     """
+    path = config_file(path)
     if path is None:
-        if not os.path.exists(DEFAULT_CONFIG_FILE):
-            return parse_config(DEFAULT_CONFIG_TEXT, "<built-in default>")
-        path = DEFAULT_CONFIG_FILE
+        return parse_config(DEFAULT_CONFIG_TEXT, BUILT_IN)
     try:
         with open(path, encoding="utf-8") as file:
             text = file.read()
@@ -236,9 +298,100 @@ def find_service(name: str = DEFAULT_SERVICE,
     services = load_config(path)
     if name not in services:
         known = ", ".join(sorted(services)) or "none"
-        raise ConfigError(f"{path or DEFAULT_CONFIG_FILE}: unknown service "
+        raise ConfigError(f"{config_file(path) or BUILT_IN}: unknown service "
                           f"{name!r} (services: {known})")
     return services[name]
+
+
+# -- Service options ----------------------------------------------------------
+#
+# Every option a service section may carry beyond name: and nodes:, with
+# how its text is checked.  The applications read SERVICE_OPTIONS (through
+# option_value); connmond's own table (connmon_server.OPTIONS) adds its
+# options to these, and its --check-config checks a section against the
+# whole of it, so that one definition of each option serves every reader.
+
+
+class Option(NamedTuple):
+    """How one option's text is read: ``parse`` returns the value or raises
+    ValueError saying what it expected; ``default`` is the text used when
+    the option is absent ("" means off)."""
+    parse: Callable[[str], Any]
+    default: str = ""
+
+
+def number_between(low: float, high: float, unit: str = "",
+                   whole: bool = False) -> Callable[[str], Any]:
+    """A parser of numbers from ``low`` to ``high`` (whole ones only when
+    ``whole``)."""
+    kind, shown = ("whole number", "d") if whole else ("number", "g")
+    expected = (f"expected a {kind}{unit} from {low:{shown}} to "
+                f"{high:{shown}}")
+
+    def parse(text: str) -> Any:
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise ValueError(f"{expected}, got {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"{expected}, got {text!r}")
+        return value
+    return parse
+
+
+def on_off(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError(f"expected 1 (on) or 0 (off), got {text!r}")
+    return text == "1"
+
+
+def any_text(text: str) -> str:
+    return text
+
+
+TLS_OPTIONS = ("ssl_certfile", "ssl_keyfile", "ssl_cafile",
+               "ssl_client_certfile", "ssl_client_keyfile",
+               "ssl_client_cafile")
+
+DEFAULT_HOLD_WARN = 10.0  # a checkout held this long: say where it is held
+
+SERVICE_OPTIONS: Dict[str, Option] = {
+    # how long a checkout is held before the application says where
+    "hold_warn_seconds": Option(number_between(0.1, 86400, " of seconds"),
+                                f"{DEFAULT_HOLD_WARN:g}"),
+    # note each checkout's site (the leak finder)
+    "checkout_sites": Option(on_off, "1"),
+    "auth_secret_file": Option(any_text),
+    "auth_secret": Option(any_text),
+    **{name: Option(any_text) for name in TLS_OPTIONS},
+}
+
+
+def option_value(service: Service, name: str,
+                 table: Dict[str, Option] = SERVICE_OPTIONS) -> Any:
+    """The checked value of option ``name`` of ``service`` (its default
+    when absent; None when that is off), or a ConfigError naming the file,
+    the section and the option."""
+    option = table[name]
+    text = service.options.get(name, "").strip() or option.default
+    if not text:
+        return None
+    try:
+        return option.parse(text)
+    except ValueError as err:
+        raise ConfigError(f"{service.source}: {name}: {err}") from None
+
+
+def check_options(service: Service, table: Dict[str, Option]) -> None:
+    """Every option of ``service`` is in ``table`` and valid; a misspelt
+    one is named, with the likeliest option meant."""
+    for name in service.options:
+        if name not in table:
+            close = difflib.get_close_matches(name, table, 1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{service.source}: unknown option "
+                              f"{name!r}{hint}")
+        option_value(service, name, table)
 
 
 def candidate_addresses(service: Service,
@@ -294,6 +447,11 @@ class ProtocolError(Exception):
     """The peer sent something that is not connmon protocol."""
 
 
+class NotConnmond(OSError):
+    """Something answers at the address, but it is not connmond (a
+    database server, a web server...): retrying soon will not help."""
+
+
 class AuthError(ProtocolError):
     """The hello did not prove knowledge of the service's secret."""
 
@@ -328,11 +486,6 @@ def read_secret(path: str) -> bytes:
         raise ConfigError(f"secret file {path} is longer than "
                           f"{MAX_SECRET_BYTES} bytes")
     return secret
-
-
-TLS_OPTIONS = ("ssl_certfile", "ssl_keyfile", "ssl_cafile",
-               "ssl_client_certfile", "ssl_client_keyfile",
-               "ssl_client_cafile")
 
 
 class Security:
@@ -521,21 +674,47 @@ def open_connection(addresses: Iterable[Address], role: str,
         try:
             sock = socket.create_connection(address, timeout=timeout)
         except OSError as err:
-            failures.append(f"{format_address(address)}: {err}")
+            failures.append((f"{format_address(address)}: {err}", err))
             continue
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = security.wrap(sock, address[0])
             conn = Connection(sock)
-            conn.welcome = expect(read_message(conn.rfile), "welcome")
+            conn.welcome = read_welcome(conn, timeout)
             conn.send(dict(op="hello", version=PROTOCOL_VERSION, role=role,
                            **security.proof(conn.welcome, role), **hello))
             expect(read_message(conn.rfile), "ready")
             return conn
         except (OSError, ProtocolError) as err:
             sock.close()
-            failures.append(f"{format_address(address)}: {err}")
-    raise OSError("no connmond answered (" + "; ".join(failures) + ")")
+            failures.append((f"{format_address(address)}: {err}", err))
+    if failures and all(isinstance(err, NotConnmond) for _, err in failures):
+        raise NotConnmond("; ".join(text for text, _ in failures))
+    raise OSError("no connmond answered (" + "; ".join(
+        text for text, _ in failures) + ")")
+
+
+def read_welcome(conn: Connection, timeout: float) -> Dict[str, Any]:
+    """The daemon's first line: connmond speaks first, at once.  Silence,
+    or a first line that is not its welcome, means another server."""
+    try:
+        line = conn.rfile.readline(MAX_MESSAGE_BYTES + 1)
+    except socket.timeout:
+        raise NotConnmond(f"not connmond: it sent nothing for {timeout:g}s "
+                          "(connmond greets at once)") from None
+    if not line:
+        raise ProtocolError("connection closed before the welcome")
+    try:
+        message = decode(line)
+    except ProtocolError:
+        raise NotConnmond(f"not connmond: it sent {line[:40]!r} where "
+                          "connmond's welcome should be") from None
+    if message["op"] == "error":
+        return expect(message, "welcome")   # a refusal: connmond after all
+    if message["op"] != "welcome":
+        raise NotConnmond(f"not connmond: its first line was "
+                          f"{message['op']!r}, not connmond's welcome")
+    return message
 
 
 # ---------------------------------------------------------------------------
@@ -1082,6 +1261,7 @@ class ProgramRow:
         self.checkouts = RateMeter()
         self.ckout_total = 0    # checkouts since the daemon started
         self.holds = HoldMeter()
+        self.gone_since = time.monotonic()   # while no process is attached
 
     def add(self, nproc: int, conn: int, ckout: int,
             peak_conn: int = 0, peak_ckout: int = 0) -> None:
@@ -1090,6 +1270,8 @@ class ProgramRow:
         self.nproc += nproc
         self.conn += conn
         self.ckout += ckout
+        if nproc and not self.nproc:
+            self.gone_since = time.monotonic()
         self.maxnproc = max(self.maxnproc, self.nproc)
         self.maxconn = max(self.maxconn, self.conn + peak_conn)
         self.maxckout = max(self.maxckout, self.ckout + peak_ckout)
@@ -1121,6 +1303,7 @@ class Picture:
         self.connections = self.checkouts = 0
         self.max_hosts = self.max_processes = 0
         self.max_connections = self.max_checkouts = 0
+        self.max_since = time.time()   # the maxima run from then
 
     def _row(self, key: Tuple[str, str]) -> ProgramRow:
         row = self.rows.get(key)
@@ -1129,6 +1312,14 @@ class Picture:
                 self._forget_a_gone_row()
             row = self.rows[key] = ProgramRow(*key)
         return row
+
+    def forget_gone(self, before: float) -> None:
+        """Forget the rows of programs gone since before ``before`` (a
+        monotonic time): a daemon that runs for months does not keep
+        every program that ever ran."""
+        for key in [key for key, row in self.rows.items()
+                    if row.nproc == 0 and row.gone_since < before]:
+            del self.rows[key]
 
     def _forget_a_gone_row(self) -> None:
         """Drop the oldest row with no live process (there is one unless
@@ -1261,6 +1452,7 @@ class Picture:
                                               len(self.processes))
         self.max_connections, self.max_checkouts = (self.connections,
                                                     self.checkouts)
+        self.max_since = time.time()
 
     def snapshot(self, now: float, procs: bool = False) -> Dict[str, Any]:
         """The JSON snapshot of DESIGN.md (without "service" and "node").
@@ -1329,6 +1521,7 @@ class Picture:
             "max_connections": self.max_connections,
             "checkouts": self.checkouts,
             "max_checkouts": self.max_checkouts,
+            "max_since": round(self.max_since, 3),
             "checkouts_per_sec": sum(r["ckout_per_sec"] for r in rows),
             "rows": rows,
         }
@@ -1365,7 +1558,6 @@ COUNTERS_DELAY = 1.0     # checkout counts and hold times may wait this long
 RECONNECT_MIN = 0.1      # first retry after a lost connection
 RECONNECT_MAX = 5.0      # retries back off to at most this many seconds
 SEND_TIMEOUT = 5.0       # a daemon that does not read for this long is lost
-DEFAULT_HOLD_WARN = 10.0  # a checkout held this long: say where it is held
 
 
 def progname() -> str:
@@ -1753,28 +1945,11 @@ def resolve_target(settings: Dict[str, str]) -> Target:
                            settings.get("connmon_config"))
     security = Security.of_service(service, secret_file)
     security.client_context()   # a bad TLS file fails here, at start-up
-    sites = settings.get("connmon_sites",
-                         service.options.get("checkout_sites", "1"))
-    if sites not in ("0", "1"):
-        raise ConfigError(f"{service.source}: checkout_sites must be 1 "
-                          f"(the default) or 0, not {sites!r}")
+    sites = (settings["connmon_sites"] == "1" if "connmon_sites" in settings
+             else option_value(service, "checkout_sites"))
     return Target([node.address for node in service.nodes],
                   f"service {service.name!r}", security,
-                  hold_warn_of(service), sites == "1")
-
-
-def hold_warn_of(service: Service) -> float:
-    """The service's ``hold_warn_seconds``: how long a checkout is held
-    before the application says where."""
-    text = service.options.get("hold_warn_seconds", "")
-    try:
-        seconds = float(text) if text else DEFAULT_HOLD_WARN
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < 1e6:
-        raise ConfigError(f"{service.source}: hold_warn_seconds must be a "
-                          f"positive number of seconds, not {text!r}")
-    return seconds
+                  option_value(service, "hold_warn_seconds"), sites)
 
 
 def _pool_limit(pool) -> Optional[int]:

@@ -21,6 +21,7 @@ Run ``connmond`` or ``python -m connmon_server``.
 from __future__ import annotations
 
 import argparse
+import array
 import collections
 import configparser
 import csv
@@ -49,7 +50,6 @@ HELLO_TIMEOUT = 10.0      # seconds a new connection has to say hello
 MAX_TEXT = 255            # longest hostname / progname accepted
 MAX_OUTBOX = 100_000      # messages queued for a peer before the link is cut
 MAX_HELLO_BYTES = 16384   # the most a client may send before it is trusted
-DEFAULT_MAX_CLIENTS = 10000   # about 280 MB of connmond at most
 PROBLEM_LOG_INTERVAL = 10.0   # seconds between two log lines of one kind
 
 
@@ -86,22 +86,6 @@ def brief(err: Exception, limit: int = 200) -> str:
     """An error's text cut short: it may quote what a client sent."""
     text = str(err)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def number_option(service: connmon.Service, key: str, default: float,
-                  low: float, high: float) -> float:
-    """A numeric option of the service section, checked."""
-    text = service.options.get(key)
-    if text is None:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not low <= value <= high:
-        raise connmon.ConfigError(f"{service.source}: {key} must be a number "
-                                  f"from {low:g} to {high:g}, not {text!r}")
-    return value
 
 
 class LineReader:
@@ -148,19 +132,19 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = socket.SOMAXCONN   # a whole cloud reconnects at once
 
-    def __init__(self, service: connmon.Service, node: connmon.Node):
+    def __init__(self, service: connmon.Service, node: connmon.Node,
+                 options: Optional["DaemonOptions"] = None):
         self.service = service
         self.node = node
-        self.picture = connmon.Picture()
-        self.lock = threading.Lock()
         # Settings first: a bad one is a ConfigError before we listen.
+        self.options = options or DaemonOptions(service, node)
+        self.picture = connmon.Picture()
+        self.history = History()
+        self.lock = threading.Lock()
         self.security = connmon.Security.of_service(service)
         self.ssl_context = self.security.server_context()
-        self.heartbeat = number_option(
-            service, "heartbeat_timeout", connmon.DEFAULT_HEARTBEAT,
-            connmon.MIN_HEARTBEAT, connmon.MAX_HEARTBEAT)
-        self.max_clients = int(number_option(
-            service, "max_clients", DEFAULT_MAX_CLIENTS, 1, 1 << 20))
+        self.heartbeat = self.options.heartbeat_timeout
+        self.max_clients = self.options.max_clients
         self.clients = 0
         self.clients_lock = threading.Lock()
         self.cluster = Cluster(self)
@@ -213,12 +197,98 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
             snapshot = self.picture.snapshot(time.monotonic(), procs)
             peers = self.cluster.status()
         return {"service": self.service.name, "node": self.node.name,
-                "peers": peers, **snapshot}
+                "peers": peers, "thresholds": {
+                    "oldest": self.options.hold_warn_seconds,
+                    "hold_ms": self.options.hold_ms_warn}, **snapshot}
+
+    def history_of(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """The "history" reply: a program's conn and ckout, one sample a
+        second, oldest first; on one host, or summed over every host
+        when the request names none."""
+        hostname, progname = request.get("hostname"), request.get("progname")
+        if not isinstance(progname, str) or not (
+                hostname is None or isinstance(hostname, str)):
+            raise ProtocolError("history needs 'progname' and, optionally, "
+                                "'hostname'")
+        with self.lock:
+            conn, ckout = self.history.of(
+                [key for key in self.history.series if key[1] == progname
+                 and hostname in (None, key[0])])
+        return {"op": "history", "interval": 1.0, "conn": conn,
+                "ckout": ckout}
+
+    def keep_history(self) -> None:
+        """Once a second: sample every row into the history, and forget
+        the rows of programs gone longer than forget_gone_after."""
+        forget_after = self.options.forget_gone_after
+        next_tick = time.monotonic()
+        while True:
+            next_tick += HISTORY_INTERVAL
+            time.sleep(max(0.0, next_tick - time.monotonic()))
+            now = time.monotonic()
+            next_tick = max(next_tick, now - HISTORY_INTERVAL)
+            with self.lock:
+                self.picture.forget_gone(now - forget_after)
+                self.history.record(self.picture.rows)
 
     def welcome(self, nonce: str) -> Dict[str, Any]:
         return {"op": "welcome", "version": connmon.PROTOCOL_VERSION,
                 "service": self.service.name, "node": self.node.name,
                 "nonce": nonce, "heartbeat": self.heartbeat}
+
+
+HISTORY_INTERVAL = 1.0   # seconds between two samples of the history
+HISTORY_SAMPLES = 600    # samples kept per row: ten minutes
+HISTORY_MAX_COUNT = 65535   # a count above this is kept as this
+
+
+class History:
+    """Every row's conn and ckout, once a second, for the last
+    HISTORY_SAMPLES seconds: a console opened after an incident draws the
+    staircase of a leak that began before it started.
+
+    Bounded: two ring buffers of HISTORY_SAMPLES unsigned 16-bit counts a
+    row (2.4 KB), and a row's history goes with the row.  Each node of a
+    cluster keeps its own (from when it started).
+    """
+
+    def __init__(self, length: int = HISTORY_SAMPLES):
+        self.length = length
+        self.tick = 0   # samples taken so far
+        # (hostname, progname) -> (conn ring, ckout ring, first tick)
+        self.series: Dict[Tuple[str, str], Tuple[array.array, array.array,
+                                                 int]] = {}
+
+    def record(self, rows: Dict[Tuple[str, str], connmon.ProgramRow]
+               ) -> None:
+        series, slot, top = self.series, self.tick % self.length, \
+            HISTORY_MAX_COUNT
+        if len(series) != len(rows) or series.keys() != rows.keys():
+            for key in series.keys() - rows.keys():
+                del series[key]
+        for key, row in rows.items():
+            entry = series.get(key)
+            if entry is None:
+                empty = bytes(2 * self.length)
+                entry = series[key] = (array.array("H", empty),
+                                       array.array("H", empty), self.tick)
+            entry[0][slot] = row.conn if row.conn < top else top
+            entry[1][slot] = row.ckout if row.ckout < top else top
+        self.tick += 1
+
+    def of(self, keys: List[Tuple[str, str]]) -> Tuple[List[int], List[int]]:
+        """The summed conn and ckout of ``keys`` over the samples any of
+        them has, oldest first."""
+        length = min(self.length, max(
+            (self.tick - self.series[key][2] for key in keys), default=0))
+        conn, ckout = [0] * length, [0] * length
+        for key in keys:
+            rings = self.series[key]
+            have = min(length, self.tick - rings[2])
+            for total, ring in zip((conn, ckout), rings[:2]):
+                for back in range(1, have + 1):
+                    total[-back] += ring[(self.tick - back) % self.length]
+        return conn, ckout
 
 
 PING = {"op": "ping"}
@@ -339,8 +409,8 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
         with lock:
             if picture.attach(proc, self.server.node.name):
                 cluster.broadcast(attach_message(proc))
-        log.info("%s: app %s connected (%d connections)", self.peer, name,
-                 len(proc.conns))
+        log.info("%s: app %s connected (%s)", self.peer, name,
+                 connmon.plural(len(proc.conns), "connection"))
         try:
             while True:
                 message = read_message(self.rfile)
@@ -382,6 +452,8 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
             elif request["op"] == "snapshot":
                 self.send({"op": "snapshot", **self.server.snapshot(
                     procs=request.get("procs") is True)})
+            elif request["op"] == "history":
+                self.send(self.server.history_of(request))
             elif request["op"] == "clear_maxima":
                 with self.server.lock:
                     self.server.picture.clear_maxima()
@@ -675,24 +747,45 @@ def _columns(text: str) -> List[str]:
     return columns
 
 
-# name: (parse the text, default text); "" means off.
-OPTIONS = {
-    "metrics_port": (_port, ""),
-    "metrics_bind": (_bind_host, ""),
-    "csv_dump": (str, ""),
-    "csv_columns": (_columns, "time token hostname progname nproc conn "
-                    "ckout maxnproc maxconn maxckout ckout_total"),
-    "csv_token": (str, ""),
-    "csv_interval": (_seconds, "10"),
+# Everything a service section may say: the options the applications
+# read too (connmon.SERVICE_OPTIONS), and connmond's own.
+OPTIONS: Dict[str, connmon.Option] = {
+    **connmon.SERVICE_OPTIONS,
+    "heartbeat_timeout": connmon.Option(connmon.number_between(
+        connmon.MIN_HEARTBEAT, connmon.MAX_HEARTBEAT, " of seconds"),
+        f"{connmon.DEFAULT_HEARTBEAT:g}"),
+    # about 280 MB of connmond at most
+    "max_clients": connmon.Option(connmon.number_between(
+        1, 1 << 20, whole=True), "10000"),
+    # rows of programs gone this long are forgotten
+    "forget_gone_after": connmon.Option(connmon.number_between(
+        1, 1e8, " of seconds"), "86400"),
+    # HOLD_MS above this many milliseconds is an alarm on the console
+    "hold_ms_warn": connmon.Option(connmon.number_between(
+        0.1, 3.6e6, " of milliseconds"), "1000"),
+    "metrics_port": connmon.Option(_port),
+    "metrics_bind": connmon.Option(_bind_host),
+    "csv_dump": connmon.Option(connmon.any_text),
+    "csv_columns": connmon.Option(_columns, "time token hostname progname "
+                                  "nproc conn ckout maxnproc maxconn "
+                                  "maxckout ckout_total"),
+    "csv_token": connmon.Option(connmon.any_text),
+    "csv_interval": connmon.Option(_seconds, "10"),
 }
 
 
 class DaemonOptions:
-    """The options of a service section that only connmond reads
-    (``connmon.Service`` keeps them as text), checked at start: a typo
-    stops the daemon with a message, never silently switches an export
-    off."""
+    """Every option of a service section, checked at start (and by
+    --check-config): a typo stops the daemon with a message, never
+    silently switches an export off or leaves every application failing
+    at create_engine()."""
 
+    hold_warn_seconds: float
+    checkout_sites: bool
+    heartbeat_timeout: float
+    max_clients: int
+    forget_gone_after: float
+    hold_ms_warn: float
     metrics_port: Optional[int]
     metrics_bind: str
     csv_dump: Optional[str]
@@ -701,15 +794,11 @@ class DaemonOptions:
     csv_interval: float
 
     def __init__(self, service: connmon.Service, node: connmon.Node):
-        given = {name: service.options.get(name, "").strip()
+        connmon.check_options(service, OPTIONS)
+        for name in OPTIONS:
+            setattr(self, name, connmon.option_value(service, name, OPTIONS))
+        given = {name: bool(service.options.get(name, "").strip())
                  for name in OPTIONS}
-        for name, (parse, default) in OPTIONS.items():
-            text = given[name] or default
-            try:
-                setattr(self, name, parse(text) if text else None)
-            except ValueError as err:
-                raise connmon.ConfigError(f"{service.source}: {name}: {err}"
-                                          ) from None
         needs = {"metrics_bind": "metrics_port", "csv_columns": "csv_dump",
                  "csv_token": "csv_dump", "csv_interval": "csv_dump"}
         for name, needed in needs.items():
@@ -950,16 +1039,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the root logger's level (default: INFO, or "
                         "what the config file's logging sections say)")
     parser.add_argument("--check-config", action="store_true",
-                        help="check the config for this service and node, "
-                        "say OK or what is wrong, and exit")
+                        help="check the config for this service and node "
+                        "(every option, the applications' too), say OK or "
+                        "what is wrong, and exit")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {connmon.__version__}")
     return parser
-
-
-def config_path(given: Optional[str]) -> Optional[str]:
-    """The config file load_config reads, or None for the built-in one."""
-    if given is None and os.path.exists(connmon.DEFAULT_CONFIG_FILE):
-        return connmon.DEFAULT_CONFIG_FILE
-    return given
 
 
 def configure_logging(path: Optional[str], level: Optional[str]) -> None:
@@ -1013,7 +1098,7 @@ def raise_file_limit(clients: int) -> None:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    path = config_path(args.config)
+    path = connmon.config_file(args.config)
     try:
         service = connmon.find_service(args.service, args.config)
         node = choose_node(service, args.node)
@@ -1024,13 +1109,13 @@ def main(argv: Optional[list] = None) -> int:
         print(f"connmond: error: {err}", file=sys.stderr)
         return 2
     if args.check_config:
-        print(f"connmond: config OK: {path or '<built-in default>'} service "
+        print(f"connmond: config OK: {path or connmon.BUILT_IN} service "
               f"{service.name!r}: {describe(node, options)}")
         return 0
     metrics = None
     address = node.bind
     try:
-        server = ConnmonServer(service, node)
+        server = ConnmonServer(service, node, options)
         if options.metrics_port:
             address = (options.metrics_bind, options.metrics_port)
             metrics = MetricsServer(address, server)
@@ -1047,8 +1132,13 @@ def main(argv: Optional[list] = None) -> int:
     if options.csv_dump:
         threading.Thread(target=CsvDump(server, options).run, daemon=True,
                          name="connmond-csv").start()
+    threading.Thread(target=server.keep_history, daemon=True,
+                     name="connmond-history").start()
     raise_file_limit(server.max_clients)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, lambda *_: log.warning(
+        "SIGHUP ignored: connmond reloads nothing; restart it to read "
+        "the config again"))
     log.info("connmond %s: service %r %s", connmon.__version__,
              service.name, describe(node, options))
     server.cluster.start()

@@ -390,7 +390,15 @@ MALFORMED_CONFIGS = [  # (config text of service "a", message)
      "    n1 hostname=g\n",
      "[connmon_service_a], line 4: node 'n1' is listed twice"),
     ("[connmon_service_a\nname: a\n",
-     "File contains no section headers."),
+     "line 1: section header '[connmon_service_a' has no closing ']'"),
+    ("[connmon_service_b]\nname: b\n[connmon_service_a\nname: a\n",
+     "[connmon_service_b], line 3: section header '[connmon_service_a' has "
+     "no closing ']'"),
+    ("[connmon_service_a]\nname: a\nnodes\n    n1 hostname=h\n",
+     "[connmon_service_a], line 3: 'nodes' is not 'option: value' (no ':' "
+     "or '=')"),
+    ("[connmon_service_a]\nname: a\nname: b\n",
+     "[connmon_service_a], line 3: option 'name' is given twice"),
 ]
 
 
@@ -3340,10 +3348,10 @@ def test_bad_security_settings_fail_at_create_engine(tmp_path, form, query,
 
 
 @pytest.mark.parametrize("options, message", [
-    ("heartbeat_timeout: 0.1\n", "heartbeat_timeout must be a number from 1 "
-     "to 3600, not '0.1'"),
-    ("max_clients: many\n", "max_clients must be a number from 1 to "
-     "1.04858e+06, not 'many'"),
+    ("heartbeat_timeout: 0.1\n", "heartbeat_timeout: expected a number of "
+     "seconds from 1 to 3600, got '0.1'"),
+    ("max_clients: many\n", "max_clients: expected a whole number from 1 "
+     "to 1048576, got 'many'"),
     ("ssl_cafile: /etc/ssl/certs/ca-certificates.crt\n",
      "TLS needs ssl_certfile (and ssl_keyfile) on the daemon"),
     ("ssl_certfile: /nonexistent.pem\n", "cannot load TLS files"),
