@@ -1985,9 +1985,11 @@ class Terminal:
         return found
 
     def numbers(self, progname: str) -> List[str]:
-        """The numbers of a row; [] while it is not on screen."""
+        """The numbers of a row, without their alarm markers; [] while it
+        is not on screen."""
         row = self.rows().get(progname)
-        return row[1][2:] if row else []
+        return [field.lstrip(connmon_console.ABOVE + connmon_console.LEAKED)
+                for field in row[1][2:]] if row else []
 
     def colour(self, progname: str) -> str:
         y, _ = self.rows()[progname]
