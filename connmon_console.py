@@ -329,7 +329,8 @@ class Formatter:
         self.layout = layout
         self.thresholds = thresholds
         self.mark = cutter.mark
-        self.cuts = [cutter.cuts((row[column.key] for row in rows), width - 1)
+        self.cuts = [cutter.cuts((column.show(row[column.key])
+                                  for row in rows), width - 1)
                      if column.kind == "text" else None
                      for column, width in layout]
 
@@ -1119,8 +1120,8 @@ class Console:
 
     def draw_sites(self) -> None:
         rows = self.site_rows()
-        self.put(HEADER_LINES - 2, f"{connmon.plural(len(rows), 'site')} "
-                 "holding connections, most held first" + self.filter_text(),
+        self.put(HEADER_LINES - 2, f"{connmon.plural(len(rows), 'checkout site')}"
+                 " holding connections, most held first" + self.filter_text(),
                  self.styles["title"])
         formatter = self.formatter(SITE_COLUMNS, rows, self.body_height())
         self.draw_headings(HEADER_LINES - 1, formatter.layout)
