@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import ctypes
 import curses
 import importlib.util
 import json
@@ -366,7 +367,7 @@ def thresholds_of(snapshot: Dict[str, Any]) -> Dict[str, float]:
 
 def summary_lines(snapshot: Dict[str, Any]) -> List[str]:
     since = snapshot.get("max_since")
-    since = (f"   (maximum since {time.strftime('%H:%M', time.localtime(since))})"
+    since = (f"   max since {time.strftime('%H:%M', time.localtime(since))}"
              if since else "")
     return [
         f"Hosts       [{snapshot['hosts']} / {snapshot['max_hosts']}]{since}",
@@ -1292,7 +1293,8 @@ class Demo:
             return subprocess.Popen(
                 [sys.executable, *argv], env=self.env,
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=log, start_new_session=True)
+                stderr=log, start_new_session=True,
+                preexec_fn=die_with(os.getpid()))
 
     def listening(self) -> bool:
         try:
@@ -1333,6 +1335,27 @@ class Demo:
                     proc.wait()
                 proc.stdin.close()
         self.workdir.cleanup()
+
+
+PR_SET_PDEATHSIG = 1   # linux/prctl.h
+
+
+def die_with(parent: int) -> Optional[Callable[[], None]]:
+    """What a demo child runs before it starts (Linux): the kernel sends
+    it SIGTERM when the console ends, however it ends (SIGKILL included),
+    so that its connmond and applications never outlive it.  The demo
+    applications also end when their stdin closes; elsewhere, that is
+    all there is."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def arrange() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:   # it died before prctl took effect
+            os._exit(1)
+    return arrange
 
 
 def free_port() -> int:
@@ -1546,7 +1569,9 @@ def watch(target: Target, args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("sqlalchemy") is None:
         print("connmon: error: --demo needs SQLAlchemy for its demo "
-              "applications: pip install 'connmon[sqlalchemy]'",
+              "applications: pip install SQLAlchemy (or, in a checkout of "
+              "this project, pip install '.[sqlalchemy]'; the PyPI "
+              "package named connmon is another, older project)",
               file=sys.stderr)
         return 2
     if no_terminal():

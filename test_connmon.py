@@ -2145,8 +2145,12 @@ def test_console_rows_match_the_truth_with_colours(daemon, apps, tmp_path,
                   t.screen.buffer[t.rows()["alpha.py"][0]][0].bg
                   == "default", "alpha.py no longer exhausted")
 
-    # 'c' clears the maxima in connmond; the screen shows it.
+    # 'c' asks, then clears the maxima in connmond; the screen shows it.
     term.press(b"c")
+    term.wait_text("Clear the maxima for every console and Prometheus? y "
+                   "clears, any other key keeps them")
+    term.press(b"y")
+    term.wait_text("maxima cleared in connmond")
     term.wait_for(lambda t: t.numbers("gone.py")[4:7] == ["0", "0", "0"],
                   "cleared maxima")
     assert daemon.row("beta.py")["maxckout"] == 4
@@ -2325,8 +2329,11 @@ def test_console_resize_scroll_and_no_color(daemon, apps, tmp_path,
     term.wait_for(lambda t: "prog00.py" not in t.order(), "page down")
 
     term.resize(40, 15)
+    # 40 columns: the names, CONN, CKOUT and OLDEST; the rest is dropped.
     term.wait_for(lambda t: t.display[5].startswith("12 rows") and
-                  "PROGNAM NPROC" in t.display[6], "40 columns")
+                  t.display[6].split() == ["HOSTNAME", "PROGNAME",
+                                           "\N{DOWNWARDS ARROW}CONN",
+                                           "CKOUT", "OLDEST"], "40 columns")
     for keys in (b">", term.key["kcud1"], b"\r", b"\x1b", b"?", b"x"):
         term.press(keys)
     term.resize(30, 4)   # smaller than the header: nothing to draw, no crash
