@@ -126,11 +126,13 @@ class Column:
     it takes what the other columns leave).  ``keep`` orders dropping on
     a narrow screen: the lowest goes first.  ``descending`` is the sort
     order a column starts with (numbers: biggest first, as in top).
-    ``alarm`` gives a row's marker for this cell ("" when calm).
+    ``alarm`` gives a row's marker for this cell ("" when calm).  A text
+    column is at least ``width`` wide and at most ``most`` (longer names
+    are cut); a location takes what the other columns leave.
     """
 
     def __init__(self, heading: str, key: str, kind: str = "number",
-                 keep: int = 50, width: int = 0,
+                 keep: int = 50, width: int = 0, most: int = 0,
                  alarm: Optional[Callable[[Dict[str, Any], Dict[str, float]],
                                           str]] = None,
                  show: Optional[Callable[[Any], str]] = None):
@@ -140,6 +142,7 @@ class Column:
         self.text = kind != "number"
         self.keep = keep
         self.min_width = width or (len(heading) + 2)
+        self.most = most or (1 << 20)   # a text column's widest
         self.descending = kind == "number"
         self.alarm = alarm
         self.show = show or cell
@@ -164,13 +167,17 @@ def since_text(when: float) -> str:
 
 CUT_MARK = "\N{HORIZONTAL ELLIPSIS}"   # where a name lost characters
 
+# A column kept less than this goes before any name is cut.
+NAMES_FIRST = 90
+
 # The main table.  keep: MAX* go first on a narrow screen, then the rates,
-# LIMIT and NPROC; the names, CKOUT and OLDEST (the leak finder) last.
+# LIMIT and NPROC (all before a name is cut); then CONN, CKOUT and OLDEST
+# (the leak finder), and the names last.
 COLUMNS = [
-    Column("HOSTNAME", "hostname", "text", keep=90, width=7),
-    Column("PROGNAME", "progname", "text", keep=100, width=9),
+    Column("HOSTNAME", "hostname", "text", keep=96, width=7, most=21),
+    Column("PROGNAME", "progname", "text", keep=100, width=9, most=29),
     Column("NPROC", "nproc", keep=50),
-    Column("CONN", "conn", keep=80),
+    Column("CONN", "conn", keep=92),
     Column("CKOUT", "ckout", keep=95, alarm=exhausted_alarm),
     Column("LIMIT", "limit", keep=40),
     Column("MAXNPROC", "maxnproc", keep=10),
@@ -221,26 +228,34 @@ def plan(columns: List[Column], width: int, rows: List[Dict[str, Any]],
 
     A number column is as wide as its heading or its widest value among
     the ``visible`` rows (plus a marker and a space), so no number is ever
-    cut; columns that do not fit are left out, the lowest ``keep`` first.
-    What is left goes to the text columns, the one kept longest first, up
-    to their longest value among all ``rows``; locations share the rest.
+    cut.  Names come first: columns kept less than NAMES_FIRST go, the
+    lowest ``keep`` first, until the names fit whole (up to their
+    ``most``); then names shrink to their least, and columns (names
+    among them) go in ``keep`` order until the rest fits.  Spare room
+    widens the names again, then the locations share what is left.
     """
-    widths = {}
-    for column in columns:
-        if column.kind == "number":
-            widths[column] = max([len(column.heading)] + [
-                len(column.show(row[column.key])) for row in visible]) + 2
-        else:
-            widths[column] = column.min_width
+    widths = whole_widths(columns, rows, visible)
+    longest = {c: min(c.most, widths[c]) for c in columns if c.text}
+    for column in longest:
+        widths[column] = max(column.min_width, longest[column]) if (
+            column.kind == "text") else column.min_width
     kept = list(columns)
-    while len(kept) > 1 and sum(widths[c] for c in kept) > width:
+
+    def too_wide() -> bool:
+        return len(kept) > 1 and sum(widths[c] for c in kept) > width
+
+    while too_wide() and min(c.keep for c in kept) < NAMES_FIRST:
         kept.remove(min(kept, key=lambda c: c.keep))
+    if too_wide():
+        for column in kept:
+            if column.text:
+                widths[column] = column.min_width
+        while too_wide():
+            kept.remove(min(kept, key=lambda c: c.keep))
     spare = width - sum(widths[c] for c in kept)
     for column in sorted((c for c in kept if c.kind == "text"),
                          key=lambda c: -c.keep):
-        longest = max([len(column.heading) + 1] + [
-            len(column.show(row[column.key])) for row in rows]) + 1
-        grow = max(0, min(spare, longest - widths[column]))
+        grow = max(0, min(spare, longest[column] - widths[column]))
         widths[column] += grow
         spare -= grow
     locations = [c for c in kept if c.kind == "location"]
@@ -251,9 +266,23 @@ def plan(columns: List[Column], width: int, rows: List[Dict[str, Any]],
     return [(column, widths[column]) for column in kept]
 
 
+def whole_widths(columns: List[Column], rows: List[Dict[str, Any]],
+                 visible: List[Dict[str, Any]]) -> Dict[Column, int]:
+    """The width each column needs to show every value whole: a number
+    among the ``visible`` rows with its marker, a name among all."""
+    widths = {}
+    for column in columns:
+        values = rows if column.text else visible
+        widths[column] = max([len(column.heading) + column.text] + [
+            len(column.show(row[column.key])) for row in values]) + 1 + (
+                not column.text)
+    return widths
+
+
 def natural(columns: List[Column], rows: List[Dict[str, Any]]) -> Layout:
     """Widths for plain text: every column, nothing cut."""
-    return plan(columns, 1 << 20, rows, rows)
+    widths = whole_widths(columns, rows, rows)
+    return [(column, widths[column]) for column in columns]
 
 
 class Cutter:
