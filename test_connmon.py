@@ -1915,7 +1915,8 @@ def xterm_screen(cols: int, lines: int):
 class Terminal:
     """The real console in a real pseudo-terminal, seen through pyte."""
 
-    KEYS = ("kcuu1", "kcud1", "knp", "kpp", "khome", "kend", "kf6")
+    KEYS = ("kcuu1", "kcud1", "knp", "kpp", "khome", "kend", "kf1", "kf3",
+            "kf4", "kf5", "kf6", "kf10")
 
     def __init__(self, tmp_path, *args: str, cols: int = 120,
                  lines: int = 30, env: Optional[Dict[str, str]] = None):
@@ -3667,3 +3668,298 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
 # ---------------------------------------------------------------------------
 
 # (tests of the console's habits go here)
+
+# The programs of an OpenStack control plane and two compute hosts:
+# (hostname, progname, connections, checked out, age of the oldest
+# checkout in seconds or None, pool capacity).
+OPENSTACK = [
+    ("ctl1", "nova-conductor", 14, 3, 1243.6, 40),
+    ("ctl1", "nova-scheduler", 4, 2, 2.0, 2),          # exhausted
+    ("ctl1", "neutron-server", 11, 1, 120.5, 30),
+    ("ctl1", "neutron-dhcp-agent", 6, 1, 5.0, 15),
+    ("ctl1", "neutron-l3-agent", 5, 0, None, 15),
+    ("ctl2", "neutron-dhcp-agent", 3, 1, 95.0, 15),
+    ("ctl2", "neutron-l3-agent", 2, 0, None, 15),
+    ("compute1", "nova-compute", 9, 2, 33.3, 15),
+    ("compute2", "nova-compute", 8, 1, 61.0, 15),
+]
+MARK = connmon_console.CUT_MARK
+
+
+def openstack_fleet(daemon: Daemon) -> Dict[Tuple[str, str], "SyntheticApp"]:
+    """One synthetic process per row of OPENSTACK, its connections held
+    since the ages given (nova-conductor's first one by a thread that is
+    gone)."""
+    fleet = {}
+    for host, prog, conns, out, age, limit in OPENSTACK:
+        app = SyntheticApp(daemon, host, prog)
+        app.event(connmon.POOL, 1, limit)
+        for conn in range(1, conns + 1):
+            app.event(connmon.CONNECT, conn, 1)
+        now = time.monotonic()
+        app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
+                         1, None, None) for conn in range(1, out + 1)])
+        if prog == "nova-conductor":
+            app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
+            app.state.holders[1] = (7, None)
+            app.state.held_at[1] = "thread gone"
+        app.send()
+        fleet[host, prog] = app
+    want = {(host, prog, conns, out, limit)
+            for host, prog, conns, out, _, limit in OPENSTACK}
+    wait_until(lambda: {(row["hostname"], row["progname"], row["conn"],
+                         row["ckout"], row["limit"])
+                        for row in daemon.snapshot()["rows"]} == want,
+               what="the OpenStack rows")
+    return fleet
+
+
+def shown_as(shown: str, real: str) -> bool:
+    """Whether a name on screen is ``real``, whole or cut with the mark."""
+    if MARK not in shown:
+        return shown == real
+    head, tail = shown.split(MARK)
+    return (len(real) >= len(shown) and real.startswith(head)
+            and real.endswith(tail))
+
+
+def table_on_screen(t: Terminal) -> Tuple[List[str], List[List[str]]]:
+    """The headings (sort arrow taken off) and the rows of the table."""
+    lines = t.display
+    heads = [re.sub("[\N{UPWARDS ARROW}\N{DOWNWARDS ARROW}]", "", field)
+             for field in lines[6].split()]
+    rows = [line.split() for line in lines[7:-1] if line.strip()]
+    return heads, rows
+
+
+def check_openstack_table(t: Terminal, truth: Dict[Tuple[str, str], dict]
+                          ) -> List[Tuple[str, str]]:
+    """Every row on screen is one real row, told apart from the others;
+    every number shown is whole and true; CONN descends.  Returns the
+    real rows seen, in screen order."""
+    heads, rows = table_on_screen(t)
+    assert shown_as(heads[0], "HOSTNAME") and heads[1] == "PROGNAME", heads
+    seen = []
+    for fields in rows:
+        assert len(fields) == len(heads), (heads, fields)
+        (real,) = [key for key in truth if shown_as(fields[0], key[0])
+                   and shown_as(fields[1], key[1])]
+        seen.append(real)
+        row = truth[real]
+        for heading, field in zip(heads[2:], fields[2:]):
+            value = field.lstrip("!*")
+            key = {"CKOUT/S": "ckout_per_sec",
+                   "HOLD_MS": "hold_ms"}.get(heading, heading.lower())
+            if key == "oldest":
+                assert (value == "-") == (row["oldest"] is None), field
+                if value != "-":   # older now, never cut short
+                    assert row["oldest"] <= float(value) < row[
+                        "oldest"] + 60, (real, field)
+            elif key not in ("ckout_per_sec", "hold_ms"):
+                assert value == connmon_console.cell(row[key]), (
+                    real, heading, field)
+    assert len(set(seen)) == len(seen), seen
+    conns = [truth[key]["conn"] for key in seen]
+    assert conns == sorted(conns, reverse=True)
+    return seen
+
+
+@pytest.mark.parametrize("cols, lines", [(80, 24), (40, 15)])
+def test_console_openstack_names_at_80x24_and_40x15(tmp_path, terminal,
+                                                    cols, lines):
+    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n")
+    try:
+        fleet = openstack_fleet(daemon)
+        truth = {(row["hostname"], row["progname"]): row
+                 for row in daemon.snapshot()["rows"]}
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
+                        lines=lines)
+        visible = lines - 8
+        term.wait_for(lambda t: len(table_on_screen(t)[1]) == min(
+            visible, len(OPENSTACK)), "the table")
+        heads, _ = table_on_screen(term)
+        if cols == 80:
+            # The MAX* group and the rate went first; names whole.
+            assert heads == ["HOSTNAME", "PROGNAME", "NPROC", "CONN", "CKOUT",
+                             "LIMIT", "HOLD_MS", "OLDEST"]
+            assert MARK not in term.text
+        else:
+            assert heads == ["HOSTN" + MARK, "PROGNAME", "CONN", "CKOUT",
+                             "OLDEST"]
+        seen = check_openstack_table(term, truth)
+        term.press(term.key["kend"])   # the rest, at 40x15
+        term.wait_for(lambda t: check_openstack_table(t, truth)[-1:] == [
+            max(truth, key=lambda k: (-truth[k]["conn"], k))], "the end")
+        seen += check_openstack_table(term, truth)
+        assert set(seen) == set(truth)
+        # The leak's OLDEST is marked, in the alarm colour.
+        term.press(term.key["khome"])
+        term.wait_for(lambda t: "*12" in t.text, "the leak's marker")
+        (y,) = [y for y, line in enumerate(term.display) if "*12" in line]
+        x = term.display[y].index("*12")
+        assert term.screen.buffer[y][x].bg == "red"
+        # PAUSED, at any width, first on the title line.
+        term.press(b" ")
+        term.wait_for(lambda t: t.display[0].startswith("PAUSED "),
+                      "PAUSED")
+        fleet["ctl1", "nova-conductor"].event(connmon.CONNECT, 99, 1)
+        fleet["ctl1", "nova-conductor"].send()
+        daemon.wait_row("nova-conductor", conn=15)
+        time.sleep(1.0)
+        assert check_openstack_table(term, truth)   # the old picture
+        term.press(b"p")
+        term.wait_for(lambda t: not t.display[0].startswith("PAUSED"),
+                      "resumed")
+    finally:
+        daemon.stop()
+
+
+def fleet_rows_on_screen(t: Terminal) -> Dict[str, List[str]]:
+    """The fleet view's rows: progname -> [hosts, numbers...]."""
+    rows = {}
+    for line in t.display[7:-1]:
+        found = re.match(r"(\d+ hosts?) +(\S+) +(.*)", line)
+        if found:
+            rows[found[2]] = [found[1]] + [
+                field.lstrip("!*") for field in found[3].split()]
+    return rows
+
+
+def test_console_fleet_view_totals_and_drill_down(tmp_path, terminal):
+    daemon = Daemon(tmp_path)
+    try:
+        fleet = openstack_fleet(daemon)   # kept: its connections stay
+        truth = daemon.snapshot()["rows"]
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=120)
+        term.wait_text("9 rows, sorted by CONN descending")
+        term.press(b"f")
+        term.wait_text("6 programs over every host, sorted by CONN")
+        term.wait_for(lambda t: len(fleet_rows_on_screen(t)) == 6,
+                      "six programs")
+        heads, _ = table_on_screen(term)
+        for prog, fields in fleet_rows_on_screen(term).items():
+            hosts = [row for row in truth if row["progname"] == prog]
+            assert fields[0] == connmon.plural(len(hosts), "host")
+            numbers = dict(zip(heads[2:], fields[1:]))
+            for key in ("nproc", "conn", "ckout", "limit", "maxnproc",
+                        "maxconn", "maxckout"):
+                assert numbers[key.upper()] == str(
+                    sum(row[key] for row in hosts)), (prog, key)
+        # The biggest program first: CONN descends over the fleet too.
+        order = [line.split()[2] for line in term.display[7:-1]
+                 if re.match(r"\d+ hosts?", line)]
+        sums = [sum(r["conn"] for r in truth if r["progname"] == p)
+                for p in order]
+        assert sums == sorted(sums, reverse=True)
+        # Drill into nova-compute: its processes on both compute hosts.
+        term.press(term.key["kcud1"] * order.index("nova-compute") + b"\r")
+        term.wait_text("nova-compute on every host: 2 processes")
+        term.wait_for(lambda t: "compute1" in t.text and "compute2" in
+                      t.text, "both hosts' processes")
+        term.press(b"\x1b")
+        term.wait_text("6 programs over every host")
+        term.press(term.key["kf5"])   # F5: back to host+program rows
+        term.wait_text("9 rows, sorted by CONN descending")
+        # ... and the drill-down from a host row shows that host only.
+        term.press(b"\r")
+        term.wait_text("nova-conductor on ctl1: 1 process")
+    finally:
+        daemon.stop()
+
+
+def sparkline_of(t: Terminal, label: str) -> str:
+    line = history_line(t, label)
+    return line.split(None, 2)[2] if line.count(" ") >= 2 else ""
+
+
+def test_console_draws_the_daemons_history_after_a_restart(tmp_path,
+                                                          terminal):
+    daemon = Daemon(tmp_path)
+    try:
+        app = SyntheticApp(daemon, "ctl1", "nova-conductor")
+        app.event(connmon.POOL, 1, 20)
+        for conn in range(1, 4):   # a leak's staircase, before any console
+            app.event(connmon.CONNECT, conn, 1)
+            app.event(connmon.CHECKOUT, conn, 1)
+            app.send()
+            time.sleep(2.2)
+        daemon.wait_row("nova-conductor", ckout=3)
+
+        def staircase(t: Terminal) -> bool:
+            spark = sparkline_of(t, "CKOUT")
+            ramp = connmon_console.UNICODE_GLYPHS["spark"]
+            levels = [ramp.index(char) for char in spark if char in ramp]
+            return (len(spark) >= 6 and levels == sorted(levels)
+                    and len(set(levels)) >= 3 and levels[-1] == 7)
+        for _ in range(2):   # a console, then another one after it
+            term = terminal("-H", daemon.address, "-i", "0.3")
+            term.wait_for(lambda t: "nova-conductor" in t.rows(), "the row")
+            term.press(b"\r")
+            term.wait_text("nova-conductor on ctl1: 1 process")
+            term.wait_for(staircase, "the staircase from the daemon")
+            assert re.search(r"History of the last \d+s \(connmond's",
+                             term.text)
+            term.press(b"q")
+            assert term.proc.wait(10) == 0
+    finally:
+        daemon.stop()
+
+
+def test_console_thresholds_marked_with_and_without_colour(tmp_path,
+                                                           terminal):
+    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n"
+                    "hold_ms_warn: 100\n")
+    stop = threading.Event()
+    try:
+        fleet = openstack_fleet(daemon)   # kept: its connections stay
+        slow = SyntheticApp(daemon, "ctl2", "glance-api")
+        slow.event(connmon.POOL, 1, 10)
+        slow.event(connmon.CONNECT, 1, 1)
+        slow.send()
+
+        def slow_queries() -> None:   # each one held for half a second
+            while not stop.wait(0.2):
+                now = time.monotonic()
+                slow.state.fold([
+                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None),
+                    (connmon.CHECKIN, 1, now, None, None, None)])
+                slow.send()
+        threading.Thread(target=slow_queries, daemon=True).start()
+        for env in ({}, {"TERM": "vt100"}):
+            term = terminal("-H", daemon.address, "-i", "0.3", cols=120,
+                            env=env)
+            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 10,
+                          "ten rows")
+
+            def marks(t: Terminal) -> Dict[str, List[str]]:
+                """host/program -> the marked numbers of its row."""
+                _, rows = table_on_screen(t)
+                return {f"{fields[0]}/{fields[1]}": [
+                    field for field in fields[2:] if field[0] in "!*"]
+                    for fields in rows}
+            # glance-api holds each connection 500 ms (its only alarm).
+            term.wait_for(lambda t: re.fullmatch(r"!(4|5)[0-9][0-9]\.[0-9]",
+                                                 *marks(t)["ctl2/glance-api"]
+                                                 or [""]),
+                          "HOLD_MS above hold_ms_warn")
+            found = marks(term)
+            # OLDEST above 30 s: "!"; the gone thread's leak: "*";
+            # nova-scheduler's pool (2) all out: CKOUT "!"; calm rows bare.
+            assert re.fullmatch(r"\*12[0-9][0-9]\.[0-9]",
+                                *found["ctl1/nova-conductor"])
+            assert re.fullmatch(r"!1[0-9][0-9]\.[0-9]",
+                                *found["ctl1/neutron-server"])
+            assert found["ctl1/nova-scheduler"] == ["!2"]
+            assert found["ctl1/neutron-dhcp-agent"] == []   # 5 s: calm
+            assert found["ctl1/neutron-l3-agent"] == []
+            assert re.fullmatch(r"![0-9]+\.[0-9]",
+                                *found["ctl2/neutron-dhcp-agent"])
+            colours = {char.bg for line in term.screen.buffer.values()
+                       for char in line.values()}
+            assert ("red" in colours) == (env == {})
+            term.press(term.key["kf10"])   # F10 quits
+            assert term.proc.wait(10) == 0
+        assert len(fleet) == len(OPENSTACK)
+    finally:
+        stop.set()
+        daemon.stop()
