@@ -3964,3 +3964,100 @@ def test_console_thresholds_marked_with_and_without_colour(tmp_path,
     finally:
         stop.set()
         daemon.stop()
+
+
+def test_console_keys_footer_help_and_gone_rows(tmp_path, terminal):
+    daemon = Daemon(tmp_path, extra_config="forget_gone_after: 4\n")
+    try:
+        fleet = openstack_fleet(daemon)
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=40,
+                        lines=15)
+
+        def selected(t: Terminal) -> List[int]:
+            t.pump()
+            return [y for y in range(7, 14) if t.screen.buffer[y][0].reverse]
+        # The selection is on the top row from the start.
+        term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7, "rows")
+        term.wait_for(lambda t: selected(t) == [7], "the top row selected")
+        term.press(b"jj")
+        term.wait_for(lambda t: selected(t) == [9], "j moves down")
+        term.press(b"k")
+        term.wait_for(lambda t: selected(t) == [8], "k moves up")
+        # Help (F1) scrolls to its last line at 15 lines, any key returns.
+        term.press(term.key["kf1"])
+        term.wait_text("connmon keys")
+        assert "MAX*: the highest values" not in term.text
+        term.press(term.key["kend"])
+        term.wait_text("MAX*: the highest values")
+        term.press(b"z")
+        term.wait_text("sorted by CONN")
+        # An unknown key says where help is, for a while.
+        term.press(b"Z")
+        term.wait_text("unknown key: ? for help")
+        term.wait_for(lambda t: "unknown key" not in t.text and "F1 help" in
+                      t.text, "the message gone")
+        # F3 and F4 filter, as / does; Ctrl-L redraws.
+        for key in (term.key["kf3"], term.key["kf4"]):
+            term.press(key + b"nova-c")
+            term.wait_text("Filter: nova-c_")
+            term.press(b"\r")
+            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 3,
+                          "the three nova-c rows")
+            term.press(b"\x1b")
+            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7,
+                          "filter cleared")
+        term.press(b"\x0c")
+        term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7, "redrawn")
+        # The footer names only keys that work in the view.
+        term.resize(120, 30)
+        term.wait_for(lambda t: "r reverse" in t.display[-1] and
+                      "/ filter" in t.display[-1], "the table's footer")
+        term.press(b"s")
+        term.wait_text("checkout sites holding connections")
+        footer = term.display[-1]
+        assert "Enter procs" in footer and "Esc back" in footer
+        for word in ("sort", "reverse", "filter", "fleet"):
+            assert word not in footer
+        term.press(b"\x1b")
+        term.wait_text("sorted by CONN")
+        # Gone rows: hidden by x, and forgotten by the daemon in the end.
+        fleet.pop(("ctl2", "neutron-l3-agent")).conn.close()
+        wait_until(lambda: [r for r in daemon.snapshot()["rows"]
+                            if not r["connected"]], what="a gone row")
+        term.wait_text("9 rows")
+        term.press(b"x")
+        term.wait_text("8 rows, sorted by CONN descending, gone hidden")
+        term.press(b"x")
+        term.wait_text("9 rows, sorted by CONN descending")
+        wait_until(lambda: len(daemon.snapshot()["rows"]) == 8,
+                   what="the gone row forgotten")
+        term.wait_text("8 rows, sorted by CONN descending")
+    finally:
+        daemon.stop()
+
+
+def test_console_hide_gone_option(tmp_path, terminal):
+    daemon = Daemon(tmp_path)
+    try:
+        live = SyntheticApp(daemon, "ctl1", "nova-conductor")
+        SyntheticApp(daemon, "ctl1", "nova-api").conn.close()
+        wait_until(lambda: len(daemon.snapshot()["rows"]) == 2 and not all(
+            row["connected"] for row in daemon.snapshot()["rows"]),
+            what="a live and a gone row")
+        term = terminal("-H", daemon.address, "-i", "0.3", "--hide-gone")
+        term.wait_text("1 row, sorted by CONN descending, gone hidden")
+        assert "nova-conductor" in term.text and "nova-api" not in term.text
+        assert live.conn
+    finally:
+        daemon.stop()
+
+
+def test_forget_gone_after_is_a_checked_daemon_option(tmp_path):
+    daemon = Daemon(tmp_path, extra_config="forget_gone_after: 1\n")
+    try:
+        SyntheticApp(daemon, "ctl1", "cron-job").conn.close()
+        wait_until(lambda: daemon.snapshot()["rows"], what="the row")
+        wait_until(lambda: not daemon.snapshot()["rows"],
+                   what="the gone row forgotten")
+    finally:
+        daemon.stop()
