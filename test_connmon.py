@@ -4061,3 +4061,240 @@ def test_forget_gone_after_is_a_checked_daemon_option(tmp_path):
                    what="the gone row forgotten")
     finally:
         daemon.stop()
+
+
+# -- The command lines --------------------------------------------------------
+
+
+def test_version_on_both_commands():
+    for module, name in (("connmon_console", "connmon"),
+                         ("connmon_server", "connmond")):
+        result = subprocess.run([sys.executable, "-m", module, "--version"],
+                                cwd=HERE, env=CHILD_ENV, capture_output=True,
+                                text=True, timeout=30)
+        assert (result.returncode, result.stdout) == (
+            0, f"{name} {connmon.__version__}\n")
+
+
+def test_procs_without_json_is_refused():
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "--procs", "-H",
+         "127.0.0.1:1"], cwd=HERE, env=CHILD_ENV, capture_output=True,
+        text=True, timeout=30)
+    assert result.returncode == 2
+    assert "error: --procs goes with --once --json" in result.stderr
+
+
+def test_once_json_into_a_closed_pipe_ends_quietly(daemon):
+    openstack = openstack_fleet(daemon)
+    reader, writer = os.pipe()
+    os.close(reader)   # like head -1, gone before connmon writes
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "--json", "-H",
+         daemon.address], cwd=HERE, env=CHILD_ENV, stdout=writer,
+        stderr=subprocess.PIPE, text=True, timeout=30)
+    os.close(writer)
+    assert (result.returncode, result.stderr) == (0, "")
+    # ... and through a real pipe into head -1.
+    result = subprocess.run(
+        f"{sys.executable} -m connmon_console --once --json -H "
+        f"{daemon.address} | head -1", shell=True, cwd=HERE, env=CHILD_ENV,
+        capture_output=True, text=True, timeout=30)
+    assert (result.stdout, result.stderr) == ("{\n", "")
+    assert openstack
+
+
+class SilentServer(threading.Thread):
+    """A TCP server that accepts, counts, says ``greeting`` (or nothing)
+    and holds the connection: a stand-in for a server that is not
+    connmond."""
+
+    def __init__(self, greeting: bytes = b""):
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.greeting = greeting
+        self.accepted = 0
+        self.held: List[socket.socket] = []
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.greeting:
+                sock.sendall(self.greeting)
+            self.held.append(sock)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
+
+
+def test_ctrl_c_during_once_ends_quietly():
+    server = SilentServer()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             f"127.0.0.1:{server.port}"], cwd=HERE, env=CHILD_ENV,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: server.accepted, what="connmon waiting")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert (proc.returncode, out, err) == (130, "", "")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("what", ["mariadb", "postgresql", "http"])
+def test_once_says_when_it_is_not_connmond(what):
+    import http.server
+    httpd = None
+    if what == "http":
+        httpd = http.server.HTTPServer(("127.0.0.1", 0),
+                                       http.server.SimpleHTTPRequestHandler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        address = f"127.0.0.1:{httpd.server_address[1]}"
+    else:
+        url = MYSQL_URL if what == "mariadb" else POSTGRESQL_URL
+        require_database(url)
+        address = "127.0.0.1:3306" if what == "mariadb" else "127.0.0.1:5432"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             address], cwd=HERE, env=CHILD_ENV, capture_output=True,
+            text=True, timeout=30)
+    finally:
+        if httpd is not None:
+            httpd.shutdown()
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"connmon: {address}: not connmond: "), line
+
+
+def test_live_console_backs_off_from_what_is_not_connmond(terminal):
+    server = SilentServer(b"J\x00\x00\x00\n5.5.5-10.11.6-MariaDB\x00")
+    try:
+        term = terminal("-H", f"127.0.0.1:{server.port}", "-i", "0.2")
+        term.wait_text("not connmond")
+        time.sleep(6)
+        # Every 0.2 s would be 30 tries; backing off, a handful.
+        assert 1 <= server.accepted <= 6, server.accepted
+        assert "next try in" in term.display[-1]
+    finally:
+        server.close()
+
+
+def test_sighup_does_not_stop_connmond(daemon):
+    app = SyntheticApp(daemon, "ctl1", "nova-conductor")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP ignored" in daemon.log.read_text(),
+               what="the SIGHUP log line")
+    assert daemon.proc.poll() is None
+    assert daemon.row("nova-conductor")["connected"]
+    assert app.conn
+
+
+def test_demo_killed_with_sigkill_leaves_nothing_running(terminal):
+    pytest.importorskip("sqlalchemy")
+    term = terminal("--demo")
+    term.wait_for(lambda t: "nova-api" in t.rows(), "the demo's rows")
+    port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
+    children = [int(name) for name in os.listdir("/proc") if name.isdigit()
+                and _parent_pid(int(name)) == term.proc.pid]
+    assert len(children) >= 6
+    term.proc.kill()
+    term.proc.wait(10)
+    wait_until(lambda: not [pid for pid in children
+                            if _parent_pid(pid) is not None],
+               what="every demo process gone")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), 1).close()
+
+
+# -- The config check ---------------------------------------------------------
+
+# (option line, message, read by the applications too)
+CONFIG_MISTAKES = [
+    ("heartbeat_timeout: 0", "heartbeat_timeout: expected a number of "
+     "seconds from 1 to 3600, got '0'", False),
+    ("max_clients: -5", "max_clients: expected a whole number from 1 to "
+     "1048576, got '-5'", False),
+    ("forget_gone_after: 0", "forget_gone_after: expected a number of "
+     "seconds from 1 to", False),
+    ("hold_ms_warn: slow", "hold_ms_warn: expected a number of "
+     "milliseconds from 0.1 to", False),
+    ("metrics_prot: 9187", "unknown option 'metrics_prot' (did you mean "
+     "metrics_port?)", False),
+    ("hold_warn_seconds: abc", "hold_warn_seconds: expected a number of "
+     "seconds from 0.1 to 86400, got 'abc'", True),
+    ("hold_warn_seconds: 0", "hold_warn_seconds: expected a number of "
+     "seconds from 0.1 to 86400, got '0'", True),
+    ("checkout_sites: maybe", "checkout_sites: expected 1 (on) or 0 (off), "
+     "got 'maybe'", True),
+]
+
+
+@pytest.mark.parametrize("line, message, app_reads_it", CONFIG_MISTAKES)
+def test_check_config_refuses_each_mistake(tmp_path, line, message,
+                                           app_reads_it):
+    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + line +
+                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(
+        f"connmond: error: {path} [connmon_service_a]: {message}")
+    assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    (line, message) for line, message, app in CONFIG_MISTAKES if app])
+@pytest.mark.parametrize("form", ["sqlite+pysqlite_connmon://", "sqlite://"])
+def test_create_engine_refuses_each_mistake_it_reads(tmp_path, form, line,
+                                                     message):
+    """The applications read hold_warn_seconds and checkout_sites through
+    the same definitions --check-config uses: the same message."""
+    import sqlalchemy as sa
+    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + line +
+                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
+    url = f"{form}/?connmon_service=a&connmon_config={path}"
+    if form == "sqlite://":
+        url += "&plugin=connmon"
+    with pytest.raises(connmon.ConfigError) as err:
+        sa.create_engine(url)
+    assert str(err.value) == f"{path} [connmon_service_a]: {message}"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[connmon_service_a]\nname: a\nnodes\n    n1 hostname=h\n",
+     "[connmon_service_a], line 3: 'nodes' is not 'option: value' (no ':' "
+     "or '=')"),
+    ("[connmon_service_a\nname: a\n",
+     "line 1: section header '[connmon_service_a' has no closing ']'"),
+])
+def test_check_config_parse_errors_in_one_line(tmp_path, text, message):
+    path = write(tmp_path, text)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert result.returncode == 2
+    assert result.stderr == f"connmond: error: {path}, {message}\n"
+
+
+def test_unknown_service_names_the_source_read(tmp_path):
+    if os.path.exists(connmon.DEFAULT_CONFIG_FILE):
+        pytest.skip(f"{connmon.DEFAULT_CONFIG_FILE} exists on this machine")
+    result = run_connmond("--check-config", "-s", "nope")
+    assert result.stderr == ("connmond: error: <built-in default>: unknown "
+                             "service 'nope' (services: default)\n")
+    path = write(tmp_path, "[connmon_service_a]\nname: a\nnodes:\n"
+                 "    n1 hostname=h\n")
+    result = run_connmond("--check-config", "-c", path, "-s", "nope")
+    assert result.stderr == (f"connmond: error: {path}: unknown service "
+                             "'nope' (services: a)\n")
+    import sqlalchemy as sa
+    with pytest.raises(connmon.ConfigError, match="^<built-in default>: "
+                       "unknown service 'nope'"):
+        sa.create_engine("sqlite+pysqlite_connmon:///?connmon_service=nope")
