@@ -32,11 +32,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(workdir: str, ports: List[int]) -> str:
-    """A service "bench" with one node a port, n1, n2..."""
+def write_config(workdir: str, ports: List[int], options: str = "") -> str:
+    """A service "bench" with one node a port, n1, n2... (and ``options``,
+    lines of the service's section)."""
     config = os.path.join(workdir, f"bench-{ports[0]}.cfg")
     with open(config, "w") as file:
-        file.write("[connmon_service_bench]\nname: bench\nnodes:\n" + "".join(
+        file.write("[connmon_service_bench]\nname: bench\n" + options
+                   + "nodes:\n" + "".join(
             f"    n{i} hostname=127.0.0.1:{port} bind=127.0.0.1\n"
             for i, port in enumerate(ports, 1)))
     return config
@@ -47,9 +49,9 @@ class Daemon:
     an existing ``config``)."""
 
     def __init__(self, workdir: str, config: str = "", node: str = "n1",
-                 port: int = 0):
+                 port: int = 0, options: str = ""):
         self.port = port or free_port()
-        config = config or write_config(workdir, [self.port])
+        config = config or write_config(workdir, [self.port], options)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "connmon_server", "-c", config, "-s",
              "bench", "-n", node, "--log-level", "ERROR"], cwd=HERE)
@@ -750,8 +752,8 @@ try:
     console = cc.Console(window, feed, 1.0, True)
     samples = []
     for refresh in range(refreshes):
-        if refresh == refreshes // 2:
-            console.sort_index = 3     # half the time sorted by CONN
+        if refresh == refreshes // 2:   # half the time sorted by name
+            console.sort_by(cc.COLUMNS[0])
         start = time.process_time()
         snapshot = conn.request({"op": "snapshot", "procs": False})
         del snapshot["op"]
@@ -770,13 +772,15 @@ with open(out, "w") as file:
 
 def bench_console(quick: bool) -> None:
     """Console CPU per refresh with 1,000 rows: fetch and decode a snapshot
-    from a real connmond, sort, draw with curses into a real pty (target
-    <= 20 ms)."""
+    from a real connmond, sort, fit the columns and cut the names, draw
+    with curses into a real pty, colours and alarms on (thresholds low
+    enough that most rows have a marked cell) (target <= 20 ms)."""
     import pty
     import select
     refreshes = 40 if quick else 150
     with tempfile.TemporaryDirectory() as workdir:
-        daemon = Daemon(workdir)
+        daemon = Daemon(workdir, options="hold_warn_seconds: 0.1\n"
+                        "hold_ms_warn: 0.5\n")
         fleet = FakeFleet(("127.0.0.1", daemon.port), 1000, 300)
         out = os.path.join(workdir, "console.json")
         pid, master = pty.fork()
@@ -812,6 +816,40 @@ def bench_console(quick: bool) -> None:
             ("max   ", f"{ms[-1]:6.2f} ms")])
 
 
+def bench_history(quick: bool) -> None:
+    """The daemon's history: memory for 10,000 rows once its rings are
+    full, and the CPU of one sample of them all (once a second, under
+    the state lock)."""
+    import tracemalloc
+    import connmon
+    import connmon_server
+    rows = 10_000
+    picture = connmon.Picture()
+    for index in range(rows):
+        row = picture._row((f"host{index // 40:03d}", f"program-{index:05d}"))
+        row.conn, row.ckout = index % 50, index % 7
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    history = connmon_server.History()
+    for _ in range(history.length):   # every ring full
+        history.record(picture.rows)
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    samples = []
+    for _ in range(20 if quick else 100):   # timed without tracemalloc
+        start = time.process_time()
+        history.record(picture.rows)
+        samples.append(time.process_time() - start)
+    ms = sorted(sample * 1000 for sample in samples)
+    report(f"history: {rows:,} rows, {history.length} samples each "
+           f"(target: within README's 30 MB)",
+           [("memory", f"{held / 1e6:6.1f} MB",
+             f"{held / rows / 1000:.2f} KB a row"),
+            ("one sample of every row", f"median {statistics.median(ms):.1f} "
+             f"ms CPU", f"max {ms[-1]:.1f} ms")])
+
+
 SCENARIOS: Dict[str, Callable[[bool], None]] = {
     "hotpath": bench_hotpath,
     "hotpath-mysql": bench_hotpath_mysql,
@@ -821,6 +859,7 @@ SCENARIOS: Dict[str, Callable[[bool], None]] = {
     "latency": bench_latency,
     "cluster": bench_cluster,
     "console": bench_console,
+    "history": bench_history,
     "blackhole": bench_blackhole,
 }
 
