@@ -665,24 +665,28 @@ class Binding(NamedTuple):
     action: str
 
 
+# Every view's keys, in the footer's order (it shows what fits): help
+# and quit, the view's own, then pause.
 COMMON_KEYS = [
     Binding((curses.KEY_F1, ord("?"), ord("h")), "F1 help", "open_help"),
     Binding((curses.KEY_F10, ord("q")), "F10 quit", "quit"),
+]
+LAST_KEYS = [
     Binding((ord(" "), ord("p")), "Space pause", "toggle_pause"),
     Binding(MOVE_KEYS, "", "move"),
 ]
 VIEW_KEYS = {
     "table": [
         Binding(ENTER_KEYS, "Enter procs", "drill_into"),
+        Binding((curses.KEY_F5, ord("f")), "F5 fleet", "toggle_fleet"),
         Binding((ord("/"), curses.KEY_F3, curses.KEY_F4), "/ filter",
                 "edit_filter"),
-        Binding((curses.KEY_F6, ord("<"), ord(">")), "F6 <> sort",
+        Binding((curses.KEY_F6, ord("<"), ord(">")), "F6 sort",
                 "sort_key"),
-        Binding((ord("r"),), "r reverse", "reverse_sort"),
-        Binding((curses.KEY_F5, ord("f")), "F5 fleet", "toggle_fleet"),
         Binding((ord("s"),), "s sites", "open_sites"),
-        Binding((ord("x"),), "x gone", "toggle_gone"),
         Binding((ord("c"),), "c clear max", "confirm_clear"),
+        Binding((ord("x"),), "x gone", "toggle_gone"),
+        Binding((ord("r"),), "r reverse", "reverse_sort"),
         Binding((ESC,), "", "clear_filter"),
     ],
     "procs": [Binding(BACK_KEYS, "Esc back", "close_view")],
@@ -812,7 +816,7 @@ class Console:
     # -- keys -----------------------------------------------------------------
 
     def bindings(self) -> List[Binding]:
-        return COMMON_KEYS + VIEW_KEYS.get(self.view, [])
+        return COMMON_KEYS + VIEW_KEYS.get(self.view, []) + LAST_KEYS
 
     def handle(self, key: int) -> None:
         """Act on one key."""
@@ -1039,10 +1043,13 @@ class Console:
                  f"every {self.interval:g}s"]
         title = f" {self.glyphs['dash']} ".join(parts)
         if self.paused:
-            self.put(0, "PAUSED " + title, self.styles["title"])
+            title = "PAUSED " + title
+        _, width = self.window.getmaxyx()
+        if len(title) > width:
+            title = title[:width - 1] + self.glyphs["cut"]
+        self.put(0, title, self.styles["title"])
+        if self.paused:
             self.put(0, "PAUSED", self.styles["paused"], 0)
-        else:
-            self.put(0, title, self.styles["title"])
 
     def draw_help(self) -> None:
         lines = HELP.splitlines()
@@ -1218,7 +1225,7 @@ class Console:
                      + sparkline(values, top, self.glyphs["spark"]))
 
     def draw_footer(self) -> None:
-        height, _ = self.window.getmaxyx()
+        height, width = self.window.getmaxyx()
         if self.editing_filter:
             text = f"Filter: {self.filter}_  (Enter keeps, Esc clears)"
         elif self.confirming:
@@ -1231,10 +1238,15 @@ class Console:
         elif self.view == "help":
             text = "Up/Down/PgUp/PgDn scroll  any other key returns"
         else:
-            text = "  ".join(binding.label for binding in self.bindings()
-                             if binding.label)
+            words = [binding.label for binding in self.bindings()
+                     if binding.label]
             if self.filter:
-                text = f"[filter: {self.filter}]  " + text
+                words.insert(0, f"[filter: {self.filter}]")
+            text = ""   # as many whole words as fit
+            for word in words:
+                if len(text) + len(word) > width:
+                    break
+                text += word + "  "
         self.put(height - 1, text, curses.A_REVERSE)
 
 
