@@ -1,8 +1,11 @@
 """connmon: the console that shows what connmond knows.
 
 ``connmon`` draws a live, ``top``-like screen with curses: one row per
-host+program, refreshed every ``-i`` seconds, with htop's keys (``?`` lists
-them).  ``connmon --once`` prints one snapshot as a plain table and
+host+program (or per program over every host: the fleet view), refreshed
+every ``-i`` seconds, with htop's keys (F1 lists them).  Its columns fit
+the screen (``plan``): names first, whole numbers only, the least useful
+columns dropped first; cells above the daemon's thresholds carry a
+marker.  ``connmon --once`` prints one snapshot as a plain table and
 ``--once --json`` as JSON.  ``connmon --demo`` starts a private connmond and
 a few demo applications and watches them: the no-setup way to see it work.
 
@@ -958,7 +961,9 @@ class Console:
 
     # -- what to show ---------------------------------------------------------
 
-    def table_rows(self) -> List[Dict[str, Any]]:
+    def host_rows(self) -> List[Dict[str, Any]]:
+        """The snapshot's host+program rows that the filter and the gone
+        switch leave."""
         if self.picture is None:
             return []
         rows = self.picture["rows"]
@@ -968,6 +973,10 @@ class Console:
             needle = self.filter.lower()
             rows = [row for row in rows if needle in row["hostname"].lower()
                     or needle in row["progname"].lower()]
+        return rows
+
+    def table_rows(self) -> List[Dict[str, Any]]:
+        rows = self.host_rows()
         if self.fleet:
             rows = by_program(rows)
         # Ties keep the snapshot's hostname, progname order.
@@ -978,7 +987,7 @@ class Console:
         """Every (filtered) row's checkout sites in one list: the sites
         holding the most connections, then the oldest, first."""
         rows = [{"hostname": row["hostname"], "progname": row["progname"],
-                 **site} for row in self.table_rows()
+                 **site} for row in self.host_rows()
                 for site in row.get("sites") or ()]
         return sorted(rows, key=lambda r: (-r["held"], -r["oldest"],
                                            r["hostname"], r["progname"],

@@ -13,7 +13,14 @@ cluster's picture.  See ``Cluster``.
 
 Optional exports, each on its own daemon thread and each reading only
 ``ConnmonServer.snapshot()``: Prometheus text on ``GET /metrics`` and a CSV
-file appended to every ``csv_interval`` seconds.
+file appended to every ``csv_interval`` seconds.  A thread of its own
+samples every row into a ten-minute ``History`` once a second (consoles
+ask for a row's with ``{"op": "history"}``) and forgets rows gone for
+longer than ``forget_gone_after``.
+
+Every option a service section may carry is in ``OPTIONS`` (the
+applications' ``connmon.SERVICE_OPTIONS`` and connmond's own), checked
+at start and by ``--check-config``.
 
 Run ``connmond`` or ``python -m connmon_server``.
 """
@@ -613,7 +620,7 @@ class PeerLink:
                         self.sock = None
                         self.outbox.clear()
                     gone = server.picture.detach_origin(origin)
-                    log.info("peer %s: link down; its %d processes leave "
+                    log.info("peer %s: link down; its processes (%d) leave "
                              "the picture", origin, gone)
             self._cut(sock)
 
