@@ -354,6 +354,7 @@ TLS_OPTIONS = ("ssl_certfile", "ssl_keyfile", "ssl_cafile",
                "ssl_client_cafile")
 
 DEFAULT_HOLD_WARN = 10.0  # a checkout held this long: say where it is held
+DEFAULT_HOLD_MS_WARN = 1000.0   # a mean hold above this: the console's alarm
 
 SERVICE_OPTIONS: Dict[str, Option] = {
     # how long a checkout is held before the application says where
@@ -694,27 +695,52 @@ def open_connection(addresses: Iterable[Address], role: str,
         text for text, _ in failures) + ")")
 
 
+# Sent to a server that stays silent where connmond would have greeted:
+# another kind of server answers it or hangs up; a stuck connmond does
+# neither (and a slow one greets at last).
+PROBE = b"GET / HTTP/1.0\r\n\r\n"
+PROBE_WAIT = 1.0
+
+
 def read_welcome(conn: Connection, timeout: float) -> Dict[str, Any]:
-    """The daemon's first line: connmond speaks first, at once.  Silence,
-    or a first line that is not its welcome, means another server."""
+    """The daemon's first line: connmond speaks first, at once.  A first
+    line that is not its welcome, or a silence that a probe shows to be
+    another server's, raises NotConnmond."""
     try:
         line = conn.rfile.readline(MAX_MESSAGE_BYTES + 1)
     except socket.timeout:
-        raise NotConnmond(f"not connmond: it sent nothing for {timeout:g}s "
-                          "(connmond greets at once)") from None
+        _probe(conn.sock)
+        raise
     if not line:
         raise ProtocolError("connection closed before the welcome")
     try:
         message = decode(line)
     except ProtocolError:
-        raise NotConnmond(f"not connmond: it sent {line[:40]!r} where "
-                          "connmond's welcome should be") from None
+        raise NotConnmond(f"not connmond: its first line is not JSON "
+                          f"({line[:40]!r})") from None
     if message["op"] == "error":
         return expect(message, "welcome")   # a refusal: connmond after all
     if message["op"] != "welcome":
         raise NotConnmond(f"not connmond: its first line was "
                           f"{message['op']!r}, not connmond's welcome")
     return message
+
+
+def _probe(sock: socket.socket) -> None:
+    """After a silence: NotConnmond if the server answers PROBE with
+    something else than connmond's welcome, or hangs up at it."""
+    try:
+        sock.sendall(PROBE)
+        sock.settimeout(PROBE_WAIT)
+        answer = sock.recv(4096)
+    except OSError:
+        return   # still silent (or gone): nothing learnt
+    if not answer:
+        raise NotConnmond("not connmond: it said nothing, and hung up at "
+                          "an HTTP request") from None
+    if not answer.startswith(b'{"op":"welcome"'):
+        raise NotConnmond(f"not connmond: it said nothing, then answered "
+                          f"an HTTP request with {answer[:40]!r}") from None
 
 
 # ---------------------------------------------------------------------------

@@ -89,7 +89,9 @@ def fetch_snapshot(target: Target, timeout: float = 5.0,
 ABOVE = "!"        # above its threshold, or a pool exhausted
 LEAKED = "*"       # a long holder whose thread is gone: a leak for sure
 
-DEFAULT_THRESHOLDS = {"oldest": connmon.DEFAULT_HOLD_WARN, "hold_ms": 1000.0}
+# What a snapshot from a daemon that sends no "thresholds" is judged by.
+DEFAULT_THRESHOLDS = {"oldest": connmon.DEFAULT_HOLD_WARN,
+                      "hold_ms": connmon.DEFAULT_HOLD_MS_WARN}
 
 
 def above(key: str) -> Callable[[Dict[str, Any], Dict[str, float]], str]:
@@ -101,10 +103,11 @@ def above(key: str) -> Callable[[Dict[str, Any], Dict[str, float]], str]:
     return alarm
 
 
+oldest_above = above("oldest")
+
+
 def oldest_alarm(row: Dict[str, Any], thresholds: Dict[str, float]) -> str:
-    if thread_gone(row):
-        return LEAKED
-    return above("oldest")(row, thresholds)
+    return LEAKED if thread_gone(row) else oldest_above(row, thresholds)
 
 
 def exhausted_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
@@ -128,7 +131,8 @@ class Column:
     ("file.py:123 in func": cut from the left, its end tells lines apart;
     it takes what the other columns leave).  ``keep`` orders dropping on
     a narrow screen: the lowest goes first.  ``descending`` is the sort
-    order a column starts with (numbers: biggest first, as in top).
+    order a column starts with (by default numbers biggest first, as in
+    top, and names from A).
     ``alarm`` gives a row's marker for this cell ("" when calm).  A text
     column is at least ``width`` wide and at most ``most`` (longer names
     are cut); a location takes what the other columns leave.
@@ -136,6 +140,7 @@ class Column:
 
     def __init__(self, heading: str, key: str, kind: str = "number",
                  keep: int = 50, width: int = 0, most: int = 0,
+                 descending: Optional[bool] = None,
                  alarm: Optional[Callable[[Dict[str, Any], Dict[str, float]],
                                           str]] = None,
                  show: Optional[Callable[[Any], str]] = None):
@@ -146,7 +151,8 @@ class Column:
         self.keep = keep
         self.min_width = width or (len(heading) + 2)
         self.most = most or (1 << 20)   # a text column's widest
-        self.descending = kind == "number"
+        self.descending = (kind == "number" if descending is None
+                           else descending)
         self.alarm = alarm
         self.show = show or cell
 
@@ -199,7 +205,7 @@ PROC_COLUMNS = [
     Column("LIMIT", "limit", keep=40),
     Column("MAXCONN", "maxconn", keep=30),
     Column("MAXCKOUT", "maxckout", keep=20),
-    Column("OLDEST", "oldest", keep=90, alarm=above("oldest")),
+    Column("OLDEST", "oldest", keep=90, alarm=oldest_above),
     Column("CONNECTED SINCE", "since", "text", keep=10, show=since_text),
 ]
 
@@ -823,7 +829,9 @@ class Console:
 
     def handle(self, key: int) -> None:
         """Act on one key."""
-        if self.editing_filter:
+        if key in (curses.KEY_RESIZE, CTRL_L):
+            self.window.clear()   # repaint everything
+        elif self.editing_filter:
             self.edit_filter_key(key)
         elif self.confirming:
             self.confirming = False
@@ -833,8 +841,6 @@ class Console:
                          "Prometheus see it)")
             else:
                 self.say("maxima kept")
-        elif key in (curses.KEY_RESIZE, CTRL_L):
-            self.window.clear()   # repaint everything
         elif self.view == "help":
             if key in MOVE_KEYS:
                 self.move(key)
@@ -1098,7 +1104,7 @@ class Console:
         return Formatter(layout, rows, thresholds, self.cutter)
 
     def draw_rows(self, formatter: Formatter, rows: List[Dict[str, Any]],
-                  y: int, height: int, selectable: bool = True) -> None:
+                  y: int, height: int) -> None:
         """The visible slice of ``rows`` from line ``y``; a cell with an
         alarm is drawn in the alarm style over its row."""
         alarm = self.styles["alarm"]
@@ -1107,8 +1113,7 @@ class Console:
             row = rows[index]
             texts, marks = formatter.texts(row), formatter.marks(row)
             self.put(y, format_cells(formatter.layout, texts, marks),
-                     self.row_attr(row, selectable and index ==
-                                   self.selected))
+                     self.row_attr(row, index == self.selected))
             x = 0
             for (column, width), text, mark in zip(formatter.layout, texts,
                                                    marks):

@@ -769,7 +769,7 @@ OPTIONS: Dict[str, connmon.Option] = {
         1, 1e8, " of seconds"), "86400"),
     # HOLD_MS above this many milliseconds is an alarm on the console
     "hold_ms_warn": connmon.Option(connmon.number_between(
-        0.1, 3.6e6, " of milliseconds"), "1000"),
+        0.1, 3.6e6, " of milliseconds"), f"{connmon.DEFAULT_HOLD_MS_WARN:g}"),
     "metrics_port": connmon.Option(_port),
     "metrics_bind": connmon.Option(_bind_host),
     "csv_dump": connmon.Option(connmon.any_text),

@@ -4153,10 +4153,13 @@ def test_ctrl_c_during_once_ends_quietly():
 @pytest.mark.parametrize("what", ["mariadb", "postgresql", "http"])
 def test_once_says_when_it_is_not_connmond(what):
     import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
     httpd = None
     if what == "http":
-        httpd = http.server.HTTPServer(("127.0.0.1", 0),
-                                       http.server.SimpleHTTPRequestHandler)
+        httpd = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         address = f"127.0.0.1:{httpd.server_address[1]}"
     else:
