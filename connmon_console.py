@@ -691,7 +691,7 @@ VIEW_KEYS = {
         Binding((ord("/"), curses.KEY_F3, curses.KEY_F4), "/ filter",
                 "edit_filter"),
         Binding((curses.KEY_F6, ord("<"), ord(">")), "F6 sort",
-                "sort_key"),
+                "change_sort"),
         Binding((ord("s"),), "s sites", "open_sites"),
         Binding((ord("c"),), "c clear max", "confirm_clear"),
         Binding((ord("x"),), "x gone", "toggle_gone"),
@@ -871,7 +871,7 @@ class Console:
     def clear_filter(self, key: int) -> None:
         self.filter = ""
 
-    def sort_key(self, key: int) -> None:
+    def change_sort(self, key: int) -> None:
         if key == curses.KEY_F6:
             self.open_view("sort")
             self.selected = COLUMNS.index(self.sort_column)
