@@ -186,6 +186,12 @@ def _line_number(text: str, section: str, needle: Optional[str]) -> int:
     return 0
 
 
+def _place(source: str, section: Optional[str], line: int) -> str:
+    """"FILE, [SECTION], line N", as much of it as is known."""
+    place = f"{source}, [{section}]" if section else source
+    return f"{place}, line {line}" if line else place
+
+
 def _section_at(text: str, lineno: int) -> Optional[str]:
     """The section a line of ``text`` belongs to (None before the first)."""
     section = None
@@ -201,10 +207,9 @@ def _check_headers(text: str, source: str) -> None:
     option line, and complain about something else)."""
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.startswith("[") and not line.rstrip().endswith("]"):
-            section = _section_at(text, lineno - 1)
-            where = f", [{section}]" if section else ""
-            raise ConfigError(f"{source}{where}, line {lineno}: section "
-                              f"header {line.strip()!r} has no closing ']'")
+            where = _place(source, _section_at(text, lineno - 1), lineno)
+            raise ConfigError(f"{where}: section header {line.strip()!r} "
+                              "has no closing ']'")
 
 
 def _parse_error(err: configparser.Error, text: str, source: str) -> str:
@@ -216,9 +221,7 @@ def _parse_error(err: configparser.Error, text: str, source: str) -> str:
     if not lineno:
         return f"{source}: " + " ".join(str(err).split())
     line = text.splitlines()[lineno - 1].strip()
-    section = _section_at(text, lineno - 1)
-    where = f"{source}, [{section}], line {lineno}" if section else (
-        f"{source}, line {lineno}")
+    where = _place(source, _section_at(text, lineno - 1), lineno)
     if isinstance(err, (configparser.DuplicateOptionError,
                         configparser.DuplicateSectionError)):
         what = (f"option {err.option!r}" if isinstance(
@@ -245,9 +248,8 @@ def parse_config(text: str, source: str) -> Dict[str, Service]:
         options = dict(parser[section])
 
         def where(needle: Optional[str]) -> str:
-            line = _line_number(text, section, needle)
-            place = f"{source}, [{section}]"
-            return f"{place}, line {line}" if line else place
+            return _place(source, section,
+                          _line_number(text, section, needle))
 
         if not options.get("name"):
             raise ConfigError(f"{where(None)}: missing 'name:'")
