@@ -270,9 +270,8 @@ class History:
                ) -> None:
         series, slot, top = self.series, self.tick % self.length, \
             HISTORY_MAX_COUNT
-        if len(series) != len(rows) or series.keys() != rows.keys():
-            for key in series.keys() - rows.keys():
-                del series[key]
+        for key in series.keys() - rows.keys():   # forgotten rows
+            del series[key]
         for key, row in rows.items():
             entry = series.get(key)
             if entry is None:
