@@ -1118,6 +1118,11 @@ def main(argv: Optional[list] = None) -> int:
         print(f"connmond: config OK: {path or connmon.BUILT_IN} service "
               f"{service.name!r}: {describe(node, options)}")
         return 0
+    # SIGTERM stops it like Ctrl-C from here on, even while it starts.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, lambda *_: log.warning(
+        "SIGHUP ignored: connmond reloads nothing; restart it to read "
+        "the config again"))
     metrics = None
     address = node.bind
     try:
@@ -1132,30 +1137,32 @@ def main(argv: Optional[list] = None) -> int:
         print(f"connmond: error: cannot listen on "
               f"{connmon.format_address(address)}: {err}", file=sys.stderr)
         return 1
-    if metrics is not None:
-        threading.Thread(target=metrics.serve_forever, daemon=True,
-                         name="connmond-metrics").start()
-    if options.csv_dump:
-        threading.Thread(target=CsvDump(server, options).run, daemon=True,
-                         name="connmond-csv").start()
-    threading.Thread(target=server.keep_history, daemon=True,
-                     name="connmond-history").start()
-    raise_file_limit(server.max_clients)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    signal.signal(signal.SIGHUP, lambda *_: log.warning(
-        "SIGHUP ignored: connmond reloads nothing; restart it to read "
-        "the config again"))
-    log.info("connmond %s: service %r %s", connmon.__version__,
-             service.name, describe(node, options))
-    server.cluster.start()
+    except KeyboardInterrupt:
+        log.info("connmond stopping")
+        return 0
+    metrics_thread = threading.Thread(
+        target=metrics.serve_forever if metrics else None, daemon=True,
+        name="connmond-metrics")
     try:
+        if metrics is not None:
+            metrics_thread.start()
+        if options.csv_dump:
+            threading.Thread(target=CsvDump(server, options).run,
+                             daemon=True, name="connmond-csv").start()
+        threading.Thread(target=server.keep_history, daemon=True,
+                         name="connmond-history").start()
+        raise_file_limit(server.max_clients)
+        log.info("connmond %s: service %r %s", connmon.__version__,
+                 service.name, describe(node, options))
+        server.cluster.start()
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("connmond stopping")
     finally:
         server.server_close()
         if metrics is not None:
-            metrics.shutdown()
+            if metrics_thread.is_alive():   # (shutdown waits for it)
+                metrics.shutdown()
             metrics.server_close()
     return 0
 
