@@ -2613,7 +2613,7 @@ def test_sites_ranked_by_connections_held(tmp_path, leak_daemon):
         script = tmp_path / "leaky.py"
         ranked = wait_until(
             lambda: [(s["site"], s["held"]) for s in
-                     leak_daemon.row("leaky.py")["sites"]] or None,
+                     sites_of(leak_daemon, "leaky.py").values()] or None,
             what="sites")
         wait_until(lambda: [(s["site"], s["held"]) for s in leak_daemon.row(
             "leaky.py")["sites"]] == [
