@@ -7,6 +7,7 @@ Run with ``python -m pytest -v test_connmon.py`` (see README.txt).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -3607,6 +3608,227 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
 # ---------------------------------------------------------------------------
 
 # (tests of the leak finder's truth go here)
+
+# Each of these programs sets its holders up, prints "ready" and waits; the
+# daemon then tells what each connection held past a second (the
+# leak_daemon's hold_warn_seconds) is.  What the console's drill-down, the
+# snapshot's long holders and its sites' long holders show is one text.
+
+THREADS_SCRIPT = r"""
+import concurrent.futures, json, sys, threading, time
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+kept = []
+
+def leak_and_end():
+    kept.append(engine.connect())   # ENDED-SITE
+
+def query_slowly():
+    with engine.connect() as conn:   # SLOW-SITE
+        conn.execute(sa.text("SELECT SLEEP(600)"))   # SLOW-HELD
+
+def leak_on_the_pool():
+    kept.append(engine.connect())   # POOLED-SITE
+
+def other_work():
+    time.sleep(600)   # OTHER-WORK
+
+def leak_before_reuse():
+    kept.append(engine.connect())   # REUSED-SITE
+
+def idle(release):
+    release.wait()   # IDLE
+
+ended = threading.Thread(target=leak_and_end)
+ended.start()
+ended.join()
+threading.Thread(target=query_slowly, daemon=True).start()
+pool = concurrent.futures.ThreadPoolExecutor(1)
+pool.submit(leak_on_the_pool).result()
+pool.submit(other_work)
+gone = threading.Thread(target=leak_before_reuse)
+gone.start()
+gone.join()
+# A new thread the OS gives the ended one's ident, running other code.
+for _ in range(50):
+    release = threading.Event()
+    reused = threading.Thread(target=idle, args=(release,), daemon=True)
+    reused.start()
+    if reused.ident == gone.ident:
+        break
+    release.set()
+    reused.join()
+print("ready", reused.ident == gone.ident, flush=True)
+time.sleep(600)
+"""
+
+GEVENT_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, sys
+import gevent
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+kept = []
+
+def query_slowly():
+    with engine.connect() as conn:   # GREEN-SLOW-SITE
+        conn.execute(sa.text("SELECT SLEEP(600)"))   # GREEN-SLOW-HELD
+
+def leak_and_end():
+    kept.append(engine.connect())   # GREEN-ENDED-SITE
+
+slow = gevent.spawn(query_slowly)
+gevent.spawn(leak_and_end).join()
+gevent.sleep(0.5)
+print("ready", slow.dead, flush=True)
+gevent.sleep(600)
+"""
+
+EVENTLET_SCRIPT = GEVENT_SCRIPT.replace(
+    "from gevent import monkey\nmonkey.patch_all()\n",
+    "import eventlet\neventlet.monkey_patch()\n").replace(
+    "import gevent\n", "").replace("gevent.", "eventlet.").replace(
+    "eventlet.spawn(leak_and_end).join()", "eventlet.spawn(leak_and_end).wait()")
+
+ASYNCIO_SCRIPT = r"""
+import asyncio, json, sys
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+kept = []
+
+async def handler(engine):
+    async with engine.connect() as conn:   # TASK-SITE
+        await conn.execute(sa.text("SELECT 1"))
+        await asyncio.sleep(600)   # TASK-HELD
+
+async def leak_and_end(engine):
+    kept.append(await engine.connect())   # TASK-ENDED-SITE
+
+async def main():
+    engine = create_async_engine(sys.argv[1], **json.loads(sys.argv[2]))
+    holder = asyncio.create_task(handler(engine), name="holder-1")
+    await asyncio.create_task(leak_and_end(engine), name="leaker-1")
+    await asyncio.sleep(0.5)
+    print("ready", holder.done(), flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+class ScriptApp(App):
+    """A program that sets itself up, says "ready ..." and waits."""
+
+    def __init__(self, tmp_path, source: str, url: str, progname: str,
+                 **options: Any):
+        self.source = source
+        super().__init__(tmp_path, url, progname, **options)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line.startswith("ready"), (
+            f"{progname} did not start: {line!r}\n{self.log.read_text()}")
+        self.said = line.split()[1:]
+
+
+def mariadb_leak_url(daemon: Daemon, driver: str = "pymysql") -> str:
+    from sqlalchemy.engine import make_url
+    require_database(MYSQL_URL)
+    return make_url(MYSQL_URL).set(drivername=f"mysql+{driver}").\
+        update_query_dict({"plugin": "connmon", "connmon_service": "test",
+                           "connmon_config": str(daemon.config)}).\
+        render_as_string(hide_password=False)
+
+
+def verdicts(daemon: Daemon, app: App, expected: Dict[str, str]
+             ) -> Dict[str, str]:
+    """Wait until each long holder of ``app`` (by site) reads as
+    ``expected``, the same in the process's long holders and in its row's
+    sites; return what they read last."""
+    seen: Dict[str, str] = {}
+
+    def read() -> bool:
+        row = daemon.row(app.progname, procs=True)
+        if not row or not row["procs"]:
+            return False
+        (proc,) = row["procs"]
+        seen.clear()
+        seen.update((h["site"], h["held_at"]) for h in proc["long_holders"])
+        by_site = {site["site"]: sorted(h["held_at"] for h in
+                                        site["long_holders"])
+                   for site in row["sites"]}
+        return seen == expected and by_site == {
+            site: [text] for site, text in expected.items()}
+    try:
+        wait_until(read, 30, "the long holders' verdicts")
+    except AssertionError:
+        raise AssertionError(f"long holders read {seen}, expected "
+                             f"{expected}") from None
+    return seen
+
+
+def place(app: App, marker: str, function: str, source: str) -> str:
+    return f"{app.proc.args[1]}:{line_of(marker, source)} in {function}"
+
+
+def test_leak_finder_in_plain_and_pooled_threads(tmp_path, leak_daemon):
+    """A thread that ended: thread gone.  A thread blocked in the driver:
+    held at the application's line, not pymysql's.  A pooled thread back
+    from the leaking function, running other code: leaked.  A new thread
+    with the ended one's ident: thread gone still."""
+    app = ScriptApp(tmp_path, THREADS_SCRIPT, mariadb_leak_url(leak_daemon),
+                    "threads.py", pool_size=10)
+    try:
+        assert app.said == ["True"], "the OS did not reuse the ident"
+        at = functools.partial(place, app, source=THREADS_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("ENDED-SITE", "leak_and_end"): "thread gone",
+            at("SLOW-SITE", "query_slowly"): at("SLOW-HELD", "query_slowly"),
+            at("POOLED-SITE", "leak_on_the_pool"): "leaked",
+            at("REUSED-SITE", "leak_before_reuse"): "thread gone"})
+    finally:
+        app.stop()
+
+
+@pytest.mark.parametrize("runtime", ["gevent", "eventlet"])
+def test_leak_finder_in_greenlets(tmp_path, leak_daemon, runtime):
+    """A greenlet waiting for a slow query is held at its line, however
+    long; one that ended without returning its connection is gone."""
+    source = GEVENT_SCRIPT if runtime == "gevent" else EVENTLET_SCRIPT
+    app = ScriptApp(tmp_path, source, mariadb_leak_url(leak_daemon),
+                    f"{runtime}_app.py", pool_size=10)
+    try:
+        assert app.said == ["False"]   # the slow one lives
+        at = functools.partial(place, app, source=source)
+        verdicts(leak_daemon, app, {
+            at("GREEN-SLOW-SITE", "query_slowly"): at(
+                "GREEN-SLOW-HELD", "query_slowly"),
+            at("GREEN-ENDED-SITE", "leak_and_end"): "thread gone"})
+    finally:
+        app.stop()
+
+
+def test_leak_finder_in_asyncio_tasks(tmp_path, leak_daemon):
+    """An asyncio engine's checkout sites are the awaiting coroutines'
+    lines; a task holding its connection is held at the line it awaits
+    at, a task done without returning it is gone; both name the task."""
+    app = ScriptApp(tmp_path, ASYNCIO_SCRIPT,
+                    mariadb_leak_url(leak_daemon, "aiomysql"), "tasks.py",
+                    pool_size=10)
+    try:
+        assert app.said == ["False"]
+        at = functools.partial(place, app, source=ASYNCIO_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("TASK-SITE", "handler"):
+                at("TASK-HELD", "handler") + " (task holder-1)",
+            at("TASK-ENDED-SITE", "leak_and_end"):
+                "thread gone (task leaker-1)"})
+    finally:
+        app.stop()
+
 
 
 # ---------------------------------------------------------------------------
