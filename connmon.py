@@ -2114,7 +2114,11 @@ def instrument(engine, settings: Dict[str, str]) -> None:
 
 
 def _dialect_subclass(real_cls):
-    """The real dialect, but never passing ``connmon_*`` to the driver."""
+    """The real dialect, but never passing ``connmon_*`` to the driver.
+
+    It says it comes from the real dialect's module and has its name, as
+    code keyed on those (SQLAlchemy's testing provisioning, for one)
+    expects of the dialect it is given."""
     subclass = _dialect_subclasses.get(real_cls)
     if subclass is None:
         def create_connect_args(self, url):
@@ -2124,6 +2128,8 @@ def _dialect_subclass(real_cls):
         subclass = type(real_cls.__name__ + "_connmon", (real_cls,), {
             "create_connect_args": create_connect_args,
             "supports_statement_cache": True,
+            "__module__": real_cls.__module__,
+            "name": real_cls.name,
             "__doc__": f"{real_cls.__name__} monitored by connmon.",
         })
         _dialect_subclasses[real_cls] = subclass
@@ -2155,6 +2161,8 @@ class ConnmonDialect:
 mysql_pymysql = ConnmonDialect("mysql+pymysql")
 mysql_mysqldb = ConnmonDialect("mysql+mysqldb")
 mysql_default = ConnmonDialect("mysql")
+mariadb_pymysql = ConnmonDialect("mariadb+pymysql")
+mariadb_mysqldb = ConnmonDialect("mariadb+mysqldb")
 postgresql_psycopg2 = ConnmonDialect("postgresql+psycopg2")
 postgresql_psycopg = ConnmonDialect("postgresql+psycopg")
 postgresql_default = ConnmonDialect("postgresql")
@@ -2165,6 +2173,8 @@ DIALECT_ENTRY_POINTS = {
     "mysql.pymysql_connmon": "mysql_pymysql",
     "mysql.mysqldb_connmon": "mysql_mysqldb",
     "mysql.connmon": "mysql_default",
+    "mariadb.pymysql_connmon": "mariadb_pymysql",
+    "mariadb.mysqldb_connmon": "mariadb_mysqldb",
     "postgresql.psycopg2_connmon": "postgresql_psycopg2",
     "postgresql.psycopg_connmon": "postgresql_psycopg",
     "postgresql.connmon": "postgresql_default",

@@ -3831,6 +3831,82 @@ def test_leak_finder_in_asyncio_tasks(tmp_path, leak_daemon):
 
 
 
+@pytest.mark.parametrize("name", sorted(connmon.DIALECT_ENTRY_POINTS))
+def test_dialect_classes_look_like_the_real_ones(name):
+    """Each <driver>_connmon dialect class is a subclass of the real one
+    with the real one's module and name (what SQLAlchemy's testing
+    provisioning and oslo.db key on)."""
+    from sqlalchemy.engine import make_url
+    backend, driver = name.split(".")
+    url = make_url(f"{backend}+{driver}://h/db?connmon_addr=127.0.0.1:1")
+    entry = getattr(connmon, connmon.DIALECT_ENTRY_POINTS[name])
+    ours = entry.get_dialect_cls(url)
+    real = url.set(drivername=entry.real_drivername).get_dialect()
+    assert issubclass(ours, real) and ours is not real
+    assert (ours.__module__, ours.name, ours.driver) == (
+        real.__module__, real.name, real.driver)
+    assert ours.__module__.startswith(f"sqlalchemy.dialects.")
+
+
+MARIADB_NAMES_SCRIPT = r"""
+import json, sys
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1])
+held = [engine.connect(), engine.connect()]
+version = held[0].execute(sa.text("SELECT VERSION()")).scalar()
+dialect = type(engine.dialect)
+mysqldb = sa.engine.make_url(sys.argv[1].replace("+pymysql_connmon",
+                                                 "+mysqldb_connmon"))
+real = sa.engine.make_url("mariadb+pymysql://").get_dialect()
+real_mysqldb = sa.engine.make_url("mariadb+mysqldb://").get_dialect()
+print(json.dumps([dialect.__module__ == real.__module__, engine.dialect.name,
+                  engine.dialect.is_mariadb, version,
+                  issubclass(dialect, real), issubclass(
+                      mysqldb.get_dialect(), real_mysqldb),
+                  mysqldb.get_dialect().__module__ == real_mysqldb.__module__,
+                  mysqldb.get_dialect().name]), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_mariadb_names_against_real_mariadb(tmp_path, daemon):
+    """mariadb+pymysql_connmon and mariadb+mysqldb_connmon, registered as
+    ``python connmon.py --install-entry-points`` registers them (pip does
+    the same from setup.py): the real MariaDB dialects, monitored."""
+    require_database(MYSQL_URL)
+    site = tmp_path / "site"
+    site.mkdir()
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "connmon.py"),
+         "--install-entry-points", "--target", str(site)],
+        cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True,
+        timeout=60)
+    assert result.returncode == 0, result.stderr
+    from sqlalchemy.engine import make_url
+    url = make_url(MYSQL_URL).set(
+        drivername="mariadb+pymysql_connmon").update_query_dict(
+            {"connmon_addr": daemon.address}).render_as_string(
+                hide_password=False)
+    script = tmp_path / "mariadb_names.py"
+    script.write_text(MARIADB_NAMES_SCRIPT)
+    env = dict(CHILD_ENV, PYTHONPATH=os.pathsep.join(
+        [str(site), CHILD_ENV["PYTHONPATH"]]))
+    app = subprocess.Popen([sys.executable, str(script), url], cwd=tmp_path,
+                           env=env, text=True, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = app.stdout.readline()
+        assert line, app.stderr.read()
+        same_module, name, is_mariadb, version, *rest = json.loads(line)
+        assert (same_module, name, is_mariadb) == (True, "mariadb", True)
+        assert "MariaDB" in version
+        assert rest == [True, True, True, "mariadb"]   # subclasses; mysqldb
+        daemon.wait_row("mariadb_names.py", nproc=1, conn=2, ckout=2)
+    finally:
+        app.kill()
+        app.wait(10)
+
 # ---------------------------------------------------------------------------
 # Trust boundaries: peers, impersonation, shares, hostile text
 # ---------------------------------------------------------------------------
