@@ -7,6 +7,7 @@ Run with ``python -m pytest -v test_connmon.py`` (see README.txt).
 
 from __future__ import annotations
 
+import configparser
 import functools
 import itertools
 import json
@@ -3906,6 +3907,108 @@ def test_mariadb_names_against_real_mariadb(tmp_path, daemon):
     finally:
         app.kill()
         app.wait(10)
+
+# devstack's merge of a local.conf [[post-config|...]] value into a service's
+# config file, in bash as devstack runs it (inc/meta-config's
+# merge_config_file, inc/ini-config's iniset): its awk prints
+# 'iniset FILE SECTION OPTION "VALUE"' lines that are read (without -r) and
+# eval'ed; iniset puts the value into a sed command, escaped as each era of
+# devstack escapes it.
+DEVSTACK_ESCAPES = {
+    "2025 on": r"""value=$(echo $value | sed -e 's/\\/\\\\/g' -e 's/&/\\&/g')""",
+    "2022 to 2025": r"""value=$(echo $value | sed -e 's/&/\\&/g')""",
+    "before 2022": "",
+}
+DEVSTACK_MERGE = r"""
+function iniset {
+    local file=$1 section=$2 option=$3 value=$4
+    ESCAPE
+    if ! grep -q "^\[$section\]" "$file" 2>/dev/null; then
+        echo -e "\n[$section]" >> "$file"
+    fi
+    sed -i -e "/^\[$section\]/ a\\
+$option = $value
+" "$file"
+}
+while read a; do eval "$a"; done
+"""
+
+
+def readme_devstack_connections() -> List[Tuple[str, str, str]]:
+    """(config variable, section, URL) of each connection line of the
+    README's devstack recipe."""
+    readme = pathlib.Path(HERE, "README.txt").read_text()
+    recipe = readme.split("Using with devstack\n", 1)[1].split(
+        "\nWhat must end up", 1)[0]
+    found, conf, section = [], "", ""
+    for line in recipe.splitlines():
+        line = line.strip()
+        if line.startswith("[[post-config|"):
+            conf = line[len("[[post-config|"):-2]
+        elif line.startswith("["):
+            section = line[1:-1]
+        elif line.startswith("connection ="):
+            found.append((conf, section, line.split("=", 1)[1].strip()))
+    return found
+
+
+@pytest.mark.parametrize("era", sorted(DEVSTACK_ESCAPES))
+def test_devstack_recipe_lands_as_intended(tmp_path, era):
+    r"""Every URL of the README's devstack section, merged by devstack of
+    each era (the README's "\\&" for each "&" before 2022), lands in the
+    service's config as a URL that SQLAlchemy parses to the intended
+    database, charset and connmon service."""
+    from sqlalchemy.engine import make_url
+    connections = readme_devstack_connections()
+    assert [(conf, section, make_url(url).database) for conf, section, url
+            in connections] == [
+        ("$NOVA_CONF", "database", "nova"),
+        ("$NOVA_CONF", "api_database", "nova_api"),
+        ("$NEUTRON_CONF", "database", "neutron"),
+        ("$KEYSTONE_CONF", "database", "keystone"),
+        ("$CINDER_CONF", "database", "cinder"),
+        ("$GLANCE_API_CONF", "database", "glance")]
+    script = tmp_path / "merge.sh"
+    script.write_text(DEVSTACK_MERGE.replace("ESCAPE", DEVSTACK_ESCAPES[era]))
+    for number, (conf, section, url) in enumerate(connections):
+        if era == "before 2022":
+            url = url.replace("&", "\\\\&")   # as README says for old ones
+        conf_file = tmp_path / f"{number}.conf"
+        conf_file.write_text("")
+        merged = subprocess.run(
+            ["bash", str(script)], input=f'iniset {conf_file} {section} '
+            f'connection "{url}"\n', capture_output=True, text=True,
+            timeout=30)
+        assert merged.returncode == 0, merged.stderr
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(conf_file.read_text())
+        landed = make_url(parser[section]["connection"])
+        assert landed.drivername == "mysql+pymysql_connmon"
+        assert landed.database == make_url(url).database
+        assert dict(landed.query) == {"charset": "utf8",
+                                      "connmon_service": "default"}
+        assert connmon.url_settings(landed.query) == {
+            "connmon_service": "default"}
+
+
+def test_devstack_old_escape_breaks_current_devstack(tmp_path):
+    r"""Why the recipe changed: "\\&" merged by current devstack lands as
+    "\&", and the charset becomes "utf8\"."""
+    from sqlalchemy.engine import make_url
+    script = tmp_path / "merge.sh"
+    script.write_text(DEVSTACK_MERGE.replace(
+        "ESCAPE", DEVSTACK_ESCAPES["2025 on"]))
+    conf_file = tmp_path / "nova.conf"
+    conf_file.write_text("")
+    url = ("mysql+pymysql_connmon://root:sa@127.0.0.1/nova?charset=utf8"
+           "\\\\&connmon_service=default")
+    subprocess.run(["bash", str(script)], check=True, timeout=30,
+                   input=f'iniset {conf_file} database connection "{url}"\n',
+                   text=True)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(conf_file.read_text())
+    landed = make_url(parser["database"]["connection"])
+    assert landed.query["charset"] == "utf8\\"
 
 # ---------------------------------------------------------------------------
 # Trust boundaries: peers, impersonation, shares, hostile text
