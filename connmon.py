@@ -17,10 +17,11 @@ This one file is all an application host needs.  Read top to bottom:
 Sections 1-3 use only the standard library (the daemon and the console import
 them); SQLAlchemy is imported only by section 5, when an engine asks for it.
 
-The application is never hurt by monitoring: pool event listeners only append
-a tuple to a deque; the network, DNS and every retry happen on background
-threads, and no exception from here reaches the application once
-``create_engine()`` has returned.
+The application is never hurt by monitoring: pool event listeners only queue
+the event (at a checkout, with its site and its holder); the network, DNS,
+the leak finder's looks and every retry happen on background threads, and
+no exception from here reaches the application once ``create_engine()`` has
+returned.
 """
 
 from __future__ import annotations
