@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import configparser
 import encodings.idna  # noqa: F401  (see below)
+import functools
 import hashlib
 import hmac
 import itertools
@@ -709,23 +710,32 @@ THREAD_GONE = "thread gone"
 MAX_TASK_NAME = 100
 
 
-def holder_finder(is_async: bool):
-    """The function a checkout listener calls for the current holder: the
+def holder_finder(is_async: bool) -> Tuple[Any, Any]:
+    """The functions a checkout listener calls for the current holder: the
     task on an asyncio engine, else the greenlet where green threads may
-    run (greenlet imported), else the thread."""
+    run (greenlet imported), else the thread.  The first is quick and may
+    answer None; then the second, once per thread, knows.  (A thread's
+    holder is kept in a thread-local: threading.current_thread() costs
+    twice as much, on every checkout.)"""
     if is_async:
         import asyncio
         running_loop, current_task = (asyncio.events._get_running_loop,
                                       asyncio.current_task)
-        fallback = holder_finder(False)
+        quick, fallback = holder_finder(False)
 
         def current_task_or_fallback():
             loop = running_loop()
-            return (loop and current_task(loop)) or fallback()
-        return current_task_or_fallback
+            return (loop and current_task(loop)) or quick() or fallback()
+        return current_task_or_fallback, current_task_or_fallback
     greenlet = sys.modules.get("greenlet")
     if greenlet is None:
-        return threading.current_thread
+        local = threading.local()
+
+        def first_checkout_in_thread():
+            local.thread = thread = threading.current_thread()
+            return thread
+        return (functools.partial(getattr, local, "thread", None),
+                first_checkout_in_thread)
     getcurrent, real_get_ident = greenlet.getcurrent, _real_get_ident()
 
     def current_greenlet():
@@ -733,7 +743,7 @@ def holder_finder(is_async: bool):
         if current.parent is None and current not in _thread_greenlets:
             _note_thread_greenlet(current, real_get_ident())
         return current
-    return current_greenlet
+    return current_greenlet, current_greenlet
 
 
 # A thread's main greenlet -> the thread's ident: a running greenlet's frames
@@ -2029,7 +2039,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     record = sender.events.extend
     handed = sender.handed
     clock = time.monotonic
-    current_holder = holder_finder(engine.dialect.is_async)
+    current_holder, first_holder = holder_finder(engine.dialect.is_async)
     getframe = sys._getframe
     sites = target.sites
     pool_id = next(_pool_ids)
@@ -2056,7 +2066,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
                 site, frame = checkout_site()
             if site is not None:   # see holder_verdict
                 scope = id(frame)
-                handed[ident] = who = current_holder()
+                handed[ident] = who = current_holder() or first_holder()
                 holder = id(who)
         record((CHECKOUT, ident, clock(), pool_id, site, scope, holder))
         if not sender.wake_pending:
