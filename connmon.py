@@ -753,8 +753,10 @@ _thread_greenlets: Dict[Any, int] = {}
 
 
 def _note_thread_greenlet(main_greenlet, ident: int) -> None:
-    for dead in [g for g in _thread_greenlets if g.dead]:
-        del _thread_greenlets[dead]
+    """(On an application thread: other threads may note theirs at once.)"""
+    for known in list(_thread_greenlets):
+        if known.dead:
+            _thread_greenlets.pop(known, None)
     _thread_greenlets[main_greenlet] = ident
 
 
