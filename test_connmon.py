@@ -2576,15 +2576,16 @@ def test_sites_ranked_by_connections_held(tmp_path, leak_daemon):
         app("site_a 3")
         app("site_b 5")
         script = tmp_path / "leaky.py"
-        ranked = wait_until(
-            lambda: [(s["site"], s["held"]) for s in
-                     leak_daemon.row("leaky.py")["sites"]] or None,
-            what="sites")
-        wait_until(lambda: [(s["site"], s["held"]) for s in leak_daemon.row(
-            "leaky.py")["sites"]] == [
-                (f"{script}:{line_of('SITE-B')} in site_b", 5),
-                (f"{script}:{line_of('SITE-A')} in site_a", 3)],
-            what=f"site_b (5) ranked above site_a (3); saw {ranked}")
+
+        def ranked() -> List[Tuple[str, int]]:
+            row = leak_daemon.row("leaky.py")   # None until the app says
+            return [(s["site"], s["held"]) for s in row["sites"]] if row \
+                else []
+        seen = wait_until(ranked, what="sites")
+        wait_until(lambda: ranked() == [
+            (f"{script}:{line_of('SITE-B')} in site_b", 5),
+            (f"{script}:{line_of('SITE-A')} in site_a", 3)],
+            what=f"site_b (5) ranked above site_a (3); saw {seen}")
     finally:
         app.stop()
 
