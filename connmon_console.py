@@ -87,7 +87,7 @@ def fetch_snapshot(target: Target, timeout: float = 5.0,
 # An alarm's marker, drawn just left of the number it is about, so that a
 # row that needs a look stands out without colour too.
 ABOVE = "!"        # above its threshold, or a pool exhausted
-LEAKED = "*"       # a long holder whose thread is gone: a leak for sure
+LEAKED = "*"       # a long holder leaked for sure (leaked, thread gone)
 
 # What a snapshot from a daemon that sends no "thresholds" is judged by.
 DEFAULT_THRESHOLDS = {"oldest": connmon.DEFAULT_HOLD_WARN,
@@ -107,17 +107,21 @@ oldest_above = above("oldest")
 
 
 def oldest_alarm(row: Dict[str, Any], thresholds: Dict[str, float]) -> str:
-    return LEAKED if thread_gone(row) else oldest_above(row, thresholds)
+    return LEAKED if leaked(row) else oldest_above(row, thresholds)
 
 
 def exhausted_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
     return ABOVE if row.get("exhausted") else ""
 
 
-def thread_gone(row: Dict[str, Any]) -> bool:
-    """Whether a long holder of the row's connections has lost its
-    thread (the application said "thread gone")."""
-    return any(holder.get("held_at") == "thread gone"
+LEAK_VERDICTS = ("leaked", "thread gone")   # the app's "held_at" for sure
+
+
+def leaked(row: Dict[str, Any]) -> bool:
+    """Whether the application judged a long holder of the row's
+    connections a leak for sure: "leaked" or "thread gone" (a task's
+    verdict adds its name: "leaked (task Task-12)")."""
+    return any((holder.get("held_at") or "").startswith(LEAK_VERDICTS)
                for site in row.get("sites") or ()
                for holder in site.get("long_holders", ()))
 
@@ -642,7 +646,8 @@ colours), highlighted = every pooled connection is checked out
 (ckout >= limit).  A marker left of a number needs a look:
   !  OLDEST above the apps' hold_warn_seconds, HOLD_MS above the daemon's
      hold_ms_warn, or CKOUT at the pools' limit (exhausted)
-  *  OLDEST: a long holder whose thread has ended (a leak for sure)
+  *  OLDEST: a long holder leaked for sure (HELD AT "leaked" or
+     "thread gone")
 OLDEST: age in seconds of the longest checked-out connection.
 HOLD_MS: mean checkout hold time over the last second.
 MAX*: the highest values since the time in the header (c clears them).

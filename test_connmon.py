@@ -4101,10 +4101,10 @@ def openstack_fleet(daemon: Daemon) -> Dict[Tuple[str, str], "SyntheticApp"]:
             app.event(connmon.CONNECT, conn, 1)
         now = time.monotonic()
         app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
-                         1, None, None) for conn in range(1, out + 1)])
+                         1, None, None, None) for conn in range(1, out + 1)])
         if prog == "nova-conductor":
             app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
-            app.state.holders[1] = (7, None)
+            app.state.holders[1] = (7, None, None)
             app.state.held_at[1] = "thread gone"
         app.send()
         fleet[host, prog] = app
@@ -4324,8 +4324,8 @@ def test_console_thresholds_marked_with_and_without_colour(tmp_path,
             while not stop.wait(0.2):
                 now = time.monotonic()
                 slow.state.fold([
-                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None),
-                    (connmon.CHECKIN, 1, now, None, None, None)])
+                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None, None),
+                    (connmon.CHECKIN, 1, now, None, None, None, None)])
                 slow.send()
         threading.Thread(target=slow_queries, daemon=True).start()
         for env in ({}, {"TERM": "vt100"}):
