@@ -65,6 +65,26 @@ class Target:
                                        security=self.security)
 
 
+def escaped(value: Any) -> Any:
+    """``value`` (a snapshot) with every text made safe to print: the
+    daemon refuses control characters at its door, and this is the second
+    line of defence, against an older or a broken daemon."""
+    if isinstance(value, str):
+        return connmon.printable(value)
+    if isinstance(value, list):
+        return [escaped(item) for item in value]
+    if isinstance(value, dict):
+        return {key: escaped(item) for key, item in value.items()}
+    return value
+
+
+def trimmed_text(snapshot: Dict[str, Any]) -> str:
+    """The mark of a snapshot the daemon had to trim to fit its reply."""
+    trimmed = snapshot.get("trimmed")
+    return (f"TRIMMED: {trimmed} rows not shown (the reply would be too "
+            "large)" if trimmed else "")
+
+
 def fetch_snapshot(target: Target, timeout: float = 5.0,
                    procs: bool = False) -> Dict[str, Any]:
     conn = target.connect(timeout)
@@ -246,6 +266,8 @@ def format_table(snapshot: Dict[str, Any]) -> str:
     layout = natural(COLUMNS, snapshot["rows"])
     lines = [f"connmon: service {snapshot['service']} node {snapshot['node']}"]
     lines += summary_lines(snapshot)
+    if trimmed_text(snapshot):
+        lines.append(trimmed_text(snapshot))
     lines.append("")
     lines.append(headings(layout).rstrip())
     marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)"}
@@ -342,7 +364,8 @@ class Feed:
                 self._sleep()
                 continue
             del snapshot["op"]
-            self._publish(snapshot=snapshot, state="connected", error="",
+            self._publish(snapshot=escaped(snapshot), state="connected",
+                          error="",
                           attached_to=address)
             self._sleep()
         if conn is not None:
@@ -703,6 +726,8 @@ class Console:
                  f"every {self.interval:g}s"]
         if self.paused:
             parts.append("PAUSED")
+        if self.picture is not None and trimmed_text(self.picture):
+            parts.append(trimmed_text(self.picture))
         return f" {self.glyphs['dash']} ".join(parts)
 
     def row_attr(self, row: Dict[str, Any], selected: bool) -> int:
@@ -1137,7 +1162,7 @@ def main(argv: Optional[list] = None) -> int:
         json.dump(snapshot, sys.stdout, indent=1)
         print()
     else:
-        print(format_table(snapshot))
+        print(format_table(escaped(snapshot)))
     return 0
 
 
