@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import configparser
+import copy
 import encodings.idna  # noqa: F401  (see below)
 import hashlib
 import heapq
@@ -768,6 +769,7 @@ class ProcessState:
         self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
         self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
         self._held_texts: Dict[str, str] = {}  # daemon side: each text once
+        self._site_holders: Dict[int, tuple] = {}  # ... each holder once
         self.reset_counters()
 
     @property
@@ -916,6 +918,18 @@ class ProcessState:
             message["pools"] = [[p, limit] for p, limit in self.pools.items()]
         return message
 
+    def frozen(self) -> "ProcessState":
+        """A copy for the daemon's snapshot, built from it outside the
+        daemon's lock: the tables a snapshot walks are copied (in C),
+        the ones it only looks up in are shared."""
+        twin = ProcessState.__new__(ProcessState)
+        twin.__dict__.update(self.__dict__)
+        twin.conns = self.conns.copy()
+        twin.checked_out = self.checked_out.copy()
+        twin.pools = self.pools.copy()
+        twin.held_at = self.held_at.copy()
+        return twin
+
     def copy(self) -> "ProcessState":
         """A copy of the connections and pools (what was sent)."""
         twin = ProcessState(self.ident, self.hostname, self.progname,
@@ -966,7 +980,7 @@ class ProcessState:
         if message["op"] == "state":
             for table in (self.conns, self.checked_out, self.pools,
                           self.holders, self.site_names, self.held_at,
-                          self._held_texts):
+                          self._held_texts, self._site_holders):
                 table.clear()
         if pools is not None:
             self.pools = dict(pools)
@@ -988,8 +1002,10 @@ class ProcessState:
         room = MAX_SITES - len(self.site_names)
         self.site_names.update(sites[:max(0, room)])
         for ident, site in checkout_sites:
-            if ident in self.checked_out:
-                self.holders[ident] = (site, None)
+            # A named site only, each (site, None) once: bounded bytes.
+            if ident in self.checked_out and site in self.site_names:
+                self.holders[ident] = self._site_holders.setdefault(
+                    site, (site, None))
         for ident, text in held_at:
             if ident in self.checked_out:
                 self.held_at[ident] = self._held_text(text)
@@ -1177,6 +1193,13 @@ class ProgramRow:
     def clear_maxima(self) -> None:
         self.maxnproc, self.maxconn, self.maxckout = (
             self.nproc, self.conn, self.ckout)
+
+    def frozen(self) -> "ProgramRow":
+        twin = ProgramRow.__new__(ProgramRow)
+        twin.__dict__.update(self.__dict__)
+        twin.checkouts, twin.holds = (copy.copy(self.checkouts),
+                                      copy.copy(self.holds))
+        return twin
 
 
 class Picture:
@@ -1414,6 +1437,17 @@ class Picture:
                                               len(self.processes))
         self.max_connections, self.max_checkouts = (self.connections,
                                                     self.checkouts)
+
+    def frozen(self) -> "Picture":
+        """A copy to build a snapshot from while this picture goes on
+        changing: taking it costs the daemon's lock a few dict copies a
+        process, whatever the process's checkouts and sites."""
+        twin = copy.copy(self)
+        twin.processes = {ident: proc.frozen()
+                          for ident, proc in self.processes.items()}
+        twin.rows = {key: row.frozen() for key, row in self.rows.items()}
+        twin.host_nproc = self.host_nproc.copy()
+        return twin
 
     def snapshot(self, now: float, procs: bool = False) -> Dict[str, Any]:
         """The JSON snapshot of DESIGN.md (without "service" and "node").

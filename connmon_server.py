@@ -373,11 +373,12 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         self.shutdown_request(request)
 
     def snapshot(self, procs: bool = False) -> Dict[str, Any]:
+        """The picture now; built outside the lock, from a copy."""
         with self.lock:
-            snapshot = self.picture.snapshot(time.monotonic(), procs)
+            picture, now = self.picture.frozen(), time.monotonic()
             peers = self.cluster.status()
         return {"service": self.service.name, "node": self.node.name,
-                "peers": peers, **snapshot}
+                "peers": peers, **picture.snapshot(now, procs)}
 
     def snapshot_reply(self, procs: bool) -> bytes:
         """The snapshot as one reply line, trimmed to fit the reply limit
