@@ -1304,15 +1304,23 @@ class Picture:
         self._add(proc, 1)
         return True
 
+    def taken(self, ident: str) -> Optional[str]:
+        """Why an app may not attach process ``ident`` now, if it may not:
+        another live connection, to any node, has it."""
+        live = self.processes.get(ident)
+        if live is None:
+            return None
+        return (f"process id {ident!r} is attached by another live "
+                f"connection (to node {live.origin}); try again later")
+
     def attach_own(self, proc: ProcessState) -> Optional[str]:
         """An app's hello on a live connection to this node: news of now,
         so no tombstone refuses it (its session goes past any known one);
         refused, with the reason, only while another live connection, to
         any node, has the process."""
-        live = self.processes.get(proc.ident)
-        if live is not None:
-            return (f"process id {proc.ident!r} is attached by another live "
-                    f"connection (to node {live.origin}); try again later")
+        taken = self.taken(proc.ident)
+        if taken is not None:
+            return taken
         proc.session = max(proc.session,
                            self.tombstones.get(proc.ident, -1) + 1)
         self.attach(proc, self.node)

@@ -155,39 +155,36 @@ class Role(NamedTuple):
 
     name: str
     requests: FrozenSet[str]   # the ops it may send after its hello
-    answers_pings: bool        # a pong for each ping (peers just read)
 
 
 # The powers of each role, all of them.  An app changes only the process
 # its own connection attached (its hello's, then "update"s of it); a
 # console reads, and may clear maxima; a peer (one of the service's other
 # nodes, from that node's address, with the peer credential) tells of the
-# processes attached to it and of the maxima.
+# processes attached to it and of the maxima.  Everyone pings.
 ROLES = {
-    "app": Role("app", frozenset({"update", "ping"}), True),
-    "console": Role("console", frozenset({"snapshot", "clear_maxima",
-                                          "ping"}), True),
+    "app": Role("app", frozenset({"update"})),
+    "console": Role("console", frozenset({"snapshot", "clear_maxima"})),
     "peer": Role("peer", frozenset({"attach", "forward", "detach", "maxima",
-                                    "clear_maxima", "ping"}), False),
+                                    "clear_maxima", "pong"})),
 }
 
 
-def requests(rfile, role: Role, reply=None) -> Iterator[Dict[str, Any]]:
+def requests(rfile, role: Role, reply) -> Iterator[Dict[str, Any]]:
     """The messages a client of ``role`` sends, until it hangs up; any op
-    its role may not send is a ProtocolError.  Pings are answered with
-    ``reply`` (apps and consoles) and not passed on."""
+    its role may not send is a ProtocolError.  Pings are answered with a
+    pong through ``reply``, and pongs dropped."""
     while True:
         message = read_message(rfile)
         if message is None:
             return
         op = message["op"]
-        if op not in role.requests:
-            raise ProtocolError(f"a {role.name} may not send {op!r}")
         if op == "ping":
-            if role.answers_pings:
-                reply(PONG)
-            continue
-        yield message
+            reply(PONG)
+        elif op not in role.requests:
+            raise ProtocolError(f"a {role.name} may not send {op!r}")
+        elif op != "pong":
+            yield message
 
 
 class Ticket:
@@ -218,9 +215,9 @@ class Door:
         self.waiting: collections.Counter = collections.Counter()
         self.admitted: collections.Counter = collections.Counter()
         others = len(server.service.nodes) - 1
-        # A new link may replace an old one that has not ended yet.
+        # New links may come while old ones have not quite ended.
         self.room = {"app": server.max_clients, "console": CONSOLE_ROOM,
-                     "peer": 2 * others}
+                     "peer": 4 * others}
 
     @property
     def most_clients(self) -> int:
@@ -275,6 +272,12 @@ class Door:
         ticket = self.tickets[request]
         if role.name == "peer":
             self.server.cluster.check_peer(hello, ticket.host)
+        elif role.name == "app":   # its process is no other connection's
+            proc = process_from(hello.get("proc"), connmon.MAX_SESSION)
+            with self.server.lock:
+                taken = self.server.picture.taken(proc.ident)
+            if taken is not None:
+                raise ProtocolError(taken)
         with self.lock:
             if self.admitted[role.name] >= self.room[role.name]:
                 raise ProtocolError(self.full(role.name))
@@ -777,7 +780,7 @@ class PeerLink:
                 self.ready.notify()
         log.info("peer %s: link up", origin)
         try:
-            for message in requests(rfile, ROLES["peer"]):
+            for message in requests(rfile, ROLES["peer"], self.enqueue):
                 with server.lock:
                     if self.generation != generation:
                         break   # replaced: only the new link's news counts
