@@ -288,7 +288,7 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20     # the most a client may send in one message
 MAX_REPLY_BYTES = 64 << 20      # the most a snapshot reply may be
 MAX_NAME = 255                  # longest process id, hostname, progname
-MAX_LOCATION = 300              # longest checkout site or held-at text
+MAX_LOCATION = MAX_NAME         # longest checkout site or held-at text
 MAX_SESSION = 1 << 32           # an app's session claim is below this
 DEFAULT_HEARTBEAT = 30.0        # seconds of silence that lose a peer
 MIN_HEARTBEAT, MAX_HEARTBEAT = 1.0, 3600.0
@@ -1007,7 +1007,8 @@ class ProcessState:
                 self.holders[ident] = self._site_holders.setdefault(
                     site, (site, None))
         for ident, text in held_at:
-            if ident in self.checked_out:
+            if ident in self.checked_out and (
+                    ident in self.held_at or len(self.held_at) < MAX_SITES):
                 self.held_at[ident] = self._held_text(text)
         self.max_conns = max(self.max_conns, peak[0], len(self.conns))
         self.max_checked_out = max(self.max_checked_out, peak[1],
@@ -1068,7 +1069,8 @@ class ProcessState:
         return sum(self.pools.values())
 
 
-MAX_SITES = 1000   # checkout sites the daemon keeps names of, per process
+MAX_SITES = 1000   # checkout sites the daemon keeps names of, per process,
+#                    and long holders it keeps the places of
 NOT_KEPT = "(place not kept: too many)"   # past MAX_SITES held-at texts
 
 

@@ -4104,7 +4104,7 @@ def test_trust_hostile_clients_at_every_cap_cannot_blind_consoles(
         once = console("-H", daemon.address)
         assert once.returncode == 0, once.stderr
         print(f"daemon RSS per client at every cap: {per_client:.0f} kB")
-        assert per_client < 6 * 1024   # 4 MiB of state; allocator slack
+        assert per_client <= 4 * 1024   # README: at most 4 MiB a client
         honest("release 1")
         daemon.wait_row("honest.py", nproc=1, conn=2, ckout=1)
     finally:
@@ -4498,11 +4498,11 @@ def test_fuzz_peer_role_and_nested_messages(tmp_path, apps):
 
         throw()
         assert thrower.thrown >= 800 and thrower.refused >= 80
-        honest("release 1")
-        daemon.wait_row("honest_fuzz.py", nproc=1, conn=2, ckout=1)
+        honest("release 1")   # (the queries left a third one pooled)
+        daemon.wait_row("honest_fuzz.py", nproc=1, conn=3, ckout=1)
         snapshot = daemon.snapshot()
         assert (snapshot["processes"], snapshot["connections"],
-                snapshot["checkouts"]) == (1, 2, 1), snapshot
+                snapshot["checkouts"]) == (1, 3, 1), snapshot
         text = daemon.log.read_text()
         assert "Traceback" not in text
         assert text.count("cutting the link") < 60
