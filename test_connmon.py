@@ -3633,12 +3633,13 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
     sock, rfile = thrower.hello("app")
     with sock:
         sock.sendall(connmon.encode({
-            "op": "update", "connect": [[i, 1] for i in range(10001)],
+            "op": "update", "connect": [
+                [i, 1] for i in range(connmon.MAX_PROCESS_CONNECTIONS + 1)],
             "close": [], "checkout": [], "checkin": [], "checkouts": 0,
             "hold": [0, 0], "peak": [0, 0]}))
         assert connmon.read_message(rfile) == {
             "op": "error",
-            "error": "more than 10000 connections in one process"}
+            "error": "more than 5000 connections in one process"}
     # The rows of programs that are gone make room for new ones.
     monkeypatch.setattr(connmon, "MAX_ROWS", 5)
     picture = connmon.Picture()
@@ -4059,7 +4060,7 @@ def test_trust_no_client_replaces_or_erases_another(tmp_path, apps):
 
 
 def hostile_at_caps(port: int, n: int) -> tuple:
-    """A raw app at every cap: 10000 connections all checked out, 1000
+    """A raw app at every cap: 5000 connections all checked out, 1000
     checkout sites and held-at places of the longest text allowed."""
     def place(kind: str, i: int) -> str:
         return (f"/{kind}/{i:04d}/" + "x" * connmon.MAX_LOCATION
@@ -4091,7 +4092,8 @@ def test_trust_hostile_clients_at_every_cap_cannot_blind_consoles(
         per_client = (status_kib(daemon.proc.pid, "VmRSS")
                       - rss_before) / len(hostile)
         snapshot = daemon.snapshot(procs=True)
-        assert snapshot["connections"] == 2 + 4 * 10000
+        assert snapshot["connections"] == (
+            2 + 4 * connmon.MAX_PROCESS_CONNECTIONS)
         row = daemon.wait_row("honest.py", nproc=1, conn=2, ckout=2)
         assert row["connected"]
         for n in range(4):
