@@ -916,8 +916,10 @@ def _mass_clients(port: int, clients: int, pipe) -> None:
                             "checkouts": 0, "hold": [0, 0], "peak": [1, 1],
                             "pools": [[1, 5]]})
     socks = []
-    for n in range(clients):
-        sock = socket.create_connection(("127.0.0.1", port), 60)
+    for n in range(clients):   # from 200 hosts (loopback addresses)
+        sock = socket.create_connection(
+            ("127.0.0.1", port), 60,
+            source_address=(f"127.0.0.{n % 200 + 2}", 0))
         sock.sendall(connmon.encode({
             "op": "hello", "version": 1, "role": "app", "proc": {
                 "id": f"mass-{n}", "hostname": f"host{n % 200}",
@@ -947,11 +949,16 @@ def bench_disconnect(quick: bool) -> None:
             if not here.poll(600):
                 raise RuntimeError("the clients did not open")
             here.recv()
-            deadline = time.monotonic() + 120
-            while snapshot(daemon.port)["processes"] < clients:
+            deadline = time.monotonic() + 300
+            attached = 0
+            while attached < clients:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the clients did not attach")
-                time.sleep(0.2)
+                    raise RuntimeError(f"only {attached} clients attached")
+                time.sleep(0.5)
+                try:
+                    attached = snapshot(daemon.port)["processes"]
+                except OSError:   # still accepting the others
+                    pass
             rss = daemon_rss_mb(daemon.proc.pid)
             console = connmon.open_connection([("127.0.0.1", daemon.port)],
                                               "console", timeout=60)

@@ -60,6 +60,7 @@ MAX_WAITING_PER_ADDRESS = 64  # ... and from one source address
 CONSOLE_ROOM = 64         # consoles served beside max_clients apps
 MAXIMA_INTERVAL = 5.0     # seconds between two maxima sent to each peer
 ACCEPT_BACKOFF_MAX = 1.0  # seconds the accept loop rests, out of files
+SWITCH_INTERVAL = 0.5     # seconds a busy thread runs before others may
 
 
 class ProblemLog:
@@ -314,6 +315,7 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
             service, "max_clients", DEFAULT_MAX_CLIENTS, 1, 1 << 20))
         self.door = Door(self)
         self.cluster = Cluster(self)
+        self.departures = Departures(self)
         self.accept_backoff = 0.0   # > 0 while out of file descriptors
         if ":" in node.bind[0]:
             self.address_family = socket.AF_INET6
@@ -393,6 +395,40 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         return {"op": "welcome", "version": connmon.PROTOCOL_VERSION,
                 "service": self.service.name, "node": self.node.name,
                 "nonce": nonce, "heartbeat": self.heartbeat}
+
+
+class Departures:
+    """The processes whose connection ended, taken out of the picture by
+    one thread, in batches: when thousands of clients drop at once, their
+    handler threads do not queue for the state lock, and consoles are not
+    queued behind them."""
+
+    BATCH = 500   # departures a hold of the state lock
+
+    def __init__(self, server: "ConnmonServer"):
+        self.server = server
+        self.queue: collections.deque = collections.deque()
+        self.wake = threading.Event()
+        threading.Thread(target=self._run, daemon=True,
+                         name="departures").start()
+
+    def add(self, ident: str, session: int) -> None:
+        self.queue.append((ident, session))
+        self.wake.set()
+
+    def _run(self) -> None:
+        server, queue = self.server, self.queue
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            while queue:
+                with server.lock:
+                    for _ in range(min(self.BATCH, len(queue))):
+                        ident, session = queue.popleft()
+                        if server.picture.detach(ident, session):
+                            server.cluster.broadcast({
+                                "op": "detach", "id": ident,
+                                "session": session})
 
 
 PING = {"op": "ping"}
@@ -516,10 +552,7 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
                                  "announced; ignored", self.peer, name,
                                  unknown)
         finally:
-            with lock:
-                if picture.detach(proc.ident, proc.session):
-                    cluster.broadcast({"op": "detach", "id": proc.ident,
-                                       "session": proc.session})
+            self.server.departures.add(proc.ident, proc.session)
             log.info("%s: app %s disconnected", self.peer, name)
 
     # -- consoles -------------------------------------------------------------
@@ -1343,6 +1376,10 @@ def main(argv: Optional[list] = None) -> int:
         threading.Thread(target=CsvDump(server, options).run, daemon=True,
                          name="connmond-csv").start()
     raise_file_limit(server.door.most_clients)
+    # Thousands of handler threads wake at once when clients drop; a
+    # thread building a snapshot keeps the interpreter for longer slices,
+    # so consoles are served meanwhile (the others mostly wait on I/O).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     log.info("connmond %s: service %r %s", connmon.__version__,
              service.name, describe(node, options))
