@@ -6,6 +6,11 @@ carries its pool state; when it closes, the process leaves the current
 counts at once (its host+program row stays, with its maxima).  A console's
 connection asks for snapshots.
 
+Every client passes the ``Door``, the one place where roles are checked:
+what it may do is its ``Role`` in ``ROLES``; texts are checked where they
+enter (``connmon.is_text``), and what one client can make the daemon hold
+is bounded (see README.txt, Security).
+
 With several nodes in the service, every node links to every other node
 (full mesh, one link a pair, dialled by the node whose name sorts first)
 and forwards what its own applications say; each node holds the whole

@@ -3801,6 +3801,18 @@ def peer_link(node: Daemon, source: str = "127.0.0.3") -> Optional[tuple]:
     return None
 
 
+def app_holding(apps, tmp_path, nodes: List[Daemon], progname: str,
+                held: int) -> "App":
+    """A real app attached to the first of ``nodes``, holding ``held``
+    connections, once every node shows them."""
+    app = apps(sqlite_app_url(tmp_path, f"connmon_addr={nodes[0].address}"),
+               progname)
+    app(f"hold {held}")
+    for node in nodes:
+        node.wait_row(progname, nproc=1, conn=held, ckout=held)
+    return app
+
+
 def test_trust_single_node_accepts_no_peer(daemon, apps, tmp_path):
     app = apps(sqlite_app_url(tmp_path, f"connmon_addr={daemon.address}"),
                "victim.py")
@@ -3818,11 +3830,7 @@ def test_trust_peer_only_a_configured_node_from_its_address(tmp_path, apps):
     node1, node2 = two.nodes
     try:
         wait_until(two.linked, 20, "the link")
-        app = apps(sqlite_app_url(tmp_path, f"connmon_addr={node1.address}"),
-                   "victim.py")
-        app("hold 3")
-        for node in two.nodes:
-            node.wait_row("victim.py", nproc=1, conn=3, ckout=3)
+        app = app_holding(apps, tmp_path, two.nodes, "victim.py", 3)
         port = node1.port
         host = node1.host
         assert refusal(port, "peer", host=host, service="test",
@@ -4138,11 +4146,8 @@ def test_trust_too_large_snapshot_is_trimmed_not_refused(tmp_path, apps):
     daemon = SmallReplyDaemon(tmp_path)
     clients = []
     try:
-        honest = apps(sqlite_app_url(tmp_path,
-                                     f"connmon_addr={daemon.address}"),
-                      "honest.py")
-        honest("hold 3")
-        daemon.wait_row("honest.py", nproc=1, conn=3, ckout=3)
+        honest = app_holding(apps, tmp_path, [daemon], "honest.py",
+                             3)
         for n in range(100):   # rows of long names, one connection each
             clients.append(app_attached(daemon.port, f"filler-{n}",
                                         f"{n:03d}" + "f" * 200, 1,
@@ -4198,11 +4203,7 @@ def test_trust_silent_flood_leaves_room_for_apps_consoles_and_peers(
         node2.stop()
         node2.start()
         wait_until(two.linked, 20, "the link re-made during the flood")
-        app = apps(sqlite_app_url(tmp_path, f"connmon_addr={node1.address}"),
-                   "honest.py")
-        app("hold 2")
-        for node in two.nodes:
-            node.wait_row("honest.py", nproc=1, conn=2, ckout=2)
+        app_holding(apps, tmp_path, two.nodes, "honest.py", 2)
         assert refusal(node1.port, "app", host=node1.host, **proc_fields(
             "fourth", "fourth.py")) == ("too many connections (max_clients "
                                         "is 3)")
@@ -4279,11 +4280,8 @@ def test_trust_client_text_is_checked_at_the_door(tmp_path, apps):
     daemon = Daemon(tmp_path, extra_config=(
         f"metrics_port: {port}\ncsv_dump: {csv_path}\ncsv_interval: 0.2\n"))
     try:
-        honest = apps(sqlite_app_url(tmp_path,
-                                     f"connmon_addr={daemon.address}"),
-                      "honest.py")
-        honest("hold 1")
-        daemon.wait_row("honest.py", nproc=1, conn=1, ckout=1)
+        honest = app_holding(apps, tmp_path, [daemon], "honest.py",
+                             1)
         refused = 0
         for n, text in enumerate(HOSTILE_TEXTS):
             names = {"hostname": "h", "progname": f"p{n}.py"}
@@ -4337,11 +4335,8 @@ def test_trust_bad_peer_messages_are_problem_lines_not_stoppers(
                               "\ncsv_interval: 0.2\n"), started=1)
     (node1,) = two.nodes
     try:
-        honest = apps(sqlite_app_url(tmp_path,
-                                     f"connmon_addr={node1.address}"),
-                      "honest.py")
-        honest("hold 2")
-        node1.wait_row("honest.py", nproc=1, conn=2, ckout=2)
+        honest = app_holding(apps, tmp_path, [node1], "honest.py",
+                             2)
         row = ["h", "p", 1, 1, 1]
         bad = [{"op": "maxima", "rows": [["\ud800", "p", 1, 1, 1]],
                 "totals": [1, 1, 1, 1]},
