@@ -65,7 +65,8 @@ MAX_WAITING_PER_ADDRESS = 64  # ... and from one source address
 CONSOLE_ROOM = 64         # consoles served beside max_clients apps
 MAXIMA_INTERVAL = 5.0     # seconds between two maxima sent to each peer
 ACCEPT_BACKOFF_MAX = 1.0  # seconds the accept loop rests, out of files
-SWITCH_INTERVAL = 0.5     # seconds a busy thread runs before others may
+STORM = 200               # departures waiting that make a storm
+STORM_SWITCH_INTERVAL = 0.5   # seconds a thread runs on, during one
 
 
 class ProblemLog:
@@ -406,7 +407,14 @@ class Departures:
     """The processes whose connection ended, taken out of the picture by
     one thread, in batches: when thousands of clients drop at once, their
     handler threads do not queue for the state lock, and consoles are not
-    queued behind them."""
+    queued behind them.
+
+    During such a storm (STORM departures waiting), threads switch every
+    STORM_SWITCH_INTERVAL instead of every 5 ms: thousands of threads
+    woken at once otherwise spend the machine handing the interpreter to
+    each other, and a console's snapshot waits for all of them.  The
+    usual interval is back once the storm is over.
+    """
 
     BATCH = 500   # departures a hold of the state lock
 
@@ -419,12 +427,17 @@ class Departures:
 
     def add(self, ident: str, session: int) -> None:
         self.queue.append((ident, session))
+        if len(self.queue) >= STORM:
+            sys.setswitchinterval(STORM_SWITCH_INTERVAL)
         self.wake.set()
 
     def _run(self) -> None:
         server, queue = self.server, self.queue
+        usual = sys.getswitchinterval()
         while True:
-            self.wake.wait()
+            if not self.wake.wait(1.0):
+                sys.setswitchinterval(usual)   # a second without any
+                continue
             self.wake.clear()
             while queue:
                 with server.lock:
@@ -1381,10 +1394,6 @@ def main(argv: Optional[list] = None) -> int:
         threading.Thread(target=CsvDump(server, options).run, daemon=True,
                          name="connmond-csv").start()
     raise_file_limit(server.door.most_clients)
-    # Thousands of handler threads wake at once when clients drop; a
-    # thread building a snapshot keeps the interpreter for longer slices,
-    # so consoles are served meanwhile (the others mostly wait on I/O).
-    sys.setswitchinterval(SWITCH_INTERVAL)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     log.info("connmond %s: service %r %s", connmon.__version__,
              service.name, describe(node, options))
