@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import collections
 import configparser
+import copy
 import difflib
 import encodings.idna  # noqa: F401  (see below)
 import functools
 import hashlib
+import heapq
 import hmac
 import itertools
 import json
@@ -443,6 +445,9 @@ def candidate_addresses(service: Service,
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20     # the most a client may send in one message
 MAX_REPLY_BYTES = 64 << 20      # the most a snapshot reply may be
+MAX_NAME = 255                  # longest process id, hostname, progname
+MAX_LOCATION = MAX_NAME         # longest checkout site or held-at text
+MAX_SESSION = 1 << 32           # an app's session claim is below this
 DEFAULT_HEARTBEAT = 30.0        # seconds of silence that lose a peer
 MIN_HEARTBEAT, MAX_HEARTBEAT = 1.0, 3600.0
 MAX_SECRET_BYTES = 4096
@@ -455,6 +460,29 @@ class ProtocolError(Exception):
 class NotConnmond(OSError):
     """Something answers at the address, but it is not connmond (a
     database server, a web server...): retrying soon will not help."""
+
+
+def is_text(value: Any, limit: int) -> bool:
+    """Whether a client's text may enter: a string of 1 to ``limit``
+    printable characters (no control or format characters, no lone
+    surrogates), so that it can reach a terminal, a CSV file or /metrics
+    as it is."""
+    return (isinstance(value, str) and 0 < len(value) <= limit
+            and value.isprintable())
+
+
+def printable(text: str, limit: int = 0) -> str:
+    """``text`` made fit to enter (see ``is_text``) or to be printed:
+    every character a terminal would act on written as its Python
+    escape, and, with ``limit``, cut to that many characters keeping the
+    end (where a location's line and function are)."""
+    if not text.isprintable():
+        text = "".join(char if char.isprintable() else char.encode(
+            "unicode_escape", "backslashreplace").decode("ascii")
+                       for char in text)
+    if limit and len(text) > limit:
+        text = "..." + text[len(text) - limit + 3:]
+    return text
 
 
 class AuthError(ProtocolError):
@@ -493,6 +521,16 @@ def read_secret(path: str) -> bytes:
     return secret
 
 
+def _option_secret(options: Dict[str, str], name: str,
+                   path: Optional[str] = None) -> Optional[bytes]:
+    """The secret of ``NAME_file`` (or ``path``), else of ``NAME`` itself
+    written in the config, else None."""
+    path = path or options.get(name + "_file")
+    if path:
+        return read_secret(path)
+    return options.get(name, "").encode() or None
+
+
 class Security:
     """A service's shared secret and TLS files: what a client proves in
     its hello and how every connection to the service is protected.
@@ -505,23 +543,39 @@ class Security:
     """
 
     def __init__(self, secret: Optional[bytes] = None,
-                 tls: Optional[Dict[str, str]] = None, source: str = ""):
+                 tls: Optional[Dict[str, str]] = None, source: str = "",
+                 peer_secret: Optional[bytes] = None):
         self.secret = secret
+        self.peer_secret = peer_secret
         self.tls = dict(tls or {})
         self.source = source
         self._client_context: Optional[ssl.SSLContext] = None
 
     @classmethod
-    def of_service(cls, service: "Service",
-                   secret_file: Optional[str] = None) -> "Security":
-        """The service's settings; ``secret_file`` overrides its secret."""
+    def of_service(cls, service: "Service", secret_file: Optional[str] = None,
+                   daemon: bool = False) -> "Security":
+        """The service's settings; ``secret_file`` overrides its secret.
+
+        Only the daemon (``daemon``) reads the peer credential, which the
+        nodes of a service prove to each other: app hosts do not hold it.
+        A service of several nodes whose apps have a secret needs one,
+        else any app host could pose as a node.
+        """
         options = service.options
-        secret_file = secret_file or options.get("auth_secret_file")
         try:
-            secret = (read_secret(secret_file) if secret_file else
-                      options.get("auth_secret", "").encode() or None)
+            secret = _option_secret(options, "auth_secret", secret_file)
+            peer_secret = (_option_secret(options, "peer_secret")
+                           if daemon else None)
         except ConfigError as err:
             raise ConfigError(f"{service.source}: {err}") from None
+        if daemon and len(service.nodes) > 1 and secret is not None and (
+                peer_secret is None or peer_secret == secret):
+            raise ConfigError(
+                f"{service.source}: a service of several nodes with an "
+                "apps' secret (auth_secret_file) needs peer_secret_file "
+                "too, a different secret that only the nodes can read: "
+                "with the apps' secret alone any app host could pose as a "
+                "node")
         tls = {key: value for key, value in options.items()
                if key.startswith("ssl_")}
         for key in tls:
@@ -529,7 +583,12 @@ class Security:
                 raise ConfigError(f"{service.source}: unknown option {key!r}"
                                   "; TLS options are " + ", ".join(
                                       TLS_OPTIONS))
-        return cls(secret, tls, service.source)
+        return cls(secret, tls, service.source, peer_secret)
+
+    def secret_for(self, role: str) -> Optional[bytes]:
+        """What a hello of ``role`` proves: nodes their own credential,
+        everyone else the apps' secret."""
+        return self.peer_secret if role == "peer" else self.secret
 
     @property
     def key(self) -> tuple:
@@ -581,13 +640,14 @@ class Security:
 
     def proof(self, welcome: Dict[str, Any], role: str) -> Dict[str, str]:
         """The hello's "auth" field for this welcome, if we have a secret."""
-        if self.secret is None:
+        secret = self.secret_for(role)
+        if secret is None:
             return {}
         nonce = welcome.get("nonce")
         if not isinstance(nonce, str) or not nonce:
             raise ProtocolError("the daemon sent no nonce to authenticate "
                                 "with (is it older than this client?)")
-        return {"auth": hello_proof(self.secret, nonce, role)}
+        return {"auth": hello_proof(secret, nonce, role)}
 
 
 def encode(message: Dict[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
@@ -667,9 +727,11 @@ class Connection:
 def open_connection(addresses: Iterable[Address], role: str,
                     timeout: float = 5.0,
                     security: Optional[Security] = None,
+                    source: Optional[str] = None,
                     **hello: Any) -> Connection:
     """Connect to the first address that answers and do the handshake
-    (TLS and the secret's proof as ``security`` says).
+    (TLS and the secret's proof as ``security`` says), from the local
+    address ``source`` if given.
 
     Raises OSError naming every address tried when none works.
     """
@@ -677,7 +739,9 @@ def open_connection(addresses: Iterable[Address], role: str,
     failures = []
     for address in addresses:
         try:
-            sock = socket.create_connection(address, timeout=timeout)
+            sock = socket.create_connection(
+                address, timeout=timeout,
+                source_address=(source, 0) if source else None)
         except OSError as err:
             failures.append((f"{format_address(address)}: {err}", err))
             continue
@@ -802,8 +866,9 @@ def _is_internal(code) -> bool:
 
 
 def describe_code(code, line: int) -> str:
-    return (f"{code.co_filename}:{line} in "
-            f"{getattr(code, 'co_qualname', code.co_name)}")
+    return printable(f"{code.co_filename}:{line} in "
+                     f"{getattr(code, 'co_qualname', code.co_name)}",
+                     MAX_LOCATION)
 
 
 def line_at(code, offset: int) -> int:
@@ -989,7 +1054,8 @@ def holder_stack(holder) -> Tuple[bool, Optional[List[Any]], str]:
             return True, None, ""
         return False, _frames_out(frame), ""
     if hasattr(holder, "get_coro"):   # an asyncio task
-        label = f" (task {str(holder.get_name())[:MAX_TASK_NAME]})"
+        name = printable(str(holder.get_name())[:MAX_TASK_NAME])
+        label = f" (task {name})"
         if holder.done():
             return True, None, label
         return False, _awaiting_frames(holder.get_coro()), label
@@ -1052,7 +1118,8 @@ def holder_verdict(holder, site: int, scope: int) -> Optional[str]:
     code = _site_places[site][0]
     for index, frame in enumerate(stack):
         if id(frame) == scope and frame.f_code is code:
-            return describe_stack(stack[:index + 1]) + label
+            return printable(describe_stack(stack[:index + 1]) + label,
+                             MAX_LOCATION)   # what the daemon takes
     return LEAKED + label
 
 
@@ -1085,7 +1152,7 @@ EVENT_ITEMS = 7
 # What the daemon accepts of one process, and how many host+program rows of
 # programs that are gone it remembers: memory stays bounded whatever
 # clients send.
-MAX_PROCESS_CONNECTIONS = 10000
+MAX_PROCESS_CONNECTIONS = 5000   # with the others: <= 4 MiB a process
 MAX_PROCESS_POOLS = 1000
 MAX_ROWS = 10000
 
@@ -1115,6 +1182,8 @@ class ProcessState:
         self.holders: Dict[int, tuple] = {}   # conn -> (site, scope, holder)
         self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
         self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
+        self._held_texts: Dict[str, str] = {}  # daemon side: each text once
+        self._site_holders: Dict[int, tuple] = {}  # ... each holder once
         self.reset_counters()
 
     @property
@@ -1274,6 +1343,18 @@ class ProcessState:
             message["pools"] = [[p, limit] for p, limit in self.pools.items()]
         return message
 
+    def frozen(self) -> "ProcessState":
+        """A copy for the daemon's snapshot, built from it outside the
+        daemon's lock: the tables a snapshot walks are copied (in C),
+        the ones it only looks up in are shared."""
+        twin = ProcessState.__new__(ProcessState)
+        twin.__dict__.update(self.__dict__)
+        twin.conns = self.conns.copy()
+        twin.checked_out = self.checked_out.copy()
+        twin.pools = self.pools.copy()
+        twin.held_at = self.held_at.copy()
+        return twin
+
     def copy(self) -> "ProcessState":
         """A copy of the connections and pools (what was sent)."""
         twin = ProcessState(self.ident, self.hostname, self.progname,
@@ -1299,10 +1380,11 @@ class ProcessState:
         checkin = _ints(message, "checkin")
         pools = (_pairs(message, "pools", _is_limit)
                  if "pools" in message else None)
-        sites = _pairs(message, "sites", _is_name, optional=True)
+        sites = _pairs(message, "sites", _is_location, optional=True)
         checkout_sites = _pairs(message, "checkout_sites", _is_int,
                                 optional=True)
-        held_at = _pairs(message, "held_at", _is_name, optional=True)
+        held_at = _pairs(message, "held_at", _is_location,
+                         optional=True)
         checkouts = message.get("checkouts")
         hold = message.get("hold")
         peak = message.get("peak")
@@ -1322,7 +1404,8 @@ class ProcessState:
                                 "process")
         if message["op"] == "state":
             for table in (self.conns, self.checked_out, self.pools,
-                          self.holders, self.site_names, self.held_at):
+                          self.holders, self.site_names, self.held_at,
+                          self._held_texts, self._site_holders):
                 table.clear()
         if pools is not None:
             self.pools = dict(pools)
@@ -1344,11 +1427,14 @@ class ProcessState:
         room = MAX_SITES - len(self.site_names)
         self.site_names.update(sites[:max(0, room)])
         for ident, site in checkout_sites:
-            if ident in self.checked_out:
-                self.holders[ident] = (site, None, None)
+            # A named site only, each holder tuple once: bounded bytes.
+            if ident in self.checked_out and site in self.site_names:
+                self.holders[ident] = self._site_holders.setdefault(
+                    site, (site, None, None))
         for ident, text in held_at:
-            if ident in self.checked_out:
-                self.held_at[ident] = text
+            if ident in self.checked_out and (
+                    ident in self.held_at or len(self.held_at) < MAX_SITES):
+                self.held_at[ident] = self._held_text(text)
         self.max_conns = max(self.max_conns, peak[0], len(self.conns))
         self.max_checked_out = max(self.max_checked_out, peak[1],
                                    len(self.checked_out))
@@ -1356,6 +1442,17 @@ class ProcessState:
                 "holds": hold[1], "peak_conns": max(peak[0], len(self.conns)),
                 "peak_checked_out": max(peak[1], len(self.checked_out)),
                 "unknown": unknown}
+
+    def _held_text(self, text: str) -> str:
+        """One copy of each held-at text (thousands of holders are held
+        at a few places), and at most MAX_SITES of them: what one process
+        makes the daemon keep stays bounded in bytes."""
+        kept = self._held_texts.get(text)
+        if kept is None:
+            if len(self._held_texts) >= MAX_SITES:
+                return NOT_KEPT
+            kept = self._held_texts[text] = text
+        return kept
 
     def site_of(self, ident: int) -> Optional[str]:
         holder = self.holders.get(ident)
@@ -1382,11 +1479,12 @@ class ProcessState:
 
     def long_holders(self, now: float) -> List[dict]:
         """The connections held long enough for the app to say where."""
-        return sorted(({"age": round(now - self.checked_out[ident], 1),
-                        "site": self.site_of(ident), "held_at": held_at}
-                       for ident, held_at in self.held_at.items()
-                       if ident in self.checked_out),
-                      key=lambda h: -h["age"])
+        return oldest_holders({"age": round(now - self.checked_out[ident],
+                                            1),
+                               "site": self.site_of(ident),
+                               "held_at": held_at}
+                              for ident, held_at in self.held_at.items()
+                              if ident in self.checked_out)
 
     @property
     def limit(self) -> Optional[int]:
@@ -1396,7 +1494,9 @@ class ProcessState:
         return sum(self.pools.values())
 
 
-MAX_SITES = 1000   # checkout sites the daemon keeps names of, per process
+MAX_SITES = 1000   # checkout sites the daemon keeps names of, per process,
+#                    and long holders it keeps the places of
+NOT_KEPT = "(place not kept: too many)"   # past MAX_SITES held-at texts
 
 
 def _is_int(value: Any) -> bool:
@@ -1423,8 +1523,8 @@ def _ints(message: Dict[str, Any], key: str) -> List[int]:
     return value
 
 
-def _is_name(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 1000
+def _is_location(value: Any) -> bool:
+    return is_text(value, MAX_LOCATION)
 
 
 def _pairs(message: Dict[str, Any], key: str, check,
@@ -1524,6 +1624,13 @@ class ProgramRow:
         self.maxnproc, self.maxconn, self.maxckout = (
             self.nproc, self.conn, self.ckout)
 
+    def frozen(self) -> "ProgramRow":
+        twin = ProgramRow.__new__(ProgramRow)
+        twin.__dict__.update(self.__dict__)
+        twin.checkouts, twin.holds = (copy.copy(self.checkouts),
+                                      copy.copy(self.holds))
+        return twin
+
 
 class Picture:
     """Everything one daemon knows: attached processes and per-program rows.
@@ -1533,21 +1640,30 @@ class Picture:
     older session than one already seen, or an update or detach for a
     session that is no longer current, is stale and changes nothing.
 
+    A process attached by a live connection to this node (``node``) is
+    that connection's: no other connection replaces, detaches or erases
+    it.  A peer's newer news of it waits (``parked``) until that
+    connection ends, then applies.
+
     Not thread-safe by itself: the daemon holds one lock around every call.
     Times are the daemon's ``time.monotonic()``.
     """
 
     MAX_TOMBSTONES = 100_000   # sessions of gone processes remembered
 
-    def __init__(self) -> None:
+    def __init__(self, node: str = "") -> None:
+        self.node = node
         self.processes: Dict[str, ProcessState] = {}
+        self.parked: Dict[str, ProcessState] = {}
         self.tombstones: collections.OrderedDict = collections.OrderedDict()
         self.rows: Dict[Tuple[str, str], ProgramRow] = {}
         self.host_nproc: collections.Counter = collections.Counter()
+        self.by_origin: collections.Counter = collections.Counter()
         self.connections = self.checkouts = 0
         self.max_hosts = self.max_processes = 0
         self.max_connections = self.max_checkouts = 0
         self.max_since = time.time()   # the maxima run from then
+        self.clears = 0   # maxima cleared so often, here or on a peer
 
     def _row(self, key: Tuple[str, str]) -> ProgramRow:
         row = self.rows.get(key)
@@ -1577,6 +1693,7 @@ class Picture:
         """Count a whole process in (sign 1) or out (sign -1)."""
         conns, checkouts = sign * len(proc.conns), sign * len(proc.checked_out)
         self._row(proc.key).add(sign, conns, checkouts)
+        self.by_origin[proc.origin] += sign
         self.host_nproc[proc.hostname] += sign
         if self.host_nproc[proc.hostname] <= 0:
             del self.host_nproc[proc.hostname]
@@ -1593,19 +1710,30 @@ class Picture:
         self.max_processes = max(self.max_processes, len(self.processes))
         self.max_hosts = max(self.max_hosts, len(self.host_nproc))
 
-    def current(self, ident: str, session: int) -> Optional[ProcessState]:
-        """The process if ``session`` is its current session, else None."""
+    def current(self, ident: str, session: int,
+                origin: Optional[str] = None) -> Optional[ProcessState]:
+        """The process if ``session`` is its current session (and, if
+        given, ``origin`` the node it is attached to), else None."""
         proc = self.processes.get(ident)
-        return proc if proc is not None and proc.session == session else None
+        if proc is None or proc.session != session or origin not in (
+                None, proc.origin):
+            return None
+        return proc
 
     def attach(self, proc: ProcessState, origin: str) -> bool:
         """Add a process attached to node ``origin``, replacing any earlier
-        state of it.  Returns False, changing nothing, for stale news."""
+        state of it.  Returns False, changing nothing, for stale news (or
+        parks it, for news of a process one of our connections holds)."""
         live = self.processes.get(proc.ident)
         if live is not None and proc.session < live.session:
             return False
         if live is None and (proc.session
                              <= self.tombstones.get(proc.ident, -1)):
+            return False
+        if live is not None and live.origin == self.node != origin:
+            if proc.session > live.session:
+                proc.origin = origin
+                self.parked[proc.ident] = proc
             return False
         if live is not None:
             self._add(self.processes.pop(proc.ident), -1)
@@ -1615,17 +1743,53 @@ class Picture:
         self._add(proc, 1)
         return True
 
-    def detach(self, ident: str, session: int) -> bool:
+    def taken(self, ident: str) -> Optional[str]:
+        """Why an app may not attach process ``ident`` now, if it may not:
+        another live connection, to any node, has it."""
+        live = self.processes.get(ident)
+        if live is None:
+            return None
+        return (f"process id {ident!r} is attached by another live "
+                f"connection (to node {live.origin}); try again later")
+
+    def attach_own(self, proc: ProcessState) -> Optional[str]:
+        """An app's hello on a live connection to this node: news of now,
+        so no tombstone refuses it (its session goes past any known one);
+        refused, with the reason, only while another live connection, to
+        any node, has the process."""
+        taken = self.taken(proc.ident)
+        if taken is not None:
+            return taken
+        proc.session = max(proc.session,
+                           self.tombstones.get(proc.ident, -1) + 1)
+        self.attach(proc, self.node)
+        return None
+
+    def detach(self, ident: str, session: int,
+               origin: Optional[str] = None) -> bool:
         """The process ended that session: drop it, and remember the session
-        so that late news of it is known to be stale."""
-        proc = self.current(ident, session)
+        so that late news of it is known to be stale.  A peer (``origin``)
+        detaches only the processes attached to it."""
+        parked = self.parked.get(ident)
+        if parked is not None and parked.session == session and origin in (
+                None, parked.origin):
+            del self.parked[ident]
+            self._tombstone(ident, session)
+            return True
+        proc = self.current(ident, session, origin)
         if proc is None:
             return False
         self._add(self.processes.pop(ident), -1)
+        self._tombstone(ident, session)
+        parked = self.parked.pop(ident, None)
+        if parked is not None:   # a peer's newer news, held back till now
+            self.attach(parked, parked.origin)
+        return True
+
+    def _tombstone(self, ident: str, session: int) -> None:
         self.tombstones[ident] = session
         if len(self.tombstones) > self.MAX_TOMBSTONES:
             self.tombstones.popitem(last=False)
-        return True
 
     def detach_origin(self, origin: str) -> int:
         """A node is out of reach: drop the processes attached to it.  No
@@ -1633,16 +1797,24 @@ class Picture:
         gone = [p for p in self.processes.values() if p.origin == origin]
         for proc in gone:
             self._add(self.processes.pop(proc.ident), -1)
+        for ident in [i for i, p in self.parked.items()
+                      if p.origin == origin]:
+            del self.parked[ident]
         return len(gone)
 
     def update(self, ident: str, session: int, message: Dict[str, Any],
-               now: float) -> Optional[int]:
-        """Apply an app's "update" to its current session.  Returns None for
+               now: float, origin: Optional[str] = None) -> Optional[int]:
+        """Apply an app's "update" to its current session (a peer's,
+        ``origin``, only to a process attached to it).  Returns None for
         stale news (ignored), else how many of its events were for
         connections the process never announced (ignored; an honest
         process sends none)."""
-        proc = self.current(ident, session)
+        proc = self.current(ident, session, origin)
         if proc is None:
+            parked = self.parked.get(ident)
+            if parked is not None and parked.session == session and (
+                    origin in (None, parked.origin)):
+                parked.update(message, now)   # kept current, not counted
             return None
         conns, checked_out = len(proc.conns), len(proc.checked_out)
         counters = proc.update(message, now)
@@ -1658,24 +1830,39 @@ class Picture:
         self._totals(conns, checked_out, *peaks)
         return counters["unknown"]
 
-    def maxima(self) -> Dict[str, Any]:
-        """The maxima, for a peer to merge (cluster maxima converge)."""
-        return {"rows": [[r.hostname, r.progname, r.maxnproc, r.maxconn,
-                          r.maxckout] for r in self.rows.values()],
-                "totals": [self.max_hosts, self.max_processes,
-                           self.max_connections, self.max_checkouts]}
+    MAXIMA_ROWS = 250   # rows a "maxima" message: always under 1 MiB
+
+    def maxima(self) -> List[Dict[str, Any]]:
+        """The maxima, for a peer to merge (cluster maxima converge), in
+        as many messages as their rows need."""
+        rows = [[r.hostname, r.progname, r.maxnproc, r.maxconn, r.maxckout]
+                for r in self.rows.values()]
+        totals = [self.max_hosts, self.max_processes, self.max_connections,
+                  self.max_checkouts]
+        return [{"op": "maxima", "rows": rows[start:start + self.MAXIMA_ROWS],
+                 "totals": totals, "clears": self.clears}
+                for start in range(0, max(1, len(rows)), self.MAXIMA_ROWS)]
 
     def merge_maxima(self, message: Dict[str, Any]) -> None:
         rows, totals = message.get("rows"), message.get("totals")
-        if not (isinstance(rows, list) and isinstance(totals, list)
+        if not (isinstance(rows, list) and len(rows) <= MAX_ROWS
+                and isinstance(totals, list)
                 and len(totals) == 4 and all(map(_is_count, totals))
                 and all(isinstance(r, list) and len(r) == 5
-                        and all(isinstance(t, str) and 0 < len(t) <= 255
-                                for t in r[:2])
+                        and is_text(r[0], MAX_NAME)
+                        and is_text(r[1], MAX_NAME)
                         and all(map(_is_count, r[2:])) for r in rows)):
             raise ProtocolError("maxima needs 'rows' [[hostname, progname, "
-                                "maxnproc, maxconn, maxckout], ...] and "
-                                "'totals' [4 counts]")
+                                "maxnproc, maxconn, maxckout], ...] (names "
+                                f"of 1 to {MAX_NAME} printable characters, "
+                                f"at most {MAX_ROWS} rows) and 'totals' "
+                                "[4 counts]")
+        clears = message.get("clears", 0)
+        if not _is_count(clears):
+            raise ProtocolError("maxima: 'clears' must be a count")
+        if clears < self.clears:
+            return   # sent before a clear this node has seen: stale
+        self.clears = clears
         for hostname, progname, maxnproc, maxconn, maxckout in rows:
             row = self._row((hostname, progname))
             row.maxnproc = max(row.maxnproc, maxnproc)
@@ -1687,6 +1874,7 @@ class Picture:
                 self.max_checkouts)))
 
     def clear_maxima(self) -> None:
+        self.clears += 1
         for row in self.rows.values():
             row.clear_maxima()
         for proc in self.processes.values():
@@ -1697,6 +1885,17 @@ class Picture:
         self.max_connections, self.max_checkouts = (self.connections,
                                                     self.checkouts)
         self.max_since = time.time()
+
+    def frozen(self) -> "Picture":
+        """A copy to build a snapshot from while this picture goes on
+        changing: taking it costs the daemon's lock a few dict copies a
+        process, whatever the process's checkouts and sites."""
+        twin = copy.copy(self)
+        twin.processes = {ident: proc.frozen()
+                          for ident, proc in self.processes.items()}
+        twin.rows = {key: row.frozen() for key, row in self.rows.items()}
+        twin.host_nproc = self.host_nproc.copy()
+        return twin
 
     def snapshot(self, now: float, procs: bool = False) -> Dict[str, Any]:
         """The JSON snapshot of DESIGN.md (without "service" and "node").
@@ -1777,10 +1976,19 @@ TOP_SITES = 10   # checkout sites listed per host+program
 def top_sites(sites: Dict[Optional[str], dict]) -> List[dict]:
     """The sites holding the most connections (then the oldest) first."""
     ranked = sorted(sites.values(), key=lambda s: (-s["held"], -s["oldest"],
-                                                   s["site"] or ""))
+                                                   s["site"] or ""))[:TOP_SITES]
     for site in ranked:
-        site["long_holders"].sort(key=lambda h: -h["age"])
-    return ranked[:TOP_SITES]
+        site["long_holders"] = oldest_holders(site["long_holders"])
+    return ranked
+
+
+TOP_HOLDERS = 20   # long holders listed per site, and per process
+
+
+def oldest_holders(holders: Iterable[dict]) -> List[dict]:
+    """The TOP_HOLDERS oldest long holders, oldest first: a snapshot's size
+    does not grow with a client's checkouts."""
+    return heapq.nsmallest(TOP_HOLDERS, holders, key=lambda h: -h["age"])
 
 
 def _age(now: float, since: Optional[float]) -> Optional[float]:
@@ -1810,7 +2018,7 @@ def progname() -> str:
     name = os.path.basename(argv0)
     if name in ("", "-c", "-m", "__main__.py"):
         name = os.path.basename(sys.executable) or "python"
-    return name
+    return printable(name, MAX_NAME)
 
 
 PING = {"op": "ping"}
@@ -1913,7 +2121,8 @@ class Sender:
         """(Re)initialise everything per-process; also used after fork."""
         self.events.clear()
         self.handed.clear()
-        self.state = ProcessState(os.urandom(8).hex(), socket.gethostname(),
+        self.state = ProcessState(os.urandom(8).hex(),
+                                  printable(socket.gethostname(), MAX_NAME),
                                   progname(), os.getpid())
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent

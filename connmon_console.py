@@ -69,6 +69,26 @@ class Target:
                                        security=self.security)
 
 
+def escaped(value: Any) -> Any:
+    """``value`` (a snapshot) with every text made safe to print: the
+    daemon refuses control characters at its door, and this is the second
+    line of defence, against an older or a broken daemon."""
+    if isinstance(value, str):
+        return connmon.printable(value)
+    if isinstance(value, list):
+        return [escaped(item) for item in value]
+    if isinstance(value, dict):
+        return {key: escaped(item) for key, item in value.items()}
+    return value
+
+
+def trimmed_text(snapshot: Dict[str, Any]) -> str:
+    """The mark of a snapshot the daemon had to trim to fit its reply."""
+    trimmed = snapshot.get("trimmed")
+    return (f"TRIMMED: {trimmed} rows not shown (the reply would be too "
+            "large)" if trimmed else "")
+
+
 def fetch_snapshot(target: Target, timeout: float = 5.0,
                    procs: bool = False) -> Dict[str, Any]:
     conn = target.connect(timeout)
@@ -472,6 +492,8 @@ def format_table(snapshot: Dict[str, Any]) -> str:
     formatter = Formatter(layout, rows, thresholds_of(snapshot), Cutter())
     lines = [f"connmon: service {snapshot['service']} node {snapshot['node']}"]
     lines += summary_lines(snapshot)
+    if trimmed_text(snapshot):
+        lines.append(trimmed_text(snapshot))
     lines.append("")
     lines.append(headings(layout).rstrip())
     marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)"}
@@ -579,7 +601,7 @@ class Feed:
                 continue
             delay = 0.0
             del snapshot["op"]
-            self._publish(snapshot=snapshot, history=history,
+            self._publish(snapshot=escaped(snapshot), history=history,
                           state="connected", error="", attached_to=address)
             self._sleep(self.interval)
         if conn is not None:
@@ -1062,6 +1084,8 @@ class Console:
         parts = [f"connmon {connmon.__version__}", where, state,
                  f"every {self.interval:g}s"]
         title = f" {self.glyphs['dash']} ".join(parts)
+        if self.picture is not None and trimmed_text(self.picture):
+            title = trimmed_text(self.picture) + " " + title
         if self.paused:
             title = "PAUSED " + title
         _, width = self.window.getmaxyx()
@@ -1600,7 +1624,7 @@ def print_once(target: Target, args: argparse.Namespace) -> int:
         json.dump(snapshot, sys.stdout, indent=1)
         print()
     else:
-        print(format_table(snapshot))
+        print(format_table(escaped(snapshot)))
     sys.stdout.flush()
     return 0
 
