@@ -1435,20 +1435,108 @@ class Backoff:
         self.delay = 0.0
 
 
-def wait_readable(fds: List[int], timeout: Optional[float]) -> List[int]:
-    """The file descriptors of ``fds`` that are readable, waiting at most
-    ``timeout`` seconds (None: for ever).  poll(), not select(): in a big
-    application our descriptors may well be numbered above 1024."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    ready = poller.poll(None if timeout is None else timeout * 1000)
-    return [fd for fd, _ in ready]
+def _unpatched(module: str, name: str) -> Any:
+    """``module.name`` as the standard library made it, even when gevent or
+    eventlet has monkey-patched the module (each keeps the originals)."""
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None:
+        return gevent_monkey.get_original(module, name)
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    if eventlet_patcher is not None:
+        return getattr(eventlet_patcher.original(module), name)
+    return getattr(__import__(module), name)
+
+
+class Runtime:
+    """The primitives the sender's background work uses, chosen once per
+    process, and when it may start: the one place that knows about
+    eventlet, gevent and uWSGI.
+
+    The background work runs on real OS threads, with the standard
+    library's own thread, lock, sleep, poll and pipe I/O, whatever the
+    application monkey-patched (see README, "Runtimes"): a green thread
+    would run only when the application yields to its hub, so a busy or
+    blocked hub would freeze the counts just when they matter, and a
+    connmon loop that did not yield would freeze the application.  Our
+    threads never wait on the hub and the hub never waits on them.  Their
+    sockets may be green ones (connect, TLS, DNS as the application
+    patched them): in a real thread those wait in that thread's own hub.
+    """
+
+    def __init__(self) -> None:
+        self.start_new_thread = _unpatched("_thread", "start_new_thread")
+        self.allocate_lock = _unpatched("_thread", "allocate_lock")
+        self.get_native_id = _unpatched("_thread", "get_native_id")
+        self.sleep = _unpatched("time", "sleep")
+        self.poll = _unpatched("select", "poll")
+        self.read = _unpatched("posix", "read")
+        self.write = _unpatched("posix", "write")
+
+    @staticmethod
+    def may_start_threads() -> bool:
+        """Not in a uWSGI master that has loaded the application and will
+        fork its workers with C fork(): a thread of ours holding the GIL at
+        that moment would leave the worker's GIL held for ever.  (Without
+        --master the loading process becomes worker 1 without a fork: its
+        worker id changes then.)"""
+        uwsgi = sys.modules.get("uwsgi")
+        return (uwsgi is None or not hasattr(uwsgi, "worker_id")
+                or uwsgi.worker_id() != 0 or uwsgi.mule_id() != 0)
+
+    def wait_readable(self, fds: List[int],
+                      timeout: Optional[float]) -> List[int]:
+        """The file descriptors of ``fds`` that are readable, waiting at
+        most ``timeout`` seconds (None: for ever).  poll(), not select():
+        in a big application our descriptors may well be numbered above
+        1024."""
+        poller = self.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        ready = poller.poll(None if timeout is None else timeout * 1000)
+        return [fd for fd, _ in ready]
+
+    def start_thread(self, target) -> "BackgroundThread":
+        thread = BackgroundThread(target.__name__)
+        thread.ident = self.start_new_thread(thread.run, (target, self))
+        return thread
+
+
+class BackgroundThread:
+    """One of the sender's OS threads: its ids, for the benchmarks."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ident = 0       # pthread id
+        self.native_id = 0   # the kernel's thread id, once it runs
+
+    def run(self, target, runtime: Runtime) -> None:
+        self.native_id = runtime.get_native_id()
+        target()
+
+
+_runtime: Optional[Runtime] = None
+
+
+def runtime() -> Runtime:
+    """The Runtime, chosen when the first monitored engine is made: after
+    the application's monkey-patching, whenever it imported connmon."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime()
+    return _runtime
+
+
+# Listeners wake the sender for the first event of a batch, and for every
+# event while more than this many items wait in the queue: so a process
+# forked without Python's at-fork hooks notices it even when its parent's
+# fold thread was in the middle of a batch, and a queue that no thread
+# drains stays bounded (see Sender.wake).
+MAX_QUEUED = 10000 * EVENT_ITEMS
 
 
 class Sender:
-    """Ships one process's connection state to connmond from two daemon
-    threads.
+    """Ships one process's connection state to connmond from two
+    background threads, started at the first pool event (see Runtime).
 
     Listeners on application threads call ``events.extend`` and ``wake``
     only.  The fold thread folds the events into ``state``, never touching
@@ -1465,48 +1553,88 @@ class Sender:
         self.security = security
         self.hold_warn = hold_warn
         self.events: List[Any] = []   # see the event kinds
-        self._start()
+        # pool -> capacity, of the engines alive: what a forked child
+        # announces before it has folded any event of its own
+        self.pool_limits: Dict[int, Optional[int]] = {}
+        self._conn: Optional[Connection] = None   # to connmond, when up
+        self._begin()
 
-    def _start(self) -> None:
-        """(Re)initialise everything per-process; also used after fork."""
+    def _begin(self) -> None:
+        """(Re)initialise everything per-process: when made, and in a
+        forked child.  No thread yet: see wake."""
         self.events.clear()
         self.state = ProcessState(os.urandom(8).hex(), socket.gethostname(),
                                   progname(), os.getpid())
+        self.state.pools = dict(self.pool_limits)
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent
         self._scanned = 0.0   # when long holders were last looked at
-        self.lock = threading.Lock()   # state, _sent*, between threads
+        self.lock = runtime().allocate_lock()   # state, _sent*, threads
         self.wake_pending = False
+        self.started = False
+        self.threads: List[BackgroundThread] = []
         self._wake_read, self._wake_write = os.pipe()    # listeners -> fold
         self._news_read, self._news_write = os.pipe()    # fold -> network
         os.set_blocking(self._wake_write, False)
         os.set_blocking(self._news_write, False)
-        self._folder = threading.Thread(target=self._fold, daemon=True,
-                                        name="connmon-fold")
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name="connmon-sender")
-        self._folder.start()
-        self._thread.start()
-
-    @property
-    def threads(self) -> List[threading.Thread]:
-        return [self._folder, self._thread]
 
     def after_fork_in_child(self) -> None:
+        """Forget the parent's threads, pipes and queued events, and close
+        the parent's connection to connmond: a parent killed later leaves
+        the counts at once, not when the heartbeat runs out."""
+        if self._conn is not None:   # (not close(): after a C fork its
+            os.close(self._conn.sock.detach())   # reader's lock may be held)
+            self._conn = None
         for fd in (self._wake_read, self._wake_write, self._news_read,
                    self._news_write):
             os.close(fd)
-        self._start()
+        self._begin()
 
-    def wake(self) -> None:
-        """Tell the thread there are events: one pipe write per batch, since
-        listeners call this only while ``wake_pending`` is false."""
+    def wake(self, start: bool = True) -> None:
+        """Tell the fold thread there are events: one pipe write a batch,
+        as listeners call this while ``wake_pending`` is false, and for
+        every event while the queue is longer than MAX_QUEUED.  Here, not
+        on every event, the process notices a fork that ran no at-fork
+        hooks (its pid changed), folds a queue no thread drains, and starts
+        the threads (``start``: unless the event is no use of a pool)."""
+        if _pid != os.getpid():
+            _after_fork_in_child()
+        if len(self.events) > MAX_QUEUED:
+            self._fold_here()
+        if not self.started and not (start and self._start_threads()):
+            return
         if not self.wake_pending:
             self.wake_pending = True
             try:
-                os.write(self._wake_write, b"!")
+                runtime().write(self._wake_write, b"!")
             except OSError:
                 pass
+
+    def _fold_here(self) -> None:
+        """Fold the queue on the application's thread: no thread drains it
+        (none may start yet, or none could) or the fold thread cannot keep
+        up.  Dict work only, never a wait: when the lock is taken, one of
+        our threads is at work and drains the queue soon.  Memory stays
+        bounded and no event is lost."""
+        if self.lock.acquire(False):
+            try:
+                self._drain()
+            finally:
+                self.lock.release()
+
+    def _start_threads(self) -> bool:
+        """Start the threads if this process may (see Runtime)."""
+        rt = runtime()
+        if not rt.may_start_threads():
+            return False
+        self.started = True
+        try:
+            self.threads = [rt.start_thread(self._fold),
+                            rt.start_thread(self._run)]
+        except Exception:  # e.g. no threads left: unmonitored, never fail
+            log.exception("connmon: cannot start; process %d runs "
+                          "unmonitored", os.getpid())
+        return True
 
     # -- the threads --------------------------------------------------------
 
@@ -1515,15 +1643,16 @@ class Sender:
         FLUSH_DELAY for as long as events keep coming; listeners do not
         wake it meanwhile (wake_pending stays true), which spares the
         application a pipe write and this thread a wake-up per batch."""
+        rt = runtime()
         while True:
             try:
-                woken = wait_readable([self._wake_read], self._scan_due())
+                woken = rt.wait_readable([self._wake_read], self._scan_due())
                 busy = bool(woken)
                 while busy:
-                    time.sleep(FLUSH_DELAY)
+                    rt.sleep(FLUSH_DELAY)
                     busy = bool(self.events)
                     if not busy:   # a quiet spell: back to being woken
-                        os.read(self._wake_read, 4096)
+                        rt.read(self._wake_read, 4096)
                         self.wake_pending = False
                     # (the quiet one folds what came meanwhile, too)
                     self._fold_batch(quiet=not busy)
@@ -1531,7 +1660,7 @@ class Sender:
                     self._fold_batch(quiet=True)
             except Exception:  # never let the thread die silently
                 log.exception("connmon: error folding pool events")
-                time.sleep(RECONNECT_MAX)
+                rt.sleep(RECONNECT_MAX)
 
     def _fold_batch(self, quiet: bool) -> None:
         """Fold the queued events, look at long holders when that is due,
@@ -1551,18 +1680,19 @@ class Sender:
                 counted and (quiet or now - self._sent_at >= COUNTERS_DELAY))
         if news:
             try:
-                os.write(self._news_write, b"!")
+                runtime().write(self._news_write, b"!")
             except BlockingIOError:   # the network thread has news already
                 pass
 
     def _run(self) -> None:
-        conn: Optional[Connection] = None
+        rt = runtime()
         beat = Heartbeat(DEFAULT_HEARTBEAT, 0.0)
         backoff = Backoff()
         while True:
             try:
+                conn = self._conn
                 if conn is None and time.monotonic() >= backoff.retry_at:
-                    conn = self._connect(backoff.failures)
+                    conn = self._conn = self._connect(backoff.failures)
                     if conn is None:
                         backoff.failed(time.monotonic())
                     else:
@@ -1574,14 +1704,14 @@ class Sender:
                 else:
                     waiting = [self._news_read, conn.sock.fileno()]
                     timeout = beat.wait(now)
-                readable = wait_readable(waiting, timeout)
+                readable = rt.wait_readable(waiting, timeout)
                 if conn is not None and conn.sock.fileno() in readable:
                     # The daemon says nothing but pongs (or why it hangs up).
                     expect(read_message(conn.rfile), "pong")
                     beat.heard(time.monotonic())
                     backoff.reset()
                 if self._news_read in readable:
-                    os.read(self._news_read, 4096)
+                    rt.read(self._news_read, 4096)
                     if conn is not None:
                         self._send(conn)
                 if conn is not None:
@@ -1590,12 +1720,13 @@ class Sender:
                 # Say it once, then quietly keep trying.
                 (log.warning if backoff.failures == 0 else log.debug)(
                     "connmon: lost connmond %s: %s", self.description, err)
-                conn = self._drop(conn)
+                self._conn = self._drop(self._conn)
                 backoff.failed(time.monotonic())
-            except Exception:  # never let the thread die silently
+            except Exception:  # never let the thread die, nor spin
                 log.exception("connmon: sender error")
-                conn = self._drop(conn)
+                self._conn = self._drop(self._conn)
                 backoff.failed(time.monotonic())
+                rt.sleep(RECONNECT_MAX)
 
     @staticmethod
     def _keep_alive(conn: Connection, beat: "Heartbeat") -> None:
@@ -1667,11 +1798,14 @@ class Sender:
 
 _senders: Dict[tuple, Sender] = {}
 _senders_lock = threading.Lock()
+_pid = os.getpid()   # whose senders these are: see _after_fork_in_child
 
 
 def get_sender(target: "Target") -> Sender:
     """The process's sender for these daemons and settings, made on first
     use."""
+    if _pid != os.getpid():
+        _after_fork_in_child()
     key = (tuple(sorted(target.addresses)), target.security.key)
     with _senders_lock:
         sender = _senders.get(key)
@@ -1683,7 +1817,11 @@ def get_sender(target: "Target") -> Sender:
 
 
 def _after_fork_in_child() -> None:
-    global _senders_lock
+    """A forked child starts afresh: from Python's at-fork hook, or when
+    the pid is seen to have changed, for a child of C fork() (uWSGI),
+    which runs no hook."""
+    global _senders_lock, _pid
+    _pid = os.getpid()
     _senders_lock = threading.Lock()   # another thread may have held it
     _jitter.seed()
     for sender in _senders.values():
@@ -1791,9 +1929,10 @@ def _pool_limit(pool) -> Optional[int]:
 
 def _engine_gone(sender: Sender, pool_id: int) -> None:
     """An instrumented engine was collected (weakref.finalize)."""
+    sender.pool_limits.pop(pool_id, None)
     sender.events.extend((ENGINE_GONE, pool_id, time.monotonic(), None, None,
                           None))
-    sender.wake()
+    sender.wake(start=False)
 
 
 def instrument(engine, settings: Dict[str, str]) -> None:
@@ -1812,9 +1951,11 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         return
     # The listeners run on the application's threads for every checkout and
     # checkin: each only queues an event and, for the first event of a
-    # batch, wakes the sender (the wake_pending test is inlined because a
-    # function call here is a measurable share of a pool checkout).
-    record = sender.events.extend
+    # batch (or while the queue is long), wakes the sender (the test is
+    # inlined because a function call here is a measurable share of a pool
+    # checkout).
+    queue = sender.events
+    record = queue.extend
     clock = time.monotonic
     get_ident = threading.get_ident
     getframe = sys._getframe
@@ -1827,7 +1968,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         info[CONN_ID] = ident
         info[CONN_POOL] = engine.pool
         record((CONNECT, ident, clock(), pool_id, None, None))
-        if not sender.wake_pending:
+        if not sender.wake_pending or len(queue) > MAX_QUEUED:
             sender.wake()
 
     def on_checkout(dbapi_connection, connection_record, connection_proxy):
@@ -1843,7 +1984,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
             thread = get_ident()
         record((CHECKOUT, connection_record.info.get(CONN_ID), clock(),
                 pool_id, site, thread))
-        if not sender.wake_pending:
+        if not sender.wake_pending or len(queue) > MAX_QUEUED:
             sender.wake()
 
     def on_checkin(dbapi_connection, connection_record):
@@ -1853,13 +1994,13 @@ def instrument(engine, settings: Dict[str, str]) -> None:
             # Checked out across engine.dispose() and now returned to the
             # old pool, which drops it without a close event.
             record((CLOSE, info.get(CONN_ID), clock(), None, None, None))
-        if not sender.wake_pending:
+        if not sender.wake_pending or len(queue) > MAX_QUEUED:
             sender.wake()
 
     def on_close(dbapi_connection, connection_record):
         record((CLOSE, connection_record.info.get(CONN_ID), clock(), None,
                 None, None))
-        if not sender.wake_pending:
+        if not sender.wake_pending or len(queue) > MAX_QUEUED:
             sender.wake()
 
     # A detached connection leaves its pool entry (which gets a fresh
@@ -1874,7 +2015,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     def on_close_detached(dbapi_connection):
         record((CLOSE, detached.pop(id(dbapi_connection), None), clock(),
                 None, None, None))
-        if not sender.wake_pending:
+        if not sender.wake_pending or len(queue) > MAX_QUEUED:
             sender.wake()
 
     # Pool events only.  invalidate and soft_invalidate need no listener: a
@@ -1890,9 +2031,10 @@ def instrument(engine, settings: Dict[str, str]) -> None:
                            ("detach", on_detach),
                            ("close_detached", on_close_detached)):
         event.listen(engine, name, listener)
-    record((POOL, pool_id, clock(), _pool_limit(engine.pool), None, None))
+    limit = sender.pool_limits[pool_id] = _pool_limit(engine.pool)
+    record((POOL, pool_id, clock(), limit, None, None))
     weakref.finalize(engine, _engine_gone, sender, pool_id)
-    sender.wake()
+    sender.wake(start=False)   # threads start at the first use of a pool
 
 
 def _dialect_subclass(real_cls):

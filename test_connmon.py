@@ -471,7 +471,6 @@ def test_queuepool_counts(backend, daemon, apps, tmp_path):
 def check_queuepool_counts(app: "App", daemon: Daemon) -> None:
     """Hold, return, overflow, dispose: the daemon follows exactly."""
     name = app.progname
-    daemon.wait_row(name, nproc=1, conn=0, ckout=0)
     app("hold 5")
     daemon.wait_row(name, conn=5, ckout=5, maxconn=5, maxckout=5)
     app("release 3")
@@ -606,21 +605,24 @@ def test_invalidate_pre_ping_and_recycle(daemon, apps):
 
 def test_forked_workers(daemon, apps):
     require_database(MYSQL_URL)
-    app = apps(monitored(MYSQL_URL, daemon), "forking.py")
-    daemon.wait_row("forking.py", nproc=1)
+    app = apps(monitored(MYSQL_URL, daemon), "forking.py", pool_size=3,
+               max_overflow=0)
     workers = app.fork(8)
     held = {pid: i % 3 + 1 for i, pid in enumerate(workers)}
     total = sum(held.values())
-    # The parent that created the engine is a process of the program too.
-    row = daemon.wait_row("forking.py", procs=True, nproc=9, conn=total,
-                          ckout=total)
-    by_pid = {p["pid"]: (p["conn"], p["ckout"]) for p in row["procs"]}
-    assert by_pid == {app.proc.pid: (0, 0),
-                      **{pid: (n, n) for pid, n in held.items()}}
+    # The parent made the engine but never used it: it started no thread
+    # and is not a process of the program (see README, "Forked workers").
+    # Each worker announces its pool's capacity, 3.
+    row = daemon.wait_row("forking.py", procs=True, nproc=8, conn=total,
+                          ckout=total, limit=8 * 3)
+    by_pid = {p["pid"]: (p["conn"], p["ckout"], p["limit"], p["exhausted"])
+              for p in row["procs"]}
+    assert by_pid == {pid: (n, n, 3, n == 3) for pid, n in held.items()}
+    assert not row["exhausted"]
 
     victim = workers[2]
     os.kill(victim, signal.SIGKILL)
-    row = daemon.wait_row("forking.py", procs=True, timeout=5, nproc=8,
+    row = daemon.wait_row("forking.py", procs=True, timeout=5, nproc=7,
                           conn=total - held[victim])
     assert victim not in {p["pid"] for p in row["procs"]}
 
@@ -628,7 +630,7 @@ def test_forked_workers(daemon, apps):
     row = daemon.wait_row("forking.py", connected=False, nproc=0, conn=0,
                           ckout=0)
     assert (row["maxnproc"], row["maxconn"], row["maxckout"]) == (
-        9, total, total)
+        8, total, total)
 
 
 def test_daemon_restart_converges_without_double_counting(tmp_path, apps):
@@ -1333,7 +1335,6 @@ def test_metrics_equal_the_snapshot_with_awkward_labels(tmp_path, apps):
     try:
         app = apps(f"sqlite:///{tmp_path}/m.sqlite?plugin=connmon"
                    f"&connmon_addr={daemon.address}", "metrics_app.py")
-        daemon.wait_row("metrics_app.py", nproc=1)
         app("hold 2")
         app("query 3")
         # The queries need a third connection; it stays pooled.
