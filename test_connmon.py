@@ -3598,7 +3598,278 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
 # App servers and runtimes: uWSGI, gunicorn, eventlet, gevent, asyncio
 # ---------------------------------------------------------------------------
 
-# (tests of the runtimes go here)
+# One WSGI application for every server.  Its engine is made at import
+# (in a preforking server's master, before the fork, as OpenStack API
+# services do), optionally after monkey-patching.  GET /work holds, on a
+# worker's first request, pid % 3 + 1 connections for good and runs a
+# query; GET /pid only reports.  Both answer the worker's pid and its
+# pool's own counts: the truth connmon is compared with.
+WSGI_APP = r'''
+import json, os, threading, time
+PATCH = {patch!r}
+if PATCH == "eventlet":
+    import eventlet
+    eventlet.monkey_patch()
+elif PATCH == "eventlet-after-connmon":
+    import connmon
+    import eventlet
+    eventlet.monkey_patch()
+elif PATCH == "eventlet-os-false":
+    import eventlet
+    eventlet.monkey_patch(os=False)
+elif PATCH == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+import sqlalchemy as sa
+
+engine = sa.create_engine({url!r}, pool_size={pool_size}, max_overflow=0)
+if {use_at_load!r}:   # a look at the database while loading, then let go
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    engine.dispose()
+held = []
+first = threading.Lock()
+
+def counts():
+    out = engine.pool.checkedout()
+    return {{"pid": os.getpid(), "conn": out + engine.pool.checkedin(),
+             "ckout": out}}
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/work":
+        with first:
+            if not held:
+                for _ in range(os.getpid() % 3 + 1):
+                    held.append(engine.connect())
+                    held[-1].execute(sa.text("SELECT 1"))
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT SLEEP(0.02)"))
+    else:
+        time.sleep(0.02)   # spreads concurrent probes over the workers
+    body = json.dumps(counts()).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+def serve_gevent(port):
+    from gevent.pywsgi import WSGIServer
+    WSGIServer(("127.0.0.1", port), application, log=None).serve_forever()
+
+def serve_oslo(port, workers):
+    """oslo.service's eventlet ProcessLauncher, as OpenStack API services
+    ran: the socket and the engine made in the parent, workers forked."""
+    import eventlet.wsgi
+    from oslo_config import cfg
+    from oslo_service import service
+    sock = eventlet.listen(("127.0.0.1", port))
+
+    class WSGIService(service.ServiceBase):
+        def start(self):
+            eventlet.spawn(eventlet.wsgi.server, sock, application,
+                           log_output=False)
+        def stop(self):
+            pass
+        def wait(self):
+            pass
+        def reset(self):
+            pass
+
+    cfg.CONF([], project="connmon-test")
+    launcher = service.ProcessLauncher(cfg.CONF, restart_method="mutate")
+    launcher.launch_service(WSGIService(), workers=workers)
+    launcher.wait()
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1] == "gevent":
+        serve_gevent(int(sys.argv[2]))
+    else:
+        serve_oslo(int(sys.argv[2]), int(sys.argv[3]))
+'''
+
+POOL_SIZE = 8
+
+
+def write_wsgi_app(tmp_path, daemon: Daemon, patch: str = "",
+                   use_at_load: bool = False,
+                   name: str = "connmon_wsgi_app") -> pathlib.Path:
+    """The WSGI application file, monitored by ``daemon``."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(WSGI_APP.format(
+        patch=patch, url=monitored(MYSQL_URL, daemon, "plugin"),
+        pool_size=POOL_SIZE, use_at_load=use_at_load))
+    return path
+
+
+class Server:
+    """A real app server subprocess on a free loopback port, killed with
+    its whole process group."""
+
+    def __init__(self, tmp_path, argv: List[str], port: int):
+        self.port = port
+        self.log = tmp_path / f"server-{port}.log"
+        env = dict(CHILD_ENV, PYTHONPATH=os.pathsep.join(
+            [str(tmp_path), CHILD_ENV["PYTHONPATH"]]))
+        self.proc = subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def get(self, path: str) -> Dict[str, Any]:
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
+                                    timeout=5) as reply:
+            return json.loads(reply.read())
+
+    def answers(self, path: str, concurrency: int = 8) -> List[dict]:
+        """``concurrency`` requests at once; the answers that came."""
+        replies: List[dict] = []
+
+        def one():
+            try:
+                replies.append(self.get(path))
+            except OSError:
+                pass
+        threads = [threading.Thread(target=one) for _ in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        return replies
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def check_server(tmp_path, daemon: Daemon, argv: List[str], port: int,
+                 progname: str, workers: int, timeout: float = 40.0) -> None:
+    """Serve requests on every worker, then compare connmon's per-pid
+    picture with each worker's own pool counts.  A worker that never
+    answers (deadlocked) fails the wait."""
+    server = Server(tmp_path, argv, port)
+    try:
+        seen: Dict[int, dict] = {}
+
+        def every_worker_served():
+            if server.proc.poll() is not None:
+                raise AssertionError(f"server exited: {server.log_tail()}")
+            seen.update((r["pid"], r) for r in server.answers("/work"))
+            return len(seen) >= workers
+        try:
+            wait_until(every_worker_served, timeout,
+                       f"{workers} workers to answer")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; answered: {sorted(seen)}\n"
+                                 f"{server.log_tail()}") from None
+        assert len(seen) == workers, seen
+        truth: Dict[int, tuple] = {}
+        picture: Dict[int, tuple] = {}
+
+        def pictures_agree():
+            truth.update((r["pid"], (r["conn"], r["ckout"], POOL_SIZE))
+                         for r in server.answers("/pid"))
+            row = daemon.row(progname, procs=True)
+            picture.clear()
+            picture.update((p["pid"], (p["conn"], p["ckout"], p["limit"]))
+                           for p in (row or {}).get("procs", []))
+            return set(truth) == set(seen) and picture == truth
+        try:
+            wait_until(pictures_agree, 20, "connmon's picture to equal "
+                       "the workers' pools")
+        except AssertionError:
+            raise AssertionError(f"connmon {picture} != pools {truth}\n"
+                                 f"{server.log_tail()}") from None
+        # Each worker's first request held pid % 3 + 1 for good.
+        assert {pid: t[1] for pid, t in truth.items()} == {
+            pid: pid % 3 + 1 for pid in seen}
+        row = daemon.row(progname)
+        assert (row["nproc"], row["limit"], row["exhausted"]) == (
+            workers, workers * POOL_SIZE, False)
+        log = server.log_tail()
+        assert "Traceback" not in log and "connmon:" not in log, log
+    finally:
+        server.stop()
+
+
+UWSGI_MODES = {
+    "default": [],
+    "lazy-apps": ["--lazy-apps"],
+    "enable-threads": ["--enable-threads"],
+    "fork-hooks": ["--py-call-uwsgi-fork-hooks"],
+    "osafterfork": ["--py-call-osafterfork"],
+}
+
+
+# Several starts of the modes that deadlocked, each with an application
+# that looks at the database while the master loads it.
+@pytest.mark.parametrize("mode, start", [
+    (mode, start) for mode in UWSGI_MODES
+    for start in range(3 if mode in ("default", "osafterfork") else 1)])
+def test_uwsgi_workers_are_counted_and_never_deadlock(tmp_path, mode, start):
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, use_at_load=True)
+        port = free_port()
+        check_server(tmp_path, daemon, [
+            "uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
+            "--processes", "4", "--wsgi-file", str(app), "--die-on-term",
+            "--disable-logging", *UWSGI_MODES[mode]], port, "uwsgi", 4)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread", "gevent"])
+def test_gunicorn_preload_workers_are_counted(tmp_path, worker):
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        write_wsgi_app(tmp_path, daemon,
+                       patch="gevent" if worker == "gevent" else "")
+        port = free_port()
+        check_server(tmp_path, daemon, [
+            "gunicorn", "--preload", "-w", "3",
+            "-k", worker, *(["--threads", "4"] if worker == "gthread" else []),
+            "-b", f"127.0.0.1:{port}",
+            "connmon_wsgi_app:application"], port, "gunicorn", 3)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("patch", ["eventlet", "eventlet-after-connmon",
+                                   "eventlet-os-false"])
+def test_eventlet_oslo_service_workers_are_counted(tmp_path, patch):
+    require_database(MYSQL_URL)
+    pytest.importorskip("oslo_service")
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, patch=patch)
+        port = free_port()
+        check_server(tmp_path, daemon, [
+            sys.executable, str(app), "oslo", str(port), "2"], port,
+            app.name, 2)
+    finally:
+        daemon.stop()
+
+
+def test_gevent_patch_all_app_is_counted(tmp_path):
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, patch="gevent")
+        port = free_port()
+        check_server(tmp_path, daemon, [
+            sys.executable, str(app), "gevent", str(port)], port, app.name,
+            1)
+    finally:
+        daemon.stop()
 
 
 # ---------------------------------------------------------------------------
