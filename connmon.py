@@ -1526,12 +1526,14 @@ def runtime() -> Runtime:
     return _runtime
 
 
-# Listeners wake the sender for the first event of a batch, and for every
-# event while more than this many items wait in the queue: so a process
-# forked without Python's at-fork hooks notices it even when its parent's
-# fold thread was in the middle of a batch, and a queue that no thread
-# drains stays bounded (see Sender.wake).
+# The most items the queue holds when no thread drains it (see
+# Sender.wake): then the listener's own thread folds it.
 MAX_QUEUED = 10000 * EVENT_ITEMS
+# While the fold thread is at work, listeners leave it alone; but a thread
+# that has not been seen at work for this long (a fork left none) is
+# woken again, so a process forked without Python's at-fork hooks notices
+# its new pid within this many seconds of its parent's last batch.
+WAKE_AGAIN = 4 * FLUSH_DELAY
 
 
 class Sender:
@@ -1570,7 +1572,7 @@ class Sender:
         self._sent_at = 0.0     # when _sent was sent
         self._scanned = 0.0   # when long holders were last looked at
         self.lock = runtime().allocate_lock()   # state, _sent*, threads
-        self.wake_pending = False
+        self.wake_until = 0.0   # listeners call wake for events after it
         self.started = False
         self.threads: List[BackgroundThread] = []
         self._wake_read, self._wake_write = os.pipe()    # listeners -> fold
@@ -1591,24 +1593,24 @@ class Sender:
         self._begin()
 
     def wake(self, start: bool = True) -> None:
-        """Tell the fold thread there are events: one pipe write a batch,
-        as listeners call this while ``wake_pending`` is false, and for
-        every event while the queue is longer than MAX_QUEUED.  Here, not
-        on every event, the process notices a fork that ran no at-fork
-        hooks (its pid changed), folds a queue no thread drains, and starts
-        the threads (``start``: unless the event is no use of a pool)."""
+        """Tell the fold thread there are events.  Listeners call this for
+        an event later than ``wake_until``: the first of a batch, since the
+        fold thread moves ``wake_until`` on while it works; so one pipe
+        write a busy spell.  Here, not on every event, the process notices
+        a fork that ran no at-fork hooks (its pid changed), folds a queue
+        no thread drains (then every event comes here), and starts the
+        threads (``start``: unless the event is no use of a pool)."""
         if _pid != os.getpid():
             _after_fork_in_child()
         if len(self.events) > MAX_QUEUED:
             self._fold_here()
         if not self.started and not (start and self._start_threads()):
             return
-        if not self.wake_pending:
-            self.wake_pending = True
-            try:
-                runtime().write(self._wake_write, b"!")
-            except OSError:
-                pass
+        self.wake_until = time.monotonic() + WAKE_AGAIN
+        try:
+            runtime().write(self._wake_write, b"!")
+        except OSError:   # (a full pipe: the thread has been woken)
+            pass
 
     def _fold_here(self) -> None:
         """Fold the queue on the application's thread: no thread drains it
@@ -1641,7 +1643,7 @@ class Sender:
     def _fold(self) -> None:
         """Woken by the first event of a batch, fold a batch every
         FLUSH_DELAY for as long as events keep coming; listeners do not
-        wake it meanwhile (wake_pending stays true), which spares the
+        wake it meanwhile (wake_until moves on), which spares the
         application a pipe write and this thread a wake-up per batch."""
         rt = runtime()
         while True:
@@ -1651,9 +1653,11 @@ class Sender:
                 while busy:
                     rt.sleep(FLUSH_DELAY)
                     busy = bool(self.events)
-                    if not busy:   # a quiet spell: back to being woken
+                    if busy:
+                        self.wake_until = time.monotonic() + WAKE_AGAIN
+                    else:   # a quiet spell: back to being woken
                         rt.read(self._wake_read, 4096)
-                        self.wake_pending = False
+                        self.wake_until = 0.0
                     # (the quiet one folds what came meanwhile, too)
                     self._fold_batch(quiet=not busy)
                 if not woken:   # time to look at long holders
@@ -1951,11 +1955,9 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         return
     # The listeners run on the application's threads for every checkout and
     # checkin: each only queues an event and, for the first event of a
-    # batch (or while the queue is long), wakes the sender (the test is
-    # inlined because a function call here is a measurable share of a pool
-    # checkout).
-    queue = sender.events
-    record = queue.extend
+    # batch, wakes the sender (the test is inlined because a function call
+    # here is a measurable share of a pool checkout).
+    record = sender.events.extend
     clock = time.monotonic
     get_ident = threading.get_ident
     getframe = sys._getframe
@@ -1967,8 +1969,9 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         info = connection_record.info
         info[CONN_ID] = ident
         info[CONN_POOL] = engine.pool
-        record((CONNECT, ident, clock(), pool_id, None, None))
-        if not sender.wake_pending or len(queue) > MAX_QUEUED:
+        now = clock()
+        record((CONNECT, ident, now, pool_id, None, None))
+        if now > sender.wake_until:
             sender.wake()
 
     def on_checkout(dbapi_connection, connection_record, connection_proxy):
@@ -1982,25 +1985,28 @@ def instrument(engine, settings: Dict[str, str]) -> None:
             if site is None:
                 site = checkout_site()
             thread = get_ident()
-        record((CHECKOUT, connection_record.info.get(CONN_ID), clock(),
+        now = clock()
+        record((CHECKOUT, connection_record.info.get(CONN_ID), now,
                 pool_id, site, thread))
-        if not sender.wake_pending or len(queue) > MAX_QUEUED:
+        if now > sender.wake_until:
             sender.wake()
 
     def on_checkin(dbapi_connection, connection_record):
         info = connection_record.info
-        record((CHECKIN, info.get(CONN_ID), clock(), None, None, None))
+        now = clock()
+        record((CHECKIN, info.get(CONN_ID), now, None, None, None))
         if info.get(CONN_POOL) is not engine.pool:
             # Checked out across engine.dispose() and now returned to the
             # old pool, which drops it without a close event.
-            record((CLOSE, info.get(CONN_ID), clock(), None, None, None))
-        if not sender.wake_pending or len(queue) > MAX_QUEUED:
+            record((CLOSE, info.get(CONN_ID), now, None, None, None))
+        if now > sender.wake_until:
             sender.wake()
 
     def on_close(dbapi_connection, connection_record):
-        record((CLOSE, connection_record.info.get(CONN_ID), clock(), None,
+        now = clock()
+        record((CLOSE, connection_record.info.get(CONN_ID), now, None,
                 None, None))
-        if not sender.wake_pending or len(queue) > MAX_QUEUED:
+        if now > sender.wake_until:
             sender.wake()
 
     # A detached connection leaves its pool entry (which gets a fresh
@@ -2013,9 +2019,10 @@ def instrument(engine, settings: Dict[str, str]) -> None:
             detached[id(dbapi_connection)] = ident
 
     def on_close_detached(dbapi_connection):
-        record((CLOSE, detached.pop(id(dbapi_connection), None), clock(),
+        now = clock()
+        record((CLOSE, detached.pop(id(dbapi_connection), None), now,
                 None, None, None))
-        if not sender.wake_pending or len(queue) > MAX_QUEUED:
+        if now > sender.wake_until:
             sender.wake()
 
     # Pool events only.  invalidate and soft_invalidate need no listener: a

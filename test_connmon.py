@@ -1059,9 +1059,11 @@ def test_cluster_random_failover_orderings_never_double_count(
     seed = int(os.environ.get("CONNMON_TEST_SEED", time.time()))
     rng = random.Random(seed)
     held = {f"app{i}.py": 0 for i in range(1, 5)}
-    pooled = dict(held)   # a released connection stays in the pool
     started = {name: apps(cluster.url(tmp_path, name), name, pool_size=20)
                for name in held}
+    for app in started.values():   # a process is listed once it uses a pool
+        app("query 1")
+    pooled = {name: 1 for name in held}   # a released one stays pooled
     for step in range(10):
         live, down = sorted(n for n in cluster.nodes
                             if n not in cluster.down), sorted(cluster.down)
@@ -3870,6 +3872,220 @@ def test_gevent_patch_all_app_is_counted(tmp_path):
             1)
     finally:
         daemon.stop()
+
+
+# A parent that uses its engine, then forks a worker with C fork() (as
+# uWSGI does: no Python at-fork hook runs) or with os.fork(); the worker
+# holds two connections of its own.
+FORK_SCRIPT = r'''
+import ctypes, os, sys, time
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1], pool_size=4, max_overflow=0)
+parent_held = engine.connect()
+sys.stdin.readline()   # the test has seen the parent: fork now
+if sys.argv[2] == "c":
+    # PyDLL: the GIL stays held across fork(), so the child owns it
+    pid = ctypes.PyDLL(None).fork()
+else:
+    pid = os.fork()
+if pid == 0:
+    held = [engine.connect() for _ in range(2)]
+    while True:
+        time.sleep(60)
+print(pid, flush=True)
+while True:
+    time.sleep(60)
+'''
+
+
+@pytest.mark.parametrize("fork", ["c", "os"])
+def test_forked_child_counted_and_killed_parent_leaves_at_once(
+        daemon, tmp_path, fork):
+    """A child of C fork() notices its new pid and starts its own sender;
+    either child closes the parent's daemon socket, so the parent,
+    SIGKILLed, leaves the counts at once (not after the 30 s heartbeat)."""
+    script = tmp_path / "forker.py"
+    script.write_text(FORK_SCRIPT)
+    url = (f"sqlite:///{tmp_path}/f.sqlite?plugin=connmon"
+           f"&connmon_addr={daemon.address}")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), url, fork], cwd=HERE, env=CHILD_ENV,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        daemon.wait_row("forker.py", nproc=1, conn=1, ckout=1)
+        # (a C fork in the middle of the parent's busy spell is noticed at
+        # the child's first event after connmon.WAKE_AGAIN: see README)
+        time.sleep(3 * connmon.WAKE_AGAIN)
+        proc.stdin.write("fork\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        child = int(proc.stdout.readline()) if ready else 0
+        assert child > 0, "no child forked"
+        row = daemon.wait_row("forker.py", procs=True, nproc=2, conn=3,
+                              ckout=3)
+        assert {p["pid"]: (p["conn"], p["ckout"], p["limit"])
+                for p in row["procs"]} == {proc.pid: (1, 1, 4),
+                                           child: (2, 2, 4)}
+        proc.kill()
+        row = daemon.wait_row("forker.py", procs=True, timeout=5, nproc=1,
+                              conn=2, ckout=2)
+        assert [p["pid"] for p in row["procs"]] == [child]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+def os_threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+THREADS_SCRIPT = r'''
+import os, sys
+import sqlalchemy as sa
+import connmon
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+engine = sa.create_engine(sys.argv[1], pool_size=2)
+print("made", threads(), len(connmon._senders), flush=True)
+pid = os.fork()   # on Python 3.12+ this warns if other threads exist
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+with engine.connect() as conn:
+    conn.execute(sa.text("SELECT 1"))
+print("used", threads(), flush=True)
+sys.stdin.readline()
+'''
+
+
+def test_no_thread_until_the_first_pool_event(daemon, tmp_path):
+    """An app that makes its engine and forks before using it has no
+    thread of connmon's at the fork (Python 3.12 warns about those)."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "error::DeprecationWarning", str(script),
+         f"sqlite:///{tmp_path}/t.sqlite?plugin=connmon"
+         f"&connmon_addr={daemon.address}"],
+        cwd=HERE, env=CHILD_ENV, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready and proc.stdout.readline().split() == ["made", "1", "1"]
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready and proc.stdout.readline().split() == ["used", "3"]
+        daemon.wait_row("threads.py", nproc=1, conn=1, ckout=0)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+# A uWSGI master, as connmon sees one: the "uwsgi" module the server
+# embeds says worker 0, mule 0.  The application churns its pool there;
+# nothing may grow, and the counts are right once it becomes a worker.
+MASTER_SCRIPT = r'''
+import sys, types
+import sqlalchemy as sa
+uwsgi = sys.modules["uwsgi"] = types.ModuleType("uwsgi")
+uwsgi.worker_id = lambda: worker
+uwsgi.mule_id = lambda: 0
+worker = 0
+import connmon
+
+engine = sa.create_engine(sys.argv[1], pool_size=3, max_overflow=0)
+held = [engine.connect(), engine.connect()]
+(sender,) = connmon._senders.values()
+longest = 0
+for _ in range(60000):
+    engine.connect().close()
+    longest = max(longest, len(sender.events))
+print(len(sender.threads), longest, connmon.MAX_QUEUED, flush=True)
+worker = 1   # the loading process becomes worker 1 (uWSGI without --master)
+engine.connect().close()
+print(len(sender.threads), flush=True)
+sys.stdin.readline()
+'''
+
+
+def test_queue_bounded_while_no_thread_may_start(daemon, tmp_path):
+    script = tmp_path / "master.py"
+    script.write_text(MASTER_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), f"sqlite:///{tmp_path}/m.sqlite"
+         f"?plugin=connmon&connmon_addr={daemon.address}"],
+        cwd=HERE, env=CHILD_ENV, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "the master script did not finish its churn"
+        started, longest, cap = map(int, proc.stdout.readline().split())
+        assert started == 0
+        assert cap // 2 < longest <= cap
+        assert proc.stdout.readline().split() == ["2"]
+        # Nothing was lost: 60,000 checkouts folded on the way.
+        row = daemon.wait_row("master.py", nproc=1, conn=3, ckout=2)
+        assert row["limit"] == 3
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+# An asyncio engine (aiomysql) with ?plugin=connmon: tasks hold and churn
+# connections; the pool's own counts are the truth.
+ASYNC_SCRIPT = r'''
+import asyncio, os, sys
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+async def main():
+    engine = create_async_engine(sys.argv[1], pool_size=6, max_overflow=0)
+    held = []
+    for _ in range(3):
+        held.append(await engine.connect())
+        await held[-1].execute(sa.text("SELECT 1"))
+
+    async def churn():
+        for _ in range(20):
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+    await asyncio.gather(*(churn() for _ in range(3)))
+    pool = engine.sync_engine.pool
+    print(os.getpid(), pool.checkedout() + pool.checkedin(),
+          pool.checkedout(), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+asyncio.run(main())
+'''
+
+
+def test_asyncio_engine_is_counted(daemon, tmp_path):
+    require_database(MYSQL_URL)
+    script = tmp_path / "asyncapp.py"
+    script.write_text(ASYNC_SCRIPT)
+    url = MYSQL_URL.replace("+pymysql", "+aiomysql") + (
+        f"?plugin=connmon&connmon_addr={daemon.address}")
+    proc = subprocess.Popen([sys.executable, str(script), url], cwd=HERE,
+                            env=CHILD_ENV, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the asyncio app did not report"
+        pid, conn, ckout = map(int, proc.stdout.readline().split())
+        assert ckout == 3 and conn >= 4
+        row = daemon.wait_row("asyncapp.py", procs=True, nproc=1, conn=conn,
+                              ckout=ckout)
+        assert [(p["pid"], p["limit"]) for p in row["procs"]] == [(pid, 6)]
+        assert row["ckout_total"] == 3 + 3 * 20
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 # ---------------------------------------------------------------------------
