@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import pathlib
+import queue
 import random
 import re
 import select
@@ -261,6 +262,16 @@ for line in sys.stdin:
 '''
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started in a session of its own, and all its
+    children (forked workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
 class App:
     """A real application process, driven one command at a time."""
 
@@ -296,11 +307,7 @@ class App:
         return self.workers
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
+        kill_group(self.proc)
 
 
 @pytest.fixture
@@ -3742,11 +3749,7 @@ class Server:
         return replies
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
+        kill_group(self.proc)
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
@@ -3876,6 +3879,39 @@ def test_gevent_patch_all_app_is_counted(tmp_path):
         daemon.stop()
 
 
+class Script:
+    """A small program of a test's own, run with this checkout's connmon
+    in a session of its own; it prints lines the test reads (bounded)."""
+
+    def __init__(self, tmp_path, name: str, source: str, *args: str,
+                 python: Tuple[str, ...] = ()):
+        path = tmp_path / name
+        path.write_text(source)
+        self.proc = subprocess.Popen(
+            [sys.executable, *python, str(path), *args], cwd=HERE,
+            env=CHILD_ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, start_new_session=True)
+        # (a reader thread: select() cannot see lines already buffered)
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=lambda: list(map(self.lines.put,
+                                                 self.proc.stdout)),
+                         daemon=True).start()
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def line(self, timeout: float = 60.0) -> List[str]:
+        try:
+            return self.lines.get(timeout=timeout).split()
+        except queue.Empty:
+            raise AssertionError(f"no line from the program in {timeout} s"
+                                 ) from None
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+
+
 # A parent that uses its engine, then forks a worker with C fork() (as
 # uWSGI does: no Python at-fork hook runs) or with os.fork(); the worker
 # holds two connections of its own.
@@ -3907,43 +3943,27 @@ def test_forked_child_counted_and_killed_parent_leaves_at_once(
     """A child of C fork() notices its new pid and starts its own sender;
     either child closes the parent's daemon socket, so the parent,
     SIGKILLed, leaves the counts at once (not after the 30 s heartbeat)."""
-    script = tmp_path / "forker.py"
-    script.write_text(FORK_SCRIPT)
-    url = (f"sqlite:///{tmp_path}/f.sqlite?plugin=connmon"
-           f"&connmon_addr={daemon.address}")
-    proc = subprocess.Popen(
-        [sys.executable, str(script), url, fork], cwd=HERE, env=CHILD_ENV,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        start_new_session=True)
+    parent = Script(tmp_path, "forker.py", FORK_SCRIPT,
+                    f"sqlite:///{tmp_path}/f.sqlite?plugin=connmon"
+                    f"&connmon_addr={daemon.address}", fork)
     try:
         daemon.wait_row("forker.py", nproc=1, conn=1, ckout=1)
         # (a C fork in the middle of the parent's busy spell is noticed at
         # the child's first event after connmon.WAKE_AGAIN: see README)
         time.sleep(3 * connmon.WAKE_AGAIN)
-        proc.stdin.write("fork\n")
-        proc.stdin.flush()
-        ready, _, _ = select.select([proc.stdout], [], [], 15)
-        child = int(proc.stdout.readline()) if ready else 0
-        assert child > 0, "no child forked"
+        parent.send("fork")
+        (child,) = map(int, parent.line())
         row = daemon.wait_row("forker.py", procs=True, nproc=2, conn=3,
                               ckout=3)
         assert {p["pid"]: (p["conn"], p["ckout"], p["limit"])
-                for p in row["procs"]} == {proc.pid: (1, 1, 4),
+                for p in row["procs"]} == {parent.proc.pid: (1, 1, 4),
                                            child: (2, 2, 4)}
-        proc.kill()
+        parent.proc.kill()
         row = daemon.wait_row("forker.py", procs=True, timeout=5, nproc=1,
                               conn=2, ckout=2)
         assert [p["pid"] for p in row["procs"]] == [child]
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
-
-
-def os_threads(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
+        parent.stop()
 
 
 THREADS_SCRIPT = r'''
@@ -3970,23 +3990,16 @@ sys.stdin.readline()
 def test_no_thread_until_the_first_pool_event(daemon, tmp_path):
     """An app that makes its engine and forks before using it has no
     thread of connmon's at the fork (Python 3.12 warns about those)."""
-    script = tmp_path / "threads.py"
-    script.write_text(THREADS_SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, "-W", "error::DeprecationWarning", str(script),
-         f"sqlite:///{tmp_path}/t.sqlite?plugin=connmon"
-         f"&connmon_addr={daemon.address}"],
-        cwd=HERE, env=CHILD_ENV, stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, text=True)
+    app = Script(tmp_path, "threads.py", THREADS_SCRIPT,
+                 f"sqlite:///{tmp_path}/t.sqlite?plugin=connmon"
+                 f"&connmon_addr={daemon.address}",
+                 python=("-W", "error::DeprecationWarning"))
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready and proc.stdout.readline().split() == ["made", "1", "1"]
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready and proc.stdout.readline().split() == ["used", "3"]
+        assert app.line() == ["made", "1", "1"]
+        assert app.line() == ["used", "3"]
         daemon.wait_row("threads.py", nproc=1, conn=1, ckout=0)
     finally:
-        proc.kill()
-        proc.wait(10)
+        app.stop()
 
 
 # A uWSGI master, as connmon sees one: the "uwsgi" module the server
@@ -4017,26 +4030,19 @@ sys.stdin.readline()
 
 
 def test_queue_bounded_while_no_thread_may_start(daemon, tmp_path):
-    script = tmp_path / "master.py"
-    script.write_text(MASTER_SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), f"sqlite:///{tmp_path}/m.sqlite"
-         f"?plugin=connmon&connmon_addr={daemon.address}"],
-        cwd=HERE, env=CHILD_ENV, stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, text=True)
+    master = Script(tmp_path, "master.py", MASTER_SCRIPT,
+                    f"sqlite:///{tmp_path}/m.sqlite?plugin=connmon"
+                    f"&connmon_addr={daemon.address}")
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 120)
-        assert ready, "the master script did not finish its churn"
-        started, longest, cap = map(int, proc.stdout.readline().split())
+        started, longest, cap = map(int, master.line(timeout=120))
         assert started == 0
         assert cap // 2 < longest <= cap
-        assert proc.stdout.readline().split() == ["2"]
+        assert master.line() == ["2"]
         # Nothing was lost: 60,000 checkouts folded on the way.
         row = daemon.wait_row("master.py", nproc=1, conn=3, ckout=2)
         assert row["limit"] == 3
     finally:
-        proc.kill()
-        proc.wait(10)
+        master.stop()
 
 
 # An asyncio engine (aiomysql) with ?plugin=connmon: tasks hold and churn
@@ -4069,25 +4075,18 @@ asyncio.run(main())
 
 def test_asyncio_engine_is_counted(daemon, tmp_path):
     require_database(MYSQL_URL)
-    script = tmp_path / "asyncapp.py"
-    script.write_text(ASYNC_SCRIPT)
-    url = MYSQL_URL.replace("+pymysql", "+aiomysql") + (
-        f"?plugin=connmon&connmon_addr={daemon.address}")
-    proc = subprocess.Popen([sys.executable, str(script), url], cwd=HERE,
-                            env=CHILD_ENV, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    app = Script(tmp_path, "asyncapp.py", ASYNC_SCRIPT,
+                 MYSQL_URL.replace("+pymysql", "+aiomysql")
+                 + f"?plugin=connmon&connmon_addr={daemon.address}")
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready, "the asyncio app did not report"
-        pid, conn, ckout = map(int, proc.stdout.readline().split())
+        pid, conn, ckout = map(int, app.line())
         assert ckout == 3 and conn >= 4
         row = daemon.wait_row("asyncapp.py", procs=True, nproc=1, conn=conn,
                               ckout=ckout)
         assert [(p["pid"], p["limit"]) for p in row["procs"]] == [(pid, 6)]
         assert row["ckout_total"] == 3 + 3 * 20
     finally:
-        proc.kill()
-        proc.wait(10)
+        app.stop()
 
 
 # ---------------------------------------------------------------------------
