@@ -1448,9 +1448,8 @@ def _unpatched(module: str, name: str) -> Any:
 
 
 class Runtime:
-    """The primitives the sender's background work uses, chosen once per
-    process, and when it may start: the one place that knows about
-    eventlet, gevent and uWSGI.
+    """The primitives the sender's background work uses, and when it may
+    start: the one place that knows about eventlet, gevent and uWSGI.
 
     The background work runs on real OS threads, with the standard
     library's own thread, lock, sleep, poll and pipe I/O, whatever the
@@ -1480,8 +1479,8 @@ class Runtime:
         --master the loading process becomes worker 1 without a fork: its
         worker id changes then.)"""
         uwsgi = sys.modules.get("uwsgi")
-        return (uwsgi is None or not hasattr(uwsgi, "worker_id")
-                or uwsgi.worker_id() != 0 or uwsgi.mule_id() != 0)
+        return (uwsgi is None or uwsgi.worker_id() != 0
+                or uwsgi.mule_id() != 0)
 
     def wait_readable(self, fds: List[int],
                       timeout: Optional[float]) -> List[int]:
@@ -1496,7 +1495,7 @@ class Runtime:
         return [fd for fd, _ in ready]
 
     def start_thread(self, target) -> "BackgroundThread":
-        thread = BackgroundThread(target.__name__)
+        thread = BackgroundThread()
         thread.ident = self.start_new_thread(thread.run, (target, self))
         return thread
 
@@ -1504,8 +1503,7 @@ class Runtime:
 class BackgroundThread:
     """One of the sender's OS threads: its ids, for the benchmarks."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self) -> None:
         self.ident = 0       # pthread id
         self.native_id = 0   # the kernel's thread id, once it runs
 
