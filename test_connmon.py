@@ -3644,7 +3644,7 @@ first = threading.Lock()
 def counts():
     out = engine.pool.checkedout()
     return {{"pid": os.getpid(), "conn": out + engine.pool.checkedin(),
-             "ckout": out}}
+             "ckout": out, "limit": engine.pool.size()}}
 
 def application(environ, start_response):
     if environ["PATH_INFO"] == "/work":
@@ -3780,7 +3780,7 @@ def check_server(tmp_path, daemon: Daemon, argv: List[str], port: int,
         picture: Dict[int, tuple] = {}
 
         def pictures_agree():
-            truth.update((r["pid"], (r["conn"], r["ckout"], POOL_SIZE))
+            truth.update((r["pid"], (r["conn"], r["ckout"], r["limit"]))
                          for r in server.answers("/pid"))
             row = daemon.row(progname, procs=True)
             picture.clear()
@@ -3801,6 +3801,7 @@ def check_server(tmp_path, daemon: Daemon, argv: List[str], port: int,
             workers, workers * POOL_SIZE, False)
         log = server.log_tail()
         assert "Traceback" not in log and "connmon:" not in log, log
+        assert server.log.stat().st_size < 64 << 10, "a flooded log"
     finally:
         server.stop()
 
