@@ -3970,7 +3970,7 @@ def test_forked_child_counted_and_killed_parent_leaves_at_once(
         parent.stop()
 
 
-THREADS_SCRIPT = r'''
+FIRST_USE_SCRIPT = r'''
 import os, sys
 import sqlalchemy as sa
 import connmon
@@ -3994,7 +3994,7 @@ sys.stdin.readline()
 def test_no_thread_until_the_first_pool_event(daemon, tmp_path):
     """An app that makes its engine and forks before using it has no
     thread of connmon's at the fork (Python 3.12 warns about those)."""
-    app = Script(tmp_path, "threads.py", THREADS_SCRIPT,
+    app = Script(tmp_path, "threads.py", FIRST_USE_SCRIPT,
                  f"sqlite:///{tmp_path}/t.sqlite?plugin=connmon"
                  f"&connmon_addr={daemon.address}",
                  python=("-W", "error::DeprecationWarning"))
