@@ -1027,6 +1027,81 @@ def bench_disconnect(quick: bool) -> None:
              f"{waits[-1] * 1000:6.1f} ms",)])
 
 
+# An application serving requests on 8 workers at once, each request a
+# checkout, a MariaDB SELECT 1 and a checkin: threads, or green threads
+# once eventlet or gevent has patched the process (so it runs in a process
+# of its own).  The engines, plain and monitored, take turns as in
+# interleaved().
+RUNTIME_APP = r'''
+import json, sys, threading, time
+runtime, url, address, rounds, requests = sys.argv[1:6]
+if runtime == "eventlet":
+    import eventlet
+    eventlet.monkey_patch()
+elif runtime == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+import sqlalchemy as sa
+import bench_connmon
+
+WORKERS = 8
+
+def served(engine, requests):
+    """Microseconds per request, WORKERS workers serving their shares."""
+    def worker():
+        for _ in range(requests // WORKERS):
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+    workers = [threading.Thread(target=worker) for _ in range(WORKERS)]
+    start = time.perf_counter()
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return (time.perf_counter() - start) * 1e6 / requests
+
+engines = {
+    "plain": sa.create_engine(url, pool_size=WORKERS),
+    "plain again": sa.create_engine(url, pool_size=WORKERS),
+    "connmon": sa.create_engine(
+        f"{url}?plugin=connmon&connmon_addr={address}", pool_size=WORKERS),
+}
+results = bench_connmon.interleaved(engines, int(rounds), int(requests),
+                                    served)
+print(json.dumps({name: list(result) for name, result in results.items()}))
+'''
+
+
+def bench_runtimes(quick: bool) -> None:
+    """App throughput with and without connmon on 8 busy threads, and on 8
+    green threads under eventlet and under gevent (target ratio <= 1.02)."""
+    url = os.environ.get("CONNMON_TEST_MYSQL",
+                         "mysql+pymysql://root@127.0.0.1:3306/test")
+    rounds, requests = (9, 800) if quick else (25, 2000)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        daemon = Daemon(workdir)
+        try:
+            for runtime in ("threads", "eventlet", "gevent"):
+                child = subprocess.run(
+                    [sys.executable, "-W", "ignore", "-c", RUNTIME_APP,
+                     runtime, url, daemon.address, str(rounds),
+                     str(requests)],
+                    cwd=HERE, capture_output=True, text=True, timeout=900,
+                    env=dict(os.environ, PYTHONPATH=HERE))
+                if child.returncode:
+                    raise RuntimeError(f"{runtime}: {child.stderr}")
+                results = {name: Paired(*values) for name, values in
+                           json.loads(child.stdout).items()}
+                rows += [(f"{runtime:<8}",) + row
+                         for row in ratio_rows(results, 11)]
+        finally:
+            daemon.stop()
+    report(f"runtimes: requests (checkout, MariaDB SELECT 1, checkin) on 8 "
+           f"workers at once, {rounds} rounds x {requests} requests, "
+           "median of the rounds' ratios (target ratio <= 1.02)", rows)
+
+
 SCENARIOS: Dict[str, Callable[[bool], None]] = {
     "hotpath": bench_hotpath,
     "hotpath-mysql": bench_hotpath_mysql,
@@ -1037,6 +1112,7 @@ SCENARIOS: Dict[str, Callable[[bool], None]] = {
     "cluster": bench_cluster,
     "console": bench_console,
     "history": bench_history,
+    "runtimes": bench_runtimes,
     "blackhole": bench_blackhole,
     "hostile": bench_hostile,
     "disconnect": bench_disconnect,

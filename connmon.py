@@ -1034,14 +1034,7 @@ def _note_thread_greenlet(main_greenlet, ident: int) -> None:
 
 def _real_get_ident():
     """The OS thread's ident, whatever eventlet or gevent have patched."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None:
-        return monkey.get_original("_thread", "get_ident")
-    patcher = sys.modules.get("eventlet.patcher")
-    if patcher is not None:
-        return patcher.original("_thread").get_ident
-    import _thread
-    return _thread.get_ident
+    return _unpatched("_thread", "get_ident")
 
 
 def holder_stack(holder) -> Tuple[bool, Optional[List[Any]], str]:
@@ -2079,20 +2072,108 @@ class Backoff:
         self.delay = 0.0
 
 
-def wait_readable(fds: List[int], timeout: Optional[float]) -> List[int]:
-    """The file descriptors of ``fds`` that are readable, waiting at most
-    ``timeout`` seconds (None: for ever).  poll(), not select(): in a big
-    application our descriptors may well be numbered above 1024."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    ready = poller.poll(None if timeout is None else timeout * 1000)
-    return [fd for fd, _ in ready]
+def _unpatched(module: str, name: str) -> Any:
+    """``module.name`` as the standard library made it, even when gevent or
+    eventlet has monkey-patched the module (each keeps the originals)."""
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None:
+        return gevent_monkey.get_original(module, name)
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    if eventlet_patcher is not None:
+        return getattr(eventlet_patcher.original(module), name)
+    return getattr(__import__(module), name)
+
+
+class Runtime:
+    """The primitives the sender's background work uses, and when it may
+    start: the one place that knows about eventlet, gevent and uWSGI.
+
+    The background work runs on real OS threads, with the standard
+    library's own thread, lock, sleep, poll and pipe I/O, whatever the
+    application monkey-patched (see README, "Runtimes"): a green thread
+    would run only when the application yields to its hub, so a busy or
+    blocked hub would freeze the counts just when they matter, and a
+    connmon loop that did not yield would freeze the application.  Our
+    threads never wait on the hub and the hub never waits on them.  Their
+    sockets may be green ones (connect, TLS, DNS as the application
+    patched them): in a real thread those wait in that thread's own hub.
+    """
+
+    def __init__(self) -> None:
+        self.start_new_thread = _unpatched("_thread", "start_new_thread")
+        self.allocate_lock = _unpatched("_thread", "allocate_lock")
+        self.get_native_id = _unpatched("_thread", "get_native_id")
+        self.sleep = _unpatched("time", "sleep")
+        self.poll = _unpatched("select", "poll")
+        self.read = _unpatched("posix", "read")
+        self.write = _unpatched("posix", "write")
+
+    @staticmethod
+    def may_start_threads() -> bool:
+        """Not in a uWSGI master that has loaded the application and will
+        fork its workers with C fork(): a thread of ours holding the GIL at
+        that moment would leave the worker's GIL held for ever.  (Without
+        --master the loading process becomes worker 1 without a fork: its
+        worker id changes then.)"""
+        uwsgi = sys.modules.get("uwsgi")
+        return (uwsgi is None or uwsgi.worker_id() != 0
+                or uwsgi.mule_id() != 0)
+
+    def wait_readable(self, fds: List[int],
+                      timeout: Optional[float]) -> List[int]:
+        """The file descriptors of ``fds`` that are readable, waiting at
+        most ``timeout`` seconds (None: for ever).  poll(), not select():
+        in a big application our descriptors may well be numbered above
+        1024."""
+        poller = self.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        ready = poller.poll(None if timeout is None else timeout * 1000)
+        return [fd for fd, _ in ready]
+
+    def start_thread(self, target) -> "BackgroundThread":
+        thread = BackgroundThread()
+        thread.ident = self.start_new_thread(thread.run, (target, self))
+        return thread
+
+
+class BackgroundThread:
+    """One of the sender's OS threads: its ids, for the benchmarks."""
+
+    def __init__(self) -> None:
+        self.ident = 0       # pthread id
+        self.native_id = 0   # the kernel's thread id, once it runs
+
+    def run(self, target, runtime: Runtime) -> None:
+        self.native_id = runtime.get_native_id()
+        target()
+
+
+_runtime: Optional[Runtime] = None
+
+
+def runtime() -> Runtime:
+    """The Runtime, chosen when the first monitored engine is made: after
+    the application's monkey-patching, whenever it imported connmon."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime()
+    return _runtime
+
+
+# The most items the queue holds when no thread drains it (see
+# Sender.wake): then the listener's own thread folds it.
+MAX_QUEUED = 10000 * EVENT_ITEMS
+# While the fold thread is at work, listeners leave it alone; but a thread
+# that has not been seen at work for this long (a fork left none) is
+# woken again, so a process forked without Python's at-fork hooks notices
+# its new pid within this many seconds of its parent's last batch.
+WAKE_AGAIN = 4 * FLUSH_DELAY
 
 
 class Sender:
-    """Ships one process's connection state to connmond from two daemon
-    threads.
+    """Ships one process's connection state to connmond from two
+    background threads, started at the first pool event (see Runtime).
 
     Listeners on application threads call ``events.extend`` and ``wake``
     only.  The fold thread folds the events into ``state``, never touching
@@ -2115,75 +2196,118 @@ class Sender:
         # holder's id() travels there and the holder itself waits here
         # (until the connection is checked out again or closed).
         self.handed: Dict[int, Any] = {}
-        self._start()
+        # pool -> capacity, of the engines alive: what a forked child
+        # announces before it has folded any event of its own
+        self.pool_limits: Dict[int, Optional[int]] = {}
+        self._conn: Optional[Connection] = None   # to connmond, when up
+        self._begin()
 
-    def _start(self) -> None:
-        """(Re)initialise everything per-process; also used after fork."""
+    def _begin(self) -> None:
+        """(Re)initialise everything per-process: when made, and in a
+        forked child.  No thread yet: see wake."""
         self.events.clear()
         self.handed.clear()
         self.state = ProcessState(os.urandom(8).hex(),
                                   printable(socket.gethostname(), MAX_NAME),
                                   progname(), os.getpid())
+        self.state.pools = dict(self.pool_limits)
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent
         self._scanned = 0.0   # when long holders were last looked at
-        self.lock = threading.Lock()   # state, _sent*, between threads
-        self.wake_pending = False
+        self.lock = runtime().allocate_lock()   # state, _sent*, threads
+        self.wake_until = 0.0   # listeners call wake for events after it
+        self.started = False
+        self.threads: List[BackgroundThread] = []
         self._wake_read, self._wake_write = os.pipe()    # listeners -> fold
         self._news_read, self._news_write = os.pipe()    # fold -> network
         os.set_blocking(self._wake_write, False)
         os.set_blocking(self._news_write, False)
-        self._folder = threading.Thread(target=self._fold, daemon=True,
-                                        name="connmon-fold")
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name="connmon-sender")
-        self._folder.start()
-        self._thread.start()
-
-    @property
-    def threads(self) -> List[threading.Thread]:
-        return [self._folder, self._thread]
 
     def after_fork_in_child(self) -> None:
+        """Forget the parent's threads, pipes and queued events, and close
+        the parent's connection to connmond: a parent killed later leaves
+        the counts at once, not when the heartbeat runs out."""
+        if self._conn is not None:   # (not close(): after a C fork its
+            os.close(self._conn.sock.detach())   # reader's lock may be held)
+            self._conn = None
         for fd in (self._wake_read, self._wake_write, self._news_read,
                    self._news_write):
             os.close(fd)
-        self._start()
+        self._begin()
 
-    def wake(self) -> None:
-        """Tell the thread there are events: one pipe write per batch, since
-        listeners call this only while ``wake_pending`` is false."""
-        if not self.wake_pending:
-            self.wake_pending = True
+    def wake(self, start: bool = True) -> None:
+        """Tell the fold thread there are events.  Listeners call this for
+        an event later than ``wake_until``: the first of a batch, since the
+        fold thread moves ``wake_until`` on while it works; so one pipe
+        write a busy spell.  Here, not on every event, the process notices
+        a fork that ran no at-fork hooks (its pid changed), folds a queue
+        no thread drains (then every event comes here), and starts the
+        threads (``start``: unless the event is no use of a pool)."""
+        if _pid != os.getpid():
+            _after_fork_in_child()
+        if len(self.events) > MAX_QUEUED:
+            self._fold_here()
+        if not self.started and not (start and self._start_threads()):
+            return
+        self.wake_until = time.monotonic() + WAKE_AGAIN
+        try:
+            runtime().write(self._wake_write, b"!")
+        except OSError:   # (a full pipe: the thread has been woken)
+            pass
+
+    def _fold_here(self) -> None:
+        """Fold the queue on the application's thread: no thread drains it
+        (none may start yet, or none could) or the fold thread cannot keep
+        up.  Dict work only, never a wait: when the lock is taken, one of
+        our threads is at work and drains the queue soon.  Memory stays
+        bounded and no event is lost."""
+        if self.lock.acquire(False):
             try:
-                os.write(self._wake_write, b"!")
-            except OSError:
-                pass
+                self._drain()
+            finally:
+                self.lock.release()
+
+    def _start_threads(self) -> bool:
+        """Start the threads if this process may (see Runtime)."""
+        rt = runtime()
+        if not rt.may_start_threads():
+            return False
+        self.started = True
+        try:
+            self.threads = [rt.start_thread(self._fold),
+                            rt.start_thread(self._run)]
+        except Exception:  # e.g. no threads left: unmonitored, never fail
+            log.exception("connmon: cannot start; process %d runs "
+                          "unmonitored", os.getpid())
+        return True
 
     # -- the threads --------------------------------------------------------
 
     def _fold(self) -> None:
         """Woken by the first event of a batch, fold a batch every
         FLUSH_DELAY for as long as events keep coming; listeners do not
-        wake it meanwhile (wake_pending stays true), which spares the
+        wake it meanwhile (wake_until moves on), which spares the
         application a pipe write and this thread a wake-up per batch."""
+        rt = runtime()
         while True:
             try:
-                woken = wait_readable([self._wake_read], self._scan_due())
+                woken = rt.wait_readable([self._wake_read], self._scan_due())
                 busy = bool(woken)
                 while busy:
-                    time.sleep(FLUSH_DELAY)
+                    rt.sleep(FLUSH_DELAY)
                     busy = bool(self.events)
-                    if not busy:   # a quiet spell: back to being woken
-                        os.read(self._wake_read, 4096)
-                        self.wake_pending = False
+                    if busy:
+                        self.wake_until = time.monotonic() + WAKE_AGAIN
+                    else:   # a quiet spell: back to being woken
+                        rt.read(self._wake_read, 4096)
+                        self.wake_until = 0.0
                     # (the quiet one folds what came meanwhile, too)
                     self._fold_batch(quiet=not busy)
                 if not woken:   # time to look at long holders
                     self._fold_batch(quiet=True)
             except Exception:  # never let the thread die silently
                 log.exception("connmon: error folding pool events")
-                time.sleep(RECONNECT_MAX)
+                rt.sleep(RECONNECT_MAX)
 
     def _fold_batch(self, quiet: bool) -> None:
         """Fold the queued events, look at long holders when that is due,
@@ -2204,18 +2328,19 @@ class Sender:
                 counted and (quiet or now - self._sent_at >= COUNTERS_DELAY))
         if news:
             try:
-                os.write(self._news_write, b"!")
+                runtime().write(self._news_write, b"!")
             except BlockingIOError:   # the network thread has news already
                 pass
 
     def _run(self) -> None:
-        conn: Optional[Connection] = None
+        rt = runtime()
         beat = Heartbeat(DEFAULT_HEARTBEAT, 0.0)
         backoff = Backoff()
         while True:
             try:
+                conn = self._conn
                 if conn is None and time.monotonic() >= backoff.retry_at:
-                    conn = self._connect(backoff.failures)
+                    conn = self._conn = self._connect(backoff.failures)
                     if conn is None:
                         backoff.failed(time.monotonic())
                     else:
@@ -2227,14 +2352,14 @@ class Sender:
                 else:
                     waiting = [self._news_read, conn.sock.fileno()]
                     timeout = beat.wait(now)
-                readable = wait_readable(waiting, timeout)
+                readable = rt.wait_readable(waiting, timeout)
                 if conn is not None and conn.sock.fileno() in readable:
                     # The daemon says nothing but pongs (or why it hangs up).
                     expect(read_message(conn.rfile), "pong")
                     beat.heard(time.monotonic())
                     backoff.reset()
                 if self._news_read in readable:
-                    os.read(self._news_read, 4096)
+                    rt.read(self._news_read, 4096)
                     if conn is not None:
                         self._send(conn)
                 if conn is not None:
@@ -2243,12 +2368,13 @@ class Sender:
                 # Say it once, then quietly keep trying.
                 (log.warning if backoff.failures == 0 else log.debug)(
                     "connmon: lost connmond %s: %s", self.description, err)
-                conn = self._drop(conn)
+                self._conn = self._drop(self._conn)
                 backoff.failed(time.monotonic())
-            except Exception:  # never let the thread die silently
+            except Exception:  # never let the thread die, nor spin
                 log.exception("connmon: sender error")
-                conn = self._drop(conn)
+                self._conn = self._drop(self._conn)
                 backoff.failed(time.monotonic())
+                rt.sleep(RECONNECT_MAX)
 
     @staticmethod
     def _keep_alive(conn: Connection, beat: "Heartbeat") -> None:
@@ -2267,8 +2393,9 @@ class Sender:
                 _jitter.sample(self.addresses, len(self.addresses)), "app",
                 security=self.security, proc=state.describe())
             conn.sock.settimeout(SEND_TIMEOUT)
-            with self.lock:
-                state.reset_counters()   # what happened while away is past
+            if self._sent_at:   # a reconnect: what happened while away is
+                with self.lock:   # past (before the first, it is news)
+                    state.reset_counters()
             self._send(conn, full=True)
         except (OSError, ProtocolError) as err:
             # Say it once, then quietly keep trying.
@@ -2320,11 +2447,14 @@ class Sender:
 
 _senders: Dict[tuple, Sender] = {}
 _senders_lock = threading.Lock()
+_pid = os.getpid()   # whose senders these are: see _after_fork_in_child
 
 
 def get_sender(target: "Target") -> Sender:
     """The process's sender for these daemons and settings, made on first
     use."""
+    if _pid != os.getpid():
+        _after_fork_in_child()
     key = (tuple(sorted(target.addresses)), target.security.key)
     with _senders_lock:
         sender = _senders.get(key)
@@ -2336,7 +2466,11 @@ def get_sender(target: "Target") -> Sender:
 
 
 def _after_fork_in_child() -> None:
-    global _senders_lock
+    """A forked child starts afresh: from Python's at-fork hook, or when
+    the pid is seen to have changed, for a child of C fork() (uWSGI),
+    which runs no hook."""
+    global _senders_lock, _pid
+    _pid = os.getpid()
     _senders_lock = threading.Lock()   # another thread may have held it
     _jitter.seed()
     for sender in _senders.values():
@@ -2427,9 +2561,10 @@ def _pool_limit(pool) -> Optional[int]:
 
 def _engine_gone(sender: Sender, pool_id: int) -> None:
     """An instrumented engine was collected (weakref.finalize)."""
+    sender.pool_limits.pop(pool_id, None)
     sender.events.extend((ENGINE_GONE, pool_id, time.monotonic(), None, None,
                           None, None))
-    sender.wake()
+    sender.wake(start=False)
 
 
 def instrument(engine, settings: Dict[str, str]) -> None:
@@ -2448,8 +2583,8 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         return
     # The listeners run on the application's threads for every checkout and
     # checkin: each only queues an event and, for the first event of a
-    # batch, wakes the sender (the wake_pending test is inlined because a
-    # function call here is a measurable share of a pool checkout).
+    # batch, wakes the sender (the test is inlined because a function call
+    # here is a measurable share of a pool checkout).
     record = sender.events.extend
     handed = sender.handed
     clock = time.monotonic
@@ -2463,8 +2598,9 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         info = connection_record.info
         info[CONN_ID] = ident
         info[CONN_POOL] = engine.pool
-        record((CONNECT, ident, clock(), pool_id, None, None, None))
-        if not sender.wake_pending:
+        now = clock()
+        record((CONNECT, ident, now, pool_id, None, None, None))
+        if now > sender.wake_until:
             sender.wake()
 
     def on_checkout(dbapi_connection, connection_record, connection_proxy):
@@ -2482,26 +2618,29 @@ def instrument(engine, settings: Dict[str, str]) -> None:
                 scope = id(frame)
                 handed[ident] = who = current_holder() or first_holder()
                 holder = id(who)
-        record((CHECKOUT, ident, clock(), pool_id, site, scope, holder))
-        if not sender.wake_pending:
+        now = clock()
+        record((CHECKOUT, ident, now, pool_id, site, scope, holder))
+        if now > sender.wake_until:
             sender.wake()
 
     def on_checkin(dbapi_connection, connection_record):
         info = connection_record.info
-        record((CHECKIN, info.get(CONN_ID), clock(), None, None, None,
+        now = clock()
+        record((CHECKIN, info.get(CONN_ID), now, None, None, None,
                 None))
         if info.get(CONN_POOL) is not engine.pool:
             # Checked out across engine.dispose() and now returned to the
             # old pool, which drops it without a close event.
-            record((CLOSE, info.get(CONN_ID), clock(), None, None, None,
+            record((CLOSE, info.get(CONN_ID), now, None, None, None,
                     None))
-        if not sender.wake_pending:
+        if now > sender.wake_until:
             sender.wake()
 
     def on_close(dbapi_connection, connection_record):
-        record((CLOSE, connection_record.info.get(CONN_ID), clock(), None,
+        now = clock()
+        record((CLOSE, connection_record.info.get(CONN_ID), now, None,
                 None, None, None))
-        if not sender.wake_pending:
+        if now > sender.wake_until:
             sender.wake()
 
     # A detached connection leaves its pool entry (which gets a fresh
@@ -2514,9 +2653,10 @@ def instrument(engine, settings: Dict[str, str]) -> None:
             detached[id(dbapi_connection)] = ident
 
     def on_close_detached(dbapi_connection):
-        record((CLOSE, detached.pop(id(dbapi_connection), None), clock(),
+        now = clock()
+        record((CLOSE, detached.pop(id(dbapi_connection), None), now,
                 None, None, None, None))
-        if not sender.wake_pending:
+        if now > sender.wake_until:
             sender.wake()
 
     # Pool events only.  invalidate and soft_invalidate need no listener: a
@@ -2532,10 +2672,10 @@ def instrument(engine, settings: Dict[str, str]) -> None:
                            ("detach", on_detach),
                            ("close_detached", on_close_detached)):
         event.listen(engine, name, listener)
-    record((POOL, pool_id, clock(), _pool_limit(engine.pool), None, None,
-            None))
+    limit = sender.pool_limits[pool_id] = _pool_limit(engine.pool)
+    record((POOL, pool_id, clock(), limit, None, None, None))
     weakref.finalize(engine, _engine_gone, sender, pool_id)
-    sender.wake()
+    sender.wake(start=False)   # threads start at the first use of a pool
 
 
 def _dialect_subclass(real_cls):

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import pathlib
+import queue
 import random
 import re
 import select
@@ -264,6 +265,16 @@ for line in sys.stdin:
 '''
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started in a session of its own, and all its
+    children (forked workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
 class App:
     """A real application process, driven one command at a time."""
 
@@ -299,11 +310,7 @@ class App:
         return self.workers
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
+        kill_group(self.proc)
 
 
 @pytest.fixture
@@ -482,7 +489,6 @@ def test_queuepool_counts(backend, daemon, apps, tmp_path):
 def check_queuepool_counts(app: "App", daemon: Daemon) -> None:
     """Hold, return, overflow, dispose: the daemon follows exactly."""
     name = app.progname
-    daemon.wait_row(name, nproc=1, conn=0, ckout=0)
     app("hold 5")
     daemon.wait_row(name, conn=5, ckout=5, maxconn=5, maxckout=5)
     app("release 3")
@@ -617,21 +623,24 @@ def test_invalidate_pre_ping_and_recycle(daemon, apps):
 
 def test_forked_workers(daemon, apps):
     require_database(MYSQL_URL)
-    app = apps(monitored(MYSQL_URL, daemon), "forking.py")
-    daemon.wait_row("forking.py", nproc=1)
+    app = apps(monitored(MYSQL_URL, daemon), "forking.py", pool_size=3,
+               max_overflow=0)
     workers = app.fork(8)
     held = {pid: i % 3 + 1 for i, pid in enumerate(workers)}
     total = sum(held.values())
-    # The parent that created the engine is a process of the program too.
-    row = daemon.wait_row("forking.py", procs=True, nproc=9, conn=total,
-                          ckout=total)
-    by_pid = {p["pid"]: (p["conn"], p["ckout"]) for p in row["procs"]}
-    assert by_pid == {app.proc.pid: (0, 0),
-                      **{pid: (n, n) for pid, n in held.items()}}
+    # The parent made the engine but never used it: it started no thread
+    # and is not a process of the program (see README, "Forked workers").
+    # Each worker announces its pool's capacity, 3.
+    row = daemon.wait_row("forking.py", procs=True, nproc=8, conn=total,
+                          ckout=total, limit=8 * 3)
+    by_pid = {p["pid"]: (p["conn"], p["ckout"], p["limit"], p["exhausted"])
+              for p in row["procs"]}
+    assert by_pid == {pid: (n, n, 3, n == 3) for pid, n in held.items()}
+    assert not row["exhausted"]
 
     victim = workers[2]
     os.kill(victim, signal.SIGKILL)
-    row = daemon.wait_row("forking.py", procs=True, timeout=5, nproc=8,
+    row = daemon.wait_row("forking.py", procs=True, timeout=5, nproc=7,
                           conn=total - held[victim])
     assert victim not in {p["pid"] for p in row["procs"]}
 
@@ -639,7 +648,7 @@ def test_forked_workers(daemon, apps):
     row = daemon.wait_row("forking.py", connected=False, nproc=0, conn=0,
                           ckout=0)
     assert (row["maxnproc"], row["maxconn"], row["maxckout"]) == (
-        9, total, total)
+        8, total, total)
 
 
 def test_daemon_restart_converges_without_double_counting(tmp_path, apps):
@@ -1092,9 +1101,11 @@ def test_cluster_random_failover_orderings_never_double_count(
     seed = int(os.environ.get("CONNMON_TEST_SEED", time.time()))
     rng = random.Random(seed)
     held = {f"app{i}.py": 0 for i in range(1, 5)}
-    pooled = dict(held)   # a released connection stays in the pool
     started = {name: apps(cluster.url(tmp_path, name), name, pool_size=20)
                for name in held}
+    for app in started.values():   # a process is listed once it uses a pool
+        app("query 1")
+    pooled = {name: 1 for name in held}   # a released one stays pooled
     for step in range(10):
         live, down = sorted(n for n in cluster.nodes
                             if n not in cluster.down), sorted(cluster.down)
@@ -1369,7 +1380,6 @@ def test_metrics_equal_the_snapshot_with_awkward_labels(tmp_path, apps):
     try:
         app = apps(f"sqlite:///{tmp_path}/m.sqlite?plugin=connmon"
                    f"&connmon_addr={daemon.address}", "metrics_app.py")
-        daemon.wait_row("metrics_app.py", nproc=1)
         app("hold 2")
         app("query 3")
         # The queries need a third connection; it stays pooled.
@@ -2282,8 +2292,7 @@ def test_console_filter_pause_and_drill_down(daemon, apps, tmp_path,
     pids = []
     for held in range(4):   # four processes of one program: 0..3 held
         worker = apps(url, "worker.py")
-        if held:
-            worker(f"hold {held}")
+        worker(f"hold {held}" if held else "query 1")   # each uses its pool
         pids.append(worker.proc.pid)
     daemon.wait_row("worker.py", nproc=4, ckout=6)
     daemon.wait_row("web-api.py", ckout=1)
@@ -2325,7 +2334,9 @@ def test_console_filter_pause_and_drill_down(daemon, apps, tmp_path,
         return {int(fields[0]): fields[1:3] for fields in (
             line.split() for line in lines)
             if fields and fields[0].isdigit()}
-    want = {pid: [str(n), str(n)] for pid, n in zip(pids, [0, 1, 2, 3])}
+    # (the worker that holds none keeps its query's connection pooled)
+    want = {pid: [str(max(n, 1)), str(n)]
+            for pid, n in zip(pids, [0, 1, 2, 3])}
     term.wait_for(lambda t: processes(t) == want, f"processes {want}")
     assert "CONNECTED SINCE" in term.text
     term.press(b"\x7f")   # Backspace returns to the table
@@ -3701,7 +3712,485 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
 # App servers and runtimes: uWSGI, gunicorn, eventlet, gevent, asyncio
 # ---------------------------------------------------------------------------
 
-# (tests of the runtimes go here)
+# One WSGI application for every server.  Its engine is made at import
+# (in a preforking server's master, before the fork, as OpenStack API
+# services do), optionally after monkey-patching.  GET /work holds, on a
+# worker's first request, pid % 3 + 1 connections for good and runs a
+# query; GET /pid only reports.  Both answer the worker's pid and its
+# pool's own counts: the truth connmon is compared with.
+WSGI_APP = r'''
+import json, os, threading, time
+PATCH = {patch!r}
+if PATCH == "eventlet":
+    import eventlet
+    eventlet.monkey_patch()
+elif PATCH == "eventlet-after-connmon":
+    import connmon
+    import eventlet
+    eventlet.monkey_patch()
+elif PATCH == "eventlet-os-false":
+    import eventlet
+    eventlet.monkey_patch(os=False)
+elif PATCH == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+import sqlalchemy as sa
+
+engine = sa.create_engine({url!r}, pool_size={pool_size}, max_overflow=0)
+if {use_at_load!r}:   # a look at the database while loading, then let go
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    engine.dispose()
+held = []
+first = threading.Lock()
+
+def counts():
+    out = engine.pool.checkedout()
+    return {{"pid": os.getpid(), "conn": out + engine.pool.checkedin(),
+             "ckout": out, "limit": engine.pool.size()}}
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/work":
+        with first:
+            if not held:
+                for _ in range(os.getpid() % 3 + 1):
+                    held.append(engine.connect())
+                    held[-1].execute(sa.text("SELECT 1"))
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT SLEEP(0.02)"))
+    else:
+        time.sleep(0.02)   # spreads concurrent probes over the workers
+    body = json.dumps(counts()).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+def serve_gevent(port):
+    from gevent.pywsgi import WSGIServer
+    WSGIServer(("127.0.0.1", port), application, log=None).serve_forever()
+
+def serve_oslo(port, workers):
+    """oslo.service's eventlet ProcessLauncher, as OpenStack API services
+    ran: the socket and the engine made in the parent, workers forked."""
+    import eventlet.wsgi
+    from oslo_config import cfg
+    from oslo_service import service
+    sock = eventlet.listen(("127.0.0.1", port))
+
+    class WSGIService(service.ServiceBase):
+        def start(self):
+            eventlet.spawn(eventlet.wsgi.server, sock, application,
+                           log_output=False)
+        def stop(self):
+            pass
+        def wait(self):
+            pass
+        def reset(self):
+            pass
+
+    cfg.CONF([], project="connmon-test")
+    launcher = service.ProcessLauncher(cfg.CONF, restart_method="mutate")
+    launcher.launch_service(WSGIService(), workers=workers)
+    launcher.wait()
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1] == "gevent":
+        serve_gevent(int(sys.argv[2]))
+    else:
+        serve_oslo(int(sys.argv[2]), int(sys.argv[3]))
+'''
+
+POOL_SIZE = 8
+
+
+def write_wsgi_app(tmp_path, daemon: Daemon, patch: str = "",
+                   use_at_load: bool = False,
+                   name: str = "connmon_wsgi_app") -> pathlib.Path:
+    """The WSGI application file, monitored by ``daemon``."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(WSGI_APP.format(
+        patch=patch, url=monitored(MYSQL_URL, daemon, "plugin"),
+        pool_size=POOL_SIZE, use_at_load=use_at_load))
+    return path
+
+
+class Server:
+    """A real app server subprocess on a free loopback port, killed with
+    its whole process group."""
+
+    def __init__(self, tmp_path, argv: List[str], port: int):
+        self.port = port
+        self.log = tmp_path / f"server-{port}.log"
+        env = dict(CHILD_ENV, PYTHONPATH=os.pathsep.join(
+            [str(tmp_path), CHILD_ENV["PYTHONPATH"]]))
+        self.proc = subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def get(self, path: str) -> Dict[str, Any]:
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
+                                    timeout=5) as reply:
+            return json.loads(reply.read())
+
+    def answers(self, path: str, concurrency: int = 8) -> List[dict]:
+        """``concurrency`` requests at once; the answers that came."""
+        replies: List[dict] = []
+
+        def one():
+            try:
+                replies.append(self.get(path))
+            except OSError:
+                pass
+        threads = [threading.Thread(target=one) for _ in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        return replies
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def check_server(tmp_path, daemon: Daemon, argv: List[str], port: int,
+                 progname: str, workers: int, timeout: float = 40.0) -> None:
+    """Serve requests on every worker, then compare connmon's per-pid
+    picture with each worker's own pool counts.  A worker that never
+    answers (deadlocked) fails the wait."""
+    server = Server(tmp_path, argv, port)
+    try:
+        seen: Dict[int, dict] = {}
+
+        def every_worker_served():
+            if server.proc.poll() is not None:
+                raise AssertionError(f"server exited: {server.log_tail()}")
+            seen.update((r["pid"], r) for r in server.answers("/work"))
+            return len(seen) >= workers
+        try:
+            wait_until(every_worker_served, timeout,
+                       f"{workers} workers to answer")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; answered: {sorted(seen)}\n"
+                                 f"{server.log_tail()}") from None
+        assert len(seen) == workers, seen
+        truth: Dict[int, tuple] = {}
+        picture: Dict[int, tuple] = {}
+
+        def pictures_agree():
+            truth.update((r["pid"], (r["conn"], r["ckout"], r["limit"]))
+                         for r in server.answers("/pid"))
+            row = daemon.row(progname, procs=True)
+            picture.clear()
+            picture.update((p["pid"], (p["conn"], p["ckout"], p["limit"]))
+                           for p in (row or {}).get("procs", []))
+            return set(truth) == set(seen) and picture == truth
+        try:
+            wait_until(pictures_agree, 20, "connmon's picture to equal "
+                       "the workers' pools")
+        except AssertionError:
+            raise AssertionError(f"connmon {picture} != pools {truth}\n"
+                                 f"{server.log_tail()}") from None
+        # Each worker's first request held pid % 3 + 1 for good.
+        assert {pid: t[1] for pid, t in truth.items()} == {
+            pid: pid % 3 + 1 for pid in seen}
+        row = daemon.row(progname)
+        assert (row["nproc"], row["limit"], row["exhausted"]) == (
+            workers, workers * POOL_SIZE, False)
+        log = server.log_tail()
+        assert "Traceback" not in log and "connmon:" not in log, log
+        assert server.log.stat().st_size < 64 << 10, "a flooded log"
+    finally:
+        server.stop()
+
+
+UWSGI_MODES = {
+    "default": [],
+    "lazy-apps": ["--lazy-apps"],
+    "enable-threads": ["--enable-threads"],
+    "fork-hooks": ["--py-call-uwsgi-fork-hooks"],
+    "osafterfork": ["--py-call-osafterfork"],
+}
+
+
+# Several starts of the modes that deadlocked, each with an application
+# that looks at the database while the master loads it.
+@pytest.mark.parametrize("mode, start", [
+    (mode, start) for mode in UWSGI_MODES
+    for start in range(3 if mode in ("default", "osafterfork") else 1)])
+def test_uwsgi_workers_are_counted_and_never_deadlock(tmp_path, mode, start):
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, use_at_load=True)
+        port = free_port()
+        check_server(tmp_path, daemon, [
+            "uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
+            "--processes", "4", "--wsgi-file", str(app), "--die-on-term",
+            "--disable-logging", *UWSGI_MODES[mode]], port, "uwsgi", 4)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread", "gevent"])
+def test_gunicorn_preload_workers_are_counted(tmp_path, worker):
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        write_wsgi_app(tmp_path, daemon,
+                       patch="gevent" if worker == "gevent" else "")
+        port = free_port()
+        check_server(tmp_path, daemon, [
+            "gunicorn", "--preload", "-w", "3",
+            "-k", worker, *(["--threads", "4"] if worker == "gthread" else []),
+            "-b", f"127.0.0.1:{port}",
+            "connmon_wsgi_app:application"], port, "gunicorn", 3)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("patch", ["eventlet", "eventlet-after-connmon",
+                                   "eventlet-os-false"])
+def test_eventlet_oslo_service_workers_are_counted(tmp_path, patch):
+    require_database(MYSQL_URL)
+    pytest.importorskip("oslo_service")
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, patch=patch)
+        port = free_port()
+        check_server(tmp_path, daemon, [
+            sys.executable, str(app), "oslo", str(port), "2"], port,
+            app.name, 2)
+    finally:
+        daemon.stop()
+
+
+def test_gevent_patch_all_app_is_counted(tmp_path):
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, patch="gevent")
+        port = free_port()
+        check_server(tmp_path, daemon, [
+            sys.executable, str(app), "gevent", str(port)], port, app.name,
+            1)
+    finally:
+        daemon.stop()
+
+
+class Script:
+    """A small program of a test's own, run with this checkout's connmon
+    in a session of its own; it prints lines the test reads (bounded)."""
+
+    def __init__(self, tmp_path, name: str, source: str, *args: str,
+                 python: Tuple[str, ...] = ()):
+        path = tmp_path / name
+        path.write_text(source)
+        self.proc = subprocess.Popen(
+            [sys.executable, *python, str(path), *args], cwd=HERE,
+            env=CHILD_ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, start_new_session=True)
+        # (a reader thread: select() cannot see lines already buffered)
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=lambda: list(map(self.lines.put,
+                                                 self.proc.stdout)),
+                         daemon=True).start()
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def line(self, timeout: float = 60.0) -> List[str]:
+        try:
+            return self.lines.get(timeout=timeout).split()
+        except queue.Empty:
+            raise AssertionError(f"no line from the program in {timeout} s"
+                                 ) from None
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+
+
+# A parent that uses its engine, then forks a worker with C fork() (as
+# uWSGI does: no Python at-fork hook runs) or with os.fork(); the worker
+# holds two connections of its own.
+FORK_SCRIPT = r'''
+import ctypes, os, sys, time
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1], pool_size=4, max_overflow=0)
+parent_held = engine.connect()
+sys.stdin.readline()   # the test has seen the parent: fork now
+if sys.argv[2] == "c":
+    # PyDLL: the GIL stays held across fork(), so the child owns it
+    pid = ctypes.PyDLL(None).fork()
+else:
+    pid = os.fork()
+if pid == 0:
+    held = [engine.connect() for _ in range(2)]
+    while True:
+        time.sleep(60)
+print(pid, flush=True)
+while True:
+    time.sleep(60)
+'''
+
+
+@pytest.mark.parametrize("fork", ["c", "os"])
+def test_forked_child_counted_and_killed_parent_leaves_at_once(
+        daemon, tmp_path, fork):
+    """A child of C fork() notices its new pid and starts its own sender;
+    either child closes the parent's daemon socket, so the parent,
+    SIGKILLed, leaves the counts at once (not after the 30 s heartbeat)."""
+    parent = Script(tmp_path, "forker.py", FORK_SCRIPT,
+                    f"sqlite:///{tmp_path}/f.sqlite?plugin=connmon"
+                    f"&connmon_addr={daemon.address}", fork)
+    try:
+        daemon.wait_row("forker.py", nproc=1, conn=1, ckout=1)
+        # (a C fork in the middle of the parent's busy spell is noticed at
+        # the child's first event after connmon.WAKE_AGAIN: see README)
+        time.sleep(3 * connmon.WAKE_AGAIN)
+        parent.send("fork")
+        (child,) = map(int, parent.line())
+        row = daemon.wait_row("forker.py", procs=True, nproc=2, conn=3,
+                              ckout=3)
+        assert {p["pid"]: (p["conn"], p["ckout"], p["limit"])
+                for p in row["procs"]} == {parent.proc.pid: (1, 1, 4),
+                                           child: (2, 2, 4)}
+        parent.proc.kill()
+        row = daemon.wait_row("forker.py", procs=True, timeout=5, nproc=1,
+                              conn=2, ckout=2)
+        assert [p["pid"] for p in row["procs"]] == [child]
+    finally:
+        parent.stop()
+
+
+FIRST_USE_SCRIPT = r'''
+import os, sys
+import sqlalchemy as sa
+import connmon
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+engine = sa.create_engine(sys.argv[1], pool_size=2)
+print("made", threads(), len(connmon._senders), flush=True)
+pid = os.fork()   # on Python 3.12+ this warns if other threads exist
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+with engine.connect() as conn:
+    conn.execute(sa.text("SELECT 1"))
+print("used", threads(), flush=True)
+sys.stdin.readline()
+'''
+
+
+def test_no_thread_until_the_first_pool_event(daemon, tmp_path):
+    """An app that makes its engine and forks before using it has no
+    thread of connmon's at the fork (Python 3.12 warns about those)."""
+    app = Script(tmp_path, "threads.py", FIRST_USE_SCRIPT,
+                 f"sqlite:///{tmp_path}/t.sqlite?plugin=connmon"
+                 f"&connmon_addr={daemon.address}",
+                 python=("-W", "error::DeprecationWarning"))
+    try:
+        assert app.line() == ["made", "1", "1"]
+        assert app.line() == ["used", "3"]
+        daemon.wait_row("threads.py", nproc=1, conn=1, ckout=0)
+    finally:
+        app.stop()
+
+
+# A uWSGI master, as connmon sees one: the "uwsgi" module the server
+# embeds says worker 0, mule 0.  The application churns its pool there;
+# nothing may grow, and the counts are right once it becomes a worker.
+MASTER_SCRIPT = r'''
+import sys, types
+import sqlalchemy as sa
+uwsgi = sys.modules["uwsgi"] = types.ModuleType("uwsgi")
+uwsgi.worker_id = lambda: worker
+uwsgi.mule_id = lambda: 0
+worker = 0
+import connmon
+
+engine = sa.create_engine(sys.argv[1], pool_size=3, max_overflow=0)
+held = [engine.connect(), engine.connect()]
+(sender,) = connmon._senders.values()
+longest = 0
+for _ in range(60000):
+    engine.connect().close()
+    longest = max(longest, len(sender.events))
+print(len(sender.threads), longest, connmon.MAX_QUEUED, flush=True)
+worker = 1   # the loading process becomes worker 1 (uWSGI without --master)
+engine.connect().close()
+print(len(sender.threads), flush=True)
+sys.stdin.readline()
+'''
+
+
+def test_queue_bounded_while_no_thread_may_start(daemon, tmp_path):
+    master = Script(tmp_path, "master.py", MASTER_SCRIPT,
+                    f"sqlite:///{tmp_path}/m.sqlite?plugin=connmon"
+                    f"&connmon_addr={daemon.address}")
+    try:
+        started, longest, cap = map(int, master.line(timeout=120))
+        assert started == 0
+        assert cap // 2 < longest <= cap
+        assert master.line() == ["2"]
+        # Nothing was lost: 60,000 checkouts folded on the way.
+        row = daemon.wait_row("master.py", nproc=1, conn=3, ckout=2)
+        assert row["limit"] == 3
+    finally:
+        master.stop()
+
+
+# An asyncio engine (aiomysql) with ?plugin=connmon: tasks hold and churn
+# connections; the pool's own counts are the truth.
+ASYNC_SCRIPT = r'''
+import asyncio, os, sys
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+async def main():
+    engine = create_async_engine(sys.argv[1], pool_size=6, max_overflow=0)
+    held = []
+    for _ in range(3):
+        held.append(await engine.connect())
+        await held[-1].execute(sa.text("SELECT 1"))
+
+    async def churn():
+        for _ in range(20):
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+    await asyncio.gather(*(churn() for _ in range(3)))
+    pool = engine.sync_engine.pool
+    print(os.getpid(), pool.checkedout() + pool.checkedin(),
+          pool.checkedout(), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+asyncio.run(main())
+'''
+
+
+def test_asyncio_engine_is_counted(daemon, tmp_path):
+    require_database(MYSQL_URL)
+    app = Script(tmp_path, "asyncapp.py", ASYNC_SCRIPT,
+                 MYSQL_URL.replace("+pymysql", "+aiomysql")
+                 + f"?plugin=connmon&connmon_addr={daemon.address}")
+    try:
+        pid, conn, ckout = map(int, app.line())
+        assert ckout == 3 and conn >= 4
+        row = daemon.wait_row("asyncapp.py", procs=True, nproc=1, conn=conn,
+                              ckout=ckout)
+        assert [(p["pid"], p["limit"]) for p in row["procs"]] == [(pid, 6)]
+        assert row["ckout_total"] == 3 + 3 * 20
+    finally:
+        app.stop()
 
 
 # ---------------------------------------------------------------------------
