@@ -4320,8 +4320,10 @@ class ScriptApp(App):
         super().__init__(tmp_path, url, progname, **options)
         ready, _, _ = select.select([self.proc.stdout], [], [], 60)
         line = self.proc.stdout.readline() if ready else ""
-        assert line.startswith("ready"), (
-            f"{progname} did not start: {line!r}\n{self.log.read_text()}")
+        if not line.startswith("ready"):
+            self.stop()   # a program that never started is not left behind
+            raise AssertionError(f"{progname} did not start: {line!r}\n"
+                                 f"{self.log.read_text()[-4000:]}")
         self.said = line.split()[1:]
 
 
