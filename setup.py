@@ -26,7 +26,8 @@ setup(
         "test": ["SQLAlchemy>=2.0", "PyMySQL", "psycopg2-binary",
                  "psycopg[binary]", "pytest", "pyte", "hypothesis",
                  "prometheus_client", "oslo.db", "trustme", "gevent",
-                 "eventlet", "aiomysql"],
+                 "eventlet", "aiomysql", "asyncpg", "gunicorn", "uWSGI",
+                 "oslo.service"],
     },
     entry_points={
         "console_scripts": [
