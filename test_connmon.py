@@ -768,7 +768,9 @@ def test_no_credentials_on_the_wire_and_none_to_the_driver(daemon, apps):
     with relay.lock:
         wire = bytes(relay.received)
     assert b'"role":"app"' in wire and b'"op":"update"' in wire
-    for secret in (password.encode(), b"postgresql", b"5432", b"connmon_addr"):
+    # The database's backend, host, port, name and user go (see "Pool
+    # pressure and databases"); the password, the URL, its query do not.
+    for secret in (password.encode(), b"://", b"psycopg2", b"connmon_addr"):
         assert secret not in wire
 
 
@@ -1126,7 +1128,7 @@ def _session_news(ident: str, session: int, held: int, ends: bool
     attached (with ``held`` connections checked out), and maybe it ended."""
     proc = connmon.ProcessState(ident, "host", "prog.py", 42, session)
     for conn in range(held):
-        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None)])
+        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None, None)])
     news = [("attach", proc)]
     if ends:
         news.append(("detach", session))
@@ -1323,7 +1325,8 @@ class SyntheticApp:
               ) -> None:
         """One pool event of ``kind`` (connmon.CONNECT...), as a listener
         without checkout sites queues it."""
-        self.state.fold([(kind, conn, time.monotonic(), pool, None, None)])
+        self.state.fold([(kind, conn, time.monotonic(), pool, None, None,
+                          None)])
 
 
 def test_metrics_equal_the_snapshot_with_awkward_labels(tmp_path, apps):
