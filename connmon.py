@@ -1668,9 +1668,12 @@ class _Holdings:
                 proc, figures, by_program=False)
 
     def figures(self) -> Dict[str, Any]:
-        return {"conn": self.conn, "ckout": self.ckout,
-                "waiting": self.waiting, "limit": self.limit,
-                "nproc": len(self.processes), "nprog": len(self.programs)}
+        figures = {"conn": self.conn, "ckout": self.ckout,
+                   "waiting": self.waiting, "limit": self.limit,
+                   "nproc": len(self.processes)}
+        if self.programs:
+            figures["nprog"] = len(self.programs)
+        return figures
 
 
 def databases(processes: Iterable[ProcessState],

@@ -223,7 +223,9 @@ def summary_lines(snapshot: Dict[str, Any]) -> List[str]:
         f"Connections [{snapshot['connections']} / "
         f"{snapshot['max_connections']}]",
         f"Checkouts   [{snapshot['checkouts']} / {snapshot['max_checkouts']}"
-        f" / {snapshot['checkouts_per_sec']}/s]",
+        f" / {snapshot['checkouts_per_sec']}/s]   Waiting "
+        f"[{snapshot.get('waiting', 0)} / {snapshot.get('max_waiting', 0)}]"
+        f"   Timeouts {snapshot.get('timeouts_per_sec', 0)}/s",
     ]
 
 
@@ -251,8 +253,85 @@ def format_table(snapshot: Dict[str, Any]) -> str:
     marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)"}
     for row in snapshot["rows"]:
         lines.append(format_row(layout, row).rstrip() + marks[row_state(row)])
+        lines += pressure_lines(row)
         lines += site_lines(row)
+        for proc in row.get("procs", ()):
+            lines += process_lines(proc)
+    lines += database_lines(snapshot.get("databases", ()))
     return "\n".join(lines)
+
+
+def ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def pressure_lines(row: Dict[str, Any]) -> List[str]:
+    """Under a row of the plain table, when its pools were ever under
+    pressure: checkouts waiting (now, at most, the longest wait going
+    on), wait times over the last second, timeouts, connect errors and
+    times, invalidations (per second, and in all)."""
+    if not (row.get("maxwaiting") or row.get("timeouts_total")
+            or row.get("connect_errors_total")
+            or row.get("invalidations_total")):
+        return []
+    return [f"    waiting {row['waiting']} (max {row['maxwaiting']}, "
+            f"longest {ms(row['longest_wait_ms'])})  wait mean "
+            f"{ms(row['wait_ms'])} max {ms(row['wait_max_ms'])}  timeouts "
+            f"{row['timeouts_per_sec']}/s ({row['timeouts_total']})",
+            f"    connect {ms(row['connect_ms'])}  connect errors "
+            f"{row['connect_errors_per_sec']}/s "
+            f"({row['connect_errors_total']})  invalidations "
+            f"{row['invalidations_per_sec']}/s "
+            f"({row['invalidations_total']})"]
+
+
+def endpoint_text(endpoint: Optional[Dict[str, Any]]) -> str:
+    """backend://user@host:port/database, as far as it is known."""
+    if endpoint is None:
+        return "(database not reported)"
+    server = connmon.server_name(endpoint)
+    user = f"{endpoint['user']}@" if endpoint["user"] else ""
+    where = "" if server == endpoint["backend"] else user + server
+    return f"{endpoint['backend']}://{where}/{endpoint['database'] or ''}"
+
+
+def process_lines(proc: Dict[str, Any]) -> List[str]:
+    """With --procs: a row's process, and each of its pools."""
+    lines = [f"    pid {proc['pid']}  conn {proc['conn']}  ckout "
+             f"{proc['ckout']}  waiting {proc.get('waiting', 0)}  limit "
+             f"{cell(proc['limit'])}"]
+    for pool in proc.get("pools", ()):
+        lines.append(f"        pool {pool['pool']}  "
+                     f"{endpoint_text(pool['endpoint'])}  conn "
+                     f"{pool['conn']}  ckout {pool['ckout']}  waiting "
+                     f"{pool['waiting']}  limit {cell(pool['limit'])}")
+    return lines
+
+
+def database_lines(servers: List[Dict[str, Any]]) -> List[str]:
+    """The plain table's databases: per server (its connections and the
+    pools' summed limits against its max_connections, when the operator
+    gave it), then per database."""
+    lines = ["", "Databases"] if servers else []
+    for server in servers:
+        most = server["max_connections"]
+        lines.append(f"  {server['server'] or '(not reported)'} "
+                     f"({server['backend'] or '?'}): conn {server['conn']}"
+                     f"{'' if most is None else f' of {most}'}  ckout "
+                     f"{server['ckout']}  waiting {server['waiting']}  pool "
+                     f"limits {cell(server['limit'])}"
+                     f"{'' if most is None else f' of {most}'}  "
+                     f"{server['nproc']} processes, {server['nprog']} "
+                     "programs")
+        for database in server["databases"]:
+            users = ",".join(database["users"]) or "-"
+            lines.append(f"    {database['database'] or '-'} (users "
+                         f"{users}): conn {database['conn']}  ckout "
+                         f"{database['ckout']}  waiting "
+                         f"{database['waiting']}  pool limits "
+                         f"{cell(database['limit'])}  {database['nproc']} "
+                         f"processes, {database['nprog']} programs")
+    return lines
 
 
 def site_lines(row: Dict[str, Any]) -> List[str]:
@@ -1107,7 +1186,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true",
                         help="with --once: print the snapshot as JSON")
     parser.add_argument("--procs", action="store_true",
-                        help="with --once --json: list each row's processes")
+                        help="with --once: list each row's processes and "
+                        "their pools")
     return parser
 
 

@@ -1298,9 +1298,9 @@ def metric_samples(text: str) -> Dict[tuple, float]:
 
 def expected_samples(snapshot: Dict[str, Any]) -> Dict[tuple, float]:
     """What /metrics must say for a snapshot, by the table of metrics."""
-    return {(metric, row["hostname"], row["progname"]): float(row[key])
-            for metric, key, _, _ in connmon_server.METRICS
-            for row in snapshot["rows"] if row.get(key) is not None}
+    return {(m.name, row["hostname"], row["progname"]): float(row[m.key])
+            for m in connmon_server.METRICS
+            for row in snapshot["rows"] if row.get(m.key) is not None}
 
 
 class SyntheticApp:
