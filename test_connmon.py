@@ -3624,6 +3624,417 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
 
 # (tests of pool pressure go here)
 
+# The application of these tests: engines (one per URL; the first is the
+# one "crowd" uses), on threads or, with mode "asyncio", on tasks of an
+# event loop run by a thread of its own.  "crowd N HOLD" starts N threads
+# (tasks) that each check out a connection and hold it HOLD seconds,
+# timing their own wait; "outcomes" answers once all are done, with each
+# one's outcome and seconds waited, as JSON.
+PRESSURE_APP_SCRIPT = r'''
+import asyncio, json, sys, threading, time
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+urls, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+mode = options.pop("mode", "threads")
+outcomes, held, started = [], [], []
+
+def answer(*words):
+    print(*words, flush=True)
+
+if mode == "asyncio":
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    engines = [create_async_engine(url, **options) for url in urls]
+
+    async def worker(hold):
+        began = time.monotonic()
+        try:
+            conn = await engines[0].connect()
+        except sa.exc.TimeoutError:
+            outcomes.append(["timeout", time.monotonic() - began])
+            return
+        outcomes.append(["ok", time.monotonic() - began])
+        await asyncio.sleep(hold)
+        await conn.close()
+
+    def crowd(n, hold):
+        for _ in range(n):
+            started.append(asyncio.run_coroutine_threadsafe(worker(hold),
+                                                            loop))
+
+    def hold_one(index):
+        async def connect():
+            conn = await engines[index].connect()
+            await conn.exec_driver_sql("SELECT 1")
+            return conn
+        held.append(asyncio.run_coroutine_threadsafe(connect(),
+                                                     loop).result(30))
+else:
+    engines = [sa.create_engine(url, **options) for url in urls]
+
+    def worker(hold):
+        began = time.monotonic()
+        try:
+            conn = engines[0].connect()
+        except sa.exc.TimeoutError:
+            outcomes.append(["timeout", time.monotonic() - began])
+            return
+        outcomes.append(["ok", time.monotonic() - began])
+        time.sleep(hold)
+        conn.close()
+
+    def crowd(n, hold):
+        for _ in range(n):
+            thread = threading.Thread(target=worker, args=(hold,))
+            thread.start()
+            started.append(thread)
+
+    def hold_one(index):
+        conn = engines[index].connect()
+        conn.exec_driver_sql("SELECT 1")
+        held.append(conn)
+
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd == "crowd":
+        crowd(int(args[0]), float(args[1]))
+    elif cmd == "hold":
+        hold_one(int(args[0]))
+    elif cmd == "outcomes":
+        for job in started:
+            (job.result if mode == "asyncio" else job.join)(30)
+        answer("ok", json.dumps(outcomes, separators=(",", ":")))
+        continue
+    answer("ok")
+'''
+
+
+class PressureApp(App):
+    source = PRESSURE_APP_SCRIPT
+
+    def __init__(self, tmp_path, urls: List[str], progname: str,
+                 **options: Any):
+        super().__init__(tmp_path, json.dumps(urls), progname, **options)
+
+
+@pytest.fixture
+def pressure_apps(tmp_path):
+    started: List[PressureApp] = []
+
+    def start(urls: List[str], progname: str, **options: Any) -> PressureApp:
+        app = PressureApp(tmp_path, urls, progname, **options)
+        started.append(app)
+        return app
+
+    yield start
+    for app in started:
+        app.stop()
+
+
+def plain_table(daemon: Daemon, *args: str) -> str:
+    """connmon --once, the plain table."""
+    return subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "-H",
+         daemon.address, *args], cwd=HERE, env=CHILD_ENV,
+        capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def pressure_daemon(tmp_path, extra_config: str = "") -> Tuple[Daemon, int]:
+    """A daemon serving /metrics too; and its metrics port."""
+    port = free_port()
+    return Daemon(tmp_path, extra_config=f"metrics_port: {port}\n"
+                  f"metrics_bind: 127.0.0.1\n{extra_config}"), port
+
+
+PRESSURE_BACKENDS = {
+    "mysql-threads": (MYSQL_URL, "threads"),
+    "postgresql-threads": (POSTGRESQL_URL, "threads"),
+    "mysql-asyncio": (MYSQL_URL.replace("+pymysql", "+aiomysql"), "asyncio"),
+    "postgresql-asyncio": (
+        POSTGRESQL_URL.replace("+psycopg2", "+asyncpg"), "asyncio"),
+}
+
+
+@pytest.mark.parametrize("backend", list(PRESSURE_BACKENDS))
+def test_waiting_timeouts_and_wait_times_as_the_app_saw_them(
+        backend, tmp_path, pressure_apps):
+    """pool_size=2, max_overflow=0, pool_timeout=1 and six threads (or
+    tasks) that each want a connection for 3 s: two get one, four wait
+    and time out.  The daemon shows them waiting while they wait, counts
+    the timeouts the app counted, and the waits the app timed."""
+    url, mode = PRESSURE_BACKENDS[backend]
+    require_database(url.replace("+aiomysql", "+pymysql")
+                     .replace("+asyncpg", "+psycopg2"))
+    daemon, metrics_port = pressure_daemon(tmp_path)
+    try:
+        name = f"crowd-{mode}.py"
+        app = pressure_apps([f"{url}?plugin=connmon&connmon_addr="
+                             f"{daemon.address}"], name, mode=mode,
+                            pool_size=2, max_overflow=0, pool_timeout=1)
+        daemon.wait_row(name, nproc=1)
+        crowd_began = time.monotonic()
+        app("crowd 6 3")
+
+        def waiting() -> Optional[Tuple[dict, dict]]:
+            snapshot = daemon.snapshot()
+            (row,) = [r for r in snapshot["rows"] if r["progname"] == name]
+            return (snapshot, row) if row["waiting"] >= 3 else None
+        snapshot, row = wait_until(waiting, 5, "checkouts waiting")
+        assert time.monotonic() - crowd_began < 1.0, "seen only after the " \
+            "timeouts: the waits were not seen as they happened"
+        assert 10 <= row["longest_wait_ms"] <= (
+            time.monotonic() - crowd_began) * 1000
+        assert snapshot["waiting"] == row["waiting"]
+        (server,) = snapshot["databases"]
+        assert server["waiting"] == row["waiting"]
+        # The timeouts, then the last second's longest wait: about 1 s.
+        row = wait_until(lambda: (lambda r: r if r["timeouts_total"] == 4 and (
+            r["wait_max_ms"] or 0) >= 900 else None)(daemon.row(name)), 5,
+            "four timeouts and the waits' maximum")
+        wait_max_ms = row["wait_max_ms"]
+        table = plain_table(daemon)
+        assert re.search(rf"{re.escape(name)}.*\n    waiting \d+ \(max "
+                         r"\d+.*timeouts \d+/s \(4\)", table), table
+
+        outcomes = json.loads(app("outcomes", timeout=60)[0])
+        timeouts = [waited for outcome, waited in outcomes
+                    if outcome == "timeout"]
+        assert len(outcomes) == 6 and len(timeouts) == 4
+        row = daemon.wait_row(name, timeouts_total=4, waiting=0, ckout=0,
+                              waits_total=6)
+        assert row["maxwaiting"] >= 4 and snapshot["max_waiting"] >= 4
+        # connmon times the wait inside the pool, the app around it: never
+        # longer, and short of it only by the engine's own few steps.
+        app_waits = sum(waited for _, waited in outcomes)
+        assert app_waits - 0.05 * 6 <= row["wait_seconds_total"] <= app_waits
+        assert row["connects_total"] >= 2 and row["connect_seconds_total"] > 0
+        assert wait_max_ms <= max(waited for _, waited in outcomes) * 1000
+
+        # /metrics: the OpenTelemetry names, equal to the snapshot.
+        snapshot = daemon.snapshot()
+        samples = metric_samples(http_get(metrics_port, "/metrics")[2])
+        assert samples == expected_samples(snapshot)
+        host = socket.gethostname()
+        assert samples[("db_client_connection_timeouts_total", host,
+                        name)] == 4
+        assert samples[("db_client_connection_wait_time_seconds_count",
+                        host, name)] == 6
+        assert samples[("db_client_connection_pending_requests", host,
+                        name)] == 0
+        assert samples[("connmon_max_pending_requests", host, name)] >= 4
+    finally:
+        daemon.stop()
+
+
+def test_failing_pre_ping_counts_as_an_invalidation(daemon, apps):
+    require_database(MYSQL_URL)
+    app = apps(monitored(MYSQL_URL, daemon), "preping.py", pool_size=2,
+               pool_pre_ping=True)
+    app("hold 1")
+    (thread_id,) = app("backend_pid")
+    app("release 1")
+    daemon.wait_row("preping.py", conn=1, ckout=0, invalidations_total=0)
+    import sqlalchemy as sa
+    admin = sa.create_engine(MYSQL_URL, poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"KILL CONNECTION {int(thread_id)}"))
+    app("query 1")   # the pre-ping fails: invalidated, connected anew
+    row = daemon.wait_row("preping.py", conn=1, ckout=0,
+                          invalidations_total=1)
+    assert row["connect_errors_total"] == 0 and row["timeouts_total"] == 0
+    assert row["connects_total"] == 2
+    app("hold 1")
+    app("invalidate")   # Connection.invalidate(): one more
+    daemon.wait_row("preping.py", invalidations_total=2)
+
+
+def test_two_engines_to_two_databases_kept_apart(tmp_path, pressure_apps):
+    """nova's nova and nova_api: one process, engines to two databases of
+    one server (and one to another server): --procs and the databases
+    view show each pool apart, the row keeps the sums."""
+    require_database(POSTGRESQL_URL)
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path, extra_config=(
+        "database_servers:\n    127.0.0.1:5432 max_connections=100\n"))
+    try:
+        query = f"?plugin=connmon&connmon_addr={daemon.address}"
+        api_url = POSTGRESQL_URL.rsplit("/", 1)[0] + "/postgres"
+        app = pressure_apps([POSTGRESQL_URL + query, api_url + query,
+                             MYSQL_URL + query], "nova-like.py",
+                            pool_size=3, max_overflow=1)
+        for index in (0, 0, 1, 2):
+            app(f"hold {index}")
+        row = daemon.wait_row("nova-like.py", procs=True, conn=4, ckout=4,
+                              limit=12)
+        (proc,) = row["procs"]
+        pools = {(p["endpoint"]["backend"], p["endpoint"]["database"]):
+                 (p["conn"], p["ckout"], p["limit"]) for p in proc["pools"]}
+        assert pools == {("postgresql", "test"): (2, 2, 4),
+                         ("postgresql", "postgres"): (1, 1, 4),
+                         ("mysql", "test"): (1, 1, 4)}
+        for pool in proc["pools"]:
+            endpoint = pool["endpoint"]
+            assert endpoint["host"] == "127.0.0.1"
+            assert endpoint["port"] == {"postgresql": 5432,
+                                        "mysql": 3306}[endpoint["backend"]]
+            assert endpoint["user"] == {"postgresql": "postgres",
+                                        "mysql": "root"}[endpoint["backend"]]
+        servers = {s["server"]: s for s in daemon.snapshot()["databases"]}
+        postgres, mysql = servers["127.0.0.1:5432"], servers["127.0.0.1:3306"]
+        assert (postgres["conn"], postgres["ckout"], postgres["limit"],
+                postgres["max_connections"], postgres["nproc"],
+                postgres["nprog"]) == (3, 3, 8, 100, 1, 1)
+        assert {d["database"]: (d["conn"], d["ckout"], d["limit"], d["users"])
+                for d in postgres["databases"]} == {
+            "test": (2, 2, 4, ["postgres"]),
+            "postgres": (1, 1, 4, ["postgres"])}
+        assert (mysql["conn"], mysql["max_connections"]) == (1, None)
+        assert [(p["progname"], p["conn"]) for p in postgres["programs"]] == [
+            ("nova-like.py", 3)]
+        table = plain_table(daemon, "--procs")
+        assert "postgresql://postgres@127.0.0.1:5432/postgres  conn 1" in table
+        assert "127.0.0.1:5432 (postgresql): conn 3 of 100" in table
+    finally:
+        daemon.stop()
+
+
+def test_no_password_query_or_url_on_the_wire(daemon, apps):
+    """Each pool reports backend, host, port, database and user, and
+    nothing else of its URL; connmon_endpoint=0 not even that."""
+    require_database(POSTGRESQL_URL)
+    relay = Relay(daemon.port)
+    password = "pr3ssure-Pa55"   # trust auth: the server ignores it
+    url = POSTGRESQL_URL.replace("postgres@", f"postgres:{password}@")
+    query = (f"connect_timeout=7&application_name=sekrit&plugin=connmon"
+             f"&connmon_addr=127.0.0.1:{relay.port}")
+    reported = apps(f"{url}?{query}", "endpoint.py")
+    hidden = apps(f"{url}?{query}&connmon_endpoint=0", "noendpoint.py")
+    for app in (reported, hidden):
+        app("hold 1")
+        daemon.wait_row(app.progname, conn=1, ckout=1)
+    relay.close()
+    with relay.lock:
+        wire = bytes(relay.received)
+    messages = [json.loads(line) for line in wire.splitlines()]
+    endpoints = [pool[2] for m in messages for pool in m.get("pools", [])]
+    assert {"backend": "postgresql", "host": "127.0.0.1", "port": 5432,
+            "database": "test", "user": "postgres"} in endpoints
+    assert None in endpoints   # connmon_endpoint=0
+    for secret in (password.encode(), b"connect_timeout", b"sekrit",
+                   b"://", b"psycopg2", b"plugin", b"connmon_"):
+        assert secret not in wire, secret
+    (row,) = [r for r in daemon.snapshot(procs=True)["rows"]
+              if r["progname"] == "noendpoint.py"]
+    assert row["procs"][0]["pools"][0]["endpoint"] is None
+
+
+def test_connect_errors_counted(daemon):
+    """A database that cannot be reached: each failed checkout is a
+    connect error, not a timeout; nothing of it reaches the app but the
+    driver's own error."""
+    import sqlalchemy as sa
+    engine = sa.create_engine(
+        f"mysql+pymysql://root@127.0.0.1:{free_port()}/test?plugin=connmon"
+        f"&connmon_addr={daemon.address}")
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            engine.connect()
+    row = daemon.wait_row(connmon.progname(), connect_errors_total=2)
+    assert (row["timeouts_total"], row["connects_total"], row["conn"],
+            row["waits_total"]) == (0, 0, 0, 2)
+
+
+@pytest.mark.parametrize("how", ["poolclass", "pool", "nullpool"])
+def test_the_apps_own_pool_keeps_working(how, daemon, tmp_path, caplog):
+    """poolclass= with the plugin is measured; pool= works and says, in
+    one log line, what is not measured; an unlimited pool never waits."""
+    import logging
+    import sqlalchemy as sa
+    url = (f"sqlite:///{tmp_path}/own.sqlite?plugin=connmon"
+           f"&connmon_addr={daemon.address}")
+    options: Dict[str, Any] = {
+        "poolclass": {"pool": sa.pool.QueuePool, "poolclass":
+                      sa.pool.QueuePool, "nullpool": sa.pool.NullPool}[how],
+        "pool_size": 1, "max_overflow": 0, "pool_timeout": 0.3}
+    if how == "nullpool":
+        options = {"poolclass": sa.pool.NullPool}
+    if how == "pool":
+        import sqlite3
+        options = {"pool": sa.pool.QueuePool(
+            lambda: sqlite3.connect(f"{tmp_path}/own.sqlite"), pool_size=1,
+            max_overflow=0, timeout=0.3)}
+    with caplog.at_level(logging.WARNING, logger="connmon"):
+        engine = sa.create_engine(url, **options)
+    measured = how != "pool"
+    assert isinstance(engine.pool, connmon.MeasuredPool) == measured
+    assert isinstance(engine.pool, sa.pool.NullPool if how == "nullpool"
+                      else sa.pool.QueuePool)
+    notes = [r.getMessage() for r in caplog.records
+             if "not measured" in r.getMessage()]
+    assert len(notes) == (0 if measured else 1)
+    held = engine.connect()
+    if how != "nullpool":
+        with pytest.raises(sa.exc.TimeoutError):
+            engine.connect()
+    else:
+        engine.connect().close()
+    held.close()
+    engine.dispose()   # the recreated pool reports alike
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    progname = connmon.progname()
+    row = daemon.wait_row(progname, ckout=0, ckout_total=2 if how !=
+                          "nullpool" else 3, timeout=10)
+    assert row["waiting"] == 0 and row["maxwaiting"] <= 1
+    assert row["timeouts_total"] == (1 if how in ("poolclass",) else 0)
+    assert row["waits_total"] == {"poolclass": 3, "pool": 0,
+                                  "nullpool": 3}[how]
+
+
+def test_database_servers_setting_is_checked(tmp_path):
+    path = pathlib.Path(write(tmp_path, textwrap.dedent("""\
+        [connmon_service_a]
+        name: a
+        database_servers:
+            db1:3306 max_connections=151
+            db2 max_connections=500
+        nodes:
+            n1 hostname=127.0.0.1:5999
+        """)))
+    result = run_connmond("-c", str(path), "-s", "a", "--check-config")
+    assert result.returncode == 2
+    assert "database_servers: 'db2' needs its port" in result.stderr
+    path.write_text(path.read_text().replace("db2 ", "db2:5432 "))
+    assert run_connmond("-c", str(path), "-s", "a", "--check-config"
+                        ).returncode == 0
+    path.write_text(path.read_text().replace("=500", "=lots"))
+    result = run_connmond("-c", str(path), "-s", "a", "--check-config")
+    assert "expected HOST:PORT max_connections=N" in result.stderr
+
+
+def test_pressure_in_the_csv_columns(tmp_path, apps):
+    csv_path = tmp_path / "pressure.csv"
+    daemon = Daemon(tmp_path, extra_config=(
+        f"csv_dump: {csv_path}\ncsv_interval: 0.2\ncsv_columns: progname "
+        "waiting maxwaiting timeouts_total wait_seconds_total "
+        "invalidations_total connect_errors_total\n"))
+    try:
+        app = apps(f"sqlite:///{tmp_path}/c.sqlite?plugin=connmon"
+                   f"&connmon_addr={daemon.address}", "csvpressure.py",
+                   pool_size=1, max_overflow=0)
+        app("hold 1")
+        app("invalidate")
+        daemon.wait_row("csvpressure.py", invalidations_total=1)
+        rows = wait_until(lambda: [r for r in csv_rows(csv_path)
+                                   if r["invalidations_total"] == "1"], 10,
+                          "the invalidation in the CSV")
+        assert rows[-1]["progname"] == "csvpressure.py"
+        assert rows[-1]["timeouts_total"] == "0"
+        assert float(rows[-1]["wait_seconds_total"]) > 0
+    finally:
+        daemon.stop()
+
 
 # ---------------------------------------------------------------------------
 # The operator's console at 80x24; the command line and the config check
