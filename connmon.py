@@ -9,18 +9,20 @@ This one file is all an application host needs.  Read top to bottom:
 4. sender          -- the background threads that fold a process's pool
                       events and ship them to ``connmond``, resending its
                       whole state after every reconnect
-5. SQLAlchemy glue -- the ``<driver>_connmon`` dialect names and the
-                      ``?plugin=connmon`` engine plugin
+5. SQLAlchemy glue -- the ``<driver>_connmon`` dialect names, the
+                      ``?plugin=connmon`` engine plugin, and the measured
+                      pool classes they choose
 6. vendoring       -- ``python connmon.py --install-entry-points``: the
                       entry points of section 5, registered without pip
 
 Sections 1-3 use only the standard library (the daemon and the console import
 them); SQLAlchemy is imported only by section 5, when an engine asks for it.
 
-The application is never hurt by monitoring: pool event listeners only append
-a tuple to a deque; the network, DNS and every retry happen on background
-threads, and no exception from here reaches the application once
-``create_engine()`` has returned.
+The application is never hurt by monitoring: pool event listeners, and the
+measured pool's connect() (``MeasuredPool``: when checkouts begin to wait),
+only append a few numbers to a list; the network, DNS and every retry
+happen on background threads, and no exception from here reaches the
+application once ``create_engine()`` has returned.
 """
 
 from __future__ import annotations

@@ -307,8 +307,9 @@ class App:
 def apps(tmp_path):
     started: List[App] = []
 
-    def start(url: str, progname: str = "app.py", **options: Any) -> App:
-        app = App(tmp_path, url, progname, **options)
+    def start(url: str, progname: str = "app.py", app_class: type = App,
+              **options: Any) -> App:
+        app = app_class(tmp_path, url, progname, **options)
         started.append(app)
         return app
 
@@ -2761,8 +2762,10 @@ def test_once_lists_the_sites_under_their_rows(tmp_path, leak_daemon):
         # No known site (capture off): no site lines, the next row follows.
         assert lines[blind_at + 1].split()[1] == "leaky.py"
         script = tmp_path / "leaky.py"
+        under_leaky = lines[blind_at + 2:lines.index("")]   # (databases
+        # after the blank line)
         assert [re.sub(r"oldest +[0-9.]+", "oldest N", line)
-                for line in lines[blind_at + 2:]] == [
+                for line in under_leaky] == [
             f"    held    5  oldest N  {script}:{line_of('SITE-B')} in "
             "site_b",
             f"    held    3  oldest N  {script}:{line_of('SITE-A')} in "
@@ -3713,23 +3716,14 @@ for line in sys.stdin:
 class PressureApp(App):
     source = PRESSURE_APP_SCRIPT
 
-    def __init__(self, tmp_path, urls: List[str], progname: str,
-                 **options: Any):
-        super().__init__(tmp_path, json.dumps(urls), progname, **options)
-
 
 @pytest.fixture
-def pressure_apps(tmp_path):
-    started: List[PressureApp] = []
-
-    def start(urls: List[str], progname: str, **options: Any) -> PressureApp:
-        app = PressureApp(tmp_path, urls, progname, **options)
-        started.append(app)
-        return app
-
-    yield start
-    for app in started:
-        app.stop()
+def pressure_apps(apps):
+    """Start a PressureApp with engines for ``urls``."""
+    def start(urls: List[str], progname: str, **options: Any) -> App:
+        return apps(json.dumps(urls), progname, app_class=PressureApp,
+                    **options)
+    return start
 
 
 def plain_table(daemon: Daemon, *args: str) -> str:
