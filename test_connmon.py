@@ -2762,8 +2762,8 @@ def test_once_lists_the_sites_under_their_rows(tmp_path, leak_daemon):
         # No known site (capture off): no site lines, the next row follows.
         assert lines[blind_at + 1].split()[1] == "leaky.py"
         script = tmp_path / "leaky.py"
-        under_leaky = lines[blind_at + 2:lines.index("")]   # (databases
-        # after the blank line)
+        under_leaky = lines[blind_at + 2:lines.index("", blind_at)]   # (the
+        # databases after the blank line)
         assert [re.sub(r"oldest +[0-9.]+", "oldest N", line)
                 for line in under_leaky] == [
             f"    held    5  oldest N  {script}:{line_of('SITE-B')} in "
