@@ -1199,11 +1199,13 @@ def _waiting(message: Dict[str, Any]) -> List[list]:
     """"waiting": [[pool, checkouts waiting, seconds the longest has
     waited], ...]."""
     value = message.get("waiting")
-    if not isinstance(value, list) or len(value) > MAX_PROCESS_POOLS or not all(
-            isinstance(item, list) and len(item) == 3 and _is_int(item[0])
-            and _is_count(item[1]) and _is_age(item[2]) for item in value):
+    if not (isinstance(value, list) and len(value) <= MAX_PROCESS_POOLS
+            and all(isinstance(item, list) and len(item) == 3
+                    and _is_int(item[0]) and _is_count(item[1])
+                    and _is_age(item[2]) for item in value)):
         raise ProtocolError(f"{message['op']}: 'waiting' must be a list of "
-                            "[pool, count, seconds]")
+                            f"at most {MAX_PROCESS_POOLS} [pool, count, "
+                            "seconds]")
     return value
 
 

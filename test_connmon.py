@@ -3803,7 +3803,8 @@ def test_waiting_timeouts_and_wait_times_as_the_app_saw_them(
         app_waits = sum(waited for _, waited in outcomes)
         assert app_waits - 0.05 * 6 <= row["wait_seconds_total"] <= app_waits
         assert row["connects_total"] >= 2 and row["connect_seconds_total"] > 0
-        assert wait_max_ms <= max(waited for _, waited in outcomes) * 1000
+        assert wait_max_ms <= round(max(waited for _, waited in outcomes)
+                                    * 1000, 1)   # (as the snapshot rounds)
 
         # /metrics: the OpenTelemetry names, equal to the snapshot.
         snapshot = daemon.snapshot()
