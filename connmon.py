@@ -2262,8 +2262,9 @@ class MeasuredPool:
     """Mixed into the pool class an engine would have used, to see what no
     pool event shows: the checkouts waiting for a connection, how long they
     wait, and those that give up.  SQLAlchemy has no "before checkout"
-    event, so this overrides the public ``Pool.connect()``; it also queues
-    the checkout itself, which spares the pool a checkout listener.
+    event, so the class overrides the public ``Pool.connect()`` (see
+    measured_connect); which also queues the checkout itself, and so
+    spares the pool a checkout listener.
 
     ``connmon_probe`` is set by instrument(); until then, and for an engine
     connmon does not monitor, connect() is the pool's own.
@@ -2271,17 +2272,28 @@ class MeasuredPool:
 
     connmon_probe: Optional[PoolProbe] = None
 
+    def recreate(self):
+        """engine.dispose() replaces the pool: the new one reports alike."""
+        pool = super().recreate()
+        pool.connmon_probe = self.connmon_probe
+        return pool
+
+
+def measured_connect(pool_connect):
+    """The connect() of a measured pool class whose own is
+    ``pool_connect``: called directly, since super() on every checkout
+    costs a measurable share of it."""
     def connect(self):
         probe = self.connmon_probe
         if probe is None:
-            return super().connect()
+            return pool_connect(self)
         pending = probe.pending
         began = _clock()
         pending.append(began)
         if not probe.sender.wake_pending:   # to count it while it waits
             probe.sender.wake()
         try:
-            fairy = super().connect()
+            fairy = pool_connect(self)
         except BaseException as error:
             pending.remove(began)
             probe.gave_up(error, began)
@@ -2290,11 +2302,8 @@ class MeasuredPool:
         probe.checked_out(fairy.info, began)
         return fairy
 
-    def recreate(self):
-        """engine.dispose() replaces the pool: the new one reports alike."""
-        pool = super().recreate()
-        pool.connmon_probe = self.connmon_probe
-        return pool
+    connect.__doc__ = pool_connect.__doc__
+    return connect
 
 
 _measured_classes: Dict[type, type] = {}
@@ -2308,7 +2317,8 @@ def measured_pool_class(pool_class: type) -> type:
     if measured is None:
         measured = _measured_classes[pool_class] = type(
             pool_class.__name__, (MeasuredPool, pool_class),
-            {"__doc__": f"{pool_class.__name__}, measured by connmon.",
+            {"connect": measured_connect(pool_class.connect),
+             "__doc__": f"{pool_class.__name__}, measured by connmon.",
              # SQLAlchemy names the pool's logger after the class's module:
              # the application's logging settings must still apply
              "__module__": pool_class.__module__})
