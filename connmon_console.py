@@ -148,10 +148,37 @@ PROC_COLUMNS = [
     Column("CONN", "conn", 6),
     Column("CKOUT", "ckout", 6),
     Column("LIMIT", "limit", 6),
+    Column("WAIT", "waiting", 5),
     Column("MAXCONN", "maxconn", 8),
     Column("MAXCKOUT", "maxckout", 9),
+    Column("MAXWAIT", "maxwaiting", 8),
     Column("OLDEST", "oldest", 8),
     Column("CONNECTED SINCE", "since", 21, show=since_text),
+]
+
+# The drill-down's pools: each process's engines and their databases.
+POOL_COLUMNS = [
+    Column("PID", "pid", 9),
+    Column("POOL", "pool", 5),
+    Column("CONN", "conn", 6),
+    Column("CKOUT", "ckout", 6),
+    Column("WAIT", "waiting", 5),
+    Column("LIMIT", "limit", 6),
+    Column("DATABASE", "endpoint", 0, location=True,
+           show=lambda endpoint: endpoint_text(endpoint)),
+]
+
+# The databases view: per database server, its total, its databases and
+# the programs holding its connections.
+DATABASE_COLUMNS = [
+    Column("SERVER", "hostname", 20, text=True),
+    Column("DATABASE / PROGRAM", "progname", 30, text=True),
+    Column("CONN", "conn", 6),
+    Column("CKOUT", "ckout", 6),
+    Column("WAIT", "waiting", 5),
+    Column("LIMIT", "limit", 7),
+    Column("MAX_CONN", "max_connections", 9),
+    Column("NPROC", "nproc", 6),
 ]
 
 # The drill-down's long holders: connections held past the apps'
@@ -230,8 +257,11 @@ def summary_lines(snapshot: Dict[str, Any]) -> List[str]:
 
 
 def row_state(row: Dict[str, Any]) -> str:
-    """"exhausted", "live" or "gone": what a row's colour says.  (A
-    process, in the drill-down, has no "connected": it is live.)"""
+    """"waiting", "exhausted", "live" or "gone": what a row's colour says.
+    (A process, in the drill-down, has no "connected": it is live.)
+    Checkouts waiting for a connection are the alarm."""
+    if row.get("waiting"):
+        return "waiting"
     if row.get("exhausted"):
         return "exhausted"
     return "live" if row.get("connected", True) else "gone"
@@ -250,7 +280,8 @@ def format_table(snapshot: Dict[str, Any]) -> str:
     lines += summary_lines(snapshot)
     lines.append("")
     lines.append(headings(layout).rstrip())
-    marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)"}
+    marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)",
+             "waiting": "  (waiting)"}
     for row in snapshot["rows"]:
         lines.append(format_row(layout, row).rstrip() + marks[row_state(row)])
         lines += pressure_lines(row)
@@ -265,12 +296,12 @@ def ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
-def pressure_lines(row: Dict[str, Any]) -> List[str]:
+def pressure_lines(row: Dict[str, Any], always: bool = False) -> List[str]:
     """Under a row of the plain table, when its pools were ever under
-    pressure: checkouts waiting (now, at most, the longest wait going
-    on), wait times over the last second, timeouts, connect errors and
-    times, invalidations (per second, and in all)."""
-    if not (row.get("maxwaiting") or row.get("timeouts_total")
+    pressure (or ``always``): checkouts waiting (now, at most, the
+    longest wait going on), wait times over the last second, timeouts,
+    connect errors and times, invalidations (per second, and in all)."""
+    if not (always or row.get("maxwaiting") or row.get("timeouts_total")
             or row.get("connect_errors_total")
             or row.get("invalidations_total")):
         return []
@@ -459,12 +490,16 @@ connmon keys
                holders (where each was checked out, where it is held
                now) and a history of conn and ckout
   s            sites: which line of which program holds the most
-               connections, fleet-wide (Enter: that program's processes)
+               connections, fleet-wide, programs whose checkouts wait
+               first (Enter: that program's processes)
+  d            databases: per database server, its databases and the
+               programs holding its connections, against its limit
   Esc  Bkspc   back to the previous view
   c            clear the maxima (in connmond: every console sees it)
 
 Rows: green = program has live processes, red = none left,
-highlighted = every pooled connection is checked out (ckout >= limit).
+highlighted = every pooled connection is checked out (ckout >= limit),
+white on red = checkouts are waiting for a connection (WAIT > 0).
 OLDEST: age in seconds of the longest checked-out connection.
 HOLD_MS: mean checkout hold time over the last second.
 """
@@ -480,6 +515,7 @@ HEADER_LINES = 7           # title, four totals, context, column headings
 HISTORY_SAMPLES = 120      # refreshes of conn and ckout kept per row
 HISTORY_LINES = 3          # the drill-down's history: caption, two lines
 HOLDERS_HEADER_LINES = 2   # the drill-down's long holders: caption, headings
+PRESSURE_LINES = 2         # the drill-down's waits, timeouts, connects
 
 
 class History:
@@ -517,6 +553,7 @@ class Styles:
     def __init__(self, colors: bool):
         self.attrs = {"live": curses.A_NORMAL, "gone": curses.A_DIM,
                       "exhausted": curses.A_BOLD, "stale": curses.A_DIM,
+                      "waiting": curses.A_BOLD | curses.A_UNDERLINE,
                       "title": curses.A_BOLD, "heading": curses.A_REVERSE,
                       "sorted": curses.A_REVERSE | curses.A_BOLD}
         if colors:
@@ -527,6 +564,7 @@ class Styles:
                     ("live", curses.COLOR_GREEN, -1),
                     ("gone", curses.COLOR_RED, -1),
                     ("exhausted", curses.COLOR_BLACK, curses.COLOR_YELLOW),
+                    ("waiting", curses.COLOR_WHITE, curses.COLOR_RED),
                     ("stale", grey, -1),
                     ("sorted", curses.COLOR_BLACK, curses.COLOR_CYAN)), 1):
                 curses.init_pair(number, fg, bg)
@@ -621,7 +659,8 @@ class Console:
             self.message = "asked connmond to clear the maxima"
         elif self.view == "table":
             self.handle_table(key)
-        elif key in BACK_KEYS or (key == ord("s") and self.view == "sites"):
+        elif key in BACK_KEYS or (key == ord("s") and self.view == "sites") \
+                or (key == ord("d") and self.view == "databases"):
             self.close_view()
         elif key in ENTER_KEYS and self.view == "sites":
             self.drill_into(self.site_rows())
@@ -634,6 +673,8 @@ class Console:
             self.drill_into(self.table_rows())
         elif key == ord("s"):
             self.open_view("sites")
+        elif key == ord("d"):
+            self.open_view("databases")
         elif key in (ord(">"), curses.KEY_F6):
             self.sort_index = (self.sort_index + 1) % len(COLUMNS)
         elif key == ord("<"):
@@ -717,14 +758,37 @@ class Console:
         return sorted(rows, key=column.sort_key, reverse=self.reverse)
 
     def site_rows(self) -> List[Dict[str, Any]]:
-        """Every (filtered) row's checkout sites in one list: the sites
-        holding the most connections, then the oldest, first."""
+        """Every (filtered) row's checkout sites in one list: those of
+        programs whose checkouts wait for a connection first (where the
+        connections they wait for are held), then the sites holding the
+        most connections, then the oldest."""
         rows = [{"hostname": row["hostname"], "progname": row["progname"],
-                 **site} for row in self.table_rows()
+                 "waiting": row.get("waiting", 0), **site}
+                for row in self.table_rows()
                 for site in row.get("sites") or ()]
-        return sorted(rows, key=lambda r: (-r["held"], -r["oldest"],
-                                           r["hostname"], r["progname"],
-                                           r["site"] or ""))
+        return sorted(rows, key=lambda r: (not r["waiting"], -r["held"],
+                                           -r["oldest"], r["hostname"],
+                                           r["progname"], r["site"] or ""))
+
+    def database_rows(self) -> List[Dict[str, Any]]:
+        """Per database server: its total, its databases, then the
+        programs holding its connections (those matching the filter)."""
+        rows = []
+        needle = self.filter.lower()
+        for server in (self.picture or {}).get("databases", ()):
+            name = server["server"] or "(not reported)"
+            lines = [{**server, "hostname": name,
+                      "progname": f"all ({server['backend'] or '?'})"}]
+            lines += [{**database, "hostname": name,
+                       "progname": f"db {database['database'] or '-'}"}
+                      for database in server["databases"]]
+            lines += [{**program, "hostname": name, "progname":
+                       f"{program['hostname']} {program['progname']}"}
+                      for program in server["programs"]]
+            rows += [{"max_connections": server["max_connections"],
+                      **line} for line in lines
+                     if needle in name.lower() + line["progname"].lower()]
+        return rows
 
     def proc_rows(self) -> Optional[List[Dict[str, Any]]]:
         """The drilled-into row's processes; None until they arrive."""
@@ -761,6 +825,8 @@ class Console:
                 self.draw_procs()
             elif self.view == "sites":
                 self.draw_sites()
+            elif self.view == "databases":
+                self.draw_databases()
             else:
                 self.draw_table()
         self.draw_footer()
@@ -862,8 +928,18 @@ class Console:
         rows = self.site_rows()
         layout = self.draw_section(
             HEADER_LINES - 2, f"{len(rows)} checkout sites holding "
-            "connections, most held first" + self.filter_text()
-            + " (Enter: processes, Esc returns)", SITE_COLUMNS,
+            "connections, most held first (a program waiting on top)"
+            + self.filter_text() + " (Enter: processes, Esc returns)",
+            SITE_COLUMNS, self.styles["title"])
+        self.draw_rows(layout, rows)
+
+    def draw_databases(self) -> None:
+        rows = self.database_rows()
+        servers = len((self.picture or {}).get("databases", ()))
+        layout = self.draw_section(
+            HEADER_LINES - 2, f"{servers} database servers: the pools' "
+            "connections and summed limits against MAX_CONN"
+            + self.filter_text() + " (Esc returns)", DATABASE_COLUMNS,
             self.styles["title"])
         self.draw_rows(layout, rows)
 
@@ -881,21 +957,41 @@ class Console:
                           for proc in procs or ()
                           for holder in proc.get("long_holders", ())),
                          key=lambda holder: -holder["age"])
-        room = self.body_height() - HISTORY_LINES - HOLDERS_HEADER_LINES
-        shown = min(len(procs or ()), max(1, room - min(len(holders),
-                                                        room // 2)))
+        pools = [{"pid": proc["pid"], **pool} for proc in procs or ()
+                 for pool in proc.get("pools", ())]
+        room = (self.body_height() - PRESSURE_LINES - HISTORY_LINES
+                - 2 * HOLDERS_HEADER_LINES)
+        below = len(holders) + len(pools)
+        shown = min(len(procs or ()), max(1, room - min(below, room // 2)))
         self.draw_rows(layout, procs or [], shown)
         y = HEADER_LINES + shown
+        for y, line in enumerate(self.pressure_of_drilled(), y):
+            self.put(y, line.strip())
+        y += 1
         self.draw_history(y)
         y += HISTORY_LINES
-        layout = self.draw_section(
-            y, f"{len(holders)} long holders (held past the apps' "
-            "hold_warn_seconds), oldest first", HOLDER_COLUMNS,
-            self.styles["title"])
-        for y, holder in enumerate(holders[:max(0, room - shown)],
-                                   y + HOLDERS_HEADER_LINES):
-            self.put(y, format_row(layout, holder),
-                     self.row_attr(holder, False))
+        room = max(0, room - shown)
+        for caption, columns, lines in (
+                (f"{len(holders)} long holders (held past the apps' "
+                 "hold_warn_seconds), oldest first", HOLDER_COLUMNS,
+                 holders[:max(1, room // 2)]),
+                (f"{len(pools)} pools and their databases", POOL_COLUMNS,
+                 pools)):
+            layout = self.draw_section(y, caption, columns,
+                                       self.styles["title"])
+            lines = lines[:room]
+            for y, line in enumerate(lines, y + HOLDERS_HEADER_LINES):
+                self.put(y, format_row(layout, line),
+                         self.row_attr(line, False))
+            y += 2   # the last line, and a blank one
+            room -= len(lines) + 1
+
+    def pressure_of_drilled(self) -> List[str]:
+        """The drilled-into row's pool pressure, all of it (two lines)."""
+        for row in (self.picture or {}).get("rows", ()):
+            if (row["hostname"], row["progname"]) == self.drill:
+                return pressure_lines(row, always=True)
+        return ["", ""]
 
     def draw_history(self, y: int) -> None:
         """Sparklines of the drilled-into row's conn and ckout over the
@@ -924,7 +1020,7 @@ class Console:
         else:
             text = self.message or (
                 "q quit  ? help  </> sort  r reverse  / filter  p pause  "
-                "Enter processes  s sites  c clear maxima")
+                "Enter processes  s sites  d databases  c clear maxima")
             if self.filter:
                 text = f"[filter: {self.filter}]  " + text
         self.put(height - 1, text, curses.A_REVERSE)

@@ -2685,10 +2685,12 @@ def test_console_sites_view_ranks_the_holding_lines(tmp_path, leak_daemon,
 
 
 def holder_lines(t: Terminal) -> List[str]:
-    """The drill-down's long holder lines, oldest first as on screen."""
+    """The drill-down's long holder lines, oldest first as on screen (up
+    to the blank line above the pools)."""
     lines = list(itertools.dropwhile(
         lambda line: "long holders (held past" not in line, t.display))
-    return [line.strip() for line in lines[2:-1] if line.strip()]
+    return [line.strip() for line in itertools.takewhile(
+        str.strip, lines[2:-1])]
 
 
 def history_line(t: Terminal, label: str) -> str:
