@@ -135,6 +135,8 @@ COLUMNS = [
     Column("CONN", "conn", 6),
     Column("CKOUT", "ckout", 6),
     Column("LIMIT", "limit", 6),
+    Column("WAIT", "waiting", 5),
+    Column("TMOUT/S", "timeouts_per_sec", 8),
     Column("MAXNPROC", "maxnproc", 9),
     Column("MAXCONN", "maxconn", 8),
     Column("MAXCKOUT", "maxckout", 9),
@@ -502,6 +504,8 @@ highlighted = every pooled connection is checked out (ckout >= limit),
 white on red = checkouts are waiting for a connection (WAIT > 0).
 OLDEST: age in seconds of the longest checked-out connection.
 HOLD_MS: mean checkout hold time over the last second.
+WAIT: checkouts waiting for a connection; TMOUT/S: checkouts that gave
+up waiting (pool timeout) in the last second.
 """
 
 UNICODE_GLYPHS = {"dash": "\N{EM DASH}", "up": "\N{UPWARDS ARROW}",

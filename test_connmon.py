@@ -1976,7 +1976,7 @@ class Terminal:
         found = {}
         for y, line in enumerate(self.screen.display):
             fields = line.split()
-            if y >= 7 and len(fields) == 12:
+            if y >= 7 and len(fields) == len(connmon_console.COLUMNS):
                 found[fields[1]] = (y, fields)
         return found
 
@@ -2020,11 +2020,11 @@ def terminal(tmp_path):
 
 
 def expected_numbers(row: Dict[str, Any]) -> List[str]:
-    """How the console should show a snapshot row's numbers (all but the
-    time-dependent ckout/s, hold_ms and oldest)."""
+    """How the console should show a snapshot row's numbers (the first
+    nine: all but the time-dependent ckout/s, hold_ms and oldest)."""
     return [str(row[key]) if row[key] is not None else "-" for key in (
-        "nproc", "conn", "ckout", "limit", "maxnproc", "maxconn",
-        "maxckout")]
+        "nproc", "conn", "ckout", "limit", "waiting", "timeouts_per_sec",
+        "maxnproc", "maxconn", "maxckout")]
 
 
 def test_snapshot_oldest_hold_ms_limit_exhausted(daemon, apps, tmp_path):
@@ -2108,12 +2108,12 @@ def test_console_rows_match_the_truth_with_colours(daemon, apps, tmp_path,
     term.wait_text(f"attached to {daemon.address}")
     rows = {row["progname"]: row for row in daemon.snapshot()["rows"]}
     for name in ("alpha.py", "beta.py", "gone.py"):
-        term.wait_for(lambda t: t.numbers(name) and t.numbers(name)[:7] ==
+        term.wait_for(lambda t: t.numbers(name) and t.numbers(name)[:9] ==
                       expected_numbers(rows[name]), f"{name} numbers")
-    assert term.numbers("alpha.py")[:7] == ["1", "1", "1", "1", "1", "1",
-                                            "1"]
-    assert term.numbers("gone.py")[:7] == ["0", "0", "0", "-", "1", "2",
-                                           "2"]
+    assert term.numbers("alpha.py")[:9] == ["1", "1", "1", "1", "0", "0",
+                                            "1", "1", "1"]
+    assert term.numbers("gone.py")[:9] == ["0", "0", "0", "-", "0", "0",
+                                           "1", "2", "2"]
     assert term.colour("beta.py") == "green"
     assert term.colour("gone.py") == "red"
     # alpha's one-connection pool is exhausted: highlighted.
@@ -2141,7 +2141,7 @@ def test_console_rows_match_the_truth_with_colours(daemon, apps, tmp_path,
 
     # 'c' clears the maxima in connmond; the screen shows it.
     term.press(b"c")
-    term.wait_for(lambda t: t.numbers("gone.py")[4:7] == ["0", "0", "0"],
+    term.wait_for(lambda t: t.numbers("gone.py")[6:9] == ["0", "0", "0"],
                   "cleared maxima")
     assert daemon.row("beta.py")["maxckout"] == 4
 
@@ -2171,11 +2171,11 @@ def test_console_sorts_by_every_column(daemon, apps, tmp_path, terminal):
                             "d-gone.py", "e-memory.py"]
     snapshot_rows = daemon.snapshot()["rows"]
     keys = ["hostname", "progname", "nproc", "conn", "ckout", "limit",
-            "maxnproc", "maxconn", "maxckout", "ckout_per_sec", "hold_ms",
-            "oldest"]
+            "waiting", "timeouts_per_sec", "maxnproc", "maxconn", "maxckout",
+            "ckout_per_sec", "hold_ms", "oldest"]
     headings = ["HOSTNAME", "PROGNAME", "NPROC", "CONN", "CKOUT", "LIMIT",
-                "MAXNPROC", "MAXCONN", "MAXCKOUT", "CKOUT/S", "HOLD_MS",
-                "OLDEST"]
+                "WAIT", "TMOUT/S", "MAXNPROC", "MAXCONN", "MAXCKOUT",
+                "CKOUT/S", "HOLD_MS", "OLDEST"]
 
     def expected(key: str, reverse: bool) -> List[str]:
         # "-" (no value) sorts below every number; ties keep name order.
