@@ -4033,6 +4033,79 @@ def test_pressure_in_the_csv_columns(tmp_path, apps):
         daemon.stop()
 
 
+def cut_rows(t: Terminal) -> Dict[str, tuple]:
+    """The table's rows on a screen too narrow for all their columns:
+    progname -> (line number, the fields shown)."""
+    return {fields[1]: (y, fields) for y, fields in enumerate(
+        line.split() for line in t.display) if 7 <= y < len(t.display) - 1
+        and len(fields) > 8}
+
+
+def test_console_shows_waiting_programs_and_databases_at_80x24(
+        tmp_path, apps, pressure_apps, terminal):
+    """At 80x24: WAIT and TMOUT/S on screen, a waiting program's row in
+    the alarm's colours, its sites first in the sites view, its pressure
+    and pools in the drill-down, and the databases view against the
+    server's max_connections."""
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path, extra_config=(
+        "database_servers:\n    127.0.0.1:3306 max_connections=151\n"))
+    try:
+        query = f"?plugin=connmon&connmon_addr={daemon.address}"
+        calm = apps(f"sqlite:///{tmp_path}/calm.sqlite{query}", "calm.py")
+        calm("hold 5")
+        crowded = pressure_apps([MYSQL_URL + query], "wait.py",
+                                pool_size=2, max_overflow=0, pool_timeout=20)
+        crowded("crowd 6 25")
+        daemon.wait_row("wait.py", waiting=4, ckout=2)
+        term = terminal("-H", daemon.address, "-i", "0.2", cols=80,
+                        lines=24)
+        term.wait_for(lambda t: cut_rows(t).get("wait.py", (0, []))[1][
+            2:8] == ["1", "2", "2", "2", "4", "0"], "wait.py WAIT 4")
+        assert "WAIT TMOUT/S" in term.text
+        assert re.search(r"Waiting \[4 / \d+\]", term.text)
+        y, _ = cut_rows(term)["wait.py"]
+        assert (term.screen.buffer[y][0].fg, term.screen.buffer[y][0].bg
+                ) == ("white", "red")
+        y, _ = cut_rows(term)["calm.py"]
+        assert term.screen.buffer[y][0].bg != "red"
+
+        term.press(b"s")   # the waiting program's sites come first
+        term.wait_for(lambda t: [p for p, _, _ in screen_sites(t)] == [
+            "wait.py", "calm.py"], "wait.py's site above calm.py's")
+        term.press(b"\x1b")
+        term.wait_for(lambda t: "wait.py" in cut_rows(t), "the table")
+
+        term.press(b"d")   # the databases view
+        term.wait_text("database servers")
+        term.wait_for(lambda t: re.search(
+            r"127\.0\.0\.1:3306 +all \(mysql\) +2 +2 +4 +2 +151 +1",
+            t.text), "the MariaDB server against its 151")
+        assert re.search(r"127\.0\.0\.1:3306 +db test +2 +2 +4", term.text)
+        assert re.search(r"127\.0\.0\.1:3306 +\S+ wait\.py +2 +2 +4",
+                         term.text)
+        term.press(b"d")
+        term.wait_for(lambda t: "wait.py" in cut_rows(t), "the table")
+
+        rows = cut_rows(term)   # to wait.py, and into it
+        order = sorted(rows, key=lambda name: rows[name][0])
+        term.press(term.key["khome"] + term.key["kcud1"]
+                   * order.index("wait.py") + b"\r")
+        term.wait_text("wait.py on ")
+        term.wait_for(lambda t: re.search(
+            r"waiting 4 \(max \d+, longest \d+\.\d ms\)", t.text),
+            "the drill-down's pressure line")
+        term.wait_text("1 pools and their databases")
+        assert "mysql://root@127.0.0.1:3306/test" in term.text
+
+        outcomes = json.loads(crowded("outcomes", timeout=60)[0])
+        assert [o for o, _ in outcomes].count("timeout") == 4
+        term.wait_for(lambda t: re.search(r"timeouts \d+/s \(4\)", t.text),
+                      "four timeouts in the drill-down")
+    finally:
+        daemon.stop()
+
+
 # ---------------------------------------------------------------------------
 # The operator's console at 80x24; the command line and the config check
 # ---------------------------------------------------------------------------
