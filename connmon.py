@@ -866,8 +866,8 @@ class ProcessState:
 
     def differs_visibly(self, sent: "ProcessState") -> bool:
         """Whether the daemon's counts would change with a message: which
-        connections are open and out, the pools, where long holders are;
-        not the counters and the ages."""
+        connections are open and out, the pools, where long holders are,
+        how many checkouts wait; not the counters and the ages."""
         return (self.conns.keys() != sent.conns.keys()
                 or self.checked_out.keys() != sent.checked_out.keys()
                 or self.pools != sent.pools or self.held_at != sent.held_at
@@ -2345,10 +2345,14 @@ DEFAULT_PORTS = {"mysql": 3306, "mariadb": 3306, "postgresql": 5432,
 def endpoint_of(url) -> Tuple[Any, ...]:
     """The database an engine talks to, as the event POOL carries it:
     backend, host, port, database name and user; never the password, the
-    query string or the URL itself."""
+    query string or the URL itself.  Each text as the daemon accepts it
+    (printable, at most 255 characters; None rather than empty)."""
     backend = url.get_backend_name()
     port = url.port or (DEFAULT_PORTS.get(backend) if url.host else None)
-    return (backend, url.host, port, url.database, url.username)
+    texts = [("".join(c if c.isprintable() else "?" for c in text[-255:])
+              if text else None)
+             for text in (backend, url.host, url.database, url.username)]
+    return (texts[0] or "?", texts[1], port, texts[2], texts[3])
 
 
 def instrument(engine, settings: Dict[str, str]) -> None:
