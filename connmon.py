@@ -1524,10 +1524,12 @@ class Picture:
     def snapshot(self, now: float, procs: bool = False) -> Dict[str, Any]:
         """The JSON snapshot of DESIGN.md (without "service" and "node").
 
-        With ``procs``, each row also lists its live processes.  "oldest"
-        is the age in seconds of the longest checked-out connection (the
-        leak finder), "limit" the pools' summed capacity (None when any is
-        unlimited), "exhausted" whether every connection allowed is out.
+        With ``procs``, each row also lists its live processes (and each
+        process its pools).  "oldest" is the age in seconds of the longest
+        checked-out connection (the leak finder), "limit" the pools'
+        summed capacity (None when any is unlimited), "exhausted" whether
+        every connection allowed is out; see row_pressure for the pool
+        pressure, and databases for "databases".
         """
         oldest: Dict[Tuple[str, str], float] = {}
         waited: Dict[Tuple[str, str], float] = {}
