@@ -3926,6 +3926,30 @@ def test_no_password_query_or_url_on_the_wire(daemon, apps):
     assert row["procs"][0]["pools"][0]["endpoint"] is None
 
 
+def test_report_endpoints_off_in_the_config(tmp_path):
+    """report_endpoints: 0 in the service's section: no engine of the
+    service reports its database; a bad value fails create_engine()."""
+    import sqlalchemy as sa
+    daemon = Daemon(tmp_path, extra_config="report_endpoints: 0\n")
+    try:
+        url = (f"sqlite:///{tmp_path}/quiet.sqlite?plugin=connmon"
+               f"&connmon_service=test&connmon_config={daemon.config}")
+        engine = sa.create_engine(url)
+        with engine.connect():
+            (row,) = wait_until(lambda: [r for r in daemon.snapshot(
+                procs=True)["rows"] if r["ckout"] == 1], 10, "the checkout")
+        (pool,) = row["procs"][0]["pools"]
+        assert pool["endpoint"] is None and pool["conn"] == 1
+        assert [s["server"] for s in daemon.snapshot()["databases"]] == [None]
+        daemon.config.write_text(daemon.config.read_text().replace(
+            "report_endpoints: 0", "report_endpoints: no"))
+        with pytest.raises(connmon.ConfigError, match="report_endpoints "
+                           "must be 1 \\(the default\\) or 0, not 'no'"):
+            sa.create_engine(url)
+    finally:
+        daemon.stop()
+
+
 def test_connect_errors_counted(daemon):
     """A database that cannot be reached: each failed checkout is a
     connect error, not a timeout; nothing of it reaches the app but the
