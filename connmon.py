@@ -20,9 +20,10 @@ them); SQLAlchemy is imported only by section 5, when an engine asks for it.
 
 The application is never hurt by monitoring: pool event listeners, and the
 measured pool's connect() (``MeasuredPool``: when checkouts begin to wait),
-only append a few numbers to a list; the network, DNS and every retry
-happen on background threads, and no exception from here reaches the
-application once ``create_engine()`` has returned.
+only queue the event (at a checkout, with its site and its holder); the
+network, DNS, the leak finder's looks and every retry happen on background
+threads, and no exception from here reaches the application once
+``create_engine()`` has returned.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import collections
 import configparser
 import encodings.idna  # noqa: F401  (see below)
+import functools
 import hashlib
 import hmac
 import itertools
@@ -555,12 +557,21 @@ def open_connection(addresses: Iterable[Address], role: str,
 # a count, a hold-time sum and the peaks, not ten thousand events.
 
 # Where in the application: the leak finder names the first frame, walking
-# out from the pool, that is not SQLAlchemy, oslo.db, connmon or the
-# standard library.  Only a file name, a line number and a function name
-# are ever taken from a frame: never a local variable or an argument.
+# out from the pool, that is not SQLAlchemy, oslo.db, a database driver, a
+# green-thread runtime, connmon or the standard library.  Only a file name,
+# a line number and a function name are ever taken from a frame: never a
+# local variable or an argument.
 
-_LIBRARY_PACKAGES = (f"{os.sep}sqlalchemy{os.sep}", f"{os.sep}oslo_db{os.sep}",
-                     "<sqlalchemy generated")   # SQLAlchemy's wrappers
+_LIBRARY_PACKAGES = tuple(
+    f"{os.sep}{package}{os.sep}" for package in (
+        "sqlalchemy", "oslo_db",
+        # drivers: a connection held while a query runs is held at the line
+        # of the application that runs it, not at a socket read
+        "pymysql", "MySQLdb", f"mysql{os.sep}connector", "mariadb",
+        "psycopg2", "psycopg", "pg8000", "asyncpg", "aiomysql", "aiosqlite",
+        # runtimes: a green thread waiting for I/O waits in their hubs
+        "gevent", "eventlet", "greenlet")) + (
+    "<sqlalchemy generated",)   # SQLAlchemy's wrappers
 _STDLIB = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")})
 _SITE_PACKAGES = tuple({sysconfig.get_paths()[k]
                         for k in ("purelib", "platlib")})
@@ -601,12 +612,9 @@ def line_at(code, offset: int) -> int:
     return line
 
 
-def describe_frame(frame) -> str:
-    """The innermost application frame at or outside ``frame``."""
-    innermost = frame
-    while frame is not None and _is_internal(frame.f_code):
-        frame = frame.f_back
-    frame = frame or innermost
+def describe_stack(stack: List[Any]) -> str:
+    """The innermost application frame of ``stack`` (innermost first)."""
+    frame = next((f for f in stack if not _is_internal(f.f_code)), stack[0])
     return describe_code(frame.f_code, frame.f_lineno)
 
 
@@ -624,23 +632,52 @@ _sites: Dict[Tuple[int, int], int] = {}   # (id(code), offset) -> number
 _site_places: Dict[int, Tuple[Any, int]] = {}   # number -> (code, offset)
 
 
-def checkout_site(_getframe=sys._getframe) -> Optional[int]:
+def checkout_site(_getframe=sys._getframe) -> Tuple[Optional[int], Any]:
     """Walk out from the checkout listener that calls this to the first
-    application frame, and remember its site and depth: the site's number,
-    or None if there is no application frame at all."""
+    application frame, and remember its site and depth: the site's number
+    and the frame, or (None, None) if there is no application frame.
+
+    On an asyncio engine the pool is called inside SQLAlchemy's greenlet
+    bridge, whose stack holds no application frame: the application's
+    coroutine waits, suspended, in the greenlet that started the bridge,
+    so the walk goes on there."""
     global _site_depth
-    frame, depth = _getframe(2), 1   # 0: here, 1: the listener
-    while frame is not None:
-        code = frame.f_code
-        if not _is_internal(code):
-            _site_depth = depth
-            key = (id(code), frame.f_lasti)
-            if key not in _sites:   # the code is kept, so its id stays
-                _sites[key] = number = len(_sites) + 1
-                _site_places[number] = (code, frame.f_lasti)
-            return _sites[key]
+    frame, depth = _first_application_frame(_getframe(2))   # 0: here
+    if frame is not None:
+        _site_depth = depth + 1   # counted from the listener
+    else:
+        frame, _ = _first_application_frame(_bridged_caller())
+        if frame is None:
+            return None, None
+    code = frame.f_code
+    key = (id(code), frame.f_lasti)
+    if key not in _sites:   # the code is kept, so its id stays
+        _sites[key] = number = len(_sites) + 1
+        _site_places[number] = (code, frame.f_lasti)
+    return _sites[key], frame
+
+
+def _first_application_frame(frame) -> Tuple[Any, int]:
+    """The first application frame at or outside ``frame``, and how many
+    frames out it is."""
+    depth = 0
+    while frame is not None and _is_internal(frame.f_code):
         frame, depth = frame.f_back, depth + 1
-    return None
+    return frame, depth
+
+
+def _bridged_caller():
+    """Where the greenlet that started SQLAlchemy's asyncio bridge (the one
+    running now) waits for it: the innermost frame of the awaiting
+    coroutines; None outside the bridge."""
+    greenlet = sys.modules.get("greenlet")
+    if greenlet is None:
+        return None
+    current = greenlet.getcurrent()
+    if current.parent is None or not type(current).__module__.startswith(
+            "sqlalchemy."):
+        return None
+    return current.parent.gr_frame
 
 
 def site_name(number: int) -> str:
@@ -649,35 +686,202 @@ def site_name(number: int) -> str:
     return describe_code(code, line_at(code, offset))
 
 
+# Who holds a checked-out connection, and whether the code that checked it
+# out still runs.  At each checkout the listener notes the holder (the
+# asyncio task, the greenlet or the thread running the checkout: objects
+# that outlive their work and say when it has ended) and the identity of
+# the site's frame.  A frame cannot be referenced weakly, and a strong
+# reference would keep its locals (the connection among them) alive after
+# it returns, so only its id() is kept: for as long as that frame runs,
+# the id is its own.  Only for connections held past hold_warn_seconds,
+# on the fold thread, does connmon look at the holder's stack now:
+#
+#   holder ended              -> "thread gone"  (a leak for sure)
+#   site's frame not on the   -> "leaked"       (it returned; whatever
+#     holder's stack                             the holder runs now)
+#   site's frame on it        -> "FILE:LINE in FUNC": the innermost
+#                                application frame of that stack
+#
+# A task holder adds " (task NAME)".  Both leak verdicts are final: a frame
+# that has returned never runs again.  A returned frame's memory may be
+# reused by a new frame of the same function in the same holder, which is
+# why a connection found "held" is looked at again at every scan.
+
+LEAKED = "leaked"
+THREAD_GONE = "thread gone"
+MAX_TASK_NAME = 100
+
+
+def holder_finder(is_async: bool) -> Tuple[Any, Any]:
+    """The functions a checkout listener calls for the current holder: the
+    task on an asyncio engine, else the greenlet where green threads may
+    run (greenlet imported), else the thread.  The first is quick and may
+    answer None; then the second, once per thread, knows.  (A thread's
+    holder is kept in a thread-local: threading.current_thread() costs
+    twice as much, on every checkout.)"""
+    if is_async:
+        import asyncio
+        running_loop, current_task = (asyncio.events._get_running_loop,
+                                      asyncio.current_task)
+        quick, fallback = holder_finder(False)
+
+        def current_task_or_fallback():
+            loop = running_loop()
+            return (loop and current_task(loop)) or quick() or fallback()
+        return current_task_or_fallback, current_task_or_fallback
+    greenlet = sys.modules.get("greenlet")
+    if greenlet is None:
+        local = threading.local()
+
+        def first_checkout_in_thread():
+            local.thread = thread = threading.current_thread()
+            return thread
+        return (functools.partial(getattr, local, "thread", None),
+                first_checkout_in_thread)
+    getcurrent, real_get_ident = greenlet.getcurrent, _real_get_ident()
+
+    def current_greenlet():
+        current = getcurrent()
+        if current.parent is None and current not in _thread_greenlets:
+            _note_thread_greenlet(current, real_get_ident())
+        return current
+    return current_greenlet, current_greenlet
+
+
+# A thread's main greenlet -> the thread's ident: a running greenlet's frames
+# are the stack of its thread, which greenlet does not name (and green
+# runtimes patch threading's idents).  Dead ones are dropped as new come.
+_thread_greenlets: Dict[Any, int] = {}
+
+
+def _note_thread_greenlet(main_greenlet, ident: int) -> None:
+    """(On an application thread: other threads may note theirs at once.)"""
+    for known in list(_thread_greenlets):
+        if known.dead:
+            _thread_greenlets.pop(known, None)
+    _thread_greenlets[main_greenlet] = ident
+
+
+def _real_get_ident():
+    """The OS thread's ident, whatever eventlet or gevent have patched."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        return monkey.get_original("_thread", "get_ident")
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is not None:
+        return patcher.original("_thread").get_ident
+    import _thread
+    return _thread.get_ident
+
+
+def holder_stack(holder) -> Tuple[bool, Optional[List[Any]], str]:
+    """(ended, stack, label) of a holder: whether it has ended; its frames
+    now, innermost first (None when they cannot be seen at this moment);
+    the label its verdicts carry."""
+    if isinstance(holder, threading.Thread):
+        frame = sys._current_frames().get(holder.ident)
+        if not holder.is_alive() or frame is None:
+            return True, None, ""
+        return False, _frames_out(frame), ""
+    if hasattr(holder, "get_coro"):   # an asyncio task
+        label = f" (task {str(holder.get_name())[:MAX_TASK_NAME]})"
+        if holder.done():
+            return True, None, label
+        return False, _awaiting_frames(holder.get_coro()), label
+    if holder.dead:   # a greenlet
+        return True, None, ""
+    if holder.gr_frame is not None:   # suspended: its own stack
+        return False, _frames_out(holder.gr_frame), ""
+    # Running now, so its frames are its thread's stack (if it still runs
+    # after that stack is taken).
+    root = holder
+    while root.parent is not None:
+        root = root.parent
+    frame = sys._current_frames().get(_thread_greenlets.get(root))
+    if frame is None or holder.gr_frame is not None:
+        return False, None, ""
+    return False, _frames_out(frame), ""
+
+
+def _frames_out(frame) -> List[Any]:
+    frames = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames
+
+
+def _awaiting_frames(coro) -> Optional[List[Any]]:
+    """A suspended task's frames, innermost first: its coroutine and what
+    each awaits in turn.  None while it runs (the chain is then on its
+    loop thread's stack, or a bridge greenlet's)."""
+    if getattr(coro, "cr_running", False):
+        return None
+    frames = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(
+            coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(
+            coro, "gi_yieldfrom", None)
+    frames.reverse()
+    return frames
+
+
+def is_leak(verdict: str) -> bool:
+    """Whether a long holder's text is one of the two leak verdicts (a
+    place is "FILE:LINE in FUNC", never one of those words alone)."""
+    return verdict.split(" (task ", 1)[0] in (LEAKED, THREAD_GONE)
+
+
+def holder_verdict(holder, site: int, scope: int) -> Optional[str]:
+    """What a long holder's connection is now (the "held at" place,
+    "leaked" or "thread gone"), or None when it cannot be seen now."""
+    ended, stack, label = holder_stack(holder)
+    if ended:
+        return THREAD_GONE + label
+    if stack is None:
+        return None
+    code = _site_places[site][0]
+    for index, frame in enumerate(stack):
+        if id(frame) == scope and frame.f_code is code:
+            return describe_stack(stack[:index + 1]) + label
+    return LEAKED + label
+
+
 # Pool events go from the listeners to the sender's fold thread through a
-# list used as a queue, flat: seven items an event, added at the end by one
+# list used as a queue, flat: eight items an event, added at the end by one
 # list.extend() (atomic: C code, holding the GIL throughout) and taken from
-# the front seven at a time.  So what waits in the queue is only numbers,
+# the front eight at a time.  So what waits in the queue is only numbers,
 # strings and None, which the cyclic garbage collector never looks at;
 # queued tuples made the application's collector run several times as
 # often (measured: see the Performance section).
-#   (CONNECT, conn, when, pool, None, None, began)
-#                 a new DBAPI connection; began: when its opening began
-#                 (None when not known), so the connect time is when - began
-#   (CHECKOUT, conn, when, pool, site, thread, began)
-#                 handed to the application; site and thread None without
-#                 checkout sites; began: when the application asked the
-#                 pool (None for a pool connmon could not measure)
-#   (CHECKIN, conn, when, None, None, None, None)    returned to the pool
-#   (CLOSE, conn, when, None, None, None, None)      closed, invalidated,
-#                                                    discarded
-#   (INVALIDATED, conn, when, pool, None, None, None)
-#                 invalidated: a failed pre-ping, a disconnect detected,
-#                 invalidate() (hard or soft)
-#   (TIMED_OUT, None, when, pool, None, None, began)  a checkout gave up
-#                 (sqlalchemy.exc.TimeoutError)
-#   (FAILED, None, when, pool, None, None, began)     a checkout failed
-#                 otherwise: the connection could not be opened
-#   (POOL, pool, when, limit, endpoint, None, None)
-#                 limit: pool_size+max_overflow, None when unlimited;
-#                 endpoint: (backend, host, port, database, user) or None
-#   (ENGINE_GONE, pool, when, None, None, None, None) its engine was
-#                 collected: the pool and its connections are no more
+#   (CONNECT, conn, when, pool, None, None, None, began)
+#       a new DBAPI connection; began: when its opening began (None when
+#       not known), so the connect time is when - began
+#   (CHECKOUT, conn, when, pool, site, scope, holder, began)
+#       handed to the application: site's number, id() of the site's
+#       frame, id() of the holder (kept meanwhile in Sender.handed); None
+#       without a site; began: when the application asked the pool (None
+#       for a pool connmon could not measure)
+#   (CHECKIN, conn, when, None, None, None, None, None)  returned to the
+#       pool
+#   (CLOSE, conn, when, None, None, None, None, None)  closed,
+#       invalidated, discarded
+#   (INVALIDATED, conn, when, pool, None, None, None, None)  invalidated:
+#       a failed pre-ping, a disconnect detected, invalidate() (hard or
+#       soft)
+#   (TIMED_OUT, None, when, pool, None, None, None, began)  a checkout gave
+#       up (sqlalchemy.exc.TimeoutError)
+#   (FAILED, None, when, pool, None, None, None, began)  a checkout failed
+#       otherwise: the connection could not be opened
+#   (POOL, pool, when, limit, endpoint, None, None, None)  limit:
+#       pool_size + max_overflow, None when unlimited; endpoint: (backend,
+#       host, port, database, user) or None
+#   (ENGINE_GONE, pool, when, None, None, None, None, None)  its engine
+#       was collected: the pool and its connections are no more
 CONNECT = "connect"
 CHECKOUT = "checkout"
 CHECKIN = "checkin"
@@ -687,7 +891,7 @@ TIMED_OUT = "timed out"
 FAILED = "failed"
 POOL = "pool"
 ENGINE_GONE = "engine gone"
-EVENT_ITEMS = 7
+EVENT_ITEMS = 8
 
 # A checkout counts as waiting once it has taken this long: a checkout
 # that finds a connection idle takes microseconds, so this leaves out only
@@ -728,9 +932,10 @@ class ProcessState:
         self.max_conns = self.max_checked_out = self.max_waiting = 0
         self._long_waits: List[Tuple[float, float]] = []   # app side
         # The leak finder: where each checked-out connection was checked out
-        # (a site number, named in site_names), by which thread (app side
-        # only), and for long holders where that thread is now.
-        self.holders: Dict[int, tuple] = {}   # connection -> (site, thread)
+        # (a site number, named in site_names), by which frame and holder
+        # (app side only: ids, see holder_verdict), and for long holders
+        # where they are now.
+        self.holders: Dict[int, tuple] = {}   # conn -> (site, scope, holder)
         self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
         self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
         self.reset_counters()
@@ -761,7 +966,8 @@ class ProcessState:
 
     # -- application side -----------------------------------------------------
 
-    def fold(self, events: Iterable[tuple]) -> None:
+    def fold(self, events: Iterable[tuple],
+             handed: Optional[Dict[int, Any]] = None) -> None:
         """Fold pool events in, in order (the seven items of each: see the
         event kinds above).
 
@@ -769,15 +975,17 @@ class ProcessState:
         counters kept in locals: this runs for every checkout and checkin of
         the application.  A forked child sees its parent's pooled
         connections: a checkout adopts such a connection, a checkin or close
-        of one changes nothing.
+        of one changes nothing.  ``handed`` (connection -> its last holder,
+        see Sender.handed) forgets the connections closed.
         """
+        handed = {} if handed is None else handed
         conns, out, holders = self.conns, self.checked_out, self.holders
         checkouts, holds, hold_total = (self.checkouts, self.holds,
                                         self.hold_total)
         waits, wait_total, wait_max = (self.waits, self.wait_total,
                                        self.wait_max)
         peak_conns, peak_out = self.peak_conns, self.peak_checked_out
-        for kind, ident, when, pool, site, thread, began in events:
+        for kind, ident, when, pool, site, scope, holder, began in events:
             if kind is CHECKIN:
                 since = out.pop(ident, None)
                 if since is not None:
@@ -804,7 +1012,7 @@ class ProcessState:
                     conns[ident] = pool
                     peak_conns = max(peak_conns, len(conns))
                 if site is not None:
-                    holders[ident] = (site, thread)
+                    holders[ident] = (site, scope, holder)
             elif kind is CONNECT:
                 conns[ident] = pool
                 if len(conns) > peak_conns:
@@ -814,6 +1022,7 @@ class ProcessState:
                     self.connect_total += when - began
             elif kind is CLOSE:
                 conns.pop(ident, None)
+                handed.pop(ident, None)
                 if out.pop(ident, None) is not None:
                     self._forget_holder(ident)
             elif kind is INVALIDATED:
@@ -833,7 +1042,8 @@ class ProcessState:
                 if site is not None:
                     self.endpoints[ident] = dict(zip(ENDPOINT_FIELDS, site))
             elif kind is ENGINE_GONE:
-                self._forget_pool(ident)
+                for gone in self._forget_pool(ident):
+                    handed.pop(gone, None)
         self.checkouts, self.holds, self.hold_total = (checkouts, holds,
                                                        hold_total)
         self.waits, self.wait_total, self.wait_max = (waits, wait_total,
@@ -876,20 +1086,23 @@ class ProcessState:
     def waiting_counts(self) -> Dict[int, int]:
         return {pool: count for pool, (count, _) in self.waiting.items()}
 
-    def _forget_pool(self, pool: int) -> None:
+    def _forget_pool(self, pool: int) -> List[int]:
         """An application that makes engine after engine must not grow
-        its state (nor reach MAX_PROCESS_POOLS at the daemon)."""
+        its state (nor reach MAX_PROCESS_POOLS at the daemon).  Returns
+        the connections forgotten."""
         self.pools.pop(pool, None)
         self.endpoints.pop(pool, None)
         self.waiting.pop(pool, None)
-        for ident in [c for c, owner in self.conns.items() if owner == pool]:
+        gone = [c for c, owner in self.conns.items() if owner == pool]
+        for ident in gone:
             del self.conns[ident]
             if self.checked_out.pop(ident, None) is not None:
                 self._forget_holder(ident)
+        return gone
 
     def name_sites(self) -> None:
         """Name the checkout sites of the connections out (app side)."""
-        for site, _ in self.holders.values():
+        for site, _, _ in self.holders.values():
             if site not in self.site_names:
                 self.site_names[site] = site_name(site)
 
@@ -897,21 +1110,24 @@ class ProcessState:
         self.holders.pop(ident, None)
         self.held_at.pop(ident, None)
 
-    def look_at_long_holders(self, now: float, threshold: float) -> None:
-        """Note where the threads holding connections for longer than
-        ``threshold`` seconds are now: the innermost application frame of
-        each, or "thread gone" when the thread ended without returning the
-        connection (a leak for sure).  Costs nothing without long holders.
-        """
-        long = [ident for ident, since in self.checked_out.items()
-                if now - since >= threshold and ident in self.holders]
-        if not long:
-            return
-        frames = sys._current_frames()
-        for ident in long:
-            frame = frames.get(self.holders[ident][1])
-            self.held_at[ident] = ("thread gone" if frame is None
-                                   else describe_frame(frame))
+    def look_at_long_holders(self, now: float, threshold: float,
+                             handed: Dict[int, Any]) -> None:
+        """Say what each connection held for longer than ``threshold``
+        seconds is now (see holder_verdict): held at a place, "leaked" or
+        "thread gone".  ``handed`` is the holder of each connection's last
+        checkout.  Costs nothing without long holders; a leak, once found,
+        is not looked at again."""
+        for ident, since in self.checked_out.items():
+            if now - since < threshold or ident not in self.holders or (
+                    is_leak(self.held_at.get(ident, ""))):
+                continue
+            site, scope, holder_id = self.holders[ident]
+            holder = handed.get(ident)
+            if id(holder) != holder_id:   # checked out again meanwhile
+                continue
+            verdict = holder_verdict(holder, site, scope)
+            if verdict is not None:
+                self.held_at[ident] = verdict
 
     def message(self, now: float, sent: Optional["ProcessState"] = None
                 ) -> Dict[str, Any]:
@@ -1047,7 +1263,7 @@ class ProcessState:
         self.site_names.update(sites[:max(0, room)])
         for ident, site in checkout_sites:
             if ident in self.checked_out:
-                self.holders[ident] = (site, None)
+                self.holders[ident] = (site, None, None)
         for ident, text in held_at:
             if ident in self.checked_out:
                 self.held_at[ident] = text
@@ -1859,11 +2075,18 @@ class Sender:
         # pool -> when each checkout now in a measured pool's connect()
         # began (the pool's MeasuredPool.connmon_probe.pending)
         self.pending: Dict[int, List[float]] = {}
+        # connection -> the holder (thread, greenlet, task) of its last
+        # checkout, from the checkout listener to the leak finder: the
+        # queue holds no object the garbage collector tracks, so the
+        # holder's id() travels there and the holder itself waits here
+        # (until the connection is checked out again or closed).
+        self.handed: Dict[int, Any] = {}
         self._start()
 
     def _start(self) -> None:
         """(Re)initialise everything per-process; also used after fork."""
         self.events.clear()
+        self.handed.clear()
         self.state = ProcessState(os.urandom(8).hex(), socket.gethostname(),
                                   progname(), os.getpid())
         self._sent = self.state.copy()
@@ -1941,7 +2164,8 @@ class Sender:
             state, now = self.state, time.monotonic()
             if self._scan_due() == 0:
                 self._scanned = now
-                state.look_at_long_holders(now, self.hold_warn)
+                state.look_at_long_holders(now, self.hold_warn,
+                                           self.handed)
             state.look_at_waiters(now, self.pending)
             counted = (state.checkouts or state.holds or state.waits
                        or state.connects or state.invalidations)   # since
@@ -2065,7 +2289,7 @@ class Sender:
         batch = self.events[:queued]
         del self.events[:queued]
         items = iter(batch)
-        self.state.fold(zip(*[items] * EVENT_ITEMS))
+        self.state.fold(zip(*[items] * EVENT_ITEMS), self.handed)
 
 
 _senders: Dict[tuple, Sender] = {}
@@ -2204,31 +2428,36 @@ def _engine_gone(sender: Sender, pool_id: int) -> None:
     """An instrumented engine was collected (weakref.finalize)."""
     sender.pending.pop(pool_id, None)
     sender.events.extend((ENGINE_GONE, pool_id, time.monotonic(), None, None,
-                          None, None))
+                          None, None, None))
     sender.wake()
 
 
 class PoolProbe:
     """What one monitored engine's pool reports through: its sender's
-    queue, its pool id, whether checkout sites are noted, and when each
-    checkout now in its connect() began."""
+    queue, its pool id, whether checkout sites are noted (and how to find
+    a checkout's holder: see holder_finder), and when each checkout now in
+    its connect() began."""
 
-    __slots__ = ("record", "sender", "pool_id", "sites", "pending")
+    __slots__ = ("record", "sender", "pool_id", "sites", "holders",
+                 "pending")
 
-    def __init__(self, sender: Sender, pool_id: int, sites: bool):
+    def __init__(self, sender: Sender, pool_id: int, sites: bool,
+                 holders: Tuple[Any, Any]):
         self.record = sender.events.extend
         self.sender = sender
         self.pool_id = pool_id
         self.sites = sites
+        self.holders = holders
         self.pending: List[float] = sender.pending.setdefault(pool_id, [])
 
     def checked_out(self, info: Dict[str, Any],
                     began: Optional[float]) -> None:
         """Queue a checkout (``began``: when the application asked, None
-        when not known).  Runs on the application's thread, for every
-        checkout: the site is looked for at the depth the last one was
-        found first (see checkout_site)."""
-        site = thread = None
+        when not known), with its site and holder.  Runs on the
+        application's thread, for every checkout: the site is looked for
+        at the depth the last one was found first (see checkout_site)."""
+        ident = info.get(CONN_ID)
+        site = scope = holder = None
         if self.sites:
             try:
                 frame = _getframe(_site_depth)
@@ -2236,10 +2465,15 @@ class PoolProbe:
             except ValueError:   # a shallower stack
                 pass
             if site is None:
-                site = checkout_site()
-            thread = _get_ident()
-        self.record((CHECKOUT, info.get(CONN_ID), _clock(), self.pool_id,
-                     site, thread, began))
+                site, frame = checkout_site()
+            if site is not None:   # see holder_verdict
+                scope = id(frame)
+                current_holder, first_holder = self.holders
+                self.sender.handed[ident] = who = (current_holder()
+                                                   or first_holder())
+                holder = id(who)
+        self.record((CHECKOUT, ident, _clock(), self.pool_id, site, scope,
+                     holder, began))
         if not self.sender.wake_pending:
             self.sender.wake()
 
@@ -2250,13 +2484,12 @@ class PoolProbe:
             from sqlalchemy.exc import TimeoutError
             kind = TIMED_OUT if isinstance(error, TimeoutError) else FAILED
             self.record((kind, None, _clock(), self.pool_id, None, None,
-                         began))
+                         None, began))
             if not self.sender.wake_pending:
                 self.sender.wake()
 
 
 _clock = time.monotonic
-_get_ident = threading.get_ident
 _getframe = sys._getframe
 
 
@@ -2379,7 +2612,8 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     record = sender.events.extend
     clock = time.monotonic
     pool_id = next(_pool_ids)
-    probe = PoolProbe(sender, pool_id, target.sites)
+    probe = PoolProbe(sender, pool_id, target.sites,
+                      holder_finder(engine.dialect.is_async))
     connecting = "connmon_connecting"   # info key: when opening began
 
     def on_do_connect(dialect, connection_record, cargs, cparams):
@@ -2391,7 +2625,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         info = connection_record.info
         info[CONN_ID] = ident
         info[CONN_POOL] = engine.pool
-        record((CONNECT, ident, clock(), pool_id, None, None,
+        record((CONNECT, ident, clock(), pool_id, None, None, None,
                 info.pop(connecting, None)))
         if not sender.wake_pending:
             sender.wake()
@@ -2401,24 +2635,25 @@ def instrument(engine, settings: Dict[str, str]) -> None:
 
     def on_checkin(dbapi_connection, connection_record):
         info = connection_record.info
-        record((CHECKIN, info.get(CONN_ID), clock(), None, None, None, None))
+        record((CHECKIN, info.get(CONN_ID), clock(), None, None, None, None,
+                None))
         if info.get(CONN_POOL) is not engine.pool:
             # Checked out across engine.dispose() and now returned to the
             # old pool, which drops it without a close event.
             record((CLOSE, info.get(CONN_ID), clock(), None, None, None,
-                    None))
+                    None, None))
         if not sender.wake_pending:
             sender.wake()
 
     def on_close(dbapi_connection, connection_record):
         record((CLOSE, connection_record.info.get(CONN_ID), clock(), None,
-                None, None, None))
+                None, None, None, None))
         if not sender.wake_pending:
             sender.wake()
 
     def on_invalidate(dbapi_connection, connection_record, exception):
         record((INVALIDATED, connection_record.info.get(CONN_ID), clock(),
-                pool_id, None, None, None))
+                pool_id, None, None, None, None))
         if not sender.wake_pending:
             sender.wake()
 
@@ -2433,7 +2668,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
 
     def on_close_detached(dbapi_connection):
         record((CLOSE, detached.pop(id(dbapi_connection), None), clock(),
-                None, None, None, None))
+                None, None, None, None, None))
         if not sender.wake_pending:
             sender.wake()
 
@@ -2466,7 +2701,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         event.listen(engine, name, listener)
     endpoint = endpoint_of(engine.url) if target.endpoints else None
     record((POOL, pool_id, clock(), _pool_limit(engine.pool), endpoint,
-            None, None))
+            None, None, None))
     weakref.finalize(engine, _engine_gone, sender, pool_id)
     sender.wake()
 
@@ -2479,7 +2714,11 @@ def _safe_name(engine) -> str:
 
 def _dialect_subclass(real_cls):
     """The real dialect, but never passing ``connmon_*`` to the driver, and
-    choosing a measured pool (see MeasuredPool)."""
+    choosing a measured pool (see MeasuredPool).
+
+    It says it comes from the real dialect's module and has its name, as
+    code keyed on those (SQLAlchemy's testing provisioning, for one)
+    expects of the dialect it is given."""
     subclass = _dialect_subclasses.get(real_cls)
     if subclass is None:
         def create_connect_args(self, url):
@@ -2494,6 +2733,8 @@ def _dialect_subclass(real_cls):
             "create_connect_args": create_connect_args,
             "get_pool_class": classmethod(get_pool_class),
             "supports_statement_cache": True,
+            "__module__": real_cls.__module__,
+            "name": real_cls.name,
             "__doc__": f"{real_cls.__name__} monitored by connmon.",
         })
         _dialect_subclasses[real_cls] = subclass
@@ -2525,6 +2766,8 @@ class ConnmonDialect:
 mysql_pymysql = ConnmonDialect("mysql+pymysql")
 mysql_mysqldb = ConnmonDialect("mysql+mysqldb")
 mysql_default = ConnmonDialect("mysql")
+mariadb_pymysql = ConnmonDialect("mariadb+pymysql")
+mariadb_mysqldb = ConnmonDialect("mariadb+mysqldb")
 postgresql_psycopg2 = ConnmonDialect("postgresql+psycopg2")
 postgresql_psycopg = ConnmonDialect("postgresql+psycopg")
 postgresql_default = ConnmonDialect("postgresql")
@@ -2535,6 +2778,8 @@ DIALECT_ENTRY_POINTS = {
     "mysql.pymysql_connmon": "mysql_pymysql",
     "mysql.mysqldb_connmon": "mysql_mysqldb",
     "mysql.connmon": "mysql_default",
+    "mariadb.pymysql_connmon": "mariadb_pymysql",
+    "mariadb.mysqldb_connmon": "mariadb_mysqldb",
     "postgresql.psycopg2_connmon": "postgresql_psycopg2",
     "postgresql.psycopg_connmon": "postgresql_psycopg",
     "postgresql.connmon": "postgresql_default",

@@ -184,8 +184,8 @@ DATABASE_COLUMNS = [
 ]
 
 # The drill-down's long holders: connections held past the apps'
-# hold_warn_seconds, with where they were checked out and where the
-# holding thread is now ("thread gone": it ended without returning it).
+# hold_warn_seconds, with where they were checked out and what they are
+# now: held at a line, "leaked" or "thread gone" (see README.txt).
 HOLDER_COLUMNS = [
     Column("PID", "pid", 9),
     Column("AGE", "age", 8),

@@ -25,7 +25,8 @@ setup(
         "postgresql": ["SQLAlchemy>=2.0", "psycopg2-binary"],
         "test": ["SQLAlchemy>=2.0", "PyMySQL", "psycopg2-binary",
                  "psycopg[binary]", "pytest", "pyte", "hypothesis",
-                 "prometheus_client", "oslo.db", "trustme"],
+                 "prometheus_client", "oslo.db", "trustme", "gevent",
+                 "eventlet", "aiomysql"],
     },
     entry_points={
         "console_scripts": [

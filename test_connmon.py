@@ -7,6 +7,8 @@ Run with ``python -m pytest -v test_connmon.py`` (see README.txt).
 
 from __future__ import annotations
 
+import configparser
+import functools
 import itertools
 import json
 import os
@@ -1129,7 +1131,8 @@ def _session_news(ident: str, session: int, held: int, ends: bool
     attached (with ``held`` connections checked out), and maybe it ended."""
     proc = connmon.ProcessState(ident, "host", "prog.py", 42, session)
     for conn in range(held):
-        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None, None)])
+        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None, None,
+                    None)])
     news = [("attach", proc)]
     if ends:
         news.append(("detach", session))
@@ -1327,7 +1330,7 @@ class SyntheticApp:
         """One pool event of ``kind`` (connmon.CONNECT...), as a listener
         without checkout sites queues it."""
         self.state.fold([(kind, conn, time.monotonic(), pool, None, None,
-                          None)])
+                          None, None)])
 
 
 def test_metrics_equal_the_snapshot_with_awkward_labels(tmp_path, apps):
@@ -2577,15 +2580,16 @@ def test_sites_ranked_by_connections_held(tmp_path, leak_daemon):
         app("site_a 3")
         app("site_b 5")
         script = tmp_path / "leaky.py"
-        ranked = wait_until(
-            lambda: [(s["site"], s["held"]) for s in
-                     leak_daemon.row("leaky.py")["sites"]] or None,
-            what="sites")
-        wait_until(lambda: [(s["site"], s["held"]) for s in leak_daemon.row(
-            "leaky.py")["sites"]] == [
-                (f"{script}:{line_of('SITE-B')} in site_b", 5),
-                (f"{script}:{line_of('SITE-A')} in site_a", 3)],
-            what=f"site_b (5) ranked above site_a (3); saw {ranked}")
+
+        def ranked() -> List[Tuple[str, int]]:
+            row = leak_daemon.row("leaky.py")   # None until the app says
+            return [(s["site"], s["held"]) for s in row["sites"]] if row \
+                else []
+        seen = wait_until(ranked, what="sites")
+        wait_until(lambda: ranked() == [
+            (f"{script}:{line_of('SITE-B')} in site_b", 5),
+            (f"{script}:{line_of('SITE-A')} in site_a", 3)],
+            what=f"site_b (5) ranked above site_a (3); saw {seen}")
     finally:
         app.stop()
 
@@ -3615,6 +3619,405 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
 
 # (tests of the leak finder's truth go here)
 
+# Each of these programs sets its holders up, prints "ready" and waits; the
+# daemon then tells what each connection held past a second (the
+# leak_daemon's hold_warn_seconds) is.  What the console's drill-down, the
+# snapshot's long holders and its sites' long holders show is one text.
+
+THREADS_SCRIPT = r"""
+import concurrent.futures, json, sys, threading, time
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+kept = []
+
+def leak_and_end():
+    kept.append(engine.connect())   # ENDED-SITE
+
+def query_slowly():
+    with engine.connect() as conn:   # SLOW-SITE
+        conn.execute(sa.text("SELECT SLEEP(600)"))   # SLOW-HELD
+
+def leak_on_the_pool():
+    kept.append(engine.connect())   # POOLED-SITE
+
+def other_work():
+    time.sleep(600)   # OTHER-WORK
+
+def leak_before_reuse():
+    kept.append(engine.connect())   # REUSED-SITE
+
+def idle(release):
+    release.wait()   # IDLE
+
+ended = threading.Thread(target=leak_and_end)
+ended.start()
+ended.join()
+threading.Thread(target=query_slowly, daemon=True).start()
+pool = concurrent.futures.ThreadPoolExecutor(1)
+pool.submit(leak_on_the_pool).result()
+pool.submit(other_work)
+gone = threading.Thread(target=leak_before_reuse)
+gone.start()
+gone.join()
+# A new thread the OS gives the ended one's ident, running other code.
+for _ in range(50):
+    release = threading.Event()
+    reused = threading.Thread(target=idle, args=(release,), daemon=True)
+    reused.start()
+    if reused.ident == gone.ident:
+        break
+    release.set()
+    reused.join()
+print("ready", reused.ident == gone.ident, flush=True)
+time.sleep(600)
+"""
+
+GEVENT_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, sys
+import gevent
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+kept = []
+
+def query_slowly():
+    with engine.connect() as conn:   # GREEN-SLOW-SITE
+        conn.execute(sa.text("SELECT SLEEP(600)"))   # GREEN-SLOW-HELD
+
+def leak_and_end():
+    kept.append(engine.connect())   # GREEN-ENDED-SITE
+
+slow = gevent.spawn(query_slowly)
+gevent.spawn(leak_and_end).join()
+gevent.sleep(0.5)
+print("ready", slow.dead, flush=True)
+gevent.sleep(600)
+"""
+
+EVENTLET_SCRIPT = GEVENT_SCRIPT.replace(
+    "from gevent import monkey\nmonkey.patch_all()\n",
+    "import eventlet\neventlet.monkey_patch()\n").replace(
+    "import gevent\n", "").replace("gevent.", "eventlet.").replace(
+    "eventlet.spawn(leak_and_end).join()", "eventlet.spawn(leak_and_end).wait()")
+
+ASYNCIO_SCRIPT = r"""
+import asyncio, json, sys
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+kept = []
+
+async def handler(engine):
+    async with engine.connect() as conn:   # TASK-SITE
+        await conn.execute(sa.text("SELECT 1"))
+        await asyncio.sleep(600)   # TASK-HELD
+
+async def leak_and_end(engine):
+    kept.append(await engine.connect())   # TASK-ENDED-SITE
+
+async def main():
+    engine = create_async_engine(sys.argv[1], **json.loads(sys.argv[2]))
+    holder = asyncio.create_task(handler(engine), name="holder-1")
+    await asyncio.create_task(leak_and_end(engine), name="leaker-1")
+    await asyncio.sleep(0.5)
+    print("ready", holder.done(), flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+class ScriptApp(App):
+    """A program that sets itself up, says "ready ..." and waits."""
+
+    def __init__(self, tmp_path, source: str, url: str, progname: str,
+                 **options: Any):
+        self.source = source
+        super().__init__(tmp_path, url, progname, **options)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line.startswith("ready"), (
+            f"{progname} did not start: {line!r}\n{self.log.read_text()}")
+        self.said = line.split()[1:]
+
+
+def mariadb_leak_url(daemon: Daemon, driver: str = "pymysql") -> str:
+    from sqlalchemy.engine import make_url
+    require_database(MYSQL_URL)
+    return make_url(MYSQL_URL).set(drivername=f"mysql+{driver}").\
+        update_query_dict({"plugin": "connmon", "connmon_service": "test",
+                           "connmon_config": str(daemon.config)}).\
+        render_as_string(hide_password=False)
+
+
+def verdicts(daemon: Daemon, app: App, expected: Dict[str, str]
+             ) -> Dict[str, str]:
+    """Wait until each long holder of ``app`` (by site) reads as
+    ``expected``, the same in the process's long holders and in its row's
+    sites; return what they read last."""
+    seen: Dict[str, str] = {}
+
+    def read() -> bool:
+        row = daemon.row(app.progname, procs=True)
+        if not row or not row["procs"]:
+            return False
+        (proc,) = row["procs"]
+        seen.clear()
+        seen.update((h["site"], h["held_at"]) for h in proc["long_holders"])
+        by_site = {site["site"]: sorted(h["held_at"] for h in
+                                        site["long_holders"])
+                   for site in row["sites"]}
+        return seen == expected and by_site == {
+            site: [text] for site, text in expected.items()}
+    try:
+        wait_until(read, 30, "the long holders' verdicts")
+    except AssertionError:
+        raise AssertionError(f"long holders read {seen}, expected "
+                             f"{expected}") from None
+    return seen
+
+
+def place(app: App, marker: str, function: str, source: str) -> str:
+    return f"{app.proc.args[1]}:{line_of(marker, source)} in {function}"
+
+
+def test_leak_finder_in_plain_and_pooled_threads(tmp_path, leak_daemon):
+    """A thread that ended: thread gone.  A thread blocked in the driver:
+    held at the application's line, not pymysql's.  A pooled thread back
+    from the leaking function, running other code: leaked.  A new thread
+    with the ended one's ident: thread gone still."""
+    app = ScriptApp(tmp_path, THREADS_SCRIPT, mariadb_leak_url(leak_daemon),
+                    "threads.py", pool_size=10)
+    try:
+        assert app.said == ["True"], "the OS did not reuse the ident"
+        at = functools.partial(place, app, source=THREADS_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("ENDED-SITE", "leak_and_end"): "thread gone",
+            at("SLOW-SITE", "query_slowly"): at("SLOW-HELD", "query_slowly"),
+            at("POOLED-SITE", "leak_on_the_pool"): "leaked",
+            at("REUSED-SITE", "leak_before_reuse"): "thread gone"})
+    finally:
+        app.stop()
+
+
+@pytest.mark.parametrize("runtime", ["gevent", "eventlet"])
+def test_leak_finder_in_greenlets(tmp_path, leak_daemon, runtime):
+    """A greenlet waiting for a slow query is held at its line, however
+    long; one that ended without returning its connection is gone."""
+    source = GEVENT_SCRIPT if runtime == "gevent" else EVENTLET_SCRIPT
+    app = ScriptApp(tmp_path, source, mariadb_leak_url(leak_daemon),
+                    f"{runtime}_app.py", pool_size=10)
+    try:
+        assert app.said == ["False"]   # the slow one lives
+        at = functools.partial(place, app, source=source)
+        verdicts(leak_daemon, app, {
+            at("GREEN-SLOW-SITE", "query_slowly"): at(
+                "GREEN-SLOW-HELD", "query_slowly"),
+            at("GREEN-ENDED-SITE", "leak_and_end"): "thread gone"})
+    finally:
+        app.stop()
+
+
+def test_leak_finder_in_asyncio_tasks(tmp_path, leak_daemon):
+    """An asyncio engine's checkout sites are the awaiting coroutines'
+    lines; a task holding its connection is held at the line it awaits
+    at, a task done without returning it is gone; both name the task."""
+    app = ScriptApp(tmp_path, ASYNCIO_SCRIPT,
+                    mariadb_leak_url(leak_daemon, "aiomysql"), "tasks.py",
+                    pool_size=10)
+    try:
+        assert app.said == ["False"]
+        at = functools.partial(place, app, source=ASYNCIO_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("TASK-SITE", "handler"):
+                at("TASK-HELD", "handler") + " (task holder-1)",
+            at("TASK-ENDED-SITE", "leak_and_end"):
+                "thread gone (task leaker-1)"})
+    finally:
+        app.stop()
+
+
+
+@pytest.mark.parametrize("name", sorted(connmon.DIALECT_ENTRY_POINTS))
+def test_dialect_classes_look_like_the_real_ones(name):
+    """Each <driver>_connmon dialect class is a subclass of the real one
+    with the real one's module and name (what SQLAlchemy's testing
+    provisioning and oslo.db key on)."""
+    from sqlalchemy.engine import make_url
+    backend, driver = name.split(".")
+    url = make_url(f"{backend}+{driver}://h/db?connmon_addr=127.0.0.1:1")
+    entry = getattr(connmon, connmon.DIALECT_ENTRY_POINTS[name])
+    ours = entry.get_dialect_cls(url)
+    real = url.set(drivername=entry.real_drivername).get_dialect()
+    assert issubclass(ours, real) and ours is not real
+    assert (ours.__module__, ours.name, ours.driver) == (
+        real.__module__, real.name, real.driver)
+    assert ours.__module__.startswith(f"sqlalchemy.dialects.")
+
+
+MARIADB_NAMES_SCRIPT = r"""
+import json, sys
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1])
+held = [engine.connect(), engine.connect()]
+version = held[0].execute(sa.text("SELECT VERSION()")).scalar()
+dialect = type(engine.dialect)
+mysqldb = sa.engine.make_url(sys.argv[1].replace("+pymysql_connmon",
+                                                 "+mysqldb_connmon"))
+real = sa.engine.make_url("mariadb+pymysql://").get_dialect()
+real_mysqldb = sa.engine.make_url("mariadb+mysqldb://").get_dialect()
+print(json.dumps([dialect.__module__ == real.__module__, engine.dialect.name,
+                  engine.dialect.is_mariadb, version,
+                  issubclass(dialect, real), issubclass(
+                      mysqldb.get_dialect(), real_mysqldb),
+                  mysqldb.get_dialect().__module__ == real_mysqldb.__module__,
+                  mysqldb.get_dialect().name]), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_mariadb_names_against_real_mariadb(tmp_path, daemon):
+    """mariadb+pymysql_connmon and mariadb+mysqldb_connmon, registered as
+    ``python connmon.py --install-entry-points`` registers them (pip does
+    the same from setup.py): the real MariaDB dialects, monitored."""
+    require_database(MYSQL_URL)
+    site = tmp_path / "site"
+    site.mkdir()
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "connmon.py"),
+         "--install-entry-points", "--target", str(site)],
+        cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True,
+        timeout=60)
+    assert result.returncode == 0, result.stderr
+    from sqlalchemy.engine import make_url
+    url = make_url(MYSQL_URL).set(
+        drivername="mariadb+pymysql_connmon").update_query_dict(
+            {"connmon_addr": daemon.address}).render_as_string(
+                hide_password=False)
+    script = tmp_path / "mariadb_names.py"
+    script.write_text(MARIADB_NAMES_SCRIPT)
+    env = dict(CHILD_ENV, PYTHONPATH=os.pathsep.join(
+        [str(site), CHILD_ENV["PYTHONPATH"]]))
+    app = subprocess.Popen([sys.executable, str(script), url], cwd=tmp_path,
+                           env=env, text=True, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = app.stdout.readline()
+        assert line, app.stderr.read()
+        same_module, name, is_mariadb, version, *rest = json.loads(line)
+        assert (same_module, name, is_mariadb) == (True, "mariadb", True)
+        assert "MariaDB" in version
+        assert rest == [True, True, True, "mariadb"]   # subclasses; mysqldb
+        daemon.wait_row("mariadb_names.py", nproc=1, conn=2, ckout=2)
+    finally:
+        app.kill()
+        app.wait(10)
+
+# devstack's merge of a local.conf [[post-config|...]] value into a service's
+# config file, in bash as devstack runs it (inc/meta-config's
+# merge_config_file, inc/ini-config's iniset): its awk prints
+# 'iniset FILE SECTION OPTION "VALUE"' lines that are read (without -r) and
+# eval'ed; iniset puts the value into a sed command, escaped as each era of
+# devstack escapes it.
+DEVSTACK_ESCAPES = {
+    "2025 on": r"""value=$(echo $value | sed -e 's/\\/\\\\/g' -e 's/&/\\&/g')""",
+    "2022 to 2025": r"""value=$(echo $value | sed -e 's/&/\\&/g')""",
+    "before 2022": "",
+}
+DEVSTACK_MERGE = r"""
+function iniset {
+    local file=$1 section=$2 option=$3 value=$4
+    ESCAPE
+    if ! grep -q "^\[$section\]" "$file" 2>/dev/null; then
+        echo -e "\n[$section]" >> "$file"
+    fi
+    sed -i -e "/^\[$section\]/ a\\
+$option = $value
+" "$file"
+}
+while read a; do eval "$a"; done
+"""
+
+
+def readme_devstack_connections() -> List[Tuple[str, str, str]]:
+    """(config variable, section, URL) of each connection line of the
+    README's devstack recipe."""
+    readme = pathlib.Path(HERE, "README.txt").read_text()
+    recipe = readme.split("Using with devstack\n", 1)[1].split(
+        "\nWhat must end up", 1)[0]
+    found, conf, section = [], "", ""
+    for line in recipe.splitlines():
+        line = line.strip()
+        if line.startswith("[[post-config|"):
+            conf = line[len("[[post-config|"):-2]
+        elif line.startswith("["):
+            section = line[1:-1]
+        elif line.startswith("connection ="):
+            found.append((conf, section, line.split("=", 1)[1].strip()))
+    return found
+
+
+@pytest.mark.parametrize("era", sorted(DEVSTACK_ESCAPES))
+def test_devstack_recipe_lands_as_intended(tmp_path, era):
+    r"""Every URL of the README's devstack section, merged by devstack of
+    each era (the README's "\\&" for each "&" before 2022), lands in the
+    service's config as a URL that SQLAlchemy parses to the intended
+    database, charset and connmon service."""
+    from sqlalchemy.engine import make_url
+    connections = readme_devstack_connections()
+    assert [(conf, section, make_url(url).database) for conf, section, url
+            in connections] == [
+        ("$NOVA_CONF", "database", "nova"),
+        ("$NOVA_CONF", "api_database", "nova_api"),
+        ("$NEUTRON_CONF", "database", "neutron"),
+        ("$KEYSTONE_CONF", "database", "keystone"),
+        ("$CINDER_CONF", "database", "cinder"),
+        ("$GLANCE_API_CONF", "database", "glance")]
+    script = tmp_path / "merge.sh"
+    script.write_text(DEVSTACK_MERGE.replace("ESCAPE", DEVSTACK_ESCAPES[era]))
+    for number, (conf, section, url) in enumerate(connections):
+        if era == "before 2022":
+            url = url.replace("&", "\\\\&")   # as README says for old ones
+        conf_file = tmp_path / f"{number}.conf"
+        conf_file.write_text("")
+        merged = subprocess.run(
+            ["bash", str(script)], input=f'iniset {conf_file} {section} '
+            f'connection "{url}"\n', capture_output=True, text=True,
+            timeout=30)
+        assert merged.returncode == 0, merged.stderr
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(conf_file.read_text())
+        landed = make_url(parser[section]["connection"])
+        assert landed.drivername == "mysql+pymysql_connmon"
+        assert landed.database == make_url(url).database
+        assert dict(landed.query) == {"charset": "utf8",
+                                      "connmon_service": "default"}
+        assert connmon.url_settings(landed.query) == {
+            "connmon_service": "default"}
+
+
+def test_devstack_old_escape_breaks_current_devstack(tmp_path):
+    r"""Why the recipe changed: "\\&" merged by current devstack lands as
+    "\&", and the charset becomes "utf8\"."""
+    from sqlalchemy.engine import make_url
+    script = tmp_path / "merge.sh"
+    script.write_text(DEVSTACK_MERGE.replace(
+        "ESCAPE", DEVSTACK_ESCAPES["2025 on"]))
+    conf_file = tmp_path / "nova.conf"
+    conf_file.write_text("")
+    url = ("mysql+pymysql_connmon://root:sa@127.0.0.1/nova?charset=utf8"
+           "\\\\&connmon_service=default")
+    subprocess.run(["bash", str(script)], check=True, timeout=30,
+                   input=f'iniset {conf_file} database connection "{url}"\n',
+                   text=True)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(conf_file.read_text())
+    landed = make_url(parser["database"]["connection"])
+    assert landed.query["charset"] == "utf8\\"
 
 # ---------------------------------------------------------------------------
 # Trust boundaries: peers, impersonation, shares, hostile text
