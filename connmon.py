@@ -968,7 +968,7 @@ class ProcessState:
 
     def fold(self, events: Iterable[tuple],
              handed: Optional[Dict[int, Any]] = None) -> None:
-        """Fold pool events in, in order (the seven items of each: see the
+        """Fold pool events in, in order (the eight items of each: see the
         event kinds above).
 
         One call a batch, the kinds tested inline, commonest first, and the
