@@ -2084,8 +2084,9 @@ def test_snapshot_oldest_hold_ms_limit_exhausted(daemon, apps, tmp_path):
         text=True, timeout=30)
     lines = result.stdout.splitlines()
     assert lines[6].split() == ["HOSTNAME", "PROGNAME", "NPROC", "CONN",
-                                "CKOUT", "LIMIT", "MAXNPROC", "MAXCONN",
-                                "MAXCKOUT", "CKOUT/S", "HOLD_MS", "OLDEST"]
+                                "CKOUT", "LIMIT", "WAIT", "TMOUT/S",
+                                "MAXNPROC", "MAXCONN", "MAXCKOUT", "CKOUT/S",
+                                "HOLD_MS", "OLDEST"]
     rows = [line for line in lines[7:] if not line.startswith(" ")]
     (memory_line,) = [line for line in rows if "memory.py" in line]
     assert memory_line.split()[2:6] == ["1", "1", "1", "-"]
@@ -4397,6 +4398,9 @@ def test_the_apps_own_pool_keeps_working(how, daemon, tmp_path, caplog):
     notes = [r.getMessage() for r in caplog.records
              if "not measured" in r.getMessage()]
     assert len(notes) == (0 if measured else 1)
+    progname = connmon.progname()
+    # attached first: what happens before is not counted
+    daemon.wait_row(progname, nproc=1)
     held = engine.connect()
     if how != "nullpool":
         with pytest.raises(sa.exc.TimeoutError):
@@ -4407,7 +4411,6 @@ def test_the_apps_own_pool_keeps_working(how, daemon, tmp_path, caplog):
     engine.dispose()   # the recreated pool reports alike
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
-    progname = connmon.progname()
     row = daemon.wait_row(progname, ckout=0, ckout_total=2 if how !=
                           "nullpool" else 3, timeout=10)
     assert row["waiting"] == 0 and row["maxwaiting"] <= 1
