@@ -32,11 +32,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(workdir: str, ports: List[int]) -> str:
-    """A service "bench" with one node a port, n1, n2..."""
+def write_config(workdir: str, ports: List[int], options: str = "") -> str:
+    """A service "bench" with one node a port, n1, n2... (and ``options``,
+    lines of the service's section)."""
     config = os.path.join(workdir, f"bench-{ports[0]}.cfg")
     with open(config, "w") as file:
-        file.write("[connmon_service_bench]\nname: bench\nnodes:\n" + "".join(
+        file.write("[connmon_service_bench]\nname: bench\n" + options
+                   + "nodes:\n" + "".join(
             f"    n{i} hostname=127.0.0.1:{port} bind=127.0.0.1\n"
             for i, port in enumerate(ports, 1)))
     return config
@@ -47,9 +49,9 @@ class Daemon:
     an existing ``config``)."""
 
     def __init__(self, workdir: str, config: str = "", node: str = "n1",
-                 port: int = 0):
+                 port: int = 0, options: str = ""):
         self.port = port or free_port()
-        config = config or write_config(workdir, [self.port])
+        config = config or write_config(workdir, [self.port], options)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "connmon_server", "-c", config, "-s",
              "bench", "-n", node, "--log-level", "ERROR"], cwd=HERE)
@@ -752,8 +754,8 @@ try:
     console = cc.Console(window, feed, 1.0, True)
     samples = []
     for refresh in range(refreshes):
-        if refresh == refreshes // 2:
-            console.sort_index = 3     # half the time sorted by CONN
+        if refresh == refreshes // 2:   # half the time sorted by name
+            console.sort_by(cc.COLUMNS[0])
         start = time.process_time()
         snapshot = conn.request({"op": "snapshot", "procs": False})
         del snapshot["op"]
@@ -772,13 +774,15 @@ with open(out, "w") as file:
 
 def bench_console(quick: bool) -> None:
     """Console CPU per refresh with 1,000 rows: fetch and decode a snapshot
-    from a real connmond, sort, draw with curses into a real pty (target
-    <= 20 ms)."""
+    from a real connmond, sort, fit the columns and cut the names, draw
+    with curses into a real pty, colours and alarms on (thresholds low
+    enough that most rows have a marked cell) (target <= 20 ms)."""
     import pty
     import select
     refreshes = 40 if quick else 150
     with tempfile.TemporaryDirectory() as workdir:
-        daemon = Daemon(workdir)
+        daemon = Daemon(workdir, options="hold_warn_seconds: 0.1\n"
+                        "hold_ms_warn: 0.5\n")
         fleet = FakeFleet(("127.0.0.1", daemon.port), 1000, 300)
         out = os.path.join(workdir, "console.json")
         pid, master = pty.fork()
@@ -814,6 +818,217 @@ def bench_console(quick: bool) -> None:
             ("max   ", f"{ms[-1]:6.2f} ms")])
 
 
+def bench_history(quick: bool) -> None:
+    """The daemon's history: memory for 10,000 rows once its rings are
+    full, and the CPU of one sample of them all (once a second, under
+    the state lock)."""
+    import tracemalloc
+    import connmon
+    import connmon_server
+    rows = 10_000
+    picture = connmon.Picture()
+    for index in range(rows):
+        row = picture._row((f"host{index // 40:03d}", f"program-{index:05d}"))
+        row.conn, row.ckout = index % 50, index % 7
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    history = connmon_server.History()
+    for _ in range(history.length):   # every ring full
+        history.record(picture.rows)
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    samples = []
+    for _ in range(20 if quick else 100):   # timed without tracemalloc
+        start = time.process_time()
+        history.record(picture.rows)
+        samples.append(time.process_time() - start)
+    ms = sorted(sample * 1000 for sample in samples)
+    report(f"history: {rows:,} rows, {history.length} samples each "
+           f"(target: within README's 30 MB)",
+           [("memory", f"{held / 1e6:6.1f} MB",
+             f"{held / rows / 1000:.2f} KB a row"),
+            ("one sample of every row", f"median {statistics.median(ms):.1f} "
+             f"ms CPU", f"max {ms[-1]:.1f} ms")])
+
+
+def hostile_messages(n: int) -> List[bytes]:
+    """What one hostile client sends to sit at every cap the daemon has:
+    its hello, then the most connections, all checked out, the most sites
+    and held-at places, every text as long as allowed (each message under
+    the 1 MiB limit)."""
+    import connmon
+
+    def place(kind: str, i: int) -> str:
+        return (f"/{kind}/{i:04d}/" + "x" * connmon.MAX_LOCATION
+                )[:connmon.MAX_LOCATION]
+
+    def update(**fields: Any) -> dict:
+        return {"op": "update", "connect": [], "close": [], "checkout": [],
+                "checkin": [], "checkouts": 0, "hold": [0, 0],
+                "peak": [0, 0], **fields}
+    conns, sites = connmon.MAX_PROCESS_CONNECTIONS, connmon.MAX_SITES
+    messages = [
+        {"op": "hello", "version": 1, "role": "app", "proc": {
+            "id": f"hostile-{n}", "hostname": "h" * connmon.MAX_NAME,
+            "progname": f"{n:05d}" + "p" * 250, "pid": n + 1,
+            "session": 1}},
+        {"op": "state", "connect": [[c, 1] for c in range(conns)],
+         "close": [], "checkout": [[c, 1.0] for c in range(conns)],
+         "checkin": [], "checkouts": 0, "hold": [0, 0],
+         "peak": [conns, conns], "pools": [[1, None]]},
+        update(sites=[[i, place("site", i)] for i in range(sites)]),
+        update(checkout_sites=[[c, c % sites] for c in range(conns)])]
+    messages += [update(held_at=[[c, place("held", c)]
+                                 for c in range(start, start + 1000)])
+                 for start in range(0, conns, 1000)]
+    return [connmon.encode(message) for message in messages]
+
+
+def open_hostile(port: int, n: int) -> socket.socket:
+    """A hostile client at every cap, its messages all taken in."""
+    import connmon
+    sock = socket.create_connection(("127.0.0.1", port), 30)
+    rfile = sock.makefile("rb")
+    connmon.read_message(rfile)   # welcome
+    sock.sendall(b"".join(hostile_messages(n)) + connmon.encode(
+        {"op": "ping"}))
+    while connmon.read_message(rfile)["op"] != "pong":
+        pass
+    return sock
+
+
+def timed_snapshot(port: int, procs: bool) -> tuple:
+    """(seconds, bytes) of one snapshot request on a fresh console."""
+    import connmon
+    conn = connmon.open_connection([("127.0.0.1", port)], "console",
+                                   timeout=60)
+    try:
+        start = time.perf_counter()
+        conn.send({"op": "snapshot", "procs": procs})
+        line = conn.rfile.readline(connmon.MAX_REPLY_BYTES + 1)
+        return time.perf_counter() - start, len(line)
+    finally:
+        conn.close()
+
+
+def bench_hostile(quick: bool) -> None:
+    """Clients at every cap (trust boundaries): the daemon's RSS per such
+    client (target <= 4 MiB), and the time and size of a snapshot with N of
+    them (consoles always get one)."""
+    steps = (1, 4, 8, 16) if not quick else (1, 8)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for clients in steps:
+            daemon = Daemon(workdir)
+            try:
+                base = daemon_rss_mb(daemon.proc.pid)
+                hostile = [open_hostile(daemon.port, n)
+                           for n in range(clients)]
+                rss = daemon_rss_mb(daemon.proc.pid)
+                plain = min(timed_snapshot(daemon.port, False)
+                            for _ in range(3))
+                procs = min(timed_snapshot(daemon.port, True)
+                            for _ in range(3))
+                rows.append((f"{clients:3d} hostile clients",
+                             f"RSS {(rss - base) / clients:5.2f} MiB each",
+                             f"snapshot {plain[0] * 1000:6.1f} ms "
+                             f"{plain[1] / 1024:6.0f} KiB",
+                             f"with procs {procs[0] * 1000:6.1f} ms "
+                             f"{procs[1] / 1024:6.0f} KiB"))
+                for sock in hostile:
+                    sock.close()
+            finally:
+                daemon.stop()
+    report("hostile: clients at every cap (5,000 connections checked out, "
+           "1,000 sites, 1,000 held-at places, 255-character texts)", rows)
+
+
+def _mass_clients(port: int, clients: int, pipe) -> None:
+    """Run in a separate process: ``clients`` apps (one connection each)
+    attach, then all drop at once when this process exits."""
+    import resource
+    import connmon
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    state = connmon.encode({"op": "state", "connect": [[1, 1]], "close": [],
+                            "checkout": [[1, 0.5]], "checkin": [],
+                            "checkouts": 0, "hold": [0, 0], "peak": [1, 1],
+                            "pools": [[1, 5]]})
+    socks = []
+    for n in range(clients):   # from 200 hosts (loopback addresses)
+        sock = socket.create_connection(
+            ("127.0.0.1", port), 60,
+            source_address=(f"127.0.0.{n % 200 + 2}", 0))
+        sock.sendall(connmon.encode({
+            "op": "hello", "version": 1, "role": "app", "proc": {
+                "id": f"mass-{n}", "hostname": f"host{n % 200}",
+                "progname": f"prog{n % 50}", "pid": n + 1,
+                "session": 1}}) + state)
+        socks.append(sock)
+    pipe.send(len(socks))
+    pipe.recv()
+    os._exit(0)   # every connection drops at once
+
+
+def bench_disconnect(quick: bool) -> None:
+    """10,000 clients (1,000 quick) that drop at once: how long until they
+    have left the picture (target <= 10 s), and how long consoles wait for
+    a snapshot meanwhile (target <= 2 s)."""
+    import multiprocessing
+    import connmon
+    clients = 1000 if quick else 10000
+    context = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory() as workdir:
+        daemon = Daemon(workdir)
+        here, there = context.Pipe()
+        mass = context.Process(target=_mass_clients,
+                               args=(daemon.port, clients, there))
+        mass.start()
+        try:
+            if not here.poll(600):
+                raise RuntimeError("the clients did not open")
+            here.recv()
+            deadline = time.monotonic() + 300
+            attached = 0
+            while attached < clients:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {attached} clients attached")
+                time.sleep(0.5)
+                try:
+                    attached = snapshot(daemon.port)["processes"]
+                except OSError:   # still accepting the others
+                    pass
+            rss = daemon_rss_mb(daemon.proc.pid)
+            console = connmon.open_connection([("127.0.0.1", daemon.port)],
+                                              "console", timeout=60)
+            waits = []
+            start = time.perf_counter()
+            here.send("drop")
+            while True:
+                asked = time.perf_counter()
+                left = console.request({"op": "snapshot"})["processes"]
+                waits.append(time.perf_counter() - asked)
+                if not left:
+                    break
+                if asked - start > 300:
+                    raise RuntimeError(f"{left} processes never left")
+                time.sleep(0.05)
+            gone = time.perf_counter() - start
+            console.close()
+        finally:
+            mass.join(30)
+            daemon.stop()
+    waits.sort()
+    report(f"disconnect: {clients:,} clients drop at once (targets: gone "
+           "within 10 s, snapshots within 2 s meanwhile)",
+           [(f"daemon RSS with them {rss:6.1f} MB",),
+            (f"all gone from the picture after {gone:6.2f} s",),
+            (f"snapshots meanwhile: {len(waits)}, median "
+             f"{statistics.median(waits) * 1000:6.1f} ms, max "
+             f"{waits[-1] * 1000:6.1f} ms",)])
+
+
 SCENARIOS: Dict[str, Callable[[bool], None]] = {
     "hotpath": bench_hotpath,
     "hotpath-mysql": bench_hotpath_mysql,
@@ -823,7 +1038,10 @@ SCENARIOS: Dict[str, Callable[[bool], None]] = {
     "latency": bench_latency,
     "cluster": bench_cluster,
     "console": bench_console,
+    "history": bench_history,
     "blackhole": bench_blackhole,
+    "hostile": bench_hostile,
+    "disconnect": bench_disconnect,
 }
 
 

@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import collections
 import configparser
+import copy
+import difflib
 import encodings.idna  # noqa: F401  (see below)
 import functools
 import hashlib
+import heapq
 import hmac
 import itertools
 import json
@@ -47,7 +50,8 @@ import sysconfig
 import threading
 import time
 import weakref
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional,
+                    Tuple)
 
 __version__ = "0.4.0"
 
@@ -104,6 +108,11 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"bad port {port_text!r} in address {text!r}")
     return host, int(port_text)
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """"1 process", "2 processes"."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def format_address(address: Address) -> str:
@@ -183,13 +192,61 @@ def _line_number(text: str, section: str, needle: Optional[str]) -> int:
     return 0
 
 
+def _place(source: str, section: Optional[str], line: int) -> str:
+    """"FILE, [SECTION], line N", as much of it as is known."""
+    place = f"{source}, [{section}]" if section else source
+    return f"{place}, line {line}" if line else place
+
+
+def _section_at(text: str, lineno: int) -> Optional[str]:
+    """The section a line of ``text`` belongs to (None before the first)."""
+    section = None
+    for line in text.splitlines()[:lineno]:
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1]
+    return section
+
+
+def _check_headers(text: str, source: str) -> None:
+    """A section header without its ']' (configparser would take it for an
+    option line, and complain about something else)."""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.startswith("[") and not line.rstrip().endswith("]"):
+            where = _place(source, _section_at(text, lineno - 1), lineno)
+            raise ConfigError(f"{where}: section header {line.strip()!r} "
+                              "has no closing ']'")
+
+
+def _parse_error(err: configparser.Error, text: str, source: str) -> str:
+    """configparser's many-line complaint as one line naming the file, the
+    section and the line."""
+    lineno = getattr(err, "lineno", None)
+    if getattr(err, "errors", None):   # a ParsingError: the first line
+        lineno = err.errors[0][0]
+    if not lineno:
+        return f"{source}: " + " ".join(str(err).split())
+    line = text.splitlines()[lineno - 1].strip()
+    where = _place(source, _section_at(text, lineno - 1), lineno)
+    if isinstance(err, (configparser.DuplicateOptionError,
+                        configparser.DuplicateSectionError)):
+        what = (f"option {err.option!r}" if isinstance(
+            err, configparser.DuplicateOptionError) else
+            f"section [{err.section}]")
+        return f"{where}: {what} is given twice"
+    if isinstance(err, configparser.MissingSectionHeaderError):
+        return f"{where}: {line!r} comes before any [section] header"
+    return (f"{where}: {line!r} is not 'option: value' (no ':' or '=')")
+
+
 def parse_config(text: str, source: str) -> Dict[str, Service]:
     """Parse config text into services keyed by their ``name:``."""
+    _check_headers(text, source)
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read_string(text, source=source)
     except configparser.Error as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(_parse_error(err, text, source)) from None
     services: Dict[str, Service] = {}
     for section in parser.sections():
         if not section.startswith("connmon_service_"):
@@ -197,9 +254,8 @@ def parse_config(text: str, source: str) -> Dict[str, Service]:
         options = dict(parser[section])
 
         def where(needle: Optional[str]) -> str:
-            line = _line_number(text, section, needle)
-            place = f"{source}, [{section}]"
-            return f"{place}, line {line}" if line else place
+            return _place(source, section,
+                          _line_number(text, section, needle))
 
         if not options.get("name"):
             raise ConfigError(f"{where(None)}: missing 'name:'")
@@ -218,15 +274,25 @@ def parse_config(text: str, source: str) -> Dict[str, Service]:
     return services
 
 
+def config_file(path: Optional[str] = None) -> Optional[str]:
+    """The file ``load_config(path)`` reads; None for the built-in default
+    (no ``path`` given and no ``/etc/connmon.cfg``)."""
+    if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+        return DEFAULT_CONFIG_FILE
+    return path
+
+
+BUILT_IN = "<built-in default>"
+
+
 def load_config(path: Optional[str] = None) -> Dict[str, Service]:
     """Read ``path``, or ``/etc/connmon.cfg``, or else the built-in default.
 
     A file named explicitly must exist; the default file is optional.
     """
+    path = config_file(path)
     if path is None:
-        if not os.path.exists(DEFAULT_CONFIG_FILE):
-            return parse_config(DEFAULT_CONFIG_TEXT, "<built-in default>")
-        path = DEFAULT_CONFIG_FILE
+        return parse_config(DEFAULT_CONFIG_TEXT, BUILT_IN)
     try:
         with open(path, encoding="utf-8") as file:
             text = file.read()
@@ -240,9 +306,103 @@ def find_service(name: str = DEFAULT_SERVICE,
     services = load_config(path)
     if name not in services:
         known = ", ".join(sorted(services)) or "none"
-        raise ConfigError(f"{path or DEFAULT_CONFIG_FILE}: unknown service "
+        raise ConfigError(f"{config_file(path) or BUILT_IN}: unknown service "
                           f"{name!r} (services: {known})")
     return services[name]
+
+
+# -- Service options ----------------------------------------------------------
+#
+# Every option a service section may carry beyond name: and nodes:, with
+# how its text is checked.  The applications read SERVICE_OPTIONS (through
+# option_value); connmond's own table (connmon_server.OPTIONS) adds its
+# options to these, and its --check-config checks a section against the
+# whole of it, so that one definition of each option serves every reader.
+
+
+class Option(NamedTuple):
+    """How one option's text is read: ``parse`` returns the value or raises
+    ValueError saying what it expected; ``default`` is the text used when
+    the option is absent ("" means off)."""
+    parse: Callable[[str], Any]
+    default: str = ""
+
+
+def number_between(low: float, high: float, unit: str = "",
+                   whole: bool = False) -> Callable[[str], Any]:
+    """A parser of numbers from ``low`` to ``high`` (whole ones only when
+    ``whole``)."""
+    kind, shown = ("whole number", "d") if whole else ("number", "g")
+    expected = (f"expected a {kind}{unit} from {low:{shown}} to "
+                f"{high:{shown}}")
+
+    def parse(text: str) -> Any:
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise ValueError(f"{expected}, got {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"{expected}, got {text!r}")
+        return value
+    return parse
+
+
+def on_off(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError(f"expected 1 (on) or 0 (off), got {text!r}")
+    return text == "1"
+
+
+def any_text(text: str) -> str:
+    return text
+
+
+TLS_OPTIONS = ("ssl_certfile", "ssl_keyfile", "ssl_cafile",
+               "ssl_client_certfile", "ssl_client_keyfile",
+               "ssl_client_cafile")
+
+DEFAULT_HOLD_WARN = 10.0  # a checkout held this long: say where it is held
+DEFAULT_HOLD_MS_WARN = 1000.0   # a mean hold above this: the console's alarm
+
+SERVICE_OPTIONS: Dict[str, Option] = {
+    # how long a checkout is held before the application says where
+    "hold_warn_seconds": Option(number_between(0.1, 86400, " of seconds"),
+                                f"{DEFAULT_HOLD_WARN:g}"),
+    # note each checkout's site (the leak finder)
+    "checkout_sites": Option(on_off, "1"),
+    # report each pool's database: backend, host, port, name and user
+    "report_endpoints": Option(on_off, "1"),
+    "auth_secret_file": Option(any_text),
+    "auth_secret": Option(any_text),
+    **{name: Option(any_text) for name in TLS_OPTIONS},
+}
+
+
+def option_value(service: Service, name: str,
+                 table: Dict[str, Option] = SERVICE_OPTIONS) -> Any:
+    """The checked value of option ``name`` of ``service`` (its default
+    when absent; None when that is off), or a ConfigError naming the file,
+    the section and the option."""
+    option = table[name]
+    text = service.options.get(name, "").strip() or option.default
+    if not text:
+        return None
+    try:
+        return option.parse(text)
+    except ValueError as err:
+        raise ConfigError(f"{service.source}: {name}: {err}") from None
+
+
+def check_options(service: Service, table: Dict[str, Option]) -> None:
+    """Every option of ``service`` is in ``table`` and valid; a misspelt
+    one is named, with the likeliest option meant."""
+    for name in service.options:
+        if name not in table:
+            close = difflib.get_close_matches(name, table, 1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{service.source}: unknown option "
+                              f"{name!r}{hint}")
+        option_value(service, name, table)
 
 
 def candidate_addresses(service: Service,
@@ -289,6 +449,9 @@ def candidate_addresses(service: Service,
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20     # the most a client may send in one message
 MAX_REPLY_BYTES = 64 << 20      # the most a snapshot reply may be
+MAX_NAME = 255                  # longest process id, hostname, progname
+MAX_LOCATION = MAX_NAME         # longest checkout site or held-at text
+MAX_SESSION = 1 << 32           # an app's session claim is below this
 DEFAULT_HEARTBEAT = 30.0        # seconds of silence that lose a peer
 MIN_HEARTBEAT, MAX_HEARTBEAT = 1.0, 3600.0
 MAX_SECRET_BYTES = 4096
@@ -296,6 +459,34 @@ MAX_SECRET_BYTES = 4096
 
 class ProtocolError(Exception):
     """The peer sent something that is not connmon protocol."""
+
+
+class NotConnmond(OSError):
+    """Something answers at the address, but it is not connmond (a
+    database server, a web server...): retrying soon will not help."""
+
+
+def is_text(value: Any, limit: int) -> bool:
+    """Whether a client's text may enter: a string of 1 to ``limit``
+    printable characters (no control or format characters, no lone
+    surrogates), so that it can reach a terminal, a CSV file or /metrics
+    as it is."""
+    return (isinstance(value, str) and 0 < len(value) <= limit
+            and value.isprintable())
+
+
+def printable(text: str, limit: int = 0) -> str:
+    """``text`` made fit to enter (see ``is_text``) or to be printed:
+    every character a terminal would act on written as its Python
+    escape, and, with ``limit``, cut to that many characters keeping the
+    end (where a location's line and function are)."""
+    if not text.isprintable():
+        text = "".join(char if char.isprintable() else char.encode(
+            "unicode_escape", "backslashreplace").decode("ascii")
+                       for char in text)
+    if limit and len(text) > limit:
+        text = "..." + text[len(text) - limit + 3:]
+    return text
 
 
 class AuthError(ProtocolError):
@@ -334,9 +525,14 @@ def read_secret(path: str) -> bytes:
     return secret
 
 
-TLS_OPTIONS = ("ssl_certfile", "ssl_keyfile", "ssl_cafile",
-               "ssl_client_certfile", "ssl_client_keyfile",
-               "ssl_client_cafile")
+def _option_secret(options: Dict[str, str], name: str,
+                   path: Optional[str] = None) -> Optional[bytes]:
+    """The secret of ``NAME_file`` (or ``path``), else of ``NAME`` itself
+    written in the config, else None."""
+    path = path or options.get(name + "_file")
+    if path:
+        return read_secret(path)
+    return options.get(name, "").encode() or None
 
 
 class Security:
@@ -351,23 +547,39 @@ class Security:
     """
 
     def __init__(self, secret: Optional[bytes] = None,
-                 tls: Optional[Dict[str, str]] = None, source: str = ""):
+                 tls: Optional[Dict[str, str]] = None, source: str = "",
+                 peer_secret: Optional[bytes] = None):
         self.secret = secret
+        self.peer_secret = peer_secret
         self.tls = dict(tls or {})
         self.source = source
         self._client_context: Optional[ssl.SSLContext] = None
 
     @classmethod
-    def of_service(cls, service: "Service",
-                   secret_file: Optional[str] = None) -> "Security":
-        """The service's settings; ``secret_file`` overrides its secret."""
+    def of_service(cls, service: "Service", secret_file: Optional[str] = None,
+                   daemon: bool = False) -> "Security":
+        """The service's settings; ``secret_file`` overrides its secret.
+
+        Only the daemon (``daemon``) reads the peer credential, which the
+        nodes of a service prove to each other: app hosts do not hold it.
+        A service of several nodes whose apps have a secret needs one,
+        else any app host could pose as a node.
+        """
         options = service.options
-        secret_file = secret_file or options.get("auth_secret_file")
         try:
-            secret = (read_secret(secret_file) if secret_file else
-                      options.get("auth_secret", "").encode() or None)
+            secret = _option_secret(options, "auth_secret", secret_file)
+            peer_secret = (_option_secret(options, "peer_secret")
+                           if daemon else None)
         except ConfigError as err:
             raise ConfigError(f"{service.source}: {err}") from None
+        if daemon and len(service.nodes) > 1 and secret is not None and (
+                peer_secret is None or peer_secret == secret):
+            raise ConfigError(
+                f"{service.source}: a service of several nodes with an "
+                "apps' secret (auth_secret_file) needs peer_secret_file "
+                "too, a different secret that only the nodes can read: "
+                "with the apps' secret alone any app host could pose as a "
+                "node")
         tls = {key: value for key, value in options.items()
                if key.startswith("ssl_")}
         for key in tls:
@@ -375,7 +587,12 @@ class Security:
                 raise ConfigError(f"{service.source}: unknown option {key!r}"
                                   "; TLS options are " + ", ".join(
                                       TLS_OPTIONS))
-        return cls(secret, tls, service.source)
+        return cls(secret, tls, service.source, peer_secret)
+
+    def secret_for(self, role: str) -> Optional[bytes]:
+        """What a hello of ``role`` proves: nodes their own credential,
+        everyone else the apps' secret."""
+        return self.peer_secret if role == "peer" else self.secret
 
     @property
     def key(self) -> tuple:
@@ -427,13 +644,14 @@ class Security:
 
     def proof(self, welcome: Dict[str, Any], role: str) -> Dict[str, str]:
         """The hello's "auth" field for this welcome, if we have a secret."""
-        if self.secret is None:
+        secret = self.secret_for(role)
+        if secret is None:
             return {}
         nonce = welcome.get("nonce")
         if not isinstance(nonce, str) or not nonce:
             raise ProtocolError("the daemon sent no nonce to authenticate "
                                 "with (is it older than this client?)")
-        return {"auth": hello_proof(self.secret, nonce, role)}
+        return {"auth": hello_proof(secret, nonce, role)}
 
 
 def encode(message: Dict[str, Any], limit: int = MAX_MESSAGE_BYTES) -> bytes:
@@ -513,9 +731,11 @@ class Connection:
 def open_connection(addresses: Iterable[Address], role: str,
                     timeout: float = 5.0,
                     security: Optional[Security] = None,
+                    source: Optional[str] = None,
                     **hello: Any) -> Connection:
     """Connect to the first address that answers and do the handshake
-    (TLS and the secret's proof as ``security`` says).
+    (TLS and the secret's proof as ``security`` says), from the local
+    address ``source`` if given.
 
     Raises OSError naming every address tried when none works.
     """
@@ -523,23 +743,76 @@ def open_connection(addresses: Iterable[Address], role: str,
     failures = []
     for address in addresses:
         try:
-            sock = socket.create_connection(address, timeout=timeout)
+            sock = socket.create_connection(
+                address, timeout=timeout,
+                source_address=(source, 0) if source else None)
         except OSError as err:
-            failures.append(f"{format_address(address)}: {err}")
+            failures.append((f"{format_address(address)}: {err}", err))
             continue
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = security.wrap(sock, address[0])
             conn = Connection(sock)
-            conn.welcome = expect(read_message(conn.rfile), "welcome")
+            conn.welcome = read_welcome(conn, timeout)
             conn.send(dict(op="hello", version=PROTOCOL_VERSION, role=role,
                            **security.proof(conn.welcome, role), **hello))
             expect(read_message(conn.rfile), "ready")
             return conn
         except (OSError, ProtocolError) as err:
             sock.close()
-            failures.append(f"{format_address(address)}: {err}")
-    raise OSError("no connmond answered (" + "; ".join(failures) + ")")
+            failures.append((f"{format_address(address)}: {err}", err))
+    if failures and all(isinstance(err, NotConnmond) for _, err in failures):
+        raise NotConnmond("; ".join(text for text, _ in failures))
+    raise OSError("no connmond answered (" + "; ".join(
+        text for text, _ in failures) + ")")
+
+
+# Sent to a server that stays silent where connmond would have greeted:
+# another kind of server answers it or hangs up; a stuck connmond does
+# neither (and a slow one greets at last).
+PROBE = b"GET / HTTP/1.0\r\n\r\n"
+PROBE_WAIT = 1.0
+
+
+def read_welcome(conn: Connection, timeout: float) -> Dict[str, Any]:
+    """The daemon's first line: connmond speaks first, at once.  A first
+    line that is not its welcome, or a silence that a probe shows to be
+    another server's, raises NotConnmond."""
+    try:
+        line = conn.rfile.readline(MAX_MESSAGE_BYTES + 1)
+    except socket.timeout:
+        _probe(conn.sock)
+        raise
+    if not line:
+        raise ProtocolError("connection closed before the welcome")
+    try:
+        message = decode(line)
+    except ProtocolError:
+        raise NotConnmond(f"not connmond: its first line is not JSON "
+                          f"({line[:40]!r})") from None
+    if message["op"] == "error":
+        return expect(message, "welcome")   # a refusal: connmond after all
+    if message["op"] != "welcome":
+        raise NotConnmond(f"not connmond: its first line was "
+                          f"{message['op']!r}, not connmond's welcome")
+    return message
+
+
+def _probe(sock: socket.socket) -> None:
+    """After a silence: NotConnmond if the server answers PROBE with
+    something else than connmond's welcome, or hangs up at it."""
+    try:
+        sock.sendall(PROBE)
+        sock.settimeout(PROBE_WAIT)
+        answer = sock.recv(4096)
+    except OSError:
+        return   # still silent (or gone): nothing learnt
+    if not answer:
+        raise NotConnmond("not connmond: it said nothing, and hung up at "
+                          "an HTTP request") from None
+    if not answer.startswith(b'{"op":"welcome"'):
+        raise NotConnmond(f"not connmond: it said nothing, then answered "
+                          f"an HTTP request with {answer[:40]!r}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -597,8 +870,9 @@ def _is_internal(code) -> bool:
 
 
 def describe_code(code, line: int) -> str:
-    return (f"{code.co_filename}:{line} in "
-            f"{getattr(code, 'co_qualname', code.co_name)}")
+    return printable(f"{code.co_filename}:{line} in "
+                     f"{getattr(code, 'co_qualname', code.co_name)}",
+                     MAX_LOCATION)
 
 
 def line_at(code, offset: int) -> int:
@@ -784,7 +1058,8 @@ def holder_stack(holder) -> Tuple[bool, Optional[List[Any]], str]:
             return True, None, ""
         return False, _frames_out(frame), ""
     if hasattr(holder, "get_coro"):   # an asyncio task
-        label = f" (task {str(holder.get_name())[:MAX_TASK_NAME]})"
+        name = printable(str(holder.get_name())[:MAX_TASK_NAME])
+        label = f" (task {name})"
         if holder.done():
             return True, None, label
         return False, _awaiting_frames(holder.get_coro()), label
@@ -847,7 +1122,8 @@ def holder_verdict(holder, site: int, scope: int) -> Optional[str]:
     code = _site_places[site][0]
     for index, frame in enumerate(stack):
         if id(frame) == scope and frame.f_code is code:
-            return describe_stack(stack[:index + 1]) + label
+            return printable(describe_stack(stack[:index + 1]) + label,
+                             MAX_LOCATION)   # what the daemon takes
     return LEAKED + label
 
 
@@ -902,7 +1178,7 @@ ENDPOINT_FIELDS = ("backend", "host", "port", "database", "user")
 # What the daemon accepts of one process, and how many host+program rows of
 # programs that are gone it remembers: memory stays bounded whatever
 # clients send.
-MAX_PROCESS_CONNECTIONS = 10000
+MAX_PROCESS_CONNECTIONS = 5000   # with the others: <= 4 MiB a process
 MAX_PROCESS_POOLS = 1000
 MAX_ROWS = 10000
 
@@ -938,6 +1214,8 @@ class ProcessState:
         self.holders: Dict[int, tuple] = {}   # conn -> (site, scope, holder)
         self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
         self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
+        self._held_texts: Dict[str, str] = {}  # daemon side: each text once
+        self._site_holders: Dict[int, tuple] = {}  # ... each holder once
         self.reset_counters()
 
     @property
@@ -1182,6 +1460,20 @@ class ProcessState:
                                 for p, limit in self.pools.items()]
         return message
 
+    def frozen(self) -> "ProcessState":
+        """A copy for the daemon's snapshot, built from it outside the
+        daemon's lock: the tables a snapshot walks are copied (in C),
+        the ones it only looks up in are shared."""
+        twin = ProcessState.__new__(ProcessState)
+        twin.__dict__.update(self.__dict__)
+        twin.conns = self.conns.copy()
+        twin.checked_out = self.checked_out.copy()
+        twin.pools = self.pools.copy()
+        twin.endpoints = self.endpoints.copy()
+        twin.waiting = self.waiting.copy()
+        twin.held_at = self.held_at.copy()
+        return twin
+
     def copy(self) -> "ProcessState":
         """A copy of the connections and pools (what was sent)."""
         twin = ProcessState(self.ident, self.hostname, self.progname,
@@ -1211,10 +1503,11 @@ class ProcessState:
         pools = _pools(message) if "pools" in message else None
         waiting = _waiting(message) if "waiting" in message else None
         pressure = pressure_of(message)
-        sites = _pairs(message, "sites", _is_name, optional=True)
+        sites = _pairs(message, "sites", _is_location, optional=True)
         checkout_sites = _pairs(message, "checkout_sites", _is_int,
                                 optional=True)
-        held_at = _pairs(message, "held_at", _is_name, optional=True)
+        held_at = _pairs(message, "held_at", _is_location,
+                         optional=True)
         checkouts = message.get("checkouts")
         hold = message.get("hold")
         peak = message.get("peak")
@@ -1235,7 +1528,8 @@ class ProcessState:
         if message["op"] == "state":
             for table in (self.conns, self.checked_out, self.pools,
                           self.endpoints, self.waiting, self.holders,
-                          self.site_names, self.held_at):
+                          self.site_names, self.held_at,
+                          self._held_texts, self._site_holders):
                 table.clear()
         if pools is not None:
             self.pools = {pool: limit for pool, limit, _ in pools}
@@ -1262,11 +1556,14 @@ class ProcessState:
         room = MAX_SITES - len(self.site_names)
         self.site_names.update(sites[:max(0, room)])
         for ident, site in checkout_sites:
-            if ident in self.checked_out:
-                self.holders[ident] = (site, None, None)
+            # A named site only, each holder tuple once: bounded bytes.
+            if ident in self.checked_out and site in self.site_names:
+                self.holders[ident] = self._site_holders.setdefault(
+                    site, (site, None, None))
         for ident, text in held_at:
-            if ident in self.checked_out:
-                self.held_at[ident] = text
+            if ident in self.checked_out and (
+                    ident in self.held_at or len(self.held_at) < MAX_SITES):
+                self.held_at[ident] = self._held_text(text)
         self.max_conns = max(self.max_conns, peak[0], len(self.conns))
         self.max_checked_out = max(self.max_checked_out, peak[1],
                                    len(self.checked_out))
@@ -1277,6 +1574,17 @@ class ProcessState:
                 "holds": hold[1], "peak_conns": max(peak[0], len(self.conns)),
                 "peak_checked_out": max(peak[1], len(self.checked_out)),
                 "unknown": unknown, **pressure}
+
+    def _held_text(self, text: str) -> str:
+        """One copy of each held-at text (thousands of holders are held
+        at a few places), and at most MAX_SITES of them: what one process
+        makes the daemon keep stays bounded in bytes."""
+        kept = self._held_texts.get(text)
+        if kept is None:
+            if len(self._held_texts) >= MAX_SITES:
+                return NOT_KEPT
+            kept = self._held_texts[text] = text
+        return kept
 
     def site_of(self, ident: int) -> Optional[str]:
         holder = self.holders.get(ident)
@@ -1303,11 +1611,12 @@ class ProcessState:
 
     def long_holders(self, now: float) -> List[dict]:
         """The connections held long enough for the app to say where."""
-        return sorted(({"age": round(now - self.checked_out[ident], 1),
-                        "site": self.site_of(ident), "held_at": held_at}
-                       for ident, held_at in self.held_at.items()
-                       if ident in self.checked_out),
-                      key=lambda h: -h["age"])
+        return oldest_holders({"age": round(now - self.checked_out[ident],
+                                            1),
+                               "site": self.site_of(ident),
+                               "held_at": held_at}
+                              for ident, held_at in self.held_at.items()
+                              if ident in self.checked_out)
 
     @property
     def waiting_since(self) -> Optional[float]:
@@ -1336,7 +1645,9 @@ class ProcessState:
         return sum(self.pools.values())
 
 
-MAX_SITES = 1000   # checkout sites the daemon keeps names of, per process
+MAX_SITES = 1000   # checkout sites the daemon keeps names of, per process,
+#                    and long holders it keeps the places of
+NOT_KEPT = "(place not kept: too many)"   # past MAX_SITES held-at texts
 
 
 def _is_int(value: Any) -> bool:
@@ -1382,18 +1693,13 @@ def pressure_of(message: Dict[str, Any]) -> Dict[str, Any]:
             "connects": connects[1], **counts}
 
 
-def _is_text(value: Any) -> bool:
-    return (isinstance(value, str) and 0 < len(value) <= 255
-            and value.isprintable())
-
-
 def _is_endpoint(value: Any) -> bool:
     """None, or a pool's database: its backend, host, port, database name
     and user (any but the backend may be null)."""
     return value is None or (
         isinstance(value, dict) and set(value) == set(ENDPOINT_FIELDS)
-        and _is_text(value["backend"])
-        and all(value[key] is None or _is_text(value[key])
+        and is_text(value["backend"], MAX_NAME)
+        and all(value[key] is None or is_text(value[key], MAX_NAME)
                 for key in ("host", "database", "user"))
         and (value["port"] is None or (_is_count(value["port"])
                                        and value["port"] < 65536)))
@@ -1433,8 +1739,8 @@ def _ints(message: Dict[str, Any], key: str) -> List[int]:
     return value
 
 
-def _is_name(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 1000
+def _is_location(value: Any) -> bool:
+    return is_text(value, MAX_LOCATION)
 
 
 def _pairs(message: Dict[str, Any], key: str, check,
@@ -1535,6 +1841,7 @@ class ProgramRow:
         self.failures = RateMeter()
         self.connects = DurationMeter()
         self.invalidations = RateMeter()
+        self.gone_since = time.monotonic()   # while no process is attached
 
     def add(self, nproc: int, conn: int, ckout: int, waiting: int = 0,
             peak_conn: int = 0, peak_ckout: int = 0,
@@ -1545,6 +1852,8 @@ class ProgramRow:
         self.conn += conn
         self.ckout += ckout
         self.waiting += waiting
+        if nproc and not self.nproc:
+            self.gone_since = time.monotonic()
         self.maxnproc = max(self.maxnproc, self.nproc)
         self.maxconn = max(self.maxconn, self.conn + peak_conn)
         self.maxckout = max(self.maxckout, self.ckout + peak_ckout)
@@ -1566,6 +1875,14 @@ class ProgramRow:
         self.maxnproc, self.maxconn, self.maxckout, self.maxwaiting = (
             self.nproc, self.conn, self.ckout, self.waiting)
 
+    def frozen(self) -> "ProgramRow":
+        twin = ProgramRow.__new__(ProgramRow)
+        twin.__dict__.update(self.__dict__)
+        for meter in ("checkouts", "holds", "waits", "timeouts", "failures",
+                      "connects", "invalidations"):
+            setattr(twin, meter, copy.copy(getattr(self, meter)))
+        return twin
+
 
 class Picture:
     """Everything one daemon knows: attached processes and per-program rows.
@@ -1575,20 +1892,30 @@ class Picture:
     older session than one already seen, or an update or detach for a
     session that is no longer current, is stale and changes nothing.
 
+    A process attached by a live connection to this node (``node``) is
+    that connection's: no other connection replaces, detaches or erases
+    it.  A peer's newer news of it waits (``parked``) until that
+    connection ends, then applies.
+
     Not thread-safe by itself: the daemon holds one lock around every call.
     Times are the daemon's ``time.monotonic()``.
     """
 
     MAX_TOMBSTONES = 100_000   # sessions of gone processes remembered
 
-    def __init__(self) -> None:
+    def __init__(self, node: str = "") -> None:
+        self.node = node
         self.processes: Dict[str, ProcessState] = {}
+        self.parked: Dict[str, ProcessState] = {}
         self.tombstones: collections.OrderedDict = collections.OrderedDict()
         self.rows: Dict[Tuple[str, str], ProgramRow] = {}
         self.host_nproc: collections.Counter = collections.Counter()
+        self.by_origin: collections.Counter = collections.Counter()
         self.connections = self.checkouts = self.waiting = 0
         self.max_hosts = self.max_processes = 0
         self.max_connections = self.max_checkouts = self.max_waiting = 0
+        self.max_since = time.time()   # the maxima run from then
+        self.clears = 0   # maxima cleared so often, here or on a peer
         # host:port of a database server -> its max_connections, as the
         # operator configured it (see database_servers in the README)
         self.server_limits: Dict[str, int] = {}
@@ -1600,6 +1927,14 @@ class Picture:
                 self._forget_a_gone_row()
             row = self.rows[key] = ProgramRow(*key)
         return row
+
+    def forget_gone(self, before: float) -> None:
+        """Forget the rows of programs gone since before ``before`` (a
+        monotonic time): a daemon that runs for months does not keep
+        every program that ever ran."""
+        for key in [key for key, row in self.rows.items()
+                    if row.nproc == 0 and row.gone_since < before]:
+            del self.rows[key]
 
     def _forget_a_gone_row(self) -> None:
         """Drop the oldest row with no live process (there is one unless
@@ -1614,6 +1949,7 @@ class Picture:
         conns, checkouts = sign * len(proc.conns), sign * len(proc.checked_out)
         waiting = sign * proc.waiting_count
         self._row(proc.key).add(sign, conns, checkouts, waiting)
+        self.by_origin[proc.origin] += sign
         self.host_nproc[proc.hostname] += sign
         if self.host_nproc[proc.hostname] <= 0:
             del self.host_nproc[proc.hostname]
@@ -1634,19 +1970,30 @@ class Picture:
         self.max_processes = max(self.max_processes, len(self.processes))
         self.max_hosts = max(self.max_hosts, len(self.host_nproc))
 
-    def current(self, ident: str, session: int) -> Optional[ProcessState]:
-        """The process if ``session`` is its current session, else None."""
+    def current(self, ident: str, session: int,
+                origin: Optional[str] = None) -> Optional[ProcessState]:
+        """The process if ``session`` is its current session (and, if
+        given, ``origin`` the node it is attached to), else None."""
         proc = self.processes.get(ident)
-        return proc if proc is not None and proc.session == session else None
+        if proc is None or proc.session != session or origin not in (
+                None, proc.origin):
+            return None
+        return proc
 
     def attach(self, proc: ProcessState, origin: str) -> bool:
         """Add a process attached to node ``origin``, replacing any earlier
-        state of it.  Returns False, changing nothing, for stale news."""
+        state of it.  Returns False, changing nothing, for stale news (or
+        parks it, for news of a process one of our connections holds)."""
         live = self.processes.get(proc.ident)
         if live is not None and proc.session < live.session:
             return False
         if live is None and (proc.session
                              <= self.tombstones.get(proc.ident, -1)):
+            return False
+        if live is not None and live.origin == self.node != origin:
+            if proc.session > live.session:
+                proc.origin = origin
+                self.parked[proc.ident] = proc
             return False
         if live is not None:
             self._add(self.processes.pop(proc.ident), -1)
@@ -1656,17 +2003,53 @@ class Picture:
         self._add(proc, 1)
         return True
 
-    def detach(self, ident: str, session: int) -> bool:
+    def taken(self, ident: str) -> Optional[str]:
+        """Why an app may not attach process ``ident`` now, if it may not:
+        another live connection, to any node, has it."""
+        live = self.processes.get(ident)
+        if live is None:
+            return None
+        return (f"process id {ident!r} is attached by another live "
+                f"connection (to node {live.origin}); try again later")
+
+    def attach_own(self, proc: ProcessState) -> Optional[str]:
+        """An app's hello on a live connection to this node: news of now,
+        so no tombstone refuses it (its session goes past any known one);
+        refused, with the reason, only while another live connection, to
+        any node, has the process."""
+        taken = self.taken(proc.ident)
+        if taken is not None:
+            return taken
+        proc.session = max(proc.session,
+                           self.tombstones.get(proc.ident, -1) + 1)
+        self.attach(proc, self.node)
+        return None
+
+    def detach(self, ident: str, session: int,
+               origin: Optional[str] = None) -> bool:
         """The process ended that session: drop it, and remember the session
-        so that late news of it is known to be stale."""
-        proc = self.current(ident, session)
+        so that late news of it is known to be stale.  A peer (``origin``)
+        detaches only the processes attached to it."""
+        parked = self.parked.get(ident)
+        if parked is not None and parked.session == session and origin in (
+                None, parked.origin):
+            del self.parked[ident]
+            self._tombstone(ident, session)
+            return True
+        proc = self.current(ident, session, origin)
         if proc is None:
             return False
         self._add(self.processes.pop(ident), -1)
+        self._tombstone(ident, session)
+        parked = self.parked.pop(ident, None)
+        if parked is not None:   # a peer's newer news, held back till now
+            self.attach(parked, parked.origin)
+        return True
+
+    def _tombstone(self, ident: str, session: int) -> None:
         self.tombstones[ident] = session
         if len(self.tombstones) > self.MAX_TOMBSTONES:
             self.tombstones.popitem(last=False)
-        return True
 
     def detach_origin(self, origin: str) -> int:
         """A node is out of reach: drop the processes attached to it.  No
@@ -1674,16 +2057,24 @@ class Picture:
         gone = [p for p in self.processes.values() if p.origin == origin]
         for proc in gone:
             self._add(self.processes.pop(proc.ident), -1)
+        for ident in [i for i, p in self.parked.items()
+                      if p.origin == origin]:
+            del self.parked[ident]
         return len(gone)
 
     def update(self, ident: str, session: int, message: Dict[str, Any],
-               now: float) -> Optional[int]:
-        """Apply an app's "update" to its current session.  Returns None for
+               now: float, origin: Optional[str] = None) -> Optional[int]:
+        """Apply an app's "update" to its current session (a peer's,
+        ``origin``, only to a process attached to it).  Returns None for
         stale news (ignored), else how many of its events were for
         connections the process never announced (ignored; an honest
         process sends none)."""
-        proc = self.current(ident, session)
+        proc = self.current(ident, session, origin)
         if proc is None:
+            parked = self.parked.get(ident)
+            if parked is not None and parked.session == session and (
+                    origin in (None, parked.origin)):
+                parked.update(message, now)   # kept current, not counted
             return None
         before = (len(proc.conns), len(proc.checked_out), proc.waiting_count)
         counters = proc.update(message, now)
@@ -1697,24 +2088,39 @@ class Picture:
         self._totals(*changes, *peaks)
         return counters["unknown"]
 
-    def maxima(self) -> Dict[str, Any]:
-        """The maxima, for a peer to merge (cluster maxima converge)."""
-        return {"rows": [[r.hostname, r.progname, r.maxnproc, r.maxconn,
-                          r.maxckout] for r in self.rows.values()],
-                "totals": [self.max_hosts, self.max_processes,
-                           self.max_connections, self.max_checkouts]}
+    MAXIMA_ROWS = 250   # rows a "maxima" message: always under 1 MiB
+
+    def maxima(self) -> List[Dict[str, Any]]:
+        """The maxima, for a peer to merge (cluster maxima converge), in
+        as many messages as their rows need."""
+        rows = [[r.hostname, r.progname, r.maxnproc, r.maxconn, r.maxckout]
+                for r in self.rows.values()]
+        totals = [self.max_hosts, self.max_processes, self.max_connections,
+                  self.max_checkouts]
+        return [{"op": "maxima", "rows": rows[start:start + self.MAXIMA_ROWS],
+                 "totals": totals, "clears": self.clears}
+                for start in range(0, max(1, len(rows)), self.MAXIMA_ROWS)]
 
     def merge_maxima(self, message: Dict[str, Any]) -> None:
         rows, totals = message.get("rows"), message.get("totals")
-        if not (isinstance(rows, list) and isinstance(totals, list)
+        if not (isinstance(rows, list) and len(rows) <= MAX_ROWS
+                and isinstance(totals, list)
                 and len(totals) == 4 and all(map(_is_count, totals))
                 and all(isinstance(r, list) and len(r) == 5
-                        and all(isinstance(t, str) and 0 < len(t) <= 255
-                                for t in r[:2])
+                        and is_text(r[0], MAX_NAME)
+                        and is_text(r[1], MAX_NAME)
                         and all(map(_is_count, r[2:])) for r in rows)):
             raise ProtocolError("maxima needs 'rows' [[hostname, progname, "
-                                "maxnproc, maxconn, maxckout], ...] and "
-                                "'totals' [4 counts]")
+                                "maxnproc, maxconn, maxckout], ...] (names "
+                                f"of 1 to {MAX_NAME} printable characters, "
+                                f"at most {MAX_ROWS} rows) and 'totals' "
+                                "[4 counts]")
+        clears = message.get("clears", 0)
+        if not _is_count(clears):
+            raise ProtocolError("maxima: 'clears' must be a count")
+        if clears < self.clears:
+            return   # sent before a clear this node has seen: stale
+        self.clears = clears
         for hostname, progname, maxnproc, maxconn, maxckout in rows:
             row = self._row((hostname, progname))
             row.maxnproc = max(row.maxnproc, maxnproc)
@@ -1726,6 +2132,7 @@ class Picture:
                 self.max_checkouts)))
 
     def clear_maxima(self) -> None:
+        self.clears += 1
         for row in self.rows.values():
             row.clear_maxima()
         for proc in self.processes.values():
@@ -1736,6 +2143,19 @@ class Picture:
                                               len(self.processes))
         self.max_connections, self.max_checkouts, self.max_waiting = (
             self.connections, self.checkouts, self.waiting)
+        self.max_since = time.time()
+
+    def frozen(self) -> "Picture":
+        """A copy to build a snapshot from while this picture goes on
+        changing: taking it costs the daemon's lock a few dict copies a
+        process, whatever the process's checkouts and sites."""
+        twin = copy.copy(self)
+        twin.processes = {ident: proc.frozen()
+                          for ident, proc in self.processes.items()}
+        twin.rows = {key: row.frozen() for key, row in self.rows.items()}
+        twin.host_nproc = self.host_nproc.copy()
+        twin.server_limits = self.server_limits.copy()
+        return twin
 
     def snapshot(self, now: float, procs: bool = False) -> Dict[str, Any]:
         """The JSON snapshot of DESIGN.md (without "service" and "node").
@@ -1816,6 +2236,7 @@ class Picture:
             "max_connections": self.max_connections,
             "checkouts": self.checkouts,
             "max_checkouts": self.max_checkouts,
+            "max_since": round(self.max_since, 3),
             "checkouts_per_sec": sum(r["ckout_per_sec"] for r in rows),
             "waiting": self.waiting,
             "max_waiting": self.max_waiting,
@@ -1942,10 +2363,19 @@ TOP_SITES = 10   # checkout sites listed per host+program
 def top_sites(sites: Dict[Optional[str], dict]) -> List[dict]:
     """The sites holding the most connections (then the oldest) first."""
     ranked = sorted(sites.values(), key=lambda s: (-s["held"], -s["oldest"],
-                                                   s["site"] or ""))
+                                                   s["site"] or ""))[:TOP_SITES]
     for site in ranked:
-        site["long_holders"].sort(key=lambda h: -h["age"])
-    return ranked[:TOP_SITES]
+        site["long_holders"] = oldest_holders(site["long_holders"])
+    return ranked
+
+
+TOP_HOLDERS = 20   # long holders listed per site, and per process
+
+
+def oldest_holders(holders: Iterable[dict]) -> List[dict]:
+    """The TOP_HOLDERS oldest long holders, oldest first: a snapshot's size
+    does not grow with a client's checkouts."""
+    return heapq.nsmallest(TOP_HOLDERS, holders, key=lambda h: -h["age"])
 
 
 def _age(now: float, since: Optional[float]) -> Optional[float]:
@@ -1972,7 +2402,6 @@ WAITERS_LOOK = 0.2       # how often checkouts waiting are counted
 RECONNECT_MIN = 0.1      # first retry after a lost connection
 RECONNECT_MAX = 5.0      # retries back off to at most this many seconds
 SEND_TIMEOUT = 5.0       # a daemon that does not read for this long is lost
-DEFAULT_HOLD_WARN = 10.0  # a checkout held this long: say where it is held
 
 
 def progname() -> str:
@@ -1981,7 +2410,7 @@ def progname() -> str:
     name = os.path.basename(argv0)
     if name in ("", "-c", "-m", "__main__.py"):
         name = os.path.basename(sys.executable) or "python"
-    return name
+    return printable(name, MAX_NAME)
 
 
 PING = {"op": "ping"}
@@ -2087,7 +2516,8 @@ class Sender:
         """(Re)initialise everything per-process; also used after fork."""
         self.events.clear()
         self.handed.clear()
-        self.state = ProcessState(os.urandom(8).hex(), socket.gethostname(),
+        self.state = ProcessState(os.urandom(8).hex(),
+                                  printable(socket.gethostname(), MAX_NAME),
                                   progname(), os.getpid())
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent
@@ -2386,30 +2816,12 @@ def resolve_target(settings: Dict[str, str]) -> Target:
                            settings.get("connmon_config"))
     security = Security.of_service(service, secret_file)
     security.client_context()   # a bad TLS file fails here, at start-up
-    switches = []
-    for key, (option, _) in SWITCHES.items():
-        value = settings.get(key, service.options.get(option, "1"))
-        if value not in ("0", "1"):
-            raise ConfigError(f"{service.source}: {option} must be 1 "
-                              f"(the default) or 0, not {value!r}")
-        switches.append(value == "1")
+    switches = [settings[key] == "1" if key in settings
+                else option_value(service, option)
+                for key, (option, _) in SWITCHES.items()]
     return Target([node.address for node in service.nodes],
                   f"service {service.name!r}", security,
-                  hold_warn_of(service), *switches)
-
-
-def hold_warn_of(service: Service) -> float:
-    """The service's ``hold_warn_seconds``: how long a checkout is held
-    before the application says where."""
-    text = service.options.get("hold_warn_seconds", "")
-    try:
-        seconds = float(text) if text else DEFAULT_HOLD_WARN
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < 1e6:
-        raise ConfigError(f"{service.source}: hold_warn_seconds must be a "
-                          f"positive number of seconds, not {text!r}")
-    return seconds
+                  option_value(service, "hold_warn_seconds"), *switches)
 
 
 def _pool_limit(pool) -> Optional[int]:
@@ -2581,11 +2993,11 @@ def endpoint_of(url) -> Tuple[Any, ...]:
     """The database an engine talks to, as the event POOL carries it:
     backend, host, port, database name and user; never the password, the
     query string or the URL itself.  Each text as the daemon accepts it
-    (printable, at most 255 characters; None rather than empty)."""
+    (see is_text: escaped, at most MAX_NAME characters; None rather than
+    empty)."""
     backend = url.get_backend_name()
     port = url.port or (DEFAULT_PORTS.get(backend) if url.host else None)
-    texts = [("".join(c if c.isprintable() else "?" for c in text[-255:])
-              if text else None)
+    texts = [printable(text, MAX_NAME) if text else None
              for text in (backend, url.host, url.database, url.username)]
     return (texts[0] or "?", texts[1], port, texts[2], texts[3])
 

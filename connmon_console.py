@@ -1,8 +1,11 @@
 """connmon: the console that shows what connmond knows.
 
 ``connmon`` draws a live, ``top``-like screen with curses: one row per
-host+program, refreshed every ``-i`` seconds, with htop's keys (``?`` lists
-them).  ``connmon --once`` prints one snapshot as a plain table and
+host+program (or per program over every host: the fleet view), refreshed
+every ``-i`` seconds, with htop's keys (F1 lists them).  Its columns fit
+the screen (``plan``): names first, whole numbers only, the least useful
+columns dropped first; cells above the daemon's thresholds carry a
+marker.  ``connmon --once`` prints one snapshot as a plain table and
 ``--once --json`` as JSON.  ``connmon --demo`` starts a private connmond and
 a few demo applications and watches them: the no-setup way to see it work.
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import ctypes
 import curses
 import importlib.util
 import json
@@ -25,8 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional,
+                    Tuple)
 
 import connmon
 
@@ -65,6 +69,26 @@ class Target:
                                        security=self.security)
 
 
+def escaped(value: Any) -> Any:
+    """``value`` (a snapshot) with every text made safe to print: the
+    daemon refuses control characters at its door, and this is the second
+    line of defence, against an older or a broken daemon."""
+    if isinstance(value, str):
+        return connmon.printable(value)
+    if isinstance(value, list):
+        return [escaped(item) for item in value]
+    if isinstance(value, dict):
+        return {key: escaped(item) for key, item in value.items()}
+    return value
+
+
+def trimmed_text(snapshot: Dict[str, Any]) -> str:
+    """The mark of a snapshot the daemon had to trim to fit its reply."""
+    trimmed = snapshot.get("trimmed")
+    return (f"TRIMMED: {trimmed} rows not shown (the reply would be too "
+            "large)" if trimmed else "")
+
+
 def fetch_snapshot(target: Target, timeout: float = 5.0,
                    procs: bool = False) -> Dict[str, Any]:
     conn = target.connect(timeout)
@@ -80,31 +104,91 @@ def fetch_snapshot(target: Target, timeout: float = 5.0,
 # Tables: shared by --once and the live screen
 # ---------------------------------------------------------------------------
 
+# An alarm's marker, drawn just left of the number it is about, so that a
+# row that needs a look stands out without colour too.
+ABOVE = "!"        # above its threshold, or a pool exhausted
+LEAKED = "*"       # a long holder leaked for sure (leaked, thread gone)
+
+# What a snapshot from a daemon that sends no "thresholds" is judged by.
+DEFAULT_THRESHOLDS = {"oldest": connmon.DEFAULT_HOLD_WARN,
+                      "hold_ms": connmon.DEFAULT_HOLD_MS_WARN}
+
+
+def above(key: str) -> Callable[[Dict[str, Any], Dict[str, float]], str]:
+    """The alarm of a number column with a threshold in the snapshot's
+    "thresholds" (the daemon's hold_warn_seconds and hold_ms_warn)."""
+    def alarm(row: Dict[str, Any], thresholds: Dict[str, float]) -> str:
+        value = row.get(key)
+        return ABOVE if value is not None and value > thresholds[key] else ""
+    return alarm
+
+
+oldest_above = above("oldest")
+
+
+def oldest_alarm(row: Dict[str, Any], thresholds: Dict[str, float]) -> str:
+    return LEAKED if leaked(row) else oldest_above(row, thresholds)
+
+
+def exhausted_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
+    return ABOVE if row.get("exhausted") else ""
+
+
+def waiting_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
+    """Threads wait for a connection: the pool pressure's alarm."""
+    return ABOVE if row.get("waiting") else ""
+
+
+def over_server_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
+    """The pools' summed limits exceed the database server's own."""
+    return ABOVE if row.get("over_server") else ""
+
+
+LEAK_VERDICTS = ("leaked", "thread gone")   # the app's "held_at" for sure
+
+
+def leaked(row: Dict[str, Any]) -> bool:
+    """Whether the application judged a long holder of the row's
+    connections a leak for sure: "leaked" or "thread gone" (a task's
+    verdict adds its name: "leaked (task Task-12)")."""
+    return any((holder.get("held_at") or "").startswith(LEAK_VERDICTS)
+               for site in row.get("sites") or ()
+               for holder in site.get("long_holders", ()))
+
 
 class Column:
-    """One column of a table: its heading, the snapshot key it shows and
-    its width.  Text columns are left-aligned and may grow or shrink with
-    the terminal; number columns are right-aligned and fixed.  A location
-    column ("file.py:123 in func") takes a double share of the width and
-    is cut from the left, because its end is what tells lines apart."""
+    """One column of a table.
 
-    def __init__(self, heading: str, key: str, width: int,
-                 text: bool = False, location: bool = False,
+    ``kind`` is "text" (left-aligned, as wide as the screen allows, cut in
+    the middle with a mark), "number" (right-aligned, as wide as its
+    heading or its widest visible value: never cut) or "location"
+    ("file.py:123 in func": cut from the left, its end tells lines apart;
+    it takes what the other columns leave).  ``keep`` orders dropping on
+    a narrow screen: the lowest goes first.  ``descending`` is the sort
+    order a column starts with (by default numbers biggest first, as in
+    top, and names from A).
+    ``alarm`` gives a row's marker for this cell ("" when calm).  A text
+    column is at least ``width`` wide and at most ``most`` (longer names
+    are cut); a location takes what the other columns leave.
+    """
+
+    def __init__(self, heading: str, key: str, kind: str = "number",
+                 keep: int = 50, width: int = 0, most: int = 0,
+                 descending: Optional[bool] = None,
+                 alarm: Optional[Callable[[Dict[str, Any], Dict[str, float]],
+                                          str]] = None,
                  show: Optional[Callable[[Any], str]] = None):
         self.heading = heading
         self.key = key
-        self.width = width
-        self.text = text or location
-        self.location = location
+        self.kind = kind
+        self.text = kind != "number"
+        self.keep = keep
+        self.min_width = width or (len(heading) + 2)
+        self.most = most or (1 << 20)   # a text column's widest
+        self.descending = (kind == "number" if descending is None
+                           else descending)
+        self.alarm = alarm
         self.show = show or cell
-
-    def cut(self, text: str, room: int) -> str:
-        """``text`` in at most ``room`` characters."""
-        if len(text) <= room:
-            return text
-        if self.location and room > len(CUT_MARK):
-            return CUT_MARK + text[len(text) - room + len(CUT_MARK):]
-        return text[:max(0, room)]
 
     def sort_key(self, row: Dict[str, Any]) -> Any:
         """Order rows by this column; "-" (None) below every number."""
@@ -124,130 +208,271 @@ def since_text(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
 
-MIN_TEXT_WIDTH = 8
-MAX_TEXT_WIDTH = 40
-CUT_MARK = "..."           # where a location lost its beginning
+CUT_MARK = "\N{HORIZONTAL ELLIPSIS}"   # where a name lost characters
 
+# A column kept less than this goes before any name is cut.
+NAMES_FIRST = 90
+
+# The main table.  keep: MAX* go first on a narrow screen, then the rates,
+# LIMIT and NPROC (all before a name is cut); then CONN, CKOUT and OLDEST
+# (the leak finder), and the names last.
 COLUMNS = [
-    Column("HOSTNAME", "hostname", 20, text=True),
-    Column("PROGNAME", "progname", 24, text=True),
-    Column("NPROC", "nproc", 6),
-    Column("CONN", "conn", 6),
-    Column("CKOUT", "ckout", 6),
-    Column("LIMIT", "limit", 6),
-    Column("WAIT", "waiting", 5),
-    Column("TMOUT/S", "timeouts_per_sec", 8),
-    Column("MAXNPROC", "maxnproc", 9),
-    Column("MAXCONN", "maxconn", 8),
-    Column("MAXCKOUT", "maxckout", 9),
-    Column("CKOUT/S", "ckout_per_sec", 8),
-    Column("HOLD_MS", "hold_ms", 8),
-    Column("OLDEST", "oldest", 8),
+    Column("HOSTNAME", "hostname", "text", keep=96, width=7, most=21),
+    Column("PROGNAME", "progname", "text", keep=100, width=9, most=29),
+    Column("NPROC", "nproc", keep=50),
+    Column("CONN", "conn", keep=92),
+    Column("CKOUT", "ckout", keep=95, alarm=exhausted_alarm),
+    Column("LIMIT", "limit", keep=40),
+    Column("WAIT", "waiting", keep=89, alarm=waiting_alarm),
+    Column("TMOUT/S", "timeouts_per_sec", keep=85),
+    Column("MAXNPROC", "maxnproc", keep=10),
+    Column("MAXCONN", "maxconn", keep=30),
+    Column("MAXCKOUT", "maxckout", keep=20),
+    Column("CKOUT/S", "ckout_per_sec", keep=35),
+    Column("HOLD_MS", "hold_ms", keep=45, alarm=above("hold_ms")),
+    Column("OLDEST", "oldest", keep=95, alarm=oldest_alarm),
 ]
 
 PROC_COLUMNS = [
-    Column("PID", "pid", 9),
-    Column("CONN", "conn", 6),
-    Column("CKOUT", "ckout", 6),
-    Column("LIMIT", "limit", 6),
-    Column("WAIT", "waiting", 5),
-    Column("MAXCONN", "maxconn", 8),
-    Column("MAXCKOUT", "maxckout", 9),
-    Column("MAXWAIT", "maxwaiting", 8),
-    Column("OLDEST", "oldest", 8),
-    Column("CONNECTED SINCE", "since", 21, show=since_text),
+    Column("HOSTNAME", "hostname", "text", keep=60, width=7),
+    Column("PID", "pid", keep=100),
+    Column("CONN", "conn", keep=80),
+    Column("CKOUT", "ckout", keep=90, alarm=exhausted_alarm),
+    Column("LIMIT", "limit", keep=40),
+    Column("WAIT", "waiting", keep=85, alarm=waiting_alarm),
+    Column("MAXCONN", "maxconn", keep=30),
+    Column("MAXCKOUT", "maxckout", keep=20),
+    Column("MAXWAIT", "maxwaiting", keep=25),
+    Column("OLDEST", "oldest", keep=90, alarm=oldest_above),
+    Column("CONNECTED SINCE", "since", "text", keep=10, show=since_text),
 ]
 
 # The drill-down's pools: each process's engines and their databases.
 POOL_COLUMNS = [
-    Column("PID", "pid", 9),
-    Column("POOL", "pool", 5),
-    Column("CONN", "conn", 6),
-    Column("CKOUT", "ckout", 6),
-    Column("WAIT", "waiting", 5),
-    Column("LIMIT", "limit", 6),
-    Column("DATABASE", "endpoint", 0, location=True,
+    Column("PID", "pid", keep=100),
+    Column("POOL", "pool", keep=60),
+    Column("CONN", "conn", keep=80),
+    Column("CKOUT", "ckout", keep=90),
+    Column("WAIT", "waiting", keep=85, alarm=waiting_alarm),
+    Column("LIMIT", "limit", keep=40),
+    Column("DATABASE", "endpoint", "location", keep=70, width=10,
            show=lambda endpoint: endpoint_text(endpoint)),
 ]
 
 # The databases view: per database server, its total, its databases and
 # the programs holding its connections.
 DATABASE_COLUMNS = [
-    Column("SERVER", "hostname", 20, text=True),
-    Column("DATABASE / PROGRAM", "progname", 30, text=True),
-    Column("CONN", "conn", 6),
-    Column("CKOUT", "ckout", 6),
-    Column("WAIT", "waiting", 5),
-    Column("LIMIT", "limit", 7),
-    Column("MAX_CONN", "max_connections", 9),
-    Column("NPROC", "nproc", 6),
+    Column("SERVER", "hostname", "text", keep=96, width=7, most=21),
+    Column("DATABASE / PROGRAM", "progname", "text", keep=100, width=9,
+           most=30),
+    Column("CONN", "conn", keep=92),
+    Column("CKOUT", "ckout", keep=90),
+    Column("WAIT", "waiting", keep=88, alarm=waiting_alarm),
+    Column("LIMIT", "limit", keep=60, alarm=over_server_alarm),
+    Column("MAX_CONN", "max_connections", keep=70),
+    Column("NPROC", "nproc", keep=50),
 ]
 
 # The drill-down's long holders: connections held past the apps'
 # hold_warn_seconds, with where they were checked out and what they are
 # now: held at a line, "leaked" or "thread gone" (see README.txt).
 HOLDER_COLUMNS = [
-    Column("PID", "pid", 9),
-    Column("AGE", "age", 8),
-    Column("SITE", "site", 0, location=True),
-    Column("HELD AT", "held_at", 0, location=True),
+    Column("PID", "pid", keep=100),
+    Column("AGE", "age", keep=100),
+    Column("SITE", "site", "location", keep=90, width=10),
+    Column("HELD AT", "held_at", "location", keep=80, width=10),
 ]
 
 # The sites view: every program's checkout sites, for the whole fleet.
 SITE_COLUMNS = [
-    Column("HOSTNAME", "hostname", 20, text=True),
-    Column("PROGNAME", "progname", 24, text=True),
-    Column("HELD", "held", 6),
-    Column("OLDEST", "oldest", 8),
-    Column("SITE", "site", 0, location=True),
+    Column("HOSTNAME", "hostname", "text", keep=60, width=7),
+    Column("PROGNAME", "progname", "text", keep=90, width=9),
+    Column("HELD", "held", keep=100),
+    Column("OLDEST", "oldest", keep=80),
+    Column("SITE", "site", "location", keep=100, width=12),
 ]
 
 Layout = List[Tuple[Column, int]]
 
 
-def fit(columns: List[Column], width: int) -> Layout:
-    """Share what the number columns leave of ``width`` among the text
-    columns (a location counting twice, and taking what the others leave);
-    the caller cuts lines at the screen's edge."""
-    texts = [column for column in columns if column.text]
-    locations = sum(1 for column in texts if column.location)
-    spare = width - sum(c.width for c in columns if not c.text)
-    share = max(MIN_TEXT_WIDTH, min(MAX_TEXT_WIDTH, spare // max(
-        1, len(texts) + locations)))
-    rest = (spare - share * (len(texts) - locations)) // max(1, locations)
-    wide = max(MIN_TEXT_WIDTH, rest)
-    return [(column, (wide if column.location else share) if column.text
-             else column.width) for column in columns]
+def plan(columns: List[Column], width: int, rows: List[Dict[str, Any]],
+         visible: List[Dict[str, Any]]) -> Layout:
+    """The columns that fit ``width``, each whole, and their widths.
+
+    A number column is as wide as its heading or its widest value among
+    the ``visible`` rows (plus a marker and a space), so no number is ever
+    cut.  Names come first: columns kept less than NAMES_FIRST go, the
+    lowest ``keep`` first, until the names fit whole (up to their
+    ``most``); then names shrink to their least, and columns (names
+    among them) go in ``keep`` order until the rest fits.  Spare room
+    widens the names again, then the locations share what is left.
+    """
+    widths = whole_widths(columns, rows, visible)
+    longest = {c: min(c.most, widths[c]) for c in columns if c.text}
+    for column in longest:
+        widths[column] = max(column.min_width, longest[column]) if (
+            column.kind == "text") else column.min_width
+    kept = list(columns)
+
+    def too_wide() -> bool:
+        return len(kept) > 1 and sum(widths[c] for c in kept) > width
+
+    while too_wide() and min(c.keep for c in kept) < NAMES_FIRST:
+        kept.remove(min(kept, key=lambda c: c.keep))
+    if too_wide():
+        for column in kept:
+            if column.text:
+                widths[column] = column.min_width
+        while too_wide():
+            kept.remove(min(kept, key=lambda c: c.keep))
+    spare = width - sum(widths[c] for c in kept)
+    for column in sorted((c for c in kept if c.kind == "text"),
+                         key=lambda c: -c.keep):
+        grow = max(0, min(spare, longest[column] - widths[column]))
+        widths[column] += grow
+        spare -= grow
+    locations = [c for c in kept if c.kind == "location"]
+    for index, column in enumerate(locations):
+        share = spare // (len(locations) - index)
+        widths[column] += share
+        spare -= share
+    return [(column, widths[column]) for column in kept]
+
+
+def whole_widths(columns: List[Column], rows: List[Dict[str, Any]],
+                 visible: List[Dict[str, Any]]) -> Dict[Column, int]:
+    """The width each column needs to show every value whole: a number
+    among the ``visible`` rows with its marker, a name among all."""
+    widths = {}
+    for column in columns:
+        values = rows if column.text else visible
+        widths[column] = max([len(column.heading) + column.text] + [
+            len(column.show(row[column.key])) for row in values]) + 1 + (
+                not column.text)
+    return widths
 
 
 def natural(columns: List[Column], rows: List[Dict[str, Any]]) -> Layout:
-    """Widths for plain text: wide enough for every name, nothing cut."""
-    return [(column, max([column.width] + [len(column.show(row[column.key]))
-                                           + 2 for row in rows])
-             if column.text else column.width) for column in columns]
+    """Widths for plain text: every column, nothing cut."""
+    widths = whole_widths(columns, rows, rows)
+    return [(column, widths[column]) for column in columns]
 
 
-def format_line(layout: Layout, values: List[str]) -> str:
-    cells = []
-    for (column, width), text in zip(layout, values):
-        text = column.cut(text, width - 1)
-        cells.append(text.ljust(width) if column.text
-                     else text.rjust(width - 1) + " ")
-    return "".join(cells)
+class Cutter:
+    """Cuts a column's names to a width so that they stay told apart:
+    the cut (one mark) goes where it leaves every name different, near a
+    third of the way in when that works ("nova-c…ute" / "nova-c…tor",
+    "neut…p-agent" / "neut…3-agent").  Remembered per set of names and
+    width, so a refresh of a thousand rows does not search again."""
+
+    def __init__(self, mark: str = CUT_MARK):
+        self.mark = mark
+        self.cache: Dict[tuple, Dict[str, str]] = {}
+
+    def cuts(self, names: Iterable[str], room: int) -> Dict[str, str]:
+        """name -> how it is shown in ``room`` characters (only the names
+        that need cutting are in it)."""
+        names = frozenset(names)
+        key = (names, room)
+        found = self.cache.get(key)
+        if found is None:
+            if len(self.cache) > 64:
+                self.cache.clear()
+            found = self.cache[key] = self._search(names, room)
+        return found
+
+    def _search(self, names: frozenset, room: int) -> Dict[str, str]:
+        long = [name for name in names if len(name) > room]
+        if not long or room <= len(self.mark):
+            return {name: name[:room] for name in long}
+        kept = room - len(self.mark)
+        short = names.difference(long)
+        best = None
+        for head in sorted(range(kept + 1), key=lambda h: abs(h - kept // 3)):
+            cut = {name: self.cut(name, head, kept - head) for name in long}
+            if len(set(cut.values()) | short) == len(names):
+                return cut
+            best = best or cut
+        return best
+
+    def cut(self, name: str, head: int, tail: int) -> str:
+        return name[:head] + self.mark + (name[len(name) - tail:] if tail
+                                          else "")
 
 
-def headings(layout: Layout) -> str:
-    return format_line(layout, [column.heading for column, _ in layout])
+def cut_location(text: str, room: int, mark: str) -> str:
+    """A location keeps its end (file name, line, function)."""
+    if len(text) <= room:
+        return text
+    return mark + text[len(text) - room + len(mark):] if room > len(
+        mark) else text[:room]
 
 
-def format_row(layout: Layout, row: Dict[str, Any]) -> str:
-    return format_line(layout, [column.show(row[column.key])
-                                for column, _ in layout])
+def format_cells(layout: Layout, texts: List[str],
+                 marks: Optional[List[str]] = None) -> str:
+    """One line of ``layout``: text left-aligned, numbers right-aligned
+    with their marker (or the sort arrow) just left of them and a space
+    after; every cell fits its width (the caller cut the texts)."""
+    out = []
+    for index, ((column, width), text) in enumerate(zip(layout, texts)):
+        if column.text:
+            out.append(text[:width - 1].ljust(width))
+        else:
+            mark = marks[index] if marks else ""
+            out.append((mark + text).rjust(width - 1) + " ")
+    return "".join(out)
+
+
+class Formatter:
+    """Formats rows for one layout: names cut (told apart), markers by
+    the alarms of the snapshot's thresholds."""
+
+    def __init__(self, layout: Layout, rows: List[Dict[str, Any]],
+                 thresholds: Dict[str, float], cutter: Cutter):
+        self.layout = layout
+        self.thresholds = thresholds
+        self.mark = cutter.mark
+        self.cuts = [cutter.cuts((column.show(row[column.key])
+                                  for row in rows), width - 1)
+                     if column.kind == "text" else None
+                     for column, width in layout]
+
+    def texts(self, row: Dict[str, Any]) -> List[str]:
+        texts = []
+        for (column, width), cuts in zip(self.layout, self.cuts):
+            text = column.show(row[column.key])
+            if cuts is not None:
+                text = cuts.get(text, text)
+            elif column.kind == "location":
+                text = cut_location(text, width - 1, self.mark)
+            texts.append(text)
+        return texts
+
+    def marks(self, row: Dict[str, Any]) -> List[str]:
+        return [column.alarm(row, self.thresholds) if column.alarm else ""
+                for column, _ in self.layout]
+
+    def line(self, row: Dict[str, Any]) -> str:
+        return format_cells(self.layout, self.texts(row), self.marks(row))
+
+
+def headings(layout: Layout, mark: str = CUT_MARK) -> str:
+    return format_cells(layout, [
+        column.heading if len(column.heading) < width
+        else column.heading[:max(0, width - 1 - len(mark))] + mark
+        for column, width in layout])
+
+
+def thresholds_of(snapshot: Dict[str, Any]) -> Dict[str, float]:
+    return {**DEFAULT_THRESHOLDS, **(snapshot.get("thresholds") or {})}
 
 
 def summary_lines(snapshot: Dict[str, Any]) -> List[str]:
+    since = snapshot.get("max_since")
+    since = (f"   max since {time.strftime('%H:%M', time.localtime(since))}"
+             if since else "")
     return [
-        f"Hosts       [{snapshot['hosts']} / {snapshot['max_hosts']}]",
+        f"Hosts       [{snapshot['hosts']} / {snapshot['max_hosts']}]{since}",
         f"Processes   [{snapshot['processes']} / {snapshot['max_processes']}]",
         f"Connections [{snapshot['connections']} / "
         f"{snapshot['max_connections']}]",
@@ -276,16 +501,62 @@ def row_identity(row: Dict[str, Any]) -> Any:
         row["hostname"], row["progname"], row.get("site"))
 
 
+# The fleet view's pool pressure: counts and rates summed over the hosts,
+# times the worst host's.
+PRESSURE_SUMS = ("waiting", "maxwaiting", "timeouts_per_sec",
+                 "timeouts_total", "connect_errors_per_sec",
+                 "connect_errors_total", "invalidations_per_sec",
+                 "invalidations_total")
+PRESSURE_WORST = ("longest_wait_ms", "wait_ms", "wait_max_ms", "connect_ms")
+
+
+def by_program(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The fleet view's rows: one per program, over every host.  Counts,
+    maxima (each host's, summed) and rates are sums of the host rows;
+    LIMIT sums the live hosts' pools ("-" when any is unlimited); HOLD_MS,
+    OLDEST and the pressure's times are the worst host's."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["progname"], []).append(row)
+    fleet = []
+    for progname, group in sorted(groups.items()):
+        live = [row for row in group if row["connected"]]
+        limits = [row["limit"] for row in live]
+        merged = {key: sum(row[key] for row in group) for key in (
+            "nproc", "conn", "ckout", "maxnproc", "maxconn", "maxckout",
+            "ckout_per_sec", *PRESSURE_SUMS)}
+        merged.update({key: max((row[key] for row in group
+                                 if row[key] is not None), default=None)
+                       for key in PRESSURE_WORST})
+        merged.update(
+            hostname=connmon.plural(len(group), "host"), progname=progname,
+            hosts=[row["hostname"] for row in group],
+            connected=bool(live),
+            limit=sum(limits) if limits and None not in limits else None,
+            exhausted=any(row["exhausted"] for row in group),
+            hold_ms=max((row["hold_ms"] for row in group
+                         if row["hold_ms"] is not None), default=None),
+            oldest=max((row["oldest"] for row in group
+                        if row["oldest"] is not None), default=None),
+            sites=[site for row in group for site in row.get("sites") or ()])
+        fleet.append(merged)
+    return fleet
+
+
 def format_table(snapshot: Dict[str, Any]) -> str:
-    layout = natural(COLUMNS, snapshot["rows"])
+    rows = snapshot["rows"]
+    layout = natural(COLUMNS, rows)
+    formatter = Formatter(layout, rows, thresholds_of(snapshot), Cutter())
     lines = [f"connmon: service {snapshot['service']} node {snapshot['node']}"]
     lines += summary_lines(snapshot)
+    if trimmed_text(snapshot):
+        lines.append(trimmed_text(snapshot))
     lines.append("")
     lines.append(headings(layout).rstrip())
     marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)",
              "waiting": "  (waiting)"}
-    for row in snapshot["rows"]:
-        lines.append(format_row(layout, row).rstrip() + marks[row_state(row)])
+    for row in rows:
+        lines.append(formatter.line(row).rstrip() + marks[row_state(row)])
         lines += pressure_lines(row)
         lines += site_lines(row)
         for proc in row.get("procs", ()):
@@ -385,10 +656,15 @@ class Feed:
     """Keeps the console's one connection to connmond and fetches a
     snapshot every interval on a thread of its own, so that a slow or dead
     daemon never freezes the screen.  When the connection is lost it keeps
-    the last snapshot and tries every node of the service again."""
+    the last snapshot and tries every node of the service again, backing
+    off: up to RETRY_MAX seconds between tries, NOT_CONNMOND_RETRY when
+    what answers is not connmond (a database's port: every try would be
+    an aborted connection in its log)."""
 
     CONNECT_TIMEOUT = 3.0
     REPLY_TIMEOUT = 10.0
+    RETRY_MAX = 5.0
+    NOT_CONNMOND_RETRY = 60.0
 
     def __init__(self, target: Target, interval: float):
         self.target = target
@@ -400,6 +676,9 @@ class Feed:
         self.error = ""
         self.generation = 0            # bumped on every change
         self.want_procs = False        # a drill-down is open
+        # the drill-down's row: (hostname or None for every host, progname)
+        self.want_history: Optional[Tuple[Optional[str], str]] = None
+        self.history: Optional[Dict[str, Any]] = None
         self._requests: List[Dict[str, Any]] = []
         self._wake = threading.Event()
         self._stopping = False
@@ -432,33 +711,48 @@ class Feed:
     def _run(self) -> None:
         conn: Optional[connmon.Connection] = None
         address = ""
+        delay = 0.0
         while not self._stopping:
-            if conn is None:
-                try:
+            try:
+                if conn is None:
                     conn = self.target.connect(self.CONNECT_TIMEOUT)
                     conn.sock.settimeout(self.REPLY_TIMEOUT)
                     address = connmon.format_address(
                         conn.sock.getpeername()[:2])
-                except (OSError, connmon.ProtocolError) as err:
-                    self._publish(state="disconnected", error=str(err))
-                    self._sleep()
-                    continue
-            try:
                 self._serve_requests(conn)
                 snapshot = conn.request({"op": "snapshot",
                                          "procs": self.want_procs})
+                history = self._fetch_history(conn)
             except (OSError, connmon.ProtocolError) as err:
-                conn.close()
-                conn = None
-                self._publish(state="disconnected", error=str(err))
-                self._sleep()
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                top = (self.NOT_CONNMOND_RETRY if isinstance(
+                    err, connmon.NotConnmond) else self.RETRY_MAX)
+                delay = min(top, max(self.interval, delay * 2))
+                self._publish(state="disconnected", error=f"{err} (next "
+                              f"try in {delay:.0f}s)")
+                self._sleep(delay)
                 continue
+            delay = 0.0
             del snapshot["op"]
-            self._publish(snapshot=snapshot, state="connected", error="",
-                          attached_to=address)
-            self._sleep()
+            self._publish(snapshot=escaped(snapshot), history=history,
+                          state="connected", error="", attached_to=address)
+            self._sleep(self.interval)
         if conn is not None:
             conn.close()
+
+    def _fetch_history(self, conn: connmon.Connection
+                       ) -> Optional[Dict[str, Any]]:
+        """The daemon's history of the drilled-into row, if one is open."""
+        wanted = self.want_history
+        if wanted is None:
+            return None
+        hostname, progname = wanted
+        reply = conn.request({"op": "history", "hostname": hostname,
+                              "progname": progname})
+        reply["row"] = wanted
+        return reply
 
     def _serve_requests(self, conn: connmon.Connection) -> None:
         while self._requests:
@@ -466,8 +760,8 @@ class Feed:
             with self.lock:
                 self._requests.pop(0)
 
-    def _sleep(self) -> None:
-        self._wake.wait(self.interval)
+    def _sleep(self, seconds: float) -> None:
+        self._wake.wait(seconds)
         self._wake.clear()
 
 
@@ -476,71 +770,114 @@ class Feed:
 # ---------------------------------------------------------------------------
 
 HELP = """\
-connmon keys
+connmon keys (Up/Down/PgUp/PgDn scroll this help; any other key returns)
 
-  q            quit
-  ? h          this help (any key returns)
-  Up Down      select a row
+  F10 q        quit
+  F1 ? h       this help
+  Up Down j k  select a row
   PgUp PgDn    scroll a page
   Home End     first / last row
-  < >  F6      sort by the previous / next column
+  < >          sort by the previous / next column (numbers start
+               with the biggest first, as in top)
+  F6           the sort menu: pick the column
   r            reverse the sort order
-  /            filter rows by a part of the hostname or progname
-               (Enter keeps it, Esc clears it)
-  p            pause / resume updates
-  Enter        show the processes of the selected row: their long
-               holders (where each was checked out, where it is held
-               now) and a history of conn and ckout
+  / F3 F4      filter: keep the rows whose hostname or progname
+               contains the text (F3's search is this filter; Enter
+               keeps it, Esc clears it)
+  Space p      pause / resume updates (the title says PAUSED)
+  Ctrl-L       redraw the screen
+  F5 f         fleet view: one row per program over every host, and
+               back to one row per host+program
+  x            hide / show the rows of programs that are gone
+  Enter        the selected row's processes, their long holders
+               (where each was checked out, where it is held now) and
+               the daemon's ten-minute history of conn and ckout
   s            sites: which line of which program holds the most
                connections, fleet-wide, programs whose checkouts wait
                first (Enter: that program's processes)
   d            databases: per database server, its databases and the
                programs holding its connections, against its limit
-  Esc  Bkspc   back to the previous view
-  c            clear the maxima (in connmond: every console sees it)
+  Esc Bkspc    back to the previous view (in the table: clear the filter)
+  c            clear the maxima in connmond, for every console and for
+               Prometheus (asks first)
 
-Rows: green = program has live processes, red = none left,
-highlighted = every pooled connection is checked out (ckout >= limit),
-white on red = checkouts are waiting for a connection (WAIT > 0).
+Rows: green = program has live processes, red = none left (dim without
+colours), highlighted = every pooled connection is checked out
+(ckout >= limit), white on red = checkouts are waiting for a connection
+(WAIT > 0).  A marker left of a number needs a look:
+  !  OLDEST above the apps' hold_warn_seconds, HOLD_MS above the daemon's
+     hold_ms_warn, CKOUT at the pools' limit (exhausted), WAIT above 0
+     (checkouts waiting), or, in the databases view, LIMIT above the
+     server's MAX_CONN
+  *  OLDEST: a long holder leaked for sure (HELD AT "leaked" or
+     "thread gone")
 OLDEST: age in seconds of the longest checked-out connection.
 HOLD_MS: mean checkout hold time over the last second.
 WAIT: checkouts waiting for a connection; TMOUT/S: checkouts that gave
 up waiting (pool timeout) in the last second.
+MAX*: the highest values since the time in the header (c clears them).
 """
 
 UNICODE_GLYPHS = {"dash": "\N{EM DASH}", "up": "\N{UPWARDS ARROW}",
-                  "down": "\N{DOWNWARDS ARROW}",
+                  "down": "\N{DOWNWARDS ARROW}", "cut": CUT_MARK,
                   "spark": "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"}
-ASCII_GLYPHS = {"dash": "-", "up": "^", "down": "v", "spark": "_.:-=+*#"}
+ASCII_GLYPHS = {"dash": "-", "up": "^", "down": "v", "cut": "~",
+                "spark": "_.:-=+*#"}
 ESC = 27
+CTRL_L = 12
 ENTER_KEYS = (curses.KEY_ENTER, 10, 13)
 BACK_KEYS = (ESC, curses.KEY_BACKSPACE, 127, 8)
+MOVE_KEYS = (curses.KEY_UP, curses.KEY_DOWN, curses.KEY_PPAGE,
+             curses.KEY_NPAGE, curses.KEY_HOME, curses.KEY_END, ord("j"),
+             ord("k"))
 HEADER_LINES = 7           # title, four totals, context, column headings
-HISTORY_SAMPLES = 120      # refreshes of conn and ckout kept per row
 HISTORY_LINES = 3          # the drill-down's history: caption, two lines
 HOLDERS_HEADER_LINES = 2   # the drill-down's long holders: caption, headings
 PRESSURE_LINES = 2         # the drill-down's waits, timeouts, connects
+MESSAGE_SECONDS = 3.0      # how long a message stays in the footer
 
 
-class History:
-    """The conn and ckout of every row over its last refreshes, for the
-    drill-down's sparklines.  Bounded: HISTORY_SAMPLES a row, and rows that
-    left the picture are forgotten."""
+class Binding(NamedTuple):
+    """Keys of a view, the footer's word for them ("" for none: moving
+    is taken for granted) and the Console method they call."""
+    keys: Tuple[int, ...]
+    label: str
+    action: str
 
-    def __init__(self) -> None:
-        self.series: Dict[Tuple[str, str], Deque[Tuple[int, int]]] = {}
 
-    def record(self, rows: List[Dict[str, Any]]) -> None:
-        kept = self.series
-        self.series = {}
-        for row in rows:
-            key = (row["hostname"], row["progname"])
-            samples = kept.get(key) or deque(maxlen=HISTORY_SAMPLES)
-            samples.append((row["conn"], row["ckout"]))
-            self.series[key] = samples
-
-    def of(self, key: Tuple[str, str]) -> List[Tuple[int, int]]:
-        return list(self.series.get(key, ()))
+# Every view's keys, in the footer's order (it shows what fits): help
+# and quit, the view's own, then pause.
+COMMON_KEYS = [
+    Binding((curses.KEY_F1, ord("?"), ord("h")), "F1 help", "open_help"),
+    Binding((curses.KEY_F10, ord("q")), "F10 quit", "quit"),
+]
+LAST_KEYS = [
+    Binding((ord(" "), ord("p")), "Space pause", "toggle_pause"),
+    Binding(MOVE_KEYS, "", "move"),
+]
+VIEW_KEYS = {
+    "table": [
+        Binding(ENTER_KEYS, "Enter procs", "drill_into"),
+        Binding((curses.KEY_F5, ord("f")), "F5 fleet", "toggle_fleet"),
+        Binding((ord("/"), curses.KEY_F3, curses.KEY_F4), "/ filter",
+                "edit_filter"),
+        Binding((curses.KEY_F6, ord("<"), ord(">")), "F6 sort",
+                "change_sort"),
+        Binding((ord("s"),), "s sites", "open_sites"),
+        Binding((ord("d"),), "d databases", "open_databases"),
+        Binding((ord("c"),), "c clear max", "confirm_clear"),
+        Binding((ord("x"),), "x gone", "toggle_gone"),
+        Binding((ord("r"),), "r reverse", "reverse_sort"),
+        Binding((ESC,), "", "clear_filter"),
+    ],
+    "procs": [Binding(BACK_KEYS, "Esc back", "close_view")],
+    "sites": [Binding(ENTER_KEYS, "Enter procs", "drill_into"),
+              Binding(BACK_KEYS + (ord("s"),), "Esc back", "close_view")],
+    "databases": [Binding(BACK_KEYS + (ord("d"),), "Esc back",
+                          "close_view")],
+    "sort": [Binding(ENTER_KEYS, "Enter sort by it", "choose_sort"),
+             Binding(BACK_KEYS, "Esc back", "close_view")],
+}
 
 
 def sparkline(values: List[int], top: int, ramp: str) -> str:
@@ -559,7 +896,9 @@ class Styles:
                       "exhausted": curses.A_BOLD, "stale": curses.A_DIM,
                       "waiting": curses.A_BOLD | curses.A_UNDERLINE,
                       "title": curses.A_BOLD, "heading": curses.A_REVERSE,
-                      "sorted": curses.A_REVERSE | curses.A_BOLD}
+                      "sorted": curses.A_REVERSE | curses.A_BOLD,
+                      "alarm": curses.A_BOLD | curses.A_UNDERLINE,
+                      "paused": curses.A_REVERSE | curses.A_BOLD}
         if colors:
             curses.start_color()
             curses.use_default_colors()
@@ -570,20 +909,25 @@ class Styles:
                     ("exhausted", curses.COLOR_BLACK, curses.COLOR_YELLOW),
                     ("waiting", curses.COLOR_WHITE, curses.COLOR_RED),
                     ("stale", grey, -1),
-                    ("sorted", curses.COLOR_BLACK, curses.COLOR_CYAN)), 1):
+                    ("sorted", curses.COLOR_BLACK, curses.COLOR_CYAN),
+                    ("alarm", curses.COLOR_WHITE, curses.COLOR_RED),
+                    ("paused", curses.COLOR_BLACK, curses.COLOR_YELLOW)), 1):
                 curses.init_pair(number, fg, bg)
-                self.attrs[name] = curses.color_pair(number)
+                self.attrs[name] = curses.color_pair(number) | (
+                    curses.A_BOLD if name in ("alarm", "paused") else 0)
 
     def __getitem__(self, name: str) -> int:
         return self.attrs[name]
 
 
 class Console:
-    """The interactive screen: what is shown (table, processes, help), in
-    which order, filtered how, paused or not, and the keys that change it.
-    Only the visible rows are formatted, so thousands of rows are cheap."""
+    """The interactive screen: what is shown (table, fleet, processes,
+    sites, sort menu, help), in which order, filtered how, paused or not,
+    and the keys that change it.  Only the visible rows are formatted, so
+    thousands of rows are cheap."""
 
-    def __init__(self, window, feed: Feed, interval: float, colors: bool):
+    def __init__(self, window, feed: Feed, interval: float, colors: bool,
+                 hide_gone: bool = False):
         self.window = window
         self.feed = feed
         self.interval = interval
@@ -592,22 +936,30 @@ class Console:
         self.glyphs = (UNICODE_GLYPHS
                        if codecs.lookup(window.encoding).name == "utf-8"
                        else ASCII_GLYPHS)
+        self.cutter = Cutter(self.glyphs["cut"])
         self.picture: Optional[Dict[str, Any]] = None
-        self.history = History()
         self.seen_generation = -1
-        self.view = "table"                # or "procs", "sites", "help"
-        self.sort_index = 0
-        self.reverse = False
+        self.view = "table"      # or "procs", "sites", "sort", "help"
+        self.sort_column = COLUMNS[3]    # CONN, the biggest first
+        self.descending = True
+        self.fleet = False               # one row per program
+        self.hide_gone = hide_gone
         self.filter = ""
         self.editing_filter = False
+        self.confirming = False          # "clear the maxima?" asked
         self.paused = False
         self.selected = 0
-        self.selected_key: Any = None      # the selected row follows its row
+        # The selection follows its row when rows move, once the operator
+        # has chosen one; until then it stays on the top row.
+        self.selected_key: Any = None
+        self.follow = False
         self.top = 0
-        self.drill: Tuple[str, str] = ("", "")
+        self.drill: Tuple[Optional[str], str] = (None, "")
         # the views under this one, each with its selection and scroll
         self.previous: List[tuple] = []
         self.message = ""
+        self.message_until = 0.0
+        self.running = True
 
     # -- the loop -------------------------------------------------------------
 
@@ -619,16 +971,20 @@ class Console:
         self.window.timeout(100)           # poll the feed ten times a second
         self.window.keypad(True)
         drawn, key = -1, -1
-        while True:
-            # Draw after a key, or when the feed has news; else stay idle.
+        while self.running:
+            # Draw after a key, or when the feed has news, or to take a
+            # message away; else stay idle.
             generation = self.feed.generation
-            if key != -1 or generation != drawn:
+            expired = self.message and time.monotonic() > self.message_until
+            if key != -1 or generation != drawn or expired:
+                if expired:
+                    self.message = ""
                 self.adopt()
                 self.draw()
                 drawn = generation
             key = self.window.getch()
-            if key != -1 and not self.handle(key):
-                return
+            if key != -1:
+                self.handle(key)
 
     def adopt(self) -> None:
         """Take the feed's newest snapshot, unless paused."""
@@ -636,63 +992,96 @@ class Console:
         if feed.generation != self.seen_generation and not self.paused:
             with feed.lock:
                 self.seen_generation = feed.generation
-                snapshot = feed.snapshot
-            if snapshot is not None and snapshot is not self.picture:
-                self.picture = snapshot
-                self.history.record(snapshot["rows"])
+                self.picture = feed.snapshot or self.picture
+
+    def say(self, text: str) -> None:
+        self.message = text
+        self.message_until = time.monotonic() + MESSAGE_SECONDS
 
     # -- keys -----------------------------------------------------------------
 
-    def handle(self, key: int) -> bool:
-        """Act on one key; False means quit."""
-        if self.editing_filter:
-            self.edit_filter(key)
-            return True
-        if key == ord("q"):
-            return False
-        if key == curses.KEY_RESIZE:
-            self.window.clear()   # repaint everything at the new size
-        elif self.view == "help":
-            self.close_view()
-        elif key in (ord("?"), ord("h")):
-            self.open_view("help")
-        elif key == ord("p"):
-            self.paused = not self.paused
-        elif key == ord("c"):
-            self.feed.ask({"op": "clear_maxima"})
-            self.message = "asked connmond to clear the maxima"
-        elif self.view == "table":
-            self.handle_table(key)
-        elif key in BACK_KEYS or (key == ord("s") and self.view == "sites") \
-                or (key == ord("d") and self.view == "databases"):
-            self.close_view()
-        elif key in ENTER_KEYS and self.view == "sites":
-            self.drill_into(self.site_rows())
-        else:
-            self.move(key)
-        return True
+    def bindings(self) -> List[Binding]:
+        return COMMON_KEYS + VIEW_KEYS.get(self.view, []) + LAST_KEYS
 
-    def handle_table(self, key: int) -> None:
-        if key in ENTER_KEYS:
-            self.drill_into(self.table_rows())
-        elif key == ord("s"):
-            self.open_view("sites")
-        elif key == ord("d"):
-            self.open_view("databases")
-        elif key in (ord(">"), curses.KEY_F6):
-            self.sort_index = (self.sort_index + 1) % len(COLUMNS)
-        elif key == ord("<"):
-            self.sort_index = (self.sort_index - 1) % len(COLUMNS)
-        elif key == ord("r"):
-            self.reverse = not self.reverse
-        elif key == ord("/"):
-            self.editing_filter = True
-        elif key == ESC:
-            self.filter = ""
+    def handle(self, key: int) -> None:
+        """Act on one key."""
+        if key in (curses.KEY_RESIZE, CTRL_L):
+            self.window.clear()   # repaint everything
+        elif self.editing_filter:
+            self.edit_filter_key(key)
+        elif self.confirming:
+            self.confirming = False
+            if key in (ord("y"), ord("Y")):
+                self.feed.ask({"op": "clear_maxima"})
+                self.say("maxima cleared in connmond (every console and "
+                         "Prometheus see it)")
+            else:
+                self.say("maxima kept")
+        elif self.view == "help":
+            if key in MOVE_KEYS:
+                self.move(key)
+            else:
+                self.close_view()
         else:
-            self.move(key)
+            for binding in self.bindings():
+                if key in binding.keys:
+                    getattr(self, binding.action)(key)
+                    return
+            self.say("unknown key: ? for help")
+
+    def quit(self, key: int) -> None:
+        self.running = False
+
+    def open_help(self, key: int) -> None:
+        self.open_view("help")
+
+    def toggle_pause(self, key: int) -> None:
+        self.paused = not self.paused
+
+    def confirm_clear(self, key: int) -> None:
+        self.confirming = True
 
     def edit_filter(self, key: int) -> None:
+        self.editing_filter = True
+
+    def clear_filter(self, key: int) -> None:
+        self.filter = ""
+
+    def change_sort(self, key: int) -> None:
+        if key == curses.KEY_F6:
+            self.open_view("sort")
+            self.selected = COLUMNS.index(self.sort_column)
+            return
+        step = 1 if key == ord(">") else -1
+        index = (COLUMNS.index(self.sort_column) + step) % len(COLUMNS)
+        self.sort_by(COLUMNS[index])
+
+    def sort_by(self, column: Column) -> None:
+        self.sort_column, self.descending = column, column.descending
+
+    def choose_sort(self, key: int) -> None:
+        column = COLUMNS[max(0, min(self.selected, len(COLUMNS) - 1))]
+        self.close_view()
+        self.sort_by(column)
+
+    def reverse_sort(self, key: int) -> None:
+        self.descending = not self.descending
+
+    def toggle_fleet(self, key: int) -> None:
+        self.fleet = not self.fleet
+        self.selected = self.top = 0
+        self.selected_key = None
+
+    def toggle_gone(self, key: int) -> None:
+        self.hide_gone = not self.hide_gone
+
+    def open_sites(self, key: int) -> None:
+        self.open_view("sites")
+
+    def open_databases(self, key: int) -> None:
+        self.open_view("databases")
+
+    def edit_filter_key(self, key: int) -> None:
         if key == ESC:
             self.filter, self.editing_filter = "", False
         elif key in ENTER_KEYS:
@@ -707,20 +1096,26 @@ class Console:
     def move(self, key: int) -> None:
         """Move the selection; a page key scrolls the view with it."""
         page = max(1, self.body_height())
-        steps = {curses.KEY_UP: -1, curses.KEY_DOWN: 1,
-                 curses.KEY_PPAGE: -page, curses.KEY_NPAGE: page,
-                 curses.KEY_HOME: -1 << 30, curses.KEY_END: 1 << 30}
-        if key in steps:
-            self.selected += steps[key]
-            self.selected_key = None
+        steps = {curses.KEY_UP: -1, curses.KEY_DOWN: 1, ord("k"): -1,
+                 ord("j"): 1, curses.KEY_PPAGE: -page,
+                 curses.KEY_NPAGE: page, curses.KEY_HOME: -1 << 30,
+                 curses.KEY_END: 1 << 30}
+        self.selected += steps[key]
+        self.selected_key = None
+        self.follow = True
         if key in (curses.KEY_PPAGE, curses.KEY_NPAGE):
             self.top += steps[key]
 
-    def drill_into(self, rows: List[Dict[str, Any]]) -> None:
-        """Open the processes of the selected one of ``rows``."""
+    def drill_into(self, key: int) -> None:
+        """Open the processes of the selected row (in the fleet view: of
+        the program on every host)."""
+        rows = self.site_rows() if self.view == "sites" else (
+            self.table_rows())
         if rows:
             row = rows[min(self.selected, len(rows) - 1)]
-            self.drill = (row["hostname"], row["progname"])
+            host = None if self.fleet and self.view == "table" else (
+                row["hostname"])
+            self.drill = (host, row["progname"])
             self.open_view("procs")
 
     def open_view(self, view: str) -> None:
@@ -731,35 +1126,47 @@ class Console:
         self.view = view
         self.selected = self.top = 0
         self.selected_key = None
-        self.want_procs()
+        self.want_details()
 
-    def close_view(self) -> None:
+    def close_view(self, key: int = 0) -> None:
         if self.previous:
             (self.view, self.selected, self.top,
              self.selected_key) = self.previous.pop()
-            self.want_procs()
+            self.want_details()
 
-    def want_procs(self) -> None:
-        """Only the drill-down needs the (bigger) snapshot with processes:
-        ask for it at once when it opens."""
+    def want_details(self) -> None:
+        """Only the drill-down needs the (bigger) snapshot with processes
+        and the row's history: ask for them at once when it opens."""
+        feed = self.feed
         wanted = self.view == "procs"
-        if wanted and not self.feed.want_procs:
-            self.feed.refresh_now()
-        self.feed.want_procs = wanted
+        feed.want_history = self.drill if wanted else None
+        if wanted and not feed.want_procs:
+            feed.refresh_now()
+        feed.want_procs = wanted
 
     # -- what to show ---------------------------------------------------------
 
-    def table_rows(self) -> List[Dict[str, Any]]:
+    def host_rows(self) -> List[Dict[str, Any]]:
+        """The snapshot's host+program rows that the filter and the gone
+        switch leave."""
         if self.picture is None:
             return []
         rows = self.picture["rows"]
+        if self.hide_gone:
+            rows = [row for row in rows if row["connected"]]
         if self.filter:
             needle = self.filter.lower()
             rows = [row for row in rows if needle in row["hostname"].lower()
                     or needle in row["progname"].lower()]
-        column = COLUMNS[self.sort_index]
+        return rows
+
+    def table_rows(self) -> List[Dict[str, Any]]:
+        rows = self.host_rows()
+        if self.fleet:
+            rows = by_program(rows)
         # Ties keep the snapshot's hostname, progname order.
-        return sorted(rows, key=column.sort_key, reverse=self.reverse)
+        return sorted(rows, key=self.sort_column.sort_key,
+                      reverse=self.descending)
 
     def site_rows(self) -> List[Dict[str, Any]]:
         """Every (filtered) row's checkout sites in one list: those of
@@ -768,7 +1175,7 @@ class Console:
         most connections, then the oldest."""
         rows = [{"hostname": row["hostname"], "progname": row["progname"],
                  "waiting": row.get("waiting", 0), **site}
-                for row in self.table_rows()
+                for row in self.host_rows()
                 for site in row.get("sites") or ()]
         return sorted(rows, key=lambda r: (not r["waiting"], -r["held"],
                                            -r["oldest"], r["hostname"],
@@ -789,17 +1196,25 @@ class Console:
             lines += [{**program, "hostname": name, "progname":
                        f"{program['hostname']} {program['progname']}"}
                       for program in server["programs"]]
-            rows += [{"max_connections": server["max_connections"],
-                      **line} for line in lines
+            most = server["max_connections"]
+            rows += [{"max_connections": most, **line,
+                      "over_server": None not in (most, line["limit"])
+                      and line["limit"] > most} for line in lines
                      if needle in name.lower() + line["progname"].lower()]
         return rows
 
     def proc_rows(self) -> Optional[List[Dict[str, Any]]]:
-        """The drilled-into row's processes; None until they arrive."""
+        """The drilled-into row's processes (on every host, from the
+        fleet view); None until they arrive."""
+        host, prog = self.drill
+        procs: Optional[List[Dict[str, Any]]] = []
         for row in (self.picture or {}).get("rows", []):
-            if (row["hostname"], row["progname"]) == self.drill:
-                return row.get("procs")
-        return []
+            if row["progname"] == prog and host in (None, row["hostname"]):
+                if row.get("procs") is None:
+                    return None
+                procs += [{"hostname": row["hostname"], **proc}
+                          for proc in row["procs"]]
+        return procs
 
     def body_height(self) -> int:
         height, _ = self.window.getmaxyx()
@@ -807,36 +1222,31 @@ class Console:
 
     # -- drawing --------------------------------------------------------------
 
-    def put(self, y: int, text: str, attr: int = curses.A_NORMAL) -> None:
+    def put(self, y: int, text: str, attr: int = curses.A_NORMAL,
+            x: int = 0) -> None:
         height, width = self.window.getmaxyx()
-        if 0 <= y < height:
+        if 0 <= y < height and x < width:
             try:
-                self.window.addnstr(y, 0, text.ljust(width), width, attr)
+                self.window.addnstr(y, x, text if x else text.ljust(width),
+                                    width - x, attr)
             except curses.error:
                 pass   # writing the bottom-right cell; the text is drawn
 
     def draw(self) -> None:
         self.window.erase()
-        self.put(0, self.title(), self.styles["title"])
+        self.draw_title()
         if self.view == "help":
-            for y, line in enumerate(HELP.splitlines(), 1):
-                self.put(y, line)
+            self.draw_help()
         else:
             if self.picture is not None:
                 for y, line in enumerate(summary_lines(self.picture), 1):
                     self.put(y, line)
-            if self.view == "procs":
-                self.draw_procs()
-            elif self.view == "sites":
-                self.draw_sites()
-            elif self.view == "databases":
-                self.draw_databases()
-            else:
-                self.draw_table()
+            getattr(self, "draw_" + self.view)()
         self.draw_footer()
         self.window.refresh()
 
-    def title(self) -> str:
+    def draw_title(self) -> None:
+        """The title line; PAUSED first, so that any width shows it."""
         feed = self.feed
         where = feed.target.description
         if self.picture is not None:
@@ -850,21 +1260,37 @@ class Console:
             state = f"disconnected {self.glyphs['dash']} retrying"
         parts = [f"connmon {connmon.__version__}", where, state,
                  f"every {self.interval:g}s"]
+        title = f" {self.glyphs['dash']} ".join(parts)
+        if self.picture is not None and trimmed_text(self.picture):
+            title = trimmed_text(self.picture) + " " + title
         if self.paused:
-            parts.append("PAUSED")
-        return f" {self.glyphs['dash']} ".join(parts)
+            title = "PAUSED " + title
+        _, width = self.window.getmaxyx()
+        if len(title) > width:
+            title = title[:width - 1] + self.glyphs["cut"]
+        self.put(0, title, self.styles["title"])
+        if self.paused:
+            self.put(0, "PAUSED", self.styles["paused"], 0)
+
+    def draw_help(self) -> None:
+        lines = HELP.splitlines()
+        height, _ = self.window.getmaxyx()
+        room = max(1, height - 2)
+        self.selected = max(0, min(self.selected, len(lines) - room))
+        for y, line in enumerate(lines[self.selected:self.selected + room],
+                                 1):
+            self.put(y, line)
 
     def row_attr(self, row: Dict[str, Any], selected: bool) -> int:
         attr = self.styles["stale" if self.feed.state != "connected"
                            else row_state(row)]
         return attr | curses.A_REVERSE if selected else attr
 
-    def draw_rows(self, layout: Layout, rows: List[Dict[str, Any]],
-                  height: Optional[int] = None) -> None:
-        """The visible slice of ``rows`` (``height`` lines under the
-        headings), keeping the selection on screen and on its row when the
-        rows move (htop does the same)."""
-        height = self.body_height() if height is None else height
+    def formatter(self, columns: List[Column], rows: List[Dict[str, Any]],
+                  height: int) -> Formatter:
+        """Fit ``columns`` to the screen for ``rows``, of which the
+        selection's ``height`` are visible (scrolling follows the
+        selection, htop style)."""
         if self.selected_key is not None:
             for index, row in enumerate(rows):
                 if row_identity(row) == self.selected_key:
@@ -876,87 +1302,114 @@ class Console:
         elif self.selected >= self.top + height:
             self.top = self.selected - height + 1
         self.top = max(0, min(self.top, len(rows) - height))
-        self.selected_key = row_identity(rows[self.selected]) if rows else (
-            None)
-        for y, row in enumerate(rows[self.top:self.top + height],
-                                HEADER_LINES):
-            self.put(y, format_row(layout, row),
-                     self.row_attr(row, self.top + y - HEADER_LINES
-                                   == self.selected))
-
-    def draw_section(self, y: int, caption: str, columns: List[Column],
-                     caption_attr: int = curses.A_NORMAL) -> Layout:
-        """A caption line and column headings from line ``y``; returns the
-        layout for the rows below them."""
+        if self.follow and rows:
+            self.selected_key = row_identity(rows[self.selected])
         _, width = self.window.getmaxyx()
-        layout = fit(columns, width)
-        self.put(y, caption, caption_attr)
-        self.put(y + 1, headings(layout), self.styles["heading"])
-        return layout
+        layout = plan(columns, width, rows, rows[self.top:self.top + height])
+        thresholds = thresholds_of(self.picture or {})
+        return Formatter(layout, rows, thresholds, self.cutter)
+
+    def draw_rows(self, formatter: Formatter, rows: List[Dict[str, Any]],
+                  y: int, height: int) -> None:
+        """The visible slice of ``rows`` from line ``y``; a cell with an
+        alarm is drawn in the alarm style over its row."""
+        alarm = self.styles["alarm"]
+        for y, index in enumerate(range(self.top, min(len(rows),
+                                                      self.top + height)), y):
+            row = rows[index]
+            texts, marks = formatter.texts(row), formatter.marks(row)
+            self.put(y, format_cells(formatter.layout, texts, marks),
+                     self.row_attr(row, index == self.selected))
+            x = 0
+            for (column, width), text, mark in zip(formatter.layout, texts,
+                                                   marks):
+                if mark:
+                    self.put(y, (mark + text).rjust(width - 1), alarm, x)
+                x += width
+
+    def draw_headings(self, y: int, layout: Layout,
+                      sort: Optional[Column] = None) -> None:
+        """Column headings; the sort column's highlighted, its arrow in
+        its own cell (so two headings never run together)."""
+        self.put(y, headings(layout, self.glyphs["cut"]),
+                 self.styles["heading"])
+        x = 0
+        for column, width in layout:
+            if column is sort:
+                arrow = self.glyphs["down" if self.descending else "up"]
+                text = (column.heading + arrow).ljust(width)[:width] if (
+                    column.text) else (arrow + column.heading).rjust(
+                        width - 1)[-(width - 1):] + " "
+                self.put(y, text, self.styles["sorted"], x)
+            x += width
+
+    def draw_table(self) -> None:
+        rows = self.table_rows()
+        order = "descending" if self.descending else "ascending"
+        what = connmon.plural(len(rows), "program" if self.fleet else "row")
+        context = (f"{what}{' over every host' if self.fleet else ''}, "
+                   f"sorted by {self.sort_column.heading} {order}"
+                   + self.filter_text()
+                   + (", gone hidden" if self.hide_gone else ""))
+        self.put(HEADER_LINES - 2, context)
+        formatter = self.formatter(COLUMNS, rows, self.body_height())
+        self.draw_headings(HEADER_LINES - 1, formatter.layout,
+                           self.sort_column)
+        self.draw_rows(formatter, rows, HEADER_LINES, self.body_height())
 
     def filter_text(self) -> str:
         return f", filter {self.filter!r}" if self.filter else ""
 
-    def draw_table(self) -> None:
-        _, width = self.window.getmaxyx()
-        rows = self.table_rows()
-        order = "descending" if self.reverse else "ascending"
-        layout = self.draw_section(
-            HEADER_LINES - 2, f"{len(rows)} rows, sorted by "
-            f"{COLUMNS[self.sort_index].heading} {order}"
-            + self.filter_text(), COLUMNS)
-        column, start = COLUMNS[self.sort_index], 0
-        for other, column_width in layout:
-            if other is column:
-                if start < width:
-                    self.put_heading(start, column, column_width)
-                break
-            start += column_width
-        self.draw_rows(layout, rows)
-
-    def put_heading(self, x: int, column: Column, width: int) -> None:
-        """Mark the sort column's heading, htop style: highlighted, with
-        an arrow in the space after it."""
-        mark = self.glyphs["down" if self.reverse else "up"]
-        text = format_line([(column, width)], [column.heading])
-        text = ((text.rstrip() + mark).ljust(width)[:width] if column.text
-                else text[:-1] + mark)
-        _, screen_width = self.window.getmaxyx()
-        try:
-            self.window.addnstr(HEADER_LINES - 1, x, text, screen_width - x,
-                                self.styles["sorted"])
-        except curses.error:
-            pass
+    def draw_sort(self) -> None:
+        self.put(HEADER_LINES - 2, "Sort by (Enter chooses, Esc returns):",
+                 self.styles["title"])
+        height = self.body_height() + 1
+        self.selected = max(0, min(self.selected, len(COLUMNS) - 1))
+        self.top = max(0, min(self.top, self.selected,
+                              len(COLUMNS) - height))
+        self.top = max(self.top, self.selected - height + 1)
+        for y, column in enumerate(COLUMNS[self.top:self.top + height],
+                                   HEADER_LINES - 1):
+            order = "descending" if column.descending else "ascending"
+            attr = curses.A_REVERSE if column is COLUMNS[self.selected] else (
+                curses.A_NORMAL)
+            self.put(y, f"  {column.heading:<10} {order}", attr)
 
     def draw_sites(self) -> None:
         rows = self.site_rows()
-        layout = self.draw_section(
-            HEADER_LINES - 2, f"{len(rows)} checkout sites holding "
+        self.draw_listing(
+            f"{connmon.plural(len(rows), 'checkout site')} holding "
             "connections, most held first (a program waiting on top)"
-            + self.filter_text() + " (Enter: processes, Esc returns)",
-            SITE_COLUMNS, self.styles["title"])
-        self.draw_rows(layout, rows)
+            + self.filter_text(), SITE_COLUMNS, rows)
 
     def draw_databases(self) -> None:
         rows = self.database_rows()
         servers = len((self.picture or {}).get("databases", ()))
-        layout = self.draw_section(
-            HEADER_LINES - 2, f"{servers} database servers: the pools' "
+        self.draw_listing(
+            f"{connmon.plural(servers, 'database server')}: the pools' "
             "connections and summed limits against MAX_CONN"
-            + self.filter_text() + " (Esc returns)", DATABASE_COLUMNS,
-            self.styles["title"])
-        self.draw_rows(layout, rows)
+            + self.filter_text(), DATABASE_COLUMNS, rows)
+
+    def draw_listing(self, caption: str, columns: List[Column],
+                     rows: List[Dict[str, Any]]) -> None:
+        """A view of one table under its caption (sites, databases)."""
+        self.put(HEADER_LINES - 2, caption, self.styles["title"])
+        formatter = self.formatter(columns, rows, self.body_height())
+        self.draw_headings(HEADER_LINES - 1, formatter.layout)
+        self.draw_rows(formatter, rows, HEADER_LINES, self.body_height())
 
     def draw_procs(self) -> None:
-        """The drilled-into program: its processes, the history of its
-        conn and ckout, and its long holders, oldest first."""
+        """The drilled-into program: its processes, the daemon's history
+        of its conn and ckout, and its long holders, oldest first."""
         host, prog = self.drill
         procs = self.proc_rows()
-        count = f"{len(procs)} processes" if procs is not None else (
-            "paused (p resumes)" if self.paused else "loading")
-        layout = self.draw_section(
-            HEADER_LINES - 2, f"{prog} on {host}: {count} (Esc returns)",
-            PROC_COLUMNS, self.styles["title"])
+        count = connmon.plural(len(procs), "process", "processes") if (
+            procs is not None) else ("paused (Space resumes)" if self.paused
+                                     else "loading")
+        where = f"on {host}" if host else "on every host"
+        self.put(HEADER_LINES - 2, f"{prog} {where}: {count}",
+                 self.styles["title"])
+        columns = PROC_COLUMNS if host is None else PROC_COLUMNS[1:]
         holders = sorted(({"pid": proc["pid"], **holder}
                           for proc in procs or ()
                           for holder in proc.get("long_holders", ())),
@@ -967,7 +1420,9 @@ class Console:
                 - 2 * HOLDERS_HEADER_LINES)
         below = len(holders) + len(pools)
         shown = min(len(procs or ()), max(1, room - min(below, room // 2)))
-        self.draw_rows(layout, procs or [], shown)
+        formatter = self.formatter(columns, procs or [], shown)
+        self.draw_headings(HEADER_LINES - 1, formatter.layout)
+        self.draw_rows(formatter, procs or [], HEADER_LINES, shown)
         y = HEADER_LINES + shown
         for y, line in enumerate(self.pressure_of_drilled(), y):
             self.put(y, line.strip())
@@ -975,63 +1430,85 @@ class Console:
         self.draw_history(y)
         y += HISTORY_LINES
         room = max(0, room - shown)
+        _, width = self.window.getmaxyx()
         for caption, columns, lines in (
-                (f"{len(holders)} long holders (held past the apps' "
-                 "hold_warn_seconds), oldest first", HOLDER_COLUMNS,
-                 holders[:max(1, room // 2)]),
-                (f"{len(pools)} pools and their databases", POOL_COLUMNS,
-                 pools)):
-            layout = self.draw_section(y, caption, columns,
-                                       self.styles["title"])
+                (f"{connmon.plural(len(holders), 'long holder')} (held past "
+                 "the apps' hold_warn_seconds), oldest first",
+                 HOLDER_COLUMNS, holders[:max(1, room // 2)]),
+                (f"{connmon.plural(len(pools), 'pool')} and their "
+                 "databases", POOL_COLUMNS, pools)):
+            self.put(y, caption, self.styles["title"])
             lines = lines[:room]
+            layout = plan(columns, width, lines, lines)
+            line_format = Formatter(layout, lines, {}, self.cutter)
+            self.draw_headings(y + 1, layout)
             for y, line in enumerate(lines, y + HOLDERS_HEADER_LINES):
-                self.put(y, format_row(layout, line),
+                self.put(y, line_format.line(line),
                          self.row_attr(line, False))
             y += 2   # the last line, and a blank one
             room -= len(lines) + 1
 
     def pressure_of_drilled(self) -> List[str]:
-        """The drilled-into row's pool pressure, all of it (two lines)."""
-        for row in (self.picture or {}).get("rows", ()):
-            if (row["hostname"], row["progname"]) == self.drill:
+        """The drilled-into row's pool pressure, all of it (two lines);
+        from the fleet view, the program's over every host."""
+        host, prog = self.drill
+        rows = (self.picture or {}).get("rows", [])
+        for row in by_program(rows) if host is None else rows:
+            if row["progname"] == prog and host in (None, row["hostname"]):
                 return pressure_lines(row, always=True)
         return ["", ""]
 
     def draw_history(self, y: int) -> None:
-        """Sparklines of the drilled-into row's conn and ckout over the
-        console's last refreshes, on one scale (the highest conn)."""
-        samples = self.history.of(self.drill)
+        """Sparklines of the drilled-into row's conn and ckout as the
+        daemon kept them (one sample a second), on one scale (the
+        highest conn)."""
+        history = self.feed.history
+        if history is None or history.get("row") != self.drill:
+            self.put(y, "History: loading", self.styles["title"])
+            return
         _, width = self.window.getmaxyx()
-        top = max((conn for conn, _ in samples), default=0)
-        self.put(y, f"History of the last {len(samples)} refreshes "
-                 f"(every {self.interval:g}s), 0 to {top} connections",
-                 self.styles["title"])
-        for y, (label, index) in enumerate((("CONN", 0), ("CKOUT", 1)),
-                                           y + 1):
-            values = [sample[index] for sample in samples]
+        room = max(0, width - 13)
+        series = [history["conn"][-room:] if room else [],
+                  history["ckout"][-room:] if room else []]
+        top = max(history["conn"], default=0)
+        seconds = len(history["conn"]) * history["interval"]
+        self.put(y, f"History of the last {seconds:g}s (connmond's, one "
+                 f"sample every {history['interval']:g}s), 0 to "
+                 f"{connmon.plural(top, 'connection')}", self.styles["title"])
+        for y, (label, values) in enumerate(zip(("CONN", "CKOUT"), series),
+                                            y + 1):
             now = cell(values[-1] if values else None)
-            text = f"{label:<6}{now:>6} "
-            room = max(0, width - len(text) - 1)
-            self.put(y, text + sparkline(values[-room:] if room else [],
-                                         top, self.glyphs["spark"]))
+            self.put(y, f"{label:<6}{now:>6} "
+                     + sparkline(values, top, self.glyphs["spark"]))
 
     def draw_footer(self) -> None:
-        height, _ = self.window.getmaxyx()
+        height, width = self.window.getmaxyx()
         if self.editing_filter:
             text = f"Filter: {self.filter}_  (Enter keeps, Esc clears)"
+        elif self.confirming:
+            text = ("Clear the maxima for every console and Prometheus? "
+                    "y clears, any other key keeps them")
+        elif self.message:
+            text = self.message
         elif self.feed.state == "disconnected":
             text = self.feed.error
+        elif self.view == "help":
+            text = "Up/Down/PgUp/PgDn scroll  any other key returns"
         else:
-            text = self.message or (
-                "q quit  ? help  </> sort  r reverse  / filter  p pause  "
-                "Enter processes  s sites  d databases  c clear maxima")
+            words = [binding.label for binding in self.bindings()
+                     if binding.label]
             if self.filter:
-                text = f"[filter: {self.filter}]  " + text
+                words.insert(0, f"[filter: {self.filter}]")
+            text = ""   # as many whole words as fit
+            for word in words:
+                if len(text) + len(word) > width:
+                    break
+                text += word + "  "
         self.put(height - 1, text, curses.A_REVERSE)
-        self.message = ""
 
 
-def run_screen(target: Target, interval: float, colors: bool) -> None:
+def run_screen(target: Target, interval: float, colors: bool,
+               hide_gone: bool = False) -> None:
     """Draw the live screen until ``q`` or Ctrl-C; the terminal is restored
     either way.  (curses.wrapper would start colours even for --no-color.)
     """
@@ -1042,7 +1519,8 @@ def run_screen(target: Target, interval: float, colors: bool) -> None:
     try:
         curses.noecho()
         curses.cbreak()
-        Console(window, feed, interval, colors and curses.has_colors()).run()
+        Console(window, feed, interval, colors and curses.has_colors(),
+                hide_gone).run()
     finally:
         feed.stop()
         window.keypad(False)
@@ -1113,7 +1591,8 @@ class Demo:
             return subprocess.Popen(
                 [sys.executable, *argv], env=self.env,
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=log, start_new_session=True)
+                stderr=log, start_new_session=True,
+                preexec_fn=die_with(os.getpid()))
 
     def listening(self) -> bool:
         try:
@@ -1154,6 +1633,27 @@ class Demo:
                     proc.wait()
                 proc.stdin.close()
         self.workdir.cleanup()
+
+
+PR_SET_PDEATHSIG = 1   # linux/prctl.h
+
+
+def die_with(parent: int) -> Optional[Callable[[], None]]:
+    """What a demo child runs before it starts (Linux): the kernel sends
+    it SIGTERM when the console ends, however it ends (SIGKILL included),
+    so that its connmond and applications never outlive it.  The demo
+    applications also end when their stdin closes; elsewhere, that is
+    all there is."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def arrange() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:   # it died before prctl took effect
+            os._exit(1)
+    return arrange
 
 
 def free_port() -> int:
@@ -1288,6 +1788,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--procs", action="store_true",
                         help="with --once: list each row's processes and "
                         "their pools")
+    parser.add_argument("--hide-gone", action="store_true",
+                        help="start with the rows of programs that are gone "
+                        "hidden (x shows them)")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {connmon.__version__}")
     return parser
 
 
@@ -1296,6 +1801,8 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     if args.json and not args.once:
         parser.error("--json goes with --once")
+    if args.procs and not args.once:
+        parser.error("--procs goes with --once")
     if args.demo and args.once:
         parser.error("--demo is interactive; it does not go with --once")
     if args.demo:
@@ -1308,7 +1815,22 @@ def main(argv: Optional[list] = None) -> int:
     if not args.once:
         return watch(target, args)
     try:
+        return print_once(target, args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (connmon --once --json | head -1): no
+        # traceback, and none at exit when Python flushes stdout again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def print_once(target: Target, args: argparse.Namespace) -> int:
+    try:
         snapshot = fetch_snapshot(target, procs=args.procs)
+    except connmon.NotConnmond as err:
+        print(f"connmon: {err}", file=sys.stderr)
+        return 1
     except (OSError, connmon.ProtocolError) as err:
         print(f"connmon: cannot get a snapshot from {target.description}: "
               f"{err}", file=sys.stderr)
@@ -1317,7 +1839,8 @@ def main(argv: Optional[list] = None) -> int:
         json.dump(snapshot, sys.stdout, indent=1)
         print()
     else:
-        print(format_table(snapshot))
+        print(format_table(escaped(snapshot)))
+    sys.stdout.flush()
     return 0
 
 
@@ -1336,7 +1859,7 @@ def watch(target: Target, args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.default_int_handler)
     try:
-        run_screen(target, args.interval, not args.no_color)
+        run_screen(target, args.interval, not args.no_color, args.hide_gone)
     except KeyboardInterrupt:
         pass
     return 0
@@ -1345,7 +1868,9 @@ def watch(target: Target, args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("sqlalchemy") is None:
         print("connmon: error: --demo needs SQLAlchemy for its demo "
-              "applications: pip install 'connmon[sqlalchemy]'",
+              "applications: pip install SQLAlchemy (or, in a checkout of "
+              "this project, pip install '.[sqlalchemy]'; the PyPI "
+              "package named connmon is another, older project)",
               file=sys.stderr)
         return 2
     if no_terminal():

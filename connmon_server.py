@@ -6,6 +6,11 @@ carries its pool state; when it closes, the process leaves the current
 counts at once (its host+program row stays, with its maxima).  A console's
 connection asks for snapshots.
 
+Every client passes the ``Door``, the one place where roles are checked:
+what it may do is its ``Role`` in ``ROLES``; texts are checked where they
+enter (``connmon.is_text``), and what one client can make the daemon hold
+is bounded (see README.txt, Security).
+
 With several nodes in the service, every node links to every other node
 (full mesh, one link a pair, dialled by the node whose name sorts first)
 and forwards what its own applications say; each node holds the whole
@@ -13,7 +18,14 @@ cluster's picture.  See ``Cluster``.
 
 Optional exports, each on its own daemon thread and each reading only
 ``ConnmonServer.snapshot()``: Prometheus text on ``GET /metrics`` and a CSV
-file appended to every ``csv_interval`` seconds.
+file appended to every ``csv_interval`` seconds.  A thread of its own
+samples every row into a ten-minute ``History`` once a second (consoles
+ask for a row's with ``{"op": "history"}``) and forgets rows gone for
+longer than ``forget_gone_after``.
+
+Every option a service section may carry is in ``OPTIONS`` (the
+applications' ``connmon.SERVICE_OPTIONS`` and connmond's own), checked
+at start and by ``--check-config``.
 
 Run ``connmond`` or ``python -m connmon_server``.
 """
@@ -21,11 +33,16 @@ Run ``connmond`` or ``python -m connmon_server``.
 from __future__ import annotations
 
 import argparse
+import array
 import collections
 import configparser
 import csv
+import errno
+import hmac
 import http.server
+import ipaddress
 import io
+import json
 import logging
 import logging.config
 import os
@@ -38,7 +55,8 @@ import ssl
 import sys
 import threading
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, NamedTuple, \
+    Optional, Tuple
 
 import connmon
 from connmon import ProtocolError, read_message
@@ -46,11 +64,16 @@ from connmon import ProtocolError, read_message
 log = logging.getLogger("connmond")
 
 HELLO_TIMEOUT = 10.0      # seconds a new connection has to say hello
-MAX_TEXT = 255            # longest hostname / progname accepted
 MAX_OUTBOX = 100_000      # messages queued for a peer before the link is cut
 MAX_HELLO_BYTES = 16384   # the most a client may send before it is trusted
-DEFAULT_MAX_CLIENTS = 10000   # about 280 MB of connmond at most
 PROBLEM_LOG_INTERVAL = 10.0   # seconds between two log lines of one kind
+MAX_WAITING = 1024        # connections not yet past their hello, in all
+MAX_WAITING_PER_ADDRESS = 64  # ... and from one source address
+CONSOLE_ROOM = 64         # consoles served beside max_clients apps
+MAXIMA_INTERVAL = 5.0     # seconds between two maxima sent to each peer
+ACCEPT_BACKOFF_MAX = 1.0  # seconds the accept loop rests, out of files
+STORM = 200               # departures waiting that make a storm
+STORM_SWITCH_INTERVAL = 0.5   # seconds a thread runs on, during one
 
 
 class ProblemLog:
@@ -86,22 +109,6 @@ def brief(err: Exception, limit: int = 200) -> str:
     """An error's text cut short: it may quote what a client sent."""
     text = str(err)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def number_option(service: connmon.Service, key: str, default: float,
-                  low: float, high: float) -> float:
-    """A numeric option of the service section, checked."""
-    text = service.options.get(key)
-    if text is None:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not low <= value <= high:
-        raise connmon.ConfigError(f"{service.source}: {key} must be a number "
-                                  f"from {low:g} to {high:g}, not {text!r}")
-    return value
 
 
 class LineReader:
@@ -141,6 +148,149 @@ class LineReader:
         self.buffer.clear()
 
 
+class Role(NamedTuple):
+    """What one kind of client may do once past the door."""
+
+    name: str
+    requests: FrozenSet[str]   # the ops it may send after its hello
+
+
+# The powers of each role, all of them.  An app changes only the process
+# its own connection attached (its hello's, then "update"s of it); a
+# console reads, and may clear maxima; a peer (one of the service's other
+# nodes, from that node's address, with the peer credential) tells of the
+# processes attached to it and of the maxima.  Everyone pings.
+ROLES = {
+    "app": Role("app", frozenset({"update"})),
+    "console": Role("console", frozenset({"snapshot", "history",
+                                          "clear_maxima"})),
+    "peer": Role("peer", frozenset({"attach", "forward", "detach", "maxima",
+                                    "clear_maxima", "pong"})),
+}
+
+
+def requests(rfile, role: Role, reply) -> Iterator[Dict[str, Any]]:
+    """The messages a client of ``role`` sends, until it hangs up; any op
+    its role may not send is a ProtocolError.  Pings are answered with a
+    pong through ``reply``, and pongs dropped."""
+    while True:
+        message = read_message(rfile)
+        if message is None:
+            return
+        op = message["op"]
+        if op == "ping":
+            reply(PONG)
+        elif op not in role.requests:
+            raise ProtocolError(f"a {role.name} may not send {op!r}")
+        elif op != "pong":
+            yield message
+
+
+class Ticket:
+    """One connection at the door: where it comes from, and the role it
+    was admitted as (None while it has not said its hello)."""
+
+    def __init__(self, host: str):
+        self.host = host
+        self.role: Optional[str] = None
+
+
+class Door:
+    """Every client passes here, and only here, before it is served.
+
+    Connections that have not said their hello are counted apart, in all
+    (MAX_WAITING) and per source address (MAX_WAITING_PER_ADDRESS), so
+    that silent ones cannot lock anyone out; after its hello a client
+    takes the room of its role: max_clients apps, CONSOLE_ROOM consoles,
+    one link per other node.  The hello proves the role's credential,
+    and a peer must be one of the service's other nodes, connecting from
+    that node's address.
+    """
+
+    def __init__(self, server: "ConnmonServer"):
+        self.server = server
+        self.lock = threading.Lock()
+        self.tickets: Dict[socket.socket, Ticket] = {}
+        self.waiting: collections.Counter = collections.Counter()
+        self.admitted: collections.Counter = collections.Counter()
+        others = len(server.service.nodes) - 1
+        # New links may come while old ones have not quite ended.
+        self.room = {"app": server.max_clients, "console": CONSOLE_ROOM,
+                     "peer": 4 * others}
+
+    @property
+    def most_clients(self) -> int:
+        """Every connection the door may let in at once."""
+        return MAX_WAITING + sum(self.room.values())
+
+    def arrive(self, request: socket.socket, host: str) -> Optional[str]:
+        """Count a new connection in, or say why it is refused."""
+        with self.lock:
+            if self.waiting[""] >= MAX_WAITING:
+                return (f"too many connections waiting for their hello "
+                        f"({MAX_WAITING})")
+            if self.waiting[host] >= MAX_WAITING_PER_ADDRESS:
+                return (f"too many connections from {host} waiting for "
+                        f"their hello ({MAX_WAITING_PER_ADDRESS})")
+            self.waiting[""] += 1
+            self.waiting[host] += 1
+            self.tickets[request] = Ticket(host)
+        return None
+
+    def depart(self, request: socket.socket) -> None:
+        with self.lock:
+            ticket = self.tickets.pop(request)
+            if ticket.role is None:
+                self._stop_waiting(ticket.host)
+            else:
+                self.admitted[ticket.role] -= 1
+
+    def _stop_waiting(self, host: str) -> None:
+        for key in ("", host):
+            self.waiting[key] -= 1
+            if not self.waiting[key]:
+                del self.waiting[key]
+
+    def admit(self, request: socket.socket, hello: Dict[str, Any],
+              nonce: str) -> Role:
+        """The role a hello is admitted as; ProtocolError (AuthError for
+        a wrong credential) with the reason if it is not."""
+        if hello.get("version") != connmon.PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {hello.get('version')!r}"
+                                f" not supported (this daemon speaks "
+                                f"{connmon.PROTOCOL_VERSION})")
+        name = hello.get("role")
+        role = ROLES.get(name) if isinstance(name, str) else None
+        if role is None:
+            raise ProtocolError(f"unknown role {name!r}")
+        secret = self.server.security.secret_for(role.name)
+        if secret is not None and not connmon.proof_is_valid(
+                secret, nonce, role.name, hello.get("auth")):
+            raise connmon.AuthError(f"{role.name}: authentication failed "
+                                    "(wrong or missing secret)")
+        ticket = self.tickets[request]
+        if role.name == "peer":
+            self.server.cluster.check_peer(hello, ticket.host)
+        elif role.name == "app":   # its process is no other connection's
+            proc = process_from(hello.get("proc"), connmon.MAX_SESSION)
+            with self.server.lock:
+                taken = self.server.picture.taken(proc.ident)
+            if taken is not None:
+                raise ProtocolError(taken)
+        with self.lock:
+            if self.admitted[role.name] >= self.room[role.name]:
+                raise ProtocolError(self.full(role.name))
+            self._stop_waiting(ticket.host)
+            self.admitted[role.name] += 1
+            ticket.role = role.name
+        return role
+
+    def full(self, role: str) -> str:
+        if role == "app":
+            return f"too many connections (max_clients is {self.room[role]})"
+        return f"too many {role} connections ({self.room[role]})"
+
+
 class ConnmonServer(socketserver.ThreadingTCPServer):
     """Listens on a node's bind address and keeps the picture."""
 
@@ -148,51 +298,69 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = socket.SOMAXCONN   # a whole cloud reconnects at once
 
-    def __init__(self, service: connmon.Service, node: connmon.Node):
+    def __init__(self, service: connmon.Service, node: connmon.Node,
+                 options: Optional["DaemonOptions"] = None):
         self.service = service
         self.node = node
-        self.picture = connmon.Picture()
-        self.lock = threading.Lock()
         # Settings first: a bad one is a ConfigError before we listen.
-        self.security = connmon.Security.of_service(service)
+        self.options = options or DaemonOptions(service, node)
+        self.picture = connmon.Picture(node.name)
+        self.picture.server_limits = self.options.database_servers or {}
+        self.history = History()
+        self.lock = threading.Lock()
+        self.security = connmon.Security.of_service(service, daemon=True)
         self.ssl_context = self.security.server_context()
-        self.heartbeat = number_option(
-            service, "heartbeat_timeout", connmon.DEFAULT_HEARTBEAT,
-            connmon.MIN_HEARTBEAT, connmon.MAX_HEARTBEAT)
-        self.max_clients = int(number_option(
-            service, "max_clients", DEFAULT_MAX_CLIENTS, 1, 1 << 20))
-        self.clients = 0
-        self.clients_lock = threading.Lock()
+        self.heartbeat = self.options.heartbeat_timeout
+        self.max_clients = self.options.max_clients
+        self.door = Door(self)
         self.cluster = Cluster(self)
+        self.departures = Departures(self)
+        self.accept_backoff = 0.0   # > 0 while out of file descriptors
         if ":" in node.bind[0]:
             self.address_family = socket.AF_INET6
         super().__init__(node.bind, ConnmonHandler)
 
+    def get_request(self):
+        """Accept; out of file descriptors, rest a while (the listening
+        socket stays readable, so retrying at once would spin) and say so
+        once, and once more when accepting works again."""
+        try:
+            request = super().get_request()
+        except OSError as err:
+            if err.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                 errno.ENOMEM):
+                raise
+            if not self.accept_backoff:
+                log.error("cannot accept connections: %s; resting up to "
+                          "%gs between tries until a client leaves (raise "
+                          "LimitNOFILE, or lower max_clients)",
+                          err.strerror, ACCEPT_BACKOFF_MAX)
+            self.accept_backoff = min(ACCEPT_BACKOFF_MAX,
+                                      max(0.05, self.accept_backoff * 2))
+            time.sleep(self.accept_backoff)
+            raise
+        if self.accept_backoff:
+            log.warning("accepting connections again")
+            self.accept_backoff = 0.0
+        return request
+
     def process_request(self, request, client_address) -> None:
-        """Start a handler thread, unless max_clients are connected."""
-        with self.clients_lock:
-            full = self.clients >= self.max_clients
-            if not full:
-                self.clients += 1
-        if full:
-            self.refuse(request, client_address, f"too many connections "
-                        f"(max_clients is {self.max_clients})")
+        """Start a handler thread, unless the door is full."""
+        reason = self.door.arrive(request, client_address[0])
+        if reason is not None:
+            self.refuse(request, client_address, reason)
             return
         try:
             super().process_request(request, client_address)
         except RuntimeError as err:   # no thread to be had
-            self.client_gone()
+            self.door.depart(request)
             self.refuse(request, client_address, f"overloaded: {err}")
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.client_gone()
-
-    def client_gone(self) -> None:
-        with self.clients_lock:
-            self.clients -= 1
+            self.door.depart(request)
 
     def refuse(self, request: socket.socket, client_address,
                reason: str) -> None:
@@ -209,16 +377,155 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         self.shutdown_request(request)
 
     def snapshot(self, procs: bool = False) -> Dict[str, Any]:
+        """The picture now; built outside the lock, from a copy."""
         with self.lock:
-            snapshot = self.picture.snapshot(time.monotonic(), procs)
+            picture, now = self.picture.frozen(), time.monotonic()
             peers = self.cluster.status()
         return {"service": self.service.name, "node": self.node.name,
-                "peers": peers, **snapshot}
+                "peers": peers, "thresholds": {
+                    "oldest": self.options.hold_warn_seconds,
+                    "hold_ms": self.options.hold_ms_warn},
+                **picture.snapshot(now, procs)}
+
+    def history_of(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """The "history" reply: a program's conn and ckout, one sample a
+        second, oldest first; on one host, or summed over every host
+        when the request names none."""
+        hostname, progname = request.get("hostname"), request.get("progname")
+        if not isinstance(progname, str) or not (
+                hostname is None or isinstance(hostname, str)):
+            raise ProtocolError("history needs 'progname' and, optionally, "
+                                "'hostname'")
+        with self.lock:
+            conn, ckout = self.history.of(
+                [key for key in self.history.series if key[1] == progname
+                 and hostname in (None, key[0])])
+        return {"op": "history", "interval": 1.0, "conn": conn,
+                "ckout": ckout}
+
+    def keep_history(self) -> None:
+        """Once a second: sample every row into the history, and forget
+        the rows of programs gone longer than forget_gone_after."""
+        forget_after = self.options.forget_gone_after
+        next_tick = time.monotonic()
+        while True:
+            next_tick += HISTORY_INTERVAL
+            time.sleep(max(0.0, next_tick - time.monotonic()))
+            now = time.monotonic()
+            next_tick = max(next_tick, now - HISTORY_INTERVAL)
+            with self.lock:
+                self.picture.forget_gone(now - forget_after)
+                self.history.record(self.picture.rows)
+
+    def snapshot_reply(self, procs: bool) -> bytes:
+        """The snapshot as one reply line, trimmed to fit the reply limit
+        (never refused): a console always gets a picture."""
+        return fit_reply({"op": "snapshot", **self.snapshot(procs)},
+                         connmon.MAX_REPLY_BYTES)
 
     def welcome(self, nonce: str) -> Dict[str, Any]:
         return {"op": "welcome", "version": connmon.PROTOCOL_VERSION,
                 "service": self.service.name, "node": self.node.name,
                 "nonce": nonce, "heartbeat": self.heartbeat}
+
+
+HISTORY_INTERVAL = 1.0   # seconds between two samples of the history
+HISTORY_SAMPLES = 600    # samples kept per row: ten minutes
+HISTORY_MAX_COUNT = 65535   # a count above this is kept as this
+
+
+class History:
+    """Every row's conn and ckout, once a second, for the last
+    HISTORY_SAMPLES seconds: a console opened after an incident draws the
+    staircase of a leak that began before it started.
+
+    Bounded: two ring buffers of HISTORY_SAMPLES unsigned 16-bit counts a
+    row (2.4 KB), and a row's history goes with the row.  Each node of a
+    cluster keeps its own (from when it started).
+    """
+
+    def __init__(self, length: int = HISTORY_SAMPLES):
+        self.length = length
+        self.tick = 0   # samples taken so far
+        # (hostname, progname) -> (conn ring, ckout ring, first tick)
+        self.series: Dict[Tuple[str, str], Tuple[array.array, array.array,
+                                                 int]] = {}
+
+    def record(self, rows: Dict[Tuple[str, str], connmon.ProgramRow]
+               ) -> None:
+        series, slot, top = self.series, self.tick % self.length, \
+            HISTORY_MAX_COUNT
+        for key in series.keys() - rows.keys():   # forgotten rows
+            del series[key]
+        for key, row in rows.items():
+            entry = series.get(key)
+            if entry is None:
+                empty = bytes(2 * self.length)
+                entry = series[key] = (array.array("H", empty),
+                                       array.array("H", empty), self.tick)
+            entry[0][slot] = row.conn if row.conn < top else top
+            entry[1][slot] = row.ckout if row.ckout < top else top
+        self.tick += 1
+
+    def of(self, keys: List[Tuple[str, str]]) -> Tuple[List[int], List[int]]:
+        """The summed conn and ckout of ``keys`` over the samples any of
+        them has, oldest first."""
+        length = min(self.length, max(
+            (self.tick - self.series[key][2] for key in keys), default=0))
+        conn, ckout = [0] * length, [0] * length
+        for key in keys:
+            rings = self.series[key]
+            have = min(length, self.tick - rings[2])
+            for total, ring in zip((conn, ckout), rings[:2]):
+                for back in range(1, have + 1):
+                    total[-back] += ring[(self.tick - back) % self.length]
+        return conn, ckout
+
+
+class Departures:
+    """The processes whose connection ended, taken out of the picture by
+    one thread, in batches: when thousands of clients drop at once, their
+    handler threads do not queue for the state lock, and consoles are not
+    queued behind them.
+
+    During such a storm (STORM departures waiting), threads switch every
+    STORM_SWITCH_INTERVAL instead of every 5 ms: thousands of threads
+    woken at once otherwise spend the machine handing the interpreter to
+    each other, and a console's snapshot waits for all of them.  The
+    usual interval is back once the storm is over.
+    """
+
+    BATCH = 500   # departures a hold of the state lock
+
+    def __init__(self, server: "ConnmonServer"):
+        self.server = server
+        self.queue: collections.deque = collections.deque()
+        self.wake = threading.Event()
+        threading.Thread(target=self._run, daemon=True,
+                         name="departures").start()
+
+    def add(self, ident: str, session: int) -> None:
+        self.queue.append((ident, session))
+        if len(self.queue) >= STORM:
+            sys.setswitchinterval(STORM_SWITCH_INTERVAL)
+        self.wake.set()
+
+    def _run(self) -> None:
+        server, queue = self.server, self.queue
+        usual = sys.getswitchinterval()
+        while True:
+            if not self.wake.wait(1.0):
+                sys.setswitchinterval(usual)   # a second without any
+                continue
+            self.wake.clear()
+            while queue:
+                with server.lock:
+                    for _ in range(min(self.BATCH, len(queue))):
+                        ident, session = queue.popleft()
+                        if server.picture.detach(ident, session):
+                            server.cluster.broadcast({
+                                "op": "detach", "id": ident,
+                                "session": session})
 
 
 PING = {"op": "ping"}
@@ -232,6 +539,7 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
     server: ConnmonServer
 
     def setup(self) -> None:
+        self.ticket_key = self.request   # the door's, before any TLS
         self.peer = connmon.format_address(self.client_address[:2])
         self.request.settimeout(HELLO_TIMEOUT)
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -268,12 +576,13 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
             if hello is None:   # a port probe, most likely
                 log.debug("%s: closed before hello", self.peer)
                 return
-            serve = self.check_hello(connmon.expect(hello, "hello"), nonce)
+            role = self.server.door.admit(
+                self.ticket_key, connmon.expect(hello, "hello"), nonce)
             trusted = True
             self.rfile.deadline = None
             self.connection.settimeout(self.server.heartbeat)
             self.send({"op": "ready"})
-            serve(hello)
+            getattr(self, "serve_" + role.name)(hello, role)
         except connmon.AuthError as err:
             self.refuse("auth", err)
         except ProtocolError as err:
@@ -299,25 +608,6 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
             log.exception("%s: internal error; closing the connection",
                           self.peer)
 
-    def check_hello(self, hello: Dict[str, Any], nonce: str):
-        """The serve method for a valid hello; ProtocolError otherwise."""
-        if hello.get("version") != connmon.PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {hello.get('version')!r}"
-                                f" not supported (this daemon speaks "
-                                f"{connmon.PROTOCOL_VERSION})")
-        role = hello.get("role")
-        serve = {"app": self.serve_app, "console": self.serve_console,
-                 "peer": self.serve_peer}.get(
-            role if isinstance(role, str) else "")
-        if serve is None:
-            raise ProtocolError(f"unknown role {role!r}")
-        secret = self.server.security.secret
-        if secret is not None and not connmon.proof_is_valid(
-                secret, nonce, role, hello.get("auth")):
-            raise connmon.AuthError(f"{role}: authentication failed (wrong "
-                                    "or missing secret)")
-        return serve
-
     def refuse(self, kind: str, err: ProtocolError) -> None:
         """One rate-limited log line, the reason to the client, hang up."""
         problems.log(logging.WARNING, kind, "%s: %s; closing the connection",
@@ -329,27 +619,23 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
 
     # -- applications ---------------------------------------------------------
 
-    def serve_app(self, hello: Dict[str, Any]) -> None:
-        proc = process_from(hello.get("proc"))
+    def serve_app(self, hello: Dict[str, Any], role: Role) -> None:
+        proc = process_from(hello.get("proc"), connmon.MAX_SESSION)
         name = f"{proc.progname}[{proc.pid}] on {proc.hostname}"
         proc.update(connmon.expect(read_message(self.rfile), "state"),
                     time.monotonic())
         lock, picture, cluster = (self.server.lock, self.server.picture,
                                   self.server.cluster)
         with lock:
-            if picture.attach(proc, self.server.node.name):
+            taken = picture.attach_own(proc)
+            if taken is None:
                 cluster.broadcast(attach_message(proc))
-        log.info("%s: app %s connected (%d connections)", self.peer, name,
-                 len(proc.conns))
+        if taken is not None:
+            raise ProtocolError(taken)
+        log.info("%s: app %s connected (%s)", self.peer, name,
+                 connmon.plural(len(proc.conns), "connection"))
         try:
-            while True:
-                message = read_message(self.rfile)
-                if message is None:
-                    break
-                if message["op"] == "ping":
-                    self.send(PONG)
-                    continue
-                connmon.expect(message, "update")
+            for message in requests(self.rfile, role, self.send):
                 with lock:
                     unknown = picture.update(proc.ident, proc.session,
                                              message, time.monotonic())
@@ -363,61 +649,87 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
                                  "announced; ignored", self.peer, name,
                                  unknown)
         finally:
-            with lock:
-                if picture.detach(proc.ident, proc.session):
-                    cluster.broadcast({"op": "detach", "id": proc.ident,
-                                       "session": proc.session})
+            self.server.departures.add(proc.ident, proc.session)
             log.info("%s: app %s disconnected", self.peer, name)
 
     # -- consoles -------------------------------------------------------------
 
-    def serve_console(self, hello: Dict[str, Any]) -> None:
+    def serve_console(self, hello: Dict[str, Any], role: Role) -> None:
         log.info("%s: console connected", self.peer)
-        while True:
-            request = read_message(self.rfile)
-            if request is None:
-                break
-            if request["op"] == "ping":
-                self.send(PONG)
-            elif request["op"] == "snapshot":
-                self.send({"op": "snapshot", **self.server.snapshot(
-                    procs=request.get("procs") is True)})
-            elif request["op"] == "clear_maxima":
+        for request in requests(self.rfile, role, self.send):
+            if request["op"] == "snapshot":
+                self.wfile.write(self.server.snapshot_reply(
+                    procs=request.get("procs") is True))
+            elif request["op"] == "history":
+                self.send(self.server.history_of(request))
+            else:   # clear_maxima
                 with self.server.lock:
                     self.server.picture.clear_maxima()
-                    self.server.cluster.broadcast({"op": "clear_maxima"})
+                    self.server.cluster.broadcast(
+                        {"op": "clear_maxima",
+                         "clears": self.server.picture.clears})
                 self.send({"op": "clear_maxima"})
-            else:
-                raise ProtocolError(f"unknown console request "
-                                    f"{request['op']!r}")
         log.info("%s: console disconnected", self.peer)
 
     # -- peer nodes -----------------------------------------------------------
 
-    def serve_peer(self, hello: Dict[str, Any]) -> None:
-        link = self.server.cluster.link_for(hello)
+    def serve_peer(self, hello: Dict[str, Any], role: Role) -> None:
+        link = self.server.cluster.links[hello["node"]]
         link.run(self.request, self.rfile)
 
 
-def process_from(proc: Any) -> connmon.ProcessState:
-    """A ProcessState for the "proc" of an app's hello, checking every
-    field."""
+def process_from(proc: Any, max_session: int = 1 << 62
+                 ) -> connmon.ProcessState:
+    """A ProcessState for the "proc" of an app's hello (or a peer's
+    attach), checking every field."""
     if not isinstance(proc, dict):
         raise ProtocolError("app hello needs a 'proc' object")
     fields = []
     for key in ("id", "hostname", "progname"):
         value = proc.get(key)
-        if not (isinstance(value, str) and 0 < len(value) <= MAX_TEXT
-                and value.isprintable()):
+        if not connmon.is_text(value, connmon.MAX_NAME):
             raise ProtocolError(f"app hello: 'proc.{key}' must be a string "
-                                f"of 1 to {MAX_TEXT} printable characters")
+                                f"of 1 to {connmon.MAX_NAME} printable "
+                                "characters")
         fields.append(value)
     pid, session = proc.get("pid"), proc.get("session")
     if type(pid) is not int or not 0 < pid < 1 << 32:
         raise ProtocolError("app hello: 'proc.pid' must be a positive integer")
-    if type(session) is not int or not 0 <= session < 1 << 62:
-        raise ProtocolError("app hello: 'proc.session' must be a count")
+    if type(session) is not int or not 0 <= session < max_session:
+        raise ProtocolError(f"app hello: 'proc.session' must be a count "
+                            f"below {max_session}")
     return connmon.ProcessState(*fields, pid, session)
+
+
+def nested(message: Dict[str, Any], key: str, op: str) -> Dict[str, Any]:
+    """The ``op`` object inside a peer's message, checked."""
+    value = message.get(key)
+    if not isinstance(value, dict) or value.get("op") != op:
+        raise ProtocolError(f"{message['op']}: {key!r} must be an object "
+                            f"with op {op!r}")
+    return value
+
+
+def fit_reply(message: Dict[str, Any], limit: int) -> bytes:
+    """``message`` (a snapshot) as a line of at most ``limit`` bytes.  If
+    it is larger, the rows that matter least (gone before live, then the
+    fewest connections) are left out, and "trimmed" says how many."""
+    data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    if len(data) <= limit:
+        return data
+    rows = message["rows"]
+    sizes = [len(json.dumps(row, separators=(",", ":"))) + 1 for row in rows]
+    budget = limit - (len(data) - sum(sizes)) - 64   # and "trimmed"
+    ranked = sorted(range(len(rows)), key=lambda i: (
+        not rows[i]["connected"], -rows[i]["conn"], -rows[i]["ckout"]))
+    kept, used = [], 0
+    for index in ranked:
+        if used + sizes[index] <= budget:
+            kept.append(index)
+            used += sizes[index]
+    kept.sort()
+    return connmon.encode({**message, "rows": [rows[i] for i in kept],
+                           "trimmed": len(rows) - len(kept)}, limit)
 
 
 def attach_message(proc: connmon.ProcessState) -> Dict[str, Any]:
@@ -439,10 +751,43 @@ class Cluster:
         me = server.node.name
         self.links = {node.name: PeerLink(server, node)
                       for node in server.service.nodes if node.name != me}
+        self.source: Optional[str] = None   # where our links come from
+
+    def own_source(self) -> Optional[str]:
+        """The local address to dial peers from: the one our hostname
+        names (peers check it), if this host has it; else the system's
+        choice."""
+        for address in sorted(node_addresses(self.server.node)):
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            try:
+                with socket.socket(family) as probe:
+                    probe.bind((address, 0))
+                return address
+            except OSError:
+                continue
+        log.warning("node %s: no local address is its hostname %s; peers "
+                    "will refuse links that do not come from it",
+                    self.server.node.name, self.server.node.address[0])
+        return None
 
     def start(self) -> None:
+        if self.links:
+            self.source = self.own_source()
         for link in self.links.values():
             link.start()
+        if self.links:
+            threading.Thread(target=self._maxima_loop, daemon=True,
+                             name="peer-maxima").start()
+
+    def _maxima_loop(self) -> None:
+        """Send every peer our maxima every MAXIMA_INTERVAL, not only when
+        a link is made: after any partition heals, every node's maxima
+        reach every other node, however the cut ran."""
+        while True:
+            time.sleep(MAXIMA_INTERVAL)
+            with self.server.lock:
+                for message in self.server.picture.maxima():
+                    self.broadcast(message)
 
     def broadcast(self, message: Dict[str, Any]) -> None:
         """Queue a message for every peer that is up (caller holds the
@@ -455,16 +800,58 @@ class Cluster:
         return {name: link.sock is not None
                 for name, link in sorted(self.links.items())}
 
-    def link_for(self, hello: Dict[str, Any]) -> "PeerLink":
-        """The link an incoming peer's hello is for, or a clear refusal."""
+    def check_peer(self, hello: Dict[str, Any], host: str) -> None:
+        """A peer's hello must name one of the service's other nodes, and
+        come from that node's address; a clear refusal otherwise."""
         service, node = hello.get("service"), hello.get("node")
-        if service != self.server.service.name:
+        name = self.server.service.name
+        if not self.links:
+            raise ProtocolError(f"service {name!r} has one node: this "
+                                "daemon accepts no peer")
+        if service != name:
             raise ProtocolError(f"peer is of service {service!r}, this node "
-                                f"of {self.server.service.name!r}")
-        if node not in self.links:
-            raise ProtocolError(f"peer node {node!r} is not in service "
-                                f"{self.server.service.name!r}")
-        return self.links[node]
+                                f"of {name!r}")
+        if not isinstance(node, str) or node not in self.links:
+            raise ProtocolError(f"peer node {node!r} is not one of the "
+                                f"other nodes of service {name!r}")
+        addresses = node_addresses(self.links[node].node)
+        if same_address(host) not in addresses:
+            raise ProtocolError(f"peer node {node!r} connects from {host}, "
+                                f"not from its address ("
+                                f"{', '.join(sorted(addresses)) or 'unresolvable'})")
+
+
+def same_address(host: str) -> str:
+    """An IP address in one spelling (an IPv4 address mapped into IPv6 as
+    the IPv4 address), so that addresses compare."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+def node_addresses(node: connmon.Node) -> set:
+    """The addresses a node's hostname resolves to (looked up at each
+    peer's hello: a node may move)."""
+    try:
+        infos = socket.getaddrinfo(node.address[0], None,
+                                   type=socket.SOCK_STREAM)
+    except OSError:
+        return set()
+    return {same_address(info[4][0]) for info in infos}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the port to this machine."""
+    try:
+        infos = socket.getaddrinfo(host or None, None,
+                                   type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(same_address(info[4][0])).is_loopback
+               for info in infos)
 
 
 class PeerLink:
@@ -517,8 +904,7 @@ class PeerLink:
             with self.ready:
                 self.sock = sock
                 self.outbox.clear()
-                self.outbox.append({"op": "maxima",
-                                    **server.picture.maxima()})
+                self.outbox.extend(server.picture.maxima())
                 self.outbox.extend(
                     attach_message(proc)
                     for proc in server.picture.processes.values()
@@ -526,13 +912,15 @@ class PeerLink:
                 self.ready.notify()
         log.info("peer %s: link up", origin)
         try:
-            while True:
-                message = read_message(rfile)
-                if message is None:
-                    break
+            for message in requests(rfile, ROLES["peer"], self.enqueue):
                 with server.lock:
+                    if self.generation != generation:
+                        break   # replaced: only the new link's news counts
                     self._apply(message)
-        except (OSError, ProtocolError) as err:
+        except ProtocolError as err:
+            problems.log(logging.WARNING, "bad peer", "peer %s: %s; cutting "
+                         "the link", origin, brief(err))
+        except OSError as err:
             log.warning("peer %s: %s", origin, err)
         finally:
             with server.lock:
@@ -541,7 +929,7 @@ class PeerLink:
                         self.sock = None
                         self.outbox.clear()
                     gone = server.picture.detach_origin(origin)
-                    log.info("peer %s: link down; its %d processes leave "
+                    log.info("peer %s: link down; its processes (%d) leave "
                              "the picture", origin, gone)
             self._cut(sock)
 
@@ -551,29 +939,30 @@ class PeerLink:
             time.monotonic()
         if op == "attach":
             proc = process_from(message.get("proc"))
-            state = message.get("state")
-            if not isinstance(state, dict):
-                raise ProtocolError("attach needs a 'state' object")
-            proc.update(connmon.expect(state, "state"), now)
+            proc.update(nested(message, "state", "state"), now)
+            if (picture.by_origin[self.node.name] >= self.server.max_clients
+                    and proc.ident not in picture.processes):
+                raise ProtocolError(f"attach: more than max_clients "
+                                    f"({self.server.max_clients}) processes")
             picture.attach(proc, self.node.name)
         elif op in ("forward", "detach"):
             ident, session = message.get("id"), message.get("session")
-            if not isinstance(ident, str) or type(session) is not int:
+            if not (connmon.is_text(ident, connmon.MAX_NAME)
+                    and type(session) is int and 0 <= session < 1 << 62):
                 raise ProtocolError(f"{op} needs 'id' and 'session'")
             if op == "detach":
-                picture.detach(ident, session)
+                picture.detach(ident, session, self.node.name)
             else:
-                update = message.get("update")
-                if not isinstance(update, dict):
-                    raise ProtocolError("forward needs an 'update' object")
                 picture.update(ident, session,
-                               connmon.expect(update, "update"), now)
+                               nested(message, "update", "update"), now,
+                               self.node.name)
         elif op == "maxima":
             picture.merge_maxima(message)
-        elif op == "clear_maxima":
+        else:   # clear_maxima
+            clears = message.get("clears", 0)
             picture.clear_maxima()
-        elif op != "ping":
-            raise ProtocolError(f"unknown peer message {op!r}")
+            if type(clears) is int and clears > picture.clears:
+                picture.clears = clears
 
     def _write_loop(self) -> None:
         """Write what is queued; on a quiet link, a ping every third of the
@@ -602,6 +991,7 @@ class PeerLink:
                 conn = connmon.open_connection(
                     [self.node.address], "peer",
                     security=self.server.security,
+                    source=self.server.cluster.source,
                     service=self.server.service.name,
                     node=self.server.node.name)
                 conn.sock.settimeout(self.server.heartbeat)
@@ -699,50 +1089,81 @@ def _server_limits(text: str) -> Dict[str, int]:
     return limits
 
 
-# name: (parse the text, default text); "" means off.
-OPTIONS = {
-    "metrics_port": (_port, ""),
-    "metrics_bind": (_bind_host, ""),
-    "csv_dump": (str, ""),
-    "csv_columns": (_columns, "time token hostname progname nproc conn "
-                    "ckout maxnproc maxconn maxckout ckout_total"),
-    "csv_token": (str, ""),
-    "csv_interval": (_seconds, "10"),
-    "database_servers": (_server_limits, ""),
+# Everything a service section may say: the options the applications
+# read too (connmon.SERVICE_OPTIONS), and connmond's own.
+OPTIONS: Dict[str, connmon.Option] = {
+    **connmon.SERVICE_OPTIONS,
+    "heartbeat_timeout": connmon.Option(connmon.number_between(
+        connmon.MIN_HEARTBEAT, connmon.MAX_HEARTBEAT, " of seconds"),
+        f"{connmon.DEFAULT_HEARTBEAT:g}"),
+    # about 280 MB of connmond at most
+    "max_clients": connmon.Option(connmon.number_between(
+        1, 1 << 20, whole=True), "10000"),
+    # rows of programs gone this long are forgotten
+    "forget_gone_after": connmon.Option(connmon.number_between(
+        1, 1e8, " of seconds"), "86400"),
+    # HOLD_MS above this many milliseconds is an alarm on the console
+    "hold_ms_warn": connmon.Option(connmon.number_between(
+        0.1, 3.6e6, " of milliseconds"), f"{connmon.DEFAULT_HOLD_MS_WARN:g}"),
+    "metrics_port": connmon.Option(_port),
+    "metrics_bind": connmon.Option(_bind_host),
+    "csv_dump": connmon.Option(connmon.any_text),
+    "csv_columns": connmon.Option(_columns, "time token hostname progname "
+                                  "nproc conn ckout maxnproc maxconn "
+                                  "maxckout ckout_total"),
+    "csv_token": connmon.Option(connmon.any_text),
+    "csv_interval": connmon.Option(_seconds, "10"),
+    # a bearer token /metrics asks for (read by connmond only)
+    "metrics_token_file": connmon.Option(connmon.read_secret),
+    # what the nodes prove to each other (read by connmond only: app
+    # hosts do not hold it); see connmon.Security.of_service
+    "peer_secret_file": connmon.Option(connmon.any_text),
+    "peer_secret": connmon.Option(connmon.any_text),
+    # the database servers' own connection limits (see the README)
+    "database_servers": connmon.Option(_server_limits),
 }
 
 
 class DaemonOptions:
-    """The options of a service section that only connmond reads
-    (``connmon.Service`` keeps them as text), checked at start: a typo
-    stops the daemon with a message, never silently switches an export
-    off."""
+    """Every option of a service section, checked at start (and by
+    --check-config): a typo stops the daemon with a message, never
+    silently switches an export off or leaves every application failing
+    at create_engine()."""
 
+    hold_warn_seconds: float
+    checkout_sites: bool
+    report_endpoints: bool
+    heartbeat_timeout: float
+    max_clients: int
+    forget_gone_after: float
+    hold_ms_warn: float
     metrics_port: Optional[int]
     metrics_bind: str
     csv_dump: Optional[str]
     csv_columns: List[str]
     csv_token: str
     csv_interval: float
+    metrics_token_file: Optional[bytes]   # the token itself, once read
+    peer_secret_file: Optional[str]
+    peer_secret: Optional[str]
     database_servers: Optional[Dict[str, int]]
 
     def __init__(self, service: connmon.Service, node: connmon.Node):
-        given = {name: service.options.get(name, "").strip()
+        connmon.check_options(service, OPTIONS)
+        for name in OPTIONS:
+            setattr(self, name, connmon.option_value(service, name, OPTIONS))
+        given = {name: bool(service.options.get(name, "").strip())
                  for name in OPTIONS}
-        for name, (parse, default) in OPTIONS.items():
-            text = given[name] or default
-            try:
-                setattr(self, name, parse(text) if text else None)
-            except ValueError as err:
-                raise connmon.ConfigError(f"{service.source}: {name}: {err}"
-                                          ) from None
         needs = {"metrics_bind": "metrics_port", "csv_columns": "csv_dump",
-                 "csv_token": "csv_dump", "csv_interval": "csv_dump"}
+                 "csv_token": "csv_dump", "csv_interval": "csv_dump",
+                 "metrics_token_file": "metrics_port"}
         for name, needed in needs.items():
             if given[name] and not given[needed]:
                 raise connmon.ConfigError(f"{service.source}: {name} is set "
                                           f"but {needed} is not")
-        self.metrics_bind = self.metrics_bind or node.bind[0]
+        # The fleet's picture stays on this host unless the operator says.
+        self.metrics_bind = self.metrics_bind or (
+            "::1" if ":" in node.bind[0] else "127.0.0.1")
         self.csv_token = self.csv_token or ""
 
 
@@ -871,8 +1292,10 @@ class MetricsServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: connmon.Address, daemon: ConnmonServer):
+    def __init__(self, address: connmon.Address, daemon: ConnmonServer,
+                 token: Optional[bytes] = None):
         self.daemon = daemon
+        self.token = token
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, MetricsHandler)
@@ -884,7 +1307,13 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.partition("?")[0]
-        if path == "/metrics":
+        token = self.server.token
+        if path == "/metrics" and token is not None and not hmac.compare_digest(
+                self.headers.get("Authorization", "").encode(
+                    "utf-8", "surrogateescape"), b"Bearer " + token):
+            self.reply(401, "connmond: /metrics needs the bearer token of "
+                       "metrics_token_file\n")
+        elif path == "/metrics":
             self.reply(200, render_metrics(self.server.daemon.snapshot()),
                        METRICS_CONTENT_TYPE)
         elif path == "/healthz":
@@ -900,7 +1329,7 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
 
     def reply(self, status: int, body: str,
               content_type: str = "text/plain; charset=utf-8") -> None:
-        data = body.encode()
+        data = body.encode("utf-8", "backslashreplace")   # never stuck
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -979,7 +1408,8 @@ class CsvDump:
         self.written.update(changed)
 
     def append(self, text: str) -> None:
-        with open(self.path, "a+", encoding="utf-8", newline="") as file:
+        with open(self.path, "a+", encoding="utf-8", newline="",
+                  errors="backslashreplace") as file:
             if os.fstat(file.fileno()).st_size == 0:
                 text = self.header + text
             else:
@@ -1031,16 +1461,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the root logger's level (default: INFO, or "
                         "what the config file's logging sections say)")
     parser.add_argument("--check-config", action="store_true",
-                        help="check the config for this service and node, "
-                        "say OK or what is wrong, and exit")
+                        help="check the config for this service and node "
+                        "(every option, the applications' too), say OK or "
+                        "what is wrong, and exit")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {connmon.__version__}")
     return parser
-
-
-def config_path(given: Optional[str]) -> Optional[str]:
-    """The config file load_config reads, or None for the built-in one."""
-    if given is None and os.path.exists(connmon.DEFAULT_CONFIG_FILE):
-        return connmon.DEFAULT_CONFIG_FILE
-    return given
 
 
 def configure_logging(path: Optional[str], level: Optional[str]) -> None:
@@ -1077,9 +1503,30 @@ def describe(node: connmon.Node, options: DaemonOptions) -> str:
     return ", ".join(parts)
 
 
+def warn_exposure(server: ConnmonServer, options: DaemonOptions) -> None:
+    """Say plainly, once, what a daemon open to the network lets anyone
+    there do."""
+    security = server.security
+    if not is_loopback(server.node.bind[0]) and security.secret is None:
+        log.warning(
+            "listening on %s without auth_secret_file: anyone who can reach "
+            "this port can read every process's host and program names and "
+            "counts, add processes and rows of their own, and clear the "
+            "maxima%s (see README, Security)",
+            connmon.format_address(server.node.bind),
+            "" if security.peer_secret else ", and, from a node's address, "
+            "act as that node")
+    if (options.metrics_port and options.metrics_token_file is None
+            and not is_loopback(options.metrics_bind)):
+        log.warning("serving /metrics on %s without metrics_token_file: "
+                    "anyone who can reach it reads the fleet's picture",
+                    connmon.format_address((options.metrics_bind,
+                                            options.metrics_port)))
+
+
 def raise_file_limit(clients: int) -> None:
-    """Let connmond hold max_clients sockets: the soft limit on open files
-    is often 1024, the hard one much higher."""
+    """Let connmond hold every connection it may serve: the soft limit on
+    open files is often 1024, the hard one much higher."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = clients + 64   # and a few for the rest
@@ -1087,34 +1534,41 @@ def raise_file_limit(clients: int) -> None:
         new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
         if new < wanted:
-            log.warning("open files are limited to %d: fewer than "
-                        "max_clients (%d) clients fit (raise LimitNOFILE)",
-                        new, clients)
+            log.warning("open files are limited to %d: fewer than the %d "
+                        "connections connmond may serve at once (max_clients"
+                        " apps and room for consoles, peers and hellos; "
+                        "raise LimitNOFILE)", new, clients)
 
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    path = config_path(args.config)
+    path = connmon.config_file(args.config)
     try:
         service = connmon.find_service(args.service, args.config)
         node = choose_node(service, args.node)
         options = DaemonOptions(service, node)
-        connmon.Security.of_service(service).server_context()
+        connmon.Security.of_service(service, daemon=True).server_context()
         configure_logging(path, args.log_level)
     except connmon.ConfigError as err:
         print(f"connmond: error: {err}", file=sys.stderr)
         return 2
     if args.check_config:
-        print(f"connmond: config OK: {path or '<built-in default>'} service "
+        print(f"connmond: config OK: {path or connmon.BUILT_IN} service "
               f"{service.name!r}: {describe(node, options)}")
         return 0
+    # SIGTERM stops it like Ctrl-C from here on, even while it starts.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, lambda *_: log.warning(
+        "SIGHUP ignored: connmond reloads nothing; restart it to read "
+        "the config again"))
     metrics = None
     address = node.bind
     try:
-        server = ConnmonServer(service, node)
+        server = ConnmonServer(service, node, options)
         if options.metrics_port:
             address = (options.metrics_bind, options.metrics_port)
-            metrics = MetricsServer(address, server)
+            metrics = MetricsServer(address, server,
+                                    options.metrics_token_file)
     except connmon.ConfigError as err:
         print(f"connmond: error: {err}", file=sys.stderr)
         return 2
@@ -1122,26 +1576,33 @@ def main(argv: Optional[list] = None) -> int:
         print(f"connmond: error: cannot listen on "
               f"{connmon.format_address(address)}: {err}", file=sys.stderr)
         return 1
-    if metrics is not None:
-        threading.Thread(target=metrics.serve_forever, daemon=True,
-                         name="connmond-metrics").start()
-    if options.csv_dump:
-        threading.Thread(target=CsvDump(server, options).run, daemon=True,
-                         name="connmond-csv").start()
-    server.picture.server_limits = options.database_servers or {}
-    raise_file_limit(server.max_clients)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    log.info("connmond %s: service %r %s", connmon.__version__,
-             service.name, describe(node, options))
-    server.cluster.start()
+    except KeyboardInterrupt:
+        log.info("connmond stopping")
+        return 0
+    metrics_thread = threading.Thread(
+        target=metrics.serve_forever if metrics else None, daemon=True,
+        name="connmond-metrics")
     try:
+        if metrics is not None:
+            metrics_thread.start()
+        if options.csv_dump:
+            threading.Thread(target=CsvDump(server, options).run,
+                             daemon=True, name="connmond-csv").start()
+        threading.Thread(target=server.keep_history, daemon=True,
+                         name="connmond-history").start()
+        raise_file_limit(server.door.most_clients)
+        log.info("connmond %s: service %r %s", connmon.__version__,
+                 service.name, describe(node, options))
+        warn_exposure(server, options)
+        server.cluster.start()
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("connmond stopping")
     finally:
         server.server_close()
         if metrics is not None:
-            metrics.shutdown()
+            if metrics_thread.is_alive():   # (shutdown waits for it)
+                metrics.shutdown()
             metrics.server_close()
     return 0
 

@@ -93,18 +93,19 @@ class Daemon:
 
     def __init__(self, tmp_path, port: Optional[int] = None,
                  extra_config: str = "", config=None,
-                 node: str = "node1"):
+                 node: str = "node1", host: str = "127.0.0.1"):
         """A one-node service "test" of its own, or ``node`` of the service
-        "test" in an existing ``config`` file."""
+        "test" in an existing ``config`` file (listening on ``host``)."""
         self.port = port or free_port()
         self.node = node
+        self.host = host
         if config is None:
             config = tmp_path / f"connmon-{self.port}.cfg"
             config.write_text(textwrap.dedent(f"""\
                 [connmon_service_test]
                 name: test
                 nodes:
-                    node1 hostname=127.0.0.1:{self.port} bind=127.0.0.1
+                    node1 hostname={host}:{self.port} bind={host}
                 """) + extra_config)
         self.config = config
         self.log = tmp_path / f"connmond-{self.port}.log"
@@ -113,7 +114,7 @@ class Daemon:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -127,7 +128,7 @@ class Daemon:
         if self.proc.poll() is not None:
             raise AssertionError(f"connmond exited: {self.log.read_text()}")
         try:
-            socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+            socket.create_connection((self.host, self.port), 0.5).close()
             return True
         except OSError:
             return False
@@ -141,7 +142,7 @@ class Daemon:
             self.kill(signal.SIGTERM)
 
     def snapshot(self, procs: bool = False) -> Dict[str, Any]:
-        conn = connmon.open_connection([("127.0.0.1", self.port)], "console")
+        conn = connmon.open_connection([(self.host, self.port)], "console")
         try:
             return conn.request({"op": "snapshot", "procs": procs})
         finally:
@@ -393,7 +394,15 @@ MALFORMED_CONFIGS = [  # (config text of service "a", message)
      "    n1 hostname=g\n",
      "[connmon_service_a], line 4: node 'n1' is listed twice"),
     ("[connmon_service_a\nname: a\n",
-     "File contains no section headers."),
+     "line 1: section header '[connmon_service_a' has no closing ']'"),
+    ("[connmon_service_b]\nname: b\n[connmon_service_a\nname: a\n",
+     "[connmon_service_b], line 3: section header '[connmon_service_a' has "
+     "no closing ']'"),
+    ("[connmon_service_a]\nname: a\nnodes\n    n1 hostname=h\n",
+     "[connmon_service_a], line 3: 'nodes' is not 'option: value' (no ':' "
+     "or '=')"),
+    ("[connmon_service_a]\nname: a\nname: b\n",
+     "[connmon_service_a], line 3: option 'name' is given twice"),
 ]
 
 
@@ -709,16 +718,30 @@ def test_sender_works_with_descriptors_numbered_above_1024(daemon,
 
 
 class Relay(threading.Thread):
-    """A loopback TCP relay that records every byte clients send."""
+    """A loopback TCP relay that records every byte clients send; it can
+    cut what it carries and refuse more for a while (a network cut)."""
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, port: int = 0):
         super().__init__(daemon=True)
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
         self.target_port = target_port
         self.received = bytearray()
         self.lock = threading.Lock()
+        self.carried: List[socket.socket] = []
+        self.is_cut = False
         self.start()
+
+    def cut(self, cut: bool = True) -> None:
+        """Cut every connection and refuse new ones (or, with False, let
+        them through again)."""
+        with self.lock:
+            self.is_cut = cut
+            for sock in self.carried if cut else ():
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def run(self) -> None:
         while True:
@@ -726,8 +749,18 @@ class Relay(threading.Thread):
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1",
-                                                 self.target_port))
+            with self.lock:
+                if self.is_cut:
+                    client.close()
+                    continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1",
+                                                     self.target_port))
+            except OSError:   # the target is not up (yet)
+                client.close()
+                continue
+            with self.lock:
+                self.carried += [client, upstream]
             for src, dst, record in ((client, upstream, True),
                                      (upstream, client, False)):
                 threading.Thread(target=self.pump, args=(src, dst, record),
@@ -1914,7 +1947,8 @@ def xterm_screen(cols: int, lines: int):
 class Terminal:
     """The real console in a real pseudo-terminal, seen through pyte."""
 
-    KEYS = ("kcuu1", "kcud1", "knp", "kpp", "khome", "kend", "kf6")
+    KEYS = ("kcuu1", "kcud1", "knp", "kpp", "khome", "kend", "kf1", "kf3",
+            "kf4", "kf5", "kf6", "kf10")
 
     def __init__(self, tmp_path, *args: str, cols: int = 120,
                  lines: int = 30, env: Optional[Dict[str, str]] = None):
@@ -1984,9 +2018,11 @@ class Terminal:
         return found
 
     def numbers(self, progname: str) -> List[str]:
-        """The numbers of a row; [] while it is not on screen."""
+        """The numbers of a row, without their alarm markers; [] while it
+        is not on screen."""
         row = self.rows().get(progname)
-        return row[1][2:] if row else []
+        return [field.lstrip(connmon_console.ABOVE + connmon_console.LEAKED)
+                for field in row[1][2:]] if row else []
 
     def colour(self, progname: str) -> str:
         y, _ = self.rows()[progname]
@@ -2143,8 +2179,12 @@ def test_console_rows_match_the_truth_with_colours(daemon, apps, tmp_path,
                   t.screen.buffer[t.rows()["alpha.py"][0]][0].bg
                   == "default", "alpha.py no longer exhausted")
 
-    # 'c' clears the maxima in connmond; the screen shows it.
+    # 'c' asks, then clears the maxima in connmond; the screen shows it.
     term.press(b"c")
+    term.wait_text("Clear the maxima for every console and Prometheus? y "
+                   "clears, any other key keeps them")
+    term.press(b"y")
+    term.wait_text("maxima cleared in connmond")
     term.wait_for(lambda t: t.numbers("gone.py")[6:9] == ["0", "0", "0"],
                   "cleared maxima")
     assert daemon.row("beta.py")["maxckout"] == 4
@@ -2171,8 +2211,6 @@ def test_console_sorts_by_every_column(daemon, apps, tmp_path, terminal):
     daemon.wait_row("e-memory.py", ckout=1)
     term = terminal("-H", daemon.address, "-i", "0.2")
     term.wait_for(lambda t: len(t.rows()) == 5, "five rows")
-    assert term.order() == ["a-one.py", "b-three.py", "c-idle.py",
-                            "d-gone.py", "e-memory.py"]
     snapshot_rows = daemon.snapshot()["rows"]
     keys = ["hostname", "progname", "nproc", "conn", "ckout", "limit",
             "waiting", "timeouts_per_sec", "maxnproc", "maxconn", "maxckout",
@@ -2188,11 +2226,18 @@ def test_console_sorts_by_every_column(daemon, apps, tmp_path, terminal):
             float("-inf") if r[key] is None else r[key]), reverse=reverse)
         return [row["progname"] for row in rows]
 
+    # A top: it starts with the most connections first.
+    term.wait_text("sorted by CONN descending")
+    assert term.order() == expected("conn", True)
     orders = set()
-    for index, (key, heading) in enumerate(zip(keys, headings)):
-        if index:
-            term.press(b">" if index % 2 else term.key["kf6"])
-        for reverse in (False, True):
+    for step in range(len(keys)):
+        index = (3 + step) % len(keys)   # from CONN on, as > goes
+        key, heading = keys[index], headings[index]
+        if step:
+            term.press(b">")
+        # Numbers start with the biggest, names with A.
+        for reverse in ((False, True) if key in ("hostname", "progname")
+                        else (True, False)):
             order = "descending" if reverse else "ascending"
             term.wait_text(f"sorted by {heading} {order}")
             if key not in ("ckout_per_sec", "hold_ms"):  # all idle: equal
@@ -2206,18 +2251,32 @@ def test_console_sorts_by_every_column(daemon, apps, tmp_path, terminal):
     def selected(t: Terminal) -> List[str]:
         return [name for name, (y, _) in t.rows().items()
                 if t.screen.buffer[y][0].reverse]
-    # The selection stays on its row when the order changes under it.
+    # The selection starts on the top row, and stays on its row when the
+    # order changes under it once chosen.
+    term.wait_for(lambda t: selected(t) == [t.order()[0]],
+                  "the top row selected")
+    term.press(b">")   # from NPROC, where the round ended, to CONN
+    term.wait_text("sorted by CONN descending")
     term.press(term.key["khome"] + term.key["kcud1"] * 3)
     term.wait_for(lambda t: selected(t) == [t.order()[3]],
                   "the fourth row selected")
     (chosen,) = selected(term)
     term.press(b"r")
-    term.wait_for(lambda t: t.order() == expected("oldest", True)
+    term.wait_for(lambda t: t.order() == expected("conn", False)
                   and selected(t) == [chosen], f"{chosen} still selected")
-    term.press(b"r")
-    term.press(b"<")   # from OLDEST back to HOLD_MS, marked in its heading
-    term.wait_text("sorted by HOLD_MS ascending")
-    assert "HOLD_MS\N{UPWARDS ARROW} OLDEST" in term.text
+    # The sort menu (F6): pick OLDEST; biggest first, its arrow in the
+    # heading's own cell, clear of its neighbours.
+    term.press(term.key["kf6"])
+    term.wait_text("Sort by")
+    term.press(term.key["kend"] + b"\r")
+    term.wait_text("sorted by OLDEST descending")
+    term.wait_for(lambda t: t.order() == expected("oldest", True),
+                  "sorted by the menu's choice")
+    assert re.search(r"HOLD_MS +\N{DOWNWARDS ARROW}OLDEST ", term.text)
+    term.press(b"<")
+    term.wait_text("sorted by HOLD_MS descending")
+    assert re.search(r"CKOUT/S +\N{DOWNWARDS ARROW}HOLD_MS +OLDEST",
+                     term.text)
 
 
 def test_console_filter_pause_and_drill_down(daemon, apps, tmp_path,
@@ -2257,8 +2316,9 @@ def test_console_filter_pause_and_drill_down(daemon, apps, tmp_path,
                   t.numbers("web-api.py")[:3] == ["1", "3", "3"],
                   "updates resumed")
 
-    # Enter on worker.py (second row) lists its four processes.
-    term.press(term.key["kcud1"] + b"\r")
+    # Enter on worker.py (the top row: most connections) lists its four
+    # processes.
+    term.press(b"\r")
     term.wait_text("worker.py on")
     term.wait_text("4 processes")
 
@@ -2303,8 +2363,11 @@ def test_console_resize_scroll_and_no_color(daemon, apps, tmp_path,
     term.wait_for(lambda t: "prog00.py" not in t.order(), "page down")
 
     term.resize(40, 15)
+    # 40 columns: the names, CONN, CKOUT and OLDEST; the rest is dropped.
     term.wait_for(lambda t: t.display[5].startswith("12 rows") and
-                  "PROGNAM NPROC" in t.display[6], "40 columns")
+                  t.display[6].split() == ["HOSTNAME", "PROGNAME",
+                                           "\N{DOWNWARDS ARROW}CONN",
+                                           "CKOUT", "OLDEST"], "40 columns")
     for keys in (b">", term.key["kcud1"], b"\r", b"\x1b", b"?", b"x"):
         term.press(keys)
     term.resize(30, 4)   # smaller than the header: nothing to draw, no crash
@@ -2415,9 +2478,9 @@ def test_console_on_an_ascii_terminal(daemon, terminal):
                     env={"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0",
                          "PYTHONUTF8": "0"})
     term.wait_text(f" - attached to {daemon.address} - every 0.2s")
-    term.wait_text("HOSTNAME^")
+    term.wait_text(" vCONN ")
     term.press(b"r")
-    term.wait_text("HOSTNAMEv")
+    term.wait_text(" ^CONN ")
     daemon.kill()
     term.wait_text("disconnected - retrying")
 
@@ -2673,7 +2736,8 @@ def test_console_sites_view_ranks_the_holding_lines(tmp_path, leak_daemon,
         # 80 columns: the long paths lose their beginning, not their line.
         term.resize(80, 30)
         term.wait_for(lambda t: ranked(t) and all(
-            site.startswith("...") for _, _, site in screen_sites(t)),
+            site.startswith("\N{HORIZONTAL ELLIPSIS}")
+            for _, _, site in screen_sites(t)),
             "sites cut from the left")
         term.press(b"?")
         term.wait_text("s            sites: which line of which program")
@@ -2684,7 +2748,7 @@ def test_console_sites_view_ranks_the_holding_lines(tmp_path, leak_daemon,
         term.press(b"\x1b")
         term.wait_for(ranked, "back in the sites view")
         term.press(b"\x1b")
-        term.wait_text("1 rows, sorted by HOSTNAME")   # back in the table
+        term.wait_text("1 row, sorted by CONN")   # back in the table
     finally:
         app.stop()
 
@@ -2715,14 +2779,16 @@ def test_console_drill_down_long_holders_and_history(tmp_path, leak_daemon,
         term.wait_for(lambda t: "leaky.py" in t.rows(), "the leaky.py row")
         term.press(b"\r")
         term.wait_text("leaky.py on ")
-        # One connection, out all along: full marks at the scale of 1.
+        # One connection, out since the app's first seconds (the daemon's
+        # history begins before the console): full marks at the scale of 1.
         term.wait_for(lambda t: re.fullmatch(
-            "CKOUT +1 \N{FULL BLOCK}{3,}", history_line(t, "CKOUT")),
-            "a history of ckout 1")
+            "CKOUT +1 \N{LOWER ONE EIGHTH BLOCK}*\N{FULL BLOCK}{3,}",
+            history_line(t, "CKOUT")), "a history of ckout 1")
         app("leak 2")
         # Three now: the old samples drop to a third of the scale.
         term.wait_for(lambda t: re.fullmatch(
-            "CKOUT +3 \N{LOWER THREE EIGHTHS BLOCK}{3,}"
+            "CKOUT +3 \N{LOWER ONE EIGHTH BLOCK}*"
+            "\N{LOWER THREE EIGHTHS BLOCK}{3,}"
             "\N{FULL BLOCK}+", history_line(t, "CKOUT")),
             "ckout going from 1 to 3 in the history")
         assert "0 to 3 connections" in term.text
@@ -2815,7 +2881,7 @@ def test_console_history_in_ascii(tmp_path, leak_daemon, terminal):
         term.wait_for(lambda t: "leaky.py" in t.rows(), "the leaky.py row")
         term.press(b"\r")
         term.wait_for(lambda t: re.fullmatch(
-            "CKOUT +2 #{3,}", history_line(t, "CKOUT")),
+            "CKOUT +2 _*#{3,}", history_line(t, "CKOUT")),
             "an ASCII history of ckout 2")
     finally:
         app.stop()
@@ -3163,7 +3229,8 @@ def test_silent_daemon_app_and_console_are_given_up(tmp_path, apps):
 
 def test_connection_cap_and_hello_deadline(tmp_path):
     daemon = Daemon(tmp_path, extra_config="max_clients: 3\n")
-    silent = []
+    thrower = Thrower(daemon.port)
+    silent, attached = [], []
     try:
         for _ in range(3):
             sock = socket.create_connection(("127.0.0.1", daemon.port), 5)
@@ -3171,17 +3238,22 @@ def test_connection_cap_and_hello_deadline(tmp_path):
             assert connmon.read_message(sock.makefile("rb"))["op"] == (
                 "welcome")
             silent.append(sock)
-        with socket.create_connection(("127.0.0.1", daemon.port), 5) as sock:
-            sock.settimeout(5)
-            rfile = sock.makefile("rb")
+        # Silent connections are not apps: max_clients apps still fit...
+        attached = [thrower.hello("app")[0] for _ in range(3)]
+        sock, rfile = thrower.connect()
+        with sock:   # ...and no more
+            sock.sendall(connmon.encode({"op": "hello", "version": 1,
+                                         "role": "app", "proc": {
+                                             "id": "one-more", "pid": 9,
+                                             "hostname": "h", "session": 1,
+                                             "progname": "more.py"}}))
             assert connmon.read_message(rfile) == {
                 "op": "error", "error": "too many connections (max_clients "
                 "is 3)"}
             assert rfile.read() == b""
-        full = console("-H", daemon.address)
-        assert full.returncode == 1
-        assert "refused: too many connections" in full.stderr
-        assert "refused: too many connections" in daemon.log.read_text()
+        assert "too many connections" in daemon.log.read_text()
+        # Consoles have room of their own.
+        assert console("-H", daemon.address).returncode == 0
 
         # One of them trickles a byte at a time: the hello deadline is a
         # deadline, not an idle timeout.  All three are hung up on.
@@ -3195,10 +3267,10 @@ def test_connection_cap_and_hello_deadline(tmp_path):
                 pass
             return all(closed(sock) for sock in silent)
         wait_until(all_hung_up, 30, "the hello deadline")
-        assert daemon.snapshot()["service"] == "test"   # slots are free
+        assert daemon.snapshot()["processes"] == 3
         assert "no hello within 10s" in daemon.log.read_text()
     finally:
-        for sock in silent:
+        for sock in silent + attached:
             sock.close()
         daemon.stop()
 
@@ -3353,10 +3425,10 @@ def test_bad_security_settings_fail_at_create_engine(tmp_path, form, query,
 
 
 @pytest.mark.parametrize("options, message", [
-    ("heartbeat_timeout: 0.1\n", "heartbeat_timeout must be a number from 1 "
-     "to 3600, not '0.1'"),
-    ("max_clients: many\n", "max_clients must be a number from 1 to "
-     "1.04858e+06, not 'many'"),
+    ("heartbeat_timeout: 0.1\n", "heartbeat_timeout: expected a number of "
+     "seconds from 1 to 3600, got '0.1'"),
+    ("max_clients: many\n", "max_clients: expected a whole number from 1 "
+     "to 1048576, got 'many'"),
     ("ssl_cafile: /etc/ssl/certs/ca-certificates.crt\n",
      "TLS needs ssl_certfile (and ssl_keyfile) on the daemon"),
     ("ssl_certfile: /nonexistent.pem\n", "cannot load TLS files"),
@@ -3413,7 +3485,8 @@ class Thrower:
         proc = {"id": f"fuzz-{self.serial}", "hostname": "fuzz-host",
                 "progname": "fuzz.py", "pid": self.serial, "session": 1}
         sock.sendall(connmon.encode({"op": "hello", "version": 1,
-                                     "role": role, "proc": proc}))
+                                     "role": role, "proc": proc,
+                                     "service": "test", "node": "node2"}))
         assert connmon.read_message(rfile) == {"op": "ready"}
         if role == "app":
             sock.sendall(connmon.encode({
@@ -3512,7 +3585,33 @@ def hostile_strategies():
         st.binary(max_size=300),
         hello.map(line), hello.map(lambda h: line(h)[:-3]),   # truncated
         json_values.map(line))
-    return raw, app_lines, console_lines
+    # A peer's messages nest a process and an app's state or update.
+    text = st.text(max_size=10) | st.sampled_from(
+        ["\x1b[2J", "\ud800", "x" * 300, "ok-name"])
+    procs = st.fixed_dictionaries({}, optional={
+        "id": text | json_values, "hostname": text, "progname": text,
+        "pid": count, "session": count}) | json_values
+    states = update.map(lambda u: {**u, "op": "state"}) | mutated
+    names = st.lists(text | json_values, min_size=2, max_size=2)
+    peer_messages = st.one_of(
+        st.builds(lambda p, s: {"op": "attach", "proc": p, "state": s},
+                  procs, states | json_values),
+        st.builds(lambda i, n, u: {"op": "forward", "id": i, "session": n,
+                                   "update": u},
+                  text | json_values, count, mutated | json_values),
+        st.builds(lambda i, n: {"op": "detach", "id": i, "session": n},
+                  text | json_values, count),
+        st.builds(lambda rows, totals, clears: {
+            "op": "maxima", "rows": rows, "totals": totals,
+            "clears": clears},
+            st.lists(st.builds(lambda n, c: n + c, names,
+                               st.lists(count, max_size=4)), max_size=4)
+            | json_values, st.lists(count, max_size=5), count),
+        st.builds(lambda c: {"op": "clear_maxima", "clears": c}, count),
+        mutated, json_values.map(lambda v: {"op": "attach", "proc": v}))
+    peer_lines = st.one_of(peer_messages.map(line), json_values.map(line),
+                           st.binary(max_size=60).map(lambda b: b + b"\n"))
+    return raw, app_lines, console_lines, peer_lines
 
 
 FUZZ_EXAMPLES = 110
@@ -3543,7 +3642,7 @@ def test_fuzz_daemon_survives_hostile_input(tmp_path, apps):
                                     b" " * (connmon.MAX_MESSAGE_BYTES + 1)])
         thrower.after_hello("console", [b"{" * 100000])
 
-        raw, app_lines, console_lines = hostile_strategies()
+        raw, app_lines, console_lines, _ = hostile_strategies()
 
         # Each app line is thrown in three places: after an app's hello,
         # after a console's, and instead of a hello.
@@ -3588,12 +3687,13 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
     sock, rfile = thrower.hello("app")
     with sock:
         sock.sendall(connmon.encode({
-            "op": "update", "connect": [[i, 1] for i in range(10001)],
+            "op": "update", "connect": [
+                [i, 1] for i in range(connmon.MAX_PROCESS_CONNECTIONS + 1)],
             "close": [], "checkout": [], "checkin": [], "checkouts": 0,
             "hold": [0, 0], "peak": [0, 0]}))
         assert connmon.read_message(rfile) == {
             "op": "error",
-            "error": "more than 10000 connections in one process"}
+            "error": "more than 5000 connections in one process"}
     # The rows of programs that are gone make room for new ones.
     monkeypatch.setattr(connmon, "MAX_ROWS", 5)
     picture = connmon.Picture()
@@ -4025,6 +4125,841 @@ def test_devstack_old_escape_breaks_current_devstack(tmp_path):
 # ---------------------------------------------------------------------------
 
 # (tests of the trust boundaries go here)
+
+def raw_client(port: int, host: str = "127.0.0.1",
+               source: Optional[str] = None) -> tuple:
+    """A raw protocol client (the attacker's): (socket, reader, welcome)."""
+    sock = socket.create_connection(
+        (host, port), 10, source_address=(source, 0) if source else None)
+    sock.settimeout(10)
+    rfile = sock.makefile("rb")
+    welcome = connmon.read_message(rfile)
+    assert welcome["op"] == "welcome"
+    return sock, rfile, welcome
+
+
+def say_hello(port: int, role: str, host: str = "127.0.0.1",
+              source: Optional[str] = None, secret: Optional[str] = None,
+              **fields: Any) -> tuple:
+    """Say a hello of ``role``; (socket, reader, the daemon's answer)."""
+    sock, rfile, welcome = raw_client(port, host, source)
+    auth = ({"auth": connmon.hello_proof(secret.encode(), welcome["nonce"],
+                                         role)} if secret else {})
+    sock.sendall(connmon.encode({"op": "hello", "version": 1, "role": role,
+                                 **auth, **fields}))
+    return sock, rfile, connmon.read_message(rfile)
+
+
+def refusal(port: int, role: str, **kwargs: Any) -> str:
+    """The error a hello gets (and the daemon hangs up)."""
+    sock, rfile, answer = say_hello(port, role, **kwargs)
+    with sock:
+        assert answer["op"] == "error", answer
+        assert rfile.read() == b""
+    return answer["error"]
+
+
+def state_message(conns: int = 0, out: int = 0, **extra: Any) -> dict:
+    return {"op": "state", "connect": [[i, 1] for i in range(conns)],
+            "close": [], "checkout": [[i, 1.0] for i in range(out)],
+            "checkin": [], "checkouts": 0, "hold": [0, 0],
+            "peak": [conns, out], "pools": [[1, None]], **extra}
+
+
+def empty_update(**fields: Any) -> dict:
+    return {"op": "update", "connect": [], "close": [], "checkout": [],
+            "checkin": [], "checkouts": 0, "hold": [0, 0], "peak": [0, 0],
+            **fields}
+
+
+def proc_fields(ident: str, progname: str, session: int = 1,
+                hostname: str = "attacker-host") -> dict:
+    return {"proc": {"id": ident, "hostname": hostname,
+                     "progname": progname, "pid": 666, "session": session}}
+
+
+def app_attached(port: int, ident: str, progname: str, conns: int = 0,
+                 session: int = 1, hostname: str = "attacker-host",
+                 **kwargs: Any) -> tuple:
+    """A raw app, attached with ``conns`` connections, all checked out."""
+    sock, rfile, answer = say_hello(port, "app", **kwargs, **proc_fields(
+        ident, progname, session, hostname))
+    assert answer == {"op": "ready"}, answer
+    sock.sendall(connmon.encode(state_message(conns, conns)))
+    return sock, rfile
+
+
+def pong_after(sock, rfile, message: Optional[dict] = None) -> dict:
+    """Send ``message`` (if any) and a ping: the daemon's next answer
+    that is a pong or an error (None when it hung up)."""
+    sock.sendall((connmon.encode(message) if message else b"")
+                 + connmon.encode({"op": "ping"}))
+    while True:
+        try:
+            reply = connmon.read_message(rfile, 64 << 20)
+        except OSError:
+            return None
+        if reply is None or reply["op"] in ("pong", "error"):
+            return reply
+
+
+def counts(daemon: Daemon, progname: str) -> Optional[tuple]:
+    row = daemon.row(progname)
+    return row and (row["nproc"], row["conn"], row["ckout"])
+
+
+class TwoNodes:
+    """node1 on 127.0.0.2 and node2 on 127.0.0.3 of service "test" (two
+    addresses, so that "from the node's address" means something); with
+    ``started`` 1, only node1 runs."""
+
+    def __init__(self, tmp_path, extra_config: str = "", started: int = 2):
+        self.ports = [free_port(), free_port()]
+        self.config = tmp_path / "two.cfg"
+        self.config.write_text(
+            "[connmon_service_test]\nname: test\nnodes:\n" + "".join(
+                f"    node{i} hostname=127.0.0.{i + 1}:{port}\n"
+                for i, port in enumerate(self.ports, 1)) + extra_config)
+        self.nodes = [Daemon(tmp_path, port, config=self.config,
+                             node=f"node{i}", host=f"127.0.0.{i + 1}")
+                      for i, port in enumerate(self.ports[:started], 1)]
+
+    def linked(self) -> bool:
+        return (self.nodes[0].snapshot()["peers"] == {"node2": True}
+                and self.nodes[1].snapshot()["peers"] == {"node1": True})
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def victim_id(relay: Relay) -> str:
+    """The process id a real app said in its hello, as the wire shows."""
+    with relay.lock:
+        found = re.findall(rb'"id":"([0-9a-f]+)"', bytes(relay.received))
+    assert found
+    return found[-1].decode()
+
+
+def peer_link(node: Daemon, source: str = "127.0.0.3") -> Optional[tuple]:
+    """A raw link to ``node`` as node2 (from its address), or None while
+    the room for links is full."""
+    sock, rfile, answer = say_hello(node.port, "peer", host=node.host,
+                                    source=source, service="test",
+                                    node="node2")
+    if answer == {"op": "ready"}:
+        return sock, rfile
+    sock.close()
+    assert answer["error"].startswith("too many peer connections"), answer
+    return None
+
+
+def app_holding(apps, tmp_path, nodes: List[Daemon], progname: str,
+                held: int) -> "App":
+    """A real app attached to the first of ``nodes``, holding ``held``
+    connections, once every node shows them."""
+    app = apps(sqlite_app_url(tmp_path, f"connmon_addr={nodes[0].address}"),
+               progname)
+    app(f"hold {held}")
+    for node in nodes:
+        node.wait_row(progname, nproc=1, conn=held, ckout=held)
+    return app
+
+
+def test_trust_single_node_accepts_no_peer(daemon, apps, tmp_path):
+    app = apps(sqlite_app_url(tmp_path, f"connmon_addr={daemon.address}"),
+               "victim.py")
+    app("hold 2")
+    daemon.wait_row("victim.py", nproc=1, conn=2, ckout=2)
+    for node in ("node1", "node2", "x"):
+        assert refusal(daemon.port, "peer", service="test", node=node) == (
+            "service 'test' has one node: this daemon accepts no peer")
+    assert counts(daemon, "victim.py") == (1, 2, 2)
+    assert daemon.snapshot()["processes"] == 1
+
+
+def test_trust_peer_only_a_configured_node_from_its_address(tmp_path, apps):
+    two = TwoNodes(tmp_path)
+    node1, node2 = two.nodes
+    try:
+        wait_until(two.linked, 20, "the link")
+        app = app_holding(apps, tmp_path, two.nodes, "victim.py", 3)
+        port = node1.port
+        host = node1.host
+        assert refusal(port, "peer", host=host, service="test",
+                       node="node9") == ("peer node 'node9' is not one of "
+                                         "the other nodes of service 'test'")
+        assert refusal(port, "peer", host=host, service="test",
+                       node="node1") == ("peer node 'node1' is not one of "
+                                         "the other nodes of service 'test'")
+        assert refusal(port, "peer", host=host, service="other",
+                       node="node2") == ("peer is of service 'other', this "
+                                         "node of 'test'")
+        for source in ("127.0.0.1", "127.0.0.2", "127.0.0.4"):
+            assert refusal(port, "peer", host=host, source=source,
+                           service="test", node="node2") == (
+                f"peer node 'node2' connects from {source}, not from its "
+                "address (127.0.0.3)")
+        # Nothing of it reached either picture, and the link never broke.
+        for node in two.nodes:
+            assert counts(node, "victim.py") == (1, 3, 3)
+            assert node.snapshot()["processes"] == 1
+        assert two.linked()
+        # Without secrets (the seed's recipe, on a trusted network),
+        # whoever speaks from node2's own address is node2.
+        sock, rfile, answer = say_hello(port, "peer", host=host,
+                                        source="127.0.0.3", service="test",
+                                        node="node2")
+        with sock:
+            assert answer == {"op": "ready"}
+        wait_until(two.linked, 20, "the real link back")
+        app("release 1")
+        for node in two.nodes:
+            node.wait_row("victim.py", nproc=1, conn=3, ckout=2)
+        assert "Traceback" not in node1.log.read_text()
+    finally:
+        two.stop()
+
+
+PEER_SECRET = "only-the-nodes-Kn0w-this"
+
+
+def test_trust_peer_credential_app_hosts_do_not_hold(tmp_path, apps):
+    apps_secret = secret_file(tmp_path, "apps.secret")
+    config = (f"auth_secret_file: {apps_secret}\n")
+    # Several nodes, the apps' secret and no peer credential: named error.
+    path = tmp_path / "nopeer.cfg"
+    path.write_text("[connmon_service_test]\nname: test\nnodes:\n"
+                    "    node1 hostname=127.0.0.2:5800\n"
+                    "    node2 hostname=127.0.0.3:5800\n" + config)
+    for args in (["--check-config"], []):
+        result = run_connmond("-c", str(path), "-s", "test", "-n", "node1",
+                              *args)
+        assert result.returncode == 2
+        assert "needs peer_secret_file too" in result.stderr
+    peer_secret = secret_file(tmp_path, "peer.secret", PEER_SECRET)
+    two = TwoNodes(tmp_path, config + f"peer_secret_file: {peer_secret}\n")
+    node1, node2 = two.nodes
+    try:
+        service = connmon.find_service("test", str(two.config))
+        console_security = connmon.Security.of_service(service)
+        assert console_security.peer_secret is None   # apps never read it
+
+        def linked() -> bool:
+            return all(connmon.open_connection(
+                [(n.host, n.port)], "console", security=console_security
+            ).request({"op": "snapshot"})["peers"] == {
+                other: True} for n, other in ((node1, "node2"),
+                                              (node2, "node1")))
+        wait_until(linked, 20, "the link, with the peer credential")
+        # An app host (it holds the apps' secret) cannot be a peer, even
+        # from the node's own address; nor can the credential from
+        # elsewhere.
+        assert refusal(node1.port, "peer", host=node1.host,
+                       source="127.0.0.3", secret=SECRET, service="test",
+                       node="node2") == ("peer: authentication failed "
+                                         "(wrong or missing secret)")
+        assert refusal(node1.port, "peer", host=node1.host,
+                       source="127.0.0.1", secret=PEER_SECRET,
+                       service="test", node="node2").startswith(
+            "peer node 'node2' connects from 127.0.0.1")
+        # Nor can the peer credential serve as an app's or console's.
+        assert refusal(node1.port, "console", host=node1.host,
+                       secret=PEER_SECRET) == (
+            "console: authentication failed (wrong or missing secret)")
+        app = apps(sqlite_app_url(
+            tmp_path, f"connmon_addr={node1.address}"
+            f"&connmon_secret_file={apps_secret}"), "secure.py")
+        app("hold 2")
+        for node in two.nodes:
+            wait_until(lambda: connmon.open_connection(
+                [(node.host, node.port)], "console",
+                security=console_security).request(
+                    {"op": "snapshot"})["connections"] == 2, 20,
+                "the app's connections on both nodes")
+        assert linked()
+    finally:
+        two.stop()
+
+
+def test_trust_a_replaced_link_applies_nothing_more(tmp_path, apps):
+    """A link made anew replaces the old one at once: what the old one
+    still carries is never applied (here, a peer playing node2 from its
+    address keeps talking on a replaced link)."""
+    two = TwoNodes(tmp_path)
+    node1, node2 = two.nodes
+    try:
+        wait_until(two.linked, 20, "the link")
+        node2.stop()
+        old, old_rfile, answer = say_hello(
+            node1.port, "peer", host=node1.host, source="127.0.0.3",
+            service="test", node="node2")
+        assert answer == {"op": "ready"}
+        proc = connmon.ProcessState("ghost-1", "ghost-host", "ghost.py", 7,
+                                    session=1)
+        attach = {"op": "attach", "proc": proc.describe(),
+                  "state": state_message(2, 2)}
+        assert pong_after(old, old_rfile, attach) == {"op": "pong"}
+        node1.wait_row("ghost.py", nproc=1, conn=2, ckout=2)
+        new, new_rfile, answer = say_hello(
+            node1.port, "peer", host=node1.host, source="127.0.0.3",
+            service="test", node="node2")
+        assert answer == {"op": "ready"}
+        # The new link starts clean: node2's processes are sent again.
+        node1.wait_row("ghost.py", nproc=0, conn=0)
+        try:
+            for n in range(2, 50):
+                proc.ident = f"ghost-{n}"
+                old.sendall(connmon.encode(
+                    {"op": "attach", "proc": proc.describe(),
+                     "state": state_message(1, 1)}))
+        except OSError:
+            pass   # cut
+        assert pong_after(new, new_rfile) == {"op": "pong"}
+        snapshot = node1.snapshot()
+        assert snapshot["processes"] == 0, snapshot
+        assert counts(node1, "ghost.py") == (0, 0, 0)
+        old.close()
+        new.close()
+    finally:
+        two.stop()
+
+
+def test_trust_maxima_converge_after_a_non_transitive_cut(tmp_path, apps):
+    """node1-node2 is cut while node3 reaches both: node3 alone sees both
+    apps at once.  Once the cut heals, every node has node3's maxima."""
+    ports = [free_port() for _ in range(3)]
+    relay = Relay(ports[1])   # node1 reaches node2 through it
+    config = tmp_path / "three.cfg"
+    config.write_text(
+        "[connmon_service_test]\nname: test\nnodes:\n"
+        f"    node1 hostname=127.0.0.1:{ports[0]} bind=127.0.0.1\n"
+        f"    node2 hostname=127.0.0.1:{relay.port} "
+        f"bind=127.0.0.1:{ports[1]}\n"
+        f"    node3 hostname=127.0.0.1:{ports[2]} bind=127.0.0.1\n")
+    nodes = [Daemon(tmp_path, port, config=config, node=f"node{i}")
+             for i, port in enumerate(ports, 1)]
+    try:
+        def all_linked() -> bool:
+            return all(all(d.snapshot()["peers"].values()) for d in nodes)
+        wait_until(all_linked, 20, "every link")
+        first = apps(f"sqlite:///{tmp_path}/a.sqlite?plugin=connmon"
+                     f"&connmon_addr={nodes[0].address}", "both.py")
+        first("hold 1")
+        for node in nodes:
+            node.wait_row("both.py", nproc=1, conn=1, ckout=1)
+        relay.cut()
+        wait_until(lambda: nodes[0].snapshot()["peers"]["node2"] is False,
+                   20, "the cut")
+        (tmp_path / "second").mkdir()
+        second = App(tmp_path / "second",
+                     f"sqlite:///{tmp_path}/b.sqlite?plugin=connmon"
+                     f"&connmon_addr={nodes[1].address}", "both.py")
+        try:
+            second("hold 1")
+            nodes[2].wait_row("both.py", nproc=2, conn=2, ckout=2)
+            nodes[1].wait_row("both.py", nproc=1, conn=1)
+        finally:
+            second.stop()
+        nodes[2].wait_row("both.py", nproc=1)
+        relay.cut(False)
+        wait_until(all_linked, 20, "the healed cut")
+        for node in nodes:
+            node.wait_row("both.py", nproc=1, conn=1, ckout=1, maxnproc=2,
+                          maxconn=2, maxckout=2, timeout=20)
+    finally:
+        relay.close()
+        for node in nodes:
+            node.stop()
+
+
+def test_trust_no_client_replaces_or_erases_another(tmp_path, apps):
+    daemon = Daemon(tmp_path)
+    relay = Relay(daemon.port)   # shows the victim's id, as a sniffer would
+    try:
+        victim = apps(sqlite_app_url(
+            tmp_path, f"connmon_addr=127.0.0.1:{relay.port}"), "victim.py")
+        victim("hold 2")
+        daemon.wait_row("victim.py", nproc=1, conn=2, ckout=2)
+        ident = victim_id(relay)
+        # Replace it (a newer session), or jump its session absurdly.
+        assert refusal(daemon.port, "app", **proc_fields(
+            ident, "victim.py", session=1000)) == (
+            f"process id {ident!r} is attached by another live connection "
+            "(to node node1); try again later")
+        assert refusal(daemon.port, "app", **proc_fields(
+            ident, "victim.py", session=2 ** 61)) == (
+            "app hello: 'proc.session' must be a count below 4294967296")
+        assert counts(daemon, "victim.py") == (1, 2, 2)
+        # Its own connection's updates are the only ones that count.
+        victim("release 1")
+        daemon.wait_row("victim.py", nproc=1, conn=2, ckout=1)
+
+        # While it is away, an attacker takes its id with the highest
+        # session allowed and leaves (a tombstone at that session)...
+        relay.cut()
+        daemon.wait_row("victim.py", nproc=0, conn=0)
+        sock, rfile = app_attached(daemon.port, ident, "victim.py", 5,
+                                   session=connmon.MAX_SESSION - 1,
+                                   hostname=socket.gethostname())
+        daemon.wait_row("victim.py", nproc=1, conn=5)
+        rfile.close()
+        sock.close()
+        daemon.wait_row("victim.py", nproc=0, conn=0)
+        # ...which never locks the victim out: back, it is counted.
+        relay.cut(False)
+        victim("hold 1")
+        daemon.wait_row("victim.py", nproc=1, conn=2, ckout=2, timeout=10)
+        snapshot = daemon.snapshot(procs=True)
+        assert (snapshot["processes"], snapshot["connections"],
+                snapshot["checkouts"]) == (1, 2, 2)
+        (proc,) = daemon.row("victim.py", procs=True)["procs"]
+        assert proc["pid"] == victim.proc.pid
+    finally:
+        relay.close()
+        daemon.stop()
+
+
+def hostile_at_caps(port: int, n: int) -> tuple:
+    """A raw app at every cap: 5000 connections all checked out, 1000
+    checkout sites and held-at places of the longest text allowed."""
+    def place(kind: str, i: int) -> str:
+        return (f"/{kind}/{i:04d}/" + "x" * connmon.MAX_LOCATION
+                )[:connmon.MAX_LOCATION]
+    conns = connmon.MAX_PROCESS_CONNECTIONS
+    sock, rfile = app_attached(port, f"hostile-{n}", f"hostile{n}.py",
+                               conns, hostname="h" * 255)
+    messages = [empty_update(sites=[[i, place("site", i)]
+                                    for i in range(connmon.MAX_SITES)]),
+                empty_update(checkout_sites=[[c, c % connmon.MAX_SITES]
+                                             for c in range(conns)])]
+    for start in range(0, conns, 1000):
+        messages.append(empty_update(held_at=[
+            [c, place("held", c)] for c in range(start, start + 1000)]))
+    for message in messages:
+        assert pong_after(sock, rfile, message) == {"op": "pong"}
+    return sock, rfile
+
+
+def test_trust_hostile_clients_at_every_cap_cannot_blind_consoles(
+        daemon, apps, tmp_path):
+    honest = apps(sqlite_app_url(tmp_path, f"connmon_addr={daemon.address}"),
+                  "honest.py")
+    honest("hold 2")
+    daemon.wait_row("honest.py", nproc=1, conn=2, ckout=2)
+    rss_before = status_kib(daemon.proc.pid, "VmRSS")
+    hostile = [hostile_at_caps(daemon.port, n) for n in range(4)]
+    try:
+        per_client = (status_kib(daemon.proc.pid, "VmRSS")
+                      - rss_before) / len(hostile)
+        snapshot = daemon.snapshot(procs=True)
+        assert snapshot["connections"] == (
+            2 + 4 * connmon.MAX_PROCESS_CONNECTIONS)
+        row = daemon.wait_row("honest.py", nproc=1, conn=2, ckout=2)
+        assert row["connected"]
+        for n in range(4):
+            row = daemon.row(f"hostile{n}.py", procs=True)
+            assert len(row["sites"]) == connmon.TOP_SITES
+            assert all(len(site["long_holders"]) <= connmon.TOP_HOLDERS
+                       for site in row["sites"])
+            (proc,) = row["procs"]
+            assert len(proc["long_holders"]) == connmon.TOP_HOLDERS
+        once = console("-H", daemon.address)
+        assert once.returncode == 0, once.stderr
+        print(f"daemon RSS per client at every cap: {per_client:.0f} kB")
+        assert per_client <= 4 * 1024   # README: at most 4 MiB a client
+        honest("release 1")
+        daemon.wait_row("honest.py", nproc=1, conn=2, ckout=1)
+    finally:
+        for sock, _ in hostile:
+            sock.close()
+
+
+REPLY_LIMIT_DAEMON = (
+    "import sys, connmon, connmon_server; "
+    "connmon.MAX_REPLY_BYTES = int(sys.argv[1]); "
+    "sys.exit(connmon_server.main(sys.argv[2:]))")
+
+
+class SmallReplyDaemon(Daemon):
+    """connmond with a reply limit small enough for a test to reach."""
+
+    limit = 20_000
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", REPLY_LIMIT_DAEMON, str(self.limit),
+             "-c", str(self.config), "-s", "test", "-n", self.node,
+             "--log-level", "DEBUG"], cwd=HERE, env=CHILD_ENV,
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
+        wait_until(self._listening, 15, f"connmond on port {self.port}")
+
+
+def test_trust_too_large_snapshot_is_trimmed_not_refused(tmp_path, apps):
+    daemon = SmallReplyDaemon(tmp_path)
+    clients = []
+    try:
+        honest = app_holding(apps, tmp_path, [daemon], "honest.py",
+                             3)
+        for n in range(100):   # rows of long names, one connection each
+            clients.append(app_attached(daemon.port, f"filler-{n}",
+                                        f"{n:03d}" + "f" * 200, 1,
+                                        hostname="h" * 200)[0])
+        wait_until(lambda: daemon.snapshot()["processes"] == 101, 15,
+                   "every filler attached")
+        snapshot = daemon.snapshot()
+        assert 0 < snapshot["trimmed"] < 100
+        assert len(snapshot["rows"]) == 101 - snapshot["trimmed"]
+        assert snapshot["processes"] == 101   # the totals are whole
+        assert counts(daemon, "honest.py") == (1, 3, 3)   # most conns first
+        table = subprocess.run(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             daemon.address], cwd=HERE, env=CHILD_ENV, capture_output=True,
+            text=True, timeout=30)
+        assert table.returncode == 0, table.stderr
+        assert (f"TRIMMED: {snapshot['trimmed']} rows not shown (the reply "
+                "would be too large)") in table.stdout
+        assert "honest.py" in table.stdout
+    finally:
+        for sock in clients:
+            sock.close()
+        daemon.stop()
+
+
+def test_trust_silent_flood_leaves_room_for_apps_consoles_and_peers(
+        tmp_path, apps):
+    two = TwoNodes(tmp_path, "max_clients: 3\n")
+    node1, node2 = two.nodes
+    silent, attached = [], []
+    try:
+        wait_until(two.linked, 20, "the link")
+        for n in range(2):
+            attached.append(app_attached(node1.port, f"raw-{n}", "raw.py",
+                                         1, host=node1.host)[0])
+        # A flood of silent connections from one address (127.0.0.9):
+        # only MAX_WAITING_PER_ADDRESS of them are let in at once.
+        refused = 0
+        for _ in range(connmon_server.MAX_WAITING_PER_ADDRESS + 20):
+            sock = socket.create_connection((node1.host, node1.port), 10,
+                                            source_address=("127.0.0.9", 0))
+            sock.settimeout(10)
+            first = connmon.read_message(sock.makefile("rb"))
+            if first["op"] == "error":
+                refused += 1
+                assert first["error"] == (
+                    "too many connections from 127.0.0.9 waiting for their "
+                    "hello (64)")
+            silent.append(sock)
+        assert refused == 20
+        # Meanwhile: the link is re-made, a real app attaches (the third
+        # of max_clients 3), consoles get in, a fourth app does not.
+        node2.stop()
+        node2.start()
+        wait_until(two.linked, 20, "the link re-made during the flood")
+        app_holding(apps, tmp_path, two.nodes, "honest.py", 2)
+        assert refusal(node1.port, "app", host=node1.host, **proc_fields(
+            "fourth", "fourth.py")) == ("too many connections (max_clients "
+                                        "is 3)")
+        assert console("-H", node1.address).returncode == 0
+        assert node1.snapshot()["processes"] == 3
+    finally:
+        for sock in silent + attached:
+            sock.close()
+        two.stop()
+
+
+class FewFilesDaemon(Daemon):
+    """connmond allowed only ``files`` open files (soft and hard)."""
+
+    files = 48
+
+    def start(self) -> None:
+        import resource
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (self.files, self.files))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "connmon_server", "-c", str(self.config),
+             "-s", "test", "-n", self.node, "--log-level", "DEBUG"],
+            cwd=HERE, env=CHILD_ENV, stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "ab"), preexec_fn=limit)
+        wait_until(self._listening, 15, f"connmond on port {self.port}")
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_trust_out_of_file_descriptors_backs_off_and_says_so_once(
+        tmp_path, apps):
+    daemon = FewFilesDaemon(tmp_path)
+    held = []
+    try:
+        for n in range(60):   # more than the daemon can hold open
+            source = f"127.0.0.{10 + n % 3}"
+            held.append(socket.create_connection(
+                (daemon.host, daemon.port), 10, source_address=(source, 0)))
+        wait_until(lambda: "cannot accept connections: Too many open files"
+                   in daemon.log.read_text(), 15, "the log line")
+        before = cpu_ticks(daemon.proc.pid)
+        time.sleep(2)   # the window the accept loop's CPU is measured over
+        assert cpu_ticks(daemon.proc.pid) - before < 40   # a spin: ~200
+        assert daemon.log.read_text().count(
+            "cannot accept connections") == 1
+        for sock in held:
+            sock.close()
+        app = apps(sqlite_app_url(tmp_path, f"connmon_addr={daemon.address}"),
+                   "after.py")
+        app("hold 1")
+        daemon.wait_row("after.py", nproc=1, conn=1, ckout=1, timeout=30)
+        assert "accepting connections again" in daemon.log.read_text()
+    finally:
+        for sock in held:
+            sock.close()
+        daemon.stop()
+
+
+HOSTILE_TEXTS = ["\x1b]0;pwned\x07", "a\x1b[2Jb", "\ud800", "tab\there",
+                 "x" * (connmon.MAX_LOCATION + 1), "", "bell\x07",
+                 "rtl\u202eevil", "nul\x00"]
+
+
+def test_trust_client_text_is_checked_at_the_door(tmp_path, apps):
+    port = free_port()
+    csv_path = tmp_path / "dump.csv"
+    daemon = Daemon(tmp_path, extra_config=(
+        f"metrics_port: {port}\ncsv_dump: {csv_path}\ncsv_interval: 0.2\n"))
+    try:
+        honest = app_holding(apps, tmp_path, [daemon], "honest.py",
+                             1)
+        refused = 0
+        for n, text in enumerate(HOSTILE_TEXTS):
+            names = {"hostname": "h", "progname": f"p{n}.py"}
+            for key in ("hostname", "progname", "id"):
+                proc = {"id": f"t{n}", "pid": 5, "session": 1, **names,
+                        key: text}
+                error = refusal(daemon.port, "app", proc=proc)
+                assert f"'proc.{key}' must be a string of 1 to 255 " \
+                       "printable characters" in error
+                refused += 1
+            sock, rfile = app_attached(daemon.port, f"t{n}", f"p{n}.py", 2)
+            with sock:
+                for key, message in (
+                        ("sites", empty_update(sites=[[1, text]])),
+                        ("held_at", empty_update(held_at=[[1, text]]))):
+                    answer = pong_after(sock, rfile, message)
+                    if answer != {"op": "pong"}:
+                        assert answer["error"] == (
+                            f"update: {key!r} must be a list of [id, "
+                            "value] pairs")
+                        refused += 1
+                        break
+                else:
+                    raise AssertionError(f"{text!r} was let in")
+        assert refused == 4 * len(HOSTILE_TEXTS)
+        # What the console prints has no control character at all.
+        table = subprocess.run(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             daemon.address], cwd=HERE, env=CHILD_ENV, capture_output=True,
+            timeout=30)
+        assert table.returncode == 0, table.stderr
+        assert b"honest.py" in table.stdout
+        assert not re.search(rb"[\x00-\x08\x0b-\x1f\x7f]", table.stdout)
+        assert http_get(port, "/metrics")[0] == 200
+        wait_until(lambda: "honest.py" in csv_path.read_text(), 10,
+                   "the CSV dump")
+        assert counts(daemon, "honest.py") == (1, 1, 1)
+        assert "Traceback" not in daemon.log.read_text()
+    finally:
+        daemon.stop()
+
+
+def test_trust_bad_peer_messages_are_problem_lines_not_stoppers(
+        tmp_path, apps):
+    """A node that sends bad rows or malformed messages (a broken or
+    compromised peer) gets its link cut, with a rate-limited problem line;
+    /metrics and the CSV dump go on, with the honest picture."""
+    port = free_port()
+    csv_path = tmp_path / "dump.csv"
+    two = TwoNodes(tmp_path, (f"metrics_port: {port}\ncsv_dump: {csv_path}"
+                              "\ncsv_interval: 0.2\n"), started=1)
+    (node1,) = two.nodes
+    try:
+        honest = app_holding(apps, tmp_path, [node1], "honest.py",
+                             2)
+        row = ["h", "p", 1, 1, 1]
+        bad = [{"op": "maxima", "rows": [["\ud800", "p", 1, 1, 1]],
+                "totals": [1, 1, 1, 1]},
+               {"op": "maxima", "rows": [["a\x1b[2J", "p", 1, 1, 1]],
+                "totals": [1, 1, 1, 1]},
+               {"op": "maxima", "rows": [row] * (connmon.MAX_ROWS + 1),
+                "totals": [1, 1, 1, 1]},
+               {"op": "maxima", "rows": "x", "totals": None},
+               {"op": "attach", "proc": {"id": "x"}, "state": []},
+               {"op": "attach", "proc": proc_fields("x", "x.py")["proc"],
+                "state": {"op": "update"}},
+               {"op": "forward", "id": "x", "session": 1, "update": 7},
+               {"op": "forward", "id": ["x"], "session": 1.5},
+               {"op": "detach"}, {"op": "snapshot"}, {"op": "state"},
+               {"op": "hello", "role": "peer"}] * 10
+        for message in bad:
+            sock, rfile = wait_until(lambda: peer_link(node1), 10,
+                                     "a link (the last one ended)")
+            with sock:
+                assert pong_after(sock, rfile, message) is None   # cut
+        status, _, text = http_get(port, "/metrics")
+        assert status == 200 and "honest.py" in text
+        assert "\\ud800" not in text and "\x1b" not in text
+        wait_until(lambda: "honest.py" in csv_path.read_text(), 10,
+                   "the CSV dump")
+        assert counts(node1, "honest.py") == (1, 2, 2)
+        assert {r["progname"] for r in node1.snapshot()["rows"]} == {
+            "honest.py"}
+        log_text = node1.log.read_text()
+        assert "Traceback" not in log_text
+        assert 0 < log_text.count("cutting the link") < 10
+    finally:
+        two.stop()
+
+
+def test_trust_console_escapes_what_it_prints():
+    """The second line of defence: a snapshot with control characters
+    (from a daemon older than its door's checks) prints escaped."""
+    row = {"hostname": "h\x1b]0;pwned\x07", "progname": "p\ud800\x1b[2J",
+           "connected": True, "nproc": 1, "conn": 1, "ckout": 1,
+           "maxnproc": 1, "maxconn": 1, "maxckout": 1, "ckout_per_sec": 0,
+           "hold_ms": None, "oldest": 1.0, "limit": None,
+           "sites": [{"site": "s.py:1 in \x1b[31mf", "held": 1,
+                      "oldest": 1.0, "long_holders": []}]}
+    snapshot = {"service": "test", "node": "n\x07", "hosts": 1,
+                "max_hosts": 1, "processes": 1, "max_processes": 1,
+                "connections": 1, "max_connections": 1, "checkouts": 1,
+                "max_checkouts": 1, "checkouts_per_sec": 0, "rows": [row]}
+    text = connmon_console.format_table(connmon_console.escaped(snapshot))
+    text.encode("utf-8")   # no lone surrogate left
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f]", text)
+    assert r"h\x1b]0;pwned\x07" in text and r"p\ud800\x1b[2J" in text
+    assert r"s.py:1 in \x1b[31mf" in text
+
+
+def test_trust_metrics_stay_on_loopback_or_need_the_token(tmp_path):
+    port = free_port()
+    token = secret_file(tmp_path, "metrics.token", "scrape-T0ken")
+    daemon = Daemon(tmp_path, host="127.0.0.2",
+                    extra_config=f"metrics_port: {port}\n")
+    try:
+        # Not on the node's address: on loopback's own 127.0.0.1 only.
+        assert http_get(port, "/metrics")[0] == 200
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.2", port), 5).close()
+    finally:
+        daemon.stop()
+    with open(daemon.config, "a") as config:
+        config.write(f"metrics_bind: 127.0.0.2\nmetrics_token_file: {token}\n")
+    daemon.start()
+    try:
+        url = f"http://127.0.0.2:{port}/metrics"
+        status = http_get_url(url)
+        assert status[0] == 401 and "bearer token" in status[1]
+        assert http_get_url(url, "Bearer wrong")[0] == 401
+        status, text = http_get_url(url, "Bearer scrape-T0ken")
+        assert status == 200 and "# TYPE connmon_connections gauge" in text
+    finally:
+        daemon.stop()
+
+
+def http_get_url(url: str, authorization: str = "") -> tuple:
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, headers={
+        "Authorization": authorization} if authorization else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_trust_open_to_the_network_without_secret_says_what_anyone_can_do(
+        caplog):
+    service = connmon.parse_config(
+        "[connmon_service_a]\nname: a\nnodes:\n"
+        "    n1 hostname=10.0.0.5:5800\n    n2 hostname=10.0.0.6:5800\n"
+        "metrics_port: 9187\nmetrics_bind: 0.0.0.0\n", "test.cfg")["a"]
+    node = service.node("n1")
+
+    class Open:   # what warn_exposure looks at of a server
+        security = connmon.Security.of_service(service, daemon=True)
+
+    Open.node = node
+    options = connmon_server.DaemonOptions(service, node)
+    with caplog.at_level("WARNING", logger="connmond"):
+        connmon_server.warn_exposure(Open, options)
+    (listening, metrics) = [r.getMessage() for r in caplog.records]
+    assert listening == (
+        "listening on 0.0.0.0:5800 without auth_secret_file: anyone who can "
+        "reach this port can read every process's host and program names "
+        "and counts, add processes and rows of their own, and clear the "
+        "maxima, and, from a node's address, act as that node (see "
+        "README, Security)")
+    assert metrics == ("serving /metrics on 0.0.0.0:9187 without "
+                       "metrics_token_file: anyone who can reach it reads "
+                       "the fleet's picture")
+    caplog.clear()
+    Open.node = connmon.Node("n1", ("127.0.0.1", 5800), ("127.0.0.1", 5800))
+    options.metrics_bind = "127.0.0.1"
+    connmon_server.warn_exposure(Open, options)
+    assert caplog.records == []
+
+
+def test_fuzz_peer_role_and_nested_messages(tmp_path, apps):
+    """Hostile input from a peer (one of the service's nodes, from its
+    address: on a network without secrets, whoever has that address):
+    nested processes, states and updates, maxima rows.  The daemon stays
+    up, each bad message costs only the link, and the honest app's
+    picture is whole afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    ports = [free_port(), free_port()]
+    config = tmp_path / "fuzz.cfg"
+    config.write_text("[connmon_service_test]\nname: test\nnodes:\n"
+                      f"    node1 hostname=127.0.0.1:{ports[0]}\n"
+                      f"    node2 hostname=127.0.0.1:{ports[1]}\n")
+    daemon = Daemon(tmp_path, ports[0], config=config)   # node2 is us
+    thrower = Thrower(daemon.port)
+    try:
+        honest = apps(sqlite_app_url(tmp_path,
+                                     f"connmon_addr={daemon.address}"),
+                      "honest_fuzz.py")
+        honest("hold 2")
+        daemon.wait_row("honest_fuzz.py", conn=2, ckout=2)
+        *_, peer_lines = hostile_strategies()
+
+        @settings(max_examples=40, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.lists(peer_lines, min_size=20, max_size=30))
+        def throw(lines):
+            thrower.after_hello("peer", lines)
+            honest("query 2")
+
+        throw()
+        assert thrower.thrown >= 800 and thrower.refused >= 80
+        honest("release 1")   # (the queries left a third one pooled)
+        daemon.wait_row("honest_fuzz.py", nproc=1, conn=3, ckout=1)
+        snapshot = daemon.snapshot()
+        assert (snapshot["processes"], snapshot["connections"],
+                snapshot["checkouts"]) == (1, 3, 1), snapshot
+        text = daemon.log.read_text()
+        assert "Traceback" not in text
+        assert text.count("cutting the link") < 60
+        print(f"peer fuzz: {thrower.thrown} inputs, {thrower.refused} "
+              "refused")
+    finally:
+        daemon.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -4541,3 +5476,638 @@ def test_console_shows_waiting_programs_and_databases_at_80x24(
 # ---------------------------------------------------------------------------
 
 # (tests of the console's habits go here)
+
+# The programs of an OpenStack control plane and two compute hosts:
+# (hostname, progname, connections, checked out, age of the oldest
+# checkout in seconds or None, pool capacity).
+OPENSTACK = [
+    ("ctl1", "nova-conductor", 14, 3, 1243.6, 40),
+    ("ctl1", "nova-scheduler", 4, 2, 2.0, 2),          # exhausted
+    ("ctl1", "neutron-server", 11, 1, 120.5, 30),
+    ("ctl1", "neutron-dhcp-agent", 6, 1, 5.0, 15),
+    ("ctl1", "neutron-l3-agent", 5, 0, None, 15),
+    ("ctl2", "neutron-dhcp-agent", 3, 1, 95.0, 15),
+    ("ctl2", "neutron-l3-agent", 2, 0, None, 15),
+    ("compute1", "nova-compute", 9, 2, 33.3, 15),
+    ("compute2", "nova-compute", 8, 1, 61.0, 15),
+]
+MARK = connmon_console.CUT_MARK
+
+
+def openstack_fleet(daemon: Daemon) -> Dict[Tuple[str, str], "SyntheticApp"]:
+    """One synthetic process per row of OPENSTACK, its connections held
+    since the ages given (nova-conductor's first one by a thread that is
+    gone)."""
+    fleet = {}
+    for host, prog, conns, out, age, limit in OPENSTACK:
+        app = SyntheticApp(daemon, host, prog)
+        app.event(connmon.POOL, 1, limit)
+        for conn in range(1, conns + 1):
+            app.event(connmon.CONNECT, conn, 1)
+        now = time.monotonic()
+        app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
+                         1, None, None, None) for conn in range(1, out + 1)])
+        if prog == "nova-conductor":
+            app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
+            app.state.holders[1] = (7, None, None)
+            app.state.held_at[1] = "thread gone"
+        app.send()
+        fleet[host, prog] = app
+    want = {(host, prog, conns, out, limit)
+            for host, prog, conns, out, _, limit in OPENSTACK}
+    wait_until(lambda: {(row["hostname"], row["progname"], row["conn"],
+                         row["ckout"], row["limit"])
+                        for row in daemon.snapshot()["rows"]} == want,
+               what="the OpenStack rows")
+    return fleet
+
+
+def shown_as(shown: str, real: str) -> bool:
+    """Whether a name on screen is ``real``, whole or cut with the mark."""
+    if MARK not in shown:
+        return shown == real
+    head, tail = shown.split(MARK)
+    return (len(real) >= len(shown) and real.startswith(head)
+            and real.endswith(tail))
+
+
+def table_on_screen(t: Terminal) -> Tuple[List[str], List[List[str]]]:
+    """The headings (sort arrow taken off) and the rows of the table."""
+    lines = t.display
+    heads = [re.sub("[\N{UPWARDS ARROW}\N{DOWNWARDS ARROW}]", "", field)
+             for field in lines[6].split()]
+    rows = [line.split() for line in lines[7:-1] if line.strip()]
+    return heads, rows
+
+
+def check_openstack_table(t: Terminal, truth: Dict[Tuple[str, str], dict]
+                          ) -> List[Tuple[str, str]]:
+    """Every row on screen is one real row, told apart from the others;
+    every number shown is whole and true; CONN descends.  Returns the
+    real rows seen, in screen order."""
+    heads, rows = table_on_screen(t)
+    assert shown_as(heads[0], "HOSTNAME") and heads[1] == "PROGNAME", heads
+    seen = []
+    for fields in rows:
+        assert len(fields) == len(heads), (heads, fields)
+        (real,) = [key for key in truth if shown_as(fields[0], key[0])
+                   and shown_as(fields[1], key[1])]
+        seen.append(real)
+        row = truth[real]
+        for heading, field in zip(heads[2:], fields[2:]):
+            value = field.lstrip("!*")
+            key = {"CKOUT/S": "ckout_per_sec",
+                   "HOLD_MS": "hold_ms"}.get(heading, heading.lower())
+            if key == "oldest":
+                assert (value == "-") == (row["oldest"] is None), field
+                if value != "-":   # older now, never cut short
+                    assert row["oldest"] <= float(value) < row[
+                        "oldest"] + 60, (real, field)
+            elif key not in ("ckout_per_sec", "hold_ms"):
+                assert value == connmon_console.cell(row[key]), (
+                    real, heading, field)
+    assert len(set(seen)) == len(seen), seen
+    conns = [truth[key]["conn"] for key in seen]
+    assert conns == sorted(conns, reverse=True)
+    return seen
+
+
+@pytest.mark.parametrize("cols, lines", [(80, 24), (40, 15)])
+def test_console_openstack_names_at_80x24_and_40x15(tmp_path, terminal,
+                                                    cols, lines):
+    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n")
+    try:
+        fleet = openstack_fleet(daemon)
+        truth = {(row["hostname"], row["progname"]): row
+                 for row in daemon.snapshot()["rows"]}
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
+                        lines=lines)
+        visible = lines - 8
+        term.wait_for(lambda t: len(table_on_screen(t)[1]) == min(
+            visible, len(OPENSTACK)), "the table")
+        heads, _ = table_on_screen(term)
+        if cols == 80:
+            # The MAX* group and the rate went first; names whole.
+            assert heads == ["HOSTNAME", "PROGNAME", "NPROC", "CONN", "CKOUT",
+                             "LIMIT", "HOLD_MS", "OLDEST"]
+            assert MARK not in "\n".join(term.display[6:-1])
+        else:
+            assert heads == ["HOSTN" + MARK, "PROGNAME", "CONN", "CKOUT",
+                             "OLDEST"]
+        seen = check_openstack_table(term, truth)
+        term.press(term.key["kend"])   # the rest, at 40x15
+        term.wait_for(lambda t: check_openstack_table(t, truth)[-1:] == [
+            max(truth, key=lambda k: (-truth[k]["conn"], k))], "the end")
+        seen += check_openstack_table(term, truth)
+        assert set(seen) == set(truth)
+        # The leak's OLDEST is marked, in the alarm colour.
+        term.press(term.key["khome"])
+        term.wait_for(lambda t: "*12" in t.text, "the leak's marker")
+        (y,) = [y for y, line in enumerate(term.display) if "*12" in line]
+        x = term.display[y].index("*12")
+        assert term.screen.buffer[y][x].bg == "red"
+        # PAUSED, at any width, first on the title line.
+        term.press(b" ")
+        term.wait_for(lambda t: t.display[0].startswith("PAUSED "),
+                      "PAUSED")
+        fleet["ctl1", "nova-conductor"].event(connmon.CONNECT, 99, 1)
+        fleet["ctl1", "nova-conductor"].send()
+        daemon.wait_row("nova-conductor", conn=15)
+        time.sleep(1.0)
+        assert check_openstack_table(term, truth)   # the old picture
+        term.press(b"p")
+        term.wait_for(lambda t: not t.display[0].startswith("PAUSED"),
+                      "resumed")
+    finally:
+        daemon.stop()
+
+
+def fleet_rows_on_screen(t: Terminal) -> Dict[str, List[str]]:
+    """The fleet view's rows: progname -> [hosts, numbers...]."""
+    rows = {}
+    for line in t.display[7:-1]:
+        found = re.match(r"(\d+ hosts?) +(\S+) +(.*)", line)
+        if found:
+            rows[found[2]] = [found[1]] + [
+                field.lstrip("!*") for field in found[3].split()]
+    return rows
+
+
+def test_console_fleet_view_totals_and_drill_down(tmp_path, terminal):
+    daemon = Daemon(tmp_path)
+    try:
+        fleet = openstack_fleet(daemon)   # kept: its connections stay
+        truth = daemon.snapshot()["rows"]
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=120)
+        term.wait_text("9 rows, sorted by CONN descending")
+        term.press(b"f")
+        term.wait_text("6 programs over every host, sorted by CONN")
+        term.wait_for(lambda t: len(fleet_rows_on_screen(t)) == 6,
+                      "six programs")
+        heads, _ = table_on_screen(term)
+        for prog, fields in fleet_rows_on_screen(term).items():
+            hosts = [row for row in truth if row["progname"] == prog]
+            assert fields[0] == connmon.plural(len(hosts), "host")
+            numbers = dict(zip(heads[2:], fields[1:]))
+            for key in ("nproc", "conn", "ckout", "limit", "maxnproc",
+                        "maxconn", "maxckout"):
+                assert numbers[key.upper()] == str(
+                    sum(row[key] for row in hosts)), (prog, key)
+        # The biggest program first: CONN descends over the fleet too.
+        order = [line.split()[2] for line in term.display[7:-1]
+                 if re.match(r"\d+ hosts?", line)]
+        sums = [sum(r["conn"] for r in truth if r["progname"] == p)
+                for p in order]
+        assert sums == sorted(sums, reverse=True)
+        # Drill into nova-compute: its processes on both compute hosts.
+        term.press(term.key["kcud1"] * order.index("nova-compute") + b"\r")
+        term.wait_text("nova-compute on every host: 2 processes")
+        term.wait_for(lambda t: "compute1" in t.text and "compute2" in
+                      t.text, "both hosts' processes")
+        term.press(b"\x1b")
+        term.wait_text("6 programs over every host")
+        term.press(term.key["kf5"])   # F5: back to host+program rows
+        term.wait_text("9 rows, sorted by CONN descending")
+        # ... and the drill-down from a host row shows that host only.
+        term.press(b"\r")
+        term.wait_text("nova-conductor on ctl1: 1 process")
+    finally:
+        daemon.stop()
+
+
+def sparkline_of(t: Terminal, label: str) -> str:
+    line = history_line(t, label)
+    return line.split(None, 2)[2] if line.count(" ") >= 2 else ""
+
+
+def test_console_draws_the_daemons_history_after_a_restart(tmp_path,
+                                                          terminal):
+    daemon = Daemon(tmp_path)
+    try:
+        app = SyntheticApp(daemon, "ctl1", "nova-conductor")
+        app.event(connmon.POOL, 1, 20)
+        for conn in range(1, 4):   # a leak's staircase, before any console
+            app.event(connmon.CONNECT, conn, 1)
+            app.event(connmon.CHECKOUT, conn, 1)
+            app.send()
+            time.sleep(2.2)
+        daemon.wait_row("nova-conductor", ckout=3)
+
+        def staircase(t: Terminal) -> bool:
+            spark = sparkline_of(t, "CKOUT")
+            ramp = connmon_console.UNICODE_GLYPHS["spark"]
+            levels = [ramp.index(char) for char in spark if char in ramp]
+            return (len(spark) >= 6 and levels == sorted(levels)
+                    and len(set(levels)) >= 3 and levels[-1] == 7)
+        for _ in range(2):   # a console, then another one after it
+            term = terminal("-H", daemon.address, "-i", "0.3")
+            term.wait_for(lambda t: "nova-conductor" in t.rows(), "the row")
+            term.press(b"\r")
+            term.wait_text("nova-conductor on ctl1: 1 process")
+            term.wait_for(staircase, "the staircase from the daemon")
+            assert re.search(r"History of the last \d+s \(connmond's",
+                             term.text)
+            term.press(b"q")
+            assert term.proc.wait(10) == 0
+    finally:
+        daemon.stop()
+
+
+def test_console_thresholds_marked_with_and_without_colour(tmp_path,
+                                                           terminal):
+    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n"
+                    "hold_ms_warn: 100\n")
+    stop = threading.Event()
+    try:
+        fleet = openstack_fleet(daemon)   # kept: its connections stay
+        slow = SyntheticApp(daemon, "ctl2", "glance-api")
+        slow.event(connmon.POOL, 1, 10)
+        slow.event(connmon.CONNECT, 1, 1)
+        slow.send()
+
+        def slow_queries() -> None:   # each one held for half a second
+            while not stop.wait(0.2):
+                now = time.monotonic()
+                slow.state.fold([
+                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None, None),
+                    (connmon.CHECKIN, 1, now, None, None, None, None)])
+                slow.send()
+        threading.Thread(target=slow_queries, daemon=True).start()
+        for env in ({}, {"TERM": "vt100"}):
+            term = terminal("-H", daemon.address, "-i", "0.3", cols=120,
+                            env=env)
+            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 10,
+                          "ten rows")
+
+            def marks(t: Terminal) -> Dict[str, List[str]]:
+                """host/program -> the marked numbers of its row."""
+                _, rows = table_on_screen(t)
+                return {f"{fields[0]}/{fields[1]}": [
+                    field for field in fields[2:] if field[0] in "!*"]
+                    for fields in rows}
+            # glance-api holds each connection 500 ms (its only alarm).
+            term.wait_for(lambda t: re.fullmatch(r"!(4|5)[0-9][0-9]\.[0-9]",
+                                                 *marks(t)["ctl2/glance-api"]
+                                                 or [""]),
+                          "HOLD_MS above hold_ms_warn")
+            found = marks(term)
+            # OLDEST above 30 s: "!"; the gone thread's leak: "*";
+            # nova-scheduler's pool (2) all out: CKOUT "!"; calm rows bare.
+            assert re.fullmatch(r"\*12[0-9][0-9]\.[0-9]",
+                                *found["ctl1/nova-conductor"])
+            assert re.fullmatch(r"!1[0-9][0-9]\.[0-9]",
+                                *found["ctl1/neutron-server"])
+            assert found["ctl1/nova-scheduler"] == ["!2"]
+            assert found["ctl1/neutron-dhcp-agent"] == []   # 5 s: calm
+            assert found["ctl1/neutron-l3-agent"] == []
+            assert re.fullmatch(r"![0-9]+\.[0-9]",
+                                *found["ctl2/neutron-dhcp-agent"])
+            colours = {char.bg for line in term.screen.buffer.values()
+                       for char in line.values()}
+            assert ("red" in colours) == (env == {})
+            # F10 quits (vt100 has no F10: q)
+            term.press(b"q" if env else term.key["kf10"])
+            assert term.proc.wait(10) == 0
+        assert len(fleet) == len(OPENSTACK)
+    finally:
+        stop.set()
+        daemon.stop()
+
+
+def test_console_keys_footer_help_and_gone_rows(tmp_path, terminal):
+    daemon = Daemon(tmp_path, extra_config="forget_gone_after: 4\n")
+    try:
+        fleet = openstack_fleet(daemon)
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=40,
+                        lines=15)
+
+        def selected(t: Terminal) -> List[int]:
+            t.pump()
+            return [y for y in range(7, 14) if t.screen.buffer[y][0].reverse]
+        # The selection is on the top row from the start.
+        term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7, "rows")
+        term.wait_for(lambda t: selected(t) == [7], "the top row selected")
+        term.press(b"jj")
+        term.wait_for(lambda t: selected(t) == [9], "j moves down")
+        term.press(b"k")
+        term.wait_for(lambda t: selected(t) == [8], "k moves up")
+        # Help (F1) scrolls to its last line at 15 lines, any key returns.
+        term.press(term.key["kf1"])
+        term.wait_text("connmon keys")
+        assert "MAX*: the highest values" not in term.text
+        term.press(term.key["kend"])
+        term.wait_text("MAX*: the highest values")
+        term.press(b"z")
+        term.wait_text("sorted by CONN")
+        # An unknown key says where help is, for a while.
+        term.press(b"Z")
+        term.wait_text("unknown key: ? for help")
+        term.wait_for(lambda t: "unknown key" not in t.text and "F1 help" in
+                      t.text, "the message gone")
+        # F3 and F4 filter, as / does; Ctrl-L redraws.
+        for key in (term.key["kf3"], term.key["kf4"]):
+            term.press(key + b"nova-c")
+            term.wait_text("Filter: nova-c_")
+            term.press(b"\r")
+            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 3,
+                          "the three nova-c rows")
+            term.press(b"\x1b")
+            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7,
+                          "filter cleared")
+        term.press(b"\x0c")
+        term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7, "redrawn")
+        # The footer names only keys that work in the view.
+        term.resize(120, 30)
+        term.wait_for(lambda t: "r reverse" in t.display[-1] and
+                      "/ filter" in t.display[-1], "the table's footer")
+        term.press(b"s")
+        term.wait_text("checkout sites holding connections")
+        footer = term.display[-1]
+        assert "Enter procs" in footer and "Esc back" in footer
+        for word in ("sort", "reverse", "filter", "fleet"):
+            assert word not in footer
+        term.press(b"\x1b")
+        term.wait_text("sorted by CONN")
+        # Gone rows: hidden by x, and forgotten by the daemon in the end.
+        fleet.pop(("ctl2", "neutron-l3-agent")).conn.close()
+        wait_until(lambda: [r for r in daemon.snapshot()["rows"]
+                            if not r["connected"]], what="a gone row")
+        term.wait_text("9 rows")
+        term.press(b"x")
+        term.wait_text("8 rows, sorted by CONN descending, gone hidden")
+        term.press(b"x")
+        term.wait_text("9 rows, sorted by CONN descending")
+        wait_until(lambda: len(daemon.snapshot()["rows"]) == 8,
+                   what="the gone row forgotten")
+        term.wait_text("8 rows, sorted by CONN descending")
+    finally:
+        daemon.stop()
+
+
+def test_console_hide_gone_option(tmp_path, terminal):
+    daemon = Daemon(tmp_path)
+    try:
+        live = SyntheticApp(daemon, "ctl1", "nova-conductor")
+        SyntheticApp(daemon, "ctl1", "nova-api").conn.close()
+        wait_until(lambda: len(daemon.snapshot()["rows"]) == 2 and not all(
+            row["connected"] for row in daemon.snapshot()["rows"]),
+            what="a live and a gone row")
+        term = terminal("-H", daemon.address, "-i", "0.3", "--hide-gone")
+        term.wait_text("1 row, sorted by CONN descending, gone hidden")
+        assert "nova-conductor" in term.text and "nova-api" not in term.text
+        assert live.conn
+    finally:
+        daemon.stop()
+
+
+def test_forget_gone_after_is_a_checked_daemon_option(tmp_path):
+    daemon = Daemon(tmp_path, extra_config="forget_gone_after: 1\n")
+    try:
+        SyntheticApp(daemon, "ctl1", "cron-job").conn.close()
+        wait_until(lambda: daemon.snapshot()["rows"], what="the row")
+        wait_until(lambda: not daemon.snapshot()["rows"],
+                   what="the gone row forgotten")
+    finally:
+        daemon.stop()
+
+
+# -- The command lines --------------------------------------------------------
+
+
+def test_version_on_both_commands():
+    for module, name in (("connmon_console", "connmon"),
+                         ("connmon_server", "connmond")):
+        result = subprocess.run([sys.executable, "-m", module, "--version"],
+                                cwd=HERE, env=CHILD_ENV, capture_output=True,
+                                text=True, timeout=30)
+        assert (result.returncode, result.stdout) == (
+            0, f"{name} {connmon.__version__}\n")
+
+
+def test_procs_without_once_is_refused():
+    """--procs lists processes in --once's table or JSON; the live screen
+    has its drill-down instead."""
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--procs", "-H",
+         "127.0.0.1:1"], cwd=HERE, env=CHILD_ENV, capture_output=True,
+        text=True, timeout=30)
+    assert result.returncode == 2
+    assert "error: --procs goes with --once" in result.stderr
+
+
+def test_once_json_into_a_closed_pipe_ends_quietly(daemon):
+    openstack = openstack_fleet(daemon)
+    reader, writer = os.pipe()
+    os.close(reader)   # like head -1, gone before connmon writes
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "--json", "-H",
+         daemon.address], cwd=HERE, env=CHILD_ENV, stdout=writer,
+        stderr=subprocess.PIPE, text=True, timeout=30)
+    os.close(writer)
+    assert (result.returncode, result.stderr) == (0, "")
+    # ... and through a real pipe into head -1.
+    result = subprocess.run(
+        f"{sys.executable} -m connmon_console --once --json -H "
+        f"{daemon.address} | head -1", shell=True, cwd=HERE, env=CHILD_ENV,
+        capture_output=True, text=True, timeout=30)
+    assert (result.stdout, result.stderr) == ("{\n", "")
+    assert openstack
+
+
+class SilentServer(threading.Thread):
+    """A TCP server that accepts, counts, says ``greeting`` (or nothing)
+    and holds the connection: a stand-in for a server that is not
+    connmond."""
+
+    def __init__(self, greeting: bytes = b""):
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.greeting = greeting
+        self.accepted = 0
+        self.held: List[socket.socket] = []
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.greeting:
+                sock.sendall(self.greeting)
+            self.held.append(sock)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
+
+
+def test_ctrl_c_during_once_ends_quietly():
+    server = SilentServer()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             f"127.0.0.1:{server.port}"], cwd=HERE, env=CHILD_ENV,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: server.accepted, what="connmon waiting")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert (proc.returncode, out, err) == (130, "", "")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("what", ["mariadb", "postgresql", "http"])
+def test_once_says_when_it_is_not_connmond(what):
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+    httpd = None
+    if what == "http":
+        httpd = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        address = f"127.0.0.1:{httpd.server_address[1]}"
+    else:
+        url = MYSQL_URL if what == "mariadb" else POSTGRESQL_URL
+        require_database(url)
+        address = "127.0.0.1:3306" if what == "mariadb" else "127.0.0.1:5432"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             address], cwd=HERE, env=CHILD_ENV, capture_output=True,
+            text=True, timeout=30)
+    finally:
+        if httpd is not None:
+            httpd.shutdown()
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"connmon: {address}: not connmond: "), line
+
+
+def test_live_console_backs_off_from_what_is_not_connmond(terminal):
+    server = SilentServer(b"J\x00\x00\x00\n5.5.5-10.11.6-MariaDB\x00")
+    try:
+        term = terminal("-H", f"127.0.0.1:{server.port}", "-i", "0.2")
+        term.wait_text("not connmond")
+        time.sleep(6)
+        # Every 0.2 s would be 30 tries; backing off, a handful.
+        assert 1 <= server.accepted <= 6, server.accepted
+        assert "next try in" in term.display[-1]
+    finally:
+        server.close()
+
+
+def test_sighup_does_not_stop_connmond(daemon):
+    app = SyntheticApp(daemon, "ctl1", "nova-conductor")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP ignored" in daemon.log.read_text(),
+               what="the SIGHUP log line")
+    assert daemon.proc.poll() is None
+    assert daemon.row("nova-conductor")["connected"]
+    assert app.conn
+
+
+def test_demo_killed_with_sigkill_leaves_nothing_running(terminal):
+    pytest.importorskip("sqlalchemy")
+    term = terminal("--demo")
+    term.wait_for(lambda t: "nova-api" in t.rows(), "the demo's rows")
+    port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
+    children = [int(name) for name in os.listdir("/proc") if name.isdigit()
+                and _parent_pid(int(name)) == term.proc.pid]
+    assert len(children) >= 6
+    term.proc.kill()
+    term.proc.wait(10)
+    wait_until(lambda: not [pid for pid in children
+                            if _parent_pid(pid) is not None],
+               what="every demo process gone")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), 1).close()
+
+
+# -- The config check ---------------------------------------------------------
+
+# (option line, message, read by the applications too)
+CONFIG_MISTAKES = [
+    ("heartbeat_timeout: 0", "heartbeat_timeout: expected a number of "
+     "seconds from 1 to 3600, got '0'", False),
+    ("max_clients: -5", "max_clients: expected a whole number from 1 to "
+     "1048576, got '-5'", False),
+    ("forget_gone_after: 0", "forget_gone_after: expected a number of "
+     "seconds from 1 to", False),
+    ("hold_ms_warn: slow", "hold_ms_warn: expected a number of "
+     "milliseconds from 0.1 to", False),
+    ("metrics_prot: 9187", "unknown option 'metrics_prot' (did you mean "
+     "metrics_port?)", False),
+    ("hold_warn_seconds: abc", "hold_warn_seconds: expected a number of "
+     "seconds from 0.1 to 86400, got 'abc'", True),
+    ("hold_warn_seconds: 0", "hold_warn_seconds: expected a number of "
+     "seconds from 0.1 to 86400, got '0'", True),
+    ("checkout_sites: maybe", "checkout_sites: expected 1 (on) or 0 (off), "
+     "got 'maybe'", True),
+]
+
+
+@pytest.mark.parametrize("line, message, app_reads_it", CONFIG_MISTAKES)
+def test_check_config_refuses_each_mistake(tmp_path, line, message,
+                                           app_reads_it):
+    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + line +
+                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(
+        f"connmond: error: {path} [connmon_service_a]: {message}")
+    assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    (line, message) for line, message, app in CONFIG_MISTAKES if app])
+@pytest.mark.parametrize("form", ["sqlite+pysqlite_connmon://", "sqlite://"])
+def test_create_engine_refuses_each_mistake_it_reads(tmp_path, form, line,
+                                                     message):
+    """The applications read hold_warn_seconds and checkout_sites through
+    the same definitions --check-config uses: the same message."""
+    import sqlalchemy as sa
+    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + line +
+                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
+    url = f"{form}/?connmon_service=a&connmon_config={path}"
+    if form == "sqlite://":
+        url += "&plugin=connmon"
+    with pytest.raises(connmon.ConfigError) as err:
+        sa.create_engine(url)
+    assert str(err.value) == f"{path} [connmon_service_a]: {message}"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[connmon_service_a]\nname: a\nnodes\n    n1 hostname=h\n",
+     "[connmon_service_a], line 3: 'nodes' is not 'option: value' (no ':' "
+     "or '=')"),
+    ("[connmon_service_a\nname: a\n",
+     "line 1: section header '[connmon_service_a' has no closing ']'"),
+])
+def test_check_config_parse_errors_in_one_line(tmp_path, text, message):
+    path = write(tmp_path, text)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert result.returncode == 2
+    assert result.stderr == f"connmond: error: {path}, {message}\n"
+
+
+def test_unknown_service_names_the_source_read(tmp_path):
+    if os.path.exists(connmon.DEFAULT_CONFIG_FILE):
+        pytest.skip(f"{connmon.DEFAULT_CONFIG_FILE} exists on this machine")
+    result = run_connmond("--check-config", "-s", "nope")
+    assert result.stderr == ("connmond: error: <built-in default>: unknown "
+                             "service 'nope' (services: default)\n")
+    path = write(tmp_path, "[connmon_service_a]\nname: a\nnodes:\n"
+                 "    n1 hostname=h\n")
+    result = run_connmond("--check-config", "-c", path, "-s", "nope")
+    assert result.stderr == (f"connmond: error: {path}: unknown service "
+                             "'nope' (services: a)\n")
+    import sqlalchemy as sa
+    with pytest.raises(connmon.ConfigError, match="^<built-in default>: "
+                       "unknown service 'nope'"):
+        sa.create_engine("sqlite+pysqlite_connmon:///?connmon_service=nope")
