@@ -190,9 +190,14 @@ class Column:
         self.alarm = alarm
         self.show = show or cell
 
+    def value(self, row: Dict[str, Any]) -> Any:
+        """The row's value; None ("-") for a key a snapshot lacks (one
+        from an older daemon)."""
+        return row.get(self.key)
+
     def sort_key(self, row: Dict[str, Any]) -> Any:
         """Order rows by this column; "-" (None) below every number."""
-        value = row[self.key]
+        value = self.value(row)
         return value if self.text else (value is not None, value or 0)
 
 
@@ -347,7 +352,7 @@ def whole_widths(columns: List[Column], rows: List[Dict[str, Any]],
     for column in columns:
         values = rows if column.text else visible
         widths[column] = max([len(column.heading) + column.text] + [
-            len(column.show(row[column.key])) for row in values]) + 1 + (
+            len(column.show(column.value(row))) for row in values]) + 1 + (
                 not column.text)
     return widths
 
@@ -432,7 +437,7 @@ class Formatter:
         self.layout = layout
         self.thresholds = thresholds
         self.mark = cutter.mark
-        self.cuts = [cutter.cuts((column.show(row[column.key])
+        self.cuts = [cutter.cuts((column.show(column.value(row))
                                   for row in rows), width - 1)
                      if column.kind == "text" else None
                      for column, width in layout]
@@ -440,7 +445,7 @@ class Formatter:
     def texts(self, row: Dict[str, Any]) -> List[str]:
         texts = []
         for (column, width), cuts in zip(self.layout, self.cuts):
-            text = column.show(row[column.key])
+            text = column.show(column.value(row))
             if cuts is not None:
                 text = cuts.get(text, text)
             elif column.kind == "location":
@@ -1435,8 +1440,8 @@ class Console:
                 (f"{connmon.plural(len(holders), 'long holder')} (held past "
                  "the apps' hold_warn_seconds), oldest first",
                  HOLDER_COLUMNS, holders[:max(1, room // 2)]),
-                (f"{connmon.plural(len(pools), 'pool')} and their "
-                 "databases", POOL_COLUMNS, pools)):
+                (f"{connmon.plural(len(pools), 'pool')}, with the "
+                 "database of each", POOL_COLUMNS, pools)):
             self.put(y, caption, self.styles["title"])
             lines = lines[:room]
             layout = plan(columns, width, lines, lines)

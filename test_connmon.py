@@ -1950,7 +1950,7 @@ class Terminal:
     KEYS = ("kcuu1", "kcud1", "knp", "kpp", "khome", "kend", "kf1", "kf3",
             "kf4", "kf5", "kf6", "kf10")
 
-    def __init__(self, tmp_path, *args: str, cols: int = 120,
+    def __init__(self, tmp_path, *args: str, cols: int = 160,
                  lines: int = 30, env: Optional[Dict[str, str]] = None):
         self.master, self.slave = os.openpty()
         curses.setupterm("xterm-256color", self.slave)
@@ -2008,12 +2008,15 @@ class Terminal:
         os.write(self.master, keys)
 
     def rows(self) -> Dict[str, tuple]:
-        """The table's rows on screen: progname -> (line number, fields)."""
+        """The table's rows on screen: progname -> (line number, fields).
+        (The default width shows every column; a narrower one, those
+        whose headings are on screen.)"""
         self.pump()
         found = {}
+        columns = len(self.screen.display[6].split())
         for y, line in enumerate(self.screen.display):
             fields = line.split()
-            if y >= 7 and len(fields) == len(connmon_console.COLUMNS):
+            if y >= 7 and columns > 2 and len(fields) == columns:
                 found[fields[1]] = (y, fields)
         return found
 
@@ -5138,7 +5141,8 @@ def test_waiting_timeouts_and_wait_times_as_the_app_saw_them(
         assert len(outcomes) == 6 and len(timeouts) == 4
         row = daemon.wait_row(name, timeouts_total=4, waiting=0, ckout=0,
                               waits_total=6)
-        assert row["maxwaiting"] >= 4 and snapshot["max_waiting"] >= 4
+        assert row["maxwaiting"] >= 4
+        assert daemon.snapshot()["max_waiting"] >= 4
         # connmon times the wait inside the pool, the app around it: never
         # longer, and short of it only by the engine's own few steps.
         app_waits = sum(waited for _, waited in outcomes)
@@ -5282,9 +5286,13 @@ def test_report_endpoints_off_in_the_config(tmp_path):
         assert [s["server"] for s in daemon.snapshot()["databases"]] == [None]
         daemon.config.write_text(daemon.config.read_text().replace(
             "report_endpoints: 0", "report_endpoints: no"))
-        with pytest.raises(connmon.ConfigError, match="report_endpoints "
-                           "must be 1 \\(the default\\) or 0, not 'no'"):
+        message = "report_endpoints: expected 1 (on) or 0 (off), got 'no'"
+        with pytest.raises(connmon.ConfigError, match=re.escape(message)):
             sa.create_engine(url)
+        # connmond's --check-config knows the applications' option too.
+        result = run_connmond("--check-config", "-c", str(daemon.config),
+                              "-s", "test")
+        assert result.returncode == 2 and message in result.stderr
     finally:
         daemon.stop()
 
@@ -5398,12 +5406,19 @@ def test_pressure_in_the_csv_columns(tmp_path, apps):
         daemon.stop()
 
 
-def cut_rows(t: Terminal) -> Dict[str, tuple]:
-    """The table's rows on a screen too narrow for all their columns:
-    progname -> (line number, the fields shown)."""
-    return {fields[1]: (y, fields) for y, fields in enumerate(
-        line.split() for line in t.display) if 7 <= y < len(t.display) - 1
-        and len(fields) > 8}
+def screen_row(t: Terminal, progname: str) -> Dict[str, str]:
+    """A table row on screen as heading -> field, alarm markers taken off
+    ({} while it is not on screen); "y" is its line.  Which columns are
+    there depends on the width (see COLUMNS' drop order)."""
+    heads, _ = table_on_screen(t)
+    marks = connmon_console.ABOVE + connmon_console.LEAKED
+    for y, line in enumerate(t.display):
+        fields = line.split()
+        if 7 <= y < len(t.display) - 1 and len(fields) == len(heads) and (
+                fields[1] == progname):
+            return {"y": y, **{head: field.lstrip(marks)
+                               for head, field in zip(heads, fields)}}
+    return {}
 
 
 def test_console_shows_waiting_programs_and_databases_at_80x24(
@@ -5425,42 +5440,53 @@ def test_console_shows_waiting_programs_and_databases_at_80x24(
         daemon.wait_row("wait.py", waiting=4, ckout=2)
         term = terminal("-H", daemon.address, "-i", "0.2", cols=80,
                         lines=24)
-        term.wait_for(lambda t: cut_rows(t).get("wait.py", (0, []))[1][
-            2:8] == ["1", "2", "2", "2", "4", "0"], "wait.py WAIT 4")
-        assert "WAIT TMOUT/S" in term.text
+        # At 80 columns WAIT and TMOUT/S stay (the MAX* group goes
+        # first); the table starts sorted by CONN, biggest first.
+        term.wait_for(lambda t: {key: screen_row(t, "wait.py").get(key)
+                                 for key in ("CONN", "CKOUT", "WAIT",
+                                             "TMOUT/S")} == {
+            "CONN": "2", "CKOUT": "2", "WAIT": "4", "TMOUT/S": "0"},
+            "wait.py WAIT 4")
+        assert "MAXCONN" not in term.text
+        assert "sorted by CONN descending" in term.text
         assert re.search(r"Waiting \[4 / \d+\]", term.text)
-        y, _ = cut_rows(term)["wait.py"]
+        y = screen_row(term, "wait.py")["y"]
         assert (term.screen.buffer[y][0].fg, term.screen.buffer[y][0].bg
                 ) == ("white", "red")
-        y, _ = cut_rows(term)["calm.py"]
+        # Without colour too: the waiting number carries the marker.
+        assert "!4" in term.display[y].split()
+        y = screen_row(term, "calm.py")["y"]
         assert term.screen.buffer[y][0].bg != "red"
 
         term.press(b"s")   # the waiting program's sites come first
         term.wait_for(lambda t: [p for p, _, _ in screen_sites(t)] == [
             "wait.py", "calm.py"], "wait.py's site above calm.py's")
         term.press(b"\x1b")
-        term.wait_for(lambda t: "wait.py" in cut_rows(t), "the table")
+        term.wait_for(lambda t: screen_row(t, "wait.py"), "the table")
 
         term.press(b"d")   # the databases view
         term.wait_text("database servers")
         term.wait_for(lambda t: re.search(
-            r"127\.0\.0\.1:3306 +all \(mysql\) +2 +2 +4 +2 +151 +1",
+            r"127\.0\.0\.1:3306 +all \(mysql\) +2 +2 +!4 +2 +151 +1",
             t.text), "the MariaDB server against its 151")
-        assert re.search(r"127\.0\.0\.1:3306 +db test +2 +2 +4", term.text)
-        assert re.search(r"127\.0\.0\.1:3306 +\S+ wait\.py +2 +2 +4",
+        assert re.search(r"127\.0\.0\.1:3306 +db test +2 +2 +!4", term.text)
+        assert re.search(r"127\.0\.0\.1:3306 +\S+ wait\.py +2 +2 +!4",
                          term.text)
+        # The footer names this view's keys only (the table's "s sites"
+        # does nothing here).
+        assert "Esc back" in term.display[-1]
+        assert "s sites" not in term.display[-1]
         term.press(b"d")
-        term.wait_for(lambda t: "wait.py" in cut_rows(t), "the table")
+        term.wait_for(lambda t: screen_row(t, "wait.py"), "the table")
 
-        rows = cut_rows(term)   # to wait.py, and into it
-        order = sorted(rows, key=lambda name: rows[name][0])
-        term.press(term.key["khome"] + term.key["kcud1"]
-                   * order.index("wait.py") + b"\r")
+        # To wait.py (below calm.py: CONN descending), and into it.
+        down = screen_row(term, "wait.py")["y"] - 7
+        term.press(term.key["khome"] + term.key["kcud1"] * down + b"\r")
         term.wait_text("wait.py on ")
         term.wait_for(lambda t: re.search(
             r"waiting 4 \(max \d+, longest \d+\.\d ms\)", t.text),
             "the drill-down's pressure line")
-        term.wait_text("1 pools and their databases")
+        term.wait_text("1 pool, with the database of each")
         assert "mysql://root@127.0.0.1:3306/test" in term.text
 
         outcomes = json.loads(crowded("outcomes", timeout=60)[0])
@@ -5506,7 +5532,8 @@ def openstack_fleet(daemon: Daemon) -> Dict[Tuple[str, str], "SyntheticApp"]:
             app.event(connmon.CONNECT, conn, 1)
         now = time.monotonic()
         app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
-                         1, None, None, None) for conn in range(1, out + 1)])
+                         1, None, None, None, None)
+                        for conn in range(1, out + 1)])
         if prog == "nova-conductor":
             app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
             app.state.holders[1] = (7, None, None)
@@ -5556,8 +5583,9 @@ def check_openstack_table(t: Terminal, truth: Dict[Tuple[str, str], dict]
         row = truth[real]
         for heading, field in zip(heads[2:], fields[2:]):
             value = field.lstrip("!*")
-            key = {"CKOUT/S": "ckout_per_sec",
-                   "HOLD_MS": "hold_ms"}.get(heading, heading.lower())
+            key = {"CKOUT/S": "ckout_per_sec", "HOLD_MS": "hold_ms",
+                   "WAIT": "waiting", "TMOUT/S": "timeouts_per_sec"}.get(
+                       heading, heading.lower())
             if key == "oldest":
                 assert (value == "-") == (row["oldest"] is None), field
                 if value != "-":   # older now, never cut short
@@ -5587,9 +5615,10 @@ def test_console_openstack_names_at_80x24_and_40x15(tmp_path, terminal,
             visible, len(OPENSTACK)), "the table")
         heads, _ = table_on_screen(term)
         if cols == 80:
-            # The MAX* group and the rate went first; names whole.
+            # The MAX* group, the rate, LIMIT and HOLD_MS went first
+            # (WAIT and TMOUT/S, the pool pressure, stay); names whole.
             assert heads == ["HOSTNAME", "PROGNAME", "NPROC", "CONN", "CKOUT",
-                             "LIMIT", "HOLD_MS", "OLDEST"]
+                             "WAIT", "TMOUT/S", "OLDEST"]
             assert MARK not in "\n".join(term.display[6:-1])
         else:
             assert heads == ["HOSTN" + MARK, "PROGNAME", "CONN", "CKOUT",
@@ -5638,7 +5667,7 @@ def test_console_fleet_view_totals_and_drill_down(tmp_path, terminal):
     try:
         fleet = openstack_fleet(daemon)   # kept: its connections stay
         truth = daemon.snapshot()["rows"]
-        term = terminal("-H", daemon.address, "-i", "0.3", cols=120)
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=160)
         term.wait_text("9 rows, sorted by CONN descending")
         term.press(b"f")
         term.wait_text("6 programs over every host, sorted by CONN")
@@ -5650,8 +5679,9 @@ def test_console_fleet_view_totals_and_drill_down(tmp_path, terminal):
             assert fields[0] == connmon.plural(len(hosts), "host")
             numbers = dict(zip(heads[2:], fields[1:]))
             for key in ("nproc", "conn", "ckout", "limit", "maxnproc",
-                        "maxconn", "maxckout"):
-                assert numbers[key.upper()] == str(
+                        "maxconn", "maxckout", "waiting"):
+                heading = {"waiting": "WAIT"}.get(key, key.upper())
+                assert numbers[heading] == str(
                     sum(row[key] for row in hosts)), (prog, key)
         # The biggest program first: CONN descends over the fleet too.
         order = [line.split()[2] for line in term.display[7:-1]
@@ -5729,8 +5759,10 @@ def test_console_thresholds_marked_with_and_without_colour(tmp_path,
             while not stop.wait(0.2):
                 now = time.monotonic()
                 slow.state.fold([
-                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None, None),
-                    (connmon.CHECKIN, 1, now, None, None, None, None)])
+                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None, None,
+                     None),
+                    (connmon.CHECKIN, 1, now, None, None, None, None,
+                     None)])
                 slow.send()
         threading.Thread(target=slow_queries, daemon=True).start()
         for env in ({}, {"TERM": "vt100"}):
