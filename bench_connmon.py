@@ -333,9 +333,11 @@ class SyntheticApp:
                                          name, os.getpid(), 1)
         self.conn = connmon.open_connection([("127.0.0.1", port)], "app",
                                             proc=self.proc.describe())
-        self.proc.fold([(connmon.CONNECT, ident, 0.0, 1, None, None, None)
+        self.proc.fold([(connmon.CONNECT, ident, 0.0, 1, None, None, None,
+                         None)
                         for ident in range(conns)])
-        self.proc.fold([(connmon.CHECKOUT, ident, 0.0, 1, None, None, None)
+        self.proc.fold([(connmon.CHECKOUT, ident, 0.0, 1, None, None, None,
+                         None)
                         for ident in range(checked_out)])
         self.conn.send(self.proc.message(0.0))
         ids = list(range(conns))

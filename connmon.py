@@ -9,19 +9,21 @@ This one file is all an application host needs.  Read top to bottom:
 4. sender          -- the background threads that fold a process's pool
                       events and ship them to ``connmond``, resending its
                       whole state after every reconnect
-5. SQLAlchemy glue -- the ``<driver>_connmon`` dialect names and the
-                      ``?plugin=connmon`` engine plugin
+5. SQLAlchemy glue -- the ``<driver>_connmon`` dialect names, the
+                      ``?plugin=connmon`` engine plugin, and the measured
+                      pool classes they choose
 6. vendoring       -- ``python connmon.py --install-entry-points``: the
                       entry points of section 5, registered without pip
 
 Sections 1-3 use only the standard library (the daemon and the console import
 them); SQLAlchemy is imported only by section 5, when an engine asks for it.
 
-The application is never hurt by monitoring: pool event listeners only queue
-the event (at a checkout, with its site and its holder); the network, DNS,
-the leak finder's looks and every retry happen on background threads, and
-no exception from here reaches the application once ``create_engine()`` has
-returned.
+The application is never hurt by monitoring: pool event listeners, and the
+measured pool's connect() (``MeasuredPool``: when checkouts begin to wait),
+only queue the event (at a checkout, with its site and its holder); the
+network, DNS, the leak finder's looks and every retry happen on background
+threads, and no exception from here reaches the application once
+``create_engine()`` has returned.
 """
 
 from __future__ import annotations
@@ -368,6 +370,8 @@ SERVICE_OPTIONS: Dict[str, Option] = {
                                 f"{DEFAULT_HOLD_WARN:g}"),
     # note each checkout's site (the leak finder)
     "checkout_sites": Option(on_off, "1"),
+    # report each pool's database: backend, host, port, name and user
+    "report_endpoints": Option(on_off, "1"),
     "auth_secret_file": Option(any_text),
     "auth_secret": Option(any_text),
     **{name: Option(any_text) for name in TLS_OPTIONS},
@@ -1117,30 +1121,52 @@ def holder_verdict(holder, site: int, scope: int) -> Optional[str]:
 
 
 # Pool events go from the listeners to the sender's fold thread through a
-# list used as a queue, flat: seven items an event, added at the end by one
+# list used as a queue, flat: eight items an event, added at the end by one
 # list.extend() (atomic: C code, holding the GIL throughout) and taken from
-# the front seven at a time.  So what waits in the queue is only numbers,
+# the front eight at a time.  So what waits in the queue is only numbers,
 # strings and None, which the cyclic garbage collector never looks at;
 # queued tuples made the application's collector run several times as
 # often (measured: see the Performance section).
-#   (CONNECT, conn, when, pool, None, None, None)  a new DBAPI connection
-#   (CHECKOUT, conn, when, pool, site, scope, holder)  handed to the
-#       application: site's number, id() of the site's frame, id() of the
-#       holder (kept meanwhile in Sender.handed); None without a site
-#   (CHECKIN, conn, when, None, None, None, None)   returned to the pool
-#   (CLOSE, conn, when, None, None, None, None)     closed, invalidated,
-#                                                   discarded
-#   (POOL, pool, when, limit, None, None, None)     limit: pool_size +
-#                                     max_overflow, None when unlimited
-#   (ENGINE_GONE, pool, when, None, None, None, None)  its engine was
-#       collected: the pool and its connections are no more
+#   (CONNECT, conn, when, pool, None, None, None, began)
+#       a new DBAPI connection; began: when its opening began (None when
+#       not known), so the connect time is when - began
+#   (CHECKOUT, conn, when, pool, site, scope, holder, began)
+#       handed to the application: site's number, id() of the site's
+#       frame, id() of the holder (kept meanwhile in Sender.handed); None
+#       without a site; began: when the application asked the pool (None
+#       for a pool connmon could not measure)
+#   (CHECKIN, conn, when, None, None, None, None, None)  returned to the
+#       pool
+#   (CLOSE, conn, when, None, None, None, None, None)  closed,
+#       invalidated, discarded
+#   (INVALIDATED, conn, when, pool, None, None, None, None)  invalidated:
+#       a failed pre-ping, a disconnect detected, invalidate() (hard or
+#       soft)
+#   (TIMED_OUT, None, when, pool, None, None, None, began)  a checkout gave
+#       up (sqlalchemy.exc.TimeoutError)
+#   (FAILED, None, when, pool, None, None, None, began)  a checkout failed
+#       otherwise: the connection could not be opened
+#   (POOL, pool, when, limit, endpoint, None, None, None)  limit:
+#       pool_size + max_overflow, None when unlimited; endpoint: (backend,
+#       host, port, database, user) or None
+#   (ENGINE_GONE, pool, when, None, None, None, None, None)  its engine
+#       was collected: the pool and its connections are no more
 CONNECT = "connect"
 CHECKOUT = "checkout"
 CHECKIN = "checkin"
 CLOSE = "close"
+INVALIDATED = "invalidated"
+TIMED_OUT = "timed out"
+FAILED = "failed"
 POOL = "pool"
 ENGINE_GONE = "engine gone"
-EVENT_ITEMS = 7
+EVENT_ITEMS = 8
+
+# A checkout counts as waiting once it has taken this long: a checkout
+# that finds a connection idle takes microseconds, so this leaves out only
+# threads the interpreter happened to pause inside one.
+WAITING_AFTER = 0.01
+ENDPOINT_FIELDS = ("backend", "host", "port", "database", "user")
 
 # What the daemon accepts of one process, and how many host+program rows of
 # programs that are gone it remembers: memory stays bounded whatever
@@ -1152,8 +1178,10 @@ MAX_ROWS = 10000
 
 class ProcessState:
     """The open connections of one process, which of them are checked out
-    and since when, its pools' capacities, and what happened since the last
-    message (checkout count, hold times, peaks)."""
+    and since when, its pools' capacities and databases, the checkouts
+    waiting for a connection, and what happened since the last message
+    (checkout count, hold, wait and connect times, timeouts, failures,
+    invalidations, peaks)."""
 
     def __init__(self, ident: str, hostname: str, progname: str, pid: int,
                  session: int = 0):
@@ -1167,7 +1195,11 @@ class ProcessState:
         self.conns: Dict[int, int] = {}            # connection -> pool
         self.checked_out: Dict[int, float] = {}    # connection -> since when
         self.pools: Dict[int, Optional[int]] = {}  # pool -> capacity
-        self.max_conns = self.max_checked_out = 0
+        self.endpoints: Dict[int, Dict[str, Any]] = {}   # pool -> database
+        # pool -> (checkouts waiting now, since when the longest waits)
+        self.waiting: Dict[int, Tuple[int, float]] = {}
+        self.max_conns = self.max_checked_out = self.max_waiting = 0
+        self._long_waits: List[Tuple[float, float]] = []   # app side
         # The leak finder: where each checked-out connection was checked out
         # (a site number, named in site_names), by which frame and holder
         # (app side only: ids, see holder_verdict), and for long holders
@@ -1194,12 +1226,20 @@ class ProcessState:
         self.hold_total = 0.0
         self.peak_conns = len(self.conns)
         self.peak_checked_out = len(self.checked_out)
+        self.waits = self.connects = 0           # each with its seconds:
+        self.wait_total = self.wait_max = self.connect_total = 0.0
+        self.timeouts = self.failures = self.invalidations = 0
+        self.peak_waiting = self.waiting_count
+
+    @property
+    def waiting_count(self) -> int:
+        return sum(count for count, _ in self.waiting.values())
 
     # -- application side -----------------------------------------------------
 
     def fold(self, events: Iterable[tuple],
              handed: Optional[Dict[int, Any]] = None) -> None:
-        """Fold pool events in, in order (the seven items of each: see the
+        """Fold pool events in, in order (the eight items of each: see the
         event kinds above).
 
         One call a batch, the kinds tested inline, commonest first, and the
@@ -1213,8 +1253,10 @@ class ProcessState:
         conns, out, holders = self.conns, self.checked_out, self.holders
         checkouts, holds, hold_total = (self.checkouts, self.holds,
                                         self.hold_total)
+        waits, wait_total, wait_max = (self.waits, self.wait_total,
+                                       self.wait_max)
         peak_conns, peak_out = self.peak_conns, self.peak_checked_out
-        for kind, ident, when, pool, site, scope, holder in events:
+        for kind, ident, when, pool, site, scope, holder, began in events:
             if kind is CHECKIN:
                 since = out.pop(ident, None)
                 if since is not None:
@@ -1223,6 +1265,14 @@ class ProcessState:
                     if holders.pop(ident, None) and self.held_at:
                         self.held_at.pop(ident, None)
             elif kind is CHECKOUT:
+                if began is not None:
+                    waited = when - began
+                    waits += 1
+                    wait_total += waited
+                    if waited > wait_max:
+                        wait_max = waited
+                    if waited >= WAITING_AFTER:
+                        self._long_waits.append((began, when))
                 if ident is None or ident in out:   # None: never seen open
                     continue
                 out[ident] = when
@@ -1238,33 +1288,82 @@ class ProcessState:
                 conns[ident] = pool
                 if len(conns) > peak_conns:
                     peak_conns = len(conns)
+                if began is not None:
+                    self.connects += 1
+                    self.connect_total += when - began
             elif kind is CLOSE:
                 conns.pop(ident, None)
                 handed.pop(ident, None)
                 if out.pop(ident, None) is not None:
                     self._forget_holder(ident)
+            elif kind is INVALIDATED:
+                self.invalidations += 1
+            elif kind is TIMED_OUT or kind is FAILED:
+                if kind is TIMED_OUT:
+                    self.timeouts += 1
+                else:
+                    self.failures += 1
+                waits += 1
+                wait_total += when - began
+                wait_max = max(wait_max, when - began)
+                if when - began >= WAITING_AFTER:
+                    self._long_waits.append((began, when))
             elif kind is POOL:
                 self.pools[ident] = pool
+                if site is not None:
+                    self.endpoints[ident] = dict(zip(ENDPOINT_FIELDS, site))
             elif kind is ENGINE_GONE:
                 for gone in self._forget_pool(ident):
                     handed.pop(gone, None)
         self.checkouts, self.holds, self.hold_total = (checkouts, holds,
                                                        hold_total)
+        self.waits, self.wait_total, self.wait_max = (waits, wait_total,
+                                                      wait_max)
         self.peak_conns, self.peak_checked_out = peak_conns, peak_out
+
+    def look_at_waiters(self, now: float,
+                        pending: Dict[int, List[float]]) -> None:
+        """Count the checkouts waiting now, per pool, from when each began
+        (``pending``: the measured pools' lists of those times), and the
+        most that waited at once since the last look: the waits that ended
+        meanwhile and the ones still going, laid side by side."""
+        waiting = {}
+        starts = []
+        for pool, began in list(pending.items()):
+            began = [t for t in list(began) if now - t >= WAITING_AFTER]
+            if began:
+                waiting[pool] = (len(began), min(began))
+                starts += began
+        self.waiting = waiting
+        moments = sorted([(t + WAITING_AFTER, 1) for t in starts]
+                         + [(t + WAITING_AFTER, 1)
+                            for t, _ in self._long_waits]
+                         + [(end, -1) for _, end in self._long_waits])
+        self._long_waits.clear()
+        at_once = 0
+        for _, step in moments:
+            at_once += step
+            self.peak_waiting = max(self.peak_waiting, at_once)
 
     def differs_visibly(self, sent: "ProcessState") -> bool:
         """Whether the daemon's counts would change with a message: which
-        connections are open and out, the pools, where long holders are;
-        not the counters and the ages."""
+        connections are open and out, the pools, where long holders are,
+        how many checkouts wait; not the counters and the ages."""
         return (self.conns.keys() != sent.conns.keys()
                 or self.checked_out.keys() != sent.checked_out.keys()
-                or self.pools != sent.pools or self.held_at != sent.held_at)
+                or self.pools != sent.pools or self.held_at != sent.held_at
+                or self.waiting_counts() != sent.waiting_counts())
+
+    def waiting_counts(self) -> Dict[int, int]:
+        return {pool: count for pool, (count, _) in self.waiting.items()}
 
     def _forget_pool(self, pool: int) -> List[int]:
         """An application that makes engine after engine must not grow
         its state (nor reach MAX_PROCESS_POOLS at the daemon).  Returns
         the connections forgotten."""
         self.pools.pop(pool, None)
+        self.endpoints.pop(pool, None)
+        self.waiting.pop(pool, None)
         gone = [c for c, owner in self.conns.items() if owner == pool]
         for ident in gone:
             del self.conns[ident]
@@ -1332,8 +1431,26 @@ class ProcessState:
                              if sent_held.get(c) != text])):
             if value:
                 message[key] = value
-        if sent is None or self.pools != sent.pools:
-            message["pools"] = [[p, limit] for p, limit in self.pools.items()]
+        for key, value in (
+                ("waits", self.waits and [round(self.wait_total, 6),
+                                          self.waits,
+                                          round(self.wait_max, 6)]),
+                ("timeouts", self.timeouts),
+                ("failures", self.failures),
+                ("connects", self.connects and [round(self.connect_total, 6),
+                                                self.connects]),
+                ("invalidations", self.invalidations),
+                ("peak_waiting", self.peak_waiting)):
+            if value:
+                message[key] = value
+        if self.waiting or sent is None or sent.waiting:
+            message["waiting"] = [[p, count, round(now - since, 6)]
+                                  for p, (count, since) in
+                                  self.waiting.items()]
+        if (sent is None or self.pools != sent.pools
+                or self.endpoints != sent.endpoints):
+            message["pools"] = [[p, limit, self.endpoints.get(p)]
+                                for p, limit in self.pools.items()]
         return message
 
     def frozen(self) -> "ProcessState":
@@ -1345,6 +1462,8 @@ class ProcessState:
         twin.conns = self.conns.copy()
         twin.checked_out = self.checked_out.copy()
         twin.pools = self.pools.copy()
+        twin.endpoints = self.endpoints.copy()
+        twin.waiting = self.waiting.copy()
         twin.held_at = self.held_at.copy()
         return twin
 
@@ -1355,6 +1474,8 @@ class ProcessState:
         twin.conns = dict(self.conns)
         twin.checked_out = dict(self.checked_out)
         twin.pools = dict(self.pools)
+        twin.endpoints = dict(self.endpoints)
+        twin.waiting = dict(self.waiting)
         twin.site_names = dict(self.site_names)
         twin.held_at = dict(self.held_at)
         return twin
@@ -1365,14 +1486,16 @@ class ProcessState:
         """Apply a "state" or "update" message, validating every field.
 
         "state" replaces everything.  Returns the message's counters: the
-        checkout count, the hold time sum and count, and the peaks.
+        checkout count, the hold time sum and count, the peaks, and the
+        pool pressure (see ``pressure_of``).
         """
         connect = _pairs(message, "connect", _is_int)
         close = _ints(message, "close")
         checkout = _pairs(message, "checkout", _is_age)
         checkin = _ints(message, "checkin")
-        pools = (_pairs(message, "pools", _is_limit)
-                 if "pools" in message else None)
+        pools = _pools(message) if "pools" in message else None
+        waiting = _waiting(message) if "waiting" in message else None
+        pressure = pressure_of(message)
         sites = _pairs(message, "sites", _is_location, optional=True)
         checkout_sites = _pairs(message, "checkout_sites", _is_int,
                                 optional=True)
@@ -1397,11 +1520,17 @@ class ProcessState:
                                 "process")
         if message["op"] == "state":
             for table in (self.conns, self.checked_out, self.pools,
-                          self.holders, self.site_names, self.held_at,
+                          self.endpoints, self.waiting, self.holders,
+                          self.site_names, self.held_at,
                           self._held_texts, self._site_holders):
                 table.clear()
         if pools is not None:
-            self.pools = dict(pools)
+            self.pools = {pool: limit for pool, limit, _ in pools}
+            self.endpoints = {pool: endpoint for pool, _, endpoint in pools
+                              if endpoint is not None}
+        if waiting is not None:
+            self.waiting = {pool: (count, now - age)
+                            for pool, count, age in waiting}
         self.conns.update(connect)
         unknown = 0   # events for connections the process never announced
         for ident in close:
@@ -1431,10 +1560,13 @@ class ProcessState:
         self.max_conns = max(self.max_conns, peak[0], len(self.conns))
         self.max_checked_out = max(self.max_checked_out, peak[1],
                                    len(self.checked_out))
+        pressure["peak_waiting"] = max(pressure["peak_waiting"],
+                                       self.waiting_count)
+        self.max_waiting = max(self.max_waiting, pressure["peak_waiting"])
         return {"checkouts": checkouts, "hold_total": hold[0],
                 "holds": hold[1], "peak_conns": max(peak[0], len(self.conns)),
                 "peak_checked_out": max(peak[1], len(self.checked_out)),
-                "unknown": unknown}
+                "unknown": unknown, **pressure}
 
     def _held_text(self, text: str) -> str:
         """One copy of each held-at text (thousands of holders are held
@@ -1480,6 +1612,25 @@ class ProcessState:
                               if ident in self.checked_out)
 
     @property
+    def waiting_since(self) -> Optional[float]:
+        """When the longest of the checkouts waiting now began waiting."""
+        return min((since for _, since in self.waiting.values()),
+                   default=None)
+
+    def pool_figures(self) -> Dict[int, Dict[str, Any]]:
+        """Per pool: its database, limit, connections, checkouts and
+        checkouts waiting."""
+        figures = {pool: {"endpoint": self.endpoints.get(pool),
+                          "limit": limit, "conn": 0, "ckout": 0,
+                          "waiting": self.waiting.get(pool, (0, 0.0))[0]}
+                   for pool, limit in self.pools.items()}
+        for ident, pool in self.conns.items():
+            if pool in figures:
+                figures[pool]["conn"] += 1
+                figures[pool]["ckout"] += ident in self.checked_out
+        return figures
+
+    @property
     def limit(self) -> Optional[int]:
         """Capacity of all this process's pools; None if any is unlimited."""
         if any(limit is None for limit in self.pools.values()):
@@ -1508,6 +1659,71 @@ def _is_limit(value: Any) -> bool:
     return value is None or _is_count(value)
 
 
+def pressure_of(message: Dict[str, Any]) -> Dict[str, Any]:
+    """An update's pool pressure since the previous one, each key optional
+    (absent: none): "waits" [seconds, count, longest seconds] of the
+    checkouts that waited (whether they got a connection or not),
+    "timeouts" and "failures" (checkouts that gave up, or failed to open
+    a connection), "connects" [seconds, count] of the connections opened,
+    "invalidations", and "peak_waiting", the most checkouts waiting at
+    once."""
+    waits = message.get("waits", [0.0, 0, 0.0])
+    connects = message.get("connects", [0.0, 0])
+    counts = {key: message.get(key, 0) for key in (
+        "timeouts", "failures", "invalidations", "peak_waiting")}
+    if not (isinstance(waits, list) and len(waits) == 3
+            and _is_age(waits[0]) and _is_count(waits[1])
+            and _is_age(waits[2])
+            and isinstance(connects, list) and len(connects) == 2
+            and _is_age(connects[0]) and _is_count(connects[1])
+            and all(map(_is_count, counts.values()))):
+        raise ProtocolError(f"{message['op']}: 'waits' must be [seconds, "
+                            "count, seconds], 'connects' [seconds, count], "
+                            "'timeouts', 'failures', 'invalidations' and "
+                            "'peak_waiting' counts")
+    return {"wait_total": waits[0], "waits": waits[1],
+            "wait_max": waits[2], "connect_total": connects[0],
+            "connects": connects[1], **counts}
+
+
+def _is_endpoint(value: Any) -> bool:
+    """None, or a pool's database: its backend, host, port, database name
+    and user (any but the backend may be null)."""
+    return value is None or (
+        isinstance(value, dict) and set(value) == set(ENDPOINT_FIELDS)
+        and is_text(value["backend"], MAX_NAME)
+        and all(value[key] is None or is_text(value[key], MAX_NAME)
+                for key in ("host", "database", "user"))
+        and (value["port"] is None or (_is_count(value["port"])
+                                       and value["port"] < 65536)))
+
+
+def _pools(message: Dict[str, Any]) -> List[list]:
+    """"pools": [[pool, limit, endpoint], ...] (endpoint optional)."""
+    value = message.get("pools")
+    if not isinstance(value, list) or not all(
+            isinstance(item, list) and len(item) in (2, 3)
+            and _is_int(item[0]) and _is_limit(item[1])
+            and (len(item) == 2 or _is_endpoint(item[2])) for item in value):
+        raise ProtocolError(f"{message['op']}: 'pools' must be a list of "
+                            "[pool, limit, endpoint]")
+    return [item if len(item) == 3 else item + [None] for item in value]
+
+
+def _waiting(message: Dict[str, Any]) -> List[list]:
+    """"waiting": [[pool, checkouts waiting, seconds the longest has
+    waited], ...]."""
+    value = message.get("waiting")
+    if not (isinstance(value, list) and len(value) <= MAX_PROCESS_POOLS
+            and all(isinstance(item, list) and len(item) == 3
+                    and _is_int(item[0]) and _is_count(item[1])
+                    and _is_age(item[2]) for item in value)):
+        raise ProtocolError(f"{message['op']}: 'waiting' must be a list of "
+                            f"at most {MAX_PROCESS_POOLS} [pool, count, "
+                            "seconds]")
+    return value
+
+
 def _ints(message: Dict[str, Any], key: str) -> List[int]:
     value = message.get(key)
     if not isinstance(value, list) or not all(map(_is_int, value)):
@@ -1532,14 +1748,16 @@ def _pairs(message: Dict[str, Any], key: str, check,
 
 
 class RateMeter:
-    """Events per second over the last complete second."""
+    """Events per second over the last complete second, and their total
+    since the daemon started."""
 
-    __slots__ = ("second", "count", "last")
+    __slots__ = ("second", "count", "last", "total")
 
     def __init__(self) -> None:
         self.second = 0
         self.count = 0
         self.last = 0
+        self.total = 0
 
     def add(self, when: float, count: int = 1) -> None:
         second = int(when)
@@ -1547,6 +1765,7 @@ class RateMeter:
             self.last = self.count if second == self.second + 1 else 0
             self.second, self.count = second, 0
         self.count += count
+        self.total += count
 
     def rate(self, now: float) -> int:
         second = int(now)
@@ -1555,36 +1774,47 @@ class RateMeter:
         return self.count if second == self.second + 1 else 0
 
 
-class HoldMeter:
-    """Mean checkout hold time of the checkins reported over the last
-    complete second (RateMeter's window), so it reads like ckout/s."""
+class DurationMeter:
+    """Durations (checkout holds, waits, connects): their mean and their
+    longest over the last complete second (RateMeter's window), so they
+    read like ckout/s, and their sum and count since the daemon started
+    (a Prometheus summary)."""
 
-    __slots__ = ("second", "total", "count", "last")
+    __slots__ = ("second", "current", "last", "seconds_total", "total")
 
     def __init__(self) -> None:
         self.second = 0
-        self.total, self.count = 0.0, 0
-        self.last: Tuple[float, int] = (0.0, 0)
+        self.current = self.last = (0.0, 0, 0.0)   # seconds, count, longest
+        self.seconds_total, self.total = 0.0, 0
 
-    def add(self, when: float, total: float, count: int) -> None:
+    def add(self, when: float, seconds: float, count: int,
+            longest: float = 0.0) -> None:
         second = int(when)
         if second > self.second:
-            self.last = ((self.total, self.count)
-                         if second == self.second + 1 else (0.0, 0))
-            self.second, self.total, self.count = second, 0.0, 0
-        self.total += total
-        self.count += count
+            self.last = (self.current if second == self.second + 1
+                         else (0.0, 0, 0.0))
+            self.second, self.current = second, (0.0, 0, 0.0)
+        total, number, most = self.current
+        self.current = (total + seconds, number + count, max(most, longest))
+        self.seconds_total += seconds
+        self.total += count
 
-    def mean_ms(self, now: float) -> Optional[float]:
-        """Milliseconds; None when nothing was checked in in the window."""
+    def _window(self, now: float) -> Tuple[float, int, float]:
         second = int(now)
         if second == self.second:
-            total, count = self.last
-        elif second == self.second + 1:
-            total, count = self.total, self.count
-        else:
-            return None
+            return self.last
+        if second == self.second + 1:
+            return self.current
+        return 0.0, 0, 0.0
+
+    def mean_ms(self, now: float) -> Optional[float]:
+        """Milliseconds; None when there were none in the window."""
+        total, count, _ = self._window(now)
         return round(total / count * 1000, 1) if count else None
+
+    def max_ms(self, now: float) -> Optional[float]:
+        _, count, longest = self._window(now)
+        return round(longest * 1000, 1) if count else None
 
 
 class ProgramRow:
@@ -1593,35 +1823,57 @@ class ProgramRow:
     def __init__(self, hostname: str, progname: str):
         self.hostname = hostname
         self.progname = progname
-        self.nproc = self.conn = self.ckout = 0
-        self.maxnproc = self.maxconn = self.maxckout = 0
+        self.nproc = self.conn = self.ckout = self.waiting = 0
+        self.maxnproc = self.maxconn = self.maxckout = self.maxwaiting = 0
         self.checkouts = RateMeter()
-        self.ckout_total = 0    # checkouts since the daemon started
-        self.holds = HoldMeter()
+        self.holds = DurationMeter()
+        # Pool pressure: checkouts that waited, gave up or failed; the
+        # connections opened and invalidated.
+        self.waits = DurationMeter()
+        self.timeouts = RateMeter()
+        self.failures = RateMeter()
+        self.connects = DurationMeter()
+        self.invalidations = RateMeter()
         self.gone_since = time.monotonic()   # while no process is attached
 
-    def add(self, nproc: int, conn: int, ckout: int,
-            peak_conn: int = 0, peak_ckout: int = 0) -> None:
+    def add(self, nproc: int, conn: int, ckout: int, waiting: int = 0,
+            peak_conn: int = 0, peak_ckout: int = 0,
+            peak_waiting: int = 0) -> None:
         """Change the totals; ``peak_*`` are how far above the new totals
         they went in between (a burst inside one update)."""
         self.nproc += nproc
         self.conn += conn
         self.ckout += ckout
+        self.waiting += waiting
         if nproc and not self.nproc:
             self.gone_since = time.monotonic()
         self.maxnproc = max(self.maxnproc, self.nproc)
         self.maxconn = max(self.maxconn, self.conn + peak_conn)
         self.maxckout = max(self.maxckout, self.ckout + peak_ckout)
+        self.maxwaiting = max(self.maxwaiting, self.waiting + peak_waiting)
+
+    def count(self, now: float, counters: Dict[str, Any]) -> None:
+        """Add an update's counters (ProcessState.update's answer)."""
+        self.checkouts.add(now, counters["checkouts"])
+        self.holds.add(now, counters["hold_total"], counters["holds"])
+        self.waits.add(now, counters["wait_total"], counters["waits"],
+                       counters["wait_max"])
+        self.connects.add(now, counters["connect_total"],
+                          counters["connects"])
+        self.timeouts.add(now, counters["timeouts"])
+        self.failures.add(now, counters["failures"])
+        self.invalidations.add(now, counters["invalidations"])
 
     def clear_maxima(self) -> None:
-        self.maxnproc, self.maxconn, self.maxckout = (
-            self.nproc, self.conn, self.ckout)
+        self.maxnproc, self.maxconn, self.maxckout, self.maxwaiting = (
+            self.nproc, self.conn, self.ckout, self.waiting)
 
     def frozen(self) -> "ProgramRow":
         twin = ProgramRow.__new__(ProgramRow)
         twin.__dict__.update(self.__dict__)
-        twin.checkouts, twin.holds = (copy.copy(self.checkouts),
-                                      copy.copy(self.holds))
+        for meter in ("checkouts", "holds", "waits", "timeouts", "failures",
+                      "connects", "invalidations"):
+            setattr(twin, meter, copy.copy(getattr(self, meter)))
         return twin
 
 
@@ -1652,11 +1904,14 @@ class Picture:
         self.rows: Dict[Tuple[str, str], ProgramRow] = {}
         self.host_nproc: collections.Counter = collections.Counter()
         self.by_origin: collections.Counter = collections.Counter()
-        self.connections = self.checkouts = 0
+        self.connections = self.checkouts = self.waiting = 0
         self.max_hosts = self.max_processes = 0
-        self.max_connections = self.max_checkouts = 0
+        self.max_connections = self.max_checkouts = self.max_waiting = 0
         self.max_since = time.time()   # the maxima run from then
         self.clears = 0   # maxima cleared so often, here or on a peer
+        # host:port of a database server -> its max_connections, as the
+        # operator configured it (see database_servers in the README)
+        self.server_limits: Dict[str, int] = {}
 
     def _row(self, key: Tuple[str, str]) -> ProgramRow:
         row = self.rows.get(key)
@@ -1685,21 +1940,26 @@ class Picture:
     def _add(self, proc: ProcessState, sign: int) -> None:
         """Count a whole process in (sign 1) or out (sign -1)."""
         conns, checkouts = sign * len(proc.conns), sign * len(proc.checked_out)
-        self._row(proc.key).add(sign, conns, checkouts)
+        waiting = sign * proc.waiting_count
+        self._row(proc.key).add(sign, conns, checkouts, waiting)
         self.by_origin[proc.origin] += sign
         self.host_nproc[proc.hostname] += sign
         if self.host_nproc[proc.hostname] <= 0:
             del self.host_nproc[proc.hostname]
-        self._totals(conns, checkouts)
+        self._totals(conns, checkouts, waiting)
 
-    def _totals(self, conns: int, checkouts: int, peak_conns: int = 0,
-                peak_checkouts: int = 0) -> None:
+    def _totals(self, conns: int, checkouts: int, waiting: int,
+                peak_conns: int = 0, peak_checkouts: int = 0,
+                peak_waiting: int = 0) -> None:
         self.connections += conns
         self.checkouts += checkouts
+        self.waiting += waiting
         self.max_connections = max(self.max_connections,
                                    self.connections + peak_conns)
         self.max_checkouts = max(self.max_checkouts,
                                  self.checkouts + peak_checkouts)
+        self.max_waiting = max(self.max_waiting,
+                               self.waiting + peak_waiting)
         self.max_processes = max(self.max_processes, len(self.processes))
         self.max_hosts = max(self.max_hosts, len(self.host_nproc))
 
@@ -1809,18 +2069,16 @@ class Picture:
                     origin in (None, parked.origin)):
                 parked.update(message, now)   # kept current, not counted
             return None
-        conns, checked_out = len(proc.conns), len(proc.checked_out)
+        before = (len(proc.conns), len(proc.checked_out), proc.waiting_count)
         counters = proc.update(message, now)
-        conns, checked_out = (len(proc.conns) - conns,
-                              len(proc.checked_out) - checked_out)
-        peaks = (counters["peak_conns"] - len(proc.conns),
-                 counters["peak_checked_out"] - len(proc.checked_out))
+        after = (len(proc.conns), len(proc.checked_out), proc.waiting_count)
+        changes = [new - old for new, old in zip(after, before)]
+        peaks = [counters[key] - new for key, new in zip(
+            ("peak_conns", "peak_checked_out", "peak_waiting"), after)]
         row = self._row(proc.key)
-        row.add(0, conns, checked_out, *peaks)
-        row.checkouts.add(now, counters["checkouts"])
-        row.ckout_total += counters["checkouts"]
-        row.holds.add(now, counters["hold_total"], counters["holds"])
-        self._totals(conns, checked_out, *peaks)
+        row.add(0, *changes, *peaks)
+        row.count(now, counters)
+        self._totals(*changes, *peaks)
         return counters["unknown"]
 
     MAXIMA_ROWS = 250   # rows a "maxima" message: always under 1 MiB
@@ -1873,10 +2131,11 @@ class Picture:
         for proc in self.processes.values():
             proc.max_conns = len(proc.conns)
             proc.max_checked_out = len(proc.checked_out)
+            proc.max_waiting = proc.waiting_count
         self.max_hosts, self.max_processes = (len(self.host_nproc),
                                               len(self.processes))
-        self.max_connections, self.max_checkouts = (self.connections,
-                                                    self.checkouts)
+        self.max_connections, self.max_checkouts, self.max_waiting = (
+            self.connections, self.checkouts, self.waiting)
         self.max_since = time.time()
 
     def frozen(self) -> "Picture":
@@ -1888,17 +2147,21 @@ class Picture:
                           for ident, proc in self.processes.items()}
         twin.rows = {key: row.frozen() for key, row in self.rows.items()}
         twin.host_nproc = self.host_nproc.copy()
+        twin.server_limits = self.server_limits.copy()
         return twin
 
     def snapshot(self, now: float, procs: bool = False) -> Dict[str, Any]:
         """The JSON snapshot of DESIGN.md (without "service" and "node").
 
-        With ``procs``, each row also lists its live processes.  "oldest"
-        is the age in seconds of the longest checked-out connection (the
-        leak finder), "limit" the pools' summed capacity (None when any is
-        unlimited), "exhausted" whether every connection allowed is out.
+        With ``procs``, each row also lists its live processes (and each
+        process its pools).  "oldest" is the age in seconds of the longest
+        checked-out connection (the leak finder), "limit" the pools'
+        summed capacity (None when any is unlimited), "exhausted" whether
+        every connection allowed is out; see row_pressure for the pool
+        pressure, and databases for "databases".
         """
         oldest: Dict[Tuple[str, str], float] = {}
+        waited: Dict[Tuple[str, str], float] = {}
         limits: Dict[Tuple[str, str], Optional[int]] = {}
         sites: Dict[Tuple[str, str], Dict[Optional[str], dict]] = {}
         for proc in self.processes.values():
@@ -1906,6 +2169,9 @@ class Picture:
                 since = min(proc.checked_out.values())
                 oldest[proc.key] = min(since, oldest.get(proc.key, since))
                 proc.count_sites(sites.setdefault(proc.key, {}), now)
+            if proc.waiting:
+                since = proc.waiting_since
+                waited[proc.key] = min(since, waited.get(proc.key, since))
             total, limit = limits.get(proc.key, 0), proc.limit
             limits[proc.key] = (None if total is None or limit is None
                                 else total + limit)
@@ -1920,12 +2186,13 @@ class Picture:
             "maxconn": row.maxconn,
             "maxckout": row.maxckout,
             "ckout_per_sec": row.checkouts.rate(now),
-            "ckout_total": row.ckout_total,
+            "ckout_total": row.checkouts.total,
             "hold_ms": row.holds.mean_ms(now),
             "oldest": _age(now, oldest.get(key)),
             "limit": limits.get(key),
             "exhausted": is_exhausted(row.ckout, limits.get(key)),
             "sites": top_sites(sites.get(key, {})),
+            **row_pressure(row, now, waited.get(key)),
         } for key, row in sorted(self.rows.items())]
         if procs:
             by_row: Dict[Tuple[str, str], list] = {}
@@ -1944,6 +2211,11 @@ class Picture:
                     "exhausted": is_exhausted(len(proc.checked_out),
                                               proc.limit),
                     "long_holders": proc.long_holders(now),
+                    "waiting": proc.waiting_count,
+                    "maxwaiting": proc.max_waiting,
+                    "longest_wait_ms": _ms(now, proc.waiting_since),
+                    "pools": [{"pool": pool, **figures} for pool, figures
+                              in sorted(proc.pool_figures().items())],
                 })
             for row in rows:
                 row["procs"] = by_row.get((row["hostname"], row["progname"]),
@@ -1959,8 +2231,123 @@ class Picture:
             "max_checkouts": self.max_checkouts,
             "max_since": round(self.max_since, 3),
             "checkouts_per_sec": sum(r["ckout_per_sec"] for r in rows),
+            "waiting": self.waiting,
+            "max_waiting": self.max_waiting,
+            **{key: sum(r[key] for r in rows) for key in (
+                "timeouts_per_sec", "connect_errors_per_sec",
+                "invalidations_per_sec")},
             "rows": rows,
+            "databases": databases(self.processes.values(),
+                                   self.server_limits),
         }
+
+
+def row_pressure(row: ProgramRow, now: float,
+                 waiting_since: Optional[float]) -> Dict[str, Any]:
+    """A row's pool pressure: the checkouts waiting now and at most, how
+    long checkouts waited (mean and longest over the last second, the
+    longest wait still going), timeouts, connect errors and times,
+    invalidations; and the running sums the Prometheus summaries need."""
+    return {
+        "waiting": row.waiting,
+        "maxwaiting": row.maxwaiting,
+        "wait_ms": row.waits.mean_ms(now),
+        "wait_max_ms": row.waits.max_ms(now),
+        "longest_wait_ms": _ms(now, waiting_since),
+        "timeouts_per_sec": row.timeouts.rate(now),
+        "timeouts_total": row.timeouts.total,
+        "connect_ms": row.connects.mean_ms(now),
+        "connect_errors_per_sec": row.failures.rate(now),
+        "connect_errors_total": row.failures.total,
+        "invalidations_per_sec": row.invalidations.rate(now),
+        "invalidations_total": row.invalidations.total,
+        "wait_seconds_total": round(row.waits.seconds_total, 6),
+        "waits_total": row.waits.total,
+        "connect_seconds_total": round(row.connects.seconds_total, 6),
+        "connects_total": row.connects.total,
+        "hold_seconds_total": round(row.holds.seconds_total, 6),
+        "holds_total": row.holds.total,
+    }
+
+
+def server_name(endpoint: Optional[Dict[str, Any]]) -> Optional[str]:
+    """"host:port" of a pool's database server; the backend alone for a
+    database without one (SQLite); None when not reported."""
+    if endpoint is None:
+        return None
+    if endpoint["host"] is None:
+        return endpoint["backend"]
+    if endpoint["port"] is None:
+        return endpoint["host"]
+    return format_address((endpoint["host"], endpoint["port"]))
+
+
+class _Holdings:
+    """What a fleet's pools hold on one database server or database."""
+
+    def __init__(self) -> None:
+        self.conn = self.ckout = self.waiting = 0
+        self.limit: Optional[int] = 0
+        self.processes: set = set()
+        self.programs: Dict[Tuple[str, str], "_Holdings"] = {}
+
+    def add(self, proc: ProcessState, figures: Dict[str, Any],
+            by_program: bool = True) -> None:
+        self.conn += figures["conn"]
+        self.ckout += figures["ckout"]
+        self.waiting += figures["waiting"]
+        self.limit = (None if self.limit is None or figures["limit"] is None
+                      else self.limit + figures["limit"])
+        self.processes.add(proc.ident)
+        if by_program:
+            self.programs.setdefault(proc.key, _Holdings()).add(
+                proc, figures, by_program=False)
+
+    def figures(self) -> Dict[str, Any]:
+        figures = {"conn": self.conn, "ckout": self.ckout,
+                   "waiting": self.waiting, "limit": self.limit,
+                   "nproc": len(self.processes)}
+        if self.programs:
+            figures["nprog"] = len(self.programs)
+        return figures
+
+
+def databases(processes: Iterable[ProcessState],
+              server_limits: Dict[str, int]) -> List[Dict[str, Any]]:
+    """The snapshot's "databases": per database server, then per database
+    on it, what the fleet's pools hold (connections, checkouts, waiting,
+    their summed limits; None when any pool is unlimited), how many
+    processes and programs; per server its programs, and the server's own
+    max_connections when the operator configured it."""
+    servers: Dict[Any, Tuple[Dict[str, Any], _Holdings, dict]] = {}
+    for proc in processes:
+        for figures in proc.pool_figures().values():
+            endpoint = figures["endpoint"] or {}
+            name = server_name(figures["endpoint"])
+            if name not in servers:
+                servers[name] = (endpoint, _Holdings(), {})
+            _, server, names = servers[name]
+            server.add(proc, figures)
+            database = names.get(endpoint.get("database"))
+            if database is None:
+                database = names[endpoint.get("database")] = (_Holdings(),
+                                                              set())
+            database[0].add(proc, figures)
+            if endpoint.get("user") is not None:
+                database[1].add(endpoint["user"])
+    return [{
+        "server": name,
+        "backend": endpoint.get("backend"),
+        "max_connections": server_limits.get(name),
+        **server.figures(),
+        "programs": [{"hostname": hostname, "progname": progname,
+                      **program.figures()} for (hostname, progname), program
+                     in sorted(server.programs.items())],
+        "databases": [{"database": database, "users": sorted(users),
+                       **holdings.figures()} for database, (holdings, users)
+                      in sorted(names.items(), key=lambda i: i[0] or "")],
+    } for name, (endpoint, server, names) in sorted(
+        servers.items(), key=lambda item: item[0] or "")]
 
 
 TOP_SITES = 10   # checkout sites listed per host+program
@@ -1988,6 +2375,10 @@ def _age(now: float, since: Optional[float]) -> Optional[float]:
     return None if since is None else round(max(0.0, now - since), 1)
 
 
+def _ms(now: float, since: Optional[float]) -> Optional[float]:
+    return None if since is None else round(max(0.0, now - since) * 1000, 1)
+
+
 def is_exhausted(ckout: int, limit: Optional[int]) -> bool:
     """Every connection the pools allow is checked out: threads that want
     one more wait (and time out)."""
@@ -2000,6 +2391,7 @@ def is_exhausted(ckout: int, limit: Optional[int]) -> bool:
 
 FLUSH_DELAY = 0.025      # gather a batch for this long after the first event
 COUNTERS_DELAY = 1.0     # checkout counts and hold times may wait this long
+WAITERS_LOOK = 0.2       # how often checkouts waiting are counted
 RECONNECT_MIN = 0.1      # first retry after a lost connection
 RECONNECT_MAX = 5.0      # retries back off to at most this many seconds
 SEND_TIMEOUT = 5.0       # a daemon that does not read for this long is lost
@@ -2190,15 +2582,18 @@ class Sender:
         self.security = security
         self.hold_warn = hold_warn
         self.events: List[Any] = []   # see the event kinds
+        # pool -> when each checkout now in a measured pool's connect()
+        # began (the pool's MeasuredPool.connmon_probe.pending)
+        self.pending: Dict[int, List[float]] = {}
         # connection -> the holder (thread, greenlet, task) of its last
         # checkout, from the checkout listener to the leak finder: the
         # queue holds no object the garbage collector tracks, so the
         # holder's id() travels there and the holder itself waits here
         # (until the connection is checked out again or closed).
         self.handed: Dict[int, Any] = {}
-        # pool -> capacity, of the engines alive: what a forked child
-        # announces before it has folded any event of its own
-        self.pool_limits: Dict[int, Optional[int]] = {}
+        # pool -> (capacity, endpoint), of the engines alive: what a forked
+        # child announces before it has folded any event of its own
+        self.announced: Dict[int, Tuple[Optional[int], Any]] = {}
         self._conn: Optional[Connection] = None   # to connmond, when up
         self._begin()
 
@@ -2210,7 +2605,8 @@ class Sender:
         self.state = ProcessState(os.urandom(8).hex(),
                                   printable(socket.gethostname(), MAX_NAME),
                                   progname(), os.getpid())
-        self.state.pools = dict(self.pool_limits)
+        self.state.fold((POOL, pool, 0.0, limit, endpoint, None, None, None)
+                        for pool, (limit, endpoint) in self.announced.items())
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent
         self._scanned = 0.0   # when long holders were last looked at
@@ -2233,6 +2629,8 @@ class Sender:
         for fd in (self._wake_read, self._wake_write, self._news_read,
                    self._news_write):
             os.close(fd)
+        for began in self.pending.values():   # the parent's threads' waits
+            began.clear()
         self._begin()
 
     def wake(self, start: bool = True) -> None:
@@ -2323,7 +2721,10 @@ class Sender:
                 self._scanned = now
                 state.look_at_long_holders(now, self.hold_warn,
                                            self.handed)
-            counted = state.checkouts or state.holds   # since the last send
+            state.look_at_waiters(now, self.pending)
+            counted = (state.checkouts or state.holds or state.waits
+                       or state.connects or state.invalidations)   # since
+            # the last send (the daemon ages a wait in progress by itself)
             news = state.differs_visibly(self._sent) or (
                 counted and (quiet or now - self._sent_at >= COUNTERS_DELAY))
         if news:
@@ -2427,12 +2828,16 @@ class Sender:
         conn.send(message)
 
     def _scan_due(self) -> Optional[float]:
-        """Seconds until the fold thread next looks at long holders; None
-        while no connection with a known holder is out (nothing to do)."""
-        if not self.state.holders:
-            return None
-        interval = min(5.0, self.hold_warn / 2)
-        return max(0.0, self._scanned + interval - time.monotonic())
+        """Seconds until the fold thread next looks at long holders, or
+        counts the checkouts waiting (every WAITERS_LOOK while any wait);
+        None while neither is needed (nothing to do)."""
+        due = None
+        if self.state.holders:
+            interval = min(5.0, self.hold_warn / 2)
+            due = max(0.0, self._scanned + interval - time.monotonic())
+        if self.state.waiting or any(self.pending.values()):
+            due = min(WAITERS_LOOK, WAITERS_LOOK if due is None else due)
+        return due
 
     def _drain(self) -> None:
         """Fold the queued events into our state.  Listeners only ever add
@@ -2485,7 +2890,12 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # ---------------------------------------------------------------------------
 
 URL_PARAMETERS = ("connmon_service", "connmon_addr", "connmon_config",
-                  "connmon_secret_file", "connmon_sites")
+                  "connmon_secret_file", "connmon_sites", "connmon_endpoint")
+# The switches: URL parameter -> (the service's option, what 1 does)
+SWITCHES = {"connmon_sites": ("checkout_sites", "note checkout sites"),
+            "connmon_endpoint": ("report_endpoints",
+                                 "report the database's host, port, name "
+                                 "and user")}
 CONN_ID = "connmon_id"       # ConnectionPoolEntry.info key: our connection id
 CONN_POOL = "connmon_pool"   # ... and the pool the connection was made for
 
@@ -2505,9 +2915,9 @@ def url_settings(query: Dict[str, Any]) -> Dict[str, str]:
                               + ", ".join(URL_PARAMETERS))
         if isinstance(value, tuple):
             raise ConfigError(f"URL parameter {key!r} is given more than once")
-        if key == "connmon_sites" and value not in ("0", "1"):
-            raise ConfigError(f"URL parameter connmon_sites={value!r}: say 1 "
-                              "(note checkout sites, the default) or 0")
+        if key in SWITCHES and value not in ("0", "1"):
+            raise ConfigError(f"URL parameter {key}={value!r}: say 1 "
+                              f"({SWITCHES[key][1]}, the default) or 0")
         settings[key] = value
     return settings
 
@@ -2519,6 +2929,7 @@ class Target(NamedTuple):
     security: Security
     hold_warn: float            # hold_warn_seconds
     sites: bool                 # note checkout sites
+    endpoints: bool             # report each pool's database
 
 
 def resolve_target(settings: Dict[str, str]) -> Target:
@@ -2535,16 +2946,17 @@ def resolve_target(settings: Dict[str, str]) -> Target:
                             else None)
         return Target([address], format_address(address), security,
                       DEFAULT_HOLD_WARN,
-                      settings.get("connmon_sites", "1") == "1")
+                      *(settings.get(key, "1") == "1" for key in SWITCHES))
     service = find_service(settings.get("connmon_service", DEFAULT_SERVICE),
                            settings.get("connmon_config"))
     security = Security.of_service(service, secret_file)
     security.client_context()   # a bad TLS file fails here, at start-up
-    sites = (settings["connmon_sites"] == "1" if "connmon_sites" in settings
-             else option_value(service, "checkout_sites"))
+    switches = [settings[key] == "1" if key in settings
+                else option_value(service, option)
+                for key, (option, _) in SWITCHES.items()]
     return Target([node.address for node in service.nodes],
                   f"service {service.name!r}", security,
-                  option_value(service, "hold_warn_seconds"), sites)
+                  option_value(service, "hold_warn_seconds"), *switches)
 
 
 def _pool_limit(pool) -> Optional[int]:
@@ -2561,15 +2973,177 @@ def _pool_limit(pool) -> Optional[int]:
 
 def _engine_gone(sender: Sender, pool_id: int) -> None:
     """An instrumented engine was collected (weakref.finalize)."""
-    sender.pool_limits.pop(pool_id, None)
+    sender.announced.pop(pool_id, None)
+    sender.pending.pop(pool_id, None)
     sender.events.extend((ENGINE_GONE, pool_id, time.monotonic(), None, None,
-                          None, None))
+                          None, None, None))
     sender.wake(start=False)
 
 
+class PoolProbe:
+    """What one monitored engine's pool reports through: its sender's
+    queue, its pool id, whether checkout sites are noted (and how to find
+    a checkout's holder: see holder_finder), and when each checkout now in
+    its connect() began."""
+
+    __slots__ = ("record", "sender", "pool_id", "sites", "holders",
+                 "pending")
+
+    def __init__(self, sender: Sender, pool_id: int, sites: bool,
+                 holders: Tuple[Any, Any]):
+        self.record = sender.events.extend
+        self.sender = sender
+        self.pool_id = pool_id
+        self.sites = sites
+        self.holders = holders
+        self.pending: List[float] = sender.pending.setdefault(pool_id, [])
+
+    def checked_out(self, info: Dict[str, Any],
+                    began: Optional[float]) -> None:
+        """Queue a checkout (``began``: when the application asked, None
+        when not known), with its site and holder.  Runs on the
+        application's thread, for every checkout: the site is looked for
+        at the depth the last one was found first (see checkout_site)."""
+        ident = info.get(CONN_ID)
+        site = scope = holder = None
+        if self.sites:
+            try:
+                frame = _getframe(_site_depth)
+                site = _sites.get((id(frame.f_code), frame.f_lasti))
+            except ValueError:   # a shallower stack
+                pass
+            if site is None:
+                site, frame = checkout_site()
+            if site is not None:   # see holder_verdict
+                scope = id(frame)
+                current_holder, first_holder = self.holders
+                self.sender.handed[ident] = who = (current_holder()
+                                                   or first_holder())
+                holder = id(who)
+        now = _clock()
+        self.record((CHECKOUT, ident, now, self.pool_id, site, scope,
+                     holder, began))
+        if now > self.sender.wake_until:
+            self.sender.wake()
+
+    def gave_up(self, error: BaseException, began: float) -> None:
+        """A checkout that raised: a timeout, or a connection that could
+        not be opened (a task cancelled while it waited is neither)."""
+        if isinstance(error, Exception):
+            from sqlalchemy.exc import TimeoutError
+            kind = TIMED_OUT if isinstance(error, TimeoutError) else FAILED
+            now = _clock()
+            self.record((kind, None, now, self.pool_id, None, None, None,
+                         began))
+            if now > self.sender.wake_until:
+                self.sender.wake()
+
+
+_clock = time.monotonic
+_getframe = sys._getframe
+
+
+class MeasuredPool:
+    """Mixed into the pool class an engine would have used, to see what no
+    pool event shows: the checkouts waiting for a connection, how long they
+    wait, and those that give up.  SQLAlchemy has no "before checkout"
+    event, so the class overrides the public ``Pool.connect()`` (see
+    measured_connect); which also queues the checkout itself, and so
+    spares the pool a checkout listener.
+
+    ``connmon_probe`` is set by instrument(); until then, and for an engine
+    connmon does not monitor, connect() is the pool's own.
+    """
+
+    connmon_probe: Optional[PoolProbe] = None
+
+    def recreate(self):
+        """engine.dispose() replaces the pool: the new one reports alike."""
+        pool = super().recreate()
+        pool.connmon_probe = self.connmon_probe
+        return pool
+
+
+def measured_connect(pool_connect):
+    """The connect() of a measured pool class whose own is
+    ``pool_connect``: called directly, since super() on every checkout
+    costs a measurable share of it."""
+    def connect(self):
+        probe = self.connmon_probe
+        if probe is None:
+            return pool_connect(self)
+        pending = probe.pending
+        began = _clock()
+        pending.append(began)
+        if began > probe.sender.wake_until:   # to count it while it waits
+            probe.sender.wake()
+        try:
+            fairy = pool_connect(self)
+        except BaseException as error:
+            pending.remove(began)
+            probe.gave_up(error, began)
+            raise
+        pending.remove(began)
+        probe.checked_out(fairy.info, began)
+        return fairy
+
+    connect.__doc__ = pool_connect.__doc__
+    return connect
+
+
+_measured_classes: Dict[type, type] = {}
+
+
+def measured_pool_class(pool_class: type) -> type:
+    """``pool_class`` with MeasuredPool mixed in (made once per class)."""
+    if issubclass(pool_class, MeasuredPool):
+        return pool_class
+    measured = _measured_classes.get(pool_class)
+    if measured is None:
+        measured = _measured_classes[pool_class] = type(
+            pool_class.__name__, (MeasuredPool, pool_class),
+            {"connect": measured_connect(pool_class.connect),
+             "__doc__": f"{pool_class.__name__}, measured by connmon.",
+             # SQLAlchemy names the pool's logger after the class's module:
+             # the application's logging settings must still apply
+             "__module__": pool_class.__module__})
+    return measured
+
+
+def choose_pool_class(url, kwargs: Dict[str, Any]) -> None:
+    """Make create_engine() use a measured pool: the app's poolclass=,
+    else the one the URL's dialect would choose.  An app's own pool= is
+    left alone (instrument() says what that leaves unmeasured)."""
+    if "pool" in kwargs:
+        return
+    pool_class = kwargs.get("poolclass")
+    if pool_class is None:
+        dialect_class = url.get_dialect(kwargs.get("_is_async", False))
+        pool_class = dialect_class.get_pool_class(url)
+    kwargs["poolclass"] = measured_pool_class(pool_class)
+
+
+DEFAULT_PORTS = {"mysql": 3306, "mariadb": 3306, "postgresql": 5432,
+                 "mssql": 1433, "oracle": 1521}
+
+
+def endpoint_of(url) -> Tuple[Any, ...]:
+    """The database an engine talks to, as the event POOL carries it:
+    backend, host, port, database name and user; never the password, the
+    query string or the URL itself.  Each text as the daemon accepts it
+    (see is_text: escaped, at most MAX_NAME characters; None rather than
+    empty)."""
+    backend = url.get_backend_name()
+    port = url.port or (DEFAULT_PORTS.get(backend) if url.host else None)
+    texts = [printable(text, MAX_NAME) if text else None
+             for text in (backend, url.host, url.database, url.username)]
+    return (texts[0] or "?", texts[1], port, texts[2], texts[3])
+
+
 def instrument(engine, settings: Dict[str, str]) -> None:
-    """Listen to the engine's pool events; called once create_engine() has
-    made the engine.  Configuration errors raise here, at start-up."""
+    """Listen to the engine's pool events, and measure its pool's checkouts
+    (see MeasuredPool); called once create_engine() has made the engine.
+    Configuration errors raise here, at start-up."""
     from sqlalchemy import event
 
     if engine in _instrumented:
@@ -2581,17 +3155,20 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     except Exception:  # e.g. no threads left: run unmonitored, never fail
         log.exception("connmon: cannot start; %s runs unmonitored", engine)
         return
-    # The listeners run on the application's threads for every checkout and
-    # checkin: each only queues an event and, for the first event of a
-    # batch, wakes the sender (the test is inlined because a function call
-    # here is a measurable share of a pool checkout).
+    # The listeners run on the application's threads: each only queues an
+    # event and, for an event later than wake_until (the first of a batch),
+    # wakes the sender (the test is inlined because a function call here is
+    # a measurable share of a pool checkout).
     record = sender.events.extend
-    handed = sender.handed
     clock = time.monotonic
-    current_holder, first_holder = holder_finder(engine.dialect.is_async)
-    getframe = sys._getframe
-    sites = target.sites
     pool_id = next(_pool_ids)
+    probe = PoolProbe(sender, pool_id, target.sites,
+                      holder_finder(engine.dialect.is_async))
+    connecting = "connmon_connecting"   # info key: when opening began
+
+    def on_do_connect(dialect, connection_record, cargs, cparams):
+        if connection_record is not None:
+            connection_record.info[connecting] = clock()
 
     def on_connect(dbapi_connection, connection_record):
         ident = next(_connection_ids)
@@ -2599,47 +3176,38 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         info[CONN_ID] = ident
         info[CONN_POOL] = engine.pool
         now = clock()
-        record((CONNECT, ident, now, pool_id, None, None, None))
+        record((CONNECT, ident, now, pool_id, None, None, None,
+                info.pop(connecting, None)))
         if now > sender.wake_until:
             sender.wake()
 
     def on_checkout(dbapi_connection, connection_record, connection_proxy):
-        ident = connection_record.info.get(CONN_ID)
-        site = scope = holder = None
-        if sites:   # see checkout_site: the last site's depth first
-            try:
-                frame = getframe(_site_depth)
-                site = _sites.get((id(frame.f_code), frame.f_lasti))
-            except ValueError:   # a shallower stack
-                pass
-            if site is None:
-                site, frame = checkout_site()
-            if site is not None:   # see holder_verdict
-                scope = id(frame)
-                handed[ident] = who = current_holder() or first_holder()
-                holder = id(who)
-        now = clock()
-        record((CHECKOUT, ident, now, pool_id, site, scope, holder))
-        if now > sender.wake_until:
-            sender.wake()
+        probe.checked_out(connection_record.info, None)
 
     def on_checkin(dbapi_connection, connection_record):
         info = connection_record.info
         now = clock()
-        record((CHECKIN, info.get(CONN_ID), now, None, None, None,
+        record((CHECKIN, info.get(CONN_ID), now, None, None, None, None,
                 None))
         if info.get(CONN_POOL) is not engine.pool:
             # Checked out across engine.dispose() and now returned to the
             # old pool, which drops it without a close event.
             record((CLOSE, info.get(CONN_ID), now, None, None, None,
-                    None))
+                    None, None))
         if now > sender.wake_until:
             sender.wake()
 
     def on_close(dbapi_connection, connection_record):
         now = clock()
         record((CLOSE, connection_record.info.get(CONN_ID), now, None,
-                None, None, None))
+                None, None, None, None))
+        if now > sender.wake_until:
+            sender.wake()
+
+    def on_invalidate(dbapi_connection, connection_record, exception):
+        now = clock()
+        record((INVALIDATED, connection_record.info.get(CONN_ID), now,
+                pool_id, None, None, None, None))
         if now > sender.wake_until:
             sender.wake()
 
@@ -2655,31 +3223,54 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     def on_close_detached(dbapi_connection):
         now = clock()
         record((CLOSE, detached.pop(id(dbapi_connection), None), now,
-                None, None, None, None))
+                None, None, None, None, None))
         if now > sender.wake_until:
             sender.wake()
 
-    # Pool events only.  invalidate and soft_invalidate need no listener: a
-    # hard invalidation fires "close", the others close the connection
+    # Pool events, and the dialect's do_connect (when a connection starts
+    # to open; the pool's connect event says when it is open).  A hard
+    # invalidation fires "close" too, the others close the connection
     # (firing "close") at its next checkout.  engine.dispose() closes idle
-    # connections with "close" events; see on_checkin for the others.  (The
-    # engine_disposed event would do, but any Engine-level listener puts
-    # SQLAlchemy's per-statement event dispatch on every connection.)
-    for name, listener in (("connect", on_connect),
-                           ("checkout", on_checkout),
-                           ("checkin", on_checkin),
-                           ("close", on_close),
-                           ("detach", on_detach),
-                           ("close_detached", on_close_detached)):
+    # connections with "close" events; see on_checkin for the others.
+    # (The engine_disposed event would do, but any Engine-level listener
+    # puts SQLAlchemy's per-statement event dispatch on every connection.)
+    listeners = [("do_connect", on_do_connect),
+                 ("connect", on_connect),
+                 ("checkin", on_checkin),
+                 ("close", on_close),
+                 ("invalidate", on_invalidate),
+                 ("soft_invalidate", on_invalidate),
+                 ("detach", on_detach),
+                 ("close_detached", on_close_detached)]
+    if isinstance(engine.pool, MeasuredPool):
+        engine.pool.connmon_probe = probe   # it queues the checkouts
+    else:
+        listeners.append(("checkout", on_checkout))
+        log.warning("connmon: %s: its pool (%s) is the application's own "
+                    "(pool= or poolclass= given to create_engine()): "
+                    "checkouts waiting, their wait times, timeouts and "
+                    "connect errors of this engine are not measured (with "
+                    "poolclass=, ?plugin=connmon measures them)",
+                    _safe_name(engine), type(engine.pool).__name__)
+    for name, listener in listeners:
         event.listen(engine, name, listener)
-    limit = sender.pool_limits[pool_id] = _pool_limit(engine.pool)
-    record((POOL, pool_id, clock(), limit, None, None, None))
+    announced = sender.announced[pool_id] = (
+        _pool_limit(engine.pool),
+        endpoint_of(engine.url) if target.endpoints else None)
+    record((POOL, pool_id, clock(), *announced, None, None, None))
     weakref.finalize(engine, _engine_gone, sender, pool_id)
     sender.wake(start=False)   # threads start at the first use of a pool
 
 
+def _safe_name(engine) -> str:
+    """The engine for a log line: its URL without password or query."""
+    url = engine.url
+    return url.set(query={}).render_as_string(hide_password=True)
+
+
 def _dialect_subclass(real_cls):
-    """The real dialect, but never passing ``connmon_*`` to the driver.
+    """The real dialect, but never passing ``connmon_*`` to the driver, and
+    choosing a measured pool (see MeasuredPool).
 
     It says it comes from the real dialect's module and has its name, as
     code keyed on those (SQLAlchemy's testing provisioning, for one)
@@ -2690,8 +3281,13 @@ def _dialect_subclass(real_cls):
             return real_cls.create_connect_args(
                 self, url.difference_update_query(URL_PARAMETERS))
 
+        def get_pool_class(cls, url):
+            return measured_pool_class(super(subclass, cls).get_pool_class(
+                url))
+
         subclass = type(real_cls.__name__ + "_connmon", (real_cls,), {
             "create_connect_args": create_connect_args,
+            "get_pool_class": classmethod(get_pool_class),
             "supports_statement_cache": True,
             "__module__": real_cls.__module__,
             "name": real_cls.name,
@@ -2758,6 +3354,13 @@ def _make_plugin_class():
             super().__init__(url, kwargs)
             self.settings = url_settings(url.query)
             resolve_target(self.settings)   # fail fast on a bad config
+            try:
+                choose_pool_class(url, kwargs)
+            except Exception as err:   # measure less, never fail the app
+                log.warning("connmon: cannot choose a measured pool class "
+                            "(%s: %s); checkouts waiting, wait times and "
+                            "timeouts are not measured", type(err).__name__,
+                            err)
 
         def update_url(self, url):
             if url.drivername.endswith("connmon"):

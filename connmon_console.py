@@ -134,6 +134,16 @@ def exhausted_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
     return ABOVE if row.get("exhausted") else ""
 
 
+def waiting_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
+    """Threads wait for a connection: the pool pressure's alarm."""
+    return ABOVE if row.get("waiting") else ""
+
+
+def over_server_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
+    """The pools' summed limits exceed the database server's own."""
+    return ABOVE if row.get("over_server") else ""
+
+
 LEAK_VERDICTS = ("leaked", "thread gone")   # the app's "held_at" for sure
 
 
@@ -180,9 +190,14 @@ class Column:
         self.alarm = alarm
         self.show = show or cell
 
+    def value(self, row: Dict[str, Any]) -> Any:
+        """The row's value; None ("-") for a key a snapshot lacks (one
+        from an older daemon)."""
+        return row.get(self.key)
+
     def sort_key(self, row: Dict[str, Any]) -> Any:
         """Order rows by this column; "-" (None) below every number."""
-        value = row[self.key]
+        value = self.value(row)
         return value if self.text else (value is not None, value or 0)
 
 
@@ -213,6 +228,8 @@ COLUMNS = [
     Column("CONN", "conn", keep=92),
     Column("CKOUT", "ckout", keep=95, alarm=exhausted_alarm),
     Column("LIMIT", "limit", keep=40),
+    Column("WAIT", "waiting", keep=89, alarm=waiting_alarm),
+    Column("TMOUT/S", "timeouts_per_sec", keep=85),
     Column("MAXNPROC", "maxnproc", keep=10),
     Column("MAXCONN", "maxconn", keep=30),
     Column("MAXCKOUT", "maxckout", keep=20),
@@ -227,10 +244,38 @@ PROC_COLUMNS = [
     Column("CONN", "conn", keep=80),
     Column("CKOUT", "ckout", keep=90, alarm=exhausted_alarm),
     Column("LIMIT", "limit", keep=40),
+    Column("WAIT", "waiting", keep=85, alarm=waiting_alarm),
     Column("MAXCONN", "maxconn", keep=30),
     Column("MAXCKOUT", "maxckout", keep=20),
+    Column("MAXWAIT", "maxwaiting", keep=25),
     Column("OLDEST", "oldest", keep=90, alarm=oldest_above),
     Column("CONNECTED SINCE", "since", "text", keep=10, show=since_text),
+]
+
+# The drill-down's pools: each process's engines and their databases.
+POOL_COLUMNS = [
+    Column("PID", "pid", keep=100),
+    Column("POOL", "pool", keep=60),
+    Column("CONN", "conn", keep=80),
+    Column("CKOUT", "ckout", keep=90),
+    Column("WAIT", "waiting", keep=85, alarm=waiting_alarm),
+    Column("LIMIT", "limit", keep=40),
+    Column("DATABASE", "endpoint", "location", keep=70, width=10,
+           show=lambda endpoint: endpoint_text(endpoint)),
+]
+
+# The databases view: per database server, its total, its databases and
+# the programs holding its connections.
+DATABASE_COLUMNS = [
+    Column("SERVER", "hostname", "text", keep=96, width=7, most=21),
+    Column("DATABASE / PROGRAM", "progname", "text", keep=100, width=9,
+           most=30),
+    Column("CONN", "conn", keep=92),
+    Column("CKOUT", "ckout", keep=90),
+    Column("WAIT", "waiting", keep=88, alarm=waiting_alarm),
+    Column("LIMIT", "limit", keep=60, alarm=over_server_alarm),
+    Column("MAX_CONN", "max_connections", keep=70),
+    Column("NPROC", "nproc", keep=50),
 ]
 
 # The drill-down's long holders: connections held past the apps'
@@ -307,7 +352,7 @@ def whole_widths(columns: List[Column], rows: List[Dict[str, Any]],
     for column in columns:
         values = rows if column.text else visible
         widths[column] = max([len(column.heading) + column.text] + [
-            len(column.show(row[column.key])) for row in values]) + 1 + (
+            len(column.show(column.value(row))) for row in values]) + 1 + (
                 not column.text)
     return widths
 
@@ -392,7 +437,7 @@ class Formatter:
         self.layout = layout
         self.thresholds = thresholds
         self.mark = cutter.mark
-        self.cuts = [cutter.cuts((column.show(row[column.key])
+        self.cuts = [cutter.cuts((column.show(column.value(row))
                                   for row in rows), width - 1)
                      if column.kind == "text" else None
                      for column, width in layout]
@@ -400,7 +445,7 @@ class Formatter:
     def texts(self, row: Dict[str, Any]) -> List[str]:
         texts = []
         for (column, width), cuts in zip(self.layout, self.cuts):
-            text = column.show(row[column.key])
+            text = column.show(column.value(row))
             if cuts is not None:
                 text = cuts.get(text, text)
             elif column.kind == "location":
@@ -437,13 +482,18 @@ def summary_lines(snapshot: Dict[str, Any]) -> List[str]:
         f"Connections [{snapshot['connections']} / "
         f"{snapshot['max_connections']}]",
         f"Checkouts   [{snapshot['checkouts']} / {snapshot['max_checkouts']}"
-        f" / {snapshot['checkouts_per_sec']}/s]",
+        f" / {snapshot['checkouts_per_sec']}/s]   Waiting "
+        f"[{snapshot.get('waiting', 0)} / {snapshot.get('max_waiting', 0)}]"
+        f"   Timeouts {snapshot.get('timeouts_per_sec', 0)}/s",
     ]
 
 
 def row_state(row: Dict[str, Any]) -> str:
-    """"exhausted", "live" or "gone": what a row's colour says.  (A
-    process, in the drill-down, has no "connected": it is live.)"""
+    """"waiting", "exhausted", "live" or "gone": what a row's colour says.
+    (A process, in the drill-down, has no "connected": it is live.)
+    Checkouts waiting for a connection are the alarm."""
+    if row.get("waiting"):
+        return "waiting"
     if row.get("exhausted"):
         return "exhausted"
     return "live" if row.get("connected", True) else "gone"
@@ -456,11 +506,20 @@ def row_identity(row: Dict[str, Any]) -> Any:
         row["hostname"], row["progname"], row.get("site"))
 
 
+# The fleet view's pool pressure: counts and rates summed over the hosts,
+# times the worst host's.
+PRESSURE_SUMS = ("waiting", "maxwaiting", "timeouts_per_sec",
+                 "timeouts_total", "connect_errors_per_sec",
+                 "connect_errors_total", "invalidations_per_sec",
+                 "invalidations_total")
+PRESSURE_WORST = ("longest_wait_ms", "wait_ms", "wait_max_ms", "connect_ms")
+
+
 def by_program(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The fleet view's rows: one per program, over every host.  Counts,
     maxima (each host's, summed) and rates are sums of the host rows;
-    LIMIT sums the live hosts' pools ("-" when any is unlimited); HOLD_MS
-    and OLDEST are the worst host's."""
+    LIMIT sums the live hosts' pools ("-" when any is unlimited); HOLD_MS,
+    OLDEST and the pressure's times are the worst host's."""
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row["progname"], []).append(row)
@@ -470,7 +529,10 @@ def by_program(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         limits = [row["limit"] for row in live]
         merged = {key: sum(row[key] for row in group) for key in (
             "nproc", "conn", "ckout", "maxnproc", "maxconn", "maxckout",
-            "ckout_per_sec")}
+            "ckout_per_sec", *PRESSURE_SUMS)}
+        merged.update({key: max((row[key] for row in group
+                                 if row[key] is not None), default=None)
+                       for key in PRESSURE_WORST})
         merged.update(
             hostname=connmon.plural(len(group), "host"), progname=progname,
             hosts=[row["hostname"] for row in group],
@@ -496,11 +558,89 @@ def format_table(snapshot: Dict[str, Any]) -> str:
         lines.append(trimmed_text(snapshot))
     lines.append("")
     lines.append(headings(layout).rstrip())
-    marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)"}
+    marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)",
+             "waiting": "  (waiting)"}
     for row in rows:
         lines.append(formatter.line(row).rstrip() + marks[row_state(row)])
+        lines += pressure_lines(row)
         lines += site_lines(row)
+        for proc in row.get("procs", ()):
+            lines += process_lines(proc)
+    lines += database_lines(snapshot.get("databases", ()))
     return "\n".join(lines)
+
+
+def ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def pressure_lines(row: Dict[str, Any], always: bool = False) -> List[str]:
+    """Under a row of the plain table, when its pools were ever under
+    pressure (or ``always``): checkouts waiting (now, at most, the
+    longest wait going on), wait times over the last second, timeouts,
+    connect errors and times, invalidations (per second, and in all)."""
+    if not (always or row.get("maxwaiting") or row.get("timeouts_total")
+            or row.get("connect_errors_total")
+            or row.get("invalidations_total")):
+        return []
+    return [f"    waiting {row['waiting']} (max {row['maxwaiting']}, "
+            f"longest {ms(row['longest_wait_ms'])})  wait mean "
+            f"{ms(row['wait_ms'])} max {ms(row['wait_max_ms'])}  timeouts "
+            f"{row['timeouts_per_sec']}/s ({row['timeouts_total']})",
+            f"    connect {ms(row['connect_ms'])}  connect errors "
+            f"{row['connect_errors_per_sec']}/s "
+            f"({row['connect_errors_total']})  invalidations "
+            f"{row['invalidations_per_sec']}/s "
+            f"({row['invalidations_total']})"]
+
+
+def endpoint_text(endpoint: Optional[Dict[str, Any]]) -> str:
+    """backend://user@host:port/database, as far as it is known."""
+    if endpoint is None:
+        return "(database not reported)"
+    server = connmon.server_name(endpoint)
+    user = f"{endpoint['user']}@" if endpoint["user"] else ""
+    where = "" if server == endpoint["backend"] else user + server
+    return f"{endpoint['backend']}://{where}/{endpoint['database'] or ''}"
+
+
+def process_lines(proc: Dict[str, Any]) -> List[str]:
+    """With --procs: a row's process, and each of its pools."""
+    lines = [f"    pid {proc['pid']}  conn {proc['conn']}  ckout "
+             f"{proc['ckout']}  waiting {proc.get('waiting', 0)}  limit "
+             f"{cell(proc['limit'])}"]
+    for pool in proc.get("pools", ()):
+        lines.append(f"        pool {pool['pool']}  "
+                     f"{endpoint_text(pool['endpoint'])}  conn "
+                     f"{pool['conn']}  ckout {pool['ckout']}  waiting "
+                     f"{pool['waiting']}  limit {cell(pool['limit'])}")
+    return lines
+
+
+def database_lines(servers: List[Dict[str, Any]]) -> List[str]:
+    """The plain table's databases: per server (its connections and the
+    pools' summed limits against its max_connections, when the operator
+    gave it), then per database."""
+    lines = ["", "Databases"] if servers else []
+    for server in servers:
+        most = server["max_connections"]
+        lines.append(f"  {server['server'] or '(not reported)'} "
+                     f"({server['backend'] or '?'}): conn {server['conn']}"
+                     f"{'' if most is None else f' of {most}'}  ckout "
+                     f"{server['ckout']}  waiting {server['waiting']}  pool "
+                     f"limits {cell(server['limit'])}"
+                     f"{'' if most is None else f' of {most}'}  "
+                     f"{server['nproc']} processes, {server['nprog']} "
+                     "programs")
+        for database in server["databases"]:
+            users = ",".join(database["users"]) or "-"
+            lines.append(f"    {database['database'] or '-'} (users "
+                         f"{users}): conn {database['conn']}  ckout "
+                         f"{database['ckout']}  waiting "
+                         f"{database['waiting']}  pool limits "
+                         f"{cell(database['limit'])}  {database['nproc']} "
+                         f"processes, {database['nprog']} programs")
+    return lines
 
 
 def site_lines(row: Dict[str, Any]) -> List[str]:
@@ -658,20 +798,28 @@ connmon keys (Up/Down/PgUp/PgDn scroll this help; any other key returns)
                (where each was checked out, where it is held now) and
                the daemon's ten-minute history of conn and ckout
   s            sites: which line of which program holds the most
-               connections, fleet-wide (Enter: that program's processes)
+               connections, fleet-wide, programs whose checkouts wait
+               first (Enter: that program's processes)
+  d            databases: per database server, its databases and the
+               programs holding its connections, against its limit
   Esc Bkspc    back to the previous view (in the table: clear the filter)
   c            clear the maxima in connmond, for every console and for
                Prometheus (asks first)
 
 Rows: green = program has live processes, red = none left (dim without
 colours), highlighted = every pooled connection is checked out
-(ckout >= limit).  A marker left of a number needs a look:
+(ckout >= limit), white on red = checkouts are waiting for a connection
+(WAIT > 0).  A marker left of a number needs a look:
   !  OLDEST above the apps' hold_warn_seconds, HOLD_MS above the daemon's
-     hold_ms_warn, or CKOUT at the pools' limit (exhausted)
+     hold_ms_warn, CKOUT at the pools' limit (exhausted), WAIT above 0
+     (checkouts waiting), or, in the databases view, LIMIT above the
+     server's MAX_CONN
   *  OLDEST: a long holder leaked for sure (HELD AT "leaked" or
      "thread gone")
 OLDEST: age in seconds of the longest checked-out connection.
 HOLD_MS: mean checkout hold time over the last second.
+WAIT: checkouts waiting for a connection; TMOUT/S: checkouts that gave
+up waiting (pool timeout) in the last second.
 MAX*: the highest values since the time in the header (c clears them).
 """
 
@@ -690,6 +838,7 @@ MOVE_KEYS = (curses.KEY_UP, curses.KEY_DOWN, curses.KEY_PPAGE,
 HEADER_LINES = 7           # title, four totals, context, column headings
 HISTORY_LINES = 3          # the drill-down's history: caption, two lines
 HOLDERS_HEADER_LINES = 2   # the drill-down's long holders: caption, headings
+PRESSURE_LINES = 2         # the drill-down's waits, timeouts, connects
 MESSAGE_SECONDS = 3.0      # how long a message stays in the footer
 
 
@@ -720,6 +869,7 @@ VIEW_KEYS = {
         Binding((curses.KEY_F6, ord("<"), ord(">")), "F6 sort",
                 "change_sort"),
         Binding((ord("s"),), "s sites", "open_sites"),
+        Binding((ord("d"),), "d databases", "open_databases"),
         Binding((ord("c"),), "c clear max", "confirm_clear"),
         Binding((ord("x"),), "x gone", "toggle_gone"),
         Binding((ord("r"),), "r reverse", "reverse_sort"),
@@ -728,6 +878,8 @@ VIEW_KEYS = {
     "procs": [Binding(BACK_KEYS, "Esc back", "close_view")],
     "sites": [Binding(ENTER_KEYS, "Enter procs", "drill_into"),
               Binding(BACK_KEYS + (ord("s"),), "Esc back", "close_view")],
+    "databases": [Binding(BACK_KEYS + (ord("d"),), "Esc back",
+                          "close_view")],
     "sort": [Binding(ENTER_KEYS, "Enter sort by it", "choose_sort"),
              Binding(BACK_KEYS, "Esc back", "close_view")],
 }
@@ -747,6 +899,7 @@ class Styles:
     def __init__(self, colors: bool):
         self.attrs = {"live": curses.A_NORMAL, "gone": curses.A_DIM,
                       "exhausted": curses.A_BOLD, "stale": curses.A_DIM,
+                      "waiting": curses.A_BOLD | curses.A_UNDERLINE,
                       "title": curses.A_BOLD, "heading": curses.A_REVERSE,
                       "sorted": curses.A_REVERSE | curses.A_BOLD,
                       "alarm": curses.A_BOLD | curses.A_UNDERLINE,
@@ -759,6 +912,7 @@ class Styles:
                     ("live", curses.COLOR_GREEN, -1),
                     ("gone", curses.COLOR_RED, -1),
                     ("exhausted", curses.COLOR_BLACK, curses.COLOR_YELLOW),
+                    ("waiting", curses.COLOR_WHITE, curses.COLOR_RED),
                     ("stale", grey, -1),
                     ("sorted", curses.COLOR_BLACK, curses.COLOR_CYAN),
                     ("alarm", curses.COLOR_WHITE, curses.COLOR_RED),
@@ -929,6 +1083,9 @@ class Console:
     def open_sites(self, key: int) -> None:
         self.open_view("sites")
 
+    def open_databases(self, key: int) -> None:
+        self.open_view("databases")
+
     def edit_filter_key(self, key: int) -> None:
         if key == ESC:
             self.filter, self.editing_filter = "", False
@@ -1017,14 +1174,39 @@ class Console:
                       reverse=self.descending)
 
     def site_rows(self) -> List[Dict[str, Any]]:
-        """Every (filtered) row's checkout sites in one list: the sites
-        holding the most connections, then the oldest, first."""
+        """Every (filtered) row's checkout sites in one list: those of
+        programs whose checkouts wait for a connection first (where the
+        connections they wait for are held), then the sites holding the
+        most connections, then the oldest."""
         rows = [{"hostname": row["hostname"], "progname": row["progname"],
-                 **site} for row in self.host_rows()
+                 "waiting": row.get("waiting", 0), **site}
+                for row in self.host_rows()
                 for site in row.get("sites") or ()]
-        return sorted(rows, key=lambda r: (-r["held"], -r["oldest"],
-                                           r["hostname"], r["progname"],
-                                           r["site"] or ""))
+        return sorted(rows, key=lambda r: (not r["waiting"], -r["held"],
+                                           -r["oldest"], r["hostname"],
+                                           r["progname"], r["site"] or ""))
+
+    def database_rows(self) -> List[Dict[str, Any]]:
+        """Per database server: its total, its databases, then the
+        programs holding its connections (those matching the filter)."""
+        rows = []
+        needle = self.filter.lower()
+        for server in (self.picture or {}).get("databases", ()):
+            name = server["server"] or "(not reported)"
+            lines = [{**server, "hostname": name,
+                      "progname": f"all ({server['backend'] or '?'})"}]
+            lines += [{**database, "hostname": name,
+                       "progname": f"db {database['database'] or '-'}"}
+                      for database in server["databases"]]
+            lines += [{**program, "hostname": name, "progname":
+                       f"{program['hostname']} {program['progname']}"}
+                      for program in server["programs"]]
+            most = server["max_connections"]
+            rows += [{"max_connections": most, **line,
+                      "over_server": None not in (most, line["limit"])
+                      and line["limit"] > most} for line in lines
+                     if needle in name.lower() + line["progname"].lower()]
+        return rows
 
     def proc_rows(self) -> Optional[List[Dict[str, Any]]]:
         """The drilled-into row's processes (on every host, from the
@@ -1200,10 +1382,24 @@ class Console:
 
     def draw_sites(self) -> None:
         rows = self.site_rows()
-        self.put(HEADER_LINES - 2, f"{connmon.plural(len(rows), 'checkout site')}"
-                 " holding connections, most held first" + self.filter_text(),
-                 self.styles["title"])
-        formatter = self.formatter(SITE_COLUMNS, rows, self.body_height())
+        self.draw_listing(
+            f"{connmon.plural(len(rows), 'checkout site')} holding "
+            "connections, most held first (a program waiting on top)"
+            + self.filter_text(), SITE_COLUMNS, rows)
+
+    def draw_databases(self) -> None:
+        rows = self.database_rows()
+        servers = len((self.picture or {}).get("databases", ()))
+        self.draw_listing(
+            f"{connmon.plural(servers, 'database server')}: the pools' "
+            "connections and summed limits against MAX_CONN"
+            + self.filter_text(), DATABASE_COLUMNS, rows)
+
+    def draw_listing(self, caption: str, columns: List[Column],
+                     rows: List[Dict[str, Any]]) -> None:
+        """A view of one table under its caption (sites, databases)."""
+        self.put(HEADER_LINES - 2, caption, self.styles["title"])
+        formatter = self.formatter(columns, rows, self.body_height())
         self.draw_headings(HEADER_LINES - 1, formatter.layout)
         self.draw_rows(formatter, rows, HEADER_LINES, self.body_height())
 
@@ -1223,26 +1419,49 @@ class Console:
                           for proc in procs or ()
                           for holder in proc.get("long_holders", ())),
                          key=lambda holder: -holder["age"])
-        room = self.body_height() - HISTORY_LINES - HOLDERS_HEADER_LINES
-        shown = min(len(procs or ()), max(1, room - min(len(holders),
-                                                        room // 2)))
+        pools = [{"pid": proc["pid"], **pool} for proc in procs or ()
+                 for pool in proc.get("pools", ())]
+        room = (self.body_height() - PRESSURE_LINES - HISTORY_LINES
+                - 2 * HOLDERS_HEADER_LINES)
+        below = len(holders) + len(pools)
+        shown = min(len(procs or ()), max(1, room - min(below, room // 2)))
         formatter = self.formatter(columns, procs or [], shown)
         self.draw_headings(HEADER_LINES - 1, formatter.layout)
         self.draw_rows(formatter, procs or [], HEADER_LINES, shown)
         y = HEADER_LINES + shown
+        for y, line in enumerate(self.pressure_of_drilled(), y):
+            self.put(y, line.strip())
+        y += 1
         self.draw_history(y)
         y += HISTORY_LINES
-        self.put(y, f"{connmon.plural(len(holders), 'long holder')} (held "
-                 "past the apps' hold_warn_seconds), oldest first",
-                 self.styles["title"])
+        room = max(0, room - shown)
         _, width = self.window.getmaxyx()
-        layout = plan(HOLDER_COLUMNS, width, holders, holders)
-        holder_format = Formatter(layout, holders, {}, self.cutter)
-        self.draw_headings(y + 1, layout)
-        for y, holder in enumerate(holders[:max(0, room - shown)],
-                                   y + HOLDERS_HEADER_LINES):
-            self.put(y, holder_format.line(holder),
-                     self.row_attr(holder, False))
+        for caption, columns, lines in (
+                (f"{connmon.plural(len(holders), 'long holder')} (held past "
+                 "the apps' hold_warn_seconds), oldest first",
+                 HOLDER_COLUMNS, holders[:max(1, room // 2)]),
+                (f"{connmon.plural(len(pools), 'pool')}, with the "
+                 "database of each", POOL_COLUMNS, pools)):
+            self.put(y, caption, self.styles["title"])
+            lines = lines[:room]
+            layout = plan(columns, width, lines, lines)
+            line_format = Formatter(layout, lines, {}, self.cutter)
+            self.draw_headings(y + 1, layout)
+            for y, line in enumerate(lines, y + HOLDERS_HEADER_LINES):
+                self.put(y, line_format.line(line),
+                         self.row_attr(line, False))
+            y += 2   # the last line, and a blank one
+            room -= len(lines) + 1
+
+    def pressure_of_drilled(self) -> List[str]:
+        """The drilled-into row's pool pressure, all of it (two lines);
+        from the fleet view, the program's over every host."""
+        host, prog = self.drill
+        rows = (self.picture or {}).get("rows", [])
+        for row in by_program(rows) if host is None else rows:
+            if row["progname"] == prog and host in (None, row["hostname"]):
+                return pressure_lines(row, always=True)
+        return ["", ""]
 
     def draw_history(self, y: int) -> None:
         """Sparklines of the drilled-into row's conn and ckout as the
@@ -1572,7 +1791,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true",
                         help="with --once: print the snapshot as JSON")
     parser.add_argument("--procs", action="store_true",
-                        help="with --once --json: list each row's processes")
+                        help="with --once: list each row's processes and "
+                        "their pools")
     parser.add_argument("--hide-gone", action="store_true",
                         help="start with the rows of programs that are gone "
                         "hidden (x shows them)")
@@ -1586,8 +1806,8 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     if args.json and not args.once:
         parser.error("--json goes with --once")
-    if args.procs and not args.json:
-        parser.error("--procs goes with --once --json")
+    if args.procs and not args.once:
+        parser.error("--procs goes with --once")
     if args.demo and args.once:
         parser.error("--demo is interactive; it does not go with --once")
     if args.demo:

@@ -305,6 +305,7 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         # Settings first: a bad one is a ConfigError before we listen.
         self.options = options or DaemonOptions(service, node)
         self.picture = connmon.Picture(node.name)
+        self.picture.server_limits = self.options.database_servers or {}
         self.history = History()
         self.lock = threading.Lock()
         self.security = connmon.Security.of_service(service, daemon=True)
@@ -1064,6 +1065,30 @@ def _columns(text: str) -> List[str]:
     return columns
 
 
+def _server_limits(text: str) -> Dict[str, int]:
+    """``database_servers``: one database server a line, ``HOST:PORT
+    max_connections=N``, HOST:PORT as the applications' URLs name it."""
+    limits = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        server, *words = line.split()
+        key, _, value = " ".join(words).partition("=")
+        if key != "max_connections" or not value.isdigit() or not (
+                0 < int(value) < 1 << 31):
+            raise ValueError(f"expected HOST:PORT max_connections=N, got "
+                             f"{line.strip()!r}")
+        try:
+            host, port = connmon.parse_address(server, 0)
+        except connmon.ConfigError as err:
+            raise ValueError(str(err)) from None
+        if not port:
+            raise ValueError(f"{server!r} needs its port, as in "
+                             f"{server}:3306")
+        limits[connmon.format_address((host, port))] = int(value)
+    return limits
+
+
 # Everything a service section may say: the options the applications
 # read too (connmon.SERVICE_OPTIONS), and connmond's own.
 OPTIONS: Dict[str, connmon.Option] = {
@@ -1094,6 +1119,8 @@ OPTIONS: Dict[str, connmon.Option] = {
     # hosts do not hold it); see connmon.Security.of_service
     "peer_secret_file": connmon.Option(connmon.any_text),
     "peer_secret": connmon.Option(connmon.any_text),
+    # the database servers' own connection limits (see the README)
+    "database_servers": connmon.Option(_server_limits),
 }
 
 
@@ -1105,6 +1132,7 @@ class DaemonOptions:
 
     hold_warn_seconds: float
     checkout_sites: bool
+    report_endpoints: bool
     heartbeat_timeout: float
     max_clients: int
     forget_gone_after: float
@@ -1118,6 +1146,7 @@ class DaemonOptions:
     metrics_token_file: Optional[bytes]   # the token itself, once read
     peer_secret_file: Optional[str]
     peer_secret: Optional[str]
+    database_servers: Optional[Dict[str, int]]
 
     def __init__(self, service: connmon.Service, node: connmon.Node):
         connmon.check_options(service, OPTIONS)
@@ -1142,31 +1171,83 @@ class DaemonOptions:
 # Prometheus: GET /metrics
 # ---------------------------------------------------------------------------
 
-# (metric, snapshot row key, type, help): one per-row sample each, labelled
-# with hostname and progname; rows whose value is null have no sample.
+class Metric(NamedTuple):
+    """One per-row sample of /metrics, labelled with hostname and progname:
+    the snapshot row's ``key``; rows whose value is null have none.  A
+    summary is two metrics, NAME_sum and NAME_count: rate() over them
+    gives the mean over any window, so the snapshot's one-second means and
+    maxima are left out."""
+    name: str
+    key: str
+    kind: str
+    help: str
+
+    @property
+    def family(self) -> str:
+        if self.kind == "summary":
+            return self.name.rpartition("_")[0]
+        return self.name
+
+
+# OpenTelemetry's database client metrics, db.client.connection.*, by
+# the OpenTelemetry-to-Prometheus naming (dots become underscores, the
+# unit a suffix, counters end in _total); histograms become summaries.
+OTEL = "OpenTelemetry db.client.connection."
 METRICS = [
-    ("connmon_processes", "nproc", "gauge",
-     "Processes of the program attached to connmond."),
-    ("connmon_connections", "conn", "gauge",
-     "Open database connections of the program."),
-    ("connmon_checked_out_connections", "ckout", "gauge",
-     "Database connections checked out of their pools."),
-    ("connmon_max_processes", "maxnproc", "gauge",
-     "Most processes at once since the maxima were last cleared."),
-    ("connmon_max_connections", "maxconn", "gauge",
-     "Most open connections at once since the maxima were last cleared."),
-    ("connmon_max_checked_out_connections", "maxckout", "gauge",
-     "Most checked-out connections at once since the maxima were last "
-     "cleared."),
-    ("connmon_pool_limit_connections", "limit", "gauge",
-     "Capacity of the program's pools (pool_size + max_overflow); absent "
-     "when unlimited."),
-    ("connmon_oldest_checkout_age_seconds", "oldest", "gauge",
-     "Age of the oldest checked-out connection; absent when none is."),
-    ("connmon_checkouts_total", "ckout_total", "counter",
-     "Checkouts since connmond started."),
-    ("connmon_connected", "connected", "gauge",
-     "1 while a process of the program is attached, 0 once all are gone."),
+    Metric("connmon_processes", "nproc", "gauge",
+           "Processes of the program attached to connmond."),
+    Metric("connmon_connections", "conn", "gauge",
+           "Open database connections of the program."),
+    Metric("connmon_checked_out_connections", "ckout", "gauge",
+           "Database connections checked out of their pools."),
+    Metric("connmon_max_processes", "maxnproc", "gauge",
+           "Most processes at once since the maxima were last cleared."),
+    Metric("connmon_max_connections", "maxconn", "gauge",
+           "Most open connections at once since the maxima were last "
+           "cleared."),
+    Metric("connmon_max_checked_out_connections", "maxckout", "gauge",
+           "Most checked-out connections at once since the maxima were "
+           "last cleared."),
+    Metric("connmon_pool_limit_connections", "limit", "gauge",
+           "Capacity of the program's pools (pool_size + max_overflow); "
+           "absent when unlimited."),
+    Metric("connmon_oldest_checkout_age_seconds", "oldest", "gauge",
+           "Age of the oldest checked-out connection; absent when none is."),
+    Metric("connmon_checkouts_total", "ckout_total", "counter",
+           "Checkouts since connmond started."),
+    Metric("connmon_connected", "connected", "gauge",
+           "1 while a process of the program is attached, 0 once all are "
+           "gone."),
+    Metric("db_client_connection_pending_requests", "waiting", "gauge",
+           "Checkouts waiting for a connection now (" + OTEL +
+           "pending_requests)."),
+    Metric("db_client_connection_timeouts_total", "timeouts_total",
+           "counter", "Checkouts that gave up waiting since connmond "
+           "started (" + OTEL + "timeouts)."),
+    Metric("db_client_connection_wait_time_seconds_sum",
+           "wait_seconds_total", "summary", "Time checkouts took to get a "
+           "connection or give up (" + OTEL + "wait_time)."),
+    Metric("db_client_connection_wait_time_seconds_count", "waits_total",
+           "summary", ""),
+    Metric("db_client_connection_create_time_seconds_sum",
+           "connect_seconds_total", "summary", "Time new connections took "
+           "to open (" + OTEL + "create_time)."),
+    Metric("db_client_connection_create_time_seconds_count",
+           "connects_total", "summary", ""),
+    Metric("db_client_connection_use_time_seconds_sum",
+           "hold_seconds_total", "summary", "Time connections stayed "
+           "checked out (" + OTEL + "use_time)."),
+    Metric("db_client_connection_use_time_seconds_count", "holds_total",
+           "summary", ""),
+    Metric("connmon_max_pending_requests", "maxwaiting", "gauge",
+           "Most checkouts waiting at once since the maxima were last "
+           "cleared."),
+    Metric("connmon_connect_errors_total", "connect_errors_total", "counter",
+           "Checkouts that failed otherwise than by a timeout (the "
+           "connection could not be opened) since connmond started."),
+    Metric("connmon_invalidations_total", "invalidations_total", "counter",
+           "Connections invalidated (failed pre-ping, disconnect detected, "
+           "invalidate()) since connmond started."),
 ]
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -1188,13 +1269,16 @@ def render_metrics(snapshot: Dict[str, Any]) -> str:
     labels = [f'{{hostname="{escape_label_value(row["hostname"])}",'
               f'progname="{escape_label_value(row["progname"])}"}}'
               for row in snapshot["rows"]]
-    for metric, key, kind, text in METRICS:
-        lines.append(f"# HELP {metric} {text}")
-        lines.append(f"# TYPE {metric} {kind}")
+    family = None
+    for metric in METRICS:
+        if metric.family != family:
+            family = metric.family
+            lines.append(f"# HELP {family} {metric.help}")
+            lines.append(f"# TYPE {family} {metric.kind}")
         for row, label in zip(snapshot["rows"], labels):
-            value = row.get(key)
+            value = row.get(metric.key)
             if value is not None:
-                lines.append(f"{metric}{label} {_number(value)}")
+                lines.append(f"{metric.name}{label} {_number(value)}")
     return "\n".join(lines) + "\n"
 
 

@@ -317,8 +317,9 @@ class App:
 def apps(tmp_path):
     started: List[App] = []
 
-    def start(url: str, progname: str = "app.py", **options: Any) -> App:
-        app = App(tmp_path, url, progname, **options)
+    def start(url: str, progname: str = "app.py", app_class: type = App,
+              **options: Any) -> App:
+        app = app_class(tmp_path, url, progname, **options)
         started.append(app)
         return app
 
@@ -812,7 +813,9 @@ def test_no_credentials_on_the_wire_and_none_to_the_driver(daemon, apps):
     with relay.lock:
         wire = bytes(relay.received)
     assert b'"role":"app"' in wire and b'"op":"update"' in wire
-    for secret in (password.encode(), b"postgresql", b"5432", b"connmon_addr"):
+    # The database's backend, host, port, name and user go (see "Pool
+    # pressure and databases"); the password, the URL, its query do not.
+    for secret in (password.encode(), b"://", b"psycopg2", b"connmon_addr"):
         assert secret not in wire
 
 
@@ -1172,7 +1175,8 @@ def _session_news(ident: str, session: int, held: int, ends: bool
     attached (with ``held`` connections checked out), and maybe it ended."""
     proc = connmon.ProcessState(ident, "host", "prog.py", 42, session)
     for conn in range(held):
-        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None, None)])
+        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None, None,
+                    None)])
     news = [("attach", proc)]
     if ends:
         news.append(("detach", session))
@@ -1342,9 +1346,9 @@ def metric_samples(text: str) -> Dict[tuple, float]:
 
 def expected_samples(snapshot: Dict[str, Any]) -> Dict[tuple, float]:
     """What /metrics must say for a snapshot, by the table of metrics."""
-    return {(metric, row["hostname"], row["progname"]): float(row[key])
-            for metric, key, _, _ in connmon_server.METRICS
-            for row in snapshot["rows"] if row.get(key) is not None}
+    return {(m.name, row["hostname"], row["progname"]): float(row[m.key])
+            for m in connmon_server.METRICS
+            for row in snapshot["rows"] if row.get(m.key) is not None}
 
 
 class SyntheticApp:
@@ -1370,7 +1374,7 @@ class SyntheticApp:
         """One pool event of ``kind`` (connmon.CONNECT...), as a listener
         without checkout sites queues it."""
         self.state.fold([(kind, conn, time.monotonic(), pool, None, None,
-                          None)])
+                          None, None)])
 
 
 def test_metrics_equal_the_snapshot_with_awkward_labels(tmp_path, apps):
@@ -1956,7 +1960,7 @@ class Terminal:
     KEYS = ("kcuu1", "kcud1", "knp", "kpp", "khome", "kend", "kf1", "kf3",
             "kf4", "kf5", "kf6", "kf10")
 
-    def __init__(self, tmp_path, *args: str, cols: int = 120,
+    def __init__(self, tmp_path, *args: str, cols: int = 160,
                  lines: int = 30, env: Optional[Dict[str, str]] = None):
         self.master, self.slave = os.openpty()
         curses.setupterm("xterm-256color", self.slave)
@@ -2014,12 +2018,15 @@ class Terminal:
         os.write(self.master, keys)
 
     def rows(self) -> Dict[str, tuple]:
-        """The table's rows on screen: progname -> (line number, fields)."""
+        """The table's rows on screen: progname -> (line number, fields).
+        (The default width shows every column; a narrower one, those
+        whose headings are on screen.)"""
         self.pump()
         found = {}
+        columns = len(self.screen.display[6].split())
         for y, line in enumerate(self.screen.display):
             fields = line.split()
-            if y >= 7 and len(fields) == 12:
+            if y >= 7 and columns > 2 and len(fields) == columns:
                 found[fields[1]] = (y, fields)
         return found
 
@@ -2065,11 +2072,11 @@ def terminal(tmp_path):
 
 
 def expected_numbers(row: Dict[str, Any]) -> List[str]:
-    """How the console should show a snapshot row's numbers (all but the
-    time-dependent ckout/s, hold_ms and oldest)."""
+    """How the console should show a snapshot row's numbers (the first
+    nine: all but the time-dependent ckout/s, hold_ms and oldest)."""
     return [str(row[key]) if row[key] is not None else "-" for key in (
-        "nproc", "conn", "ckout", "limit", "maxnproc", "maxconn",
-        "maxckout")]
+        "nproc", "conn", "ckout", "limit", "waiting", "timeouts_per_sec",
+        "maxnproc", "maxconn", "maxckout")]
 
 
 def test_snapshot_oldest_hold_ms_limit_exhausted(daemon, apps, tmp_path):
@@ -2126,8 +2133,9 @@ def test_snapshot_oldest_hold_ms_limit_exhausted(daemon, apps, tmp_path):
         text=True, timeout=30)
     lines = result.stdout.splitlines()
     assert lines[6].split() == ["HOSTNAME", "PROGNAME", "NPROC", "CONN",
-                                "CKOUT", "LIMIT", "MAXNPROC", "MAXCONN",
-                                "MAXCKOUT", "CKOUT/S", "HOLD_MS", "OLDEST"]
+                                "CKOUT", "LIMIT", "WAIT", "TMOUT/S",
+                                "MAXNPROC", "MAXCONN", "MAXCKOUT", "CKOUT/S",
+                                "HOLD_MS", "OLDEST"]
     rows = [line for line in lines[7:] if not line.startswith(" ")]
     (memory_line,) = [line for line in rows if "memory.py" in line]
     assert memory_line.split()[2:6] == ["1", "1", "1", "-"]
@@ -2153,12 +2161,12 @@ def test_console_rows_match_the_truth_with_colours(daemon, apps, tmp_path,
     term.wait_text(f"attached to {daemon.address}")
     rows = {row["progname"]: row for row in daemon.snapshot()["rows"]}
     for name in ("alpha.py", "beta.py", "gone.py"):
-        term.wait_for(lambda t: t.numbers(name) and t.numbers(name)[:7] ==
+        term.wait_for(lambda t: t.numbers(name) and t.numbers(name)[:9] ==
                       expected_numbers(rows[name]), f"{name} numbers")
-    assert term.numbers("alpha.py")[:7] == ["1", "1", "1", "1", "1", "1",
-                                            "1"]
-    assert term.numbers("gone.py")[:7] == ["0", "0", "0", "-", "1", "2",
-                                           "2"]
+    assert term.numbers("alpha.py")[:9] == ["1", "1", "1", "1", "0", "0",
+                                            "1", "1", "1"]
+    assert term.numbers("gone.py")[:9] == ["0", "0", "0", "-", "0", "0",
+                                           "1", "2", "2"]
     assert term.colour("beta.py") == "green"
     assert term.colour("gone.py") == "red"
     # alpha's one-connection pool is exhausted: highlighted.
@@ -2190,7 +2198,7 @@ def test_console_rows_match_the_truth_with_colours(daemon, apps, tmp_path,
                    "clears, any other key keeps them")
     term.press(b"y")
     term.wait_text("maxima cleared in connmond")
-    term.wait_for(lambda t: t.numbers("gone.py")[4:7] == ["0", "0", "0"],
+    term.wait_for(lambda t: t.numbers("gone.py")[6:9] == ["0", "0", "0"],
                   "cleared maxima")
     assert daemon.row("beta.py")["maxckout"] == 4
 
@@ -2218,11 +2226,11 @@ def test_console_sorts_by_every_column(daemon, apps, tmp_path, terminal):
     term.wait_for(lambda t: len(t.rows()) == 5, "five rows")
     snapshot_rows = daemon.snapshot()["rows"]
     keys = ["hostname", "progname", "nproc", "conn", "ckout", "limit",
-            "maxnproc", "maxconn", "maxckout", "ckout_per_sec", "hold_ms",
-            "oldest"]
+            "waiting", "timeouts_per_sec", "maxnproc", "maxconn", "maxckout",
+            "ckout_per_sec", "hold_ms", "oldest"]
     headings = ["HOSTNAME", "PROGNAME", "NPROC", "CONN", "CKOUT", "LIMIT",
-                "MAXNPROC", "MAXCONN", "MAXCKOUT", "CKOUT/S", "HOLD_MS",
-                "OLDEST"]
+                "WAIT", "TMOUT/S", "MAXNPROC", "MAXCONN", "MAXCKOUT",
+                "CKOUT/S", "HOLD_MS", "OLDEST"]
 
     def expected(key: str, reverse: bool) -> List[str]:
         # "-" (no value) sorts below every number; ties keep name order.
@@ -2760,10 +2768,12 @@ def test_console_sites_view_ranks_the_holding_lines(tmp_path, leak_daemon,
 
 
 def holder_lines(t: Terminal) -> List[str]:
-    """The drill-down's long holder lines, oldest first as on screen."""
+    """The drill-down's long holder lines, oldest first as on screen (up
+    to the blank line above the pools)."""
     lines = list(itertools.dropwhile(
         lambda line: "long holders (held past" not in line, t.display))
-    return [line.strip() for line in lines[2:-1] if line.strip()]
+    return [line.strip() for line in itertools.takewhile(
+        str.strip, lines[2:-1])]
 
 
 def history_line(t: Terminal, label: str) -> str:
@@ -2839,8 +2849,10 @@ def test_once_lists_the_sites_under_their_rows(tmp_path, leak_daemon):
         # No known site (capture off): no site lines, the next row follows.
         assert lines[blind_at + 1].split()[1] == "leaky.py"
         script = tmp_path / "leaky.py"
+        under_leaky = lines[blind_at + 2:lines.index("", blind_at)]   # (the
+        # databases after the blank line)
         assert [re.sub(r"oldest +[0-9.]+", "oldest N", line)
-                for line in lines[blind_at + 2:]] == [
+                for line in under_leaky] == [
             f"    held    5  oldest N  {script}:{line_of('SITE-B')} in "
             "site_b",
             f"    held    3  oldest N  {script}:{line_of('SITE-A')} in "
@@ -5450,6 +5462,531 @@ def test_fuzz_peer_role_and_nested_messages(tmp_path, apps):
 
 # (tests of pool pressure go here)
 
+# The application of these tests: engines (one per URL; the first is the
+# one "crowd" uses), on threads or, with mode "asyncio", on tasks of an
+# event loop run by a thread of its own.  "crowd N HOLD" starts N threads
+# (tasks) that each check out a connection and hold it HOLD seconds,
+# timing their own wait; "outcomes" answers once all are done, with each
+# one's outcome and seconds waited, as JSON.
+PRESSURE_APP_SCRIPT = r'''
+import asyncio, json, sys, threading, time
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+urls, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+mode = options.pop("mode", "threads")
+outcomes, held, started = [], [], []
+
+def answer(*words):
+    print(*words, flush=True)
+
+if mode == "asyncio":
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    engines = [create_async_engine(url, **options) for url in urls]
+
+    async def worker(hold):
+        began = time.monotonic()
+        try:
+            conn = await engines[0].connect()
+        except sa.exc.TimeoutError:
+            outcomes.append(["timeout", time.monotonic() - began])
+            return
+        outcomes.append(["ok", time.monotonic() - began])
+        await asyncio.sleep(hold)
+        await conn.close()
+
+    def crowd(n, hold):
+        for _ in range(n):
+            started.append(asyncio.run_coroutine_threadsafe(worker(hold),
+                                                            loop))
+
+    def hold_one(index):
+        async def connect():
+            conn = await engines[index].connect()
+            await conn.exec_driver_sql("SELECT 1")
+            return conn
+        held.append(asyncio.run_coroutine_threadsafe(connect(),
+                                                     loop).result(30))
+else:
+    engines = [sa.create_engine(url, **options) for url in urls]
+
+    def worker(hold):
+        began = time.monotonic()
+        try:
+            conn = engines[0].connect()
+        except sa.exc.TimeoutError:
+            outcomes.append(["timeout", time.monotonic() - began])
+            return
+        outcomes.append(["ok", time.monotonic() - began])
+        time.sleep(hold)
+        conn.close()
+
+    def crowd(n, hold):
+        for _ in range(n):
+            thread = threading.Thread(target=worker, args=(hold,))
+            thread.start()
+            started.append(thread)
+
+    def hold_one(index):
+        conn = engines[index].connect()
+        conn.exec_driver_sql("SELECT 1")
+        held.append(conn)
+
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd == "crowd":
+        crowd(int(args[0]), float(args[1]))
+    elif cmd == "hold":
+        hold_one(int(args[0]))
+    elif cmd == "outcomes":
+        for job in started:
+            (job.result if mode == "asyncio" else job.join)(30)
+        answer("ok", json.dumps(outcomes, separators=(",", ":")))
+        continue
+    answer("ok")
+'''
+
+
+class PressureApp(App):
+    source = PRESSURE_APP_SCRIPT
+
+
+@pytest.fixture
+def pressure_apps(apps):
+    """Start a PressureApp with engines for ``urls``."""
+    def start(urls: List[str], progname: str, **options: Any) -> App:
+        return apps(json.dumps(urls), progname, app_class=PressureApp,
+                    **options)
+    return start
+
+
+def plain_table(daemon: Daemon, *args: str) -> str:
+    """connmon --once, the plain table."""
+    return subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "-H",
+         daemon.address, *args], cwd=HERE, env=CHILD_ENV,
+        capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def pressure_daemon(tmp_path, extra_config: str = "") -> Tuple[Daemon, int]:
+    """A daemon serving /metrics too; and its metrics port."""
+    port = free_port()
+    return Daemon(tmp_path, extra_config=f"metrics_port: {port}\n"
+                  f"metrics_bind: 127.0.0.1\n{extra_config}"), port
+
+
+PRESSURE_BACKENDS = {
+    "mysql-threads": (MYSQL_URL, "threads"),
+    "postgresql-threads": (POSTGRESQL_URL, "threads"),
+    "mysql-asyncio": (MYSQL_URL.replace("+pymysql", "+aiomysql"), "asyncio"),
+    "postgresql-asyncio": (
+        POSTGRESQL_URL.replace("+psycopg2", "+asyncpg"), "asyncio"),
+}
+
+
+@pytest.mark.parametrize("backend", list(PRESSURE_BACKENDS))
+def test_waiting_timeouts_and_wait_times_as_the_app_saw_them(
+        backend, tmp_path, pressure_apps):
+    """pool_size=2, max_overflow=0, pool_timeout=1 and six threads (or
+    tasks) that each want a connection for 3 s: two get one, four wait
+    and time out.  The daemon shows them waiting while they wait, counts
+    the timeouts the app counted, and the waits the app timed."""
+    url, mode = PRESSURE_BACKENDS[backend]
+    require_database(url.replace("+aiomysql", "+pymysql")
+                     .replace("+asyncpg", "+psycopg2"))
+    daemon, metrics_port = pressure_daemon(tmp_path)
+    try:
+        name = f"crowd-{mode}.py"
+        app = pressure_apps([f"{url}?plugin=connmon&connmon_addr="
+                             f"{daemon.address}"], name, mode=mode,
+                            pool_size=2, max_overflow=0, pool_timeout=1)
+        daemon.wait_row(name, nproc=1)
+        crowd_began = time.monotonic()
+        app("crowd 6 3")
+
+        def waiting() -> Optional[Tuple[dict, dict]]:
+            snapshot = daemon.snapshot()
+            (row,) = [r for r in snapshot["rows"] if r["progname"] == name]
+            return (snapshot, row) if row["waiting"] >= 3 else None
+        snapshot, row = wait_until(waiting, 5, "checkouts waiting")
+        assert time.monotonic() - crowd_began < 1.0, "seen only after the " \
+            "timeouts: the waits were not seen as they happened"
+        assert 10 <= row["longest_wait_ms"] <= (
+            time.monotonic() - crowd_began) * 1000
+        assert snapshot["waiting"] == row["waiting"]
+        (server,) = snapshot["databases"]
+        assert server["waiting"] == row["waiting"]
+        # The timeouts, then the last second's longest wait: about 1 s.
+        row = wait_until(lambda: (lambda r: r if r["timeouts_total"] == 4 and (
+            r["wait_max_ms"] or 0) >= 900 else None)(daemon.row(name)), 5,
+            "four timeouts and the waits' maximum")
+        wait_max_ms = row["wait_max_ms"]
+        table = plain_table(daemon)
+        assert re.search(rf"{re.escape(name)}.*\n    waiting \d+ \(max "
+                         r"\d+.*timeouts \d+/s \(4\)", table), table
+
+        outcomes = json.loads(app("outcomes", timeout=60)[0])
+        timeouts = [waited for outcome, waited in outcomes
+                    if outcome == "timeout"]
+        assert len(outcomes) == 6 and len(timeouts) == 4
+        row = daemon.wait_row(name, timeouts_total=4, waiting=0, ckout=0,
+                              waits_total=6)
+        assert row["maxwaiting"] >= 4
+        assert daemon.snapshot()["max_waiting"] >= 4
+        # connmon times the wait inside the pool, the app around it: never
+        # longer, and short of it only by the engine's own few steps.
+        app_waits = sum(waited for _, waited in outcomes)
+        assert app_waits - 0.05 * 6 <= row["wait_seconds_total"] <= app_waits
+        assert row["connects_total"] >= 2 and row["connect_seconds_total"] > 0
+        assert wait_max_ms <= round(max(waited for _, waited in outcomes)
+                                    * 1000, 1)   # (as the snapshot rounds)
+
+        # /metrics: the OpenTelemetry names, equal to the snapshot.
+        snapshot = daemon.snapshot()
+        samples = metric_samples(http_get(metrics_port, "/metrics")[2])
+        assert samples == expected_samples(snapshot)
+        host = socket.gethostname()
+        assert samples[("db_client_connection_timeouts_total", host,
+                        name)] == 4
+        assert samples[("db_client_connection_wait_time_seconds_count",
+                        host, name)] == 6
+        assert samples[("db_client_connection_pending_requests", host,
+                        name)] == 0
+        assert samples[("connmon_max_pending_requests", host, name)] >= 4
+    finally:
+        daemon.stop()
+
+
+def test_failing_pre_ping_counts_as_an_invalidation(daemon, apps):
+    require_database(MYSQL_URL)
+    app = apps(monitored(MYSQL_URL, daemon), "preping.py", pool_size=2,
+               pool_pre_ping=True)
+    app("hold 1")
+    (thread_id,) = app("backend_pid")
+    app("release 1")
+    daemon.wait_row("preping.py", conn=1, ckout=0, invalidations_total=0)
+    import sqlalchemy as sa
+    admin = sa.create_engine(MYSQL_URL, poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"KILL CONNECTION {int(thread_id)}"))
+    app("query 1")   # the pre-ping fails: invalidated, connected anew
+    row = daemon.wait_row("preping.py", conn=1, ckout=0,
+                          invalidations_total=1)
+    assert row["connect_errors_total"] == 0 and row["timeouts_total"] == 0
+    assert row["connects_total"] == 2
+    app("hold 1")
+    app("invalidate")   # Connection.invalidate(): one more
+    daemon.wait_row("preping.py", invalidations_total=2)
+
+
+def test_two_engines_to_two_databases_kept_apart(tmp_path, pressure_apps):
+    """nova's nova and nova_api: one process, engines to two databases of
+    one server (and one to another server): --procs and the databases
+    view show each pool apart, the row keeps the sums."""
+    require_database(POSTGRESQL_URL)
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path, extra_config=(
+        "database_servers:\n    127.0.0.1:5432 max_connections=100\n"))
+    try:
+        query = f"?plugin=connmon&connmon_addr={daemon.address}"
+        api_url = POSTGRESQL_URL.rsplit("/", 1)[0] + "/postgres"
+        app = pressure_apps([POSTGRESQL_URL + query, api_url + query,
+                             MYSQL_URL + query], "nova-like.py",
+                            pool_size=3, max_overflow=1)
+        for index in (0, 0, 1, 2):
+            app(f"hold {index}")
+        row = daemon.wait_row("nova-like.py", procs=True, conn=4, ckout=4,
+                              limit=12)
+        (proc,) = row["procs"]
+        pools = {(p["endpoint"]["backend"], p["endpoint"]["database"]):
+                 (p["conn"], p["ckout"], p["limit"]) for p in proc["pools"]}
+        assert pools == {("postgresql", "test"): (2, 2, 4),
+                         ("postgresql", "postgres"): (1, 1, 4),
+                         ("mysql", "test"): (1, 1, 4)}
+        for pool in proc["pools"]:
+            endpoint = pool["endpoint"]
+            assert endpoint["host"] == "127.0.0.1"
+            assert endpoint["port"] == {"postgresql": 5432,
+                                        "mysql": 3306}[endpoint["backend"]]
+            assert endpoint["user"] == {"postgresql": "postgres",
+                                        "mysql": "root"}[endpoint["backend"]]
+        servers = {s["server"]: s for s in daemon.snapshot()["databases"]}
+        postgres, mysql = servers["127.0.0.1:5432"], servers["127.0.0.1:3306"]
+        assert (postgres["conn"], postgres["ckout"], postgres["limit"],
+                postgres["max_connections"], postgres["nproc"],
+                postgres["nprog"]) == (3, 3, 8, 100, 1, 1)
+        assert {d["database"]: (d["conn"], d["ckout"], d["limit"], d["users"])
+                for d in postgres["databases"]} == {
+            "test": (2, 2, 4, ["postgres"]),
+            "postgres": (1, 1, 4, ["postgres"])}
+        assert (mysql["conn"], mysql["max_connections"]) == (1, None)
+        assert [(p["progname"], p["conn"]) for p in postgres["programs"]] == [
+            ("nova-like.py", 3)]
+        table = plain_table(daemon, "--procs")
+        assert "postgresql://postgres@127.0.0.1:5432/postgres  conn 1" in table
+        assert "127.0.0.1:5432 (postgresql): conn 3 of 100" in table
+    finally:
+        daemon.stop()
+
+
+def test_no_password_query_or_url_on_the_wire(daemon, apps):
+    """Each pool reports backend, host, port, database and user, and
+    nothing else of its URL; connmon_endpoint=0 not even that."""
+    require_database(POSTGRESQL_URL)
+    relay = Relay(daemon.port)
+    password = "pr3ssure-Pa55"   # trust auth: the server ignores it
+    url = POSTGRESQL_URL.replace("postgres@", f"postgres:{password}@")
+    query = (f"connect_timeout=7&application_name=sekrit&plugin=connmon"
+             f"&connmon_addr=127.0.0.1:{relay.port}")
+    reported = apps(f"{url}?{query}", "endpoint.py")
+    hidden = apps(f"{url}?{query}&connmon_endpoint=0", "noendpoint.py")
+    for app in (reported, hidden):
+        app("hold 1")
+        daemon.wait_row(app.progname, conn=1, ckout=1)
+    relay.close()
+    with relay.lock:
+        wire = bytes(relay.received)
+    messages = [json.loads(line) for line in wire.splitlines()]
+    endpoints = [pool[2] for m in messages for pool in m.get("pools", [])]
+    assert {"backend": "postgresql", "host": "127.0.0.1", "port": 5432,
+            "database": "test", "user": "postgres"} in endpoints
+    assert None in endpoints   # connmon_endpoint=0
+    for secret in (password.encode(), b"connect_timeout", b"sekrit",
+                   b"://", b"psycopg2", b"plugin", b"connmon_"):
+        assert secret not in wire, secret
+    (row,) = [r for r in daemon.snapshot(procs=True)["rows"]
+              if r["progname"] == "noendpoint.py"]
+    assert row["procs"][0]["pools"][0]["endpoint"] is None
+
+
+def test_report_endpoints_off_in_the_config(tmp_path):
+    """report_endpoints: 0 in the service's section: no engine of the
+    service reports its database; a bad value fails create_engine()."""
+    import sqlalchemy as sa
+    daemon = Daemon(tmp_path, extra_config="report_endpoints: 0\n")
+    try:
+        url = (f"sqlite:///{tmp_path}/quiet.sqlite?plugin=connmon"
+               f"&connmon_service=test&connmon_config={daemon.config}")
+        engine = sa.create_engine(url)
+        with engine.connect():
+            (row,) = wait_until(lambda: [r for r in daemon.snapshot(
+                procs=True)["rows"] if r["ckout"] == 1], 10, "the checkout")
+        (pool,) = row["procs"][0]["pools"]
+        assert pool["endpoint"] is None and pool["conn"] == 1
+        assert [s["server"] for s in daemon.snapshot()["databases"]] == [None]
+        daemon.config.write_text(daemon.config.read_text().replace(
+            "report_endpoints: 0", "report_endpoints: no"))
+        message = "report_endpoints: expected 1 (on) or 0 (off), got 'no'"
+        with pytest.raises(connmon.ConfigError, match=re.escape(message)):
+            sa.create_engine(url)
+        # connmond's --check-config knows the applications' option too.
+        result = run_connmond("--check-config", "-c", str(daemon.config),
+                              "-s", "test")
+        assert result.returncode == 2 and message in result.stderr
+    finally:
+        daemon.stop()
+
+
+def test_connect_errors_counted(daemon):
+    """A database that cannot be reached: each failed checkout is a
+    connect error, not a timeout; nothing of it reaches the app but the
+    driver's own error."""
+    import sqlalchemy as sa
+    engine = sa.create_engine(
+        f"mysql+pymysql://root@127.0.0.1:{free_port()}/test?plugin=connmon"
+        f"&connmon_addr={daemon.address}")
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            engine.connect()
+    row = daemon.wait_row(connmon.progname(), connect_errors_total=2)
+    assert (row["timeouts_total"], row["connects_total"], row["conn"],
+            row["waits_total"]) == (0, 0, 0, 2)
+
+
+@pytest.mark.parametrize("how", ["poolclass", "pool", "nullpool"])
+def test_the_apps_own_pool_keeps_working(how, daemon, tmp_path, caplog):
+    """poolclass= with the plugin is measured; pool= works and says, in
+    one log line, what is not measured; an unlimited pool never waits."""
+    import logging
+    import sqlalchemy as sa
+    url = (f"sqlite:///{tmp_path}/own.sqlite?plugin=connmon"
+           f"&connmon_addr={daemon.address}")
+    options: Dict[str, Any] = {
+        "poolclass": {"pool": sa.pool.QueuePool, "poolclass":
+                      sa.pool.QueuePool, "nullpool": sa.pool.NullPool}[how],
+        "pool_size": 1, "max_overflow": 0, "pool_timeout": 0.3}
+    if how == "nullpool":
+        options = {"poolclass": sa.pool.NullPool}
+    if how == "pool":
+        import sqlite3
+        options = {"pool": sa.pool.QueuePool(
+            lambda: sqlite3.connect(f"{tmp_path}/own.sqlite"), pool_size=1,
+            max_overflow=0, timeout=0.3)}
+    with caplog.at_level(logging.WARNING, logger="connmon"):
+        engine = sa.create_engine(url, **options)
+    measured = how != "pool"
+    assert isinstance(engine.pool, connmon.MeasuredPool) == measured
+    assert isinstance(engine.pool, sa.pool.NullPool if how == "nullpool"
+                      else sa.pool.QueuePool)
+    notes = [r.getMessage() for r in caplog.records
+             if "not measured" in r.getMessage()]
+    assert len(notes) == (0 if measured else 1)
+    progname = connmon.progname()
+    # attached first: what happens before is not counted
+    daemon.wait_row(progname, nproc=1)
+    held = engine.connect()
+    if how != "nullpool":
+        with pytest.raises(sa.exc.TimeoutError):
+            engine.connect()
+    else:
+        engine.connect().close()
+    held.close()
+    engine.dispose()   # the recreated pool reports alike
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    row = daemon.wait_row(progname, ckout=0, ckout_total=2 if how !=
+                          "nullpool" else 3, timeout=10)
+    assert row["waiting"] == 0 and row["maxwaiting"] <= 1
+    assert row["timeouts_total"] == (1 if how in ("poolclass",) else 0)
+    assert row["waits_total"] == {"poolclass": 3, "pool": 0,
+                                  "nullpool": 3}[how]
+
+
+def test_database_servers_setting_is_checked(tmp_path):
+    path = pathlib.Path(write(tmp_path, textwrap.dedent("""\
+        [connmon_service_a]
+        name: a
+        database_servers:
+            db1:3306 max_connections=151
+            db2 max_connections=500
+        nodes:
+            n1 hostname=127.0.0.1:5999
+        """)))
+    result = run_connmond("-c", str(path), "-s", "a", "--check-config")
+    assert result.returncode == 2
+    assert "database_servers: 'db2' needs its port" in result.stderr
+    path.write_text(path.read_text().replace("db2 ", "db2:5432 "))
+    assert run_connmond("-c", str(path), "-s", "a", "--check-config"
+                        ).returncode == 0
+    path.write_text(path.read_text().replace("=500", "=lots"))
+    result = run_connmond("-c", str(path), "-s", "a", "--check-config")
+    assert "expected HOST:PORT max_connections=N" in result.stderr
+
+
+def test_pressure_in_the_csv_columns(tmp_path, apps):
+    csv_path = tmp_path / "pressure.csv"
+    daemon = Daemon(tmp_path, extra_config=(
+        f"csv_dump: {csv_path}\ncsv_interval: 0.2\ncsv_columns: progname "
+        "waiting maxwaiting timeouts_total wait_seconds_total "
+        "invalidations_total connect_errors_total\n"))
+    try:
+        app = apps(f"sqlite:///{tmp_path}/c.sqlite?plugin=connmon"
+                   f"&connmon_addr={daemon.address}", "csvpressure.py",
+                   pool_size=1, max_overflow=0)
+        app("hold 1")
+        app("invalidate")
+        daemon.wait_row("csvpressure.py", invalidations_total=1)
+        rows = wait_until(lambda: [r for r in csv_rows(csv_path)
+                                   if r["invalidations_total"] == "1"], 10,
+                          "the invalidation in the CSV")
+        assert rows[-1]["progname"] == "csvpressure.py"
+        assert rows[-1]["timeouts_total"] == "0"
+        assert float(rows[-1]["wait_seconds_total"]) > 0
+    finally:
+        daemon.stop()
+
+
+def screen_row(t: Terminal, progname: str) -> Dict[str, str]:
+    """A table row on screen as heading -> field, alarm markers taken off
+    ({} while it is not on screen); "y" is its line.  Which columns are
+    there depends on the width (see COLUMNS' drop order)."""
+    heads, _ = table_on_screen(t)
+    marks = connmon_console.ABOVE + connmon_console.LEAKED
+    for y, line in enumerate(t.display):
+        fields = line.split()
+        if 7 <= y < len(t.display) - 1 and len(fields) == len(heads) and (
+                fields[1] == progname):
+            return {"y": y, **{head: field.lstrip(marks)
+                               for head, field in zip(heads, fields)}}
+    return {}
+
+
+def test_console_shows_waiting_programs_and_databases_at_80x24(
+        tmp_path, apps, pressure_apps, terminal):
+    """At 80x24: WAIT and TMOUT/S on screen, a waiting program's row in
+    the alarm's colours, its sites first in the sites view, its pressure
+    and pools in the drill-down, and the databases view against the
+    server's max_connections."""
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path, extra_config=(
+        "database_servers:\n    127.0.0.1:3306 max_connections=151\n"))
+    try:
+        query = f"?plugin=connmon&connmon_addr={daemon.address}"
+        calm = apps(f"sqlite:///{tmp_path}/calm.sqlite{query}", "calm.py")
+        calm("hold 5")
+        crowded = pressure_apps([MYSQL_URL + query], "wait.py",
+                                pool_size=2, max_overflow=0, pool_timeout=20)
+        crowded("crowd 6 25")
+        daemon.wait_row("wait.py", waiting=4, ckout=2)
+        term = terminal("-H", daemon.address, "-i", "0.2", cols=80,
+                        lines=24)
+        # At 80 columns WAIT and TMOUT/S stay (the MAX* group goes
+        # first); the table starts sorted by CONN, biggest first.
+        term.wait_for(lambda t: {key: screen_row(t, "wait.py").get(key)
+                                 for key in ("CONN", "CKOUT", "WAIT",
+                                             "TMOUT/S")} == {
+            "CONN": "2", "CKOUT": "2", "WAIT": "4", "TMOUT/S": "0"},
+            "wait.py WAIT 4")
+        assert "MAXCONN" not in term.text
+        assert "sorted by CONN descending" in term.text
+        assert re.search(r"Waiting \[4 / \d+\]", term.text)
+        y = screen_row(term, "wait.py")["y"]
+        assert (term.screen.buffer[y][0].fg, term.screen.buffer[y][0].bg
+                ) == ("white", "red")
+        # Without colour too: the waiting number carries the marker.
+        assert "!4" in term.display[y].split()
+        y = screen_row(term, "calm.py")["y"]
+        assert term.screen.buffer[y][0].bg != "red"
+
+        term.press(b"s")   # the waiting program's sites come first
+        term.wait_for(lambda t: [p for p, _, _ in screen_sites(t)] == [
+            "wait.py", "calm.py"], "wait.py's site above calm.py's")
+        term.press(b"\x1b")
+        term.wait_for(lambda t: screen_row(t, "wait.py"), "the table")
+
+        term.press(b"d")   # the databases view
+        term.wait_text("database servers")
+        term.wait_for(lambda t: re.search(
+            r"127\.0\.0\.1:3306 +all \(mysql\) +2 +2 +!4 +2 +151 +1",
+            t.text), "the MariaDB server against its 151")
+        assert re.search(r"127\.0\.0\.1:3306 +db test +2 +2 +!4", term.text)
+        assert re.search(r"127\.0\.0\.1:3306 +\S+ wait\.py +2 +2 +!4",
+                         term.text)
+        # The footer names this view's keys only (the table's "s sites"
+        # does nothing here).
+        assert "Esc back" in term.display[-1]
+        assert "s sites" not in term.display[-1]
+        term.press(b"d")
+        term.wait_for(lambda t: screen_row(t, "wait.py"), "the table")
+
+        # To wait.py (below calm.py: CONN descending), and into it.
+        down = screen_row(term, "wait.py")["y"] - 7
+        term.press(term.key["khome"] + term.key["kcud1"] * down + b"\r")
+        term.wait_text("wait.py on ")
+        term.wait_for(lambda t: re.search(
+            r"waiting 4 \(max \d+, longest \d+\.\d ms\)", t.text),
+            "the drill-down's pressure line")
+        term.wait_text("1 pool, with the database of each")
+        assert "mysql://root@127.0.0.1:3306/test" in term.text
+
+        outcomes = json.loads(crowded("outcomes", timeout=60)[0])
+        assert [o for o, _ in outcomes].count("timeout") == 4
+        term.wait_for(lambda t: re.search(r"timeouts \d+/s \(4\)", t.text),
+                      "four timeouts in the drill-down")
+    finally:
+        daemon.stop()
+
 
 # ---------------------------------------------------------------------------
 # The operator's console at 80x24; the command line and the config check
@@ -5486,7 +6023,8 @@ def openstack_fleet(daemon: Daemon) -> Dict[Tuple[str, str], "SyntheticApp"]:
             app.event(connmon.CONNECT, conn, 1)
         now = time.monotonic()
         app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
-                         1, None, None, None) for conn in range(1, out + 1)])
+                         1, None, None, None, None)
+                        for conn in range(1, out + 1)])
         if prog == "nova-conductor":
             app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
             app.state.holders[1] = (7, None, None)
@@ -5536,8 +6074,9 @@ def check_openstack_table(t: Terminal, truth: Dict[Tuple[str, str], dict]
         row = truth[real]
         for heading, field in zip(heads[2:], fields[2:]):
             value = field.lstrip("!*")
-            key = {"CKOUT/S": "ckout_per_sec",
-                   "HOLD_MS": "hold_ms"}.get(heading, heading.lower())
+            key = {"CKOUT/S": "ckout_per_sec", "HOLD_MS": "hold_ms",
+                   "WAIT": "waiting", "TMOUT/S": "timeouts_per_sec"}.get(
+                       heading, heading.lower())
             if key == "oldest":
                 assert (value == "-") == (row["oldest"] is None), field
                 if value != "-":   # older now, never cut short
@@ -5567,9 +6106,10 @@ def test_console_openstack_names_at_80x24_and_40x15(tmp_path, terminal,
             visible, len(OPENSTACK)), "the table")
         heads, _ = table_on_screen(term)
         if cols == 80:
-            # The MAX* group and the rate went first; names whole.
+            # The MAX* group, the rate, LIMIT and HOLD_MS went first
+            # (WAIT and TMOUT/S, the pool pressure, stay); names whole.
             assert heads == ["HOSTNAME", "PROGNAME", "NPROC", "CONN", "CKOUT",
-                             "LIMIT", "HOLD_MS", "OLDEST"]
+                             "WAIT", "TMOUT/S", "OLDEST"]
             assert MARK not in "\n".join(term.display[6:-1])
         else:
             assert heads == ["HOSTN" + MARK, "PROGNAME", "CONN", "CKOUT",
@@ -5618,7 +6158,7 @@ def test_console_fleet_view_totals_and_drill_down(tmp_path, terminal):
     try:
         fleet = openstack_fleet(daemon)   # kept: its connections stay
         truth = daemon.snapshot()["rows"]
-        term = terminal("-H", daemon.address, "-i", "0.3", cols=120)
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=160)
         term.wait_text("9 rows, sorted by CONN descending")
         term.press(b"f")
         term.wait_text("6 programs over every host, sorted by CONN")
@@ -5630,8 +6170,9 @@ def test_console_fleet_view_totals_and_drill_down(tmp_path, terminal):
             assert fields[0] == connmon.plural(len(hosts), "host")
             numbers = dict(zip(heads[2:], fields[1:]))
             for key in ("nproc", "conn", "ckout", "limit", "maxnproc",
-                        "maxconn", "maxckout"):
-                assert numbers[key.upper()] == str(
+                        "maxconn", "maxckout", "waiting"):
+                heading = {"waiting": "WAIT"}.get(key, key.upper())
+                assert numbers[heading] == str(
                     sum(row[key] for row in hosts)), (prog, key)
         # The biggest program first: CONN descends over the fleet too.
         order = [line.split()[2] for line in term.display[7:-1]
@@ -5709,8 +6250,10 @@ def test_console_thresholds_marked_with_and_without_colour(tmp_path,
             while not stop.wait(0.2):
                 now = time.monotonic()
                 slow.state.fold([
-                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None, None),
-                    (connmon.CHECKIN, 1, now, None, None, None, None)])
+                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None, None,
+                     None),
+                    (connmon.CHECKIN, 1, now, None, None, None, None,
+                     None)])
                 slow.send()
         threading.Thread(target=slow_queries, daemon=True).start()
         for env in ({}, {"TERM": "vt100"}):
@@ -5864,13 +6407,15 @@ def test_version_on_both_commands():
             0, f"{name} {connmon.__version__}\n")
 
 
-def test_procs_without_json_is_refused():
+def test_procs_without_once_is_refused():
+    """--procs lists processes in --once's table or JSON; the live screen
+    has its drill-down instead."""
     result = subprocess.run(
-        [sys.executable, "-m", "connmon_console", "--once", "--procs", "-H",
+        [sys.executable, "-m", "connmon_console", "--procs", "-H",
          "127.0.0.1:1"], cwd=HERE, env=CHILD_ENV, capture_output=True,
         text=True, timeout=30)
     assert result.returncode == 2
-    assert "error: --procs goes with --once --json" in result.stderr
+    assert "error: --procs goes with --once" in result.stderr
 
 
 def test_once_json_into_a_closed_pipe_ends_quietly(daemon):
