@@ -265,17 +265,18 @@ POOL_COLUMNS = [
 ]
 
 # The databases view: per database server, its total, its databases and
-# the programs holding its connections.
+# the programs holding its connections.  Its numbers are what it is for:
+# a name is cut before any of them goes.
 DATABASE_COLUMNS = [
-    Column("SERVER", "hostname", "text", keep=96, width=7, most=21),
-    Column("DATABASE / PROGRAM", "progname", "text", keep=100, width=9,
+    Column("SERVER", "hostname", "text", keep=100, width=15, most=22),
+    Column("DATABASE / PROGRAM", "progname", "text", keep=99, width=9,
            most=30),
-    Column("CONN", "conn", keep=92),
-    Column("CKOUT", "ckout", keep=90),
-    Column("WAIT", "waiting", keep=88, alarm=waiting_alarm),
-    Column("LIMIT", "limit", keep=60, alarm=over_server_alarm),
-    Column("MAX_CONN", "max_connections", keep=70),
-    Column("NPROC", "nproc", keep=50),
+    Column("CONN", "conn", keep=97),
+    Column("CKOUT", "ckout", keep=96),
+    Column("WAIT", "waiting", keep=95, alarm=waiting_alarm),
+    Column("LIMIT", "limit", keep=94, alarm=over_server_alarm),
+    Column("MAX_CONN", "max_connections", keep=93),
+    Column("NPROC", "nproc", keep=91),
 ]
 
 # The drill-down's long holders: connections held past the apps'
@@ -1228,12 +1229,16 @@ class Console:
     # -- drawing --------------------------------------------------------------
 
     def put(self, y: int, text: str, attr: int = curses.A_NORMAL,
-            x: int = 0) -> None:
+            x: Optional[int] = None) -> None:
+        """Draw a whole line (``x`` None: padded to the width, in
+        ``attr``), or ``text`` alone from column ``x`` over what is
+        there (a cell, PAUSED)."""
         height, width = self.window.getmaxyx()
+        if x is None:
+            x, text = 0, text.ljust(width)
         if 0 <= y < height and x < width:
             try:
-                self.window.addnstr(y, x, text if x else text.ljust(width),
-                                    width - x, attr)
+                self.window.addnstr(y, x, text, width - x, attr)
             except curses.error:
                 pass   # writing the bottom-right cell; the text is drawn
 

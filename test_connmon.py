@@ -5905,8 +5905,8 @@ def screen_row(t: Terminal, progname: str) -> Dict[str, str]:
     marks = connmon_console.ABOVE + connmon_console.LEAKED
     for y, line in enumerate(t.display):
         fields = line.split()
-        if 7 <= y < len(t.display) - 1 and len(fields) == len(heads) and (
-                fields[1] == progname):
+        if 7 <= y < len(t.display) - 1 and len(heads) > 2 and (
+                len(fields) == len(heads) and fields[1] == progname):
             return {"y": y, **{head: field.lstrip(marks)
                                for head, field in zip(heads, fields)}}
     return {}
