@@ -3080,15 +3080,26 @@ def measured_connect(pool_connect):
         try:
             fairy = pool_connect(self)
         except BaseException as error:
-            pending.remove(began)
+            _unpend(pending, began)
             probe.gave_up(error, began)
             raise
-        pending.remove(began)
+        _unpend(pending, began)
         probe.checked_out(fairy.info, began)
         return fairy
 
     connect.__doc__ = pool_connect.__doc__
     return connect
+
+
+def _unpend(pending: List[float], began: float) -> None:
+    """A checkout's wait is over.  It may be gone already: a child of a
+    fork without at-fork hooks notices the fork at its first event (see
+    Sender.wake), which may come inside this very connect(), and forgets
+    the waits it inherited; never an error for the application."""
+    try:
+        pending.remove(began)
+    except ValueError:
+        pass
 
 
 _measured_classes: Dict[type, type] = {}
