@@ -713,23 +713,41 @@ def nested(message: Dict[str, Any], key: str, op: str) -> Dict[str, Any]:
 def fit_reply(message: Dict[str, Any], limit: int) -> bytes:
     """``message`` (a snapshot) as a line of at most ``limit`` bytes.  If
     it is larger, the rows that matter least (gone before live, then the
-    fewest connections) are left out, and "trimmed" says how many."""
+    fewest connections) are left out, with their programs under
+    "databases", as many as must (found by halving), and "trimmed" says
+    how many."""
     data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
     if len(data) <= limit:
         return data
     rows = message["rows"]
-    sizes = [len(json.dumps(row, separators=(",", ":"))) + 1 for row in rows]
-    budget = limit - (len(data) - sum(sizes)) - 64   # and "trimmed"
-    ranked = sorted(range(len(rows)), key=lambda i: (
-        not rows[i]["connected"], -rows[i]["conn"], -rows[i]["ckout"]))
-    kept, used = [], 0
-    for index in ranked:
-        if used + sizes[index] <= budget:
-            kept.append(index)
-            used += sizes[index]
-    kept.sort()
-    return connmon.encode({**message, "rows": [rows[i] for i in kept],
-                           "trimmed": len(rows) - len(kept)}, limit)
+    ranked = sorted(rows, key=lambda row: (
+        not row["connected"], -row["conn"], -row["ckout"]))
+
+    def keeping(count: int) -> bytes:
+        names = {(row["hostname"], row["progname"]) for row in ranked[:count]}
+        trimmed = {**message, "trimmed": len(rows) - count, "rows": [
+            row for row in rows
+            if (row["hostname"], row["progname"]) in names]}
+        if "databases" in message:
+            trimmed["databases"] = [{**server, "programs": [
+                program for program in server["programs"]
+                if (program["hostname"], program["progname"]) in names]}
+                for server in message["databases"]]
+        return json.dumps(trimmed, separators=(",", ":")).encode() + b"\n"
+
+    low, high = 0, len(rows)   # keeping low rows fits; keeping high does not
+    best = keeping(0)
+    if len(best) > limit:
+        raise ProtocolError(f"a snapshot without rows is {len(best)} bytes, "
+                            f"over the {limit} byte reply limit")
+    while high - low > 1:
+        middle = (low + high) // 2
+        reply = keeping(middle)
+        if len(reply) <= limit:
+            low, best = middle, reply
+        else:
+            high = middle
+    return best
 
 
 def attach_message(proc: connmon.ProcessState) -> Dict[str, Any]:
