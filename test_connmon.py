@@ -5466,7 +5466,9 @@ def test_fuzz_peer_role_and_nested_messages(tmp_path, apps):
 # one "crowd" uses), on threads or, with mode "asyncio", on tasks of an
 # event loop run by a thread of its own.  "crowd N HOLD" starts N threads
 # (tasks) that each check out a connection and hold it HOLD seconds,
-# timing their own wait; "outcomes" answers once all are done, with each
+# timing their own wait; "use I" checks out and returns a connection of
+# engine I, answering the seconds it waited (a process is attached from
+# its first use of a pool); "outcomes" answers once all are done, with each
 # one's outcome and seconds waited, as JSON.
 PRESSURE_APP_SCRIPT = r'''
 import asyncio, json, sys, threading, time
@@ -5508,6 +5510,16 @@ if mode == "asyncio":
             return conn
         held.append(asyncio.run_coroutine_threadsafe(connect(),
                                                      loop).result(30))
+
+    def use(index):
+        async def connect_and_close():
+            began = time.monotonic()
+            conn = await engines[index].connect()
+            waited = time.monotonic() - began
+            await conn.close()
+            return waited
+        return asyncio.run_coroutine_threadsafe(connect_and_close(),
+                                                loop).result(30)
 else:
     engines = [sa.create_engine(url, **options) for url in urls]
 
@@ -5533,12 +5545,22 @@ else:
         conn.exec_driver_sql("SELECT 1")
         held.append(conn)
 
+    def use(index):
+        began = time.monotonic()
+        conn = engines[index].connect()
+        waited = time.monotonic() - began
+        conn.close()
+        return waited
+
 for line in sys.stdin:
     cmd, *args = line.split()
     if cmd == "crowd":
         crowd(int(args[0]), float(args[1]))
     elif cmd == "hold":
         hold_one(int(args[0]))
+    elif cmd == "use":   # a process is attached from its first pool use
+        answer("ok", use(int(args[0])))
+        continue
     elif cmd == "outcomes":
         for job in started:
             (job.result if mode == "asyncio" else job.join)(30)
@@ -5601,6 +5623,7 @@ def test_waiting_timeouts_and_wait_times_as_the_app_saw_them(
         app = pressure_apps([f"{url}?plugin=connmon&connmon_addr="
                              f"{daemon.address}"], name, mode=mode,
                             pool_size=2, max_overflow=0, pool_timeout=1)
+        warm_up = float(app("use 0")[0])   # one wait before the crowd's
         daemon.wait_row(name, nproc=1)
         crowd_began = time.monotonic()
         app("crowd 6 3")
@@ -5631,13 +5654,13 @@ def test_waiting_timeouts_and_wait_times_as_the_app_saw_them(
                     if outcome == "timeout"]
         assert len(outcomes) == 6 and len(timeouts) == 4
         row = daemon.wait_row(name, timeouts_total=4, waiting=0, ckout=0,
-                              waits_total=6)
+                              waits_total=7)
         assert row["maxwaiting"] >= 4
         assert daemon.snapshot()["max_waiting"] >= 4
         # connmon times the wait inside the pool, the app around it: never
         # longer, and short of it only by the engine's own few steps.
-        app_waits = sum(waited for _, waited in outcomes)
-        assert app_waits - 0.05 * 6 <= row["wait_seconds_total"] <= app_waits
+        app_waits = warm_up + sum(waited for _, waited in outcomes)
+        assert app_waits - 0.05 * 7 <= row["wait_seconds_total"] <= app_waits
         assert row["connects_total"] >= 2 and row["connect_seconds_total"] > 0
         assert wait_max_ms <= round(max(waited for _, waited in outcomes)
                                     * 1000, 1)   # (as the snapshot rounds)
@@ -5650,7 +5673,7 @@ def test_waiting_timeouts_and_wait_times_as_the_app_saw_them(
         assert samples[("db_client_connection_timeouts_total", host,
                         name)] == 4
         assert samples[("db_client_connection_wait_time_seconds_count",
-                        host, name)] == 6
+                        host, name)] == 7
         assert samples[("db_client_connection_pending_requests", host,
                         name)] == 0
         assert samples[("connmon_max_pending_requests", host, name)] >= 4
@@ -5833,9 +5856,7 @@ def test_the_apps_own_pool_keeps_working(how, daemon, tmp_path, caplog):
              if "not measured" in r.getMessage()]
     assert len(notes) == (0 if measured else 1)
     progname = connmon.progname()
-    # attached first: what happens before is not counted
-    daemon.wait_row(progname, nproc=1)
-    held = engine.connect()
+    held = engine.connect()   # the first use attaches the process
     if how != "nullpool":
         with pytest.raises(sa.exc.TimeoutError):
             engine.connect()
