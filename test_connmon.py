@@ -5105,6 +5105,12 @@ def test_trust_too_large_snapshot_is_trimmed_not_refused(tmp_path, apps):
         assert 0 < snapshot["trimmed"] < 100
         assert len(snapshot["rows"]) == 101 - snapshot["trimmed"]
         assert snapshot["processes"] == 101   # the totals are whole
+        # The databases section keeps the lines of the rows shown only.
+        shown = {(r["hostname"], r["progname"]) for r in snapshot["rows"]}
+        listed = {(p["hostname"], p["progname"])
+                  for server in snapshot["databases"]
+                  for p in server["programs"]}
+        assert listed and listed <= shown
         assert counts(daemon, "honest.py") == (1, 3, 3)   # most conns first
         table = subprocess.run(
             [sys.executable, "-m", "connmon_console", "--once", "-H",
