@@ -3721,7 +3721,8 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# App servers and runtimes: uWSGI, gunicorn, eventlet, gevent, asyncio
+# App servers and runtimes: uWSGI, gunicorn, Celery, eventlet, gevent,
+# asyncio
 # ---------------------------------------------------------------------------
 
 # One WSGI application for every server.  Its engine is made at import
@@ -3828,12 +3829,13 @@ def write_wsgi_app(tmp_path, daemon: Daemon, patch: str = "",
 
 
 class Server:
-    """A real app server subprocess on a free loopback port, killed with
-    its whole process group."""
+    """A real app server subprocess (serving HTTP on a free loopback
+    port), killed with its whole process group.  ``answers`` is what
+    check_server asks it."""
 
-    def __init__(self, tmp_path, argv: List[str], port: int):
+    def __init__(self, tmp_path, argv: List[str], port: int = 0):
         self.port = port
-        self.log = tmp_path / f"server-{port}.log"
+        self.log = tmp_path / "server.log"
         env = dict(CHILD_ENV, PYTHONPATH=os.pathsep.join(
             [str(tmp_path), CHILD_ENV["PYTHONPATH"]]))
         self.proc = subprocess.Popen(
@@ -3870,12 +3872,12 @@ class Server:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-def check_server(tmp_path, daemon: Daemon, argv: List[str], port: int,
-                 progname: str, workers: int, timeout: float = 40.0) -> None:
-    """Serve requests on every worker, then compare connmon's per-pid
-    picture with each worker's own pool counts.  A worker that never
+def check_server(server: Server, daemon: Daemon, progname: str,
+                 workers: int, timeout: float = 40.0) -> None:
+    """Have every worker of the started ``server`` answer (HTTP requests,
+    Celery tasks), then compare connmon's per-pid picture with each
+    worker's own pool counts; stop the server.  A worker that never
     answers (deadlocked) fails the wait."""
-    server = Server(tmp_path, argv, port)
     try:
         seen: Dict[int, dict] = {}
 
@@ -3941,27 +3943,32 @@ def test_uwsgi_workers_are_counted_and_never_deadlock(tmp_path, mode, start):
     try:
         app = write_wsgi_app(tmp_path, daemon, use_at_load=True)
         port = free_port()
-        check_server(tmp_path, daemon, [
+        check_server(Server(tmp_path, [
             "uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
             "--processes", "4", "--wsgi-file", str(app), "--die-on-term",
-            "--disable-logging", *UWSGI_MODES[mode]], port, "uwsgi", 4)
+            "--disable-logging", *UWSGI_MODES[mode]], port), daemon,
+            "uwsgi", 4)
     finally:
         daemon.stop()
 
 
-@pytest.mark.parametrize("worker", ["sync", "gthread", "gevent"])
-def test_gunicorn_preload_workers_are_counted(tmp_path, worker):
+# With --preload the master imports the application (the engine is made
+# before the fork); without it each worker imports it after the fork.
+@pytest.mark.parametrize("worker, preload", [
+    ("sync", True), ("sync", False), ("gthread", True), ("gevent", True),
+    ("gevent", False)])
+def test_gunicorn_workers_are_counted(tmp_path, worker, preload):
     require_database(MYSQL_URL)
     daemon = Daemon(tmp_path)
     try:
         write_wsgi_app(tmp_path, daemon,
                        patch="gevent" if worker == "gevent" else "")
         port = free_port()
-        check_server(tmp_path, daemon, [
-            "gunicorn", "--preload", "-w", "3",
+        check_server(Server(tmp_path, [
+            "gunicorn", *(["--preload"] if preload else []), "-w", "3",
             "-k", worker, *(["--threads", "4"] if worker == "gthread" else []),
             "-b", f"127.0.0.1:{port}",
-            "connmon_wsgi_app:application"], port, "gunicorn", 3)
+            "connmon_wsgi_app:application"], port), daemon, "gunicorn", 3)
     finally:
         daemon.stop()
 
@@ -3975,8 +3982,8 @@ def test_eventlet_oslo_service_workers_are_counted(tmp_path, patch):
     try:
         app = write_wsgi_app(tmp_path, daemon, patch=patch)
         port = free_port()
-        check_server(tmp_path, daemon, [
-            sys.executable, str(app), "oslo", str(port), "2"], port,
+        check_server(Server(tmp_path, [
+            sys.executable, str(app), "oslo", str(port), "2"], port), daemon,
             app.name, 2)
     finally:
         daemon.stop()
@@ -3988,9 +3995,96 @@ def test_gevent_patch_all_app_is_counted(tmp_path):
     try:
         app = write_wsgi_app(tmp_path, daemon, patch="gevent")
         port = free_port()
-        check_server(tmp_path, daemon, [
-            sys.executable, str(app), "gevent", str(port)], port, app.name,
-            1)
+        check_server(Server(tmp_path, [
+            sys.executable, str(app), "gevent", str(port)], port), daemon,
+            app.name, 1)
+    finally:
+        daemon.stop()
+
+
+# A Celery app whose tasks answer as the WSGI application's requests do,
+# with its engine: made when the worker's main process imports the app,
+# before the prefork pool forks its children.  The broker and the result
+# backend are folders (kombu's filesystem transport, Celery's file://
+# backend): no service to run.
+CELERY_APP = r"""
+import json
+from celery import Celery
+import connmon_wsgi_app
+
+app = Celery("connmon_celery_app")
+app.conf.update({config!r})
+
+@app.task(name="answer")
+def answer(path):
+    body = connmon_wsgi_app.application({{"PATH_INFO": path}},
+                                        lambda status, headers: None)
+    return json.loads(b"".join(body))
+"""
+
+
+class CeleryWorker(Server):
+    """A real Celery worker with a prefork pool of ``concurrency``
+    children, its app's engine monitored by ``daemon``; the test sends it
+    tasks through its folders."""
+
+    def __init__(self, tmp_path, daemon: Daemon, concurrency: int):
+        import celery
+        folders = {name: tmp_path / "celery" / name for name in
+                   ("queue", "processed", "control", "results")}
+        for folder in folders.values():
+            folder.mkdir(parents=True)
+        config = {
+            "broker_url": "filesystem://",
+            "broker_transport_options": {
+                "data_folder_in": str(folders["queue"]),
+                "data_folder_out": str(folders["queue"]),
+                "store_processed": True,
+                "processed_folder": str(folders["processed"]),
+                "control_folder": str(folders["control"]),
+                "polling_interval": 0.02},
+            "broker_connection_retry_on_startup": True,
+            "result_backend": f"file://{folders['results']}",
+            "worker_prefetch_multiplier": 1}
+        write_wsgi_app(tmp_path, daemon)
+        (tmp_path / "connmon_celery_app.py").write_text(
+            CELERY_APP.format(config=config))
+        self.client = celery.Celery("connmon-test-client")
+        self.client.conf.update(config)
+        super().__init__(tmp_path, [
+            "celery", "-A", "connmon_celery_app", "worker",
+            "--pool=prefork", f"--concurrency={concurrency}",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--loglevel=WARNING"])
+
+    def answers(self, path: str, concurrency: int = 8) -> List[dict]:
+        """``concurrency`` tasks at once; the answers that came within
+        ten seconds (a task that failed fails the test)."""
+        import celery.exceptions
+        results = [self.client.send_task("answer", [path])
+                   for _ in range(concurrency)]
+        deadline = time.monotonic() + 10
+        replies = []
+        for result in results:
+            try:
+                replies.append(result.get(
+                    timeout=max(0.1, deadline - time.monotonic()),
+                    interval=0.02))
+            except celery.exceptions.TimeoutError:
+                pass
+        return replies
+
+    def stop(self) -> None:
+        super().stop()
+        self.client.close()
+
+
+def test_celery_prefork_workers_are_counted(tmp_path):
+    require_database(MYSQL_URL)
+    pytest.importorskip("celery")
+    daemon = Daemon(tmp_path)
+    try:
+        check_server(CeleryWorker(tmp_path, daemon, 3), daemon, "celery", 3)
     finally:
         daemon.stop()
 
