@@ -3175,11 +3175,6 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     pool_id = next(_pool_ids)
     probe = PoolProbe(sender, pool_id, target.sites,
                       holder_finder(engine.dialect.is_async))
-    connecting = "connmon_connecting"   # info key: when opening began
-
-    def on_do_connect(dialect, connection_record, cargs, cparams):
-        if connection_record is not None:
-            connection_record.info[connecting] = clock()
 
     def on_connect(dbapi_connection, connection_record):
         ident = next(_connection_ids)
@@ -3188,7 +3183,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         info[CONN_POOL] = engine.pool
         now = clock()
         record((CONNECT, ident, now, pool_id, None, None, None,
-                info.pop(connecting, None)))
+                connect_began(connection_record, now)))
         if now > sender.wake_until:
             sender.wake()
 
@@ -3238,15 +3233,15 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         if now > sender.wake_until:
             sender.wake()
 
-    # Pool events, and the dialect's do_connect (when a connection starts
-    # to open; the pool's connect event says when it is open).  A hard
-    # invalidation fires "close" too, the others close the connection
-    # (firing "close") at its next checkout.  engine.dispose() closes idle
-    # connections with "close" events; see on_checkin for the others.
-    # (The engine_disposed event would do, but any Engine-level listener
-    # puts SQLAlchemy's per-statement event dispatch on every connection.)
-    listeners = [("do_connect", on_do_connect),
-                 ("connect", on_connect),
+    # Pool events only.  A hard invalidation fires "close" too, the others
+    # close the connection (firing "close") at its next checkout.
+    # engine.dispose() closes idle connections with "close" events; see
+    # on_checkin for the others.  (The engine_disposed event would do, and
+    # the dialect's do_connect would say when a connect begins; but any
+    # Engine- or Dialect-level listener puts SQLAlchemy's event dispatch on
+    # every statement of every connection: do_connect measured 5,900 CPU
+    # instructions a statement, a fifth of all connmon cost a request.)
+    listeners = [("connect", on_connect),
                  ("checkin", on_checkin),
                  ("close", on_close),
                  ("invalidate", on_invalidate),
@@ -3271,6 +3266,17 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     record((POOL, pool_id, clock(), *announced, None, None, None))
     weakref.finalize(engine, _engine_gone, sender, pool_id)
     sender.wake(start=False)   # threads start at the first use of a pool
+
+
+def connect_began(connection_record, now: float) -> Optional[float]:
+    """When the opening of the connection that the pool's connect event
+    reports began, on the monotonic clock that ``now`` reads: the pool
+    entry's ``last_connect_time`` is the wall time the pool noted just
+    before it called the driver's connect (None when the entry has none)."""
+    started = getattr(connection_record, "last_connect_time", None)
+    if not started:
+        return None
+    return now - max(0.0, time.time() - started)
 
 
 def _safe_name(engine) -> str:

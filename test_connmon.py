@@ -5927,6 +5927,27 @@ def test_connect_errors_counted(daemon):
             row["waits_total"]) == (0, 0, 0, 2)
 
 
+def test_connect_time_is_the_drivers_connect(daemon, tmp_path):
+    """A connect that takes 0.3 s counts 0.3 s (from the moment the pool
+    calls the driver to the pool's connect event), and a checkout of an
+    open connection counts none."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    def slow_connect():
+        time.sleep(0.3)
+        return sqlite3.connect(str(tmp_path / "slow.db"))
+
+    engine = sa.create_engine(
+        f"sqlite:///{tmp_path}/slow.db?plugin=connmon"
+        f"&connmon_addr={daemon.address}", creator=slow_connect)
+    for _ in range(3):
+        engine.connect().close()
+    row = daemon.wait_row(connmon.progname(), connects_total=1)
+    assert 0.3 <= row["connect_seconds_total"] < 0.45, row
+
+
 @pytest.mark.parametrize("how", ["poolclass", "pool", "nullpool"])
 def test_the_apps_own_pool_keeps_working(how, daemon, tmp_path, caplog):
     """poolclass= with the plugin is measured; pool= works and says, in
