@@ -111,13 +111,13 @@ def select_one_time(make_engine: Callable[[], object], cycles: int
     return spent / cycles * 1e6
 
 
-def listening_engine(url: str, queue=None):
+def listening_engine(url: str, queue=None, **kwargs):
     """An engine with the two pool listeners any monitor needs, doing
     nothing, or appending an event tuple to ``queue``: the floor."""
     import sqlalchemy as sa
     from sqlalchemy import event
 
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(url, **kwargs)
     clock = time.monotonic
     if queue is None:
         event.listen(engine, "checkout", lambda d, r, p: None)
@@ -1030,13 +1030,14 @@ def bench_disconnect(quick: bool) -> None:
 
 
 # An application serving requests on 8 workers at once, each request a
-# checkout, a MariaDB SELECT 1 and a checkin: threads, or green threads
-# once eventlet or gevent has patched the process (so it runs in a process
-# of its own).  The engines, plain and monitored, take turns as in
+# checkout, QUERIES MariaDB SELECT 1 and a checkin: threads, or green
+# threads once eventlet or gevent has patched the process (so it runs in a
+# process of its own).  The engines, plain, with two no-op pool listeners
+# (what any monitor of pool events costs) and monitored, take turns as in
 # interleaved().
 RUNTIME_APP = r'''
 import json, sys, threading, time
-runtime, url, address, rounds, requests = sys.argv[1:6]
+runtime, url, address, rounds, requests, queries = sys.argv[1:7]
 if runtime == "eventlet":
     import eventlet
     eventlet.monkey_patch()
@@ -1047,13 +1048,15 @@ import sqlalchemy as sa
 import bench_connmon
 
 WORKERS = 8
+QUERIES = range(int(queries))
 
 def served(engine, requests):
     """Microseconds per request, WORKERS workers serving their shares."""
     def worker():
         for _ in range(requests // WORKERS):
             with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
+                for _ in QUERIES:
+                    conn.execute(sa.text("SELECT 1"))
     workers = [threading.Thread(target=worker) for _ in range(WORKERS)]
     start = time.perf_counter()
     for thread in workers:
@@ -1065,6 +1068,8 @@ def served(engine, requests):
 engines = {
     "plain": sa.create_engine(url, pool_size=WORKERS),
     "plain again": sa.create_engine(url, pool_size=WORKERS),
+    "no-op listeners": bench_connmon.listening_engine(url,
+                                                      pool_size=WORKERS),
     "connmon": sa.create_engine(
         f"{url}?plugin=connmon&connmon_addr={address}", pool_size=WORKERS),
 }
@@ -1076,32 +1081,36 @@ print(json.dumps({name: list(result) for name, result in results.items()}))
 
 def bench_runtimes(quick: bool) -> None:
     """App throughput with and without connmon on 8 busy threads, and on 8
-    green threads under eventlet and under gevent (target ratio <= 1.02)."""
+    green threads under eventlet and under gevent, for requests of one
+    query and of ten (target ratio <= 1.02)."""
     url = os.environ.get("CONNMON_TEST_MYSQL",
                          "mysql+pymysql://root@127.0.0.1:3306/test")
     rounds, requests = (9, 800) if quick else (25, 2000)
-    rows = []
     with tempfile.TemporaryDirectory() as workdir:
         daemon = Daemon(workdir)
         try:
-            for runtime in ("threads", "eventlet", "gevent"):
-                child = subprocess.run(
-                    [sys.executable, "-W", "ignore", "-c", RUNTIME_APP,
-                     runtime, url, daemon.address, str(rounds),
-                     str(requests)],
-                    cwd=HERE, capture_output=True, text=True, timeout=900,
-                    env=dict(os.environ, PYTHONPATH=HERE))
-                if child.returncode:
-                    raise RuntimeError(f"{runtime}: {child.stderr}")
-                results = {name: Paired(*values) for name, values in
-                           json.loads(child.stdout).items()}
-                rows += [(f"{runtime:<8}",) + row
-                         for row in ratio_rows(results, 11)]
+            for queries in (1, 10):
+                rows = []
+                for runtime in ("threads", "eventlet", "gevent"):
+                    child = subprocess.run(
+                        [sys.executable, "-W", "ignore", "-c", RUNTIME_APP,
+                         runtime, url, daemon.address, str(rounds),
+                         str(requests // queries * 2 if queries > 1
+                             else requests), str(queries)],
+                        cwd=HERE, capture_output=True, text=True,
+                        timeout=900, env=dict(os.environ, PYTHONPATH=HERE))
+                    if child.returncode:
+                        raise RuntimeError(f"{runtime}: {child.stderr}")
+                    results = {name: Paired(*values) for name, values in
+                               json.loads(child.stdout).items()}
+                    rows += [(f"{runtime:<8}",) + row
+                             for row in ratio_rows(results, 15)]
+                report(f"runtimes: requests (a checkout, {queries} MariaDB "
+                       "SELECT 1, a checkin) on 8 workers at once, "
+                       f"{rounds} rounds, median of the rounds' ratios "
+                       "(target ratio <= 1.02)", rows)
         finally:
             daemon.stop()
-    report(f"runtimes: requests (checkout, MariaDB SELECT 1, checkin) on 8 "
-           f"workers at once, {rounds} rounds x {requests} requests, "
-           "median of the rounds' ratios (target ratio <= 1.02)", rows)
 
 
 SCENARIOS: Dict[str, Callable[[bool], None]] = {
