@@ -4283,6 +4283,67 @@ asyncio.run(main())
 '''
 
 
+# An app patched by eventlet or gevent, reporting over TLS with the apps'
+# secret, that holds two connections and then blocks its hub (a blocking
+# read of stdin on the patched main thread): connmon's own threads, real
+# ones, keep the daemon's picture right meanwhile.
+GREEN_TLS_SCRIPT = r"""
+import logging, sys
+if sys.argv[1] == "eventlet":
+    import eventlet
+    eventlet.monkey_patch()
+else:
+    from gevent import monkey
+    monkey.patch_all()
+import sqlalchemy as sa
+
+logged = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        logged.append(record.getMessage())
+
+logging.getLogger("connmon").addHandler(Keep())
+logging.getLogger("connmon").setLevel(logging.INFO)
+engine = sa.create_engine(sys.argv[2], pool_size=4)
+held = [engine.connect() for _ in range(2)]
+for conn in held:
+    conn.exec_driver_sql("SELECT 1")
+print("ready", flush=True)
+sys.stdin.readline()
+print("logged", repr(logged).replace(" ", "_"), flush=True)
+"""
+
+
+@pytest.mark.parametrize("runtime", ["eventlet", "gevent"])
+def test_green_app_reports_over_tls_while_its_hub_is_blocked(tmp_path,
+                                                             runtime):
+    ca = CertificateAuthority(tmp_path, "ca")
+    certfile, keyfile = ca.issue("server", "127.0.0.1")
+    good = secret_file(tmp_path, "good.secret")
+    daemon = SecureDaemon(tmp_path, extra_config=(
+        f"auth_secret_file: {good}\nssl_certfile: {certfile}\n"
+        f"ssl_keyfile: {keyfile}\nssl_cafile: {ca.cafile}\n"))
+    trusting = client_config(tmp_path, daemon, "trusting.cfg", (
+        f"auth_secret_file: {good}\nssl_cafile: {ca.cafile}\n"))
+    app = Script(tmp_path, "green_tls.py", GREEN_TLS_SCRIPT, runtime,
+                 sqlite_app_url(tmp_path, f"connmon_config={trusting}"
+                                "&connmon_service=test"))
+    try:
+        assert app.line() == ["ready"]
+        row = daemon.wait_row("green_tls.py", procs=True, conn=2, ckout=2)
+        assert [p["pid"] for p in row["procs"]] == [app.proc.pid]
+        app.send("report")
+        kind, logged = app.line()
+        assert kind == "logged"
+        # Only the one line that says it connected: no error, no retry.
+        assert logged == ('["connmon:_connected_to_connmond_service_'
+                          "'test'_(node_node1)\"]")
+    finally:
+        app.stop()
+        daemon.stop()
+
+
 def test_asyncio_engine_is_counted(daemon, tmp_path):
     require_database(MYSQL_URL)
     app = Script(tmp_path, "asyncapp.py", ASYNC_SCRIPT,
