@@ -3240,7 +3240,8 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     # the dialect's do_connect would say when a connect begins; but any
     # Engine- or Dialect-level listener puts SQLAlchemy's event dispatch on
     # every statement of every connection: do_connect measured 5,900 CPU
-    # instructions a statement, a fifth of all connmon cost a request.)
+    # instructions a statement, a fifth of connmon's whole cost for a
+    # request of one statement.)
     listeners = [("connect", on_connect),
                  ("checkin", on_checkin),
                  ("close", on_close),
