@@ -3305,27 +3305,44 @@ def closed(sock: socket.socket) -> bool:
 
 
 class FakeDaemon(threading.Thread):
-    """A listener that misbehaves in one way:
+    """A listener that is not a working connmond, in one of these ways:
 
+    - "silent": accepts, says ``greeting`` (or nothing) and holds the
+      connection: a stand-in for another kind of server, or a stuck one;
     - "no-accept": never accepts (the kernel completes the TCP handshake;
       nothing is ever read or written);
     - "never-read": says a valid welcome and ready, then never reads nor
       answers a ping (with a tiny receive buffer, so whatever the app sends
       piles up in its send buffer);
     - "garbage": answers every connection with random bytes.
+
+    ``accepted`` counts the connections it accepted.
     """
 
-    def __init__(self, behaviour: str):
+    def __init__(self, behaviour: str = "silent", greeting: bytes = b""):
         super().__init__(daemon=True)
         self.behaviour = behaviour
+        self.greeting = greeting
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
+        self.accepted = 0
         self.clients: List[socket.socket] = []
         if behaviour != "no-accept":
             self.start()
+
+    def answer(self) -> bytes:
+        """What it says to each connection it accepts."""
+        if self.behaviour == "never-read":
+            return connmon.encode(
+                {"op": "welcome", "version": 1, "service": "x",
+                 "node": "fake", "nonce": "00", "heartbeat": 2}
+            ) + connmon.encode({"op": "ready"})
+        if self.behaviour == "garbage":
+            return os.urandom(4096) + b"\n"
+        return self.greeting
 
     def run(self) -> None:
         while True:
@@ -3333,18 +3350,14 @@ class FakeDaemon(threading.Thread):
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             self.clients.append(client)   # kept open, never read
-            if self.behaviour == "never-read":
-                answer = connmon.encode(
-                    {"op": "welcome", "version": 1, "service": "x",
-                     "node": "fake", "nonce": "00", "heartbeat": 2}
-                ) + connmon.encode({"op": "ready"})
-            else:
-                answer = os.urandom(4096) + b"\n"
-            try:
-                client.sendall(answer)
-            except OSError:
-                pass
+            answer = self.answer()
+            if answer:
+                try:
+                    client.sendall(answer)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         self.listener.close()
@@ -6640,39 +6653,8 @@ def test_once_json_into_a_closed_pipe_ends_quietly(daemon):
     assert openstack
 
 
-class SilentServer(threading.Thread):
-    """A TCP server that accepts, counts, says ``greeting`` (or nothing)
-    and holds the connection: a stand-in for a server that is not
-    connmond."""
-
-    def __init__(self, greeting: bytes = b""):
-        super().__init__(daemon=True)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.greeting = greeting
-        self.accepted = 0
-        self.held: List[socket.socket] = []
-        self.start()
-
-    def run(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            if self.greeting:
-                sock.sendall(self.greeting)
-            self.held.append(sock)
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.held:
-            sock.close()
-
-
 def test_ctrl_c_during_once_ends_quietly():
-    server = SilentServer()
+    server = FakeDaemon()
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "connmon_console", "--once", "-H",
@@ -6716,7 +6698,7 @@ def test_once_says_when_it_is_not_connmond(what):
 
 
 def test_live_console_backs_off_from_what_is_not_connmond(terminal):
-    server = SilentServer(b"J\x00\x00\x00\n5.5.5-10.11.6-MariaDB\x00")
+    server = FakeDaemon(greeting=b"J\x00\x00\x00\n5.5.5-10.11.6-MariaDB\x00")
     try:
         term = terminal("-H", f"127.0.0.1:{server.port}", "-i", "0.2")
         term.wait_text("not connmond")
