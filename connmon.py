@@ -2504,12 +2504,13 @@ class Runtime:
     def may_start_threads() -> bool:
         """Not in a uWSGI master that has loaded the application and will
         fork its workers with C fork(): a thread of ours holding the GIL at
-        that moment would leave the worker's GIL held for ever.  (Without
+        that moment would leave the worker's GIL held for ever.  Its
+        workers, mules and spoolers, which fork nothing, may.  (Without
         --master the loading process becomes worker 1 without a fork: its
         worker id changes then.)"""
         uwsgi = sys.modules.get("uwsgi")
         return (uwsgi is None or uwsgi.worker_id() != 0
-                or uwsgi.mule_id() != 0)
+                or uwsgi.mule_id() != 0 or bool(uwsgi.i_am_the_spooler()))
 
     def wait_readable(self, fds: List[int],
                       timeout: Optional[float]) -> List[int]:

@@ -3965,6 +3965,66 @@ def test_uwsgi_workers_are_counted_and_never_deadlock(tmp_path, mode, start):
         daemon.stop()
 
 
+# The WSGI application, and a spooler function that holds two connections
+# for good and writes its pid and pool counts where the task says; GET
+# /spool?PATH enqueues such a task.
+SPOOLER_PART = r'''
+import uwsgi
+
+def spool_task(env):
+    held.extend(engine.connect() for _ in range(2))
+    with open(env[b"report"], "w") as report:
+        json.dump(counts(), report)
+    return uwsgi.SPOOL_OK
+
+uwsgi.spooler = spool_task
+serve = application
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/spool":
+        uwsgi.spool({b"report": environ["QUERY_STRING"].encode()})
+    return serve(environ, start_response)
+'''
+
+
+def test_uwsgi_spooler_is_counted(tmp_path):
+    """A spooler, forked with C fork() from the master that loaded the
+    application, is listed as its own process with its pool's counts."""
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, use_at_load=True)
+        app.write_text(app.read_text() + SPOOLER_PART)
+        spool, report = tmp_path / "spool", tmp_path / "report.json"
+        spool.mkdir()
+        port = free_port()
+        server = Server(tmp_path, [
+            "uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
+            "--processes", "2", "--spooler", str(spool), "--wsgi-file",
+            str(app), "--die-on-term", "--disable-logging"], port)
+        try:
+            wait_until(lambda: server.answers(f"/spool?{report}", 1), 40,
+                       "uWSGI to serve")
+            wait_until(report.exists, 20, "the spooler to run the task")
+            truth = json.loads(report.read_text())
+            assert (truth["conn"], truth["ckout"]) == (2, 2)
+            workers = {r["pid"] for r in server.answers("/pid", 8)}
+            assert truth["pid"] not in workers
+
+            def spooler_listed():
+                row = daemon.row("uwsgi", procs=True) or {}
+                return {p["pid"]: (p["conn"], p["ckout"], p["limit"])
+                        for p in row.get("procs", [])}.get(truth["pid"])
+            wait_until(lambda: spooler_listed() == (2, 2, POOL_SIZE), 20,
+                       "the spooler to be listed with its counts")
+            log = server.log_tail()
+            assert "Traceback" not in log and "connmon:" not in log, log
+        finally:
+            server.stop()
+    finally:
+        daemon.stop()
+
+
 # With --preload the master imports the application (the engine is made
 # before the fork); without it each worker imports it after the fork.
 @pytest.mark.parametrize("worker, preload", [
@@ -4234,6 +4294,7 @@ import sqlalchemy as sa
 uwsgi = sys.modules["uwsgi"] = types.ModuleType("uwsgi")
 uwsgi.worker_id = lambda: worker
 uwsgi.mule_id = lambda: 0
+uwsgi.i_am_the_spooler = lambda: None
 worker = 0
 import connmon
 
