@@ -32,6 +32,7 @@ import pytest
 
 import connmon
 import connmon_console
+from bench_connmon import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Subprocesses import connmon from this checkout, whatever is installed.
@@ -49,43 +50,6 @@ POSTGRESQL_URL = os.environ.get(
 # ---------------------------------------------------------------------------
 # Harness
 # ---------------------------------------------------------------------------
-
-
-def _ephemeral_ports() -> range:
-    """The kernel's range for outgoing connections' local ports."""
-    try:
-        low, high = pathlib.Path(
-            "/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return range(int(low), int(high) + 1)
-    except (OSError, ValueError):
-        return range(32768, 61000)   # Linux's default
-
-
-EPHEMERAL_PORTS = _ephemeral_ports()
-_ports_handed_out: set = set()
-
-
-def free_port() -> int:
-    """A loopback port free now, below the ephemeral range and not handed
-    out before in this run.
-
-    A port the kernel chose with bind(0) is an ephemeral one, so between
-    this pick and the daemon's bind, any outgoing connection (a sender's
-    reconnect, a cluster peer dialling a node not up yet) may take it as
-    its local port, and the daemon fails with "Address already in use"."""
-    for _ in range(1000):
-        port = random.randrange(min(10000, EPHEMERAL_PORTS.start // 2),
-                                EPHEMERAL_PORTS.start)
-        if port in _ports_handed_out:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _ports_handed_out.add(port)
-        return port
-    raise AssertionError("no free loopback port below the ephemeral range")
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 15.0,
