@@ -51,7 +51,7 @@ import threading
 import time
 import weakref
 from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional,
-                    Tuple)
+                    Set, Tuple)
 
 __version__ = "0.4.0"
 
@@ -850,9 +850,12 @@ _SITE_PACKAGES = tuple({sysconfig.get_paths()[k]
                         for k in ("purelib", "platlib")})
 # id(code object) -> not the application.  Keyed by id because hashing a
 # code object hashes its constants, every time; the code objects are kept
-# alive (the list) so that no id is reused.
+# alive (the list) so that no id is reused.  At most this many: a process
+# that compiles code at run time (exec, templates) may check out from ever
+# new code objects, which past it are classified anew at each walk.
 _internal_codes: Dict[int, bool] = {}
 _classified_codes: List[Any] = []
+MAX_CLASSIFIED_CODES = 5000
 
 
 def _is_internal(code) -> bool:
@@ -864,8 +867,9 @@ def _is_internal(code) -> bool:
                     or any(package in name for package in _LIBRARY_PACKAGES)
                     or (name.startswith(_STDLIB)
                         and not name.startswith(_SITE_PACKAGES)))
-        _classified_codes.append(code)
-        _internal_codes[id(code)] = internal
+        if len(_classified_codes) < MAX_CLASSIFIED_CODES:
+            _classified_codes.append(code)
+            _internal_codes[id(code)] = internal
     return internal
 
 
@@ -900,7 +904,10 @@ def describe_stack(stack: List[Any]) -> str:
 # walks.  A site is known by (id(code), bytecode offset), not by its line,
 # because a frame's f_lineno scans the code's line table on every access;
 # and it is numbered, once per process, so that only a small number
-# travels with each checkout.
+# travels with each checkout.  At most MAX_SITES are (what the daemon keeps
+# of a process): past them, a checkout at a new site has none, and memory
+# stays bounded in a process that checks out from code compiled at run
+# time.
 _site_depth = 3   # from the checkout listener's frame, where the last site was
 _sites: Dict[Tuple[int, int], int] = {}   # (id(code), offset) -> number
 _site_places: Dict[int, Tuple[Any, int]] = {}   # number -> (code, offset)
@@ -925,10 +932,13 @@ def checkout_site(_getframe=sys._getframe) -> Tuple[Optional[int], Any]:
             return None, None
     code = frame.f_code
     key = (id(code), frame.f_lasti)
-    if key not in _sites:   # the code is kept, so its id stays
-        _sites[key] = number = len(_sites) + 1
-        _site_places[number] = (code, frame.f_lasti)
-    return _sites[key], frame
+    number = _sites.get(key)
+    if number is None:
+        if len(_sites) >= MAX_SITES:
+            return None, None
+        _sites[key] = number = len(_sites) + 1   # the code is kept, so its
+        _site_places[number] = (code, frame.f_lasti)   # id stays
+    return number, frame
 
 
 def _first_application_frame(frame) -> Tuple[Any, int]:
@@ -2898,11 +2908,14 @@ SWITCHES = {"connmon_sites": ("checkout_sites", "note checkout sites"),
                                  "report the database's host, port, name "
                                  "and user")}
 CONN_ID = "connmon_id"       # ConnectionPoolEntry.info key: our connection id
-CONN_POOL = "connmon_pool"   # ... and the pool the connection was made for
+CONN_OPENED = "connmon_opened"   # ... a connection opened, not yet counted
+CONN_POOL = "connmon_pool"   # ... the connections of the pool it is in
 
 _connection_ids = itertools.count(1)
 _pool_ids = itertools.count(1)
-_instrumented: "weakref.WeakSet" = weakref.WeakSet()
+_instrumented: "weakref.WeakSet" = weakref.WeakSet()   # pools
+# pool object -> the ids of its open connections (see pool_connections)
+_pool_connections: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def url_settings(query: Dict[str, Any]) -> Dict[str, str]:
@@ -2972,6 +2985,31 @@ def _pool_limit(pool) -> Optional[int]:
     return pool.size() + max_overflow
 
 
+def pool_connections(pool, sender: Sender) -> Set[int]:
+    """The ids of the open connections in ``pool`` (an engine's pool object:
+    a new one after each engine.dispose()).
+
+    A pool that is dropped closes its connections without a close event:
+    engine.dispose() drops the old pool, whose connections checked out then
+    go back to it when returned and stay open, like the idle ones of
+    dispose(close=False), until the garbage collector takes that pool.
+    So what remains of its connections is closed then."""
+    connections = _pool_connections.get(pool)
+    if connections is None:
+        connections = _pool_connections[pool] = set()
+        weakref.finalize(pool, _pool_gone, sender, connections)
+    return connections
+
+
+def _pool_gone(sender: Sender, connections: Set[int]) -> None:
+    """A pool was collected (weakref.finalize): its connections are closed."""
+    now = time.monotonic()
+    for ident in list(connections):
+        sender.events.extend((CLOSE, ident, now, None, None, None, None,
+                              None))
+    sender.wake(start=False)
+
+
 def _engine_gone(sender: Sender, pool_id: int) -> None:
     """An instrumented engine was collected (weakref.finalize)."""
     sender.announced.pop(pool_id, None)
@@ -3006,6 +3044,8 @@ class PoolProbe:
         application's thread, for every checkout: the site is looked for
         at the depth the last one was found first (see checkout_site)."""
         ident = info.get(CONN_ID)
+        if ident is None:
+            ident = self.opened(info)
         site = scope = holder = None
         if self.sites:
             try:
@@ -3026,6 +3066,21 @@ class PoolProbe:
                      holder, began))
         if now > self.sender.wake_until:
             self.sender.wake()
+
+    def opened(self, info: Dict[str, Any]) -> Optional[int]:
+        """Count a connection opened (see on_connect) at its first checkout
+        or checkin, and return its id; None for one connmon did not see
+        open."""
+        opened = info.pop(CONN_OPENED, None)
+        if opened is None:
+            return None
+        ident, when, began, pool = opened
+        info[CONN_ID] = ident
+        connections = info[CONN_POOL] = pool_connections(pool, self.sender)
+        connections.add(ident)
+        self.record((CONNECT, ident, when, self.pool_id, None, None, None,
+                     began))
+        return ident
 
     def gave_up(self, error: BaseException, began: float) -> None:
         """A checkout that raised: a timeout, or a connection that could
@@ -3158,10 +3213,10 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     Configuration errors raise here, at start-up."""
     from sqlalchemy import event
 
-    if engine in _instrumented:
+    if engine.pool in _instrumented:   # (engines may share one pool=)
         return
     target = resolve_target(settings)
-    _instrumented.add(engine)
+    _instrumented.add(engine.pool)
     try:
         sender = get_sender(target)
     except Exception:  # e.g. no threads left: run unmonitored, never fail
@@ -3178,36 +3233,37 @@ def instrument(engine, settings: Dict[str, str]) -> None:
                       holder_finder(engine.dialect.is_async))
 
     def on_connect(dbapi_connection, connection_record):
-        ident = next(_connection_ids)
+        # Counted at its first checkout or checkin (see PoolProbe.opened):
+        # a connect listener of the application's, called after this one,
+        # may still fail, and SQLAlchemy then closes the connection without
+        # a close event.
         info = connection_record.info
-        info[CONN_ID] = ident
-        info[CONN_POOL] = engine.pool
+        info.pop(CONN_ID, None)   # (a reconnect of an invalidated entry)
         now = clock()
-        record((CONNECT, ident, now, pool_id, None, None, None,
-                connect_began(connection_record, now)))
-        if now > sender.wake_until:
-            sender.wake()
+        info[CONN_OPENED] = (next(_connection_ids), now,
+                             connect_began(connection_record, now),
+                             engine.pool)
 
     def on_checkout(dbapi_connection, connection_record, connection_proxy):
         probe.checked_out(connection_record.info, None)
 
     def on_checkin(dbapi_connection, connection_record):
         info = connection_record.info
+        ident = info.get(CONN_ID)
+        if ident is None:   # a checkout that failed after the connect
+            ident = probe.opened(info)
         now = clock()
-        record((CHECKIN, info.get(CONN_ID), now, None, None, None, None,
-                None))
-        if info.get(CONN_POOL) is not engine.pool:
-            # Checked out across engine.dispose() and now returned to the
-            # old pool, which drops it without a close event.
-            record((CLOSE, info.get(CONN_ID), now, None, None, None,
-                    None, None))
+        record((CHECKIN, ident, now, None, None, None, None, None))
         if now > sender.wake_until:
             sender.wake()
 
     def on_close(dbapi_connection, connection_record):
+        info = connection_record.info
+        ident = info.get(CONN_ID)
+        if ident is not None:
+            info[CONN_POOL].discard(ident)
         now = clock()
-        record((CLOSE, connection_record.info.get(CONN_ID), now, None,
-                None, None, None, None))
+        record((CLOSE, ident, now, None, None, None, None, None))
         if now > sender.wake_until:
             sender.wake()
 
@@ -3223,8 +3279,10 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     detached: Dict[int, int] = {}
 
     def on_detach(dbapi_connection, connection_record):
-        ident = connection_record.info.get(CONN_ID)
+        info = connection_record.info
+        ident = info.get(CONN_ID)
         if ident is not None:
+            info[CONN_POOL].discard(ident)   # no longer the pool's
             detached[id(dbapi_connection)] = ident
 
     def on_close_detached(dbapi_connection):
@@ -3237,12 +3295,12 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     # Pool events only.  A hard invalidation fires "close" too, the others
     # close the connection (firing "close") at its next checkout.
     # engine.dispose() closes idle connections with "close" events; see
-    # on_checkin for the others.  (The engine_disposed event would do, and
-    # the dialect's do_connect would say when a connect begins; but any
-    # Engine- or Dialect-level listener puts SQLAlchemy's event dispatch on
-    # every statement of every connection: do_connect measured 5,900 CPU
-    # instructions a statement, a fifth of connmon's whole cost for a
-    # request of one statement.)
+    # pool_connections for the others.  (The engine_disposed event would
+    # not say when those close, and the dialect's do_connect would say
+    # when a connect begins; but any Engine- or Dialect-level listener
+    # puts SQLAlchemy's event dispatch on every statement of every
+    # connection: do_connect measured 5,900 CPU instructions a statement,
+    # a fifth of connmon's whole cost for a request of one statement.)
     listeners = [("connect", on_connect),
                  ("checkin", on_checkin),
                  ("close", on_close),
@@ -3328,10 +3386,15 @@ class ConnmonDialect:
     def __init__(self, real_drivername: str):
         self.real_drivername = real_drivername
 
-    def get_dialect_cls(self, url):
+    def get_dialect_cls(self, url, _is_async: bool = False):
         resolve_target(url_settings(url.query))   # fail fast on bad settings
         real_url = url.set(drivername=self.real_drivername)
-        return _dialect_subclass(real_url.get_dialect())
+        return _dialect_subclass(real_url.get_dialect(_is_async))
+
+    def get_async_dialect_cls(self, url):
+        """create_async_engine() with a driver that has an asyncio
+        dialect too (postgresql+psycopg_connmon)."""
+        return self.get_dialect_cls(url, _is_async=True)
 
     def engine_created(self, engine) -> None:
         instrument(engine, url_settings(engine.url.query))

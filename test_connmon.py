@@ -194,6 +194,15 @@ def hold(n):
         conn.execute(sa.text("SELECT 1"))
         held.append(conn)
 
+fail_next = [0]
+
+def failing_connect(dbapi_connection, connection_record):
+    """An application's connect listener (as oslo.db's SET of sql_mode)
+    that fails for the next fail_next[0] connects."""
+    if fail_next[0]:
+        fail_next[0] -= 1
+        raise RuntimeError("a connect listener of the application failed")
+
 def sender_ticks():
     import connmon
     (sender,) = connmon._senders.values()
@@ -222,6 +231,24 @@ for line in sys.stdin:
         conn.close()
     elif cmd == "dispose":
         engine.dispose()
+    elif cmd == "drop_pool":   # dispose(close=False): the old pool is let go
+        engine.dispose(close=False)
+    elif cmd == "nogc":
+        gc.disable()
+    elif cmd == "collect":
+        gc.collect()
+    elif cmd == "fail_connects":   # N checkouts whose connect listener fails
+        if not sa.event.contains(engine, "connect", failing_connect):
+            sa.event.listen(engine, "connect", failing_connect)
+        fail_next[0] = n
+        failed = 0
+        for _ in range(n):
+            try:
+                engine.connect()
+            except RuntimeError:
+                failed += 1
+        answer("ok", failed)
+        continue
     elif cmd == "engines":
         # make, use and drop N engines more, as some programs do
         for _ in range(n):
@@ -534,18 +561,85 @@ def test_queuepool_counts_on_sqlalchemy_2_0(backend, sqlalchemy_2_0, daemon,
     check_queuepool_counts(app, daemon)
 
 
-def test_dispose_with_connections_checked_out(daemon, apps):
+def mariadb_connections_of(pid: int) -> int:
+    """How many connections MariaDB lists from process ``pid``: its
+    processlist's client ports matched with the sockets the kernel says
+    that process has open to port 3306."""
+    import sqlalchemy as sa
+    inodes = set()
+    for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:   # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in pathlib.Path(f"/proc/{pid}/net/{table}").read_text(
+                ).splitlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == 3306:
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    engine = sa.create_engine(MYSQL_URL, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        hosts = conn.execute(sa.text(
+            "SELECT HOST FROM information_schema.PROCESSLIST")).scalars()
+        return sum(1 for host in hosts
+                   if host and int(host.rsplit(":", 1)[-1] or 0) in ports)
+
+
+def wait_counts_as_mariadb(daemon: Daemon, app: "App", conn: int,
+                           ckout: int) -> None:
+    """connmon's row shows ``conn`` and ``ckout``, and MariaDB lists
+    ``conn`` connections from the app's process."""
+    daemon.wait_row(app.progname, conn=conn, ckout=ckout)
+    wait_until(lambda: mariadb_connections_of(app.proc.pid) == conn, 10,
+               f"MariaDB to list {conn} connections of {app.progname}")
+
+
+def test_dispose_counts_what_the_database_sees(daemon, apps):
+    """engine.dispose() closes the idle connections; those checked out go
+    back to the old pool when returned and stay open (MariaDB lists them)
+    until the garbage collector takes that pool, as do all of a pool let
+    go with dispose(close=False)."""
     require_database(MYSQL_URL)
     app = apps(monitored(MYSQL_URL, daemon), "dispose.py", pool_size=5)
+    app("nogc")   # the test says when the collector runs
     app("hold 3")
     app("release 1")
-    daemon.wait_row("dispose.py", conn=3, ckout=2)
-    app("dispose")   # the idle one is closed; the two held belong to the
-    daemon.wait_row("dispose.py", conn=2, ckout=2)   # old pool...
-    app("release 2")  # ...and are gone once returned to it
-    daemon.wait_row("dispose.py", conn=0, ckout=0)
+    wait_counts_as_mariadb(daemon, app, conn=3, ckout=2)
+    app("dispose")
+    wait_counts_as_mariadb(daemon, app, conn=2, ckout=2)
+    app("release 2")
+    wait_counts_as_mariadb(daemon, app, conn=2, ckout=0)
     app("hold 1")     # the new pool works and is counted
-    daemon.wait_row("dispose.py", conn=1, ckout=1)
+    wait_counts_as_mariadb(daemon, app, conn=3, ckout=1)
+    app("collect")
+    wait_counts_as_mariadb(daemon, app, conn=1, ckout=1)
+    app("release 1")
+    app("drop_pool")
+    wait_counts_as_mariadb(daemon, app, conn=1, ckout=0)
+    app("collect")
+    wait_counts_as_mariadb(daemon, app, conn=0, ckout=0)
+    app("hold 1")
+    wait_counts_as_mariadb(daemon, app, conn=1, ckout=1)
+
+
+def test_connect_listener_failure_leaves_no_connection(daemon, apps):
+    """A connect listener of the application's that fails after connmon's
+    (SQLAlchemy then closes the new connection, with no close event): the
+    connection is never counted."""
+    require_database(MYSQL_URL)
+    app = apps(monitored(MYSQL_URL, daemon), "setfails.py", pool_size=5)
+    app("hold 1")
+    wait_counts_as_mariadb(daemon, app, conn=1, ckout=1)
+    assert app("fail_connects 3") == ["3"]
+    app("hold 1")
+    wait_counts_as_mariadb(daemon, app, conn=2, ckout=2)
+    app("release 2")
+    wait_counts_as_mariadb(daemon, app, conn=2, ckout=0)
 
 
 def test_engines_made_and_dropped_leave_no_trace(daemon, apps, tmp_path):
@@ -2679,6 +2773,43 @@ def test_sites_can_be_turned_off(tmp_path, leak_daemon):
         app.stop()
 
 
+# Checkouts from code compiled at run time: every function a new code
+# object, at a new site.
+GENERATED_CODE_SCRIPT = r'''
+import sys
+import sqlalchemy as sa
+import connmon
+
+engine = sa.create_engine(sys.argv[1])
+count = int(sys.argv[2])
+for i in range(count):
+    namespace = {"engine": engine}
+    exec(compile(f"def use():\n    engine.connect().close()\n",
+                 f"<generated {i}>", "exec"), namespace)
+    namespace["use"]()
+held = engine.connect()   # at a site past the most kept
+print(len(connmon._sites), len(connmon._classified_codes), flush=True)
+sys.stdin.readline()
+'''
+
+
+def test_code_compiled_at_run_time_keeps_memory_bounded(daemon, tmp_path):
+    """The tables of sites and of code objects stop growing at their
+    bounds; checkouts past them are counted, without a site."""
+    count = connmon.MAX_CLASSIFIED_CODES + 200
+    app = Script(tmp_path, "generated.py", GENERATED_CODE_SCRIPT,
+                 f"sqlite:///{tmp_path}/g.sqlite?plugin=connmon"
+                 f"&connmon_addr={daemon.address}", str(count))
+    try:
+        assert app.line() == [str(connmon.MAX_SITES),
+                              str(connmon.MAX_CLASSIFIED_CODES)]
+        row = daemon.wait_row("generated.py", conn=1, ckout=1,
+                              ckout_total=count + 1)
+        assert [(s["site"], s["held"]) for s in row["sites"]] == [(None, 1)]
+    finally:
+        app.stop()
+
+
 def test_sites_can_be_turned_off_in_the_config(tmp_path):
     daemon = Daemon(tmp_path, extra_config="checkout_sites: 0\n")
     app = leak_app(tmp_path, daemon)
@@ -4414,11 +4545,19 @@ def test_green_app_reports_over_tls_while_its_hub_is_blocked(tmp_path,
         daemon.stop()
 
 
-def test_asyncio_engine_is_counted(daemon, tmp_path):
-    require_database(MYSQL_URL)
-    app = Script(tmp_path, "asyncapp.py", ASYNC_SCRIPT,
-                 MYSQL_URL.replace("+pymysql", "+aiomysql")
-                 + f"?plugin=connmon&connmon_addr={daemon.address}")
+@pytest.mark.parametrize("form", ["aiomysql-plugin", "psycopg-dialect"])
+def test_asyncio_engine_is_counted(daemon, tmp_path, form):
+    """?plugin=connmon on an asyncio driver's URL, or the <driver>_connmon
+    name of a driver that has an asyncio dialect too."""
+    if form == "aiomysql-plugin":
+        require_database(MYSQL_URL)
+        url = (MYSQL_URL.replace("+pymysql", "+aiomysql")
+               + f"?plugin=connmon&connmon_addr={daemon.address}")
+    else:
+        require_database(POSTGRESQL_URL)
+        url = monitored(POSTGRESQL_URL.replace("+psycopg2", "+psycopg"),
+                        daemon)
+    app = Script(tmp_path, "asyncapp.py", ASYNC_SCRIPT, url)
     try:
         pid, conn, ckout = map(int, app.line())
         assert ckout == 3 and conn >= 4
@@ -6124,6 +6263,27 @@ def test_the_apps_own_pool_keeps_working(how, daemon, tmp_path, caplog):
     assert row["timeouts_total"] == (1 if how in ("poolclass",) else 0)
     assert row["waits_total"] == {"poolclass": 3, "pool": 0,
                                   "nullpool": 3}[how]
+
+
+def test_engines_sharing_one_pool_count_it_once(daemon, tmp_path):
+    """Two engines given one pool= of the application's: its connections
+    and its capacity are counted once."""
+    import sqlite3
+    import sqlalchemy as sa
+    url = (f"sqlite:///{tmp_path}/shared.sqlite?plugin=connmon"
+           f"&connmon_addr={daemon.address}")
+    pool = sa.pool.QueuePool(
+        lambda: sqlite3.connect(f"{tmp_path}/shared.sqlite"), pool_size=3,
+        max_overflow=0)
+    first, second = (sa.create_engine(url, pool=pool) for _ in range(2))
+    held = [first.connect(), second.connect()]
+    progname = connmon.progname()
+    daemon.wait_row(progname, conn=2, ckout=2, limit=3)
+    for conn in held:
+        conn.close()
+    daemon.wait_row(progname, conn=2, ckout=0, limit=3)
+    pool.dispose()
+    daemon.wait_row(progname, conn=0, ckout=0, limit=3)
 
 
 def test_database_servers_setting_is_checked(tmp_path):
