@@ -607,24 +607,20 @@ def test_dispose_counts_what_the_database_sees(daemon, apps):
     require_database(MYSQL_URL)
     app = apps(monitored(MYSQL_URL, daemon), "dispose.py", pool_size=5)
     app("nogc")   # the test says when the collector runs
-    app("hold 3")
-    app("release 1")
-    wait_counts_as_mariadb(daemon, app, conn=3, ckout=2)
-    app("dispose")
-    wait_counts_as_mariadb(daemon, app, conn=2, ckout=2)
-    app("release 2")
-    wait_counts_as_mariadb(daemon, app, conn=2, ckout=0)
-    app("hold 1")     # the new pool works and is counted
-    wait_counts_as_mariadb(daemon, app, conn=3, ckout=1)
-    app("collect")
-    wait_counts_as_mariadb(daemon, app, conn=1, ckout=1)
-    app("release 1")
-    app("drop_pool")
-    wait_counts_as_mariadb(daemon, app, conn=1, ckout=0)
-    app("collect")
-    wait_counts_as_mariadb(daemon, app, conn=0, ckout=0)
-    app("hold 1")
-    wait_counts_as_mariadb(daemon, app, conn=1, ckout=1)
+    steps = [("hold 3", None),
+             ("release 1", (3, 2)),
+             ("dispose", (2, 2)),    # the idle one closed
+             ("release 2", (2, 0)),  # back in the old pool, open
+             ("hold 1", (3, 1)),     # the new pool works and is counted
+             ("collect", (1, 1)),    # the old pool collected
+             ("release 1", None),
+             ("drop_pool", (1, 0)),  # dispose(close=False): still open
+             ("collect", (0, 0)),
+             ("hold 1", (1, 1))]
+    for command, counts in steps:
+        app(command)
+        if counts:
+            wait_counts_as_mariadb(daemon, app, *counts)
 
 
 def test_connect_listener_failure_leaves_no_connection(daemon, apps):
