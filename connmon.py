@@ -691,8 +691,9 @@ def expect(message: Optional[Dict[str, Any]], op: str) -> Dict[str, Any]:
     """Check that the peer answered with ``op``; raise a clear error if not."""
     if message is None:
         raise ProtocolError(f"connection closed while waiting for {op!r}")
-    if message["op"] == "error":
-        raise ProtocolError(f"refused: {message.get('error')}")
+    if message["op"] == "error":   # (its text goes to log lines: escaped)
+        raise ProtocolError(
+            f"refused: {printable(str(message.get('error')), MAX_NAME)}")
     if message["op"] != op:
         raise ProtocolError(f"expected {op!r}, got {message['op']!r}")
     return message

