@@ -1182,7 +1182,7 @@ ENDPOINT_FIELDS = ("backend", "host", "port", "database", "user")
 # What the daemon accepts of one process, and how many host+program rows of
 # programs that are gone it remembers: memory stays bounded whatever
 # clients send.
-MAX_PROCESS_CONNECTIONS = 5000   # with the others: <= 4 MiB a process
+MAX_PROCESS_CONNECTIONS = 5000   # with the others: <= 8.2 MiB a process
 MAX_PROCESS_POOLS = 1000
 MAX_ROWS = 10000
 

@@ -154,6 +154,17 @@ class Role(NamedTuple):
 
     name: str
     requests: FrozenSet[str]   # the ops it may send after its hello
+    message_limit: int = connmon.MAX_MESSAGE_BYTES   # bytes a message
+
+
+# A peer tells of a process whole, in one "attach": a process at every cap
+# (5000 connections, 1000 pools with their databases, 1000 sites and
+# held-at places), every text of it at its longest in characters JSON
+# writes as 12 bytes each, is 19.2 MB (see the test of the largest
+# attach); and an app's update of up to MAX_MESSAGE_BYTES reaches the
+# peers inside a "forward".  Only a node holding the peer credential
+# gets this far.
+MAX_PEER_MESSAGE_BYTES = 32 << 20
 
 
 # The powers of each role, all of them.  An app changes only the process
@@ -166,7 +177,8 @@ ROLES = {
     "console": Role("console", frozenset({"snapshot", "history",
                                           "clear_maxima"})),
     "peer": Role("peer", frozenset({"attach", "forward", "detach", "maxima",
-                                    "clear_maxima", "pong"})),
+                                    "clear_maxima", "pong"}),
+                 MAX_PEER_MESSAGE_BYTES),
 }
 
 
@@ -175,7 +187,7 @@ def requests(rfile, role: Role, reply) -> Iterator[Dict[str, Any]]:
     its role may not send is a ProtocolError.  Pings are answered with a
     pong through ``reply``, and pongs dropped."""
     while True:
-        message = read_message(rfile)
+        message = read_message(rfile, role.message_limit)
         if message is None:
             return
         op = message["op"]
@@ -997,9 +1009,11 @@ class PeerLink:
             if sock is None:
                 continue
             try:
-                sock.sendall(b"".join(connmon.encode(m) for m in batch))
+                sock.sendall(b"".join(connmon.encode(m, MAX_PEER_MESSAGE_BYTES)
+                                      for m in batch))
             except (OSError, ProtocolError) as err:
-                log.warning("peer %s: cannot send: %s", self.node.name, err)
+                problems.log(logging.WARNING, "peer send", "peer %s: cannot "
+                             "send: %s", self.node.name, brief(err))
                 self._cut(sock)
 
     def _dial_loop(self) -> None:

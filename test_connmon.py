@@ -1125,6 +1125,79 @@ def wait_converged(cluster: ThreeNodes, truth: Dict[str, tuple],
                              f"{cluster.last_seen}") from None
 
 
+def test_largest_attach_fits_a_peer_message():
+    """A process at every cap the daemon keeps, every text at its longest
+    in characters JSON writes as 12 bytes each, told to a peer whole."""
+    longest = "\U0001F600" * connmon.MAX_NAME
+    big_int, age = (1 << 62) - 1, 1e9 - 1e-6
+    proc = connmon.ProcessState("i" * connmon.MAX_NAME, longest, longest,
+                                big_int, session=big_int)
+    now = time.monotonic()
+    for n in range(connmon.MAX_PROCESS_CONNECTIONS):
+        conn = big_int - n
+        proc.conns[conn] = big_int
+        proc.checked_out[conn] = now - age
+        proc.holders[conn] = (big_int - n % connmon.MAX_SITES, None, None)
+    for n in range(connmon.MAX_SITES):
+        proc.site_names[big_int - n] = longest
+        proc.held_at[big_int - n] = longest
+    for n in range(connmon.MAX_PROCESS_POOLS):
+        proc.pools[big_int - n] = big_int
+        proc.endpoints[big_int - n] = dict(zip(
+            connmon.ENDPOINT_FIELDS,
+            (longest, longest, big_int, longest, longest)))
+        proc.waiting[big_int - n] = (big_int, now - age)
+    proc.checkouts = proc.holds = big_int
+    message = connmon_server.attach_message(proc)
+    assert len(connmon.encode(
+        message, connmon_server.MAX_PEER_MESSAGE_BYTES)) > 16 << 20
+
+
+def test_a_process_larger_than_a_message_reaches_every_peer(cluster):
+    """An app's state may outgrow one message (it sends it in parts): a
+    node tells it whole to a peer that comes back, and forwards an
+    update of the app's at the very limit; the link is never cut."""
+    node1 = cluster.nodes["node1"]
+    app = SyntheticApp(node1, "big-host", "big.py")
+    emoji = "\U0001F600" * 250   # 3,000 bytes each in JSON
+
+    def add_sites(count: int) -> None:
+        first = len(app.state.site_names) + 1
+        for number in range(first, first + count):
+            app.state.site_names[number] = f"{emoji}{number:05d}"
+    for _ in range(2):
+        add_sites(300)
+        app.send()
+    # One update as close to the limit as it gets: grown by sites, then
+    # by ASCII characters at the end of the last name.
+    app.event(connmon.CONNECT, 1, 1)
+    app.event(connmon.CHECKOUT, 1)
+
+    def size() -> int:
+        return len(json.dumps(app.state.message(time.monotonic(), app.sent),
+                              separators=(",", ":"))) + 1
+    while size() < connmon.MAX_MESSAGE_BYTES - 4000:
+        add_sites(1)
+    last = len(app.state.site_names)
+    while size() < connmon.MAX_MESSAGE_BYTES - 50:
+        app.state.site_names[last] += "x" * min(
+            255 - len(app.state.site_names[last]),
+            connmon.MAX_MESSAGE_BYTES - 50 - size())
+        if len(app.state.site_names[last]) == 255:
+            add_sites(1)
+            last = len(app.state.site_names)
+            app.state.site_names[last] = "s"
+    assert size() <= connmon.MAX_MESSAGE_BYTES
+    app.send()
+    truth = {"big.py": (1, 1, 1)}
+    wait_converged(cluster, truth)
+    cluster.kill("node2")
+    cluster.restart("node2")   # node1 attaches the whole process to it
+    wait_converged(cluster, truth)
+    assert "cannot send" not in node1.log.read_text()
+    app.conn.close()
+
+
 def test_cluster_every_node_shows_the_whole_picture(cluster, apps, tmp_path):
     pinned = [apps(f"sqlite:///{tmp_path}/p{i}.sqlite?plugin=connmon"
                    f"&connmon_addr={d.address}", f"pinned{i}.py")
