@@ -200,12 +200,14 @@ def requests(rfile, role: Role, reply) -> Iterator[Dict[str, Any]]:
 
 
 class Ticket:
-    """One connection at the door: where it comes from, and the role it
-    was admitted as (None while it has not said its hello)."""
+    """One connection at the door: where it comes from, the role it was
+    admitted as (None while it has not said its hello), and the socket
+    its handler reads (the TLS one, once made)."""
 
-    def __init__(self, host: str):
+    def __init__(self, host: str, sock: socket.socket):
         self.host = host
         self.role: Optional[str] = None
+        self.sock = sock
 
 
 class Door:
@@ -213,7 +215,11 @@ class Door:
 
     Connections that have not said their hello are counted apart, in all
     (MAX_WAITING) and per source address (MAX_WAITING_PER_ADDRESS), so
-    that silent ones cannot lock anyone out; after its hello a client
+    that silent ones cannot lock anyone out: from one address they are
+    refused past their share, and when all the room is taken (silent
+    ones from many addresses) the one that has waited longest is let go
+    for the newcomer, since an honest client says its hello at once and
+    leaves the room within milliseconds.  After its hello a client
     takes the room of its role: max_clients apps, CONSOLE_ROOM consoles,
     one link per other node.  The hello proves the role's credential,
     and a peer must be one of the service's other nodes, connecting from
@@ -224,6 +230,7 @@ class Door:
         self.server = server
         self.lock = threading.Lock()
         self.tickets: Dict[socket.socket, Ticket] = {}
+        self.unheard: Dict[socket.socket, Ticket] = {}   # oldest first
         self.waiting: collections.Counter = collections.Counter()
         self.admitted: collections.Counter = collections.Counter()
         others = len(server.service.nodes) - 1
@@ -239,26 +246,42 @@ class Door:
     def arrive(self, request: socket.socket, host: str) -> Optional[str]:
         """Count a new connection in, or say why it is refused."""
         with self.lock:
-            if self.waiting[""] >= MAX_WAITING:
-                return (f"too many connections waiting for their hello "
-                        f"({MAX_WAITING})")
             if self.waiting[host] >= MAX_WAITING_PER_ADDRESS:
                 return (f"too many connections from {host} waiting for "
                         f"their hello ({MAX_WAITING_PER_ADDRESS})")
+            if self.waiting[""] >= MAX_WAITING:
+                self._let_go(next(iter(self.unheard)))
             self.waiting[""] += 1
             self.waiting[host] += 1
-            self.tickets[request] = Ticket(host)
+            self.tickets[request] = self.unheard[request] = Ticket(host,
+                                                                   request)
         return None
+
+    def reads(self, request: socket.socket, sock: socket.socket) -> None:
+        """The handler of ``request`` reads ``sock`` now (TLS)."""
+        with self.lock:
+            self.tickets[request].sock = sock
 
     def depart(self, request: socket.socket) -> None:
         with self.lock:
             ticket = self.tickets.pop(request)
-            if ticket.role is None:
-                self._stop_waiting(ticket.host)
-            else:
+            if request in self.unheard:
+                self._stop_waiting(request)
+            elif ticket.role is not None:
                 self.admitted[ticket.role] -= 1
 
-    def _stop_waiting(self, host: str) -> None:
+    def _let_go(self, request: socket.socket) -> None:
+        """Stop counting a connection waiting for its hello, and end it:
+        its handler's read sees the end (caller holds the lock)."""
+        sock = self.unheard[request].sock
+        self._stop_waiting(request)
+        try:   # (socket's own shutdown, not TLS's: the handler reads it)
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:   # it has ended meanwhile
+            pass
+
+    def _stop_waiting(self, request: socket.socket) -> None:
+        host = self.unheard.pop(request).host
         for key in ("", host):
             self.waiting[key] -= 1
             if not self.waiting[key]:
@@ -291,9 +314,13 @@ class Door:
             if taken is not None:
                 raise ProtocolError(taken)
         with self.lock:
+            if request not in self.unheard:
+                raise ProtocolError(f"too many connections waiting for "
+                                    f"their hello ({MAX_WAITING}); this one "
+                                    f"had waited longest")
             if self.admitted[role.name] >= self.room[role.name]:
                 raise ProtocolError(self.full(role.name))
-            self._stop_waiting(ticket.host)
+            self._stop_waiting(request)
             self.admitted[role.name] += 1
             ticket.role = role.name
         return role
@@ -562,6 +589,7 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
             self.request = self.server.ssl_context.wrap_socket(
                 self.request, server_side=True,
                 do_handshake_on_connect=False)
+            self.server.door.reads(self.ticket_key, self.request)
         super().setup()
         self.rfile.close()
         self.rfile = LineReader(self.connection,

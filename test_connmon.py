@@ -287,6 +287,17 @@ for line in sys.stdin:
 '''
 
 
+def readable(files: List[Any], timeout: float) -> List[Any]:
+    """Those of ``files`` that can be read within ``timeout`` seconds.
+    poll(), not select(): a test holding a thousand sockets has
+    descriptors above 1024."""
+    poller = select.poll()
+    for file in files:
+        poller.register(file, select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+    return [file for file in files if file.fileno() in ready]
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL a process started in a session of its own, and all its
     children (forked workers)."""
@@ -321,7 +332,7 @@ class App:
         """Send a command; return the words after "ok"."""
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        ready = readable([self.proc.stdout], timeout)
         line = self.proc.stdout.readline() if ready else ""
         assert line.startswith("ok"), (
             f"{command!r} failed: {line!r}\n{self.log.read_text()}")
@@ -4802,7 +4813,7 @@ class ScriptApp(App):
                  **options: Any):
         self.source = source
         super().__init__(tmp_path, url, progname, **options)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        ready = readable([self.proc.stdout], 60)
         line = self.proc.stdout.readline() if ready else ""
         if not line.startswith("ready"):
             self.stop()   # a program that never started is not left behind
@@ -5638,6 +5649,37 @@ def test_trust_silent_flood_leaves_room_for_apps_consoles_and_peers(
         for sock in silent + attached:
             sock.close()
         two.stop()
+
+
+def test_trust_silent_flood_from_many_addresses_locks_out_no_one(
+        tmp_path, apps):
+    """Silent connections from more addresses than it takes to fill the
+    room, none past its own address's share: each newcomer lets the one
+    that has waited longest go, and apps and consoles still get in."""
+    daemon = Daemon(tmp_path)
+    silent = []
+    try:
+        for n in range(connmon_server.MAX_WAITING + 64):
+            sock = socket.create_connection(
+                (daemon.host, daemon.port), 10,
+                source_address=(f"127.0.1.{n % 17 + 1}", 0))
+            sock.settimeout(10)
+            rfile = sock.makefile("rb")
+            assert connmon.read_message(rfile)["op"] == "welcome", n
+            silent.append((sock, rfile))
+        # The 64 that waited longest were let go; the others still wait.
+        assert [rfile.readline() for _, rfile in silent[:64]] == [b""] * 64
+        assert not readable([sock for sock, _ in silent[64:]], 0.5)
+        app = apps(f"sqlite:///{tmp_path}/h.sqlite?plugin=connmon"
+                   f"&connmon_addr={daemon.address}", "honest.py")
+        app("hold 1")
+        daemon.wait_row("honest.py", conn=1, ckout=1)
+        assert console("-H", daemon.address).returncode == 0
+    finally:
+        for sock, rfile in silent:
+            rfile.close()
+            sock.close()
+        daemon.stop()
 
 
 class FewFilesDaemon(Daemon):
