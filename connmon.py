@@ -548,26 +548,41 @@ class Security:
 
     def __init__(self, secret: Optional[bytes] = None,
                  tls: Optional[Dict[str, str]] = None, source: str = "",
-                 peer_secret: Optional[bytes] = None):
+                 peer_secret: Optional[bytes] = None,
+                 console_secret: Optional[bytes] = None):
         self.secret = secret
         self.peer_secret = peer_secret
+        self.console_secret = console_secret
         self.tls = dict(tls or {})
         self.source = source
         self._client_context: Optional[ssl.SSLContext] = None
 
     @classmethod
     def of_service(cls, service: "Service", secret_file: Optional[str] = None,
-                   daemon: bool = False) -> "Security":
-        """The service's settings; ``secret_file`` overrides its secret.
+                   daemon: bool = False, console: bool = False
+                   ) -> "Security":
+        """The service's settings; ``secret_file`` overrides the secret a
+        client proves.
 
         Only the daemon (``daemon``) reads the peer credential, which the
         nodes of a service prove to each other: app hosts do not hold it.
         A service of several nodes whose apps have a secret needs one,
-        else any app host could pose as a node.
+        else any app host could pose as a node.  The consoles' secret, if
+        the service has one, is read by the daemon and the consoles
+        (``console``) alone: then app hosts cannot read the picture.
         """
         options = service.options
+        consoles_own = bool(options.get("console_secret_file")
+                            or options.get("console_secret"))
         try:
-            secret = _option_secret(options, "auth_secret", secret_file)
+            if console and (consoles_own or secret_file):
+                secret = None
+                console_secret = _option_secret(options, "console_secret",
+                                                secret_file)
+            else:
+                secret = _option_secret(options, "auth_secret", secret_file)
+                console_secret = (_option_secret(options, "console_secret")
+                                  if daemon else None)
             peer_secret = (_option_secret(options, "peer_secret")
                            if daemon else None)
         except ConfigError as err:
@@ -587,12 +602,17 @@ class Security:
                 raise ConfigError(f"{service.source}: unknown option {key!r}"
                                   "; TLS options are " + ", ".join(
                                       TLS_OPTIONS))
-        return cls(secret, tls, service.source, peer_secret)
+        return cls(secret, tls, service.source, peer_secret, console_secret)
 
     def secret_for(self, role: str) -> Optional[bytes]:
         """What a hello of ``role`` proves: nodes their own credential,
-        everyone else the apps' secret."""
-        return self.peer_secret if role == "peer" else self.secret
+        consoles theirs if the service has one, everyone else the apps'
+        secret."""
+        if role == "peer":
+            return self.peer_secret
+        if role == "console" and self.console_secret is not None:
+            return self.console_secret
+        return self.secret
 
     @property
     def key(self) -> tuple:

@@ -54,8 +54,8 @@ class Target:
                 f" node {args.node}" if args.node else "")
             if args.node:
                 self.service.node(args.node)   # fail now on an unknown node
-            self.security = connmon.Security.of_service(self.service,
-                                                        args.secret_file)
+            self.security = connmon.Security.of_service(
+                self.service, args.secret_file, console=True)
             self.security.client_context()   # fail now on a bad TLS file
 
     def addresses(self) -> List[connmon.Address]:
@@ -1789,7 +1789,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-color", action="store_true",
                         help="no colours, attributes only")
     parser.add_argument("-u", "--secret-file", help="file holding the "
-                        "service's shared secret (default: the config's "
+                        "secret consoles prove (default: the config's "
+                        "console_secret_file or console_secret, else its "
                         "auth_secret_file or auth_secret)")
     parser.add_argument("--once", action="store_true",
                         help="print one snapshot and exit")

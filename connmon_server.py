@@ -1180,6 +1180,10 @@ OPTIONS: Dict[str, connmon.Option] = {
     # hosts do not hold it); see connmon.Security.of_service
     "peer_secret_file": connmon.Option(connmon.any_text),
     "peer_secret": connmon.Option(connmon.any_text),
+    # what consoles prove, if not the apps' secret (read by connmond and
+    # the consoles only: then app hosts cannot read the picture)
+    "console_secret_file": connmon.Option(connmon.any_text),
+    "console_secret": connmon.Option(connmon.any_text),
     # the database servers' own connection limits (see the README)
     "database_servers": connmon.Option(_server_limits),
 }
@@ -1207,6 +1211,8 @@ class DaemonOptions:
     metrics_token_file: Optional[bytes]   # the token itself, once read
     peer_secret_file: Optional[str]
     peer_secret: Optional[str]
+    console_secret_file: Optional[str]
+    console_secret: Optional[str]
     database_servers: Optional[Dict[str, int]]
 
     def __init__(self, service: connmon.Service, node: connmon.Node):

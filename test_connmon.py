@@ -3162,7 +3162,7 @@ class SecureDaemon(Daemon):
         service = connmon.find_service("test", str(self.config))
         conn = connmon.open_connection(
             [("127.0.0.1", self.port)], "console",
-            security=connmon.Security.of_service(service))
+            security=connmon.Security.of_service(service, console=True))
         try:
             return conn.request({"op": "snapshot", "procs": procs})
         finally:
@@ -3227,6 +3227,34 @@ def test_auth_right_secret_works_wrong_or_missing_refused(tmp_path, apps):
         assert rows == {"good.py"}
     finally:
         relay.close()
+        daemon.stop()
+
+
+def test_auth_consoles_own_secret_keeps_app_hosts_out(tmp_path, apps):
+    """With console_secret_file, a console proves that secret: what an app
+    host holds (the config, the apps' secret) gets an app in, but no
+    console, which would read the whole picture and clear the maxima."""
+    apps_secret = secret_file(tmp_path, "apps.secret")
+    consoles_secret = secret_file(tmp_path, "consoles.secret", "consoles")
+    daemon = SecureDaemon(tmp_path, extra_config=(
+        f"auth_secret_file: {apps_secret}\n"
+        f"console_secret_file: {consoles_secret}\n"))
+    try:
+        app = apps(sqlite_app_url(tmp_path, f"connmon_addr={daemon.address}"
+                                  f"&connmon_secret_file={apps_secret}"),
+                   "good.py")
+        app("hold 1")
+        daemon.wait_row("good.py", conn=1, ckout=1)   # (consoles' secret)
+        refused = console("-H", daemon.address, "-u", apps_secret)
+        assert refused.returncode == 1
+        assert "console: authentication failed" in refused.stderr
+        for args in (("-H", daemon.address, "-u", consoles_secret),
+                     ("-c", str(daemon.config), "-s", "test")):
+            ok = console(*args)
+            assert ok.returncode == 0, ok.stderr
+            assert [row["progname"] for row in json.loads(ok.stdout)[
+                "rows"]] == ["good.py"]
+    finally:
         daemon.stop()
 
 
