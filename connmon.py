@@ -3296,7 +3296,9 @@ def instrument(engine, settings: Dict[str, str]) -> None:
             sender.wake()
 
     # A detached connection leaves its pool entry (which gets a fresh
-    # connection and info) but stays open until close_detached.
+    # connection and info) but stays open until close_detached; or until
+    # the garbage collector takes it, when the application drops it
+    # unclosed, which no event says (a finalizer does).
     detached: Dict[int, int] = {}
 
     def on_detach(dbapi_connection, connection_record):
@@ -3305,13 +3307,22 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         if ident is not None:
             info[CONN_POOL].discard(ident)   # no longer the pool's
             detached[id(dbapi_connection)] = ident
+            try:
+                weakref.finalize(dbapi_connection, detached_closed,
+                                 id(dbapi_connection))
+            except TypeError:   # a driver's connection with no weakref
+                pass
+
+    def detached_closed(key: int) -> None:
+        ident = detached.pop(key, None)
+        if ident is not None:
+            now = clock()
+            record((CLOSE, ident, now, None, None, None, None, None))
+            if now > sender.wake_until:
+                sender.wake()
 
     def on_close_detached(dbapi_connection):
-        now = clock()
-        record((CLOSE, detached.pop(id(dbapi_connection), None), now,
-                None, None, None, None, None))
-        if now > sender.wake_until:
-            sender.wake()
+        detached_closed(id(dbapi_connection))
 
     # Pool events only.  A hard invalidation fires "close" too, the others
     # close the connection (firing "close") at its next checkout.

@@ -231,6 +231,11 @@ for line in sys.stdin:
         conn.close()
     elif cmd == "dispose":
         engine.dispose()
+    elif cmd == "detach":   # the last connection held leaves its pool
+        held[-1].detach()
+    elif cmd == "drop":   # the last one held is let go, unclosed
+        held.pop()
+        gc.collect()
     elif cmd == "drop_pool":   # dispose(close=False): the old pool is let go
         engine.dispose(close=False)
     elif cmd == "nogc":
@@ -632,6 +637,24 @@ def test_dispose_counts_what_the_database_sees(daemon, apps):
         app(command)
         if counts:
             wait_counts_as_mariadb(daemon, app, *counts)
+
+
+def test_detached_connection_counted_until_closed_or_collected(daemon,
+                                                              apps):
+    """A connection detached from its pool stays open, checked out by the
+    application, until it is closed, or collected once dropped."""
+    require_database(MYSQL_URL)
+    app = apps(monitored(MYSQL_URL, daemon), "detach.py", pool_size=5)
+    app("nogc")
+    steps = [("hold 2", (2, 2)),
+             ("detach", (2, 2)),
+             ("release 1", (1, 1)),   # closing it closes the connection
+             ("hold 1", (2, 2)),
+             ("detach", (2, 2)),
+             ("drop", (1, 1))]        # collected unclosed: closed too
+    for command, counts in steps:
+        app(command)
+        wait_counts_as_mariadb(daemon, app, *counts)
 
 
 def test_connect_listener_failure_leaves_no_connection(daemon, apps):
