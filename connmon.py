@@ -2268,8 +2268,7 @@ class Picture:
                 "timeouts_per_sec", "connect_errors_per_sec",
                 "invalidations_per_sec")},
             "rows": rows,
-            "databases": databases(self.processes.values(),
-                                   self.server_limits),
+            **databases(self.processes.values(), self.server_limits),
         }
 
 
@@ -2343,42 +2342,80 @@ class _Holdings:
         return figures
 
 
+TOP_SERVERS = 50     # database servers listed in a snapshot
+TOP_DATABASES = 50   # databases listed per server
+TOP_USERS = 5        # users named per database
+
+
 def databases(processes: Iterable[ProcessState],
-              server_limits: Dict[str, int]) -> List[Dict[str, Any]]:
+              server_limits: Dict[str, int]) -> Dict[str, Any]:
     """The snapshot's "databases": per database server, then per database
     on it, what the fleet's pools hold (connections, checkouts, waiting,
     their summed limits; None when any pool is unlimited), how many
     processes and programs; per server its programs, and the server's own
-    max_connections when the operator configured it."""
-    servers: Dict[Any, Tuple[Dict[str, Any], _Holdings, dict]] = {}
-    for proc in processes:
-        for figures in proc.pool_figures().values():
-            endpoint = figures["endpoint"] or {}
-            name = server_name(figures["endpoint"])
-            if name not in servers:
-                servers[name] = (endpoint, _Holdings(), {})
-            _, server, names = servers[name]
+    max_connections when the operator configured it.
+
+    Bounded whatever clients announce, so that a snapshot always fits its
+    reply: the TOP_SERVERS servers holding the most connections, on each
+    the TOP_DATABASES databases holding the most, each naming the
+    TOP_USERS users holding the most.  "databases_trimmed" (beside the
+    servers, and in each server) and "users_trimmed" count what is left
+    out; its figures still count in the lines above it.  A first pass
+    only sums connections, so that the full figures are gathered for
+    what is listed alone."""
+    pools = [(proc, figures, server_name(figures["endpoint"]),
+              figures["endpoint"] or {}) for proc in processes
+             for figures in proc.pool_figures().values()]
+    server_conns: Dict[Any, int] = collections.Counter()
+    database_conns: Dict[Any, int] = collections.Counter()
+    for _, figures, name, endpoint in pools:
+        server_conns[name] += figures["conn"]
+        database_conns[name, endpoint.get("database")] += figures["conn"]
+    on_server: Dict[Any, Dict[Any, int]] = {
+        name: {} for name in _top(server_conns, TOP_SERVERS)}
+    for (name, database), conns in database_conns.items():
+        if name in on_server:
+            on_server[name][database] = conns
+    listed = {name: (_Holdings(), {
+        database: (_Holdings(), collections.Counter())
+        for database in _top(names, TOP_DATABASES)})
+        for name, names in on_server.items()}
+    backends: Dict[Any, Optional[str]] = {}
+    for proc, figures, name, endpoint in pools:
+        if name in listed:
+            backends.setdefault(name, endpoint.get("backend"))
+            server, names = listed[name]
             server.add(proc, figures)
             database = names.get(endpoint.get("database"))
-            if database is None:
-                database = names[endpoint.get("database")] = (_Holdings(),
-                                                              set())
-            database[0].add(proc, figures)
-            if endpoint.get("user") is not None:
-                database[1].add(endpoint["user"])
-    return [{
+            if database is not None:
+                database[0].add(proc, figures)
+                if endpoint.get("user") is not None:
+                    database[1][endpoint["user"]] += figures["conn"]
+    return {"databases": [{
         "server": name,
-        "backend": endpoint.get("backend"),
+        "backend": backends[name],
         "max_connections": server_limits.get(name),
         **server.figures(),
         "programs": [{"hostname": hostname, "progname": progname,
                       **program.figures()} for (hostname, progname), program
                      in sorted(server.programs.items())],
-        "databases": [{"database": database, "users": sorted(users),
-                       **holdings.figures()} for database, (holdings, users)
-                      in sorted(names.items(), key=lambda i: i[0] or "")],
-    } for name, (endpoint, server, names) in sorted(
-        servers.items(), key=lambda item: item[0] or "")]
+        "databases": [{"database": database, "users": _top(users, TOP_USERS),
+                       "users_trimmed": max(0, len(users) - TOP_USERS),
+                       **holdings.figures()}
+                      for database, (holdings, users) in names.items()],
+        "databases_trimmed": len(on_server[name]) - len(names),
+    } for name, (server, names) in listed.items()],
+        "databases_trimmed": len(server_conns) - len(listed)}
+
+
+def _top(conns: Dict[Any, int], count: int) -> List[Any]:
+    """The ``count`` names holding the most connections (ties by name),
+    in name order: what a list of the snapshot keeps, whatever clients
+    announce."""
+    def by_name(name: Optional[str]) -> str:
+        return name or ""
+    return sorted(heapq.nsmallest(count, conns, key=lambda name: (
+        -conns[name], by_name(name))), key=by_name)
 
 
 TOP_SITES = 10   # checkout sites listed per host+program

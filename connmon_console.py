@@ -567,7 +567,7 @@ def format_table(snapshot: Dict[str, Any]) -> str:
         lines += site_lines(row)
         for proc in row.get("procs", ()):
             lines += process_lines(proc)
-    lines += database_lines(snapshot.get("databases", ()))
+    lines += database_lines(snapshot)
     return "\n".join(lines)
 
 
@@ -618,10 +618,11 @@ def process_lines(proc: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def database_lines(servers: List[Dict[str, Any]]) -> List[str]:
+def database_lines(snapshot: Dict[str, Any]) -> List[str]:
     """The plain table's databases: per server (its connections and the
     pools' summed limits against its max_connections, when the operator
-    gave it), then per database."""
+    gave it), then per database; and what the daemon left out."""
+    servers = snapshot.get("databases", ())
     lines = ["", "Databases"] if servers else []
     for server in servers:
         most = server["max_connections"]
@@ -634,14 +635,31 @@ def database_lines(servers: List[Dict[str, Any]]) -> List[str]:
                      f"{server['nproc']} processes, {server['nprog']} "
                      "programs")
         for database in server["databases"]:
-            users = ",".join(database["users"]) or "-"
+            users = "; ".join(filter(None, (
+                ",".join(database["users"]) or "-",
+                left_out(database, "users", "user"))))
             lines.append(f"    {database['database'] or '-'} (users "
                          f"{users}): conn {database['conn']}  ckout "
                          f"{database['ckout']}  waiting "
                          f"{database['waiting']}  pool limits "
                          f"{cell(database['limit'])}  {database['nproc']} "
                          f"processes, {database['nprog']} programs")
+        more = left_out(server, "databases", "database")
+        if more:
+            lines.append(f"    ({more})")
+    more = left_out(snapshot, "databases", "database server")
+    if more:
+        lines.append(f"  ({more})")
     return lines
+
+
+def left_out(part: Dict[str, Any], key: str, noun: str) -> str:
+    """"12 more databases not shown": what the daemon left out of
+    ``part``'s ``key`` list (those holding the fewest connections); ""
+    when it left nothing out."""
+    count = part.get(f"{key}_trimmed", 0)
+    return (f"{connmon.plural(count, 'more ' + noun)} not shown" if count
+            else "")
 
 
 def site_lines(row: Dict[str, Any]) -> List[str]:
@@ -1394,9 +1412,12 @@ class Console:
 
     def draw_databases(self) -> None:
         rows = self.database_rows()
-        servers = len((self.picture or {}).get("databases", ()))
+        picture = self.picture or {}
+        servers = connmon.plural(len(picture.get("databases", ())),
+                                 "database server")
+        more = left_out(picture, "databases", "server")
         self.draw_listing(
-            f"{connmon.plural(servers, 'database server')}: the pools' "
+            f"{servers}{f' ({more})' if more else ''}: the pools' "
             "connections and summed limits against MAX_CONN"
             + self.filter_text(), DATABASE_COLUMNS, rows)
 

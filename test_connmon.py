@@ -5660,6 +5660,102 @@ def test_trust_too_large_snapshot_is_trimmed_not_refused(tmp_path, apps):
         daemon.stop()
 
 
+def endpoint(host: str, database: str, user: str,
+             backend: str = "mysql") -> dict:
+    """A pool's database, as an app announces it."""
+    return {"backend": backend, "host": host, "port": 3306,
+            "database": database, "user": user}
+
+
+def longest(tag: str) -> str:
+    """A name unique by ``tag``, as long as names may be."""
+    return f"{tag}-".ljust(connmon.MAX_NAME, "x")
+
+
+def test_trust_hostile_databases_are_bounded_not_refused(tmp_path, apps):
+    """80 clients of 1000 pools each, each pool on a server of its own
+    (every name as long as allowed), and a busy server of 501 databases,
+    one with 500 users: "databases" keeps what holds the most
+    connections, within its bounds, and the snapshot is sent (a console
+    was refused every time: its databases alone were 80 MB)."""
+    daemon = Daemon(tmp_path)
+    clients = []
+    try:
+        app_holding(apps, tmp_path, [daemon], "honest.py", 3)
+        sock, rfile = app_attached(daemon.port, "busy", "busy.py")
+        clients.append(sock)
+        pools = [[j, 1, endpoint("db.example", f"db{j:03d}", "nova")
+                  if j < 500 else endpoint("db.example", "shared",
+                                           f"user{j}")]
+                 for j in range(connmon.MAX_PROCESS_POOLS)]
+        assert pong_after(sock, rfile, empty_update(
+            pools=pools, connect=[[j, j] for j in range(len(pools))])) == {
+                "op": "pong"}
+        for n in range(80):
+            sock, rfile = app_attached(daemon.port, f"hostile-{n}",
+                                       longest(f"hostile{n}"),
+                                       hostname="h" * connmon.MAX_NAME)
+            clients.append(sock)
+            pools = [[j, 1, endpoint(longest(f"{n}-{j}"), longest(f"d{j}"),
+                                     longest(f"u{j}"))]
+                     for j in range(connmon.MAX_PROCESS_POOLS)]
+            assert pong_after(sock, rfile, empty_update(pools=pools)) == {
+                "op": "pong"}
+        once = console("-H", daemon.address)
+        assert once.returncode == 0, once.stderr
+        snapshot = json.loads(once.stdout)
+        assert "trimmed" not in snapshot   # every row fits beside them
+        servers = {server["server"]: server
+                   for server in snapshot["databases"]}
+        assert len(servers) == connmon.TOP_SERVERS
+        assert snapshot["databases_trimmed"] == 80 * 1000 + 2 - len(servers)
+        assert servers["sqlite"]["conn"] == 3   # the honest app's is shown
+        busy = servers["db.example:3306"]
+        assert (busy["conn"], busy["nproc"], len(busy["databases"]),
+                busy["databases_trimmed"]) == (
+                    1000, 1, connmon.TOP_DATABASES,
+                    501 - connmon.TOP_DATABASES)
+        (shared,) = [database for database in busy["databases"]
+                     if database["database"] == "shared"]
+        assert (shared["conn"], shared["users"], shared["users_trimmed"]) == (
+            500, [f"user{j}" for j in range(500, 500 + connmon.TOP_USERS)],
+            500 - connmon.TOP_USERS)
+        table = plain_table(daemon)
+        assert (f"({snapshot['databases_trimmed']} more database servers not "
+                "shown)") in table
+        assert "(451 more databases not shown)" in table
+        assert "user504; 495 more users not shown)" in table
+    finally:
+        for sock in clients:
+            sock.close()
+        daemon.stop()
+
+
+def test_databases_at_every_bound_fit_the_reply():
+    """"databases" at every bound (servers, databases, users), every name
+    255 characters that JSON writes in 12 bytes each: within README's
+    45 MiB, so a snapshot without rows always fits the reply."""
+    def widest(tag: str) -> str:
+        return (tag + "\U0001F4A5" * connmon.MAX_NAME)[:connmon.MAX_NAME]
+    bounds = (connmon.TOP_SERVERS, connmon.TOP_DATABASES, connmon.TOP_USERS)
+    pools = [[pool, 1, {"backend": widest("b"), "host": widest(f"s{s}"),
+                        "port": 65535, "database": widest(f"d{d}"),
+                        "user": widest(f"u{u}")}]
+             for pool, (s, d, u) in enumerate(itertools.product(
+                 *(range(bound) for bound in bounds)))]
+    procs = []
+    for start in range(0, len(pools), connmon.MAX_PROCESS_POOLS):
+        procs.append(connmon.ProcessState(f"p{start}", "h", "p", 1, 1))
+        procs[-1].update(state_message(pools=pools[
+            start:start + connmon.MAX_PROCESS_POOLS]), time.monotonic())
+    part = connmon.databases(procs, {})
+    for server in part["databases"]:
+        server["programs"] = []   # the rows' lines: fit_reply trims those
+    assert (len(part["databases"]), len(part["databases"][0]["databases"]),
+            len(part["databases"][0]["databases"][0]["users"])) == bounds
+    assert len(json.dumps(part, separators=(",", ":"))) <= 45 << 20
+
+
 def test_trust_silent_flood_leaves_room_for_apps_consoles_and_peers(
         tmp_path, apps):
     two = TwoNodes(tmp_path, "max_clients: 3\n")
