@@ -852,15 +852,16 @@ def bench_console(quick: bool) -> None:
 
 def bench_history(quick: bool) -> None:
     """The daemon's history: memory for 10,000 rows once its rings are
-    full, and the CPU of one sample of them all (once a second, under
-    the state lock)."""
+    full, the CPU of one sample of them all (once a second, under the
+    state lock), and of a console's history of a program on all of those
+    hosts (the copy under the lock, the summing outside it)."""
     import tracemalloc
     import connmon
     import connmon_server
     rows = 10_000
     picture = connmon.Picture()
     for index in range(rows):
-        row = picture._row((f"host{index // 40:03d}", f"program-{index:05d}"))
+        row = picture._row((f"host{index:05d}", "nova-api"))
         row.conn, row.ckout = index % 50, index % 7
     gc.collect()
     tracemalloc.start()
@@ -870,18 +871,30 @@ def bench_history(quick: bool) -> None:
         history.record(picture.rows)
     held = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    samples = []
+    samples, picks, sums = [], [], []
     for _ in range(20 if quick else 100):   # timed without tracemalloc
         start = time.process_time()
         history.record(picture.rows)
         samples.append(time.process_time() - start)
-    ms = sorted(sample * 1000 for sample in samples)
+    for _ in range(5 if quick else 20):
+        start = time.process_time()
+        picked = history.picked("nova-api", None)
+        picks.append(time.process_time() - start)
+        start = time.process_time()
+        picked.sums()
+        sums.append(time.process_time() - start)
+    ms = {name: sorted(sample * 1000 for sample in times)
+          for name, times in (("sample", samples), ("pick", picks),
+                              ("sum", sums))}
     report(f"history: {rows:,} rows, {history.length} samples each "
            f"(target: within README's 30 MB)",
            [("memory", f"{held / 1e6:6.1f} MB",
-             f"{held / rows / 1000:.2f} KB a row"),
-            ("one sample of every row", f"median {statistics.median(ms):.1f} "
-             f"ms CPU", f"max {ms[-1]:.1f} ms")])
+             f"{held / rows / 1000:.2f} KB a row")] + [
+            (what, f"median {statistics.median(ms[name]):.1f} ms CPU",
+             f"max {ms[name][-1]:.1f} ms") for what, name in (
+                ("one sample of every row", "sample"),
+                ("a program on every host: copy (lock held)", "pick"),
+                ("  its sums (lock free)", "sum"))])
 
 
 def hostile_messages(n: int) -> List[bytes]:

@@ -45,6 +45,7 @@ import io
 import json
 import logging
 import logging.config
+import operator
 import os
 import random
 import secrets
@@ -430,16 +431,15 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
     def history_of(self, request: Dict[str, Any]) -> Dict[str, Any]:
         """The "history" reply: a program's conn and ckout, one sample a
         second, oldest first; on one host, or summed over every host
-        when the request names none."""
+        when the request names none (outside the lock, from a copy)."""
         hostname, progname = request.get("hostname"), request.get("progname")
         if not isinstance(progname, str) or not (
                 hostname is None or isinstance(hostname, str)):
             raise ProtocolError("history needs 'progname' and, optionally, "
                                 "'hostname'")
         with self.lock:
-            conn, ckout = self.history.of(
-                [key for key in self.history.series if key[1] == progname
-                 and hostname in (None, key[0])])
+            picked = self.history.picked(progname, hostname)
+        conn, ckout = picked.sums()
         return {"op": "history", "interval": 1.0, "conn": conn,
                 "ckout": ckout}
 
@@ -507,19 +507,39 @@ class History:
             entry[1][slot] = row.ckout if row.ckout < top else top
         self.tick += 1
 
-    def of(self, keys: List[Tuple[str, str]]) -> Tuple[List[int], List[int]]:
-        """The summed conn and ckout of ``keys`` over the samples any of
-        them has, oldest first."""
+    def picked(self, progname: str, hostname: Optional[str]) -> "History":
+        """A copy of the rows of ``progname`` (on ``hostname``, or on
+        every host when None), to sum outside the daemon's lock: the lock
+        pays a look at each row's key and a copy of two small arrays a
+        row picked, not the summing."""
+        twin = History(self.length)
+        twin.tick = self.tick
+        twin.series = {key: (conn[:], ckout[:], first)
+                       for key, (conn, ckout, first) in self.series.items()
+                       if key[1] == progname and hostname in (None, key[0])}
+        return twin
+
+    def sums(self) -> Tuple[List[int], List[int]]:
+        """The summed conn and ckout of every row here over the samples
+        any of them has, oldest first: each row's added in one go (in C,
+        not a Python loop a sample)."""
         length = min(self.length, max(
-            (self.tick - self.series[key][2] for key in keys), default=0))
-        conn, ckout = [0] * length, [0] * length
-        for key in keys:
-            rings = self.series[key]
-            have = min(length, self.tick - rings[2])
-            for total, ring in zip((conn, ckout), rings[:2]):
-                for back in range(1, have + 1):
-                    total[-back] += ring[(self.tick - back) % self.length]
-        return conn, ckout
+            (self.tick - first for _, _, first in self.series.values()),
+            default=0))
+        totals: Tuple[List[int], List[int]] = ([0] * length, [0] * length)
+        for *rings, first in self.series.values():
+            have = min(length, self.tick - first)
+            for total, ring in zip(totals, rings):
+                total[length - have:] = map(operator.add,
+                                            total[length - have:],
+                                            self._latest(ring, have))
+        return totals
+
+    def _latest(self, ring: array.array, count: int) -> array.array:
+        """The ``count`` latest samples of ``ring``, oldest first."""
+        start = (self.tick - count) % self.length
+        return ring[start:start + count] + ring[:max(
+            0, start + count - self.length)]
 
 
 class Departures:

@@ -5756,6 +5756,36 @@ def test_databases_at_every_bound_fit_the_reply():
     assert len(json.dumps(part, separators=(",", ":"))) <= 45 << 20
 
 
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(length=st.integers(1, 6), ticks=st.lists(st.dictionaries(
+    st.tuples(st.sampled_from(["h1", "h2"]), st.sampled_from(["p1", "p2"])),
+    st.integers(0, 70_000)), max_size=15))
+def test_history_sums_the_samples_of_the_rows_asked_for(length, ticks):
+    """A "history" reply: the samples of the rows asked for (a program on
+    one host, or on every host) summed, oldest first, over the last
+    samples any of them has (a row forgotten starts again); a count above
+    65,535 kept as 65,535.  Summed from a copy of those rows."""
+    history = connmon_server.History(length)
+    since: Dict[tuple, int] = {}   # row -> the sample it was first in
+    for tick, counts in enumerate(ticks):
+        since = {key: since.get(key, tick) for key in counts}
+        rows = {key: connmon.ProgramRow(*key) for key in counts}
+        for key, row in rows.items():
+            row.conn, row.ckout = counts[key], counts[key] // 3
+        history.record(rows)
+    for progname, hostname in itertools.product(["p1", "p2"],
+                                                [None, "h1", "h2"]):
+        picked = [key for key in since if key[1] == progname
+                  and hostname in (None, key[0])]
+        kept = min(length, max((len(ticks) - since[key] for key in picked),
+                               default=0))
+        expected = tuple([sum(min(share(ticks[tick][key]), 65535)
+                              for key in picked if since[key] <= tick)
+                          for tick in range(len(ticks) - kept, len(ticks))]
+                         for share in (lambda n: n, lambda n: n // 3))
+        assert history.picked(progname, hostname).sums() == expected
+
+
 def test_trust_silent_flood_leaves_room_for_apps_consoles_and_peers(
         tmp_path, apps):
     two = TwoNodes(tmp_path, "max_clients: 3\n")
