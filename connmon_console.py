@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional,
                     Tuple)
 
@@ -69,12 +70,27 @@ class Target:
                                        security=self.security)
 
 
+def one_cell(text: str) -> str:
+    """``text`` with every character a terminal draws in other than one
+    cell written as its escape (wide ones, "\\u30c7", take two; combining
+    marks none): the columns are laid out a character a cell, and a name
+    with combining marks must not pass for another."""
+    if text.isascii():
+        return text
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.east_asian_width(char) in ("W", "F")
+        or unicodedata.category(char) in ("Mn", "Me") else char
+        for char in text)
+
+
 def escaped(value: Any) -> Any:
     """``value`` (a snapshot) with every text made safe to print: the
     daemon refuses control characters at its door, and this is the second
-    line of defence, against an older or a broken daemon."""
+    line of defence, against an older or a broken daemon.  And one cell a
+    character (see one_cell)."""
     if isinstance(value, str):
-        return connmon.printable(value)
+        return one_cell(connmon.printable(value))
     if isinstance(value, list):
         return [escaped(item) for item in value]
     if isinstance(value, dict):

@@ -6036,6 +6036,33 @@ def test_trust_console_escapes_what_it_prints():
     assert r"s.py:1 in \x1b[31mf" in text
 
 
+@pytest.mark.parametrize("size", [(80, 24), (160, 30)])
+def test_console_draws_one_cell_a_character(tmp_path, terminal, size):
+    """Wide characters (two cells) and combining marks (none) are drawn
+    escaped, so the columns stay in line and "e\u0301vil" cannot pass
+    for another name."""
+    daemon = Daemon(tmp_path)
+    apps = []
+    try:
+        for host, prog in (("ctl1", "nova-api"), ("\u30db\u30b9\u30c8",
+                                                  "e\u0301vil")):
+            app = SyntheticApp(daemon, host, prog)
+            app.event(connmon.CONNECT, 1, 1)
+            app.send()
+            apps.append(app)
+        term = terminal("-H", daemon.address, cols=size[0], lines=size[1])
+        rows = term.wait_for(lambda t: len(t.rows()) == 2 and t.rows(),
+                             "the two rows")
+        ends = {len(term.display[y].rstrip()) for y, _ in rows.values()}
+        assert len(ends) == 1, term.text   # the columns in line
+        assert r"\u30db\u30b9\u30c8" in term.text
+        assert r"e\u0301vil" in term.text
+    finally:
+        for app in apps:
+            app.conn.close()
+        daemon.stop()
+
+
 def test_trust_metrics_stay_on_loopback_or_need_the_token(tmp_path):
     port = free_port()
     token = secret_file(tmp_path, "metrics.token", "scrape-T0ken")
