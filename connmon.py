@@ -572,13 +572,12 @@ class Security:
         (``console``) alone: then app hosts cannot read the picture.
         """
         options = service.options
-        consoles_own = bool(options.get("console_secret_file")
-                            or options.get("console_secret"))
         try:
-            if console and (consoles_own or secret_file):
-                secret = None
+            if console:   # the consoles' own secret, else the apps'
                 console_secret = _option_secret(options, "console_secret",
                                                 secret_file)
+                secret = (None if console_secret
+                          else _option_secret(options, "auth_secret"))
             else:
                 secret = _option_secret(options, "auth_secret", secret_file)
                 console_secret = (_option_secret(options, "console_secret")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import functools
+import importlib
 import itertools
 import json
 import os
@@ -78,10 +79,23 @@ def require_database(url: str) -> None:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except Exception as err:  # any driver error means "not reachable"
-        message = f"database at {url} not reachable: {err}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"database at {url} not reachable: {err}")
+
+
+def require_module(name: str) -> None:
+    """Skip on a laptop without the package; in CI, which installs the
+    test extra, a missing one fails."""
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        missing(f"{name} not installed (pip install -e '.[test]'): {err}")
+
+
+def missing(message: str) -> None:
+    """What a test needs is not here: a failure in CI, a skip elsewhere."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 class Daemon:
@@ -556,10 +570,7 @@ def sqlalchemy_2_0(tmp_path_factory) -> Dict[str, str]:
          "SQLAlchemy>=2.0,<2.1"], capture_output=True, text=True,
         timeout=600)
     if result.returncode:
-        message = f"cannot install SQLAlchemy 2.0: {result.stderr[-800:]}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"cannot install SQLAlchemy 2.0: {result.stderr[-800:]}")
     return dict(CHILD_ENV, PYTHONPATH=os.pathsep.join([HERE, str(target)]))
 
 
@@ -615,6 +626,16 @@ def wait_counts_as_mariadb(daemon: Daemon, app: "App", conn: int,
                f"MariaDB to list {conn} connections of {app.progname}")
 
 
+def follow_steps(daemon: Daemon, app: "App",
+                 steps: List[Tuple[str, Optional[Tuple[int, int]]]]) -> None:
+    """Send each command; after each with (conn, ckout), connmon and
+    MariaDB must show them."""
+    for command, counts in steps:
+        app(command)
+        if counts:
+            wait_counts_as_mariadb(daemon, app, *counts)
+
+
 def test_dispose_counts_what_the_database_sees(daemon, apps):
     """engine.dispose() closes the idle connections; those checked out go
     back to the old pool when returned and stay open (MariaDB lists them)
@@ -633,10 +654,7 @@ def test_dispose_counts_what_the_database_sees(daemon, apps):
              ("drop_pool", (1, 0)),  # dispose(close=False): still open
              ("collect", (0, 0)),
              ("hold 1", (1, 1))]
-    for command, counts in steps:
-        app(command)
-        if counts:
-            wait_counts_as_mariadb(daemon, app, *counts)
+    follow_steps(daemon, app, steps)
 
 
 def test_detached_connection_counted_until_closed_or_collected(daemon,
@@ -652,9 +670,7 @@ def test_detached_connection_counted_until_closed_or_collected(daemon,
              ("hold 1", (2, 2)),
              ("detach", (2, 2)),
              ("drop", (1, 1))]        # collected unclosed: closed too
-    for command, counts in steps:
-        app(command)
-        wait_counts_as_mariadb(daemon, app, *counts)
+    follow_steps(daemon, app, steps)
 
 
 def test_connect_listener_failure_leaves_no_connection(daemon, apps):
@@ -2003,10 +2019,7 @@ def test_vendored_connmon_py_in_a_bare_venv(tmp_path, daemon):
                           "PyMySQL"], env=PLAIN_ENV, capture_output=True,
                          text=True, timeout=600)
     if pip.returncode != 0:
-        message = f"cannot pip install SQLAlchemy, PyMySQL: {pip.stderr}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"cannot pip install SQLAlchemy, PyMySQL: {pip.stderr}")
     require_database(MYSQL_URL)
     probe = "import importlib.metadata as m; m.distribution('connmon')"
     assert subprocess.run([python, "-c", probe], cwd=tmp_path,
@@ -2683,7 +2696,7 @@ def test_quit_ctrl_c_and_sigterm_restore_the_terminal(daemon, terminal,
 
 
 def test_demo_runs_and_stops_everything(terminal):
-    pytest.importorskip("sqlalchemy")
+    require_module("sqlalchemy")
     term = terminal("--demo")
     for name in ("nova-api", "nova-conductor", "keystone-leaky",
                  "glance-api"):
@@ -3133,7 +3146,7 @@ def test_once_lists_the_sites_under_their_rows(tmp_path, leak_daemon):
 def test_demo_leak_shows_its_site_and_thread_gone(terminal):
     """The README's walkthrough: the demo's leak in the sites view, then
     its long holders in the drill-down."""
-    pytest.importorskip("sqlalchemy")
+    require_module("sqlalchemy")
     source = pathlib.Path(connmon_console.__file__).read_text()
     site = (f"connmon_console.py:{line_of('never closed: the leak', source)}"
             " in leaky_request")
@@ -4347,7 +4360,7 @@ def test_gunicorn_workers_are_counted(tmp_path, worker, preload):
                                    "eventlet-os-false"])
 def test_eventlet_oslo_service_workers_are_counted(tmp_path, patch):
     require_database(MYSQL_URL)
-    pytest.importorskip("oslo_service")
+    require_module("oslo_service")
     daemon = Daemon(tmp_path)
     try:
         app = write_wsgi_app(tmp_path, daemon, patch=patch)
@@ -4451,7 +4464,7 @@ class CeleryWorker(Server):
 
 def test_celery_prefork_workers_are_counted(tmp_path):
     require_database(MYSQL_URL)
-    pytest.importorskip("celery")
+    require_module("celery")
     daemon = Daemon(tmp_path)
     try:
         check_server(CeleryWorker(tmp_path, daemon, 3), daemon, "celery", 3)
@@ -7292,7 +7305,7 @@ def test_sighup_does_not_stop_connmond(daemon):
 
 
 def test_demo_killed_with_sigkill_leaves_nothing_running(terminal):
-    pytest.importorskip("sqlalchemy")
+    require_module("sqlalchemy")
     term = terminal("--demo")
     term.wait_for(lambda t: "nova-api" in t.rows(), "the demo's rows")
     port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
