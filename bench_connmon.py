@@ -13,6 +13,7 @@ import argparse
 import collections
 import gc
 import json
+import math
 import os
 import random
 import socket
@@ -165,6 +166,20 @@ def listening_engine(url: str, queue=None, **kwargs):
 class Paired(NamedTuple):
     us: float      # median microseconds per cycle
     ratio: float   # median of the per-round ratios to the plain engines
+    low: float     # that median's 95 % confidence interval (see
+    high: float    # median_interval): what of the ratio is noise
+
+
+def median_interval(values: List[float]) -> tuple:
+    """A 95 % confidence interval of the median of ``values``, from their
+    order statistics alone (the 8th and the 18th of 25), since the noise of
+    a shared machine follows no known distribution: a ratio whose interval
+    holds 1.0 is within the noise of its run."""
+    ordered = sorted(values)
+    half = 0.98 * math.sqrt(len(ordered))   # 1.96 standard deviations / 2
+    low = max(0, math.floor(len(ordered) / 2 - half))
+    high = min(len(ordered) - 1, math.ceil(len(ordered) / 2 + half) - 1)
+    return ordered[low], ordered[high]
 
 
 def interleaved(engines: Dict[str, Any], rounds: int, cycles: int,
@@ -191,7 +206,8 @@ def interleaved(engines: Dict[str, Any], rounds: int, cycles: int,
             samples[name].append(us)
             ratios[name].append(us / reference)
     return {name: Paired(statistics.median(samples[name]),
-                         statistics.median(ratios[name]))
+                         statistics.median(ratios[name]),
+                         *median_interval(ratios[name]))
             for name in engines}
 
 
@@ -203,7 +219,7 @@ def report(title: str, rows: List[tuple]) -> None:
 
 def ratio_rows(results: Dict[str, Paired], width: int) -> List[tuple]:
     return [(f"{name:<{width}}", f"{result.us:8.2f} us",
-             f"ratio {result.ratio:.3f}")
+             f"ratio {result.ratio:.3f} ({result.low:.3f}-{result.high:.3f})")
             for name, result in results.items()]
 
 
@@ -1078,7 +1094,8 @@ def bench_disconnect(quick: bool) -> None:
 # checkout, QUERIES MariaDB SELECT 1 and a checkin: threads, or green
 # threads once eventlet or gevent has patched the process (so it runs in a
 # process of its own).  The engines, plain, with two no-op pool listeners
-# (what any monitor of pool events costs) and monitored, take turns as in
+# (what any monitor of pool events costs), monitored without checkout sites
+# (what the leak finder costs) and monitored, take turns as in
 # interleaved().
 RUNTIME_APP = r'''
 import json, sys, threading, time
@@ -1115,6 +1132,9 @@ engines = {
     "plain again": sa.create_engine(url, pool_size=WORKERS),
     "no-op listeners": bench_connmon.listening_engine(url,
                                                       pool_size=WORKERS),
+    "connmon sites=0": sa.create_engine(
+        f"{url}?plugin=connmon&connmon_sites=0&connmon_addr={address}",
+        pool_size=WORKERS),
     "connmon": sa.create_engine(
         f"{url}?plugin=connmon&connmon_addr={address}", pool_size=WORKERS),
 }
