@@ -993,8 +993,9 @@ def site_name(number: int) -> str:
 # Who holds a checked-out connection, and whether the code that checked it
 # out still runs.  At each checkout the listener notes the holder (the
 # asyncio task, the greenlet or the thread running the checkout: objects
-# that outlive their work and say when it has ended) and the identity of
-# the site's frame.  A frame cannot be referenced weakly, and a strong
+# that outlive their work and say when it has ended), weakly, so that
+# connmon keeps no holder alive (nor what a task returned): one that has
+# been collected has ended; and the identity of the site's frame.  A frame cannot be referenced weakly, and a strong
 # reference would keep its locals (the connection among them) alive after
 # it returns, so only its id() is kept: for as long as that frame runs,
 # the id is its own.  Only for connections held past hold_warn_seconds,
@@ -1006,7 +1007,7 @@ def site_name(number: int) -> str:
 #   site's frame on it        -> "FILE:LINE in FUNC": the innermost
 #                                application frame of that stack
 #
-# A task holder adds " (task NAME)".  Both leak verdicts are final: a frame
+# A task holder adds " (task NAME)", its name noted at the checkout.  Both leak verdicts are final: a frame
 # that has returned never runs again.  A returned frame's memory may be
 # reused by a new frame of the same function in the same holder, which is
 # why a connection found "held" is looked at again at every scan.
@@ -1016,23 +1017,42 @@ THREAD_GONE = "thread gone"
 MAX_TASK_NAME = 100
 
 
-def holder_finder(is_async: bool) -> Tuple[Any, Any]:
-    """The functions a checkout listener calls for the current holder: the
-    task on an asyncio engine, else the greenlet where green threads may
-    run (greenlet imported), else the thread.  The first is quick and may
-    answer None; then the second, once per thread, knows.  (A thread's
-    holder is kept in a thread-local: threading.current_thread() costs
-    twice as much, on every checkout.)"""
+class TaskRef(weakref.ref):
+    """A weak reference to a task holder, with the task's name, which its
+    verdicts carry even once the task has been collected."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, task) -> None:
+        super().__init__(task)
+        self.name = printable(str(task.get_name())[:MAX_TASK_NAME])
+
+
+def _task_or_weak_ref(holder) -> weakref.ref:
+    return TaskRef(holder) if hasattr(holder, "get_coro") else weakref.ref(
+        holder)
+
+
+def holder_finder(is_async: bool) -> Tuple[Any, Any, Any]:
+    """The functions a checkout listener calls for the current holder and
+    its weak reference: the task on an asyncio engine, else the greenlet
+    where green threads may run (greenlet imported), else the thread.  The
+    first is quick and may answer None; then the second, once per thread,
+    knows; the third refers to the holder (for a thread or greenlet, the
+    weak reference Python keeps for it).  (A thread's holder is kept in a
+    thread-local: threading.current_thread() costs twice as much, on every
+    checkout.)"""
     if is_async:
         import asyncio
         running_loop, current_task = (asyncio.events._get_running_loop,
                                       asyncio.current_task)
-        quick, fallback = holder_finder(False)
+        quick, fallback, _ = holder_finder(False)
 
         def current_task_or_fallback():
             loop = running_loop()
             return (loop and current_task(loop)) or quick() or fallback()
-        return current_task_or_fallback, current_task_or_fallback
+        return (current_task_or_fallback, current_task_or_fallback,
+                _task_or_weak_ref)
     greenlet = sys.modules.get("greenlet")
     if greenlet is None:
         local = threading.local()
@@ -1041,7 +1061,7 @@ def holder_finder(is_async: bool) -> Tuple[Any, Any]:
             local.thread = thread = threading.current_thread()
             return thread
         return (functools.partial(getattr, local, "thread", None),
-                first_checkout_in_thread)
+                first_checkout_in_thread, weakref.ref)
     getcurrent, real_get_ident = greenlet.getcurrent, _real_get_ident()
 
     def current_greenlet():
@@ -1049,7 +1069,7 @@ def holder_finder(is_async: bool) -> Tuple[Any, Any]:
         if current.parent is None and current not in _thread_greenlets:
             _note_thread_greenlet(current, real_get_ident())
         return current
-    return current_greenlet, current_greenlet
+    return current_greenlet, current_greenlet, weakref.ref
 
 
 # A thread's main greenlet -> the thread's ident: a running greenlet's frames
@@ -1071,18 +1091,21 @@ def _real_get_ident():
     return _unpatched("_thread", "get_ident")
 
 
-def holder_stack(holder) -> Tuple[bool, Optional[List[Any]], str]:
-    """(ended, stack, label) of a holder: whether it has ended; its frames
-    now, innermost first (None when they cannot be seen at this moment);
-    the label its verdicts carry."""
+def holder_stack(ref: weakref.ref) -> Tuple[bool, Optional[List[Any]], str]:
+    """(ended, stack, label) of a holder, from its weak reference: whether
+    it has ended (or been collected); its frames now, innermost first (None
+    when they cannot be seen at this moment); the label its verdicts
+    carry."""
+    holder = ref()
+    label = f" (task {ref.name})" if isinstance(ref, TaskRef) else ""
+    if holder is None:
+        return True, None, label
     if isinstance(holder, threading.Thread):
         frame = sys._current_frames().get(holder.ident)
         if not holder.is_alive() or frame is None:
             return True, None, ""
         return False, _frames_out(frame), ""
-    if hasattr(holder, "get_coro"):   # an asyncio task
-        name = printable(str(holder.get_name())[:MAX_TASK_NAME])
-        label = f" (task {name})"
+    if label:   # an asyncio task
         if holder.done():
             return True, None, label
         return False, _awaiting_frames(holder.get_coro()), label
@@ -1134,10 +1157,11 @@ def is_leak(verdict: str) -> bool:
     return verdict.split(" (task ", 1)[0] in (LEAKED, THREAD_GONE)
 
 
-def holder_verdict(holder, site: int, scope: int) -> Optional[str]:
+def holder_verdict(ref: weakref.ref, site: int, scope: int
+                   ) -> Optional[str]:
     """What a long holder's connection is now (the "held at" place,
     "leaked" or "thread gone"), or None when it cannot be seen now."""
-    ended, stack, label = holder_stack(holder)
+    ended, stack, label = holder_stack(ref)
     if ended:
         return THREAD_GONE + label
     if stack is None:
@@ -1162,7 +1186,8 @@ def holder_verdict(holder, site: int, scope: int) -> Optional[str]:
 #       not known), so the connect time is when - began
 #   (CHECKOUT, conn, when, pool, site, scope, holder, began)
 #       handed to the application: site's number, id() of the site's
-#       frame, id() of the holder (kept meanwhile in Sender.handed); None
+#       frame, id() of the holder's weak reference (kept meanwhile in
+#       Sender.handed); None
 #       without a site; began: when the application asked the pool (None
 #       for a pool connmon could not measure)
 #   (CHECKIN, conn, when, None, None, None, None, None)  returned to the
@@ -1423,10 +1448,10 @@ class ProcessState:
                     is_leak(self.held_at.get(ident, ""))):
                 continue
             site, scope, holder_id = self.holders[ident]
-            holder = handed.get(ident)
-            if id(holder) != holder_id:   # checked out again meanwhile
+            ref = handed.get(ident)
+            if id(ref) != holder_id:   # checked out again meanwhile
                 continue
-            verdict = holder_verdict(holder, site, scope)
+            verdict = holder_verdict(ref, site, scope)
             if verdict is not None:
                 self.held_at[ident] = verdict
 
@@ -2653,11 +2678,12 @@ class Sender:
         # pool -> when each checkout now in a measured pool's connect()
         # began (the pool's MeasuredPool.connmon_probe.pending)
         self.pending: Dict[int, List[float]] = {}
-        # connection -> the holder (thread, greenlet, task) of its last
-        # checkout, from the checkout listener to the leak finder: the
-        # queue holds no object the garbage collector tracks, so the
-        # holder's id() travels there and the holder itself waits here
-        # (until the connection is checked out again or closed).
+        # connection -> a weak reference to the holder (thread, greenlet,
+        # task) of its last checkout, from the checkout listener to the
+        # leak finder: the queue holds no object the garbage collector
+        # tracks, so the reference's id() travels there and the reference
+        # itself waits here (until the connection is checked out again or
+        # closed; as long as it is held, its id is its own).
         self.handed: Dict[int, Any] = {}
         # pool -> (capacity, endpoint), of the engines alive: what a forked
         # child announces before it has folded any event of its own
@@ -3114,10 +3140,10 @@ class PoolProbe:
                 site, frame = checkout_site()
             if site is not None:   # see holder_verdict
                 scope = id(frame)
-                current_holder, first_holder = self.holders
-                self.sender.handed[ident] = who = (current_holder()
-                                                   or first_holder())
-                holder = id(who)
+                current_holder, first_holder, refer = self.holders
+                self.sender.handed[ident] = ref = refer(current_holder()
+                                                        or first_holder())
+                holder = id(ref)
         now = _clock()
         self.record((CHECKOUT, ident, now, self.pool_id, site, scope,
                      holder, began))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import functools
+import gc
 import importlib
 import itertools
 import json
@@ -25,6 +26,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import hypothesis
@@ -4981,6 +4983,40 @@ def test_leak_finder_in_asyncio_tasks(tmp_path, leak_daemon):
     finally:
         app.stop()
 
+
+
+def test_leak_finder_keeps_no_ended_holder_alive(daemon):
+    """A task that checked a connection out, returned it and ended is
+    collected with what it returned while its connection waits in the
+    pool: the leak finder knows holders weakly.  A task that ended
+    holding its connection is still "thread gone (task NAME)" once
+    collected."""
+    import asyncio
+    from sqlalchemy.ext.asyncio import create_async_engine
+    require_database(MYSQL_URL)
+    engine = create_async_engine(
+        monitored(MYSQL_URL.replace("+pymysql", "+aiomysql"), daemon,
+                  "plugin"), pool_size=2)
+
+    class Answer:   # what a handler returns (the objects may be big)
+        pass
+
+    async def handler() -> Answer:
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+        return Answer()
+
+    async def main() -> List[bool]:
+        task = asyncio.create_task(handler())
+        refs = [weakref.ref(task), weakref.ref(await task)]
+        del task
+        await asyncio.sleep(0)   # the loop lets go of the task's wake-up
+        gc.collect()
+        alive = [ref() is not None for ref in refs]
+        await engine.dispose()
+        return alive
+
+    assert asyncio.run(main()) == [False, False]
 
 
 @pytest.mark.parametrize("name", sorted(connmon.DIALECT_ENTRY_POINTS))
