@@ -4767,11 +4767,19 @@ def test_asyncio_engine_is_counted(daemon, tmp_path, form):
 # snapshot's long holders and its sites' long holders show is one text.
 
 THREADS_SCRIPT = r"""
-import concurrent.futures, json, sys, threading, time
+import concurrent.futures, json, os, sys, threading, time
 import sqlalchemy as sa
 
 engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
 kept = []
+
+def exited(thread):
+    # Wait until a joined thread's OS thread is gone: only then may the C
+    # library give its stack, and so its ident, to another thread.
+    for _ in range(500):
+        if not os.path.exists(f"/proc/self/task/{thread.native_id}"):
+            return
+        time.sleep(0.01)
 
 def leak_and_end():
     kept.append(engine.connect())   # ENDED-SITE
@@ -4802,15 +4810,16 @@ pool.submit(other_work)
 gone = threading.Thread(target=leak_before_reuse)
 gone.start()
 gone.join()
-# A new thread the OS gives the ended one's ident, running other code.
+exited(gone)
+# A new thread the OS gives the ended one's ident, running other code (the
+# threads that get other idents stay, so that their stacks are not the
+# ones handed out again).
 for _ in range(50):
-    release = threading.Event()
-    reused = threading.Thread(target=idle, args=(release,), daemon=True)
+    reused = threading.Thread(target=idle, args=(threading.Event(),),
+                              daemon=True)
     reused.start()
     if reused.ident == gone.ident:
         break
-    release.set()
-    reused.join()
 print("ready", reused.ident == gone.ident, flush=True)
 time.sleep(600)
 """
