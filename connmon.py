@@ -994,12 +994,13 @@ def site_name(number: int) -> str:
 # out still runs.  At each checkout the listener notes the holder (the
 # asyncio task, the greenlet or the thread running the checkout: objects
 # that outlive their work and say when it has ended), weakly, so that
-# connmon keeps no holder alive (nor what a task returned): one that has
-# been collected has ended; and the identity of the site's frame.  A frame cannot be referenced weakly, and a strong
-# reference would keep its locals (the connection among them) alive after
-# it returns, so only its id() is kept: for as long as that frame runs,
-# the id is its own.  Only for connections held past hold_warn_seconds,
-# on the fold thread, does connmon look at the holder's stack now:
+# connmon keeps no holder alive, nor what a task returned (one that has
+# been collected has ended); and the identity of the site's frame.  A
+# frame cannot be referenced weakly, and a strong reference would keep its
+# locals (the connection among them) alive after it returns, so only its
+# id() is kept: for as long as that frame runs, the id is its own.  Only
+# for connections held past hold_warn_seconds, on the fold thread, does
+# connmon look at the holder's stack now:
 #
 #   holder ended              -> "thread gone"  (a leak for sure)
 #   site's frame not on the   -> "leaked"       (it returned; whatever
@@ -1007,10 +1008,11 @@ def site_name(number: int) -> str:
 #   site's frame on it        -> "FILE:LINE in FUNC": the innermost
 #                                application frame of that stack
 #
-# A task holder adds " (task NAME)", its name noted at the checkout.  Both leak verdicts are final: a frame
-# that has returned never runs again.  A returned frame's memory may be
-# reused by a new frame of the same function in the same holder, which is
-# why a connection found "held" is looked at again at every scan.
+# A task holder adds " (task NAME)", its name noted at the checkout.  Both
+# leak verdicts are final: a frame that has returned never runs again.  A
+# returned frame's memory may be reused by a new frame of the same function
+# in the same holder, which is why a connection found "held" is looked at
+# again at every scan.
 
 LEAKED = "leaked"
 THREAD_GONE = "thread gone"
@@ -2684,7 +2686,7 @@ class Sender:
         # tracks, so the reference's id() travels there and the reference
         # itself waits here (until the connection is checked out again or
         # closed; as long as it is held, its id is its own).
-        self.handed: Dict[int, Any] = {}
+        self.handed: Dict[int, weakref.ref] = {}
         # pool -> (capacity, endpoint), of the engines alive: what a forked
         # child announces before it has folded any event of its own
         self.announced: Dict[int, Tuple[Optional[int], Any]] = {}
