@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, NamedTuple
+from typing import Any, Callable, Dict, List, NamedTuple, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -170,7 +170,7 @@ class Paired(NamedTuple):
     high: float    # median_interval): what of the ratio is noise
 
 
-def median_interval(values: List[float]) -> tuple:
+def median_interval(values: List[float]) -> Tuple[float, float]:
     """A 95 % confidence interval of the median of ``values``, from their
     order statistics alone (the 8th and the 18th of 25), since the noise of
     a shared machine follows no known distribution: a ratio whose interval
