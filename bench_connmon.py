@@ -1099,7 +1099,7 @@ def bench_disconnect(quick: bool) -> None:
 # interleaved().
 RUNTIME_APP = r'''
 import json, sys, threading, time
-runtime, url, address, rounds, requests, queries = sys.argv[1:7]
+runtime, url, address, rounds, requests, queries, daemon_pid = sys.argv[1:8]
 if runtime == "eventlet":
     import eventlet
     eventlet.monkey_patch()
@@ -1141,13 +1141,49 @@ engines = {
 results = bench_connmon.interleaved(engines, int(rounds), int(requests),
                                     served)
 print(json.dumps({name: list(result) for name, result in results.items()}))
+print(json.dumps(bench_connmon.connmon_cpu(engines["connmon"], served,
+                                           5 * int(requests),
+                                           int(daemon_pid))))
 '''
+
+
+def daemon_cpu_us(pid: int) -> float:
+    """CPU microseconds all threads of process ``pid`` have used (from
+    the scheduler's nanosecond counts: connmond's share of a few
+    seconds is far below the clock ticks of /proc/PID/stat)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+        except FileNotFoundError:   # a thread that ended meanwhile
+            pass
+    return total / 1000
+
+
+def connmon_cpu(engine, serve: Callable[[Any, int], float], requests: int,
+                daemon_pid: int) -> Dict[str, float]:
+    """CPU microseconds a request of connmon's own threads (folding and
+    sending) and of connmond, while ``engine`` serves ``requests``: counted
+    per thread, so the machine's load moves them little, unlike the
+    ratios; run in the process that made the engine."""
+    import connmon
+
+    (sender,) = connmon._senders.values()
+    threads_before = sum(map(thread_cpu_us, sender.threads))
+    daemon_before = daemon_cpu_us(daemon_pid)
+    serve(engine, requests)
+    time.sleep(3 * connmon.FLUSH_DELAY)   # the last batch folded and sent
+    return {"threads": (sum(map(thread_cpu_us, sender.threads))
+                        - threads_before) / requests,
+            "daemon": (daemon_cpu_us(daemon_pid) - daemon_before) / requests}
 
 
 def bench_runtimes(quick: bool) -> None:
     """App throughput with and without connmon on 8 busy threads, and on 8
     green threads under eventlet and under gevent, for requests of one
-    query and of ten (target ratio <= 1.02)."""
+    query and of ten (target ratio <= 1.02); and the CPU a request of
+    connmon's own threads and of connmond."""
     url = os.environ.get("CONNMON_TEST_MYSQL",
                          "mysql+pymysql://root@127.0.0.1:3306/test")
     rounds, requests = (9, 800) if quick else (25, 2000)
@@ -1160,15 +1196,19 @@ def bench_runtimes(quick: bool) -> None:
                     child = subprocess.run(
                         [sys.executable, "-W", "ignore", "-c", RUNTIME_APP,
                          runtime, url, daemon.address, str(rounds),
-                         str(count), str(queries)],
+                         str(count), str(queries), str(daemon.proc.pid)],
                         cwd=HERE, capture_output=True, text=True,
                         timeout=900, env=dict(os.environ, PYTHONPATH=HERE))
                     if child.returncode:
                         raise RuntimeError(f"{runtime}: {child.stderr}")
-                    results = {name: Paired(*values) for name, values in
-                               json.loads(child.stdout).items()}
+                    ratios, cpu = map(json.loads, child.stdout.splitlines())
+                    results = {name: Paired(*values)
+                               for name, values in ratios.items()}
                     rows += [(f"{runtime:<8}",) + row
                              for row in ratio_rows(results, 15)]
+                    rows.append((f"{runtime:<8}", "CPU a request: connmon's "
+                                 f"threads {cpu['threads']:.2f} us, connmond "
+                                 f"{cpu['daemon']:.2f} us"))
                 report(f"runtimes: requests (a checkout, {queries} MariaDB "
                        "SELECT 1, a checkin) on 8 workers at once, "
                        f"{rounds} rounds x {count} requests, median of the "
