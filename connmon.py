@@ -1099,18 +1099,19 @@ def holder_stack(ref: weakref.ref) -> Tuple[bool, Optional[List[Any]], str]:
     when they cannot be seen at this moment); the label its verdicts
     carry."""
     holder = ref()
-    label = f" (task {ref.name})" if isinstance(ref, TaskRef) else ""
+    is_task = isinstance(ref, TaskRef)
+    label = f" (task {ref.name})" if is_task else ""
     if holder is None:
         return True, None, label
+    if is_task:
+        if holder.done():
+            return True, None, label
+        return False, _awaiting_frames(holder.get_coro()), label
     if isinstance(holder, threading.Thread):
         frame = sys._current_frames().get(holder.ident)
         if not holder.is_alive() or frame is None:
             return True, None, ""
         return False, _frames_out(frame), ""
-    if label:   # an asyncio task
-        if holder.done():
-            return True, None, label
-        return False, _awaiting_frames(holder.get_coro()), label
     if holder.dead:   # a greenlet
         return True, None, ""
     if holder.gr_frame is not None:   # suspended: its own stack
