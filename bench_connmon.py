@@ -875,7 +875,7 @@ def bench_history(quick: bool) -> None:
     import connmon
     import connmon_server
     rows = 10_000
-    picture = connmon.Picture()
+    picture = connmon_server.Picture()
     for index in range(rows):
         row = picture._row((f"host{index:05d}", "nova-api"))
         row.conn, row.ckout = index % 50, index % 7

@@ -1,22 +1,29 @@
 """connmon: watch the database connections of every SQLAlchemy process.
 
-This one file is all an application host needs.  Read top to bottom:
+This one file is exactly what an application process runs, plus the codec
+it shares with the daemon (``connmond``, in connmon_server.py, holds the
+picture of every process; this file holds one process's).  Read top to
+bottom:
 
 1. configuration   -- the ``/etc/connmon.cfg`` file and its ``nodes:`` syntax
-2. wire protocol   -- newline-delimited JSON over TCP, with hard size limits
-3. state model     -- one process's connections, and the daemon's picture of
-                      every process grouped by host and program
-4. sender          -- the background threads that fold a process's pool
+2. wire protocol   -- newline-delimited JSON over TCP, with hard size limits;
+                      its comment is the protocol reference
+3. leak finder     -- where in the application a connection was checked out,
+                      and whether the code that asked for it still runs
+4. process state   -- one process's connections (``ProcessState``): the
+                      application folds its pool events into it and sends
+                      what changed; the daemon applies those messages
+5. sender          -- the background threads that fold a process's pool
                       events and ship them to ``connmond``, resending its
                       whole state after every reconnect
-5. SQLAlchemy glue -- the ``<driver>_connmon`` dialect names, the
+6. SQLAlchemy glue -- the ``<driver>_connmon`` dialect names, the
                       ``?plugin=connmon`` engine plugin, and the measured
                       pool classes they choose
-6. vendoring       -- ``python connmon.py --install-entry-points``: the
-                      entry points of section 5, registered without pip
+7. vendoring       -- ``python connmon.py --install-entry-points``: the
+                      entry points of section 6, registered without pip
 
-Sections 1-3 use only the standard library (the daemon and the console import
-them); SQLAlchemy is imported only by section 5, when an engine asks for it.
+Sections 1-4 use only the standard library (the daemon and the console import
+them); SQLAlchemy is imported only by section 6, when an engine asks for it.
 
 The application is never hurt by monitoring: pool event listeners, and the
 measured pool's connect() (``MeasuredPool``: when checkouts begin to wait),
@@ -28,9 +35,7 @@ threads, and no exception from here reaches the application once
 
 from __future__ import annotations
 
-import collections
 import configparser
-import copy
 import difflib
 import encodings.idna  # noqa: F401  (see below)
 import functools
@@ -836,18 +841,8 @@ def _probe(sock: socket.socket) -> None:
 
 
 # ---------------------------------------------------------------------------
-# 3. State model
+# 3. The leak finder: where in the application connections are held
 # ---------------------------------------------------------------------------
-#
-# A ProcessState is one process's connections.  The application keeps one
-# for itself and folds its pool events into it (fold); every flush it sends
-# the difference from what it sent last (message).  The daemon keeps one per
-# attached process and changes it with those messages (update).  Both
-# sides use this one class, so they cannot disagree about the meaning.
-#
-# Per-event work is kept to a few dict operations on the application side,
-# and never crosses the wire: a flush that saw ten thousand checkouts sends
-# a count, a hold-time sum and the peaks, not ten thousand events.
 
 # Where in the application: the leak finder names the first frame, walking
 # out from the pool, that is not SQLAlchemy, oslo.db, a database driver, a
@@ -1177,6 +1172,20 @@ def holder_verdict(ref: weakref.ref, site: int, scope: int
     return LEAKED + label
 
 
+# ---------------------------------------------------------------------------
+# 4. Process state: one process's connections, both halves of the codec
+# ---------------------------------------------------------------------------
+#
+# A ProcessState is one process's connections.  The application keeps one
+# for itself and folds its pool events into it (fold); every flush it sends
+# the difference from what it sent last (message).  The daemon keeps one per
+# attached process and changes it with those messages (update).  Both
+# sides use this one class, so they cannot disagree about the meaning.
+#
+# Per-event work is kept to a few dict operations on the application side,
+# and never crosses the wire: a flush that saw ten thousand checkouts sends
+# a count, a hold-time sum and the peaks, not ten thousand events.
+
 # Pool events go from the listeners to the sender's fold thread through a
 # list used as a queue, flat: eight items an event, added at the end by one
 # list.extend() (atomic: C code, holding the GIL throughout) and taken from
@@ -1226,12 +1235,10 @@ EVENT_ITEMS = 8
 WAITING_AFTER = 0.01
 ENDPOINT_FIELDS = ("backend", "host", "port", "database", "user")
 
-# What the daemon accepts of one process, and how many host+program rows of
-# programs that are gone it remembers: memory stays bounded whatever
+# What the daemon accepts of one process: memory stays bounded whatever
 # clients send.
 MAX_PROCESS_CONNECTIONS = 5000   # with the others: <= 8.2 MiB a process
 MAX_PROCESS_POOLS = 1000
-MAX_ROWS = 10000
 
 
 class ProcessState:
@@ -1562,11 +1569,11 @@ class ProcessState:
         checkouts = message.get("checkouts")
         hold = message.get("hold")
         peak = message.get("peak")
-        if not (_is_count(checkouts)
+        if not (is_count(checkouts)
                 and isinstance(hold, list) and len(hold) == 2
-                and _is_age(hold[0]) and _is_count(hold[1])
+                and _is_age(hold[0]) and is_count(hold[1])
                 and isinstance(peak, list) and len(peak) == 2
-                and _is_count(peak[0]) and _is_count(peak[1])):
+                and is_count(peak[0]) and is_count(peak[1])):
             raise ProtocolError("update needs 'checkouts', 'hold' [seconds, "
                                 "count] and 'peak' [conns, checkouts]")
         known = 0 if message["op"] == "state" else len(self.conns)
@@ -1705,7 +1712,7 @@ def _is_int(value: Any) -> bool:
     return type(value) is int and -(1 << 62) < value < (1 << 62)
 
 
-def _is_count(value: Any) -> bool:
+def is_count(value: Any) -> bool:
     return type(value) is int and 0 <= value < (1 << 62)
 
 
@@ -1714,7 +1721,7 @@ def _is_age(value: Any) -> bool:
 
 
 def _is_limit(value: Any) -> bool:
-    return value is None or _is_count(value)
+    return value is None or is_count(value)
 
 
 def pressure_of(message: Dict[str, Any]) -> Dict[str, Any]:
@@ -1730,11 +1737,11 @@ def pressure_of(message: Dict[str, Any]) -> Dict[str, Any]:
     counts = {key: message.get(key, 0) for key in (
         "timeouts", "failures", "invalidations", "peak_waiting")}
     if not (isinstance(waits, list) and len(waits) == 3
-            and _is_age(waits[0]) and _is_count(waits[1])
+            and _is_age(waits[0]) and is_count(waits[1])
             and _is_age(waits[2])
             and isinstance(connects, list) and len(connects) == 2
-            and _is_age(connects[0]) and _is_count(connects[1])
-            and all(map(_is_count, counts.values()))):
+            and _is_age(connects[0]) and is_count(connects[1])
+            and all(map(is_count, counts.values()))):
         raise ProtocolError(f"{message['op']}: 'waits' must be [seconds, "
                             "count, seconds], 'connects' [seconds, count], "
                             "'timeouts', 'failures', 'invalidations' and "
@@ -1752,7 +1759,7 @@ def _is_endpoint(value: Any) -> bool:
         and is_text(value["backend"], MAX_NAME)
         and all(value[key] is None or is_text(value[key], MAX_NAME)
                 for key in ("host", "database", "user"))
-        and (value["port"] is None or (_is_count(value["port"])
+        and (value["port"] is None or (is_count(value["port"])
                                        and value["port"] < 65536)))
 
 
@@ -1774,7 +1781,7 @@ def _waiting(message: Dict[str, Any]) -> List[list]:
     value = message.get("waiting")
     if not (isinstance(value, list) and len(value) <= MAX_PROCESS_POOLS
             and all(isinstance(item, list) and len(item) == 3
-                    and _is_int(item[0]) and _is_count(item[1])
+                    and _is_int(item[0]) and is_count(item[1])
                     and _is_age(item[2]) for item in value)):
         raise ProtocolError(f"{message['op']}: 'waiting' must be a list of "
                             f"at most {MAX_PROCESS_POOLS} [pool, count, "
@@ -1805,528 +1812,6 @@ def _pairs(message: Dict[str, Any], key: str, check,
     return value
 
 
-class RateMeter:
-    """Events per second over the last complete second, and their total
-    since the daemon started."""
-
-    __slots__ = ("second", "count", "last", "total")
-
-    def __init__(self) -> None:
-        self.second = 0
-        self.count = 0
-        self.last = 0
-        self.total = 0
-
-    def add(self, when: float, count: int = 1) -> None:
-        second = int(when)
-        if second > self.second:
-            self.last = self.count if second == self.second + 1 else 0
-            self.second, self.count = second, 0
-        self.count += count
-        self.total += count
-
-    def rate(self, now: float) -> int:
-        second = int(now)
-        if second == self.second:
-            return self.last
-        return self.count if second == self.second + 1 else 0
-
-
-class DurationMeter:
-    """Durations (checkout holds, waits, connects): their mean and their
-    longest over the last complete second (RateMeter's window), so they
-    read like ckout/s, and their sum and count since the daemon started
-    (a Prometheus summary)."""
-
-    __slots__ = ("second", "current", "last", "seconds_total", "total")
-
-    def __init__(self) -> None:
-        self.second = 0
-        self.current = self.last = (0.0, 0, 0.0)   # seconds, count, longest
-        self.seconds_total, self.total = 0.0, 0
-
-    def add(self, when: float, seconds: float, count: int,
-            longest: float = 0.0) -> None:
-        second = int(when)
-        if second > self.second:
-            self.last = (self.current if second == self.second + 1
-                         else (0.0, 0, 0.0))
-            self.second, self.current = second, (0.0, 0, 0.0)
-        total, number, most = self.current
-        self.current = (total + seconds, number + count, max(most, longest))
-        self.seconds_total += seconds
-        self.total += count
-
-    def _window(self, now: float) -> Tuple[float, int, float]:
-        second = int(now)
-        if second == self.second:
-            return self.last
-        if second == self.second + 1:
-            return self.current
-        return 0.0, 0, 0.0
-
-    def mean_ms(self, now: float) -> Optional[float]:
-        """Milliseconds; None when there were none in the window."""
-        total, count, _ = self._window(now)
-        return round(total / count * 1000, 1) if count else None
-
-    def max_ms(self, now: float) -> Optional[float]:
-        _, count, longest = self._window(now)
-        return round(longest * 1000, 1) if count else None
-
-
-class ProgramRow:
-    """The live totals and the maxima of one host+program."""
-
-    def __init__(self, hostname: str, progname: str):
-        self.hostname = hostname
-        self.progname = progname
-        self.nproc = self.conn = self.ckout = self.waiting = 0
-        self.maxnproc = self.maxconn = self.maxckout = self.maxwaiting = 0
-        self.checkouts = RateMeter()
-        self.holds = DurationMeter()
-        # Pool pressure: checkouts that waited, gave up or failed; the
-        # connections opened and invalidated.
-        self.waits = DurationMeter()
-        self.timeouts = RateMeter()
-        self.failures = RateMeter()
-        self.connects = DurationMeter()
-        self.invalidations = RateMeter()
-        self.gone_since = time.monotonic()   # while no process is attached
-
-    def add(self, nproc: int, conn: int, ckout: int, waiting: int = 0,
-            peak_conn: int = 0, peak_ckout: int = 0,
-            peak_waiting: int = 0) -> None:
-        """Change the totals; ``peak_*`` are how far above the new totals
-        they went in between (a burst inside one update)."""
-        self.nproc += nproc
-        self.conn += conn
-        self.ckout += ckout
-        self.waiting += waiting
-        if nproc and not self.nproc:
-            self.gone_since = time.monotonic()
-        self.maxnproc = max(self.maxnproc, self.nproc)
-        self.maxconn = max(self.maxconn, self.conn + peak_conn)
-        self.maxckout = max(self.maxckout, self.ckout + peak_ckout)
-        self.maxwaiting = max(self.maxwaiting, self.waiting + peak_waiting)
-
-    def count(self, now: float, counters: Dict[str, Any]) -> None:
-        """Add an update's counters (ProcessState.update's answer)."""
-        self.checkouts.add(now, counters["checkouts"])
-        self.holds.add(now, counters["hold_total"], counters["holds"])
-        self.waits.add(now, counters["wait_total"], counters["waits"],
-                       counters["wait_max"])
-        self.connects.add(now, counters["connect_total"],
-                          counters["connects"])
-        self.timeouts.add(now, counters["timeouts"])
-        self.failures.add(now, counters["failures"])
-        self.invalidations.add(now, counters["invalidations"])
-
-    def clear_maxima(self) -> None:
-        self.maxnproc, self.maxconn, self.maxckout, self.maxwaiting = (
-            self.nproc, self.conn, self.ckout, self.waiting)
-
-    def frozen(self) -> "ProgramRow":
-        twin = ProgramRow.__new__(ProgramRow)
-        twin.__dict__.update(self.__dict__)
-        for meter in ("checkouts", "holds", "waits", "timeouts", "failures",
-                      "connects", "invalidations"):
-            setattr(twin, meter, copy.copy(getattr(self, meter)))
-        return twin
-
-
-class Picture:
-    """Everything one daemon knows: attached processes and per-program rows.
-
-    Each process carries a session number that grows with every connection
-    it makes, so news can arrive by any path in any order: an attach from an
-    older session than one already seen, or an update or detach for a
-    session that is no longer current, is stale and changes nothing.
-
-    A process attached by a live connection to this node (``node``) is
-    that connection's: no other connection replaces, detaches or erases
-    it.  A peer's newer news of it waits (``parked``) until that
-    connection ends, then applies.
-
-    Not thread-safe by itself: the daemon holds one lock around every call.
-    Times are the daemon's ``time.monotonic()``.
-    """
-
-    MAX_TOMBSTONES = 100_000   # sessions of gone processes remembered
-
-    def __init__(self, node: str = "") -> None:
-        self.node = node
-        self.processes: Dict[str, ProcessState] = {}
-        self.parked: Dict[str, ProcessState] = {}
-        self.tombstones: collections.OrderedDict = collections.OrderedDict()
-        self.rows: Dict[Tuple[str, str], ProgramRow] = {}
-        self.host_nproc: collections.Counter = collections.Counter()
-        self.by_origin: collections.Counter = collections.Counter()
-        self.connections = self.checkouts = self.waiting = 0
-        self.max_hosts = self.max_processes = 0
-        self.max_connections = self.max_checkouts = self.max_waiting = 0
-        self.max_since = time.time()   # the maxima run from then
-        self.clears = 0   # maxima cleared so often, here or on a peer
-        # host:port of a database server -> its max_connections, as the
-        # operator configured it (see database_servers in the README)
-        self.server_limits: Dict[str, int] = {}
-
-    def _row(self, key: Tuple[str, str]) -> ProgramRow:
-        row = self.rows.get(key)
-        if row is None:
-            if len(self.rows) >= MAX_ROWS:
-                self._forget_a_gone_row()
-            row = self.rows[key] = ProgramRow(*key)
-        return row
-
-    def forget_gone(self, before: float) -> None:
-        """Forget the rows of programs gone since before ``before`` (a
-        monotonic time): a daemon that runs for months does not keep
-        every program that ever ran."""
-        for key in [key for key, row in self.rows.items()
-                    if row.nproc == 0 and row.gone_since < before]:
-            del self.rows[key]
-
-    def _forget_a_gone_row(self) -> None:
-        """Drop the oldest row with no live process (there is one unless
-        every row is live, which the daemon's max_clients bounds)."""
-        for key, row in self.rows.items():
-            if row.nproc == 0:
-                del self.rows[key]
-                return
-
-    def _add(self, proc: ProcessState, sign: int) -> None:
-        """Count a whole process in (sign 1) or out (sign -1)."""
-        conns, checkouts = sign * len(proc.conns), sign * len(proc.checked_out)
-        waiting = sign * proc.waiting_count
-        self._row(proc.key).add(sign, conns, checkouts, waiting)
-        self.by_origin[proc.origin] += sign
-        self.host_nproc[proc.hostname] += sign
-        if self.host_nproc[proc.hostname] <= 0:
-            del self.host_nproc[proc.hostname]
-        self._totals(conns, checkouts, waiting)
-
-    def _totals(self, conns: int, checkouts: int, waiting: int,
-                peak_conns: int = 0, peak_checkouts: int = 0,
-                peak_waiting: int = 0) -> None:
-        self.connections += conns
-        self.checkouts += checkouts
-        self.waiting += waiting
-        self.max_connections = max(self.max_connections,
-                                   self.connections + peak_conns)
-        self.max_checkouts = max(self.max_checkouts,
-                                 self.checkouts + peak_checkouts)
-        self.max_waiting = max(self.max_waiting,
-                               self.waiting + peak_waiting)
-        self.max_processes = max(self.max_processes, len(self.processes))
-        self.max_hosts = max(self.max_hosts, len(self.host_nproc))
-
-    def current(self, ident: str, session: int,
-                origin: Optional[str] = None) -> Optional[ProcessState]:
-        """The process if ``session`` is its current session (and, if
-        given, ``origin`` the node it is attached to), else None."""
-        proc = self.processes.get(ident)
-        if proc is None or proc.session != session or origin not in (
-                None, proc.origin):
-            return None
-        return proc
-
-    def attach(self, proc: ProcessState, origin: str) -> bool:
-        """Add a process attached to node ``origin``, replacing any earlier
-        state of it.  Returns False, changing nothing, for stale news (or
-        parks it, for news of a process one of our connections holds)."""
-        live = self.processes.get(proc.ident)
-        if live is not None and proc.session < live.session:
-            return False
-        if live is None and (proc.session
-                             <= self.tombstones.get(proc.ident, -1)):
-            return False
-        if live is not None and live.origin == self.node != origin:
-            if proc.session > live.session:
-                proc.origin = origin
-                self.parked[proc.ident] = proc
-            return False
-        if live is not None:
-            self._add(self.processes.pop(proc.ident), -1)
-        self.tombstones.pop(proc.ident, None)
-        proc.origin = origin
-        self.processes[proc.ident] = proc
-        self._add(proc, 1)
-        return True
-
-    def taken(self, ident: str) -> Optional[str]:
-        """Why an app may not attach process ``ident`` now, if it may not:
-        another live connection, to any node, has it."""
-        live = self.processes.get(ident)
-        if live is None:
-            return None
-        return (f"process id {ident!r} is attached by another live "
-                f"connection (to node {live.origin}); try again later")
-
-    def attach_own(self, proc: ProcessState) -> Optional[str]:
-        """An app's hello on a live connection to this node: news of now,
-        so no tombstone refuses it (its session goes past any known one);
-        refused, with the reason, only while another live connection, to
-        any node, has the process."""
-        taken = self.taken(proc.ident)
-        if taken is not None:
-            return taken
-        proc.session = max(proc.session,
-                           self.tombstones.get(proc.ident, -1) + 1)
-        self.attach(proc, self.node)
-        return None
-
-    def detach(self, ident: str, session: int,
-               origin: Optional[str] = None) -> bool:
-        """The process ended that session: drop it, and remember the session
-        so that late news of it is known to be stale.  A peer (``origin``)
-        detaches only the processes attached to it."""
-        parked = self.parked.get(ident)
-        if parked is not None and parked.session == session and origin in (
-                None, parked.origin):
-            del self.parked[ident]
-            self._tombstone(ident, session)
-            return True
-        proc = self.current(ident, session, origin)
-        if proc is None:
-            return False
-        self._add(self.processes.pop(ident), -1)
-        self._tombstone(ident, session)
-        parked = self.parked.pop(ident, None)
-        if parked is not None:   # a peer's newer news, held back till now
-            self.attach(parked, parked.origin)
-        return True
-
-    def _tombstone(self, ident: str, session: int) -> None:
-        self.tombstones[ident] = session
-        if len(self.tombstones) > self.MAX_TOMBSTONES:
-            self.tombstones.popitem(last=False)
-
-    def detach_origin(self, origin: str) -> int:
-        """A node is out of reach: drop the processes attached to it.  No
-        tombstones: they come back as they were when the node returns."""
-        gone = [p for p in self.processes.values() if p.origin == origin]
-        for proc in gone:
-            self._add(self.processes.pop(proc.ident), -1)
-        for ident in [i for i, p in self.parked.items()
-                      if p.origin == origin]:
-            del self.parked[ident]
-        return len(gone)
-
-    def update(self, ident: str, session: int, message: Dict[str, Any],
-               now: float, origin: Optional[str] = None) -> Optional[int]:
-        """Apply an app's "update" to its current session (a peer's,
-        ``origin``, only to a process attached to it).  Returns None for
-        stale news (ignored), else how many of its events were for
-        connections the process never announced (ignored; an honest
-        process sends none)."""
-        proc = self.current(ident, session, origin)
-        if proc is None:
-            parked = self.parked.get(ident)
-            if parked is not None and parked.session == session and (
-                    origin in (None, parked.origin)):
-                parked.update(message, now)   # kept current, not counted
-            return None
-        before = (len(proc.conns), len(proc.checked_out), proc.waiting_count)
-        counters = proc.update(message, now)
-        after = (len(proc.conns), len(proc.checked_out), proc.waiting_count)
-        changes = [new - old for new, old in zip(after, before)]
-        peaks = [counters[key] - new for key, new in zip(
-            ("peak_conns", "peak_checked_out", "peak_waiting"), after)]
-        row = self._row(proc.key)
-        row.add(0, *changes, *peaks)
-        row.count(now, counters)
-        self._totals(*changes, *peaks)
-        return counters["unknown"]
-
-    MAXIMA_ROWS = 250   # rows a "maxima" message: always under 1 MiB
-
-    def maxima(self) -> List[Dict[str, Any]]:
-        """The maxima, for a peer to merge (cluster maxima converge), in
-        as many messages as their rows need."""
-        rows = [[r.hostname, r.progname, r.maxnproc, r.maxconn, r.maxckout]
-                for r in self.rows.values()]
-        totals = [self.max_hosts, self.max_processes, self.max_connections,
-                  self.max_checkouts]
-        return [{"op": "maxima", "rows": rows[start:start + self.MAXIMA_ROWS],
-                 "totals": totals, "clears": self.clears}
-                for start in range(0, max(1, len(rows)), self.MAXIMA_ROWS)]
-
-    def merge_maxima(self, message: Dict[str, Any]) -> None:
-        rows, totals = message.get("rows"), message.get("totals")
-        if not (isinstance(rows, list) and len(rows) <= MAX_ROWS
-                and isinstance(totals, list)
-                and len(totals) == 4 and all(map(_is_count, totals))
-                and all(isinstance(r, list) and len(r) == 5
-                        and is_text(r[0], MAX_NAME)
-                        and is_text(r[1], MAX_NAME)
-                        and all(map(_is_count, r[2:])) for r in rows)):
-            raise ProtocolError("maxima needs 'rows' [[hostname, progname, "
-                                "maxnproc, maxconn, maxckout], ...] (names "
-                                f"of 1 to {MAX_NAME} printable characters, "
-                                f"at most {MAX_ROWS} rows) and 'totals' "
-                                "[4 counts]")
-        clears = message.get("clears", 0)
-        if not _is_count(clears):
-            raise ProtocolError("maxima: 'clears' must be a count")
-        if clears < self.clears:
-            return   # sent before a clear this node has seen: stale
-        self.clears = clears
-        for hostname, progname, maxnproc, maxconn, maxckout in rows:
-            row = self._row((hostname, progname))
-            row.maxnproc = max(row.maxnproc, maxnproc)
-            row.maxconn = max(row.maxconn, maxconn)
-            row.maxckout = max(row.maxckout, maxckout)
-        self.max_hosts, self.max_processes, self.max_connections, \
-            self.max_checkouts = map(max, zip(totals, (
-                self.max_hosts, self.max_processes, self.max_connections,
-                self.max_checkouts)))
-
-    def clear_maxima(self) -> None:
-        self.clears += 1
-        for row in self.rows.values():
-            row.clear_maxima()
-        for proc in self.processes.values():
-            proc.max_conns = len(proc.conns)
-            proc.max_checked_out = len(proc.checked_out)
-            proc.max_waiting = proc.waiting_count
-        self.max_hosts, self.max_processes = (len(self.host_nproc),
-                                              len(self.processes))
-        self.max_connections, self.max_checkouts, self.max_waiting = (
-            self.connections, self.checkouts, self.waiting)
-        self.max_since = time.time()
-
-    def frozen(self) -> "Picture":
-        """A copy to build a snapshot from while this picture goes on
-        changing: taking it costs the daemon's lock a few dict copies a
-        process, whatever the process's checkouts and sites."""
-        twin = copy.copy(self)
-        twin.processes = {ident: proc.frozen()
-                          for ident, proc in self.processes.items()}
-        twin.rows = {key: row.frozen() for key, row in self.rows.items()}
-        twin.host_nproc = self.host_nproc.copy()
-        twin.server_limits = self.server_limits.copy()
-        return twin
-
-    def snapshot(self, now: float, procs: bool = False) -> Dict[str, Any]:
-        """The JSON snapshot of DESIGN.md (without "service" and "node").
-
-        With ``procs``, each row also lists its live processes (and each
-        process its pools).  "oldest" is the age in seconds of the longest
-        checked-out connection (the leak finder), "limit" the pools'
-        summed capacity (None when any is unlimited), "exhausted" whether
-        every connection allowed is out; see row_pressure for the pool
-        pressure, and databases for "databases".
-        """
-        oldest: Dict[Tuple[str, str], float] = {}
-        waited: Dict[Tuple[str, str], float] = {}
-        limits: Dict[Tuple[str, str], Optional[int]] = {}
-        sites: Dict[Tuple[str, str], Dict[Optional[str], dict]] = {}
-        for proc in self.processes.values():
-            if proc.checked_out:
-                since = min(proc.checked_out.values())
-                oldest[proc.key] = min(since, oldest.get(proc.key, since))
-                proc.count_sites(sites.setdefault(proc.key, {}), now)
-            if proc.waiting:
-                since = proc.waiting_since
-                waited[proc.key] = min(since, waited.get(proc.key, since))
-            total, limit = limits.get(proc.key, 0), proc.limit
-            limits[proc.key] = (None if total is None or limit is None
-                                else total + limit)
-        rows = [{
-            "hostname": row.hostname,
-            "progname": row.progname,
-            "connected": row.nproc > 0,
-            "nproc": row.nproc,
-            "conn": row.conn,
-            "ckout": row.ckout,
-            "maxnproc": row.maxnproc,
-            "maxconn": row.maxconn,
-            "maxckout": row.maxckout,
-            "ckout_per_sec": row.checkouts.rate(now),
-            "ckout_total": row.checkouts.total,
-            "hold_ms": row.holds.mean_ms(now),
-            "oldest": _age(now, oldest.get(key)),
-            "limit": limits.get(key),
-            "exhausted": is_exhausted(row.ckout, limits.get(key)),
-            "sites": top_sites(sites.get(key, {})),
-            **row_pressure(row, now, waited.get(key)),
-        } for key, row in sorted(self.rows.items())]
-        if procs:
-            by_row: Dict[Tuple[str, str], list] = {}
-            for proc in sorted(self.processes.values(), key=lambda p: p.pid):
-                by_row.setdefault(proc.key, []).append({
-                    "pid": proc.pid,
-                    "node": proc.origin,
-                    "conn": len(proc.conns),
-                    "ckout": len(proc.checked_out),
-                    "maxconn": proc.max_conns,
-                    "maxckout": proc.max_checked_out,
-                    "since": round(proc.since, 3),
-                    "oldest": _age(now, min(proc.checked_out.values(),
-                                            default=None)),
-                    "limit": proc.limit,
-                    "exhausted": is_exhausted(len(proc.checked_out),
-                                              proc.limit),
-                    "long_holders": proc.long_holders(now),
-                    "waiting": proc.waiting_count,
-                    "maxwaiting": proc.max_waiting,
-                    "longest_wait_ms": _ms(now, proc.waiting_since),
-                    "pools": [{"pool": pool, **figures} for pool, figures
-                              in sorted(proc.pool_figures().items())],
-                })
-            for row in rows:
-                row["procs"] = by_row.get((row["hostname"], row["progname"]),
-                                          [])
-        return {
-            "hosts": len(self.host_nproc),
-            "max_hosts": self.max_hosts,
-            "processes": len(self.processes),
-            "max_processes": self.max_processes,
-            "connections": self.connections,
-            "max_connections": self.max_connections,
-            "checkouts": self.checkouts,
-            "max_checkouts": self.max_checkouts,
-            "max_since": round(self.max_since, 3),
-            "checkouts_per_sec": sum(r["ckout_per_sec"] for r in rows),
-            "waiting": self.waiting,
-            "max_waiting": self.max_waiting,
-            **{key: sum(r[key] for r in rows) for key in (
-                "timeouts_per_sec", "connect_errors_per_sec",
-                "invalidations_per_sec")},
-            "rows": rows,
-            **databases(self.processes.values(), self.server_limits),
-        }
-
-
-def row_pressure(row: ProgramRow, now: float,
-                 waiting_since: Optional[float]) -> Dict[str, Any]:
-    """A row's pool pressure: the checkouts waiting now and at most, how
-    long checkouts waited (mean and longest over the last second, the
-    longest wait still going), timeouts, connect errors and times,
-    invalidations; and the running sums the Prometheus summaries need."""
-    return {
-        "waiting": row.waiting,
-        "maxwaiting": row.maxwaiting,
-        "wait_ms": row.waits.mean_ms(now),
-        "wait_max_ms": row.waits.max_ms(now),
-        "longest_wait_ms": _ms(now, waiting_since),
-        "timeouts_per_sec": row.timeouts.rate(now),
-        "timeouts_total": row.timeouts.total,
-        "connect_ms": row.connects.mean_ms(now),
-        "connect_errors_per_sec": row.failures.rate(now),
-        "connect_errors_total": row.failures.total,
-        "invalidations_per_sec": row.invalidations.rate(now),
-        "invalidations_total": row.invalidations.total,
-        "wait_seconds_total": round(row.waits.seconds_total, 6),
-        "waits_total": row.waits.total,
-        "connect_seconds_total": round(row.connects.seconds_total, 6),
-        "connects_total": row.connects.total,
-        "hold_seconds_total": round(row.holds.seconds_total, 6),
-        "holds_total": row.holds.total,
-    }
-
-
 def server_name(endpoint: Optional[Dict[str, Any]]) -> Optional[str]:
     """"host:port" of a pool's database server; the backend alone for a
     database without one (SQLite); None when not reported."""
@@ -2339,124 +1824,6 @@ def server_name(endpoint: Optional[Dict[str, Any]]) -> Optional[str]:
     return format_address((endpoint["host"], endpoint["port"]))
 
 
-class _Holdings:
-    """What a fleet's pools hold on one database server or database."""
-
-    def __init__(self) -> None:
-        self.conn = self.ckout = self.waiting = 0
-        self.limit: Optional[int] = 0
-        self.processes: set = set()
-        self.programs: Dict[Tuple[str, str], "_Holdings"] = {}
-
-    def add(self, proc: ProcessState, figures: Dict[str, Any],
-            by_program: bool = True) -> None:
-        self.conn += figures["conn"]
-        self.ckout += figures["ckout"]
-        self.waiting += figures["waiting"]
-        self.limit = (None if self.limit is None or figures["limit"] is None
-                      else self.limit + figures["limit"])
-        self.processes.add(proc.ident)
-        if by_program:
-            self.programs.setdefault(proc.key, _Holdings()).add(
-                proc, figures, by_program=False)
-
-    def figures(self) -> Dict[str, Any]:
-        figures = {"conn": self.conn, "ckout": self.ckout,
-                   "waiting": self.waiting, "limit": self.limit,
-                   "nproc": len(self.processes)}
-        if self.programs:
-            figures["nprog"] = len(self.programs)
-        return figures
-
-
-TOP_SERVERS = 50     # database servers listed in a snapshot
-TOP_DATABASES = 50   # databases listed per server
-TOP_USERS = 5        # users named per database
-
-
-def databases(processes: Iterable[ProcessState],
-              server_limits: Dict[str, int]) -> Dict[str, Any]:
-    """The snapshot's "databases": per database server, then per database
-    on it, what the fleet's pools hold (connections, checkouts, waiting,
-    their summed limits; None when any pool is unlimited), how many
-    processes and programs; per server its programs, and the server's own
-    max_connections when the operator configured it.
-
-    Bounded whatever clients announce, so that a snapshot always fits its
-    reply: the TOP_SERVERS servers holding the most connections, on each
-    the TOP_DATABASES databases holding the most, each naming the
-    TOP_USERS users holding the most.  "databases_trimmed" (beside the
-    servers, and in each server) and "users_trimmed" count what is left
-    out; its figures still count in the lines above it.  A first pass
-    only sums connections, so that the full figures are gathered for
-    what is listed alone."""
-    pools = [(proc, figures, server_name(figures["endpoint"]),
-              figures["endpoint"] or {}) for proc in processes
-             for figures in proc.pool_figures().values()]
-    server_conns: Dict[Any, int] = collections.Counter()
-    database_conns: Dict[Any, int] = collections.Counter()
-    for _, figures, name, endpoint in pools:
-        server_conns[name] += figures["conn"]
-        database_conns[name, endpoint.get("database")] += figures["conn"]
-    on_server: Dict[Any, Dict[Any, int]] = {
-        name: {} for name in _top(server_conns, TOP_SERVERS)}
-    for (name, database), conns in database_conns.items():
-        if name in on_server:
-            on_server[name][database] = conns
-    listed = {name: (_Holdings(), {
-        database: (_Holdings(), collections.Counter())
-        for database in _top(names, TOP_DATABASES)})
-        for name, names in on_server.items()}
-    backends: Dict[Any, Optional[str]] = {}
-    for proc, figures, name, endpoint in pools:
-        if name in listed:
-            backends.setdefault(name, endpoint.get("backend"))
-            server, names = listed[name]
-            server.add(proc, figures)
-            database = names.get(endpoint.get("database"))
-            if database is not None:
-                database[0].add(proc, figures)
-                if endpoint.get("user") is not None:
-                    database[1][endpoint["user"]] += figures["conn"]
-    return {"databases": [{
-        "server": name,
-        "backend": backends[name],
-        "max_connections": server_limits.get(name),
-        **server.figures(),
-        "programs": [{"hostname": hostname, "progname": progname,
-                      **program.figures()} for (hostname, progname), program
-                     in sorted(server.programs.items())],
-        "databases": [{"database": database, "users": _top(users, TOP_USERS),
-                       "users_trimmed": max(0, len(users) - TOP_USERS),
-                       **holdings.figures()}
-                      for database, (holdings, users) in names.items()],
-        "databases_trimmed": len(on_server[name]) - len(names),
-    } for name, (server, names) in listed.items()],
-        "databases_trimmed": len(server_conns) - len(listed)}
-
-
-def _top(conns: Dict[Any, int], count: int) -> List[Any]:
-    """The ``count`` names holding the most connections (ties by name),
-    in name order: what a list of the snapshot keeps, whatever clients
-    announce."""
-    def by_name(name: Optional[str]) -> str:
-        return name or ""
-    return sorted(heapq.nsmallest(count, conns, key=lambda name: (
-        -conns[name], by_name(name))), key=by_name)
-
-
-TOP_SITES = 10   # checkout sites listed per host+program
-
-
-def top_sites(sites: Dict[Optional[str], dict]) -> List[dict]:
-    """The sites holding the most connections (then the oldest) first."""
-    ranked = sorted(sites.values(), key=lambda s: (-s["held"], -s["oldest"],
-                                                   s["site"] or ""))[:TOP_SITES]
-    for site in ranked:
-        site["long_holders"] = oldest_holders(site["long_holders"])
-    return ranked
-
-
 TOP_HOLDERS = 20   # long holders listed per site, and per process
 
 
@@ -2466,22 +1833,8 @@ def oldest_holders(holders: Iterable[dict]) -> List[dict]:
     return heapq.nsmallest(TOP_HOLDERS, holders, key=lambda h: -h["age"])
 
 
-def _age(now: float, since: Optional[float]) -> Optional[float]:
-    return None if since is None else round(max(0.0, now - since), 1)
-
-
-def _ms(now: float, since: Optional[float]) -> Optional[float]:
-    return None if since is None else round(max(0.0, now - since) * 1000, 1)
-
-
-def is_exhausted(ckout: int, limit: Optional[int]) -> bool:
-    """Every connection the pools allow is checked out: threads that want
-    one more wait (and time out)."""
-    return bool(limit) and ckout >= limit
-
-
 # ---------------------------------------------------------------------------
-# 4. The sender: background threads per process and daemon address list
+# 5. The sender: background threads per process and daemon address list
 # ---------------------------------------------------------------------------
 
 FLUSH_DELAY = 0.025      # gather a batch for this long after the first event
@@ -2983,7 +2336,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # ---------------------------------------------------------------------------
-# 5. SQLAlchemy glue
+# 6. SQLAlchemy glue
 # ---------------------------------------------------------------------------
 
 URL_PARAMETERS = ("connmon_service", "connmon_addr", "connmon_config",
@@ -3564,7 +2917,7 @@ def __getattr__(name: str):
 
 
 # ---------------------------------------------------------------------------
-# 6. Vendoring: registering the entry points without pip
+# 7. Vendoring: registering the entry points without pip
 # ---------------------------------------------------------------------------
 #
 # SQLAlchemy finds "<driver>_connmon" and "plugin=connmon" through entry

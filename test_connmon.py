@@ -1411,7 +1411,7 @@ def test_cluster_news_in_any_order_counts_each_process_once(origins, holds,
             (origin, kind, item) for kind, item in _session_news(
                 "p1", session, holds[session - 1],
                 ends=session < len(origins))]
-    picture = connmon.Picture()
+    picture = connmon_server.Picture()
     choices = iter(order)
     while streams["nodeA"] or streams["nodeB"]:
         pick = "nodeA" if next(choices, True) else "nodeB"
@@ -4033,8 +4033,8 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
             "op": "error",
             "error": "more than 5000 connections in one process"}
     # The rows of programs that are gone make room for new ones.
-    monkeypatch.setattr(connmon, "MAX_ROWS", 5)
-    picture = connmon.Picture()
+    monkeypatch.setattr(connmon_server, "MAX_ROWS", 5)
+    picture = connmon_server.Picture()
     for n in range(8):
         picture.attach(connmon.ProcessState(f"id{n}", "h", f"p{n}", n + 1,
                                             session=1), "node1")
@@ -5646,7 +5646,7 @@ def test_trust_hostile_clients_at_every_cap_cannot_blind_consoles(
         assert row["connected"]
         for n in range(4):
             row = daemon.row(f"hostile{n}.py", procs=True)
-            assert len(row["sites"]) == connmon.TOP_SITES
+            assert len(row["sites"]) == connmon_server.TOP_SITES
             assert all(len(site["long_holders"]) <= connmon.TOP_HOLDERS
                        for site in row["sites"])
             (proc,) = row["procs"]
@@ -5766,19 +5766,19 @@ def test_trust_hostile_databases_are_bounded_not_refused(tmp_path, apps):
         assert "trimmed" not in snapshot   # every row fits beside them
         servers = {server["server"]: server
                    for server in snapshot["databases"]}
-        assert len(servers) == connmon.TOP_SERVERS
+        assert len(servers) == connmon_server.TOP_SERVERS
         assert snapshot["databases_trimmed"] == 80 * 1000 + 2 - len(servers)
         assert servers["sqlite"]["conn"] == 3   # the honest app's is shown
         busy = servers["db.example:3306"]
         assert (busy["conn"], busy["nproc"], len(busy["databases"]),
                 busy["databases_trimmed"]) == (
-                    1000, 1, connmon.TOP_DATABASES,
-                    501 - connmon.TOP_DATABASES)
+                    1000, 1, connmon_server.TOP_DATABASES,
+                    501 - connmon_server.TOP_DATABASES)
         (shared,) = [database for database in busy["databases"]
                      if database["database"] == "shared"]
         assert (shared["conn"], shared["users"], shared["users_trimmed"]) == (
-            500, [f"user{j}" for j in range(500, 500 + connmon.TOP_USERS)],
-            500 - connmon.TOP_USERS)
+            500, [f"user{j}" for j in range(500, 500 + connmon_server.TOP_USERS)],
+            500 - connmon_server.TOP_USERS)
         table = plain_table(daemon)
         assert (f"({snapshot['databases_trimmed']} more database servers not "
                 "shown)") in table
@@ -5796,7 +5796,7 @@ def test_databases_at_every_bound_fit_the_reply():
     45 MiB, so a snapshot without rows always fits the reply."""
     def widest(tag: str) -> str:
         return (tag + "\U0001F4A5" * connmon.MAX_NAME)[:connmon.MAX_NAME]
-    bounds = (connmon.TOP_SERVERS, connmon.TOP_DATABASES, connmon.TOP_USERS)
+    bounds = (connmon_server.TOP_SERVERS, connmon_server.TOP_DATABASES, connmon_server.TOP_USERS)
     pools = [[pool, 1, {"backend": widest("b"), "host": widest(f"s{s}"),
                         "port": 65535, "database": widest(f"d{d}"),
                         "user": widest(f"u{u}")}]
@@ -5807,7 +5807,7 @@ def test_databases_at_every_bound_fit_the_reply():
         procs.append(connmon.ProcessState(f"p{start}", "h", "p", 1, 1))
         procs[-1].update(state_message(pools=pools[
             start:start + connmon.MAX_PROCESS_POOLS]), time.monotonic())
-    part = connmon.databases(procs, {})
+    part = connmon_server.databases(procs, {})
     for server in part["databases"]:
         server["programs"] = []   # the rows' lines: fit_reply trims those
     assert (len(part["databases"]), len(part["databases"][0]["databases"]),
@@ -5828,7 +5828,7 @@ def test_history_sums_the_samples_of_the_rows_asked_for(length, ticks):
     since: Dict[tuple, int] = {}   # row -> the sample it was first in
     for tick, counts in enumerate(ticks):
         since = {key: since.get(key, tick) for key in counts}
-        rows = {key: connmon.ProgramRow(*key) for key in counts}
+        rows = {key: connmon_server.ProgramRow(*key) for key in counts}
         for key, row in rows.items():
             row.conn, row.ckout = counts[key], counts[key] // 3
         history.record(rows)
@@ -6045,7 +6045,7 @@ def test_trust_bad_peer_messages_are_problem_lines_not_stoppers(
                 "totals": [1, 1, 1, 1]},
                {"op": "maxima", "rows": [["a\x1b[2J", "p", 1, 1, 1]],
                 "totals": [1, 1, 1, 1]},
-               {"op": "maxima", "rows": [row] * (connmon.MAX_ROWS + 1),
+               {"op": "maxima", "rows": [row] * (connmon_server.MAX_ROWS + 1),
                 "totals": [1, 1, 1, 1]},
                {"op": "maxima", "rows": "x", "totals": None},
                {"op": "attach", "proc": {"id": "x"}, "state": []},
