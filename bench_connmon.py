@@ -872,7 +872,6 @@ def bench_history(quick: bool) -> None:
     state lock), and of a console's history of a program on all of those
     hosts (the copy under the lock, the summing outside it)."""
     import tracemalloc
-    import connmon
     import connmon_server
     rows = 10_000
     picture = connmon_server.Picture()
