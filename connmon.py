@@ -533,7 +533,15 @@ def candidate_addresses(service: Service,
 # (1000) site names and held-at places a process.  Every text is 1 to
 # MAX_NAME (255) printable characters (is_text): no control or format
 # characters, no lone surrogates.  Events for connections never announced
-# are ignored (and counted in a log line).
+# are ignored (and counted in a log line).  For example:
+#
+#   {"op":"hello","version":1,"role":"app",
+#    "proc":{"id":"9f1c...","hostname":"api1","progname":"nova-api",
+#            "pid":4242,"session":1}}
+#   {"op":"state","connect":[[1,1],[2,1]],"close":[],"checkout":[[2,0.5]],
+#    "checkin":[],"checkouts":0,"hold":[0,0],"peak":[2,1],"pools":[[1,15]]}
+#   {"op":"update","connect":[[3,1]],"close":[],"checkout":[[3,0.002]],
+#    "checkin":[2],"checkouts":7,"hold":[0.031,6],"peak":[3,2]}
 #
 # A console's requests and their replies:
 #
