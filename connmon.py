@@ -424,32 +424,182 @@ def candidate_addresses(service: Service,
 # 2. Wire protocol
 # ---------------------------------------------------------------------------
 #
-# One JSON object a line, UTF-8, at most MAX_MESSAGE_BYTES including the
-# newline.  The daemon speaks first:
+# This comment is the protocol reference: every role, op and key.  The
+# daemon side's checks live in connmon_server.py (Door.admit, ROLES, the
+# handler's serve_app / serve_console, PeerLink._apply); the app's state
+# is ProcessState.message (what an app sends) and ProcessState.update
+# (how the daemon checks and applies it), below in this file.
+#
+# Framing.  Newline-delimited JSON over TCP (inside TLS when the service
+# sets any ssl_ option), one object a line, UTF-8, every object with a
+# string "op".  Sizes, newline included: at most MAX_HELLO_BYTES (16 KiB,
+# connmon_server.py) before a hello is accepted, MAX_MESSAGE_BYTES (1 MiB)
+# a message from an app or a console, MAX_PEER_MESSAGE_BYTES (32 MiB,
+# connmon_server.py) from an authenticated peer, MAX_REPLY_BYTES (64 MiB)
+# a reply of the daemon.  The hello must come within HELLO_TIMEOUT (10 s,
+# a deadline, not an idle timeout).  Anything malformed, too big, or not
+# allowed to the sender's role gets {"op": "error", "error": TEXT} and a
+# closed connection (from a peer: the link is cut, and re-dialled).
+#
+# Handshake.  The daemon speaks first, at once:
 #
 #   daemon -> {"op": "welcome", "version": 1, "service": S, "node": N,
-#              "nonce": HEX, "heartbeat": SECONDS}
-#   client -> {"op": "hello", "version": 1, "role": "app"|"console", ...,
-#              "auth": HMAC-SHA256(secret, nonce and role), when secret}
+#              "nonce": HEX (fresh, 16 random bytes), "heartbeat": SECONDS}
+#   client -> {"op": "hello", "version": 1, "role": "app"|"console"|"peer",
+#              ...the role's keys..., "auth": PROOF (when the role has a
+#              secret)}
 #   daemon -> {"op": "ready"}, or {"op": "error", "error": TEXT} and EOF
 #
-# With TLS configured, all of this runs inside TLS.  The secret itself
-# never crosses the wire: the hello proves knowledge of it for this one
-# connection (the nonce is fresh), so a captured hello cannot be replayed.
-# Clients send {"op": "ping"} every third of the heartbeat, which the
-# daemon answers with {"op": "pong"}; either side gives up a peer it has not
-# heard from for the whole heartbeat (a stopped process, a vanished host).
+# PROOF is hello_proof(): HMAC-SHA256 keyed with the role's secret over
+# "connmon hello\n" NONCE "\n" ROLE, in hex; the daemon checks it in
+# constant time.  The secret never crosses the wire and a recorded hello
+# is worthless on any other connection.  The secrets: an app proves
+# auth_secret(_file); a console proves console_secret(_file) when the
+# service has one, else the apps' secret; a peer proves
+# peer_secret(_file) (a service with an apps' secret and several nodes
+# must have one).  Without the role's secret no "auth" is asked for.  A
+# wrong or missing proof gets "ROLE: authentication failed (wrong or
+# missing secret)".  A client that finds no "nonce" in the welcome while
+# it has a secret refuses to go on (an older daemon).  A client that
+# meets something other than a welcome on its first line (a database's
+# port, a web server) says "not connmond" (see read_welcome).
 #
-# An app's hello carries "proc": {"id", "hostname", "progname", "pid"}.  It
-# then sends {"op": "state", ...}, its whole state, which replaces whatever
-# the daemon knew of that process, and from then on {"op": "update", ...}
-# messages with what changed since the previous one (see ProcessState).
-# Times travel as ages: seconds before the message was sent, so the clocks
-# of different hosts never need to agree.
+# The roles, and all that each may send after its hello (Door and ROLES
+# in connmon_server.py check this, in one place); anything else is
+# refused with the connection:
 #
-# A console sends requests such as {"op": "snapshot"} and reads one reply
-# line per request.  A malformed message gets {"op": "error", "error": TEXT}
-# and a closed socket.
+#   app      hello "proc": {"id": random process id, "hostname",
+#            "progname" (each 1 to MAX_NAME printable characters), "pid"
+#            (1 to 2^32-1), "session": how many times this process has
+#            connected to any daemon (0 to MAX_SESSION-1)}; refused while
+#            another live connection has that process id ("attached by
+#            another live connection; try again later").  Then exactly
+#            one "state" (its whole state), then "update"s of that
+#            process only, and "ping".
+#   console  hello with no other key.  Then "snapshot", "history",
+#            "clear_maxima" and "ping", each answered by one line.
+#   peer     hello "service": S, "node": N: one of this service's other
+#            nodes, connecting from an address its hostname= resolves to
+#            (a service of one node accepts no peer).  Then "attach",
+#            "forward", "detach", "maxima", "clear_maxima", "ping" and
+#            "pong".
+#
+# Room: max_clients apps at once, CONSOLE_ROOM (64) consoles, four links
+# an other node; at most MAX_WAITING (1024) connections before their
+# hello, MAX_WAITING_PER_ADDRESS (64) from one address (the refusals say
+# "too many connections (max_clients is N)", "too many connections from
+# ADDRESS waiting for their hello (64)").
+#
+# Heartbeat.  Every client (and every peer, on a quiet link) sends
+# {"op": "ping"} every third of the welcome's "heartbeat"; the daemon
+# answers {"op": "pong"}.  Either side gives up a connection it has not
+# heard from for the whole heartbeat (heartbeat_timeout, 1 to 3600 s,
+# default 30): a stopped process, a host that vanished.  An app reads
+# nothing from the daemon but pongs (and an error before it hangs up).
+#
+# An app's "state" and "update" (ProcessState.message builds them,
+# ProcessState.update checks and applies them).  Ids are the process's
+# own integers (connections, pools, sites).  Times travel as ages, seconds
+# before the message was sent, so host clocks never need to agree.
+#
+#   "connect"   [[conn, pool], ...] connections opened since the last
+#               message (in "state": all of them)
+#   "close"     [conn, ...] connections closed
+#   "checkout"  [[conn, seconds since its checkout], ...] newly out
+#   "checkin"   [conn, ...] returned
+#   "checkouts" how many checkouts since the last message
+#   "hold"      [seconds, count]: the hold times of the checkins since
+#   "peak"      [connections, checked out]: the most at once since
+#   "pools"     [[pool, limit (pool_size + max_overflow; null when
+#               unlimited), endpoint], ...], every pool, when any changed
+#               (always in "state"); endpoint is {"backend", "host",
+#               "port", "database", "user"} (all but backend may be null)
+#               or null (report_endpoints 0); a [pool, limit] pair is
+#               accepted too
+#   "sites"     [[site, "FILE:LINE in FUNC"], ...] names of checkout
+#               sites not named before (optional)
+#   "checkout_sites" [[conn, site], ...] the site of each new checkout
+#               (optional)
+#   "held_at"   [[conn, text], ...] where a long holder is held now:
+#               "FILE:LINE in FUNC", "leaked" or "thread gone", with
+#               " (task NAME)" for a task (optional)
+#   "waiting"   [[pool, checkouts waiting, seconds the longest has
+#               waited], ...] whenever any wait, once more when none
+#               does, and always in "state"; at most MAX_PROCESS_POOLS
+#   pool pressure since the last message, each key absent when 0:
+#   "waits" [seconds, count, longest seconds], "timeouts", "failures"
+#   (connect errors), "connects" [seconds, count], "invalidations",
+#   "peak_waiting" (the most waiting at once)
+#
+# "state" replaces whatever the daemon knew of the process; "update"
+# changes it.  checkouts, hold and peak are required in both.  A process
+# may have at most MAX_PROCESS_CONNECTIONS (5000) connections and
+# MAX_PROCESS_POOLS (1000) pools; the daemon keeps at most MAX_SITES
+# (1000) site names and held-at places a process.  Every text is 1 to
+# MAX_NAME (255) printable characters (is_text): no control or format
+# characters, no lone surrogates.  Events for connections never announced
+# are ignored (and counted in a log line).  For example:
+#
+#   {"op":"hello","version":1,"role":"app",
+#    "proc":{"id":"9f1c...","hostname":"api1","progname":"nova-api",
+#            "pid":4242,"session":1}}
+#   {"op":"state","connect":[[1,1],[2,1]],"close":[],"checkout":[[2,0.5]],
+#    "checkin":[],"checkouts":0,"hold":[0,0],"peak":[2,1],"pools":[[1,15]]}
+#   {"op":"update","connect":[[3,1]],"close":[],"checkout":[[3,0.002]],
+#    "checkin":[2],"checkouts":7,"hold":[0.031,6],"peak":[3,2]}
+#
+# A console's requests and their replies:
+#
+#   {"op": "snapshot"} (with "procs": true for each row's processes)
+#       -> {"op": "snapshot", "service", "node", "peers" {NODE: link up},
+#           "thresholds" {"oldest", "hold_ms"}, and the JSON snapshot of
+#           `connmon --once --json` (docs/console.txt)}.  Trimmed to fit
+#           MAX_REPLY_BYTES: the rows that matter least (gone, then the
+#           fewest connections) are left out, with their lines in
+#           "databases", and "trimmed" says how many (fit_reply).
+#   {"op": "history", "progname": P, "hostname": H or null (the sums over
+#    every host)}
+#       -> {"op": "history", "interval": 1.0, "conn": [...], "ckout":
+#           [...]}: the daemon's samples of the row, oldest first, at
+#           most 600
+#   {"op": "clear_maxima"} -> {"op": "clear_maxima"}; every node clears
+#
+# So a daemon can be watched with nc:
+#
+#   printf '{"op":"hello","version":1,"role":"console"}\n{"op":"snapshot"}\n' \
+#       | nc -q1 localhost 5800
+#
+# Peers (connmon_server.py, Cluster and PeerLink) send in both directions.
+# When a link is made each side sends its maxima, then one "attach" per
+# process attached to itself; maxima again every MAXIMA_INTERVAL (5 s);
+# then, as things happen:
+#
+#   {"op": "attach", "proc": {the app's hello "proc"}, "state": {a
+#    "state"}}                              a process, whole
+#   {"op": "forward", "id": ID, "session": N, "update": {an "update"}}
+#   {"op": "detach", "id": ID, "session": N}  that session ended
+#   {"op": "maxima", "rows": [[hostname, progname, maxnproc, maxconn,
+#    maxckout], ...] (at most 250 a message, MAX_ROWS accepted),
+#    "totals": [max_hosts, max_processes, max_connections,
+#    max_checkouts], "clears": N}
+#   {"op": "clear_maxima", "clears": N}
+#
+# "clears" counts the clears of the maxima: maxima sent before a clear the
+# receiver has seen are dropped.  A node keeps a process's newest session,
+# so a late "detach" never removes a process attached elsewhere since.  A
+# peer may attach at most max_clients processes.
+#
+# Versions and rolling upgrades.  The version is 1: the daemon refuses a
+# hello of another ("protocol version V not supported (this daemon speaks
+# 1)").  Within a version keys are only added, optional, never changed in
+# meaning: readers ignore keys they do not know, and an absent new key
+# means what the older client meant (no "sites", "checkout_sites",
+# "held_at", "waiting" or pressure keys: none; a [pool, limit] pair: no
+# endpoint; a welcome without "heartbeat": 30 s).  A change that old
+# readers would misread takes a new version; connmond then keeps
+# accepting the previous version's hello and messages, for the clouds
+# that upgrade their app hosts a few at a time, and this comment says
+# what an old client still gets.
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20     # the most a client may send in one message

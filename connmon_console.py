@@ -1807,7 +1807,8 @@ def positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="connmon", description="Show the database connections that "
-        "connmond knows of.")
+        "connmond knows of.",
+        epilog="The manual: docs/ in connmon's source (README.txt lists it).")
     parser.add_argument("-c", "--config", help="config file (default "
                         f"{connmon.DEFAULT_CONFIG_FILE} if present)")
     parser.add_argument("-s", "--service", default=connmon.DEFAULT_SERVICE,

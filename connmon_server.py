@@ -2221,7 +2221,8 @@ def choose_node(service: connmon.Service, name: Optional[str]) -> connmon.Node:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="connmond", description="Collect database connection events "
-        "from connmon-enabled SQLAlchemy applications.")
+        "from connmon-enabled SQLAlchemy applications.",
+        epilog="The manual: docs/ in connmon's source (README.txt lists it).")
     parser.add_argument("-c", "--config", help="config file (default "
                         f"{connmon.DEFAULT_CONFIG_FILE} if present, else a "
                         "single node on localhost:5800)")
