@@ -902,7 +902,7 @@ def bench_history(quick: bool) -> None:
           for name, times in (("sample", samples), ("pick", picks),
                               ("sum", sums))}
     report(f"history: {rows:,} rows, {history.length} samples each "
-           f"(target: within README's 30 MB)",
+           f"(target: within docs/performance.txt's 30 MB)",
            [("memory", f"{held / 1e6:6.1f} MB",
              f"{held / rows / 1000:.2f} KB a row")] + [
             (what, f"median {statistics.median(ms[name]):.1f} ms CPU",

@@ -2080,7 +2080,7 @@ class Runtime:
 
     The background work runs on real OS threads, with the standard
     library's own thread, lock, sleep, poll and pipe I/O, whatever the
-    application monkey-patched (see README, "Runtimes"): a green thread
+    application monkey-patched (see docs/openstack.txt, "Runtimes"): a green thread
     would run only when the application yields to its hub, so a busy or
     blocked hub would freeze the counts just when they matter, and a
     connmon loop that did not yield would freeze the application.  Our

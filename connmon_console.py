@@ -297,7 +297,7 @@ DATABASE_COLUMNS = [
 
 # The drill-down's long holders: connections held past the apps'
 # hold_warn_seconds, with where they were checked out and what they are
-# now: held at a line, "leaked" or "thread gone" (see README.txt).
+# now: held at a line, "leaked" or "thread gone" (see docs/leaks.txt).
 HOLDER_COLUMNS = [
     Column("PID", "pid", keep=100),
     Column("AGE", "age", keep=100),

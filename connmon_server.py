@@ -9,7 +9,7 @@ connection asks for snapshots.
 Every client passes the ``Door``, the one place where roles are checked:
 what it may do is its ``Role`` in ``ROLES``; texts are checked where they
 enter (``connmon.is_text``), and what one client can make the daemon hold
-is bounded (see README.txt, Security).
+is bounded (see docs/security.txt).
 
 With several nodes in the service, every node links to every other node
 (full mesh, one link a pair, dialled by the node whose name sorts first)
@@ -247,7 +247,7 @@ class Picture:
         self.max_since = time.time()   # the maxima run from then
         self.clears = 0   # maxima cleared so often, here or on a peer
         # host:port of a database server -> its max_connections, as the
-        # operator configured it (see database_servers in the README)
+        # operator configured it (see database_servers in docs/pool-pressure.txt)
         self.server_limits: Dict[str, int] = {}
 
     def _row(self, key: Tuple[str, str]) -> ProgramRow:
@@ -1882,7 +1882,7 @@ OPTIONS: Dict[str, connmon.Option] = {
     # the consoles only: then app hosts cannot read the picture)
     "console_secret_file": connmon.Option(connmon.any_text),
     "console_secret": connmon.Option(connmon.any_text),
-    # the database servers' own connection limits (see the README)
+    # the database servers' own connection limits (docs/pool-pressure.txt)
     "database_servers": connmon.Option(_server_limits),
 }
 
@@ -2286,7 +2286,7 @@ def warn_exposure(server: ConnmonServer, options: DaemonOptions) -> None:
             "listening on %s without auth_secret_file: anyone who can reach "
             "this port can read every process's host and program names and "
             "counts, add processes and rows of their own, and clear the "
-            "maxima%s (see README, Security)",
+            "maxima%s (see docs/security.txt)",
             connmon.format_address(server.node.bind),
             "" if security.peer_secret else ", and, from a node's address, "
             "act as that node")

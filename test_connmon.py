@@ -767,7 +767,7 @@ def test_forked_workers(daemon, apps):
     held = {pid: i % 3 + 1 for i, pid in enumerate(workers)}
     total = sum(held.values())
     # The parent made the engine but never used it: it started no thread
-    # and is not a process of the program (see README, "Forked workers").
+    # and is not a process of the program (see docs/configuration.txt, "Forked workers").
     # Each worker announces its pool's capacity, 3.
     row = daemon.wait_row("forking.py", procs=True, nproc=8, conn=total,
                           ckout=total, limit=8 * 3)
@@ -5133,8 +5133,8 @@ while read a; do eval "$a"; done
 
 def readme_devstack_connections() -> List[Tuple[str, str, str]]:
     """(config variable, section, URL) of each connection line of the
-    README's devstack recipe."""
-    readme = pathlib.Path(HERE, "README.txt").read_text()
+    devstack recipe of docs/openstack.txt."""
+    readme = pathlib.Path(HERE, "docs", "openstack.txt").read_text()
     recipe = readme.split("Using with devstack\n", 1)[1].split(
         "\nWhat must end up", 1)[0]
     found, conf, section = [], "", ""
@@ -5654,7 +5654,7 @@ def test_trust_hostile_clients_at_every_cap_cannot_blind_consoles(
         once = console("-H", daemon.address)
         assert once.returncode == 0, once.stderr
         print(f"daemon RSS per client at every cap: {per_client:.0f} kB")
-        assert per_client <= 4 * 1024   # README: at most 4 MiB a client
+        assert per_client <= 4 * 1024   # docs/security.txt: a client at every cap
         honest("release 1")
         daemon.wait_row("honest.py", nproc=1, conn=2, ckout=1)
     finally:
@@ -6181,7 +6181,7 @@ def test_trust_open_to_the_network_without_secret_says_what_anyone_can_do(
         "reach this port can read every process's host and program names "
         "and counts, add processes and rows of their own, and clear the "
         "maxima, and, from a node's address, act as that node (see "
-        "README, Security)")
+        "docs/security.txt)")
     assert metrics == ("serving /metrics on 0.0.0.0:9187 without "
                        "metrics_token_file: anyone who can reach it reads "
                        "the fleet's picture")
