@@ -5,6 +5,10 @@
 Every figure is a ratio or count inside one run (plugin vs plain engine,
 interleaved), because the machines this runs on are shared and noisy; the
 console's figure is CPU time (not wall time) per refresh, against a target.
+
+A developer's tool, run where the test extra is installed: it shares the
+tests' loopback port picker (``free_port`` from test_connmon.py), so that a
+benchmark's daemons never take the ports a test run hands out.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import gc
 import json
 import math
 import os
-import random
 import socket
 import statistics
 import subprocess
@@ -25,44 +28,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Tuple
 
+from test_connmon import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _ephemeral_ports() -> range:
-    """The kernel's range for outgoing connections' local ports."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as file:
-            low, high = file.read().split()
-        return range(int(low), int(high) + 1)
-    except (OSError, ValueError):
-        return range(32768, 61000)   # Linux's default
-
-
-EPHEMERAL_PORTS = _ephemeral_ports()
-_ports_handed_out: set = set()
-
-
-def free_port() -> int:
-    """A loopback port free now, below the ephemeral range and not handed
-    out before in this run (the tests' ports too).
-
-    A port the kernel chose with bind(0) is an ephemeral one, so between
-    this pick and the daemon's bind, any outgoing connection (a sender's
-    reconnect, a cluster peer dialling a node not up yet) may take it as
-    its local port, and the daemon fails with "Address already in use"."""
-    for _ in range(1000):
-        port = random.randrange(min(10000, EPHEMERAL_PORTS.start // 2),
-                                EPHEMERAL_PORTS.start)
-        if port in _ports_handed_out:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _ports_handed_out.add(port)
-        return port
-    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def write_config(workdir: str, ports: List[int], options: str = "") -> str:

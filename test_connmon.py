@@ -35,7 +35,6 @@ import pytest
 
 import connmon
 import connmon_console
-from bench_connmon import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Subprocesses import connmon from this checkout, whatever is installed.
@@ -98,6 +97,43 @@ def missing(message: str) -> None:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+def _ephemeral_ports() -> range:
+    """The kernel's range for outgoing connections' local ports."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as file:
+            low, high = file.read().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)   # Linux's default
+
+
+EPHEMERAL_PORTS = _ephemeral_ports()
+_ports_handed_out: set = set()
+
+
+def free_port() -> int:
+    """A loopback port free now, below the ephemeral range and not handed
+    out before in this run (bench_connmon.py picks its ports here too).
+
+    A port the kernel chose with bind(0) is an ephemeral one, so between
+    this pick and the daemon's bind, any outgoing connection (a sender's
+    reconnect, a cluster peer dialling a node not up yet) may take it as
+    its local port, and the daemon fails with "Address already in use"."""
+    for _ in range(1000):
+        port = random.randrange(min(10000, EPHEMERAL_PORTS.start // 2),
+                                EPHEMERAL_PORTS.start)
+        if port in _ports_handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 class Daemon:
@@ -624,8 +660,8 @@ def wait_counts_as_mariadb(daemon: Daemon, app: "App", conn: int,
     """connmon's row shows ``conn`` and ``ckout``, and MariaDB lists
     ``conn`` connections from the app's process."""
     daemon.wait_row(app.progname, conn=conn, ckout=ckout)
-    wait_until(lambda: mariadb_connections_of(app.proc.pid) == conn, 10,
-               f"MariaDB to list {conn} connections of {app.progname}")
+    wait_until(lambda: mariadb_connections_of(app.proc.pid) == conn,
+               what=f"MariaDB to list {conn} connections of {app.progname}")
 
 
 def follow_steps(daemon: Daemon, app: "App",
@@ -712,7 +748,7 @@ def test_counters_keep_coming_while_the_app_is_busy(daemon, apps,
     app("hold 1")   # a connection held throughout: its count never changes
     daemon.wait_row("busy.py", conn=1, ckout=1)
     app("query 3")
-    daemon.wait_row("busy.py", ckout_total=4, timeout=5)
+    daemon.wait_row("busy.py", ckout_total=4)
     app("busy")
     total = daemon.row("busy.py")["ckout_total"]
 
@@ -720,7 +756,7 @@ def test_counters_keep_coming_while_the_app_is_busy(daemon, apps,
         now = daemon.row("busy.py")["ckout_total"]
         return now if now > total else None
     for _ in range(3):   # it grows, again and again
-        total = wait_until(grown, 5, "the checkout count to grow")
+        total = wait_until(grown, what="the checkout count to grow")
     assert daemon.row("busy.py")["ckout_per_sec"] > 0
 
 
@@ -778,7 +814,7 @@ def test_forked_workers(daemon, apps):
 
     victim = workers[2]
     os.kill(victim, signal.SIGKILL)
-    row = daemon.wait_row("forking.py", procs=True, timeout=5, nproc=7,
+    row = daemon.wait_row("forking.py", procs=True, nproc=7,
                           conn=total - held[victim])
     assert victim not in {p["pid"] for p in row["procs"]}
 
@@ -4554,7 +4590,7 @@ def test_forked_child_counted_and_killed_parent_leaves_at_once(
                 for p in row["procs"]} == {parent.proc.pid: (1, 1, 4),
                                            child: (2, 2, 4)}
         parent.proc.kill()
-        row = daemon.wait_row("forker.py", procs=True, timeout=5, nproc=1,
+        row = daemon.wait_row("forker.py", procs=True, nproc=1,
                               conn=2, ckout=2)
         assert [p["pid"] for p in row["procs"]] == [child]
     finally:
@@ -5596,7 +5632,7 @@ def test_trust_no_client_replaces_or_erases_another(tmp_path, apps):
         # ...which never locks the victim out: back, it is counted.
         relay.cut(False)
         victim("hold 1")
-        daemon.wait_row("victim.py", nproc=1, conn=2, ckout=2, timeout=10)
+        daemon.wait_row("victim.py", nproc=1, conn=2, ckout=2)
         snapshot = daemon.snapshot(procs=True)
         assert (snapshot["processes"], snapshot["connections"],
                 snapshot["checkouts"]) == (1, 2, 2)
@@ -6019,8 +6055,8 @@ def test_trust_client_text_is_checked_at_the_door(tmp_path, apps):
         assert b"honest.py" in table.stdout
         assert not re.search(rb"[\x00-\x08\x0b-\x1f\x7f]", table.stdout)
         assert http_get(port, "/metrics")[0] == 200
-        wait_until(lambda: "honest.py" in csv_path.read_text(), 10,
-                   "the CSV dump")
+        wait_until(lambda: "honest.py" in csv_path.read_text(),
+                   what="the CSV dump")
         assert counts(daemon, "honest.py") == (1, 1, 1)
         assert "Traceback" not in daemon.log.read_text()
     finally:
@@ -6056,15 +6092,15 @@ def test_trust_bad_peer_messages_are_problem_lines_not_stoppers(
                {"op": "detach"}, {"op": "snapshot"}, {"op": "state"},
                {"op": "hello", "role": "peer"}] * 10
         for message in bad:
-            sock, rfile = wait_until(lambda: peer_link(node1), 10,
-                                     "a link (the last one ended)")
+            sock, rfile = wait_until(lambda: peer_link(node1),
+                                     what="a link (the last one ended)")
             with sock:
                 assert pong_after(sock, rfile, message) is None   # cut
         status, _, text = http_get(port, "/metrics")
         assert status == 200 and "honest.py" in text
         assert "\\ud800" not in text and "\x1b" not in text
-        wait_until(lambda: "honest.py" in csv_path.read_text(), 10,
-                   "the CSV dump")
+        wait_until(lambda: "honest.py" in csv_path.read_text(),
+                   what="the CSV dump")
         assert counts(node1, "honest.py") == (1, 2, 2)
         assert {r["progname"] for r in node1.snapshot()["rows"]} == {
             "honest.py"}
@@ -6415,7 +6451,7 @@ def test_waiting_timeouts_and_wait_times_as_the_app_saw_them(
             snapshot = daemon.snapshot()
             (row,) = [r for r in snapshot["rows"] if r["progname"] == name]
             return (snapshot, row) if row["waiting"] >= 3 else None
-        snapshot, row = wait_until(waiting, 5, "checkouts waiting")
+        snapshot, row = wait_until(waiting, what="checkouts waiting")
         assert time.monotonic() - crowd_began < 1.0, "seen only after the " \
             "timeouts: the waits were not seen as they happened"
         assert 10 <= row["longest_wait_ms"] <= (
@@ -6671,7 +6707,7 @@ def test_the_apps_own_pool_keeps_working(how, daemon, tmp_path, caplog):
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
     row = daemon.wait_row(progname, ckout=0, ckout_total=2 if how !=
-                          "nullpool" else 3, timeout=10)
+                          "nullpool" else 3)
     assert row["waiting"] == 0 and row["maxwaiting"] <= 1
     assert row["timeouts_total"] == (1 if how in ("poolclass",) else 0)
     assert row["waits_total"] == {"poolclass": 3, "pool": 0,
