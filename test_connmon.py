@@ -7485,3 +7485,278 @@ def test_unknown_service_names_the_source_read(tmp_path):
     with pytest.raises(connmon.ConfigError, match="^<built-in default>: "
                        "unknown service 'nope'"):
         sa.create_engine("sqlite+pysqlite_connmon:///?connmon_service=nope")
+
+
+# --- (new) fast unit tests of the pure logic ---
+
+def test_parse_config_reads_every_service_and_skips_other_sections():
+    """Several services in one text, each with its nodes (default port,
+    the wildcard bind of the address's family) and its other options;
+    sections that are not a service are none of connmon's business."""
+    services = connmon.parse_config(textwrap.dedent("""\
+        [DEFAULT]
+        heartbeat_timeout: 7
+        [connmon_service_first]
+        name: nova
+        nodes:
+            a hostname=10.0.0.1
+            # a comment line between nodes
+            b hostname=[fd00::2]:5900 bind=[::1]
+        csv_dir: /var/lib/connmon
+        [database]
+        connection: sqlite://
+        [connmon_service_second]
+        name: neutron
+        nodes: c hostname=localhost:6000 bind=127.0.0.1
+        """), "test.cfg")
+    assert sorted(services) == ["neutron", "nova"]
+    nova, neutron = services["nova"], services["neutron"]
+    assert [(n.name, n.address, n.bind) for n in nova.nodes] == [
+        ("a", ("10.0.0.1", 5800), ("0.0.0.0", 5800)),
+        ("b", ("fd00::2", 5900), ("::1", 5900))]
+    assert nova.options == {"csv_dir": "/var/lib/connmon",
+                            "heartbeat_timeout": "7"}
+    assert nova.source == "test.cfg [connmon_service_first]"
+    assert [(n.name, n.address, n.bind) for n in neutron.nodes] == [
+        ("c", ("localhost", 6000), ("127.0.0.1", 6000))]
+    assert nova.node("b").address == ("fd00::2", 5900)
+    with pytest.raises(connmon.ConfigError, match="has no node 'z'"):
+        nova.node("z")
+
+
+NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789-"
+
+
+@hypothesis.settings(max_examples=50, deadline=None)
+@hypothesis.given(nodes=st.lists(st.tuples(
+    st.text(NAME_CHARACTERS + "_", min_size=1, max_size=12),
+    st.text(NAME_CHARACTERS + ".", min_size=1, max_size=20).map(
+        lambda host: "h" + host),
+    st.integers(1, 65535), st.one_of(st.none(), st.integers(1, 65535))),
+    min_size=1, max_size=5, unique_by=lambda node: node[0]))
+def test_parse_config_nodes_as_written(nodes):
+    """Whatever the names, hosts and ports, each node line reads back as
+    written, in order."""
+    text = "[connmon_service_x]\nname: x\nnodes:\n" + "".join(
+        f"    {name} hostname={host}:{port}"
+        + (f" bind=127.0.0.1:{bind}" if bind else "") + "\n"
+        for name, host, port, bind in nodes)
+    (service,) = connmon.parse_config(text, "x.cfg").values()
+    assert [(n.name, n.address, n.bind) for n in service.nodes] == [
+        (name, (host, port), ("127.0.0.1", bind) if bind else
+         ("0.0.0.0", port)) for name, host, port, bind in nodes]
+
+
+def table_rows(names: List[Tuple[str, str]], **numbers: Any
+               ) -> List[Dict[str, Any]]:
+    """Rows of the console's main table, one per (hostname, progname)."""
+    figures = {"nproc": 4, "conn": 123456, "ckout": 12, "limit": 30,
+               "waiting": 0, "timeouts_per_sec": 0.0, "maxnproc": 4,
+               "maxconn": 1234567, "maxckout": 30, "ckout_per_sec": 1234.5,
+               "hold_ms": 2.5, "oldest": 3600.0, **numbers}
+    return [{"hostname": host, "progname": prog, "connected": True,
+             **figures} for host, prog in names]
+
+
+def check_layout(width: int, rows: List[Dict[str, Any]]) -> List[str]:
+    """Lay the main table out in ``width`` columns and check what the
+    console promises; the lines drawn."""
+    columns = connmon_console.COLUMNS
+    layout = connmon_console.plan(columns, width, rows, rows)
+    kept = [column for column, _ in layout]
+    dropped = [column for column in columns if column not in kept]
+    assert sum(w for _, w in layout) <= width or len(layout) == 1
+    # Columns go in keep order: none dropped is kept more than one shown.
+    assert max((c.keep for c in dropped), default=0) <= min(
+        c.keep for c in kept)
+    whole = connmon_console.whole_widths(columns, rows, rows)
+    names_cut = any(w < min(c.most, whole[c]) for c, w in layout
+                    if c.kind == "text")
+    if names_cut:   # names are cut only once the lesser columns are gone
+        assert all(c.keep >= connmon_console.NAMES_FIRST for c in kept)
+    formatter = connmon_console.Formatter(
+        layout, rows, connmon_console.thresholds_of({}),
+        connmon_console.Cutter())
+    lines = []
+    for row in rows:
+        texts = formatter.texts(row)
+        line = formatter.line(row)
+        assert len(line) == sum(w for _, w in layout)
+        for (column, w), text in zip(layout, texts):
+            shown = column.show(column.value(row))
+            if not column.text:   # a number is never cut
+                assert text == shown and len(text) < w
+            elif len(shown) < w:
+                assert text == shown
+            else:
+                assert len(text) == w - 1
+                assert text.count(connmon_console.CUT_MARK) == 1
+        lines.append(line)
+    return lines
+
+
+OPENSTACK_NAMES = [
+    ("controller", "nova-api"), ("controller", "nova-conductor"),
+    ("controller", "nova-compute"), ("controller", "glance-api"),
+    ("controller", "neutron-openvswitch-agent"),
+    ("controller", "neutron-l3-agent"),
+    ("compute-0001.example.org", "nova-compute")]
+
+
+def test_plan_at_80_columns_drops_lesser_columns_before_a_name_is_cut():
+    lines = check_layout(80, table_rows(OPENSTACK_NAMES))
+    assert any("neutron-openvswitch-agent" in line for line in lines)
+    assert all("123456" in line for line in lines)
+
+
+def test_plan_at_40_columns_cuts_names_and_keeps_the_numbers_whole():
+    rows = table_rows(OPENSTACK_NAMES)
+    layout = connmon_console.plan(connmon_console.COLUMNS, 40, rows, rows)
+    headings = [column.heading for column, _ in layout]
+    assert headings[:2] == ["HOSTNAME", "PROGNAME"]
+    assert {"CONN", "CKOUT", "OLDEST"} <= set(headings)
+    lines = check_layout(40, rows)
+    assert all("123456" in line and "3600.0" in line for line in lines)
+    assert any(connmon_console.CUT_MARK in line for line in lines)
+    assert len(set(lines)) == len(lines)   # every row told apart
+
+
+@hypothesis.settings(max_examples=100, deadline=None)
+@hypothesis.given(
+    width=st.sampled_from([40, 80]),
+    names=st.lists(st.tuples(st.text(st.characters(
+        min_codepoint=0x21, max_codepoint=0x7e), min_size=1, max_size=40),
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e),
+                min_size=1, max_size=40)), min_size=1, max_size=8),
+    conn=st.integers(0, 10 ** 9), oldest=st.one_of(
+        st.none(), st.floats(0, 10 ** 7, allow_nan=False)))
+def test_plan_never_cuts_a_number_whatever_the_names(width, names, conn,
+                                                     oldest):
+    check_layout(width, table_rows(names, conn=conn, maxconn=conn,
+                                   oldest=oldest))
+
+
+def test_cutter_tells_names_apart_near_a_third_of_the_way_in():
+    cutter = connmon_console.Cutter()
+    names = ["nova-compute", "nova-conductor", "neutron-l3-agent",
+             "neutron-dhcp-agent", "nova-api"]
+    for room in (9, 10, 12):
+        cuts = cutter.cuts(names, room)
+        assert set(cuts) == {name for name in names if len(name) > room}
+        shown = [cuts.get(name, name) for name in names]
+        assert len(set(shown)) == len(names), shown
+        for name, text in cuts.items():
+            head, tail = text.split(connmon_console.CUT_MARK)
+            assert len(text) == room
+            assert name.startswith(head) and name.endswith(tail)
+    assert cutter.cuts(names, 9) is cutter.cuts(reversed(names), 9)
+    assert cutter.cuts(["nova"], 9) == {}
+
+
+def test_cutter_with_no_room_for_the_mark_keeps_the_heads():
+    assert connmon_console.Cutter().cuts(["abcdef", "ab"], 1) == {
+        "abcdef": "a", "ab": "a"}
+
+
+def fit_rows(count: int) -> List[Dict[str, Any]]:
+    """Rows of a snapshot, in the daemon's order: some gone, each with
+    different counts."""
+    return [{"hostname": f"host{i % 3}", "progname": f"prog-{i}.py",
+             "connected": i % 4 != 0, "conn": (i * 7) % 11,
+             "ckout": i % 3} for i in range(count)]
+
+
+def test_fit_reply_under_the_limit_is_the_message_itself():
+    message = {"op": "snapshot", "rows": fit_rows(5)}
+    reply = connmon_server.fit_reply(message, 1 << 20)
+    assert json.loads(reply) == message and reply.endswith(b"\n")
+
+
+@pytest.mark.parametrize("limit", [600, 1500, 3000])
+def test_fit_reply_leaves_out_the_rows_that_matter_least(limit):
+    rows = fit_rows(40)
+    message = {"op": "snapshot", "service": "test", "rows": rows,
+               "databases": [{"server": "db1", "programs": [
+                   {"hostname": row["hostname"], "progname": row["progname"],
+                    "conn": row["conn"]} for row in rows]}]}
+    reply = connmon_server.fit_reply(message, limit)
+    assert len(reply) <= limit and reply.endswith(b"\n")
+    trimmed = json.loads(reply)
+    kept = trimmed["rows"]
+    assert 0 < len(kept) < len(rows)
+    assert trimmed["trimmed"] == len(rows) - len(kept)
+    # As many as fit: one more row would not have.
+    assert len(connmon_server.fit_reply(message, len(reply))) == len(reply)
+    ranked = sorted(rows, key=lambda row: (
+        not row["connected"], -row["conn"], -row["ckout"]))
+    worst_kept = min(ranked.index(row) for row in rows if row not in kept)
+    assert all(ranked.index(row) < worst_kept for row in kept)
+    assert kept == [row for row in rows if row in kept]   # order kept
+    names = {(row["hostname"], row["progname"]) for row in kept}
+    (server,) = trimmed["databases"]
+    assert {(p["hostname"], p["progname"])
+            for p in server["programs"]} == names
+    assert trimmed["service"] == "test"
+
+
+def test_fit_reply_refuses_a_limit_not_even_the_header_fits():
+    with pytest.raises(connmon.ProtocolError, match="without rows"):
+        connmon_server.fit_reply({"op": "snapshot", "service": "x" * 100,
+                                  "rows": fit_rows(3)}, 50)
+
+
+POOL_EVENTS = st.lists(st.tuples(
+    st.sampled_from([connmon.CONNECT, connmon.CHECKOUT, connmon.CHECKIN,
+                     connmon.CLOSE, connmon.POOL, connmon.ENGINE_GONE,
+                     connmon.INVALIDATED]),
+    st.integers(0, 7),              # connection
+    st.integers(0, 2),              # pool (of POOL and ENGINE_GONE)
+    st.one_of(st.none(), st.integers(1, 20))),   # a pool's limit
+    max_size=25)
+
+
+def pool_events(drawn: List[tuple], start: float) -> List[tuple]:
+    """The eight-item events of ``drawn``, a millisecond apart; connection
+    N belongs to pool N % 3, as a connection stays in the pool that
+    opened it."""
+    events = []
+    for n, (kind, ident, pool, limit) in enumerate(drawn):
+        when = start + n / 1000
+        if kind == connmon.POOL:
+            events.append((kind, pool, when, limit, None, None, None, None))
+        elif kind == connmon.ENGINE_GONE:
+            events.append((kind, pool, when) + (None,) * 5)
+        elif kind in (connmon.CONNECT, connmon.CHECKOUT,
+                      connmon.INVALIDATED):   # a connection's pool is fixed
+            events.append((kind, ident, when, ident % 3, None, None, None,
+                           None))
+        else:
+            events.append((kind, ident, when) + (None,) * 5)
+    return events
+
+
+@hypothesis.settings(max_examples=100, deadline=None)
+@hypothesis.given(batches=st.lists(POOL_EVENTS, min_size=1, max_size=4))
+def test_process_state_message_update_round_trip(batches):
+    """An application's state, folded from any pool events and sent a
+    batch at a time (the first message whole, then what changed), gives
+    the daemon's state the same connections, checkouts (and since when)
+    and pools, and the daemon reads each message's checkout count."""
+    app = connmon.ProcessState("i", "host", "prog.py", 42)
+    daemon_side = connmon.ProcessState("i", "host", "prog.py", 42)
+    sent: Optional[connmon.ProcessState] = None
+    now = 1000.0
+    for drawn in batches:
+        app.fold(pool_events(drawn, now))
+        now += 1.0
+        message = app.message(now, sent)
+        counters = daemon_side.update(json.loads(json.dumps(message)), now)
+        assert counters["checkouts"] == app.checkouts
+        assert counters["unknown"] == 0
+        sent = app.copy()
+        app.reset_counters()
+        assert daemon_side.conns == app.conns
+        assert daemon_side.checked_out.keys() == app.checked_out.keys()
+        for ident, since in app.checked_out.items():
+            assert abs(daemon_side.checked_out[ident] - since) < 1e-5
+        assert daemon_side.pools == app.pools
