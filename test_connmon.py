@@ -3553,7 +3553,8 @@ def test_silent_daemon_app_and_console_are_given_up(tmp_path, apps):
 
 
 def test_connection_cap_and_hello_deadline(tmp_path):
-    daemon = Daemon(tmp_path, extra_config="max_clients: 3\n")
+    daemon = Daemon(tmp_path, extra_config="max_clients: 3\n"
+                    "max_clients_per_address: 3\n")
     thrower = Thrower(daemon.port)
     silent, attached = [], []
     try:
@@ -5847,7 +5848,7 @@ def test_history_sums_the_samples_of_the_rows_asked_for(length, ticks):
 
 def test_trust_silent_flood_leaves_room_for_apps_consoles_and_peers(
         tmp_path, apps):
-    two = TwoNodes(tmp_path, "max_clients: 3\n")
+    two = TwoNodes(tmp_path, "max_clients: 3\nmax_clients_per_address: 3\n")
     node1, node2 = two.nodes
     silent, attached = [], []
     try:
@@ -6029,9 +6030,11 @@ def test_trust_client_text_is_checked_at_the_door(tmp_path, apps):
 
 def test_trust_bad_peer_messages_are_problem_lines_not_stoppers(
         tmp_path, apps):
-    """A node that sends bad rows or malformed messages (a broken or
-    compromised peer) gets its link cut, with a rate-limited problem line;
-    /metrics and the CSV dump go on, with the honest picture."""
+    """A node that sends bad fields (a broken or compromised peer) has
+    those messages dropped, each kind with a rate-limited problem line,
+    and keeps its link; one that sends what no peer may (another role's
+    requests) gets its link cut.  /metrics and the CSV dump go on, with
+    the honest picture, and a bad field can never split the cluster."""
     port = free_port()
     csv_path = tmp_path / "dump.csv"
     two = TwoNodes(tmp_path, (f"metrics_port: {port}\ncsv_dump: {csv_path}"
@@ -6041,21 +6044,36 @@ def test_trust_bad_peer_messages_are_problem_lines_not_stoppers(
         honest = app_holding(apps, tmp_path, [node1], "honest.py",
                              2)
         row = ["h", "p", 1, 1, 1]
-        bad = [{"op": "maxima", "rows": [["\ud800", "p", 1, 1, 1]],
-                "totals": [1, 1, 1, 1]},
-               {"op": "maxima", "rows": [["a\x1b[2J", "p", 1, 1, 1]],
-                "totals": [1, 1, 1, 1]},
-               {"op": "maxima", "rows": [row] * (connmon_server.MAX_ROWS + 1),
-                "totals": [1, 1, 1, 1]},
-               {"op": "maxima", "rows": "x", "totals": None},
-               {"op": "attach", "proc": {"id": "x"}, "state": []},
-               {"op": "attach", "proc": proc_fields("x", "x.py")["proc"],
-                "state": {"op": "update"}},
-               {"op": "forward", "id": "x", "session": 1, "update": 7},
-               {"op": "forward", "id": ["x"], "session": 1.5},
-               {"op": "detach"}, {"op": "snapshot"}, {"op": "state"},
-               {"op": "hello", "role": "peer"}] * 10
-        for message in bad:
+        bad_fields = [
+            {"op": "maxima", "rows": [["\ud800", "p", 1, 1, 1]],
+             "totals": [1, 1, 1, 1]},
+            {"op": "maxima", "rows": [["a\x1b[2J", "p", 1, 1, 1]],
+             "totals": [1, 1, 1, 1]},
+            {"op": "maxima", "rows": [row] * (connmon_server.MAX_ROWS + 1),
+             "totals": [1, 1, 1, 1]},
+            {"op": "maxima", "rows": "x", "totals": None},
+            {"op": "maxima", "rows": [row], "totals": [1, 1, 1, 1],
+             "clears": 2 ** 70},
+            {"op": "clear_maxima", "clears": 2 ** 70},
+            {"op": "clear_maxima", "clears": -1},
+            {"op": "attach", "proc": {"id": "x"}, "state": []},
+            {"op": "attach", "proc": proc_fields("x", "x.py")["proc"],
+             "state": {"op": "update"}},
+            {"op": "forward", "id": "x", "session": 1, "update": 7},
+            {"op": "forward", "id": ["x"], "session": 1.5}]
+        sock, rfile = wait_until(lambda: peer_link(node1), 10, "a link")
+        with sock:
+            for message in bad_fields * 3:
+                assert pong_after(sock, rfile, message) == {"op": "pong"}
+            # Its maxima still count: the cluster did not split.
+            assert pong_after(sock, rfile, {
+                "op": "maxima", "rows": [["h", "p.py", 7, 7, 7]],
+                "totals": [1, 1, 1, 1], "clears": 0}) == {"op": "pong"}
+        wait_until(lambda: node1.row("p.py") is not None, 10,
+                   "the good maxima after the bad ones")
+        assert node1.row("p.py")["maxconn"] == 7
+        for message in [{"op": "detach"}, {"op": "snapshot"},
+                        {"op": "state"}, {"op": "hello", "role": "peer"}]:
             sock, rfile = wait_until(lambda: peer_link(node1), 10,
                                      "a link (the last one ended)")
             with sock:
@@ -6066,10 +6084,11 @@ def test_trust_bad_peer_messages_are_problem_lines_not_stoppers(
         wait_until(lambda: "honest.py" in csv_path.read_text(), 10,
                    "the CSV dump")
         assert counts(node1, "honest.py") == (1, 2, 2)
-        assert {r["progname"] for r in node1.snapshot()["rows"]} == {
-            "honest.py"}
+        assert {r["progname"] for r in node1.snapshot()["rows"]
+                if r["connected"]} == {"honest.py"}
         log_text = node1.log.read_text()
         assert "Traceback" not in log_text
+        assert 0 < log_text.count("message dropped") < 10   # rate-limited
         assert 0 < log_text.count("cutting the link") < 10
     finally:
         two.stop()
