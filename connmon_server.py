@@ -2145,11 +2145,18 @@ def render_metrics(snapshot: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MAX_METRICS_CLIENTS = 16   # /metrics and /healthz requests served at once
+METRICS_DEADLINE = 10.0    # seconds one may take, from connect to reply
+
+
 class MetricsServer(socketserver.ThreadingTCPServer):
     """``GET /metrics`` and ``GET /healthz`` for one ConnmonServer.
 
     A plain TCP server under ``http.server``'s handler: HTTPServer would
-    look the bind address up in DNS at start.
+    look the bind address up in DNS at start.  At most MAX_METRICS_CLIENTS
+    are served at once, each for at most METRICS_DEADLINE seconds in all,
+    however slowly it trickles its request: scrapers cannot hold threads
+    and descriptors connmond needs for its clients.
     """
 
     daemon_threads = True
@@ -2159,14 +2166,43 @@ class MetricsServer(socketserver.ThreadingTCPServer):
                  token: Optional[bytes] = None):
         self.daemon = daemon
         self.token = token
+        self.slots = threading.BoundedSemaphore(MAX_METRICS_CLIENTS)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, MetricsHandler)
 
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            problems.log(logging.WARNING, "metrics full", "metrics: %s: "
+                         "refused: %d requests served already",
+                         connmon.format_address(client_address[:2]),
+                         MAX_METRICS_CLIENTS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:   # no thread to be had
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
 
 class MetricsHandler(http.server.BaseHTTPRequestHandler):
     server: MetricsServer
-    timeout = 10   # seconds; a client that sends nothing is dropped
+    timeout = METRICS_DEADLINE
+
+    def setup(self) -> None:
+        """Read and reply under the request's whole deadline (http.server
+        reads with readline alone)."""
+        super().setup()
+        self.deadline = time.monotonic() + METRICS_DEADLINE
+        self.rfile.close()
+        self.rfile = LineReader(self.connection, self.deadline)
 
     def do_GET(self) -> None:
         path = self.path.partition("?")[0]
@@ -2193,6 +2229,8 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
     def reply(self, status: int, body: str,
               content_type: str = "text/plain; charset=utf-8") -> None:
         data = body.encode("utf-8", "backslashreplace")   # never stuck
+        self.connection.settimeout(max(0.001,
+                                       self.deadline - time.monotonic()))
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -2394,6 +2432,8 @@ def warn_exposure(server: ConnmonServer, options: DaemonOptions) -> None:
                     "anyone who can reach it reads the fleet's picture",
                     connmon.format_address((options.metrics_bind,
                                             options.metrics_port)))
+    for warning in connmon.loose_secret_files(server.service.options):
+        log.warning("%s", warning)
 
 
 def raise_file_limit(clients: int) -> None:
@@ -2425,6 +2465,8 @@ def main(argv: Optional[list] = None) -> int:
         print(f"connmond: error: {err}", file=sys.stderr)
         return 2
     if args.check_config:
+        for warning in connmon.loose_secret_files(service.options):
+            print(f"connmond: warning: {warning}")
         print(f"connmond: config OK: {path or connmon.BUILT_IN} service "
               f"{service.name!r}: {describe(node, options)}")
         return 0
