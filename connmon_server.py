@@ -1519,12 +1519,21 @@ def fit_reply(message: Dict[str, Any], limit: int) -> bytes:
     if frame > limit:
         raise ProtocolError(f"a snapshot without rows is {frame} bytes, "
                             f"over the {limit} byte reply limit")
+    # A row costs its line, and its program's lines under "databases".
+    listed: Dict[Tuple[str, str], int] = collections.Counter()
+    for server in message.get("databases", ()):
+        for program in server["programs"]:
+            listed[program["hostname"], program["progname"]] += len(
+                _line(program))
+    extra = [listed[row["hostname"], row["progname"]] for row in rows]
     sizes = [len(_line(row)) for row in rows]   # (each row's comma: its \n)
-    share = water_level(sizes, limit - frame)
-    fitted = [row if size <= share else trim_row(row, share)
-              for row, size in zip(rows, sizes)]
-    ranked = sorted(fitted, key=lambda row: (not row["connected"],
-                                             len(_line(row))))
+    share = water_level([size + more for size, more in zip(sizes, extra)],
+                        limit - frame)
+    fitted = [row if size + more <= share else trim_row(row, share - more)
+              for row, size, more in zip(rows, sizes, extra)]
+    ranked = [fitted[index] for *_, index in sorted(
+        (not row["connected"], len(_line(row)) + more, index)
+        for index, (row, more) in enumerate(zip(fitted, extra)))]
     low, high = 0, len(rows) + 1   # keeping low rows fits; high does not
     best = keeping([])
     while high - low > 1:

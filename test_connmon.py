@@ -7468,3 +7468,175 @@ def test_unknown_service_names_the_source_read(tmp_path):
     with pytest.raises(connmon.ConfigError, match="^<built-in default>: "
                        "unknown service 'nope'"):
         sa.create_engine("sqlite+pysqlite_connmon:///?connmon_service=nope")
+
+
+# --- (new) trust boundaries, second pass ---
+
+def fat_update(pools: int) -> dict:
+    """An update announcing ``pools`` pools, each on a database whose every
+    name is as long as allowed: a process as large as a client can make
+    its own part of a reply."""
+    name = "d" * connmon.MAX_NAME
+    return empty_update(pools=[
+        [pool, 1, {"backend": "mysql", "host": f"{pool:04d}" + name[4:],
+                   "port": 3306, "database": name, "user": name}]
+        for pool in range(pools)])
+
+
+def test_trust_fat_rows_cannot_push_an_honest_row_out(tmp_path, apps):
+    """Hostile processes that claim many connections and announce many
+    pools make their own rows large, in rows of their own and all in one
+    row: the reply is trimmed fairly, so the honest row and its process
+    are in it whole, the fat rows are marked and say what they left out,
+    and every list inside a row is bounded."""
+    daemon = SmallReplyDaemon(tmp_path)
+    daemon.limit = 1_000_000
+    daemon.stop()
+    daemon.start()
+    hostile = []
+    try:
+        honest = app_holding(apps, tmp_path, [daemon], "nova-api", 2)
+        for n in range(40):   # rows of their own, claiming the most
+            sock, rfile = app_attached(daemon.port, f"bloat-{n}",
+                                       f"bloat{n:02d}", 500)
+            assert pong_after(sock, rfile, fat_update(40)) == {"op": "pong"}
+            hostile.append(sock)
+        for n in range(36):   # all in one row
+            sock, rfile = app_attached(daemon.port, f"fat-{n}", "fat", 100)
+            assert pong_after(sock, rfile, fat_update(40)) == {"op": "pong"}
+            hostile.append(sock)
+        wait_until(lambda: daemon.snapshot()["processes"] == 77, 30,
+                   "every hostile process attached")
+        reply = daemon.snapshot(procs=True)
+        assert reply["trimmed"] == 0, reply["trimmed"]   # no row left out
+        rows = {row["progname"]: row for row in reply["rows"]}
+        assert len(rows) == 42
+        nova = rows["nova-api"]
+        assert "trimmed" not in nova and nova["conn"] == 2
+        (proc,) = nova["procs"]
+        assert proc["conn"] == 2 and proc["pools"]
+        fat = rows["fat"]
+        assert fat["trimmed"] and fat["procs_more"] > 0
+        assert len(fat["procs"]) + fat["procs_more"] == 36
+        for proc in fat["procs"] + rows["bloat00"]["procs"]:
+            assert len(proc["pools"]) == connmon_server.TOP_POOLS
+            assert proc["pools_more"] == 40 - connmon_server.TOP_POOLS
+        table = console("-H", daemon.address)
+        assert table.returncode == 0, table.stderr
+        assert "nova-api" in table.stdout
+        honest("release 1")
+        daemon.wait_row("nova-api", nproc=1, conn=2, ckout=1)
+    finally:
+        for sock in hostile:
+            sock.close()
+        daemon.stop()
+
+
+def test_trust_one_address_takes_at_most_its_share(tmp_path, apps):
+    """Anyone who can say an app's hello (every app host holds the apps'
+    secret) from one address gets at most max_clients_per_address
+    connections, by default a quarter of max_clients: the honest apps
+    elsewhere still get in, and the refusal is one line naming why."""
+    daemon = Daemon(tmp_path, extra_config="max_clients: 8\n")
+    try:
+        taken = []
+        for n in range(2):
+            taken.append(app_attached(daemon.port, f"flood-{n}", "flood.py",
+                                      source="127.0.0.5")[0])
+        assert refusal(daemon.port, "app", source="127.0.0.5",
+                       **proc_fields("flood-2", "flood.py")) == (
+            "too many app connections from 127.0.0.5 "
+            "(max_clients_per_address is 2)")
+        honest = apps(sqlite_app_url(tmp_path,
+                                     f"connmon_addr={daemon.address}"),
+                      "honest.py")
+        honest("hold 1")
+        daemon.wait_row("honest.py", nproc=1, conn=1, ckout=1)
+        taken.pop().close()   # a place freed is a place again
+        wait_until(lambda: daemon.row("flood.py")["nproc"] == 1, 10,
+                   "the flood's second connection gone")
+        taken.append(app_attached(daemon.port, "flood-3", "flood.py",
+                                  source="127.0.0.5")[0])
+        assert "too many app connections from 127.0.0.5" in (
+            daemon.log.read_text())
+    finally:
+        for sock in taken:
+            sock.close()
+        daemon.stop()
+
+
+def test_trust_console_secret_must_be_its_own_and_files_private(tmp_path):
+    apps_secret = secret_file(tmp_path, "apps")
+    peers = secret_file(tmp_path, "peers", "another-Secret-for-nodes")
+    for console_secret, named in ((apps_secret, "auth_secret"),
+                                  (peers, "peer_secret")):
+        result = run_connmond("--check-config", "-c", write(tmp_path, f"""
+[connmon_service_default]
+name: default
+nodes:
+    node1 hostname=localhost:{free_port()} bind=127.0.0.1
+auth_secret_file: {apps_secret}
+peer_secret_file: {peers}
+console_secret_file: {console_secret}
+"""))
+        assert result.returncode == 2, result
+        assert f"console_secret must differ from {named}" in result.stderr
+    loose = secret_file(tmp_path, "loose", "a-secret-others-may-read")
+    pathlib.Path(loose).chmod(0o644)
+    config = write(tmp_path, f"""
+[connmon_service_default]
+name: default
+nodes:
+    node1 hostname=localhost:{free_port()} bind=127.0.0.1
+auth_secret_file: {loose}
+""")
+    result = run_connmond("--check-config", "-c", config)
+    assert result.returncode == 0, result
+    assert (f"warning: auth_secret_file {loose} may be read by others "
+            "(mode 644); chmod 600 it") in result.stdout
+    daemon = Daemon(tmp_path, extra_config=f"auth_secret_file: {loose}\n")
+    try:
+        assert (f"auth_secret_file {loose} may be read by others"
+                in daemon.log.read_text())
+    finally:
+        daemon.stop()
+
+
+def test_trust_metrics_capped_and_deadlined(tmp_path, apps):
+    """/metrics serves at most connmon_server.MAX_METRICS_CLIENTS at once,
+    and each for at most METRICS_DEADLINE seconds in all, however slowly
+    it trickles: a crowd of trickling clients neither holds threads for
+    ever nor keeps the next scrape out for longer than that."""
+    port = free_port()
+    daemon = Daemon(tmp_path, extra_config=f"metrics_port: {port}\n")
+    tricklers = []
+    try:
+        began = time.monotonic()
+        for _ in range(connmon_server.MAX_METRICS_CLIENTS):
+            sock = socket.create_connection(("127.0.0.1", port), 5)
+            sock.sendall(b"G")
+            tricklers.append(sock)
+        with socket.create_connection(("127.0.0.1", port), 5) as extra:
+            extra.settimeout(5)
+            assert extra.recv(1) == b""   # past the cap: closed at once
+        assert "requests served already" in daemon.log.read_text()
+
+        def trickle_until_closed() -> bool:
+            for sock in tricklers:
+                try:
+                    sock.sendall(b"E")   # a byte now and then
+                except OSError:
+                    pass
+            time.sleep(0.5)
+            return len(readable(tricklers, 0)) == len(tricklers)
+        wait_until(trickle_until_closed,
+                   connmon_server.METRICS_DEADLINE + 10,
+                   "every trickler cut off at its deadline")
+        assert (time.monotonic() - began
+                >= connmon_server.METRICS_DEADLINE - 1)
+        status, _, text = http_get(port, "/metrics")
+        assert status == 200 and "connmon_processes" in text
+    finally:
+        for sock in tricklers:
+            sock.close()
+        daemon.stop()
