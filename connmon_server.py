@@ -83,6 +83,25 @@ log = logging.getLogger("connmond")
 # remembers: memory stays bounded whatever clients send.
 MAX_ROWS = 10000
 
+# What the picture reckons an attached process costs connmond, in bytes:
+# its connection, thread and buffers, and its state, each entry as
+# tracemalloc measured it with every text at its longest in four-byte
+# characters.  A process at every cap reckons about 6 MiB.
+COST_PROCESS = 16 << 10
+COST_CONNECTION = 48
+COST_CHECKOUT = 96
+COST_POOL = 3 << 10       # with its database's names
+COST_TEXT = 1100          # a checkout site's name or a held-at place
+
+
+def state_cost(proc: ProcessState) -> int:
+    """What ``proc`` costs, reckoned from how many of each it holds (a few
+    len()s: cheap enough for every update)."""
+    return (COST_PROCESS + COST_CONNECTION * len(proc.conns)
+            + COST_CHECKOUT * len(proc.checked_out)
+            + COST_POOL * len(proc.pools)
+            + COST_TEXT * (len(proc.site_names) + len(proc.held_at)))
+
 
 class RateMeter:
     """Events per second over the last complete second, and their total
@@ -241,6 +260,8 @@ class Picture:
         self.rows: Dict[Tuple[str, str], ProgramRow] = {}
         self.host_nproc: collections.Counter = collections.Counter()
         self.by_origin: collections.Counter = collections.Counter()
+        self.costs: Dict[str, int] = {}   # process -> its state_cost
+        self.client_bytes = 0   # their sum: see Door.admit
         self.connections = self.checkouts = self.waiting = 0
         self.max_hosts = self.max_processes = 0
         self.max_connections = self.max_checkouts = self.max_waiting = 0
@@ -278,6 +299,10 @@ class Picture:
         """Count a whole process in (sign 1) or out (sign -1)."""
         conns, checkouts = sign * len(proc.conns), sign * len(proc.checked_out)
         waiting = sign * proc.waiting_count
+        if sign > 0:
+            self._cost(proc)
+        else:
+            self.client_bytes -= self.costs.pop(proc.ident, 0)
         self._row(proc.key).add(sign, conns, checkouts, waiting)
         self.by_origin[proc.origin] += sign
         self.host_nproc[proc.hostname] += sign
@@ -299,6 +324,12 @@ class Picture:
                                self.waiting + peak_waiting)
         self.max_processes = max(self.max_processes, len(self.processes))
         self.max_hosts = max(self.max_hosts, len(self.host_nproc))
+
+    def _cost(self, proc: ProcessState) -> None:
+        """Reckon ``proc``'s cost anew."""
+        cost = state_cost(proc)
+        self.client_bytes += cost - self.costs.get(proc.ident, 0)
+        self.costs[proc.ident] = cost
 
     def current(self, ident: str, session: int,
                 origin: Optional[str] = None) -> Optional[ProcessState]:
@@ -416,6 +447,7 @@ class Picture:
         row.add(0, *changes, *peaks)
         row.count(now, counters)
         self._totals(*changes, *peaks)
+        self._cost(proc)
         return counters["unknown"]
 
     MAXIMA_ROWS = 250   # rows a "maxima" message: always under 1 MiB
@@ -1024,6 +1056,13 @@ class Door:
                                     f"had waited longest")
             if self.admitted[role.name] >= self.room[role.name]:
                 raise ProtocolError(self.full(role.name))
+            if (role.name == "app" and self.server.picture.client_bytes
+                    >= self.server.options.max_client_memory << 20):
+                raise ProtocolError(
+                    f"connmond holds {self.server.picture.client_bytes >> 20}"
+                    " MB of its clients' state already (max_client_memory "
+                    f"is {self.server.options.max_client_memory}); the apps "
+                    "attached carry on, new ones wait")
             if (role.name == "app"
                     and self.apps_from[ticket.host] >= self.per_address):
                 raise ProtocolError(
@@ -1961,6 +2000,9 @@ OPTIONS: Dict[str, connmon.Option] = {
     # about 280 MB of connmond at most
     "max_clients": connmon.Option(connmon.number_between(
         1, 1 << 20, whole=True), "10000"),
+    # what the clients' state may cost before new apps are refused
+    "max_client_memory": connmon.Option(connmon.number_between(
+        16, 1 << 20, " of megabytes", whole=True), "512"),
     # apps from one source address; by default a quarter of max_clients
     "max_clients_per_address": connmon.Option(connmon.number_between(
         1, 1 << 20, whole=True)),
@@ -2005,6 +2047,7 @@ class DaemonOptions:
     heartbeat_timeout: float
     max_clients: int
     max_clients_per_address: Optional[int]
+    max_client_memory: int
     forget_gone_after: float
     hold_ms_warn: float
     metrics_port: Optional[int]

@@ -7640,3 +7640,36 @@ def test_trust_metrics_capped_and_deadlined(tmp_path, apps):
         for sock in tricklers:
             sock.close()
         daemon.stop()
+
+
+def test_trust_client_memory_has_a_ceiling(tmp_path, apps):
+    """Past max_client_memory of reckoned client state, new apps are
+    refused with a clear message; the apps attached keep working, and a
+    place is free again once the state shrinks."""
+    daemon = Daemon(tmp_path, extra_config="max_client_memory: 16\n")
+    hostile = []
+    try:
+        honest = app_holding(apps, tmp_path, [daemon], "honest.py", 1)
+        for n in range(20):
+            sock, rfile, answer = say_hello(daemon.port, "app",
+                                            **proc_fields(f"big-{n}",
+                                                          "big.py"))
+            sock.close()
+            if answer["op"] == "error":
+                break
+            hostile.append(hostile_at_caps(daemon.port, n)[0])
+        assert 3 <= len(hostile) < 20
+        assert answer["error"].startswith("connmond holds ")
+        assert answer["error"].endswith(
+            " MB of its clients' state already (max_client_memory is 16);"
+            " the apps attached carry on, new ones wait")
+        honest("hold 2")   # the attached app goes on being followed
+        daemon.wait_row("honest.py", nproc=1, conn=3, ckout=3)
+        hostile.pop().close()
+        wait_until(lambda: say_hello(daemon.port, "app", **proc_fields(
+            "small", "small.py"))[2] == {"op": "ready"}, 15,
+            "room for a new app once one has left")
+    finally:
+        for sock in hostile:
+            sock.close()
+        daemon.stop()
