@@ -663,9 +663,12 @@ def proof_is_valid(secret: bytes, nonce: str, role: str, proof: Any) -> bool:
                                proof.encode("utf-8", "surrogatepass"))
 
 
-# The options that name a file holding a secret or a token.
-SECRET_FILE_OPTIONS = ("auth_secret_file", "console_secret_file",
-                       "peer_secret_file", "metrics_token_file")
+# The options that name a file holding a secret or a token, and whether
+# a group may read it: the apps' and the consoles' secrets are shared with
+# the users of a group; only connmond reads the other two.
+SECRET_FILE_OPTIONS = {"auth_secret_file": True, "console_secret_file": True,
+                       "peer_secret_file": False,
+                       "metrics_token_file": False}
 
 
 def read_secret(path: str) -> bytes:
@@ -686,16 +689,17 @@ def read_secret(path: str) -> bytes:
 
 
 def loose_secret_files(options: Dict[str, str]) -> List[str]:
-    """Warnings for the secret and token files of ``options`` that the
-    group or others may read: a secret is only as safe as its file."""
+    """Warnings for the secret and token files of ``options`` that others
+    may read (or a group, where only connmond should): a secret is only as
+    safe as its file."""
     warnings = []
-    for name in SECRET_FILE_OPTIONS:
+    for name, group_may in SECRET_FILE_OPTIONS.items():
         path = options.get(name, "").strip()
         try:
             mode = os.stat(path).st_mode if path else 0
         except OSError:   # (reading it says why, when it is read)
             continue
-        if mode & 0o077:
+        if mode & (0o007 if group_may else 0o077):
             warnings.append(f"{name} {path} may be read by "
                             f"{'others' if mode & 0o007 else 'its group'} "
                             f"(mode {mode & 0o777:o}); chmod 600 it")

@@ -7595,9 +7595,10 @@ auth_secret_file: {loose}
     assert (f"warning: auth_secret_file {loose} may be read by others "
             "(mode 644); chmod 600 it") in result.stdout
     daemon = Daemon(tmp_path, extra_config=f"auth_secret_file: {loose}\n")
-    try:
-        assert (f"auth_secret_file {loose} may be read by others"
-                in daemon.log.read_text())
+    try:   # (said at start, just after connmond listens)
+        wait_until(lambda: f"auth_secret_file {loose} may be read by "
+                   "others" in daemon.log.read_text(), 10,
+                   "the warning at start")
     finally:
         daemon.stop()
 
