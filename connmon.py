@@ -663,6 +663,14 @@ def proof_is_valid(secret: bytes, nonce: str, role: str, proof: Any) -> bool:
                                proof.encode("utf-8", "surrogatepass"))
 
 
+# The options that name a file holding a secret or a token, and whether
+# a group may read it: the apps' and the consoles' secrets are shared with
+# the users of a group; only connmond reads the other two.
+SECRET_FILE_OPTIONS = {"auth_secret_file": True, "console_secret_file": True,
+                       "peer_secret_file": False,
+                       "metrics_token_file": False}
+
+
 def read_secret(path: str) -> bytes:
     """The shared secret kept in ``path`` (surrounding whitespace and the
     final newline are not part of it)."""
@@ -678,6 +686,24 @@ def read_secret(path: str) -> bytes:
         raise ConfigError(f"secret file {path} is longer than "
                           f"{MAX_SECRET_BYTES} bytes")
     return secret
+
+
+def loose_secret_files(options: Dict[str, str]) -> List[str]:
+    """Warnings for the secret and token files of ``options`` that others
+    may read (or a group, where only connmond should): a secret is only as
+    safe as its file."""
+    warnings = []
+    for name, group_may in SECRET_FILE_OPTIONS.items():
+        path = options.get(name, "").strip()
+        try:
+            mode = os.stat(path).st_mode if path else 0
+        except OSError:   # (reading it says why, when it is read)
+            continue
+        if mode & (0o007 if group_may else 0o077):
+            warnings.append(f"{name} {path} may be read by "
+                            f"{'others' if mode & 0o007 else 'its group'} "
+                            f"(mode {mode & 0o777:o}); chmod 600 it")
+    return warnings
 
 
 def _option_secret(options: Dict[str, str], name: str,
@@ -749,6 +775,14 @@ class Security:
                 "too, a different secret that only the nodes can read: "
                 "with the apps' secret alone any app host could pose as a "
                 "node")
+        if console_secret is not None and console_secret in (secret,
+                                                             peer_secret):
+            raise ConfigError(
+                f"{service.source}: console_secret must differ from "
+                + ("auth_secret" if console_secret == secret
+                   else "peer_secret")
+                + ": a console secret that app hosts (or nodes) hold "
+                "anyway keeps no one out of the consoles' role")
         tls = {key: value for key, value in options.items()
                if key.startswith("ssl_")}
         for key in tls:

@@ -83,6 +83,25 @@ log = logging.getLogger("connmond")
 # remembers: memory stays bounded whatever clients send.
 MAX_ROWS = 10000
 
+# What the picture reckons an attached process costs connmond, in bytes:
+# its connection, thread and buffers, and its state, each entry as
+# tracemalloc measured it with every text at its longest in four-byte
+# characters.  A process at every cap reckons about 6 MiB.
+COST_PROCESS = 16 << 10
+COST_CONNECTION = 48
+COST_CHECKOUT = 96
+COST_POOL = 3 << 10       # with its database's names
+COST_TEXT = 1100          # a checkout site's name or a held-at place
+
+
+def state_cost(proc: ProcessState) -> int:
+    """What ``proc`` costs, reckoned from how many of each it holds (a few
+    len()s: cheap enough for every update)."""
+    return (COST_PROCESS + COST_CONNECTION * len(proc.conns)
+            + COST_CHECKOUT * len(proc.checked_out)
+            + COST_POOL * len(proc.pools)
+            + COST_TEXT * (len(proc.site_names) + len(proc.held_at)))
+
 
 class RateMeter:
     """Events per second over the last complete second, and their total
@@ -241,6 +260,8 @@ class Picture:
         self.rows: Dict[Tuple[str, str], ProgramRow] = {}
         self.host_nproc: collections.Counter = collections.Counter()
         self.by_origin: collections.Counter = collections.Counter()
+        self.costs: Dict[str, int] = {}   # process -> its state_cost
+        self.client_bytes = 0   # their sum: see Door.admit
         self.connections = self.checkouts = self.waiting = 0
         self.max_hosts = self.max_processes = 0
         self.max_connections = self.max_checkouts = self.max_waiting = 0
@@ -278,6 +299,10 @@ class Picture:
         """Count a whole process in (sign 1) or out (sign -1)."""
         conns, checkouts = sign * len(proc.conns), sign * len(proc.checked_out)
         waiting = sign * proc.waiting_count
+        if sign > 0:
+            self._cost(proc)
+        else:
+            self.client_bytes -= self.costs.pop(proc.ident, 0)
         self._row(proc.key).add(sign, conns, checkouts, waiting)
         self.by_origin[proc.origin] += sign
         self.host_nproc[proc.hostname] += sign
@@ -299,6 +324,12 @@ class Picture:
                                self.waiting + peak_waiting)
         self.max_processes = max(self.max_processes, len(self.processes))
         self.max_hosts = max(self.max_hosts, len(self.host_nproc))
+
+    def _cost(self, proc: ProcessState) -> None:
+        """Reckon ``proc``'s cost anew."""
+        cost = state_cost(proc)
+        self.client_bytes += cost - self.costs.get(proc.ident, 0)
+        self.costs[proc.ident] = cost
 
     def current(self, ident: str, session: int,
                 origin: Optional[str] = None) -> Optional[ProcessState]:
@@ -416,6 +447,7 @@ class Picture:
         row.add(0, *changes, *peaks)
         row.count(now, counters)
         self._totals(*changes, *peaks)
+        self._cost(proc)
         return counters["unknown"]
 
     MAXIMA_ROWS = 250   # rows a "maxima" message: always under 1 MiB
@@ -529,11 +561,13 @@ class Picture:
             "limit": limits.get(key),
             "exhausted": is_exhausted(row.ckout, limits.get(key)),
             "sites": top_sites(sites.get(key, {})),
+            "sites_more": max(0, len(sites.get(key, ())) - TOP_SITES),
             **row_pressure(row, now, waited.get(key)),
         } for key, row in sorted(self.rows.items())]
         if procs:
             by_row: Dict[Tuple[str, str], list] = {}
             for proc in sorted(self.processes.values(), key=lambda p: p.pid):
+                figures = proc.pool_figures()
                 by_row.setdefault(proc.key, []).append({
                     "pid": proc.pid,
                     "node": proc.origin,
@@ -551,8 +585,8 @@ class Picture:
                     "waiting": proc.waiting_count,
                     "maxwaiting": proc.max_waiting,
                     "longest_wait_ms": _ms(now, proc.waiting_since),
-                    "pools": [{"pool": pool, **figures} for pool, figures
-                              in sorted(proc.pool_figures().items())],
+                    "pools": top_pools(figures),
+                    "pools_more": max(0, len(figures) - TOP_POOLS),
                 })
             for row in rows:
                 row["procs"] = by_row.get((row["hostname"], row["progname"]),
@@ -713,15 +747,28 @@ def _top(conns: Dict[Any, int], count: int) -> List[Any]:
 
 
 TOP_SITES = 10   # checkout sites listed per host+program
+TOP_POOLS = 20   # pools listed per process
 
 
 def top_sites(sites: Dict[Optional[str], dict]) -> List[dict]:
-    """The sites holding the most connections (then the oldest) first."""
+    """The sites holding the most connections (then the oldest) first,
+    each with its oldest long holders and how many more it has."""
     ranked = sorted(sites.values(), key=lambda s: (-s["held"], -s["oldest"],
                                                    s["site"] or ""))[:TOP_SITES]
     for site in ranked:
-        site["long_holders"] = oldest_holders(site["long_holders"])
+        holders = site["long_holders"]
+        site["long_holders"] = oldest_holders(holders)
+        site["long_holders_more"] = len(holders) - len(site["long_holders"])
     return ranked
+
+
+def top_pools(figures: Dict[int, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """A process's TOP_POOLS pools holding the most connections, in pool
+    order: a process that announces a thousand pools lists twenty."""
+    pools = heapq.nsmallest(TOP_POOLS, figures.items(),
+                            key=lambda item: (-item[1]["conn"], item[0]))
+    return [{"pool": pool, **pool_figures} for pool, pool_figures
+            in sorted(pools, key=lambda item: item[0])]
 
 
 def _age(now: float, since: Optional[float]) -> Optional[float]:
@@ -899,10 +946,13 @@ class Door:
     ones from many addresses) the one that has waited longest is let go
     for the newcomer, since an honest client says its hello at once and
     leaves the room within milliseconds.  After its hello a client
-    takes the room of its role: max_clients apps, CONSOLE_ROOM consoles,
-    one link per other node.  The hello proves the role's credential,
-    and a peer must be one of the service's other nodes, connecting from
-    that node's address.
+    takes the room of its role: max_clients apps, of which at most
+    max_clients_per_address from one source address (so that one host,
+    or one holder of the apps' secret, cannot lock the others out),
+    CONSOLE_ROOM consoles, and a few links per other node (a new link may
+    come while the old one has not quite ended).  The hello proves the
+    role's credential, and a peer must be one of the service's other
+    nodes, connecting from that node's address.
     """
 
     def __init__(self, server: "ConnmonServer"):
@@ -912,6 +962,9 @@ class Door:
         self.unheard: Dict[socket.socket, Ticket] = {}   # oldest first
         self.waiting: collections.Counter = collections.Counter()
         self.admitted: collections.Counter = collections.Counter()
+        self.apps_from: collections.Counter = collections.Counter()
+        self.per_address = (server.options.max_clients_per_address
+                            or max(1, server.max_clients // 4))
         others = len(server.service.nodes) - 1
         # New links may come while old ones have not quite ended.
         self.room = {"app": server.max_clients, "console": CONSOLE_ROOM,
@@ -948,6 +1001,10 @@ class Door:
                 self._stop_waiting(request)
             elif ticket.role is not None:
                 self.admitted[ticket.role] -= 1
+                if ticket.role == "app":
+                    self.apps_from[ticket.host] -= 1
+                    if not self.apps_from[ticket.host]:
+                        del self.apps_from[ticket.host]
 
     def _let_go(self, request: socket.socket) -> None:
         """Stop counting a connection waiting for its hello, and end it:
@@ -999,8 +1056,22 @@ class Door:
                                     f"had waited longest")
             if self.admitted[role.name] >= self.room[role.name]:
                 raise ProtocolError(self.full(role.name))
+            if (role.name == "app" and self.server.picture.client_bytes
+                    >= self.server.options.max_client_memory << 20):
+                raise ProtocolError(
+                    f"connmond holds {self.server.picture.client_bytes >> 20}"
+                    " MB of its clients' state already (max_client_memory "
+                    f"is {self.server.options.max_client_memory}); the apps "
+                    "attached carry on, new ones wait")
+            if (role.name == "app"
+                    and self.apps_from[ticket.host] >= self.per_address):
+                raise ProtocolError(
+                    f"too many app connections from {ticket.host} "
+                    f"(max_clients_per_address is {self.per_address})")
             self._stop_waiting(request)
             self.admitted[role.name] += 1
+            if role.name == "app":
+                self.apps_from[ticket.host] += 1
             ticket.role = role.name
         return role
 
@@ -1449,44 +1520,110 @@ def nested(message: Dict[str, Any], key: str, op: str) -> Dict[str, Any]:
     return value
 
 
+def _line(message: Any) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
 def fit_reply(message: Dict[str, Any], limit: int) -> bytes:
-    """``message`` (a snapshot) as a line of at most ``limit`` bytes.  If
-    it is larger, the rows that matter least (gone before live, then the
-    fewest connections) are left out, with their programs under
-    "databases", as many as must (found by halving), and "trimmed" says
+    """``message`` (a snapshot) as a line of at most ``limit`` bytes.
+
+    Fair whatever clients say of themselves: every row gets an equal share
+    of the bytes, and what one row does not use is shared among the
+    others (``water_level``).  A row larger than its share keeps its
+    smallest processes and sites, says how many it left out ("procs_more",
+    "sites_more") and is marked "trimmed"; so a client that makes its own
+    row large costs only its own row.  Only if even rows without their
+    lists cannot all fit are whole rows left out, the largest first (gone
+    before live), with their programs under "databases"; "trimmed" says
     how many."""
-    data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    data = _line(message)
     if len(data) <= limit:
         return data
     rows = message["rows"]
-    ranked = sorted(rows, key=lambda row: (
-        not row["connected"], -row["conn"], -row["ckout"]))
 
-    def keeping(count: int) -> bytes:
-        names = {(row["hostname"], row["progname"]) for row in ranked[:count]}
-        trimmed = {**message, "trimmed": len(rows) - count, "rows": [
-            row for row in rows
+    def keeping(kept: List[Dict[str, Any]]) -> bytes:
+        names = {(row["hostname"], row["progname"]) for row in kept}
+        trimmed = {**message, "trimmed": len(rows) - len(kept), "rows": [
+            row for row in fitted
             if (row["hostname"], row["progname"]) in names]}
-        if "databases" in message:
+        if "databases" in message and len(kept) < len(rows):
             trimmed["databases"] = [{**server, "programs": [
                 program for program in server["programs"]
                 if (program["hostname"], program["progname"]) in names]}
                 for server in message["databases"]]
-        return json.dumps(trimmed, separators=(",", ":")).encode() + b"\n"
+        return _line(trimmed)
 
-    low, high = 0, len(rows)   # keeping low rows fits; keeping high does not
-    best = keeping(0)
-    if len(best) > limit:
-        raise ProtocolError(f"a snapshot without rows is {len(best)} bytes, "
+    fitted = rows
+    frame = len(keeping([]))
+    if frame > limit:
+        raise ProtocolError(f"a snapshot without rows is {frame} bytes, "
                             f"over the {limit} byte reply limit")
+    # A row costs its line, and its program's lines under "databases".
+    listed: Dict[Tuple[str, str], int] = collections.Counter()
+    for server in message.get("databases", ()):
+        for program in server["programs"]:
+            listed[program["hostname"], program["progname"]] += len(
+                _line(program))
+    extra = [listed[row["hostname"], row["progname"]] for row in rows]
+    sizes = [len(_line(row)) for row in rows]   # (each row's comma: its \n)
+    share = water_level([size + more for size, more in zip(sizes, extra)],
+                        limit - frame)
+    fitted = [row if size + more <= share else trim_row(row, share - more)
+              for row, size, more in zip(rows, sizes, extra)]
+    ranked = [fitted[index] for *_, index in sorted(
+        (not row["connected"], len(_line(row)) + more, index)
+        for index, (row, more) in enumerate(zip(fitted, extra)))]
+    low, high = 0, len(rows) + 1   # keeping low rows fits; high does not
+    best = keeping([])
     while high - low > 1:
         middle = (low + high) // 2
-        reply = keeping(middle)
+        reply = keeping(ranked[:middle])
         if len(reply) <= limit:
             low, best = middle, reply
         else:
             high = middle
     return best
+
+
+def water_level(sizes: List[int], budget: int) -> int:
+    """The largest share such that every size cut to it fits ``budget``
+    in all: smaller ones keep their size, what they leave goes to the
+    larger ones."""
+    left, count = budget, len(sizes)
+    for size in sorted(sizes):
+        if size * count > left:
+            return left // count
+        left -= size
+        count -= 1
+    return max(sizes, default=0)
+
+
+def trim_row(row: Dict[str, Any], share: int) -> Dict[str, Any]:
+    """``row`` cut to about ``share`` bytes: its processes, then its sites,
+    keeping the smallest of each (an honest process's few pools and
+    holders), the ones left out counted."""
+    trimmed = {**row, "trimmed": True}
+    for key in ("procs", "sites"):
+        items = row.get(key)
+        if not items:
+            continue
+        if len(_line(trimmed)) <= share:
+            break
+        room = share - len(_line({**trimmed, key: [], f"{key}_more": 0}))
+        kept = set()
+        for size, index in sorted((len(_line(item)), index)
+                                  for index, item in enumerate(items)):
+            if size > room:
+                break
+            room -= size
+            kept.add(index)
+        trimmed[key] = [item for index, item in enumerate(items)
+                        if index in kept]
+        trimmed[f"{key}_more"] = (row.get(f"{key}_more", 0) + len(items)
+                                  - len(kept))
+    left_out = any(trimmed.get(f"{key}_more", 0) > row.get(f"{key}_more", 0)
+                   for key in ("procs", "sites"))
+    return trimmed if left_out else row
 
 
 def attach_message(proc: connmon.ProcessState) -> Dict[str, Any]:
@@ -1673,7 +1810,13 @@ class PeerLink:
                 with server.lock:
                     if self.generation != generation:
                         break   # replaced: only the new link's news counts
-                    self._apply(message)
+                    try:
+                        self._apply(message)
+                    except ProtocolError as err:   # checked whole, then
+                        problems.log(   # applied: nothing of it was
+                            logging.WARNING, "bad peer message",
+                            "peer %s: %s; message dropped", origin,
+                            brief(err))
         except ProtocolError as err:
             problems.log(logging.WARNING, "bad peer", "peer %s: %s; cutting "
                          "the link", origin, brief(err))
@@ -1717,9 +1860,10 @@ class PeerLink:
             picture.merge_maxima(message)
         else:   # clear_maxima
             clears = message.get("clears", 0)
+            if not is_count(clears):   # as merge_maxima checks it
+                raise ProtocolError("clear_maxima: 'clears' must be a count")
             picture.clear_maxima()
-            if type(clears) is int and clears > picture.clears:
-                picture.clears = clears
+            picture.clears = max(picture.clears, clears)
 
     def _write_loop(self) -> None:
         """Write what is queued; on a quiet link, a ping every third of the
@@ -1858,6 +2002,12 @@ OPTIONS: Dict[str, connmon.Option] = {
     # about 280 MB of connmond at most
     "max_clients": connmon.Option(connmon.number_between(
         1, 1 << 20, whole=True), "10000"),
+    # what the clients' state may cost before new apps are refused
+    "max_client_memory": connmon.Option(connmon.number_between(
+        16, 1 << 20, " of megabytes", whole=True), "512"),
+    # apps from one source address; by default a quarter of max_clients
+    "max_clients_per_address": connmon.Option(connmon.number_between(
+        1, 1 << 20, whole=True)),
     # rows of programs gone this long are forgotten
     "forget_gone_after": connmon.Option(connmon.number_between(
         1, 1e8, " of seconds"), "86400"),
@@ -1898,6 +2048,8 @@ class DaemonOptions:
     report_endpoints: bool
     heartbeat_timeout: float
     max_clients: int
+    max_clients_per_address: Optional[int]
+    max_client_memory: int
     forget_gone_after: float
     hold_ms_warn: float
     metrics_port: Optional[int]
@@ -2047,11 +2199,18 @@ def render_metrics(snapshot: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MAX_METRICS_CLIENTS = 16   # /metrics and /healthz requests served at once
+METRICS_DEADLINE = 10.0    # seconds one may take, from connect to reply
+
+
 class MetricsServer(socketserver.ThreadingTCPServer):
     """``GET /metrics`` and ``GET /healthz`` for one ConnmonServer.
 
     A plain TCP server under ``http.server``'s handler: HTTPServer would
-    look the bind address up in DNS at start.
+    look the bind address up in DNS at start.  At most MAX_METRICS_CLIENTS
+    are served at once, each for at most METRICS_DEADLINE seconds in all,
+    however slowly it trickles its request: scrapers cannot hold threads
+    and descriptors connmond needs for its clients.
     """
 
     daemon_threads = True
@@ -2061,14 +2220,43 @@ class MetricsServer(socketserver.ThreadingTCPServer):
                  token: Optional[bytes] = None):
         self.daemon = daemon
         self.token = token
+        self.slots = threading.BoundedSemaphore(MAX_METRICS_CLIENTS)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, MetricsHandler)
 
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            problems.log(logging.WARNING, "metrics full", "metrics: %s: "
+                         "refused: %d requests served already",
+                         connmon.format_address(client_address[:2]),
+                         MAX_METRICS_CLIENTS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:   # no thread to be had
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
 
 class MetricsHandler(http.server.BaseHTTPRequestHandler):
     server: MetricsServer
-    timeout = 10   # seconds; a client that sends nothing is dropped
+    timeout = METRICS_DEADLINE
+
+    def setup(self) -> None:
+        """Read and reply under the request's whole deadline (http.server
+        reads with readline alone)."""
+        super().setup()
+        self.deadline = time.monotonic() + METRICS_DEADLINE
+        self.rfile.close()
+        self.rfile = LineReader(self.connection, self.deadline)
 
     def do_GET(self) -> None:
         path = self.path.partition("?")[0]
@@ -2095,6 +2283,8 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
     def reply(self, status: int, body: str,
               content_type: str = "text/plain; charset=utf-8") -> None:
         data = body.encode("utf-8", "backslashreplace")   # never stuck
+        self.connection.settimeout(max(0.001,
+                                       self.deadline - time.monotonic()))
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -2296,6 +2486,8 @@ def warn_exposure(server: ConnmonServer, options: DaemonOptions) -> None:
                     "anyone who can reach it reads the fleet's picture",
                     connmon.format_address((options.metrics_bind,
                                             options.metrics_port)))
+    for warning in connmon.loose_secret_files(server.service.options):
+        log.warning("%s", warning)
 
 
 def raise_file_limit(clients: int) -> None:
@@ -2327,6 +2519,8 @@ def main(argv: Optional[list] = None) -> int:
         print(f"connmond: error: {err}", file=sys.stderr)
         return 2
     if args.check_config:
+        for warning in connmon.loose_secret_files(service.options):
+            print(f"connmond: warning: {warning}")
         print(f"connmond: config OK: {path or connmon.BUILT_IN} service "
               f"{service.name!r}: {describe(node, options)}")
         return 0

@@ -3590,7 +3590,8 @@ def test_silent_daemon_app_and_console_are_given_up(tmp_path, apps):
 
 
 def test_connection_cap_and_hello_deadline(tmp_path):
-    daemon = Daemon(tmp_path, extra_config="max_clients: 3\n")
+    daemon = Daemon(tmp_path, extra_config="max_clients: 3\n"
+                    "max_clients_per_address: 3\n")
     thrower = Thrower(daemon.port)
     silent, attached = [], []
     try:
@@ -5884,7 +5885,7 @@ def test_history_sums_the_samples_of_the_rows_asked_for(length, ticks):
 
 def test_trust_silent_flood_leaves_room_for_apps_consoles_and_peers(
         tmp_path, apps):
-    two = TwoNodes(tmp_path, "max_clients: 3\n")
+    two = TwoNodes(tmp_path, "max_clients: 3\nmax_clients_per_address: 3\n")
     node1, node2 = two.nodes
     silent, attached = [], []
     try:
@@ -6066,9 +6067,11 @@ def test_trust_client_text_is_checked_at_the_door(tmp_path, apps):
 
 def test_trust_bad_peer_messages_are_problem_lines_not_stoppers(
         tmp_path, apps):
-    """A node that sends bad rows or malformed messages (a broken or
-    compromised peer) gets its link cut, with a rate-limited problem line;
-    /metrics and the CSV dump go on, with the honest picture."""
+    """A node that sends bad fields (a broken or compromised peer) has
+    those messages dropped, each kind with a rate-limited problem line,
+    and keeps its link; one that sends what no peer may (another role's
+    requests) gets its link cut.  /metrics and the CSV dump go on, with
+    the honest picture, and a bad field can never split the cluster."""
     port = free_port()
     csv_path = tmp_path / "dump.csv"
     two = TwoNodes(tmp_path, (f"metrics_port: {port}\ncsv_dump: {csv_path}"
@@ -6078,21 +6081,37 @@ def test_trust_bad_peer_messages_are_problem_lines_not_stoppers(
         honest = app_holding(apps, tmp_path, [node1], "honest.py",
                              2)
         row = ["h", "p", 1, 1, 1]
-        bad = [{"op": "maxima", "rows": [["\ud800", "p", 1, 1, 1]],
-                "totals": [1, 1, 1, 1]},
-               {"op": "maxima", "rows": [["a\x1b[2J", "p", 1, 1, 1]],
-                "totals": [1, 1, 1, 1]},
-               {"op": "maxima", "rows": [row] * (connmon_server.MAX_ROWS + 1),
-                "totals": [1, 1, 1, 1]},
-               {"op": "maxima", "rows": "x", "totals": None},
-               {"op": "attach", "proc": {"id": "x"}, "state": []},
-               {"op": "attach", "proc": proc_fields("x", "x.py")["proc"],
-                "state": {"op": "update"}},
-               {"op": "forward", "id": "x", "session": 1, "update": 7},
-               {"op": "forward", "id": ["x"], "session": 1.5},
-               {"op": "detach"}, {"op": "snapshot"}, {"op": "state"},
-               {"op": "hello", "role": "peer"}] * 10
-        for message in bad:
+        bad_fields = [
+            {"op": "maxima", "rows": [["\ud800", "p", 1, 1, 1]],
+             "totals": [1, 1, 1, 1]},
+            {"op": "maxima", "rows": [["a\x1b[2J", "p", 1, 1, 1]],
+             "totals": [1, 1, 1, 1]},
+            {"op": "maxima", "rows": [row] * (connmon_server.MAX_ROWS + 1),
+             "totals": [1, 1, 1, 1]},
+            {"op": "maxima", "rows": "x", "totals": None},
+            {"op": "maxima", "rows": [row], "totals": [1, 1, 1, 1],
+             "clears": 2 ** 70},
+            {"op": "clear_maxima", "clears": 2 ** 70},
+            {"op": "clear_maxima", "clears": -1},
+            {"op": "attach", "proc": {"id": "x"}, "state": []},
+            {"op": "attach", "proc": proc_fields("x", "x.py")["proc"],
+             "state": {"op": "update"}},
+            {"op": "forward", "id": "x", "session": 1, "update": 7},
+            {"op": "forward", "id": ["x"], "session": 1.5},
+            {"op": "detach"}]
+        sock, rfile = wait_until(lambda: peer_link(node1), what="a link")
+        with sock:
+            for message in bad_fields * 3:
+                assert pong_after(sock, rfile, message) == {"op": "pong"}
+            # Its maxima still count: the cluster did not split.
+            assert pong_after(sock, rfile, {
+                "op": "maxima", "rows": [["h", "p.py", 7, 7, 7]],
+                "totals": [1, 1, 1, 1], "clears": 0}) == {"op": "pong"}
+        wait_until(lambda: node1.row("p.py") is not None,
+                   what="the good maxima after the bad ones")
+        assert node1.row("p.py")["maxconn"] == 7
+        for message in [{"op": "snapshot"}, {"op": "state"},
+                        {"op": "hello", "role": "peer"}]:
             sock, rfile = wait_until(lambda: peer_link(node1),
                                      what="a link (the last one ended)")
             with sock:
@@ -6103,10 +6122,11 @@ def test_trust_bad_peer_messages_are_problem_lines_not_stoppers(
         wait_until(lambda: "honest.py" in csv_path.read_text(),
                    what="the CSV dump")
         assert counts(node1, "honest.py") == (1, 2, 2)
-        assert {r["progname"] for r in node1.snapshot()["rows"]} == {
-            "honest.py"}
+        assert {r["progname"] for r in node1.snapshot()["rows"]
+                if r["connected"]} == {"honest.py"}
         log_text = node1.log.read_text()
         assert "Traceback" not in log_text
+        assert 0 < log_text.count("message dropped") < 10   # rate-limited
         assert 0 < log_text.count("cutting the link") < 10
     finally:
         two.stop()
@@ -7674,8 +7694,13 @@ def test_fit_reply_under_the_limit_is_the_message_itself():
 
 
 @pytest.mark.parametrize("limit", [600, 1500, 3000])
-def test_fit_reply_leaves_out_the_rows_that_matter_least(limit):
+def test_fit_reply_leaves_out_the_largest_rows_first(limit):
+    """When not even rows without their lists all fit, whole rows go: gone
+    before live, then the largest (with their programs' lines), never by
+    what a row says of its own counts."""
     rows = fit_rows(40)
+    for row in rows[::5]:   # claims that must not buy a place
+        row["conn"], row["progname"] = 5000, row["progname"] + "x" * 40
     message = {"op": "snapshot", "service": "test", "rows": rows,
                "databases": [{"server": "db1", "programs": [
                    {"hostname": row["hostname"], "progname": row["progname"],
@@ -7688,16 +7713,42 @@ def test_fit_reply_leaves_out_the_rows_that_matter_least(limit):
     assert trimmed["trimmed"] == len(rows) - len(kept)
     # As many as fit: one more row would not have.
     assert len(connmon_server.fit_reply(message, len(reply))) == len(reply)
-    ranked = sorted(rows, key=lambda row: (
-        not row["connected"], -row["conn"], -row["ckout"]))
-    worst_kept = min(ranked.index(row) for row in rows if row not in kept)
-    assert all(ranked.index(row) < worst_kept for row in kept)
+
+    def rank(row: dict) -> tuple:
+        return not row["connected"], len(json.dumps(row))
+    worst_kept = max(rank(row) for row in kept)
+    assert all(rank(row) >= worst_kept for row in rows if row not in kept)
     assert kept == [row for row in rows if row in kept]   # order kept
     names = {(row["hostname"], row["progname"]) for row in kept}
     (server,) = trimmed["databases"]
     assert {(p["hostname"], p["progname"])
             for p in server["programs"]} == names
     assert trimmed["service"] == "test"
+
+
+def test_fit_reply_trims_a_large_row_not_its_neighbours():
+    """A row made large by its processes (what a client can inflate) is
+    cut to its share, keeping its smallest processes, marked, with the
+    count of what it left out; the other rows are sent whole."""
+    rows = fit_rows(10)
+    fat = rows[3]
+    fat["procs"] = [{"pid": pid, "pools": [{"pool": pool, "endpoint": "x"
+                                            * (200 if pid % 2 else 1)}
+                                           for pool in range(20)]}
+                    for pid in range(30)]
+    message = {"op": "snapshot", "rows": rows}
+    whole = len(json.dumps(message))
+    reply = json.loads(connmon_server.fit_reply(message, whole // 4))
+    assert reply["trimmed"] == 0
+    assert [row for row in reply["rows"] if row is not None
+            and row["progname"] != fat["progname"]] == [
+        row for row in rows if row is not fat]
+    (cut,) = [row for row in reply["rows"]
+              if row["progname"] == fat["progname"]]
+    assert cut["trimmed"] is True
+    assert 0 < len(cut["procs"]) < 30
+    assert len(cut["procs"]) + cut["procs_more"] == 30
+    assert set(range(0, 30, 2)) <= {proc["pid"] for proc in cut["procs"]}
 
 
 def test_fit_reply_refuses_a_limit_not_even_the_header_fits():
@@ -7761,3 +7812,209 @@ def test_process_state_message_update_round_trip(batches):
         for ident, since in app.checked_out.items():
             assert abs(daemon_side.checked_out[ident] - since) < 1e-5
         assert daemon_side.pools == app.pools
+
+
+# --- (new) trust boundaries, second pass ---
+
+def fat_update(pools: int) -> dict:
+    """An update announcing ``pools`` pools, each on a database whose every
+    name is as long as allowed: a process as large as a client can make
+    its own part of a reply."""
+    name = "d" * connmon.MAX_NAME
+    return empty_update(pools=[
+        [pool, 1, {"backend": "mysql", "host": f"{pool:04d}" + name[4:],
+                   "port": 3306, "database": name, "user": name}]
+        for pool in range(pools)])
+
+
+def test_trust_fat_rows_cannot_push_an_honest_row_out(tmp_path, apps):
+    """Hostile processes that claim many connections and announce many
+    pools make their own rows large, in rows of their own and all in one
+    row: the reply is trimmed fairly, so the honest row and its process
+    are in it whole, the fat rows are marked and say what they left out,
+    and every list inside a row is bounded."""
+    daemon = SmallReplyDaemon(tmp_path)
+    daemon.limit = 1_000_000
+    daemon.stop()
+    daemon.start()
+    hostile = []
+    try:
+        honest = app_holding(apps, tmp_path, [daemon], "nova-api", 2)
+        for n in range(40):   # rows of their own, claiming the most
+            sock, rfile = app_attached(daemon.port, f"bloat-{n}",
+                                       f"bloat{n:02d}", 500)
+            assert pong_after(sock, rfile, fat_update(40)) == {"op": "pong"}
+            hostile.append(sock)
+        for n in range(36):   # all in one row
+            sock, rfile = app_attached(daemon.port, f"fat-{n}", "fat", 100)
+            assert pong_after(sock, rfile, fat_update(40)) == {"op": "pong"}
+            hostile.append(sock)
+        wait_until(lambda: daemon.snapshot()["processes"] == 77, 30,
+                   "every hostile process attached")
+        reply = daemon.snapshot(procs=True)
+        assert reply["trimmed"] == 0, reply["trimmed"]   # no row left out
+        rows = {row["progname"]: row for row in reply["rows"]}
+        assert len(rows) == 42
+        nova = rows["nova-api"]
+        assert "trimmed" not in nova and nova["conn"] == 2
+        (proc,) = nova["procs"]
+        assert proc["conn"] == 2 and proc["pools"]
+        fat = rows["fat"]
+        assert fat["trimmed"] and fat["procs_more"] > 0
+        assert len(fat["procs"]) + fat["procs_more"] == 36
+        for proc in fat["procs"] + rows["bloat00"]["procs"]:
+            assert len(proc["pools"]) == connmon_server.TOP_POOLS
+            assert proc["pools_more"] == 40 - connmon_server.TOP_POOLS
+        table = console("-H", daemon.address)
+        assert table.returncode == 0, table.stderr
+        assert "nova-api" in table.stdout
+        honest("release 1")
+        daemon.wait_row("nova-api", nproc=1, conn=2, ckout=1)
+    finally:
+        for sock in hostile:
+            sock.close()
+        daemon.stop()
+
+
+def test_trust_one_address_takes_at_most_its_share(tmp_path, apps):
+    """Anyone who can say an app's hello (every app host holds the apps'
+    secret) from one address gets at most max_clients_per_address
+    connections, by default a quarter of max_clients: the honest apps
+    elsewhere still get in, and the refusal is one line naming why."""
+    daemon = Daemon(tmp_path, extra_config="max_clients: 8\n")
+    try:
+        taken = []
+        for n in range(2):
+            taken.append(app_attached(daemon.port, f"flood-{n}", "flood.py",
+                                      source="127.0.0.5")[0])
+        assert refusal(daemon.port, "app", source="127.0.0.5",
+                       **proc_fields("flood-2", "flood.py")) == (
+            "too many app connections from 127.0.0.5 "
+            "(max_clients_per_address is 2)")
+        honest = apps(sqlite_app_url(tmp_path,
+                                     f"connmon_addr={daemon.address}"),
+                      "honest.py")
+        honest("hold 1")
+        daemon.wait_row("honest.py", nproc=1, conn=1, ckout=1)
+        taken.pop().close()   # a place freed is a place again
+        wait_until(lambda: daemon.row("flood.py")["nproc"] == 1, 10,
+                   "the flood's second connection gone")
+        taken.append(app_attached(daemon.port, "flood-3", "flood.py",
+                                  source="127.0.0.5")[0])
+        assert "too many app connections from 127.0.0.5" in (
+            daemon.log.read_text())
+    finally:
+        for sock in taken:
+            sock.close()
+        daemon.stop()
+
+
+def test_trust_console_secret_must_be_its_own_and_files_private(tmp_path):
+    apps_secret = secret_file(tmp_path, "apps")
+    peers = secret_file(tmp_path, "peers", "another-Secret-for-nodes")
+    for console_secret, named in ((apps_secret, "auth_secret"),
+                                  (peers, "peer_secret")):
+        result = run_connmond("--check-config", "-c", write(tmp_path, f"""
+[connmon_service_default]
+name: default
+nodes:
+    node1 hostname=localhost:{free_port()} bind=127.0.0.1
+auth_secret_file: {apps_secret}
+peer_secret_file: {peers}
+console_secret_file: {console_secret}
+"""))
+        assert result.returncode == 2, result
+        assert f"console_secret must differ from {named}" in result.stderr
+    loose = secret_file(tmp_path, "loose", "a-secret-others-may-read")
+    pathlib.Path(loose).chmod(0o644)
+    config = write(tmp_path, f"""
+[connmon_service_default]
+name: default
+nodes:
+    node1 hostname=localhost:{free_port()} bind=127.0.0.1
+auth_secret_file: {loose}
+""")
+    result = run_connmond("--check-config", "-c", config)
+    assert result.returncode == 0, result
+    assert (f"warning: auth_secret_file {loose} may be read by others "
+            "(mode 644); chmod 600 it") in result.stdout
+    daemon = Daemon(tmp_path, extra_config=f"auth_secret_file: {loose}\n")
+    try:   # (said at start, just after connmond listens)
+        wait_until(lambda: f"auth_secret_file {loose} may be read by "
+                   "others" in daemon.log.read_text(), 10,
+                   "the warning at start")
+    finally:
+        daemon.stop()
+
+
+def test_trust_metrics_capped_and_deadlined(tmp_path, apps):
+    """/metrics serves at most connmon_server.MAX_METRICS_CLIENTS at once,
+    and each for at most METRICS_DEADLINE seconds in all, however slowly
+    it trickles: a crowd of trickling clients neither holds threads for
+    ever nor keeps the next scrape out for longer than that."""
+    port = free_port()
+    daemon = Daemon(tmp_path, extra_config=f"metrics_port: {port}\n")
+    tricklers = []
+    try:
+        began = time.monotonic()
+        for _ in range(connmon_server.MAX_METRICS_CLIENTS):
+            sock = socket.create_connection(("127.0.0.1", port), 5)
+            sock.sendall(b"G")
+            tricklers.append(sock)
+        with socket.create_connection(("127.0.0.1", port), 5) as extra:
+            extra.settimeout(5)
+            assert extra.recv(1) == b""   # past the cap: closed at once
+        assert "requests served already" in daemon.log.read_text()
+
+        def trickle_until_closed() -> bool:
+            for sock in tricklers:
+                try:
+                    sock.sendall(b"E")   # a byte now and then
+                except OSError:
+                    pass
+            time.sleep(0.5)
+            return len(readable(tricklers, 0)) == len(tricklers)
+        wait_until(trickle_until_closed,
+                   connmon_server.METRICS_DEADLINE + 10,
+                   "every trickler cut off at its deadline")
+        assert (time.monotonic() - began
+                >= connmon_server.METRICS_DEADLINE - 1)
+        status, _, text = http_get(port, "/metrics")
+        assert status == 200 and "connmon_processes" in text
+    finally:
+        for sock in tricklers:
+            sock.close()
+        daemon.stop()
+
+
+def test_trust_client_memory_has_a_ceiling(tmp_path, apps):
+    """Past max_client_memory of reckoned client state, new apps are
+    refused with a clear message; the apps attached keep working, and a
+    place is free again once the state shrinks."""
+    daemon = Daemon(tmp_path, extra_config="max_client_memory: 16\n")
+    hostile = []
+    try:
+        honest = app_holding(apps, tmp_path, [daemon], "honest.py", 1)
+        for n in range(20):
+            sock, rfile, answer = say_hello(daemon.port, "app",
+                                            **proc_fields(f"big-{n}",
+                                                          "big.py"))
+            sock.close()
+            if answer["op"] == "error":
+                break
+            hostile.append(hostile_at_caps(daemon.port, n)[0])
+        assert 3 <= len(hostile) < 20
+        assert answer["error"].startswith("connmond holds ")
+        assert answer["error"].endswith(
+            " MB of its clients' state already (max_client_memory is 16);"
+            " the apps attached carry on, new ones wait")
+        honest("hold 2")   # the attached app goes on being followed
+        daemon.wait_row("honest.py", nproc=1, conn=3, ckout=3)
+        hostile.pop().close()
+        wait_until(lambda: say_hello(daemon.port, "app", **proc_fields(
+            "small", "small.py"))[2] == {"op": "ready"}, 15,
+            "room for a new app once one has left")
+    finally:
+        for sock in hostile:
+            sock.close()
+        daemon.stop()
