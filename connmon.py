@@ -227,8 +227,9 @@ def _parse_error(err: configparser.Error, text: str, source: str) -> str:
     """configparser's many-line complaint as one line naming the file, the
     section and the line."""
     lineno = getattr(err, "lineno", None)
-    if getattr(err, "errors", None):   # a ParsingError: the first line
-        lineno = err.errors[0][0]
+    errors = getattr(err, "errors", None)   # a ParsingError's lines
+    if errors:
+        lineno = errors[0][0]
     if not lineno:
         return f"{source}: " + " ".join(str(err).split())
     line = text.splitlines()[lineno - 1].strip()
@@ -919,8 +920,8 @@ class Connection:
     def heartbeat(self) -> float:
         """The daemon's heartbeat timeout, as its welcome announced."""
         value = self.welcome.get("heartbeat")
-        if type(value) in (int, float) and (
-                MIN_HEARTBEAT <= value <= MAX_HEARTBEAT):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and MIN_HEARTBEAT <= value <= MAX_HEARTBEAT:
             return float(value)
         return DEFAULT_HEARTBEAT
 
@@ -949,7 +950,7 @@ def open_connection(addresses: Iterable[Address], role: str,
     Raises OSError naming every address tried when none works.
     """
     security = security or Security()
-    failures = []
+    failures: List[Tuple[str, Exception]] = []
     for address in addresses:
         try:
             sock = socket.create_connection(
