@@ -440,7 +440,8 @@ def daemon_rss_mb(pid: int) -> float:
 
 def snapshot(port: int) -> dict:
     import connmon
-    conn = connmon.open_connection([("127.0.0.1", port)], "console")
+    conn = connmon.open_connection([("127.0.0.1", port)], "console",
+                                   timeout=60)
     try:
         return conn.request({"op": "snapshot"})
     finally:
