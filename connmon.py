@@ -447,6 +447,13 @@ def candidate_addresses(service: Service,
 # Times travel as ages: seconds before the message was sent, so the clocks
 # of different hosts never need to agree.
 #
+# Peer nodes (connmond) gather their apps' updates and send them in
+# batches, {"op": "forwards", "items": [[id, session, update], ...]}, to
+# a peer that says "batches": true (in its welcome, or in its hello when
+# it dials); to a peer that does not (an older connmond) each update goes
+# as {"op": "forward", "id", "session", "update"}, as before.  Apps and
+# consoles ignore the welcome's "batches".
+#
 # A console sends requests such as {"op": "snapshot"} and reads one reply
 # line per request.  A malformed message gets {"op": "error", "error": TEXT}
 # and a closed socket.
