@@ -1570,11 +1570,14 @@ def greet_time(port: int) -> float:
 
 
 def once_json_time(port: int) -> float:
+    """Seconds ``connmon --once --json`` takes; negative if it failed
+    (its minus its time)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "connmon_console", "--once",
-                    "--json", "-H", f"127.0.0.1:{port}"], cwd=HERE,
-                   capture_output=True, timeout=120, check=True)
-    return time.perf_counter() - start
+    result = subprocess.run([sys.executable, "-m", "connmon_console",
+                             "--once", "--json", "-H", f"127.0.0.1:{port}"],
+                            cwd=HERE, capture_output=True, timeout=120)
+    took = time.perf_counter() - start
+    return -took if result.returncode else took
 
 
 def applied_lag(port: int, samples: int) -> List[float]:
@@ -1663,7 +1666,8 @@ def fleet_row(label: str, figures: FleetFigures) -> tuple:
             f"= {figures.cpu / applied * 1e6:5.0f} us/update",
             f"RSS {figures.rss:5.0f} MB",
             f"threads {figures.threads:5d}",
-            f"--once --json {figures.once:5.2f} s",
+            f"--once --json {figures.once:5.2f} s" if figures.once > 0 else
+            f"--once --json FAILED after {-figures.once:5.2f} s",
             f"greet {figures.greet * 1000:5.0f} ms",
             f"lag p50 {lag[len(lag) // 2] * 1000:5.0f} ms "
             f"max {lag[-1] * 1000:5.0f} ms",
