@@ -482,8 +482,8 @@ def candidate_addresses(service: Service,
 #   peer     hello "service": S, "node": N: one of this service's other
 #            nodes, connecting from an address its hostname= resolves to
 #            (a service of one node accepts no peer).  Then "attach",
-#            "forward", "detach", "maxima", "clear_maxima", "ping" and
-#            "pong".
+#            "forward", "forwards", "detach", "maxima", "clear_maxima",
+#            "ping" and "pong".
 #
 # Room: max_clients apps at once, CONSOLE_ROOM (64) consoles, four links
 # an other node; at most MAX_WAITING (1024) connections before their
@@ -578,12 +578,23 @@ def candidate_addresses(service: Service,
 #   {"op": "attach", "proc": {the app's hello "proc"}, "state": {a
 #    "state"}}                              a process, whole
 #   {"op": "forward", "id": ID, "session": N, "update": {an "update"}}
+#   {"op": "forwards", "items": [[ID, N, {an "update"}], ...]}  the
+#                                           updates of about 0.2 s, at
+#                                           most 50,000 a message
 #   {"op": "detach", "id": ID, "session": N}  that session ended
 #   {"op": "maxima", "rows": [[hostname, progname, maxnproc, maxconn,
 #    maxckout], ...] (at most 250 a message, MAX_ROWS accepted),
 #    "totals": [max_hosts, max_processes, max_connections,
 #    max_checkouts], "clears": N}
 #   {"op": "clear_maxima", "clears": N}
+#
+# A node gathers its apps' updates for a peer that says "batches": true
+# (in its welcome, or in its hello when it dials) and sends them as one
+# "forwards", encoded once for every link; to a peer that does not (an
+# older connmond) each update goes as a "forward", as before.  Apps and
+# consoles ignore the welcome's "batches".  A peer's message with a bad
+# field (checked with the bounds its sender applies) is dropped, with a
+# log line, and the link stays; another role's request cuts the link.
 #
 # "clears" counts the clears of the maxima: maxima sent before a clear the
 # receiver has seen are dropped.  A node keeps a process's newest session,
@@ -1483,7 +1494,8 @@ class ProcessState:
 
     @property
     def waiting_count(self) -> int:
-        return sum(count for count, _ in self.waiting.values())
+        return sum(count for count, _ in self.waiting.values()) \
+            if self.waiting else 0
 
     # -- application side -----------------------------------------------------
 
@@ -1732,91 +1744,74 @@ class ProcessState:
 
     # -- daemon side ----------------------------------------------------------
 
-    def update(self, message: Dict[str, Any], now: float) -> Dict[str, Any]:
-        """Apply a "state" or "update" message, validating every field.
+    def update(self, message: Dict[str, Any], now: float) -> int:
+        """Apply a "state" or "update" message, validating every field
+        (see Update)."""
+        return self.apply(Update(message), now)
 
-        "state" replaces everything.  Returns the message's counters: the
-        checkout count, the hold time sum and count, the peaks, and the
-        pool pressure (see ``pressure_of``).
-        """
-        connect = _pairs(message, "connect", _is_int)
-        close = _ints(message, "close")
-        checkout = _pairs(message, "checkout", _is_age)
-        checkin = _ints(message, "checkin")
-        pools = _pools(message) if "pools" in message else None
-        waiting = _waiting(message) if "waiting" in message else None
-        pressure = pressure_of(message)
-        sites = _pairs(message, "sites", _is_location, optional=True)
-        checkout_sites = _pairs(message, "checkout_sites", _is_int,
-                                optional=True)
-        held_at = _pairs(message, "held_at", _is_location,
-                         optional=True)
-        checkouts = message.get("checkouts")
-        hold = message.get("hold")
-        peak = message.get("peak")
-        if not (is_count(checkouts)
-                and isinstance(hold, list) and len(hold) == 2
-                and _is_age(hold[0]) and is_count(hold[1])
-                and isinstance(peak, list) and len(peak) == 2
-                and is_count(peak[0]) and is_count(peak[1])):
-            raise ProtocolError("update needs 'checkouts', 'hold' [seconds, "
-                                "count] and 'peak' [conns, checkouts]")
-        known = 0 if message["op"] == "state" else len(self.conns)
-        if known + len(connect) > MAX_PROCESS_CONNECTIONS:
+    def apply(self, change: "Update", now: float) -> int:
+        """Apply a message checked by Update: "state" replaces
+        everything.  An update of counters only (the commonest: most
+        messages carry checkouts that came and went) touches the maxima
+        and nothing else.  Returns how many of its events were for
+        connections the process never announced (ignored)."""
+        unknown = self._apply_tables(change, now) if change.moves else 0
+        conns, out = len(self.conns), len(self.checked_out)
+        self.max_conns = max(self.max_conns, change.peak_conns, conns)
+        self.max_checked_out = max(self.max_checked_out,
+                                   change.peak_checked_out, out)
+        self.max_waiting = max(self.max_waiting, change.peak_waiting,
+                               self.waiting_count)
+        return unknown
+
+    def _apply_tables(self, change: "Update", now: float) -> int:
+        """The connections, checkouts, pools, waits and sites of a
+        message; checks the process's bounds before changing anything."""
+        known = 0 if change.state else len(self.conns)
+        if known + len(change.connect) > MAX_PROCESS_CONNECTIONS:
             raise ProtocolError(f"more than {MAX_PROCESS_CONNECTIONS} "
                                 "connections in one process")
-        if pools is not None and len(pools) > MAX_PROCESS_POOLS:
-            raise ProtocolError(f"more than {MAX_PROCESS_POOLS} pools in one "
-                                "process")
-        if message["op"] == "state":
+        if change.state:
             for table in (self.conns, self.checked_out, self.pools,
                           self.endpoints, self.waiting, self.holders,
                           self.site_names, self.held_at,
                           self._held_texts, self._site_holders):
                 table.clear()
-        if pools is not None:
-            self.pools = {pool: limit for pool, limit, _ in pools}
-            self.endpoints = {pool: endpoint for pool, _, endpoint in pools
+        if change.pools is not None:
+            self.pools = {pool: limit for pool, limit, _ in change.pools}
+            self.endpoints = {pool: endpoint
+                              for pool, _, endpoint in change.pools
                               if endpoint is not None}
-        if waiting is not None:
+        if change.waiting is not None:
             self.waiting = {pool: (count, now - age)
-                            for pool, count, age in waiting}
-        self.conns.update(connect)
+                            for pool, count, age in change.waiting}
+        self.conns.update(change.connect)
         unknown = 0   # events for connections the process never announced
-        for ident in close:
+        for ident in change.close:
             unknown += self.conns.pop(ident, None) is None
             self.checked_out.pop(ident, None)
             self._forget_holder(ident)
-        for ident in checkin:
+        for ident in change.checkin:
             unknown += self.checked_out.pop(ident, None) is None
             self._forget_holder(ident)
-        for ident, age in checkout:
+        for ident, age in change.checkout:
             if ident in self.conns:
                 self.checked_out[ident] = now - age
                 self._forget_holder(ident)
             else:
                 unknown += 1
         room = MAX_SITES - len(self.site_names)
-        self.site_names.update(sites[:max(0, room)])
-        for ident, site in checkout_sites:
+        self.site_names.update(change.sites[:max(0, room)])
+        for ident, site in change.checkout_sites:
             # A named site only, each holder tuple once: bounded bytes.
             if ident in self.checked_out and site in self.site_names:
                 self.holders[ident] = self._site_holders.setdefault(
                     site, (site, None, None))
-        for ident, text in held_at:
+        for ident, text in change.held_at:
             if ident in self.checked_out and (
                     ident in self.held_at or len(self.held_at) < MAX_SITES):
                 self.held_at[ident] = self._held_text(text)
-        self.max_conns = max(self.max_conns, peak[0], len(self.conns))
-        self.max_checked_out = max(self.max_checked_out, peak[1],
-                                   len(self.checked_out))
-        pressure["peak_waiting"] = max(pressure["peak_waiting"],
-                                       self.waiting_count)
-        self.max_waiting = max(self.max_waiting, pressure["peak_waiting"])
-        return {"checkouts": checkouts, "hold_total": hold[0],
-                "holds": hold[1], "peak_conns": max(peak[0], len(self.conns)),
-                "peak_checked_out": max(peak[1], len(self.checked_out)),
-                "unknown": unknown, **pressure}
+        return unknown
 
     def _held_text(self, text: str) -> str:
         """One copy of each held-at text (thousands of holders are held
@@ -1893,6 +1888,104 @@ MAX_SITES = 1000   # checkout sites the daemon keeps names of, per process,
 NOT_KEPT = "(place not kept: too many)"   # past MAX_SITES held-at texts
 
 
+class Update:
+    """An app's "state" or "update" message, checked whole before any of
+    it is applied: the daemon checks it outside its lock and applies it
+    (ProcessState.apply) inside.
+
+    ``moves`` says whether it changes any table (connections, checkouts,
+    pools, waits, sites); the counters are the checkouts, hold times and
+    peaks since the previous message, and the pool pressure (see
+    ``_read_pressure``): zero when absent.
+    """
+
+    __slots__ = ("state", "moves", "connect", "close", "checkout",
+                 "checkin", "pools", "waiting", "sites", "checkout_sites",
+                 "held_at", "checkouts", "hold_total", "holds",
+                 "peak_conns", "peak_checked_out", "wait_total", "waits",
+                 "wait_max", "connect_total", "connects", "timeouts",
+                 "failures", "invalidations", "peak_waiting")
+
+    def __init__(self, message: Dict[str, Any]):
+        self._read_pressure(message)
+        self.state = message["op"] == "state"
+        checkouts, hold, peak = (message.get("checkouts"),
+                                 message.get("hold"), message.get("peak"))
+        if not (is_count(checkouts)
+                and type(hold) is list and len(hold) == 2
+                and _is_age(hold[0]) and is_count(hold[1])
+                and type(peak) is list and len(peak) == 2
+                and is_count(peak[0]) and is_count(peak[1])):
+            raise ProtocolError("update needs 'checkouts', 'hold' [seconds, "
+                                "count] and 'peak' [conns, checkouts]")
+        self.checkouts, (self.hold_total, self.holds) = checkouts, hold
+        self.peak_conns, self.peak_checked_out = peak
+        self.sites = self.checkout_sites = self.held_at = NOTHING
+        self.pools = self.waiting = None
+        connect, close, checkout, checkin = (
+            message.get("connect"), message.get("close"),
+            message.get("checkout"), message.get("checkin"))
+        if [] == connect == close == checkout == checkin and not (
+                self.state or _TABLE_KEYS & message.keys()):
+            self.moves = False   # counters only: nothing more to check
+            self.connect = self.close = self.checkout = self.checkin = \
+                NOTHING
+            return
+        self.moves = True
+        self.connect = _pairs(message, "connect", _is_int)
+        self.close = _ints(message, "close")
+        self.checkout = _pairs(message, "checkout", _is_age)
+        self.checkin = _ints(message, "checkin")
+        if "pools" in message:
+            self.pools = _pools(message)
+            if len(self.pools) > MAX_PROCESS_POOLS:
+                raise ProtocolError(f"more than {MAX_PROCESS_POOLS} pools in "
+                                    "one process")
+        if "waiting" in message:
+            self.waiting = _waiting(message)
+        self.sites = _pairs(message, "sites", _is_location, optional=True)
+        self.checkout_sites = _pairs(message, "checkout_sites", _is_int,
+                                     optional=True)
+        self.held_at = _pairs(message, "held_at", _is_location,
+                              optional=True)
+
+    def _read_pressure(self, message: Dict[str, Any]) -> None:
+        """The pool pressure since the previous message, each key optional
+        (absent: none): "waits" [seconds, count, longest seconds] of the
+        checkouts that waited (whether they got a connection or not),
+        "timeouts" and "failures" (checkouts that gave up, or failed to
+        open a connection), "connects" [seconds, count] of the connections
+        opened, "invalidations", and "peak_waiting", the most checkouts
+        waiting at once."""
+        get = message.get
+        waits, connects = get("waits", NO_WAITS), get("connects", NO_CONNECTS)
+        counts = (get("timeouts", 0), get("failures", 0),
+                  get("invalidations", 0), get("peak_waiting", 0))
+        if not (type(waits) is list and len(waits) == 3
+                and _is_age(waits[0]) and is_count(waits[1])
+                and _is_age(waits[2])
+                and type(connects) is list and len(connects) == 2
+                and _is_age(connects[0]) and is_count(connects[1])
+                and all(map(is_count, counts))):
+            raise ProtocolError(f"{message['op']}: 'waits' must be [seconds, "
+                                "count, seconds], 'connects' [seconds, "
+                                "count], 'timeouts', 'failures', "
+                                "'invalidations' and 'peak_waiting' counts")
+        self.wait_total, self.waits, self.wait_max = waits
+        self.connect_total, self.connects = connects
+        self.timeouts, self.failures, self.invalidations, \
+            self.peak_waiting = counts
+
+
+NO_WAITS = [0.0, 0, 0.0]   # what absent "waits" and "connects" mean
+NO_CONNECTS = [0.0, 0]
+NOTHING: tuple = ()   # an empty table of a message
+# The optional keys that change tables: a message with none of them (and
+# no connections, checkouts or checkins) is counters only.
+_TABLE_KEYS = frozenset({"pools", "waiting", "sites", "checkout_sites",
+                         "held_at"})
+
+
 def _is_int(value: Any) -> bool:
     return type(value) is int and -(1 << 62) < value < (1 << 62)
 
@@ -1907,33 +2000,6 @@ def _is_age(value: Any) -> bool:
 
 def _is_limit(value: Any) -> bool:
     return value is None or is_count(value)
-
-
-def pressure_of(message: Dict[str, Any]) -> Dict[str, Any]:
-    """An update's pool pressure since the previous one, each key optional
-    (absent: none): "waits" [seconds, count, longest seconds] of the
-    checkouts that waited (whether they got a connection or not),
-    "timeouts" and "failures" (checkouts that gave up, or failed to open
-    a connection), "connects" [seconds, count] of the connections opened,
-    "invalidations", and "peak_waiting", the most checkouts waiting at
-    once."""
-    waits = message.get("waits", [0.0, 0, 0.0])
-    connects = message.get("connects", [0.0, 0])
-    counts = {key: message.get(key, 0) for key in (
-        "timeouts", "failures", "invalidations", "peak_waiting")}
-    if not (isinstance(waits, list) and len(waits) == 3
-            and _is_age(waits[0]) and is_count(waits[1])
-            and _is_age(waits[2])
-            and isinstance(connects, list) and len(connects) == 2
-            and _is_age(connects[0]) and is_count(connects[1])
-            and all(map(is_count, counts.values()))):
-        raise ProtocolError(f"{message['op']}: 'waits' must be [seconds, "
-                            "count, seconds], 'connects' [seconds, count], "
-                            "'timeouts', 'failures', 'invalidations' and "
-                            "'peak_waiting' counts")
-    return {"wait_total": waits[0], "waits": waits[1],
-            "wait_max": waits[2], "connect_total": connects[0],
-            "connects": connects[1], **counts}
 
 
 def _is_endpoint(value: Any) -> bool:

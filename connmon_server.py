@@ -208,17 +208,24 @@ class ProgramRow:
         self.maxckout = max(self.maxckout, self.ckout + peak_ckout)
         self.maxwaiting = max(self.maxwaiting, self.waiting + peak_waiting)
 
-    def count(self, now: float, counters: Dict[str, Any]) -> None:
-        """Add an update's counters (ProcessState.update's answer)."""
-        self.checkouts.add(now, counters["checkouts"])
-        self.holds.add(now, counters["hold_total"], counters["holds"])
-        self.waits.add(now, counters["wait_total"], counters["waits"],
-                       counters["wait_max"])
-        self.connects.add(now, counters["connect_total"],
-                          counters["connects"])
-        self.timeouts.add(now, counters["timeouts"])
-        self.failures.add(now, counters["failures"])
-        self.invalidations.add(now, counters["invalidations"])
+    def count(self, now: float, change: connmon.Update) -> None:
+        """Add an update's counters; a meter whose count did not move is
+        not touched (its readings age by the clock alone)."""
+        if change.checkouts:
+            self.checkouts.add(now, change.checkouts)
+        if change.holds:
+            self.holds.add(now, change.hold_total, change.holds)
+        if change.waits:
+            self.waits.add(now, change.wait_total, change.waits,
+                           change.wait_max)
+        if change.connects:
+            self.connects.add(now, change.connect_total, change.connects)
+        if change.timeouts:
+            self.timeouts.add(now, change.timeouts)
+        if change.failures:
+            self.failures.add(now, change.failures)
+        if change.invalidations:
+            self.invalidations.add(now, change.invalidations)
 
     def clear_maxima(self) -> None:
         self.maxnproc, self.maxconn, self.maxckout, self.maxwaiting = (
@@ -423,32 +430,38 @@ class Picture:
             del self.parked[ident]
         return len(gone)
 
-    def update(self, ident: str, session: int, message: Dict[str, Any],
+    def update(self, ident: str, session: int, change: connmon.Update,
                now: float, origin: Optional[str] = None) -> Optional[int]:
-        """Apply an app's "update" to its current session (a peer's,
-        ``origin``, only to a process attached to it).  Returns None for
-        stale news (ignored), else how many of its events were for
-        connections the process never announced (ignored; an honest
-        process sends none)."""
+        """Apply an app's "update" (checked: see connmon.Update) to its
+        current session (a peer's, ``origin``, only to a process attached
+        to it).  Returns None for stale news (ignored), else how many of
+        its events were for connections the process never announced
+        (ignored; an honest process sends none)."""
         proc = self.current(ident, session, origin)
         if proc is None:
             parked = self.parked.get(ident)
             if parked is not None and parked.session == session and (
                     origin in (None, parked.origin)):
-                parked.update(message, now)   # kept current, not counted
+                parked.apply(change, now)   # kept current, not counted
             return None
-        before = (len(proc.conns), len(proc.checked_out), proc.waiting_count)
-        counters = proc.update(message, now)
+        before = (len(proc.conns), len(proc.checked_out),
+                  proc.waiting_count) if change.moves else None
+        unknown = proc.apply(change, now)
         after = (len(proc.conns), len(proc.checked_out), proc.waiting_count)
-        changes = [new - old for new, old in zip(after, before)]
-        peaks = [counters[key] - new for key, new in zip(
-            ("peak_conns", "peak_checked_out", "peak_waiting"), after)]
+        moved = (0, 0, 0) if before is None else (
+            after[0] - before[0], after[1] - before[1], after[2] - before[2])
+        # How far above the new counts a burst inside the update went.
+        peaks = (max(0, change.peak_conns - after[0]),
+                 max(0, change.peak_checked_out - after[1]),
+                 max(0, change.peak_waiting - after[2]))
         row = self._row(proc.key)
-        row.add(0, *changes, *peaks)
-        row.count(now, counters)
-        self._totals(*changes, *peaks)
-        self._cost(proc)
-        return counters["unknown"]
+        if any(moved) or any(peaks):
+            row.add(0, *moved, *peaks)
+            self._totals(*moved, *peaks)
+        row.count(now, change)
+        if change.moves:
+            self._cost(proc)
+        return unknown
 
     MAXIMA_ROWS = 250   # rows a "maxima" message: always under 1 MiB
 
@@ -800,6 +813,14 @@ MAXIMA_INTERVAL = 5.0     # seconds between two maxima sent to each peer
 ACCEPT_BACKOFF_MAX = 1.0  # seconds the accept loop rests, out of files
 STORM = 200               # departures waiting that make a storm
 STORM_SWITCH_INTERVAL = 0.5   # seconds a thread runs on, during one
+# Seconds a thread holding the interpreter runs on while others wait for
+# it (Python's default is 5 ms).  A handler's work on a message is tens of
+# microseconds and gives the interpreter up at its next read, so this
+# never holds one up; but a console's snapshot of thousands of processes
+# is long, and with thousands of handler threads waking every second, a
+# 5 ms turn hands it to them hundreds of times a snapshot (measured:
+# snapshots of 3,000 processes reporting each second took over 5 s).
+SWITCH_INTERVAL = 0.05
 
 
 class ProblemLog:
@@ -902,8 +923,9 @@ ROLES = {
     "app": Role("app", frozenset({"update"})),
     "console": Role("console", frozenset({"snapshot", "history",
                                           "clear_maxima"})),
-    "peer": Role("peer", frozenset({"attach", "forward", "detach", "maxima",
-                                    "clear_maxima", "pong"}),
+    "peer": Role("peer", frozenset({"attach", "forward", "forwards",
+                                    "detach", "maxima", "clear_maxima",
+                                    "pong"}),
                  MAX_PEER_MESSAGE_BYTES),
 }
 
@@ -1215,7 +1237,8 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
     def welcome(self, nonce: str) -> Dict[str, Any]:
         return {"op": "welcome", "version": connmon.PROTOCOL_VERSION,
                 "service": self.service.name, "node": self.node.name,
-                "nonce": nonce, "heartbeat": self.heartbeat}
+                "nonce": nonce, "heartbeat": self.heartbeat,
+                "batches": True}
 
 
 HISTORY_INTERVAL = 1.0   # seconds between two samples of the history
@@ -1446,13 +1469,13 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
                  connmon.plural(len(proc.conns), "connection"))
         try:
             for message in requests(self.rfile, role, self.send):
+                # Checked before the lock: it guards the applying only.
+                change, now = connmon.Update(message), time.monotonic()
                 with lock:
                     unknown = picture.update(proc.ident, proc.session,
-                                             message, time.monotonic())
-                    if unknown is not None:
-                        cluster.broadcast({
-                            "op": "forward", "id": proc.ident,
-                            "session": proc.session, "update": message})
+                                             change, now)
+                    if unknown is not None and cluster.links:
+                        cluster.forward(proc.ident, proc.session, message)
                 if unknown:
                     problems.log(logging.WARNING, "unknown", "%s: app %s "
                                  "sent %d events for connections it never "
@@ -1485,7 +1508,7 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
 
     def serve_peer(self, hello: Dict[str, Any], role: Role) -> None:
         link = self.server.cluster.links[hello["node"]]
-        link.run(self.request, self.rfile)
+        link.run(self.request, self.rfile, hello.get("batches") is True)
 
 
 def process_from(proc: Any, max_session: int = 1 << 62
@@ -1637,8 +1660,23 @@ def attach_message(proc: connmon.ProcessState) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
+FORWARD_INTERVAL = 0.2    # seconds our apps' updates gather for the peers
+MAX_FORWARDS = 50_000     # updates a "forwards" batch may carry
+FORWARDS_A_HOLD = 500     # a peer's forwarded updates a hold of the lock
+
+
 class Cluster:
-    """This node's links to the other nodes of its service."""
+    """This node's links to the other nodes of its service.
+
+    Our applications' updates go to the peers in batches: gathered for
+    FORWARD_INTERVAL (well inside the picture's second), encoded once for
+    every link, written in one go, and applied by each peer under one
+    hold of its lock per FORWARDS_A_HOLD of them.  Every other message
+    (an attach, a detach, the maxima) first sends the batch gathered so
+    far, so that peers see our news in the order we made it.  A peer of
+    an older version (that does not say "batches" in its hello or
+    welcome) gets each update as a "forward" of its own, as before.
+    """
 
     def __init__(self, server: ConnmonServer):
         self.server = server
@@ -1646,6 +1684,7 @@ class Cluster:
         self.links = {node.name: PeerLink(server, node)
                       for node in server.service.nodes if node.name != me}
         self.source: Optional[str] = None   # where our links come from
+        self.forwards: List[list] = []   # [id, session, update], gathering
 
     def own_source(self) -> Optional[str]:
         """The local address to dial peers from: the one our hostname
@@ -1672,6 +1711,14 @@ class Cluster:
         if self.links:
             threading.Thread(target=self._maxima_loop, daemon=True,
                              name="peer-maxima").start()
+            threading.Thread(target=self._forward_loop, daemon=True,
+                             name="peer-forwards").start()
+
+    def _forward_loop(self) -> None:
+        while True:
+            time.sleep(FORWARD_INTERVAL)
+            with self.server.lock:
+                self.flush_forwards()
 
     def _maxima_loop(self) -> None:
         """Send every peer our maxima every MAXIMA_INTERVAL, not only when
@@ -1684,11 +1731,42 @@ class Cluster:
                     self.broadcast(message)
 
     def broadcast(self, message: Dict[str, Any]) -> None:
-        """Queue a message for every peer that is up (caller holds the
-        picture lock, so peers see our changes in the order we made them).
-        """
+        """Queue a message for every peer that is up, after the updates
+        gathered so far (caller holds the picture lock, so peers see our
+        changes in the order we made them)."""
+        self.flush_forwards()
+        self._put(Outgoing([message]))
+
+    def forward(self, ident: str, session: int,
+                update: Dict[str, Any]) -> None:
+        """Gather one of our app's updates for the peers (caller holds the
+        picture lock)."""
+        self.forwards.append([ident, session, update])
+        if len(self.forwards) >= MAX_FORWARDS:
+            self.flush_forwards()
+
+    def flush_forwards(self) -> None:
+        """Queue the updates gathered for every peer that is up: one
+        "forwards" batch, or for a peer of an older version each its own
+        "forward" (caller holds the picture lock)."""
+        if not self.forwards:
+            return
+        items, self.forwards = self.forwards, []
+        self._put(Outgoing([{"op": "forwards", "items": items}]),
+                  lambda: Outgoing([{"op": "forward", "id": ident,
+                                     "session": session, "update": update}
+                                    for ident, session, update in items]))
+
+    def _put(self, batched: "Outgoing", each=None) -> None:
+        """Queue ``batched`` for every link that is up, or what ``each``
+        makes (once) for the links to peers that take no batches."""
+        unbatched = None
         for link in self.links.values():
-            link.enqueue(message)
+            if link.batches or each is None:
+                link.put(batched)
+            else:
+                unbatched = unbatched or each()
+                link.put(unbatched)
 
     def status(self) -> Dict[str, bool]:
         return {name: link.sock is not None
@@ -1748,6 +1826,60 @@ def is_loopback(host: str) -> bool:
                for info in infos)
 
 
+class Outgoing:
+    """Messages queued for one or more peers: encoded once, by the first
+    link's writer that sends them (outside the picture's lock)."""
+
+    __slots__ = ("messages", "count", "_data")
+
+    def __init__(self, messages: List[Dict[str, Any]]):
+        self.messages = messages
+        self.count = sum(len(m["items"]) if m["op"] == "forwards" else 1
+                         for m in messages)
+        self._data: Optional[bytes] = None
+
+    def data(self) -> bytes:
+        if self._data is None:
+            self._data = b"".join(map(peer_lines, self.messages))
+        return self._data
+
+
+def peer_lines(message: Dict[str, Any]) -> bytes:
+    """A message for a peer as a line; a "forwards" batch larger than a
+    peer message may be as several (an app's update is under 1 MiB, a
+    peer's message may be 32 MiB: halving always ends)."""
+    try:
+        return connmon.encode(message, MAX_PEER_MESSAGE_BYTES)
+    except ProtocolError:
+        items = message.get("items") if message["op"] == "forwards" else None
+        if not items or len(items) < 2:
+            raise
+        half = len(items) // 2
+        return (peer_lines({"op": "forwards", "items": items[:half]})
+                + peer_lines({"op": "forwards", "items": items[half:]}))
+
+
+def forwarded(message: Dict[str, Any]) -> List[Tuple[str, int,
+                                                     connmon.Update]]:
+    """The updates of a peer's "forwards", each checked as an app's is:
+    [[id, session, update], ...], at most MAX_FORWARDS."""
+    items = message.get("items")
+    if not (type(items) is list and len(items) <= MAX_FORWARDS):
+        raise ProtocolError(f"forwards needs 'items', a list of at most "
+                            f"{MAX_FORWARDS} [id, session, update]")
+    checked = []
+    for item in items:
+        if not (type(item) is list and len(item) == 3
+                and connmon.is_text(item[0], connmon.MAX_NAME)
+                and type(item[1]) is int and 0 <= item[1] < 1 << 62
+                and type(item[2]) is dict
+                and item[2].get("op") == "update"):
+            raise ProtocolError("forwards: each item must be [id, session, "
+                                "update]")
+        checked.append((item[0], item[1], connmon.Update(item[2])))
+    return checked
+
+
 class PeerLink:
     """The link to one other node.
 
@@ -1764,7 +1896,9 @@ class PeerLink:
         self.node = node
         self.sock: Optional[socket.socket] = None
         self.generation = 0
+        self.batches = False   # whether the peer takes "forwards"
         self.outbox: collections.deque = collections.deque()
+        self.queued = 0   # messages in the outbox (a batch's updates each)
         self.ready = threading.Condition(threading.Lock())
 
     def start(self) -> None:
@@ -1775,38 +1909,50 @@ class PeerLink:
                              name=f"peer-{self.node.name}-dialer").start()
 
     def enqueue(self, message: Dict[str, Any]) -> None:
+        """Queue a message for this peer alone."""
+        self.put(Outgoing([message]))
+
+    def put(self, outgoing: Outgoing) -> None:
         if self.sock is None:
             return   # the peer gets everything again when the link is up
         with self.ready:
-            self.outbox.append(message)
-            if len(self.outbox) > MAX_OUTBOX:
+            self.outbox.append(outgoing)
+            self.queued += outgoing.count
+            if self.queued > MAX_OUTBOX:
                 log.warning("peer %s: %d messages behind; cutting the link",
-                            self.node.name, len(self.outbox))
+                            self.node.name, self.queued)
                 self._cut(self.sock)
             self.ready.notify()
 
-    def run(self, sock: socket.socket, rfile) -> None:
-        """Serve a new link until it ends."""
+    def run(self, sock: socket.socket, rfile, batches: bool) -> None:
+        """Serve a new link until it ends (``batches``: the peer takes
+        "forwards")."""
         server = self.server
         origin = self.node.name
         with server.lock:
             if self.sock is not None:
                 self._cut(self.sock)   # a newer link replaces a stale one
+            server.cluster.flush_forwards()   # news the attaches include
             server.picture.detach_origin(origin)
             self.generation += 1
             generation = self.generation
             with self.ready:
-                self.sock = sock
+                self.sock, self.batches = sock, batches
                 self.outbox.clear()
-                self.outbox.extend(server.picture.maxima())
-                self.outbox.extend(
+                self.outbox.append(Outgoing(server.picture.maxima() + [
                     attach_message(proc)
                     for proc in server.picture.processes.values()
-                    if proc.origin == server.node.name)
+                    if proc.origin == server.node.name]))
+                self.queued = self.outbox[0].count
                 self.ready.notify()
         log.info("peer %s: link up", origin)
         try:
             for message in requests(rfile, ROLES["peer"], self.enqueue):
+                if message["op"] == "forwards":
+                    if not self._apply_forwards(forwarded(message),
+                                                generation):
+                        break
+                    continue
                 with server.lock:
                     if self.generation != generation:
                         break   # replaced: only the new link's news counts
@@ -1828,6 +1974,7 @@ class PeerLink:
                     with self.ready:
                         self.sock = None
                         self.outbox.clear()
+                        self.queued = 0
                     gone = server.picture.detach_origin(origin)
                     log.info("peer %s: link down; its processes (%d) leave "
                              "the picture", origin, gone)
@@ -1853,9 +2000,9 @@ class PeerLink:
             if op == "detach":
                 picture.detach(ident, session, self.node.name)
             else:
-                picture.update(ident, session,
-                               nested(message, "update", "update"), now,
-                               self.node.name)
+                picture.update(ident, session, connmon.Update(
+                    nested(message, "update", "update")), now,
+                    self.node.name)
         elif op == "maxima":
             picture.merge_maxima(message)
         else:   # clear_maxima
@@ -1864,6 +2011,22 @@ class PeerLink:
                 raise ProtocolError("clear_maxima: 'clears' must be a count")
             picture.clear_maxima()
             picture.clears = max(picture.clears, clears)
+
+    def _apply_forwards(self, changes: List[Tuple[str, int,
+                                                  connmon.Update]],
+                        generation: int) -> bool:
+        """Apply a peer's batch of its apps' updates (checked already), a
+        few hundred a hold of the lock; False if the link was replaced."""
+        picture, origin = self.server.picture, self.node.name
+        for start in range(0, len(changes), FORWARDS_A_HOLD):
+            now = time.monotonic()
+            with self.server.lock:
+                if self.generation != generation:
+                    return False
+                for ident, session, change in changes[
+                        start:start + FORWARDS_A_HOLD]:
+                    picture.update(ident, session, change, now, origin)
+        return True
 
     def _write_loop(self) -> None:
         """Write what is queued; on a quiet link, a ping every third of the
@@ -1874,13 +2037,13 @@ class PeerLink:
                 if not self.outbox:
                     self.ready.wait(self.server.heartbeat / 3)
                 sock = self.sock
-                batch = list(self.outbox) or [PING]
+                batch = list(self.outbox) or [Outgoing([PING])]
                 self.outbox.clear()
+                self.queued = 0
             if sock is None:
                 continue
             try:
-                sock.sendall(b"".join(connmon.encode(m, MAX_PEER_MESSAGE_BYTES)
-                                      for m in batch))
+                sock.sendall(b"".join(item.data() for item in batch))
             except (OSError, ProtocolError) as err:
                 problems.log(logging.WARNING, "peer send", "peer %s: cannot "
                              "send: %s", self.node.name, brief(err))
@@ -1896,10 +2059,11 @@ class PeerLink:
                     security=self.server.security,
                     source=self.server.cluster.source,
                     service=self.server.service.name,
-                    node=self.server.node.name)
+                    node=self.server.node.name, batches=True)
                 conn.sock.settimeout(self.server.heartbeat)
                 delay = 0.0
-                self.run(conn.sock, conn.rfile)
+                self.run(conn.sock, conn.rfile,
+                         conn.welcome.get("batches") is True)
             except (OSError, ProtocolError) as err:
                 (log.warning if delay == 0.0 else log.debug)(
                     "peer %s: cannot connect: %s", self.node.name, err)
@@ -2524,6 +2688,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"connmond: config OK: {path or connmon.BUILT_IN} service "
               f"{service.name!r}: {describe(node, options)}")
         return 0
+    sys.setswitchinterval(SWITCH_INTERVAL)
     # SIGTERM stops it like Ctrl-C from here on, even while it starts.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGHUP, lambda *_: log.warning(

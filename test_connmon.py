@@ -8018,3 +8018,85 @@ def test_trust_client_memory_has_a_ceiling(tmp_path, apps):
         for sock in hostile:
             sock.close()
         daemon.stop()
+
+
+# --- (new) scale, daemon side: cheap updates, batched peer forwards ---
+
+def counters_only(**fields: Any) -> Dict[str, Any]:
+    """An update as the plugin sends it when checkouts came and went
+    within it: no connection, checkout or pool changes, counters only."""
+    return {"op": "update", "connect": [], "close": [], "checkout": [],
+            "checkin": [], "checkouts": 5, "hold": [0.05, 5],
+            "peak": [2, 2], **fields}
+
+
+def test_counters_only_update_changes_only_the_counters(daemon):
+    app = SyntheticApp(daemon, "fast-host", "fast.py")
+    for conn in (1, 2):
+        app.event(connmon.CONNECT, conn, pool=7)
+    app.event(connmon.CHECKOUT, 1, pool=7)
+    app.state.fold([(connmon.POOL, 7, 0.0, 5, None, None, None, None)])
+    app.send()
+    before = daemon.wait_row("fast.py", procs=True, conn=2, ckout=1)
+    assert not connmon.Update(counters_only()).moves
+    app.conn.send(counters_only(waits=[0.02, 5, 0.01], timeouts=1))
+    after = daemon.wait_row("fast.py", procs=True, timeouts_total=1,
+                            ckout_total=before["ckout_total"] + 5)
+    assert (after["conn"], after["ckout"], after["limit"]) == (2, 1, 5)
+    assert [p["pools"] for p in after["procs"]] == [
+        p["pools"] for p in before["procs"]]
+    assert after["maxckout"] == 2   # the burst inside the update counts
+    assert after["wait_seconds_total"] == 0.02
+
+
+@pytest.mark.parametrize("fields, error", [
+    ({"checkouts": -1}, "update needs 'checkouts'"),
+    ({"hold": [0.1]}, "update needs 'checkouts'"),
+    ({"waits": "lots"}, "'waits' must be [seconds, count, seconds]"),
+    ({"timeouts": 1.5}, "'waits' must be [seconds, count, seconds]"),
+    ({"checkin": {}}, "'checkin' must be a list of integers"),
+    ({"checkout": None}, "'checkout' must be a list of [id, value] pairs"),
+])
+def test_malformed_counters_only_update_is_refused_clearly(daemon, fields,
+                                                           error):
+    app = SyntheticApp(daemon, "bad-host", "bad.py")
+    honest = SyntheticApp(daemon, "good-host", "good.py")
+    app.event(connmon.CONNECT, 1, pool=7)
+    app.send()
+    daemon.wait_row("bad.py", conn=1)
+    app.conn.send(counters_only(**fields))
+    reply = connmon.read_message(app.conn.rfile)
+    assert reply["op"] == "error" and error in reply["error"], reply
+    assert app.conn.rfile.readline() == b""   # and the daemon hung up
+    honest.event(connmon.CONNECT, 1, pool=7)
+    honest.send()
+    daemon.wait_row("good.py", conn=1)
+    wait_until(lambda: error in daemon.log.read_text(), 10, "the log line")
+
+
+def test_cluster_batched_forwards_carry_every_update(cluster):
+    """Apps on node1 and node2 send counters and checkouts; every node's
+    picture converges, and each counts every checkout once (the updates
+    reach the peers in batches)."""
+    node1, node2, node3 = cluster.nodes.values()
+    wait_until(lambda: all(all(d.snapshot()["peers"].values())
+                           for d in cluster.live()), 20, "the cluster up")
+    apps = [SyntheticApp(node, "batch-host", f"batch{n}.py")
+            for n, node in enumerate((node1, node2, node1), 1)]
+    for app in apps:
+        for conn in (1, 2, 3):
+            app.event(connmon.CONNECT, conn, pool=7)
+        app.send()
+    for round_ in range(20):
+        for app in apps:
+            app.conn.send(counters_only())
+        if round_ % 5 == 0:
+            apps[0].event(connmon.CHECKOUT, 1 + round_ // 5 % 3, pool=7)
+            apps[0].send()
+    wait_converged(cluster, {"batch1.py": (1, 3, 3), "batch2.py": (1, 3, 0),
+                             "batch3.py": (1, 3, 0)})
+    for node in cluster.live():
+        wait_until(lambda: {row["progname"]: row["ckout_total"]
+                            for row in node.snapshot()["rows"]} == {
+            "batch1.py": 103, "batch2.py": 100, "batch3.py": 100}, 10,
+            f"every checkout counted once on {node.node}")
