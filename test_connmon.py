@@ -7717,18 +7717,20 @@ def stop_server_argv(kind: str, port: int, app: pathlib.Path) -> List[str]:
             f"127.0.0.1:{port}", "connmon_wsgi_app:application"]
 
 
-@pytest.mark.parametrize("kind, stops", [("uwsgi", 20), ("gunicorn", 10)])
+# (Fewer than the 20 stops of issue 23: a start and stop of a server
+# under load takes 3 to 8 s on a busy two-core machine.)
+@pytest.mark.parametrize("kind, stops", [("uwsgi", 12), ("gunicorn", 6)])
 def test_server_with_connmon_stops_as_fast_as_without(tmp_path, kind,
                                                       stops):
     """Stops under load of a server of two workers with four threads
-    each, with connmon, each within the longest of three stops of the
+    each, with connmon, each within the longest of two stops of the
     same server without connmon, and a margin far below what a stop left
     to a signal on one of connmon's threads took (uWSGI's 60 s "NO
     MERCY", gunicorn's 30 s graceful timeout)."""
     require_database(MYSQL_URL)
     plain_app = plain_wsgi_app(tmp_path, use_at_load=False)
     plain = []
-    for _ in range(3):
+    for _ in range(2):
         port = free_port()
         server = WorkersServer(plain_app.parent, stop_server_argv(
             kind, port, plain_app), port)
