@@ -7724,9 +7724,10 @@ def test_server_with_connmon_stops_as_fast_as_without(tmp_path, kind,
                                                       stops):
     """Stops under load of a server of two workers with four threads
     each, with connmon, each within the longest of two stops of the
-    same server without connmon, and a margin far below what a stop left
-    to a signal on one of connmon's threads took (uWSGI's 60 s "NO
-    MERCY", gunicorn's 30 s graceful timeout)."""
+    same server without connmon plus a margin (15 s: a shared machine's
+    load makes a stop's time vary) far below what a stop left to a signal
+    on one of connmon's threads took (uWSGI's 60 s "NO MERCY", gunicorn's
+    30 s graceful timeout)."""
     require_database(MYSQL_URL)
     plain_app = plain_wsgi_app(tmp_path, use_at_load=False)
     plain = []
@@ -7735,7 +7736,7 @@ def test_server_with_connmon_stops_as_fast_as_without(tmp_path, kind,
         server = WorkersServer(plain_app.parent, stop_server_argv(
             kind, port, plain_app), port)
         plain.append(stop_under_load(server, 30))
-    bound = max(plain) + 5
+    bound = max(plain) + 15
     daemon = Daemon(tmp_path)
     try:
         app = write_wsgi_app(tmp_path, daemon)
@@ -7747,7 +7748,8 @@ def test_server_with_connmon_stops_as_fast_as_without(tmp_path, kind,
             wait_until(lambda: (daemon.row(kind) or {}).get("nproc") == 0,
                        10, "the stopped workers to leave the picture")
         log = server.log.read_text()
-        assert "Traceback" not in log and "connmon:" not in log, log[-3000:]
+        for trouble in ("Traceback", "connmon:", "MERCY", "SIGKILL"):
+            assert trouble not in log, log[-3000:]
     finally:
         daemon.stop()
 
