@@ -7513,7 +7513,8 @@ def test_threads_at_the_first_pool_event_start_one_sender(daemon, tmp_path,
         if process == "c-fork":
             procs[app.proc.pid] = (1, 0)   # the parent's idle one
         row = daemon.wait_row("burst.py", procs=True, nproc=len(procs),
-                              conn=sum(c for c, _ in procs.values()))
+                              conn=sum(c for c, _ in procs.values()),
+                              ckout=0)
         assert sorted((p["pid"], (p["conn"], p["ckout"]))
                       for p in row["procs"]) == sorted(procs.items())
         log = daemon.log.read_text()
