@@ -48,6 +48,7 @@ import logging
 import os
 import random
 import select
+import signal
 import socket
 import ssl
 import sys
@@ -926,6 +927,8 @@ class Connection:
         self.sock = sock
         self.rfile = sock.makefile("rb")
         self.welcome: Dict[str, Any] = {}
+        # what its descriptor is, besides its number: see close_if_still
+        self.identity = descriptor_identity(sock.fileno())
 
     @property
     def heartbeat(self) -> float:
@@ -947,6 +950,25 @@ class Connection:
     def close(self) -> None:
         self.rfile.close()
         self.sock.close()
+
+
+def descriptor_identity(fd: int) -> Optional[Tuple[int, int]]:
+    """What the file descriptor ``fd`` refers to now (device and inode: a
+    pipe's or a socket's are its own), or None when it is closed."""
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def close_if_still(fd: int, identity: Optional[Tuple[int, int]]) -> None:
+    """Close ``fd`` if it still refers to ``identity``.  For what a forked
+    child inherited: a child of C fork() may have run the application's
+    code before connmon noticed the fork, and that code may have closed the
+    number and opened something of its own under it."""
+    if identity is not None and descriptor_identity(fd) == identity:
+        os.close(fd)
 
 
 def open_connection(addresses: Iterable[Address], role: str,
@@ -1226,15 +1248,29 @@ def _task_or_weak_ref(holder) -> weakref.ref:
         holder)
 
 
+class ThreadHolder:
+    """The holder of the checkouts of one OS thread (where no green thread
+    runs), kept in a thread-local: so it lives exactly as long as the
+    thread's Python state, and its weak reference dies when the thread
+    ends, whoever made the thread.  Not the threading.Thread: for a thread
+    Python did not create (uWSGI's request threads, a C library's
+    callbacks), threading makes up a _DummyThread that always says it is
+    alive, which before Python 3.12 stays in threading._active after the
+    thread has ended and goes to the next thread given the same ident.
+    ``ident`` finds the thread's frames now (sys._current_frames())."""
+
+    __slots__ = ("ident", "__weakref__")
+
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+
+
 def holder_finder(is_async: bool) -> Tuple[Any, Any, Any]:
     """The functions a checkout listener calls for the current holder and
     its weak reference: the task on an asyncio engine, else the greenlet
-    where green threads may run (greenlet imported), else the thread.  The
-    first is quick and may answer None; then the second, once per thread,
-    knows; the third refers to the holder (for a thread or greenlet, the
-    weak reference Python keeps for it).  (A thread's holder is kept in a
-    thread-local: threading.current_thread() costs twice as much, on every
-    checkout.)"""
+    where green threads may run (greenlet imported), else the thread's
+    ThreadHolder.  The first is quick and may answer None; then the
+    second, once per thread, knows; the third refers to the holder."""
     if is_async:
         import asyncio
         running_loop, current_task = (asyncio.events._get_running_loop,
@@ -1247,15 +1283,16 @@ def holder_finder(is_async: bool) -> Tuple[Any, Any, Any]:
         return (current_task_or_fallback, current_task_or_fallback,
                 _task_or_weak_ref)
     greenlet = sys.modules.get("greenlet")
+    real_get_ident = _real_get_ident()
     if greenlet is None:
         local = threading.local()
 
         def first_checkout_in_thread():
-            local.thread = thread = threading.current_thread()
-            return thread
-        return (functools.partial(getattr, local, "thread", None),
+            local.holder = holder = ThreadHolder(real_get_ident())
+            return holder
+        return (functools.partial(getattr, local, "holder", None),
                 first_checkout_in_thread, weakref.ref)
-    getcurrent, real_get_ident = greenlet.getcurrent, _real_get_ident()
+    getcurrent = greenlet.getcurrent
 
     def current_greenlet():
         current = getcurrent()
@@ -1298,11 +1335,10 @@ def holder_stack(ref: weakref.ref) -> Tuple[bool, Optional[List[Any]], str]:
         if holder.done():
             return True, None, label
         return False, _awaiting_frames(holder.get_coro()), label
-    if isinstance(holder, threading.Thread):
-        frame = sys._current_frames().get(holder.ident)
-        if not holder.is_alive() or frame is None:
-            return True, None, ""
-        return False, _frames_out(frame), ""
+    if isinstance(holder, ThreadHolder):   # alive, since it is referred
+        # to: its frames now, none while it runs no Python code (a uWSGI
+        # request thread between requests)
+        return False, _frames_out(sys._current_frames().get(holder.ident)), ""
     if holder.dead:   # a greenlet
         return True, None, ""
     if holder.gr_frame is not None:   # suspended: its own stack
@@ -1319,6 +1355,7 @@ def holder_stack(ref: weakref.ref) -> Tuple[bool, Optional[List[Any]], str]:
 
 
 def _frames_out(frame) -> List[Any]:
+    """``frame`` and its callers, innermost first."""
     frames = []
     while frame is not None:
         frames.append(frame)
@@ -2198,6 +2235,7 @@ class Runtime:
         self.poll = _unpatched("select", "poll")
         self.read = _unpatched("posix", "read")
         self.write = _unpatched("posix", "write")
+        self.pthread_sigmask = _unpatched("signal", "pthread_sigmask")
 
     @staticmethod
     def may_start_threads() -> bool:
@@ -2225,16 +2263,44 @@ class Runtime:
 
     def start_thread(self, target) -> "BackgroundThread":
         thread = BackgroundThread()
-        thread.ident = self.start_new_thread(thread.run, (target, self))
+        thread.start(target, self)
         return thread
 
 
+# The signals a fault raises in the very thread at fault: never blocked
+# (blocked, the kernel would kill the process without a handler's word).
+FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
+                 signal.SIGTRAP, signal.SIGSYS, signal.SIGABRT}
+
+
 class BackgroundThread:
-    """One of the sender's OS threads: its ids, for the benchmarks."""
+    """One of the sender's OS threads: its ids, for the benchmarks.
+
+    It blocks every signal but FAULT_SIGNALS.  The kernel gives a signal
+    sent to the process to any thread that does not block it, and ours
+    must never be that thread: the stop, reload and child signals of
+    uWSGI, gunicorn or oslo.service, and the application's own (SIGALRM,
+    SIGUSR1...), then always reach a thread of the application's.  uWSGI
+    handles them in C, on the thread they reach (its handler ending a
+    worker from our thread left it to be killed 60 s later); Python runs
+    its handlers on the main thread, which a signal that reached another
+    thread does not wake from a blocking call.  The thread is born with
+    them blocked, since a thread inherits its creator's mask: the starting
+    thread blocks them for the instant of the start (blocking them itself,
+    the thread would leave a window until it first held the GIL).  Under
+    eventlet and gevent too: ours are real OS threads (see Runtime)."""
 
     def __init__(self) -> None:
         self.ident = 0       # pthread id
         self.native_id = 0   # the kernel's thread id, once it runs
+
+    def start(self, target, runtime: Runtime) -> None:
+        mask = runtime.pthread_sigmask(
+            signal.SIG_BLOCK, signal.valid_signals() - FAULT_SIGNALS)
+        try:
+            self.ident = runtime.start_new_thread(self.run, (target, runtime))
+        finally:   # (a signal that came meanwhile is delivered now, here)
+            runtime.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def run(self, target, runtime: Runtime) -> None:
         self.native_id = runtime.get_native_id()
@@ -2261,6 +2327,34 @@ MAX_QUEUED = 10000 * EVENT_ITEMS
 # woken again, so a process forked without Python's at-fork hooks notices
 # its new pid within this many seconds of its parent's last batch.
 WAKE_AGAIN = 4 * FLUSH_DELAY
+
+
+class Pipe:
+    """A pipe one thread wakes another through, a byte a wake-up; with
+    what it is besides its numbers (see close_if_still), so that a forked
+    child, which inherits the numbers, closes them only while they are
+    still this pipe."""
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe()
+        os.set_blocking(self.write_end, False)
+        self.identity = descriptor_identity(self.read_end)
+
+    def notify(self) -> None:
+        try:
+            runtime().write(self.write_end, b"!")
+        except OSError:   # full: the reader has been woken already
+            pass          # (closed: -1, no one's; see close_inherited)
+
+    def drain(self) -> None:
+        runtime().read(self.read_end, 4096)
+
+    def close_inherited(self) -> None:
+        """In a forked child: close what is still ours of the parent's
+        pipe, and never use these numbers again."""
+        for fd in (self.read_end, self.write_end):
+            close_if_still(fd, self.identity)
+        self.read_end = self.write_end = -1
 
 
 class Sender:
@@ -2315,21 +2409,21 @@ class Sender:
         self.wake_until = 0.0   # listeners call wake for events after it
         self.started = False
         self.threads: List[BackgroundThread] = []
-        self._wake_read, self._wake_write = os.pipe()    # listeners -> fold
-        self._news_read, self._news_write = os.pipe()    # fold -> network
-        os.set_blocking(self._wake_write, False)
-        os.set_blocking(self._news_write, False)
+        self._start = runtime().allocate_lock()   # see _start_threads
+        self._wake = Pipe()   # listeners -> fold thread
+        self._news = Pipe()   # fold thread -> network thread
 
     def after_fork_in_child(self) -> None:
         """Forget the parent's threads, pipes and queued events, and close
         the parent's connection to connmond: a parent killed later leaves
-        the counts at once, not when the heartbeat runs out."""
-        if self._conn is not None:   # (not close(): after a C fork its
-            os.close(self._conn.sock.detach())   # reader's lock may be held)
-            self._conn = None
-        for fd in (self._wake_read, self._wake_write, self._news_read,
-                   self._news_write):
-            os.close(fd)
+        the counts at once, not when the heartbeat runs out.  Called once
+        a process, by one thread (see this_process)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:   # (detached, not closed: after a C fork,
+            # its reader's lock may be held)
+            close_if_still(conn.sock.detach(), conn.identity)
+        self._wake.close_inherited()
+        self._news.close_inherited()
         for began in self.pending.values():   # the parent's threads' waits
             began.clear()
         self._begin()
@@ -2342,17 +2436,13 @@ class Sender:
         a fork that ran no at-fork hooks (its pid changed), folds a queue
         no thread drains (then every event comes here), and starts the
         threads (``start``: unless the event is no use of a pool)."""
-        if _pid != os.getpid():
-            _after_fork_in_child()
+        this_process()
         if len(self.events) > MAX_QUEUED:
             self._fold_here()
         if not self.started and not (start and self._start_threads()):
             return
         self.wake_until = time.monotonic() + WAKE_AGAIN
-        try:
-            runtime().write(self._wake_write, b"!")
-        except OSError:   # (a full pipe: the thread has been woken)
-            pass
+        self._wake.notify()
 
     def _fold_here(self) -> None:
         """Fold the queue on the application's thread: no thread drains it
@@ -2367,17 +2457,21 @@ class Sender:
                 self.lock.release()
 
     def _start_threads(self) -> bool:
-        """Start the threads if this process may (see Runtime)."""
+        """Start the threads if this process may (see Runtime), once: of
+        the application's threads that come here together (a threaded
+        server's first requests), the one that takes ``_start`` starts
+        them, the others carry on (their wake-up waits in the pipe)."""
         rt = runtime()
         if not rt.may_start_threads():
             return False
-        self.started = True
-        try:
-            self.threads = [rt.start_thread(self._fold),
-                            rt.start_thread(self._run)]
-        except Exception:  # e.g. no threads left: unmonitored, never fail
-            log.exception("connmon: cannot start; process %d runs "
-                          "unmonitored", os.getpid())
+        if self._start.acquire(False):   # never released: once a process
+            self.started = True
+            try:
+                self.threads = [rt.start_thread(self._fold),
+                                rt.start_thread(self._run)]
+            except Exception:  # e.g. no threads left: never fail the app
+                log.exception("connmon: cannot start; process %d runs "
+                              "unmonitored", os.getpid())
         return True
 
     # -- the threads --------------------------------------------------------
@@ -2390,7 +2484,8 @@ class Sender:
         rt = runtime()
         while True:
             try:
-                woken = rt.wait_readable([self._wake_read], self._scan_due())
+                woken = rt.wait_readable([self._wake.read_end],
+                                         self._scan_due())
                 busy = bool(woken)
                 while busy:
                     rt.sleep(FLUSH_DELAY)
@@ -2398,7 +2493,7 @@ class Sender:
                     if busy:
                         self.wake_until = time.monotonic() + WAKE_AGAIN
                     else:   # a quiet spell: back to being woken
-                        rt.read(self._wake_read, 4096)
+                        self._wake.drain()
                         self.wake_until = 0.0
                     # (the quiet one folds what came meanwhile, too)
                     self._fold_batch(quiet=not busy)
@@ -2429,10 +2524,7 @@ class Sender:
             news = state.differs_visibly(self._sent) or (
                 counted and (quiet or now - self._sent_at >= COUNTERS_DELAY))
         if news:
-            try:
-                runtime().write(self._news_write, b"!")
-            except BlockingIOError:   # the network thread has news already
-                pass
+            self._news.notify()
 
     def _run(self) -> None:
         rt = runtime()
@@ -2452,7 +2544,7 @@ class Sender:
                     waiting = []
                     timeout = max(0.0, backoff.retry_at - now)
                 else:
-                    waiting = [self._news_read, conn.sock.fileno()]
+                    waiting = [self._news.read_end, conn.sock.fileno()]
                     timeout = beat.wait(now)
                 readable = rt.wait_readable(waiting, timeout)
                 if conn is not None and conn.sock.fileno() in readable:
@@ -2460,8 +2552,8 @@ class Sender:
                     expect(read_message(conn.rfile), "pong")
                     beat.heard(time.monotonic())
                     backoff.reset()
-                if self._news_read in readable:
-                    rt.read(self._news_read, 4096)
+                if self._news.read_end in readable:
+                    self._news.drain()
                     if conn is not None:
                         self._send(conn)
                 if conn is not None:
@@ -2552,17 +2644,30 @@ class Sender:
 
 
 _senders: Dict[tuple, Sender] = {}
-_senders_lock = threading.Lock()
-_pid = os.getpid()   # whose senders these are: see _after_fork_in_child
+_pid = os.getpid()   # whose senders these are: see this_process
+
+# A process's own lock, for its senders and for starting afresh after a
+# fork: one a pid, found in a dict whose setdefault() is atomic (whichever
+# thread comes first puts its lock there, and every thread gets that one).
+# One a pid because a child of C fork() inherits every lock as it was at
+# the fork: one that another thread of the parent held then stays held in
+# the child for ever.
+_process_locks: Dict[int, Any] = {}
+
+
+def _process_lock(pid: int):
+    lock = _process_locks.get(pid)
+    if lock is None:
+        lock = _process_locks.setdefault(pid, runtime().allocate_lock())
+    return lock
 
 
 def get_sender(target: "Target") -> Sender:
     """The process's sender for these daemons and settings, made on first
     use."""
-    if _pid != os.getpid():
-        _after_fork_in_child()
+    this_process()
     key = (tuple(sorted(target.addresses)), target.security.key)
-    with _senders_lock:
+    with _process_lock(_pid):
         sender = _senders.get(key)
         if sender is None:
             sender = _senders[key] = Sender(
@@ -2571,19 +2676,36 @@ def get_sender(target: "Target") -> Sender:
         return sender
 
 
-def _after_fork_in_child() -> None:
-    """A forked child starts afresh: from Python's at-fork hook, or when
-    the pid is seen to have changed, for a child of C fork() (uWSGI),
-    which runs no hook."""
-    global _senders_lock, _pid
-    _pid = os.getpid()
-    _senders_lock = threading.Lock()   # another thread may have held it
-    _jitter.seed()
-    for sender in _senders.values():
-        sender.after_fork_in_child()
+def this_process() -> None:
+    """Start afresh in a forked child, once: the first of the child's
+    threads to come here resets every sender while any other that comes
+    meanwhile waits for it (a few closes and two new pipes; never the
+    network), and only then is the new pid noted, which lets every thread
+    through.  Python's at-fork hook calls it in a child of os.fork(); in
+    a child of C fork() (uWSGI), which runs no hook, the listeners do
+    (see Sender.wake), and a threaded server's first requests come on
+    several threads at once."""
+    global _pid
+    pid = os.getpid()
+    if _pid == pid:
+        return
+    with _process_lock(pid):
+        if _pid == pid:   # another thread has done it meanwhile
+            return
+        try:
+            for parents in [p for p in _process_locks if p != pid]:
+                del _process_locks[parents]   # bounded, and never used here
+            _jitter.seed()
+            for sender in _senders.values():
+                sender.after_fork_in_child()
+        except Exception:  # e.g. no descriptors left: never fail the app
+            log.exception("connmon: cannot start afresh in process %d; it "
+                          "may run unmonitored", pid)
+        finally:
+            _pid = pid
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=this_process)
 
 
 # ---------------------------------------------------------------------------
