@@ -13,8 +13,9 @@ is bounded (see docs/security.txt).
 
 With several nodes in the service, every node links to every other node
 (full mesh, one link a pair, dialled by the node whose name sorts first)
-and forwards what its own applications say; each node holds the whole
-cluster's picture.  See ``Cluster``.
+and forwards what its own applications say, their updates in batches
+(encoded once for every link); each node holds the whole cluster's
+picture.  See ``Cluster``.
 
 Optional exports, each on its own daemon thread and each reading only
 ``ConnmonServer.snapshot()``: Prometheus text on ``GET /metrics`` and a CSV
