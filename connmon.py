@@ -437,14 +437,18 @@ def candidate_addresses(service: Service,
 # With TLS configured, all of this runs inside TLS.  The secret itself
 # never crosses the wire: the hello proves knowledge of it for this one
 # connection (the nonce is fresh), so a captured hello cannot be replayed.
-# Clients send {"op": "ping"} every third of the heartbeat, which the
-# daemon answers with {"op": "pong"}; either side gives up a peer it has not
-# heard from for the whole heartbeat (a stopped process, a vanished host).
+# Clients send {"op": "ping"} when they have sent nothing else for a third
+# of the heartbeat, and, however much they send, when they have not heard
+# from the daemon for two thirds of it; the daemon answers {"op": "pong"}.
+# Either side gives up a peer it has not heard from for the whole
+# heartbeat (a stopped process, a vanished host).
 #
 # An app's hello carries "proc": {"id", "hostname", "progname", "pid"}.  It
 # then sends {"op": "state", ...}, its whole state, which replaces whatever
 # the daemon knew of that process, and from then on {"op": "update", ...}
-# messages with what changed since the previous one (see ProcessState).
+# messages with what changed since the previous one (see ProcessState):
+# about one a second while its state merely changes, at once on an alarm
+# (see ProcessState.alarm_since), and one as it exits.
 # Times travel as ages: seconds before the message was sent, so the clocks
 # of different hosts never need to agree.
 #
