@@ -2258,17 +2258,21 @@ class Sender:
         """Send, as the process exits normally, what has not been sent:
         the counts of its last moments are never lost.  The network
         thread sends it (one thread writes to the socket); the exiting
-        thread waits for that at most EXIT_WAIT, since the daemon may not
-        be reading.  Not in a child of a fork that has not noticed it: the
-        connection is its parent's."""
-        if self._conn is None or self.state.pid != os.getpid():
+        thread waits for that at most EXIT_WAIT (twice at the most: for
+        the lock, then for the send), since the daemon may not be reading.
+        Not in a child of a fork that has not noticed it: the connection
+        is its parent's."""
+        if (self._conn is None or self.state.pid != os.getpid()
+                or not self.lock.acquire(True, EXIT_WAIT)):
             return
         rt = runtime()
         sent = rt.allocate_lock()
         sent.acquire()
-        with self.lock:
+        try:
             self._drain()
             self._flushed = sent
+        finally:
+            self.lock.release()
         try:
             rt.write(self._news_write, b"!")
         except BlockingIOError:   # the network thread has news already
