@@ -705,8 +705,8 @@ def test_engines_made_and_dropped_leave_no_trace(daemon, apps, tmp_path):
 
 def test_counters_keep_coming_while_the_app_is_busy(daemon, apps,
                                                     tmp_path):
-    """Checkout counts reach the daemon at once when the events stop, and
-    again and again while they go on."""
+    """Checkout counts reach the daemon within a second when the events
+    stop, and again and again while they go on."""
     app = apps(f"sqlite:///{tmp_path}/busy.sqlite?plugin=connmon"
                f"&connmon_addr={daemon.address}", "busy.py")
     app("hold 1")   # a connection held throughout: its count never changes
