@@ -35,6 +35,7 @@ threads, and no exception from here reaches the application once
 
 from __future__ import annotations
 
+import atexit
 import configparser
 import difflib
 import encodings.idna  # noqa: F401  (see below)
@@ -493,8 +494,10 @@ def candidate_addresses(service: Service,
 # ADDRESS waiting for their hello (64)").
 #
 # Heartbeat.  Every client (and every peer, on a quiet link) sends
-# {"op": "ping"} every third of the welcome's "heartbeat"; the daemon
-# answers {"op": "pong"}.  Either side gives up a connection it has not
+# {"op": "ping"} when it has sent nothing else for a third of the
+# welcome's "heartbeat", and an app, however much it sends, when it has
+# not heard from the daemon for two thirds of it; the daemon answers
+# {"op": "pong"}.  Either side gives up a connection it has not
 # heard from for the whole heartbeat (heartbeat_timeout, 1 to 3600 s,
 # default 30): a stopped process, a host that vanished.  An app reads
 # nothing from the daemon but pongs (and an error before it hangs up).
@@ -534,7 +537,12 @@ def candidate_addresses(service: Service,
 #   "peak_waiting" (the most waiting at once)
 #
 # "state" replaces whatever the daemon knew of the process; "update"
-# changes it.  checkouts, hold and peak are required in both.  A process
+# changes it.  An app sends an update about once a second while its state
+# merely changes (connections, checkouts, counters, hold times), at once
+# (within 0.25 s) on an alarm (ProcessState.alarm_since: a new pool, a
+# pool exhausted or no longer, checkouts starting or stopping to wait, a
+# timeout or connect error, a new long holder or leak), and one as it
+# exits.  checkouts, hold and peak are required in both.  A process
 # may have at most MAX_PROCESS_CONNECTIONS (5000) connections and
 # MAX_PROCESS_POOLS (1000) pools; the daemon keeps at most MAX_SITES
 # (1000) site names and held-at places a process.  Every text is 1 to
@@ -1656,6 +1664,34 @@ class ProcessState:
     def waiting_counts(self) -> Dict[int, int]:
         return {pool: count for pool, (count, _) in self.waiting.items()}
 
+    def alarm_since(self, sent: "ProcessState") -> bool:
+        """Whether what changed since ``sent`` (what the daemon knows) is
+        something an operator must see at once: a pool the daemon does not
+        know (the process attaching, an engine made), a pool exhausted or
+        no longer, a pool's checkouts starting or ceasing to wait, a
+        timeout or a connect error, a new long holder or a leak found.
+        Anything else (connections opened, closed, checked out and in,
+        counters, hold times, a holder's place) merely changes, and may
+        wait for the next message (see Sender._fold_batch)."""
+        return bool(self.timeouts or self.failures
+                    or self.pools.keys() - sent.pools.keys()
+                    or self.waiting.keys() != sent.waiting.keys()
+                    or self.exhausted_pools() != sent.exhausted_pools()
+                    or any(sent.held_at.get(ident) != text and (
+                        ident not in sent.held_at or is_leak(text))
+                        for ident, text in self.held_at.items()))
+
+    def exhausted_pools(self) -> Set[int]:
+        """The pools of a limited capacity whose every connection is
+        checked out: one checkout more waits (as connmond's is_exhausted
+        judges a process)."""
+        out: Dict[int, int] = {}
+        for ident in self.checked_out:
+            pool = self.conns.get(ident)
+            out[pool] = out.get(pool, 0) + 1
+        return {pool for pool, limit in self.pools.items()
+                if limit and out.get(pool, 0) >= limit}
+
     def _forget_pool(self, pool: int) -> List[int]:
         """An application that makes engine after engine must not grow
         its state (nor reach MAX_PROCESS_POOLS at the daemon).  Returns
@@ -2125,9 +2161,16 @@ def oldest_holders(holders: Iterable[dict]) -> List[dict]:
 # 5. The sender: background threads per process and daemon address list
 # ---------------------------------------------------------------------------
 
-FLUSH_DELAY = 0.025      # gather a batch for this long after the first event
-COUNTERS_DELAY = 1.0     # checkout counts and hold times may wait this long
+# A process sends what the operator sees, when the console looks (once a
+# second): what merely changes (connections, checkouts, counters, hold
+# times) at most once every COUNTERS_DELAY, an alarm (see
+# ProcessState.alarm_since) within FLUSH_DELAY.  So connmon's threads wake
+# a few times a second in a busy process, and connmond pays for about one
+# message a second of each.
+FLUSH_DELAY = 0.25       # fold the events this often while they come
+COUNTERS_DELAY = 1.0     # what merely changes may wait this long
 WAITERS_LOOK = 0.2       # how often checkouts waiting are counted
+EXIT_WAIT = 0.5          # the most an exiting process waits for its last send
 RECONNECT_MIN = 0.1      # first retry after a lost connection
 RECONNECT_MAX = 5.0      # retries back off to at most this many seconds
 SEND_TIMEOUT = 5.0       # a daemon that does not read for this long is lost
@@ -2146,30 +2189,42 @@ PING = {"op": "ping"}
 
 
 class Heartbeat:
-    """When to ping a quiet daemon, and when to give it up for lost.
+    """When to ping the daemon, and when to give it up for lost.
 
-    A ping goes out every third of the daemon's heartbeat timeout; a daemon
-    not heard from (pongs included) for the whole timeout is lost, as if it
-    had hung up: a host that vanished without a FIN, or a stopped daemon.
-    Between those moments the thread sleeps.
+    The daemon gives up a client it has not heard from for its heartbeat
+    timeout, so a ping goes out when nothing else was sent for a third of
+    it; and since only pongs say the daemon is alive, a ping goes out too,
+    however much is sent, once the daemon has not been heard from for two
+    thirds of it (then once a third).  A daemon not heard from for the
+    whole timeout is lost, as if it had hung up: a host that vanished
+    without a FIN, or a stopped daemon.  Between those moments the thread
+    sleeps.
     """
 
     def __init__(self, timeout: float, now: float):
         self.timeout = timeout
-        self.heard_at = now
-        self.ping_at = now + timeout / 3
+        self.heard_at = self.sent_at = self.pinged_at = now
 
     def heard(self, now: float) -> None:
         self.heard_at = now
 
+    def sent(self, now: float) -> None:
+        self.sent_at = now
+
+    def pinged(self, now: float) -> None:
+        self.sent_at = self.pinged_at = now
+
     def lost(self, now: float) -> bool:
         return now - self.heard_at >= self.timeout
 
+    @property
+    def ping_at(self) -> float:
+        third = self.timeout / 3
+        return min(self.sent_at + third,
+                   max(self.heard_at + 2 * third, self.pinged_at + third))
+
     def ping_due(self, now: float) -> bool:
-        if now < self.ping_at:
-            return False
-        self.ping_at = now + self.timeout / 3
-        return True
+        return now >= self.ping_at
 
     def wait(self, now: float) -> float:
         """Seconds until the next ping or the deadline, whichever is first."""
@@ -2320,13 +2375,15 @@ def runtime() -> Runtime:
 
 
 # The most items the queue holds when no thread drains it (see
-# Sender.wake): then the listener's own thread folds it.
+# Sender.wake): then the listener's own thread folds it.  While the fold
+# thread runs, it holds what comes in one FLUSH_DELAY: at the most events
+# a process can make, a few megabytes.
 MAX_QUEUED = 10000 * EVENT_ITEMS
 # While the fold thread is at work, listeners leave it alone; but a thread
 # that has not been seen at work for this long (a fork left none) is
 # woken again, so a process forked without Python's at-fork hooks notices
 # its new pid within this many seconds of its parent's last batch.
-WAKE_AGAIN = 4 * FLUSH_DELAY
+WAKE_AGAIN = 2 * FLUSH_DELAY
 
 
 class Pipe:
@@ -2404,6 +2461,11 @@ class Sender:
                         for pool, (limit, endpoint) in self.announced.items())
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent
+        # When the changes held back are to be sent (see _fold_batch)
+        self._due_at: Optional[float] = None
+        # The lock the network thread releases once it has sent what an
+        # exiting process asked it to (see flush_at_exit)
+        self._flushed: Optional[Any] = None
         self._scanned = 0.0   # when long holders were last looked at
         self.lock = runtime().allocate_lock()   # state, _sent*, threads
         self.wake_until = 0.0   # listeners call wake for events after it
@@ -2478,9 +2540,10 @@ class Sender:
 
     def _fold(self) -> None:
         """Woken by the first event of a batch, fold a batch every
-        FLUSH_DELAY for as long as events keep coming; listeners do not
-        wake it meanwhile (wake_until moves on), which spares the
-        application a pipe write and this thread a wake-up per batch."""
+        FLUSH_DELAY (sooner when something is due: see _scan_due) for as
+        long as events keep coming; listeners do not wake it meanwhile
+        (wake_until moves on), which spares the application a pipe write
+        and this thread a wake-up per batch."""
         rt = runtime()
         while True:
             try:
@@ -2488,7 +2551,9 @@ class Sender:
                                          self._scan_due())
                 busy = bool(woken)
                 while busy:
-                    rt.sleep(FLUSH_DELAY)
+                    due = self._scan_due()
+                    rt.sleep(FLUSH_DELAY if due is None
+                             else min(FLUSH_DELAY, due))
                     busy = bool(self.events)
                     if busy:
                         self.wake_until = time.monotonic() + WAKE_AGAIN
@@ -2496,24 +2561,27 @@ class Sender:
                         self._wake.drain()
                         self.wake_until = 0.0
                     # (the quiet one folds what came meanwhile, too)
-                    self._fold_batch(quiet=not busy)
-                if not woken:   # time to look at long holders
-                    self._fold_batch(quiet=True)
+                    self._fold_batch()
+                if not woken:   # something is due (see _scan_due)
+                    self._fold_batch()
             except Exception:  # never let the thread die silently
                 log.exception("connmon: error folding pool events")
                 rt.sleep(RECONNECT_MAX)
 
-    def _fold_batch(self, quiet: bool) -> None:
+    def _fold_batch(self) -> None:
         """Fold the queued events, look at long holders when that is due,
         and tell the network thread when there is something to send: at
-        once when the daemon's counts would change, otherwise (counters,
-        ages) once COUNTERS_DELAY has passed or the events stop.  Every
-        message wakes the daemon; sparing it the unchanged ones measurably
-        spares an application that shares the host with it."""
+        once for an alarm (see ProcessState.alarm_since); what merely
+        changed, once COUNTERS_DELAY has passed since the last message,
+        until when it is held back (_due_at, when this thread wakes to
+        send it).  Every message wakes the daemon: one a second of each
+        process is what lets one daemon follow a cloud, and spares an
+        application that shares the host with it."""
         with self.lock:
             self._drain()
             state, now = self.state, time.monotonic()
-            if self._scan_due() == 0:
+            look_at = self._holders_look_at()
+            if look_at is not None and now >= look_at:
                 self._scanned = now
                 state.look_at_long_holders(now, self.hold_warn,
                                            self.handed)
@@ -2521,10 +2589,37 @@ class Sender:
             counted = (state.checkouts or state.holds or state.waits
                        or state.connects or state.invalidations)   # since
             # the last send (the daemon ages a wait in progress by itself)
-            news = state.differs_visibly(self._sent) or (
-                counted and (quiet or now - self._sent_at >= COUNTERS_DELAY))
+            alarm = state.alarm_since(self._sent)
+            news = alarm or counted or state.differs_visibly(self._sent)
+            self._due_at = None
+            if news and not alarm and (
+                    now < self._sent_at + COUNTERS_DELAY):
+                self._due_at = self._sent_at + COUNTERS_DELAY
+                news = False
         if news:
             self._news.notify()
+
+    def flush_at_exit(self) -> None:
+        """Send, as the process exits normally, what has not been sent:
+        the counts of its last moments are never lost.  The network
+        thread sends it (one thread writes to the socket); the exiting
+        thread waits for that at most EXIT_WAIT (twice at the most: for
+        the lock, then for the send), since the daemon may not be reading.
+        Not in a child of a fork that has not noticed it: the connection
+        is its parent's."""
+        if (self._conn is None or self.state.pid != os.getpid()
+                or not self.lock.acquire(True, EXIT_WAIT)):
+            return
+        rt = runtime()
+        sent = rt.allocate_lock()
+        sent.acquire()
+        try:
+            self._drain()
+            self._flushed = sent
+        finally:
+            self.lock.release()
+        self._news.notify()
+        sent.acquire(True, EXIT_WAIT)
 
     def _run(self) -> None:
         rt = runtime()
@@ -2556,6 +2651,7 @@ class Sender:
                     self._news.drain()
                     if conn is not None:
                         self._send(conn)
+                        beat.sent(time.monotonic())
                 if conn is not None:
                     self._keep_alive(conn, beat)
             except (OSError, ProtocolError) as err:
@@ -2578,6 +2674,7 @@ class Sender:
                                 "(heartbeat)")
         if beat.ping_due(now):
             conn.send(PING)
+            beat.pinged(now)
 
     def _connect(self, failures: int) -> Optional[Connection]:
         state = self.state
@@ -2618,19 +2715,29 @@ class Sender:
             self._sent = state.copy()
             self._sent_at = time.monotonic()
             state.reset_counters()
+            flushed, self._flushed = self._flushed, None
         conn.send(message)
+        if flushed is not None:   # an exiting process waits for this one
+            flushed.release()
+
+    def _holders_look_at(self) -> Optional[float]:
+        """When the fold thread next looks at long holders; None without
+        a holder to look at."""
+        if not self.state.holders:
+            return None
+        return self._scanned + min(5.0, self.hold_warn / 2)
 
     def _scan_due(self) -> Optional[float]:
-        """Seconds until the fold thread next looks at long holders, or
-        counts the checkouts waiting (every WAITERS_LOOK while any wait);
-        None while neither is needed (nothing to do)."""
-        due = None
-        if self.state.holders:
-            interval = min(5.0, self.hold_warn / 2)
-            due = max(0.0, self._scanned + interval - time.monotonic())
+        """Seconds until the fold thread next has something to do: send the
+        changes held back, look at long holders, or count the checkouts
+        waiting (every WAITERS_LOOK while any wait); None while none is
+        needed (nothing to do)."""
+        now = time.monotonic()
+        moments = [at for at in (self._due_at, self._holders_look_at())
+                   if at is not None]
         if self.state.waiting or any(self.pending.values()):
-            due = min(WAITERS_LOOK, WAITERS_LOOK if due is None else due)
-        return due
+            moments.append(now + WAITERS_LOOK)
+        return max(0.0, min(moments) - now) if moments else None
 
     def _drain(self) -> None:
         """Fold the queued events into our state.  Listeners only ever add
@@ -2706,6 +2813,19 @@ def this_process() -> None:
 
 
 os.register_at_fork(after_in_child=this_process)
+
+
+def _flush_at_exit() -> None:
+    """The process exits normally: each sender sends what is pending (see
+    Sender.flush_at_exit), never an error at the application's exit."""
+    for sender in list(_senders.values()):
+        try:
+            sender.flush_at_exit()
+        except Exception:
+            log.debug("connmon: cannot send at exit", exc_info=True)
+
+
+atexit.register(_flush_at_exit)
 
 
 # ---------------------------------------------------------------------------

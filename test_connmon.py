@@ -741,8 +741,8 @@ def test_engines_made_and_dropped_leave_no_trace(daemon, apps, tmp_path):
 
 def test_counters_keep_coming_while_the_app_is_busy(daemon, apps,
                                                     tmp_path):
-    """Checkout counts reach the daemon at once when the events stop, and
-    again and again while they go on."""
+    """Checkout counts reach the daemon within a second when the events
+    stop, and again and again while they go on."""
     app = apps(f"sqlite:///{tmp_path}/busy.sqlite?plugin=connmon"
                f"&connmon_addr={daemon.address}", "busy.py")
     app("hold 1")   # a connection held throughout: its count never changes
@@ -8475,3 +8475,164 @@ def test_leak_finder_in_uwsgi_request_threads(tmp_path, leak_daemon):
                                  f"{expected}\n{server.log_tail()}") from None
     finally:
         server.stop()
+
+
+# --- (new) the sending rhythm: what the operator sees, when it looks ---
+
+# An application with two engines: the first (with the test's options)
+# holds connections on command, the second serves RATE requests a second
+# on a thread of its own ("serve RATE"), so that the process sends all the
+# time.  Times answered are the application's own (time.time()).
+RHYTHM_APP_SCRIPT = r'''
+import json, sys, threading, time
+import sqlalchemy as sa
+
+urls, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+held_engine = sa.create_engine(urls[0], **options)
+served_engine = sa.create_engine(urls[1])
+held, waiter, timed_out = [], [], []
+
+def answer(*words):
+    print(*words, flush=True)
+
+def serve(rate):
+    next_at = time.monotonic()
+    while True:
+        with served_engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1").scalar()
+        next_at += 1 / rate
+        time.sleep(max(0.0, next_at - time.monotonic()))
+
+def wait_for_one(began):
+    began.set()
+    try:
+        held_engine.connect()
+    except sa.exc.TimeoutError:
+        timed_out.append(time.time())
+
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd == "serve":
+        threading.Thread(target=serve, args=(float(args[0]),),
+                         daemon=True).start()
+    elif cmd == "hold":
+        held.append(held_engine.connect())
+        answer("ok", time.time())
+        continue
+    elif cmd == "release":
+        held.pop().close()
+        answer("ok", time.time())
+        continue
+    elif cmd == "wait":   # one more checkout, on a thread: it waits
+        began = threading.Event()
+        waiter.append(threading.Thread(target=wait_for_one, args=(began,)))
+        waiter[-1].start()
+        began.wait()
+        answer("ok", time.time())
+        continue
+    elif cmd == "timed_out":
+        waiter[-1].join(30)
+        answer("ok", *timed_out)
+        continue
+    answer("ok")
+'''
+
+
+class RhythmApp(App):
+    source = RHYTHM_APP_SCRIPT
+
+
+def rhythm_app(apps, tmp_path, address: str, progname: str,
+               **options: Any) -> App:
+    """A RhythmApp reporting to ``address``, its engines on two SQLite
+    files, held.sqlite and served.sqlite."""
+    urls = [f"sqlite:///{tmp_path}/{name}.sqlite?plugin=connmon"
+            f"&connmon_addr={address}" for name in ("held", "served")]
+    return apps(json.dumps(urls), progname, app_class=RhythmApp, **options)
+
+
+def held_pool(daemon: Daemon, progname: str) -> Optional[dict]:
+    """The figures of the pool of a RhythmApp's first engine."""
+    row = daemon.row(progname, procs=True)
+    for proc in row["procs"] if row else ():
+        for pool in proc["pools"]:
+            if (pool["endpoint"] or {}).get("database", "").endswith(
+                    "held.sqlite"):
+                return pool
+    return None
+
+
+def seen_at(check: Callable[[], Any], what: str) -> float:
+    """When (time.time()) ``check`` was first seen true."""
+    return wait_until(lambda: check() and time.time(), 10, what)
+
+
+@pytest.mark.parametrize("rate", [10, 200])
+def test_about_a_message_a_second_and_the_picture_within_one(
+        rate, daemon, apps, tmp_path):
+    """A process serving 10 or 200 requests a second sends at most 1.5
+    messages a second (counted on the wire, pings included), and still a
+    connection it holds 4 s shows in the picture within 1.5 s, and leaves
+    it within 1.5 s of its checkin."""
+    relay = Relay(daemon.port)
+    progname = f"rhythm{rate}.py"
+    app = rhythm_app(apps, tmp_path, f"127.0.0.1:{relay.port}", progname)
+    app(f"serve {rate}")
+    wait_until(lambda: held_pool(daemon, progname), 10, "the app attached")
+
+    def messages() -> int:
+        with relay.lock:
+            return relay.received.count(b"\n")
+    counted_from, began = messages(), time.monotonic()
+    (checkout,) = map(float, app("hold"))
+    shown = seen_at(lambda: held_pool(daemon, progname)["ckout"] == 1,
+                    "the held connection in the picture")
+    time.sleep(max(0.0, checkout + 4 - time.time()))   # (held 4 s)
+    (checkin,) = map(float, app("release"))
+    gone = seen_at(lambda: held_pool(daemon, progname)["ckout"] == 0,
+                   "the held connection gone from the picture")
+    sent = (messages() - counted_from) / (time.monotonic() - began)
+    relay.close()
+    assert shown - checkout <= 1.5 and gone - checkin <= 1.5, (
+        shown - checkout, gone - checkin)
+    assert sent <= 1.5, f"{sent:.2f} messages a second at {rate} requests/s"
+
+
+def test_alarms_reach_the_picture_at_once(daemon, apps, tmp_path):
+    """While the process sends its once-a-second messages, a pool becoming
+    exhausted, a checkout waiting and its timeout each reach the picture
+    within 0.5 s."""
+    progname = "alarms.py"
+    app = rhythm_app(apps, tmp_path, daemon.address, progname, pool_size=2,
+                     max_overflow=0, pool_timeout=1)
+    app("serve 20")
+    app("hold")
+    wait_until(lambda: (held_pool(daemon, progname) or {}).get("ckout"),
+               10, "the first connection held")
+    (exhausted,) = map(float, app("hold"))
+    shown = seen_at(lambda: held_pool(daemon, progname)["ckout"] == 2,
+                    "the pool exhausted")
+    assert held_pool(daemon, progname)["limit"] == 2
+    (waiting,) = map(float, app("wait"))
+    waiting_shown = seen_at(lambda: daemon.row(progname)["waiting"] == 1,
+                            "a checkout waiting")
+    timeout_shown = seen_at(
+        lambda: daemon.row(progname)["timeouts_total"] == 1, "the timeout")
+    (timed_out,) = map(float, app("timed_out"))
+    lags = {"exhausted": shown - exhausted,
+            "waiting": waiting_shown - waiting,
+            "timeout": timeout_shown - timed_out}
+    assert all(lag <= 0.5 for lag in lags.values()), lags
+
+
+def test_counters_of_a_process_that_exits_all_arrive(daemon, apps,
+                                                     tmp_path):
+    """1,000 checkouts, then a normal exit at once: the last ones, not yet
+    due for sending, are sent as the process exits."""
+    app = apps(f"sqlite:///{tmp_path}/exits.sqlite?plugin=connmon"
+               f"&connmon_addr={daemon.address}", "exits.py")
+    app("query 1000")
+    app.proc.stdin.write("exit\n")
+    app.proc.stdin.flush()
+    assert app.proc.wait(10) == 0
+    daemon.wait_row("exits.py", connected=False, ckout_total=1000)
