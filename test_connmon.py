@@ -7599,7 +7599,7 @@ def test_pool_connect_patches_are_called_and_their_undoing_honoured(
     daemon.wait_row(connmon.progname(), conn=1, ckout=0)
     with mock.patch.object(QueuePool, "connect") as bare:   # no connection
         engine.connect().close()                           # behind it
-    assert bare.call_count == 1
+    bare.assert_called_once_with()   # bound as plain SQLAlchemy binds it
     with engine.connect() as conn:   # and still monitored as it was
         assert conn.execute(sa.text("SELECT 1")).scalar() == 1
         daemon.wait_row(connmon.progname(), conn=1, ckout=1)
