@@ -3120,7 +3120,8 @@ class ConnectionNote:
     the ``_connmon`` attribute (NOTE) of its pool entry: not in the entry's
     ``.info``, which is the application's (it is Connection.info too), nor
     in a mapping keyed by the entry, whose look-up would cost each checkout
-    and checkin more than an attribute.  A reconnect of the entry replaces
+    and checkin more than an attribute (or by the DBAPI connection:
+    sqlite3's cannot be weakly referenced).  A reconnect of the entry replaces
     the note (see on_connect).
 
     The connection is counted at its first checkout or checkin, not when
@@ -3500,8 +3501,9 @@ def _safe_name(engine) -> str:
 
 
 def _dialect_subclass(real_cls):
-    """The real dialect, but never passing ``connmon_*`` to the driver, and
-    choosing a measured pool (see MeasuredPool).
+    """The real dialect, but never passing ``connmon_*`` to the driver (its
+    create_connect_args() takes, and passes on, whatever the real one's
+    does), and choosing a measured pool (see MeasuredPool).
 
     It says it comes from the real dialect's module and has its name, as
     code keyed on those (SQLAlchemy's testing provisioning, for one)
