@@ -8636,3 +8636,192 @@ def test_counters_of_a_process_that_exits_all_arrive(daemon, apps,
     app.proc.stdin.flush()
     assert app.proc.wait(10) == 0
     daemon.wait_row("exits.py", connected=False, ckout_total=1000)
+
+
+# --- (new) the plugin stays invisible to code that inspects the engine ---
+
+
+PLAIN_URLS = {"sqlite": None, "mariadb": MYSQL_URL,
+              "postgresql": POSTGRESQL_URL}
+
+
+def plain_url(backend: str, tmp_path) -> str:
+    """A URL of ``backend`` without connmon (a file database for SQLite)."""
+    url = PLAIN_URLS[backend]
+    if url is None:
+        return f"sqlite+pysqlite:///{tmp_path}/plain.sqlite"
+    require_database(url)
+    return url
+
+
+def driver_parameters(engine) -> List[Dict[str, Any]]:
+    """The keyword arguments each new connection of ``engine`` hands its
+    DBAPI driver, as the dialect's do_connect event sees them."""
+    from sqlalchemy import event
+    seen: List[Dict[str, Any]] = []
+    event.listen(engine, "do_connect",
+                 lambda dialect, rec, cargs, cparams: seen.append(
+                     dict(cparams)))
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb", "postgresql"])
+def test_connmon_engine_url_reused_with_a_plain_driver_connects(
+        backend, daemon, tmp_path):
+    import sqlalchemy as sa
+    url = plain_url(backend, tmp_path)
+    engine = sa.create_engine(monitored(url, daemon, "dialect"))
+    assert engine.url.drivername.endswith("_connmon")
+    assert not [key for key in engine.url.query if key.startswith("connmon")]
+    with engine.connect() as conn:   # the settings went to connmon all the
+        daemon.wait_row(connmon.progname(), conn=1, ckout=1)   # same
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    plain_drivername = sa.engine.make_url(url).drivername
+    reused = sa.create_engine(engine.url.set(drivername=plain_drivername))
+    cparams = driver_parameters(reused)
+    with reused.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    assert len(cparams) == 1
+    assert not [key for key in cparams[0] if key.startswith("connmon")]
+    reused.dispose()
+    engine.dispose()
+    daemon.wait_row(connmon.progname(), conn=0)
+
+
+@pytest.mark.parametrize("form", ["dialect", "plugin"])
+def test_engine_url_keeps_no_connmon_parameter_in_either_form(
+        form, daemon, tmp_path):
+    import sqlalchemy as sa
+    url = monitored(f"sqlite+pysqlite:///{tmp_path}/u.sqlite?timeout=7",
+                    daemon, form) + "&connmon_sites=0&connmon_endpoint=1"
+    engine = sa.create_engine(url)
+    assert dict(engine.url.query) == {"timeout": "7"}   # the app's stays
+    cparams = driver_parameters(engine)
+    with engine.connect():
+        daemon.wait_row(connmon.progname(), conn=1, ckout=1)
+    assert cparams[0]["timeout"] == 7.0
+    assert not [key for key in cparams[0] if key.startswith("connmon")]
+    assert engine.execution_options(x=1).url == engine.url
+    engine.dispose()
+    daemon.wait_row(connmon.progname(), conn=0)
+
+
+def test_create_connect_args_passes_on_what_its_base_accepts(daemon,
+                                                             tmp_path):
+    """As the MySQL dialects' own subclasses call it (asyncmy's passes
+    _translate_args), and with a stand-in URL (SQLAlchemy's OnConnectTest
+    makes its engine from a Mock)."""
+    from unittest import mock
+    import sqlalchemy as sa
+    require_database(MYSQL_URL)
+    url = sa.engine.make_url(monitored(MYSQL_URL, daemon))
+    monitored_dialect = type(sa.create_engine(url).dialect)
+
+    class Renaming(monitored_dialect):
+        def create_connect_args(self, url):
+            return super().create_connect_args(
+                url, _translate_args=dict(username="user", database="db"))
+
+    dialect = Renaming(dbapi=monitored_dialect.import_dbapi())
+    cargs, cparams = dialect.create_connect_args(url)
+    assert cparams["user"] == "root" and cparams["db"] == "test"
+    assert not [key for key in cparams if key.startswith("connmon")]
+    with pytest.warns(DeprecationWarning, match="'db' is deprecated"):
+        connection = dialect.connect(*cargs, **cparams)   # the real driver
+    connection.close()
+
+    sqlite_dialect = type(sa.create_engine(
+        sqlite_url(tmp_path, daemon)).dialect)
+    initialized = []
+
+    class Initializing(sqlite_dialect):
+        supports_statement_cache = True
+
+        def initialize(self, connection):
+            super().initialize(connection)
+            initialized.append(connection)
+
+    stand_in = mock.Mock(
+        username=None, password=None, host=None, port=None, query={},
+        database=None, _instantiate_plugins=lambda kw: (stand_in, [], kw),
+        _get_entrypoint=mock.Mock(return_value=mock.Mock(
+            get_dialect_cls=lambda u: Initializing)))
+    engine = sa.create_engine(stand_in, poolclass=sa.pool.QueuePool)
+    assert engine.name == "sqlite"
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    assert len(initialized) == 1
+    assert engine.url is stand_in   # left alone: it has no connmon_*
+    engine.dispose()
+
+
+@pytest.mark.parametrize("form", ["dialect", "plugin"])
+def test_pool_connect_patches_are_called_and_their_undoing_honoured(
+        form, daemon, tmp_path):
+    from unittest import mock
+    import sqlalchemy as sa
+    from sqlalchemy.pool import Pool, QueuePool
+    url = monitored(f"sqlite+pysqlite:///{tmp_path}/p.sqlite", daemon, form)
+    pool_connect = QueuePool.connect
+    with mock.patch.object(QueuePool, "connect", autospec=True,
+                           side_effect=pool_connect) as patched:
+        engine = sa.create_engine(url)   # made while patched
+        assert isinstance(engine.pool, (QueuePool, connmon.MeasuredPool))
+        with engine.connect():
+            daemon.wait_row(connmon.progname(), conn=1, ckout=1)
+        assert patched.call_count == 1
+        assert patched.call_args.args == (engine.pool,)
+    engine.connect().close()
+    assert patched.call_count == 1   # undone: no longer called
+    wrapped = []
+
+    def apm_connect(pool):   # an APM agent's wrapper of Pool.connect
+        wrapped.append(pool)
+        return pool_connect(pool)
+
+    with mock.patch.object(Pool, "connect", apm_connect):
+        with engine.connect():
+            daemon.wait_row(connmon.progname(), conn=1, ckout=1)
+    assert wrapped == [engine.pool]
+    daemon.wait_row(connmon.progname(), conn=1, ckout=0)
+    with mock.patch.object(QueuePool, "connect") as bare:   # no connection
+        engine.connect().close()                           # behind it
+    bare.assert_called_once_with()   # bound as plain SQLAlchemy binds it
+    with engine.connect() as conn:   # and still monitored as it was
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        daemon.wait_row(connmon.progname(), conn=1, ckout=1)
+    engine.dispose()
+    daemon.wait_row(connmon.progname(), conn=0)
+
+
+@pytest.mark.parametrize("form", ["dialect", "plugin"])
+def test_info_dictionaries_equal_plain_sqlalchemys(form, daemon, tmp_path):
+    import sqlalchemy as sa
+    from sqlalchemy import event
+    db = f"sqlite+pysqlite:///{tmp_path}/i.sqlite"
+    engines = {"plain": sa.create_engine(db),
+               "monitored": sa.create_engine(monitored(db, daemon, form))}
+    seen: Dict[str, List[tuple]] = {name: [] for name in engines}
+    for name, engine in engines.items():
+        event.listen(engine, "checkout",
+                     lambda dbapi, record, proxy, name=name: seen[name].append(
+                         (dict(record.info), dict(record.record_info))))
+        for round_ in range(2):   # a new connection, then the pooled one
+            with engine.connect() as conn:
+                seen[name].append((dict(conn.info),
+                                   dict(conn.connection.info),
+                                   dict(conn.connection.record_info)))
+                conn.info["app"] = round_   # the application's own state
+            with engine.connect() as conn:
+                seen[name].append((dict(conn.info),))
+                del conn.info["app"]
+        detached = engine.connect()
+        detached.detach()
+        seen[name].append((dict(detached.info),))
+        detached.close()
+    assert seen["monitored"] == seen["plain"]
+    assert seen["plain"][:2] == [({}, {}), ({}, {}, {})]
+    assert len(seen["plain"]) == 10   # 5 checkouts, listener and block
+    daemon.wait_row(connmon.progname(), conn=0, ckout=0)   # (the detached
+    for engine in engines.values():                       # one is closed)
+        engine.dispose()
