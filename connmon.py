@@ -59,7 +59,7 @@ import time
 import types
 import weakref
 from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional,
-                    Set, Tuple)
+                    Sequence, Set, Tuple)
 
 __version__ = "0.4.0"
 
@@ -1743,7 +1743,7 @@ class ProcessState:
         conns, out = self.conns, self.checked_out
         sent_conns = sent.conns if sent else {}
         sent_out = sent.checked_out if sent else {}
-        message = {
+        message: Dict[str, Any] = {
             "op": "update" if sent else "state",
             "connect": [[c, p] for c, p in conns.items()
                         if c not in sent_conns],
@@ -1757,17 +1757,15 @@ class ProcessState:
         }
         sent_sites = sent.site_names if sent else {}
         sent_held = sent.held_at if sent else {}
-        for key, value in (
+        tables: Tuple[Tuple[str, List[list]], ...] = (
                 ("sites", [[i, name] for i, name in self.site_names.items()
                            if i not in sent_sites]),
                 ("checkout_sites", [[c, self.holders[c][0]] for c, t in
                                     out.items() if c in self.holders
                                     and sent_out.get(c) != t]),
                 ("held_at", [[c, text] for c, text in self.held_at.items()
-                             if sent_held.get(c) != text])):
-            if value:
-                message[key] = value
-        for key, value in (
+                             if sent_held.get(c) != text]))
+        counters: Tuple[Tuple[str, Any], ...] = (
                 ("waits", self.waits and [round(self.wait_total, 6),
                                           self.waits,
                                           round(self.wait_max, 6)]),
@@ -1776,7 +1774,8 @@ class ProcessState:
                 ("connects", self.connects and [round(self.connect_total, 6),
                                                 self.connects]),
                 ("invalidations", self.invalidations),
-                ("peak_waiting", self.peak_waiting)):
+                ("peak_waiting", self.peak_waiting))
+        for key, value in tables + counters:
             if value:
                 message[key] = value
         if self.waiting or sent is None or sent.waiting:
@@ -1939,7 +1938,7 @@ class ProcessState:
     def pool_figures(self) -> Dict[int, Dict[str, Any]]:
         """Per pool: its database, limit, connections, checkouts and
         checkouts waiting."""
-        figures = {pool: {"endpoint": self.endpoints.get(pool),
+        figures: Dict[int, Dict[str, Any]] = {pool: {"endpoint": self.endpoints.get(pool),
                           "limit": limit, "conn": 0, "ckout": 0,
                           "waiting": self.waiting.get(pool, (0, 0.0))[0]}
                    for pool, limit in self.pools.items()}
@@ -1952,9 +1951,12 @@ class ProcessState:
     @property
     def limit(self) -> Optional[int]:
         """Capacity of all this process's pools; None if any is unlimited."""
-        if any(limit is None for limit in self.pools.values()):
-            return None
-        return sum(self.pools.values())
+        total = 0
+        for limit in self.pools.values():
+            if limit is None:
+                return None
+            total += limit
+        return total
 
 
 MAX_SITES = 1000   # checkout sites the daemon keeps names of, per process,
@@ -2053,7 +2055,7 @@ class Update:
 
 NO_WAITS = [0.0, 0, 0.0]   # what absent "waits" and "connects" mean
 NO_CONNECTS = [0.0, 0]
-NOTHING: tuple = ()   # an empty table of a message
+NOTHING: Sequence[Any] = ()   # an empty table of a message
 # The optional keys that change tables: a message with none of them (and
 # no connections, checkouts or checkins) is counters only.
 _TABLE_KEYS = frozenset({"pools", "waiting", "sites", "checkout_sites",
@@ -3505,8 +3507,8 @@ def install_entry_points(target: str) -> str:
         old = os.path.join(target, name)
         if (name.startswith("connmon-") and name.endswith(".dist-info")
                 and _read(os.path.join(old, "INSTALLER")) == INSTALLER):
-            for file in os.listdir(old):
-                os.remove(os.path.join(old, file))
+            for leftover in os.listdir(old):
+                os.remove(os.path.join(old, leftover))
             os.rmdir(old)
     dist_info = os.path.join(target, f"connmon-{__version__}.dist-info")
     if os.path.exists(dist_info):

@@ -7802,9 +7802,9 @@ def test_process_state_message_update_round_trip(batches):
         app.fold(pool_events(drawn, now))
         now += 1.0
         message = app.message(now, sent)
-        counters = daemon_side.update(json.loads(json.dumps(message)), now)
-        assert counters["checkouts"] == app.checkouts
-        assert counters["unknown"] == 0
+        change = connmon.Update(json.loads(json.dumps(message)))
+        assert change.checkouts == app.checkouts
+        assert daemon_side.apply(change, now) == 0   # no unknown event
         sent = app.copy()
         app.reset_counters()
         assert daemon_side.conns == app.conns
