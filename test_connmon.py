@@ -3097,7 +3097,9 @@ def test_console_drill_down_long_holders_and_history(tmp_path, leak_daemon,
         lines = holder_lines(term)
         holders = [line.split(None, 2) for line in lines]
         assert {int(pid) for pid, _, _ in holders} == {app.proc.pid}
-        ages = [float(age) for _, age, _ in holders]
+        # Each AGE marked: "!" held past the threshold, "*" a sure leak.
+        assert [age[0] for _, age, _ in holders] == ["!", "*", "*"], lines
+        ages = [float(age[1:]) for _, age, _ in holders]
         assert ages == sorted(ages, reverse=True) and ages[-1] >= 1
         # The sleeper checked out first: the oldest, held where it sleeps.
         # The leak's thread ended without returning its two connections.
@@ -7755,5 +7757,62 @@ def test_leak_finder_holds_a_module_level_script(tmp_path, leak_daemon):
         held = at("MODULE-HELD", "<module>")
         verdicts(leak_daemon, app, {at("MODULE-SITE", "<module>"): held,
                                     at("MODULE-ORM-SITE", "lookup"): held})
+    finally:
+        app.stop()
+
+
+def test_console_marks_a_sure_leak_alike_in_every_view(tmp_path,
+                                                       leak_daemon,
+                                                       terminal):
+    """A held connection and a leaked one, past hold_warn_seconds: "*" for
+    the leak in the table, the drill-down's process and long holder, and
+    the sites view; "!" for the held one; the sites whole on a wide
+    screen, and cut from the left of their paths (never their line and
+    function) on a narrow one."""
+    app = leak_app(tmp_path, leak_daemon)
+    try:
+        app("sleeper")
+        app("leak 1")
+        sleeper, leak = (leak_site("SLEEPER-SITE", "sleeper"),
+                         leak_site("LEAK-SITE", "leak"))
+        wait_until(lambda: sorted(
+            h["held_at"] for s in sites_of(leak_daemon, "leaky.py").values()
+            for h in s["long_holders"]) == [
+                f"{tmp_path / leak_site('SLEEPER-HELD', 'sleeper')}",
+                "thread gone"], 30, "the two verdicts")
+        term = terminal("-H", leak_daemon.address, "-i", "0.2", cols=200)
+        term.wait_for(lambda t: [row[-1][0] for row in table_on_screen(t)[1]
+                                 ] == ["*"], "OLDEST marked * in the table")
+        term.press(b"s")
+
+        def oldest_marks(t: Terminal) -> Dict[str, str]:
+            return {fields[4].rsplit("/", 1)[-1]: fields[3][0]
+                    for fields in (line.rstrip().split(None, 4)
+                                   for line in t.display[7:-1])
+                    if len(fields) == 5 and fields[2].isdigit()}
+        term.wait_for(lambda t: oldest_marks(t) == {sleeper: "!", leak: "*"},
+                      "the sites' OLDEST marked")
+        assert sorted(s for _, _, s in screen_sites(term)) == [
+            str(tmp_path / leak), str(tmp_path / sleeper)]
+        term.resize(80, 30)
+
+        def cut_in_their_paths(t: Terminal) -> bool:
+            shown = [s for _, _, s in screen_sites(t)]
+            return len(shown) == 2 and all(
+                s.startswith("\N{HORIZONTAL ELLIPSIS}")
+                and re.search(r":[0-9]+ in (leak|sleeper)$", s)
+                and any(str(tmp_path / name).endswith(s[1:])
+                        for name in (leak, sleeper)) for s in shown)
+        term.wait_for(cut_in_their_paths, "sites cut in their paths only")
+        term.resize(200, 30)
+        term.press(b"\x1b")
+        term.press(b"\r")
+        term.wait_text("leaky.py on ")
+        term.wait_for(lambda t: [line.split()[1][0]
+                                 for line in holder_lines(t)] == ["!", "*"],
+                      "the long holders' AGE marked")
+        (proc,) = [line.split() for line in term.display[7:9]
+                   if line.split()[:1] == [str(app.proc.pid)]]
+        assert proc[-3][0] == "*", proc   # OLDEST (then CONNECTED SINCE)
     finally:
         app.stop()
