@@ -1246,10 +1246,11 @@ def holder_verdict(ref: weakref.ref, mark: FrameMark) -> Optional[str]:
 # list used as a queue, flat: eight items an event, added at the end by one
 # list.extend() (atomic: C code, holding the GIL throughout) and taken from
 # the front eight at a time.  So what waits in the queue is only numbers,
-# strings, None and a checkout's FrameMark (made once per run of a frame,
-# not per event), which the cyclic garbage collector never looks at more
-# than it does already; queued tuples made the application's collector run
-# several times as often (measured: see the Performance section).
+# strings, None and a checkout's FrameMark (one that exists already: it is
+# made once per call of a frame, not per event), so queuing makes nothing
+# for the cyclic garbage collector to count; queued tuples made the
+# application's collector run several times as often (measured: see the
+# Performance section).
 #   (CONNECT, conn, when, pool, None, None, None, began)
 #       a new DBAPI connection; began: when its opening began (None when
 #       not known), so the connect time is when - began
