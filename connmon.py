@@ -1085,9 +1085,15 @@ _LIBRARY_PACKAGES = tuple(
         "pymysql", "MySQLdb", f"mysql{os.sep}connector", "mariadb",
         "psycopg2", "psycopg", "pg8000", "asyncpg", "aiomysql", "aiosqlite",
         # runtimes: a green thread waiting for I/O waits in their hubs
-        "gevent", "eventlet", "greenlet")) + (
+        "gevent", "eventlet", "greenlet",
+        # servers and executors: their loops outlive the requests they run,
+        # so they hold no connection (see holder_verdict)
+        "gunicorn", "futurist", "oslo_service", "oslo_messaging", "paste",
+        "werkzeug", "waitress")) + (
     "<sqlalchemy generated",)   # SQLAlchemy's wrappers
 _STDLIB = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")})
+# console-script launchers (bin/nova-api: "sys.exit(main())") likewise
+_SCRIPTS = sysconfig.get_paths()["scripts"] + os.sep
 _SITE_PACKAGES = tuple({sysconfig.get_paths()[k]
                         for k in ("purelib", "platlib")})
 # id(code object) -> not the application.  Keyed by id because hashing a
@@ -1105,7 +1111,7 @@ def _is_internal(code) -> bool:
     if internal is None:
         name = code.co_filename
         internal = (name == _is_internal.__code__.co_filename   # connmon
-                    or name.startswith("<frozen")
+                    or name.startswith(("<frozen", _SCRIPTS))
                     or any(package in name for package in _LIBRARY_PACKAGES)
                     or (name.startswith(_STDLIB)
                         and not name.startswith(_SITE_PACKAGES)))
@@ -1212,28 +1218,37 @@ def site_name(number: int) -> str:
     return describe_code(code, line_at(code, offset))
 
 
-# Who holds a checked-out connection, and whether the code that checked it
-# out still runs.  At each checkout the listener notes the holder (the
+# Who holds a checked-out connection, and whether the code that asked for
+# it still runs.  At each checkout the listener notes the holder (the
 # asyncio task, the greenlet or the thread running the checkout: objects
 # that outlive their work and say when it has ended), weakly, so that
 # connmon keeps no holder alive, nor what a task returned (one that has
-# been collected has ended); and the identity of the site's frame.  A
-# frame cannot be referenced weakly, and a strong reference would keep its
-# locals (the connection among them) alive after it returns, so only its
-# id() is kept: for as long as that frame runs, the id is its own.  Only
-# for connections held past hold_warn_seconds, on the fold thread, does
-# connmon look at the holder's stack now:
+# been collected has ended); and the application frames on the holder's
+# stack: the site's frame and its application callers (the request
+# handler, the @reader-decorated API function, the Session's owner).  In
+# an ORM application the first query, and so the checkout, runs in a
+# helper that returns long before the transaction ends: its callers say
+# whether the request still runs.
 #
-#   holder ended              -> "thread gone"  (a leak for sure)
-#   site's frame not on the   -> "leaked"       (it returned; whatever
-#     holder's stack                             the holder runs now)
-#   site's frame on it        -> "FILE:LINE in FUNC": the innermost
-#                                application frame of that stack
+# A frame cannot be referenced weakly, and a strong reference would keep
+# its locals (the connection among them) alive after it returns; nor does
+# its id() tell it apart: once it has returned, a new frame of the same
+# function in the same holder (the next request of a pooled thread) may
+# be given its memory.  So each of those frames is marked, once, in the
+# slot a frame has for others' use, f_trace, with a mark unique to that
+# run of it and linked to its caller's (see FrameMark); the checkout keeps
+# the site's.  Only for connections held past hold_warn_seconds, on the
+# fold thread, does connmon look at the holder's stack now:
+#
+#   holder ended                 -> "thread gone"  (a leak for sure)
+#   no marked frame of the        -> "leaked"       (the request returned:
+#     checkout on its stack                          it runs other code)
+#   one of them on it            -> "FILE:LINE in FUNC": the innermost
+#                                   application frame of that stack
 #
 # A task holder adds " (task NAME)", its name noted at the checkout.  Both
-# leak verdicts are final: a frame that has returned never runs again.  A
-# returned frame's memory may be reused by a new frame of the same function
-# in the same holder, which is why a connection found "held" is looked at
+# leak verdicts are final: a frame that has returned never runs again, and
+# no other frame carries its mark.  A connection found "held" is looked at
 # again at every scan.
 
 LEAKED = "leaked"
@@ -1250,6 +1265,46 @@ class TaskRef(weakref.ref):
     def __init__(self, task) -> None:
         super().__init__(task)
         self.name = printable(str(task.get_name())[:MAX_TASK_NAME])
+
+
+class FrameMark:
+    """What an application frame on a holder's stack at a checkout carries
+    in its f_trace from then on: unique to that run of the frame, linked
+    to its caller's (``outer``), and kept by the checkouts it is the
+    site's mark of, so that no other object takes its id meanwhile.
+
+    A frame's f_trace is called only while a tracer (sys.settrace) runs
+    in its thread: a frame a tracer gave one is left alone, and a tracer
+    calling this one gets None, which asks for no line events, as the
+    frame's None did."""
+
+    __slots__ = ("outer",)
+
+    def __init__(self, outer: Optional["FrameMark"]) -> None:
+        self.outer = outer
+
+    def __call__(self, frame, event: str, arg: Any) -> None:
+        return None
+
+
+def frame_mark(frame) -> Optional[FrameMark]:
+    """The mark of the application frame ``frame``, marking it and its
+    application callers not marked yet: the walk out stops at the first
+    frame marked already, whose callers were marked with it (it has not
+    returned, so they have not).  None when no frame could be marked."""
+    unmarked = []
+    while frame is not None:
+        mark = frame.f_trace
+        if type(mark) is FrameMark:
+            break
+        if mark is None and not _is_internal(frame.f_code):
+            unmarked.append(frame)
+        frame = frame.f_back
+    else:
+        mark = None
+    for frame in reversed(unmarked):
+        frame.f_trace = mark = FrameMark(mark)
+    return mark
 
 
 def _task_or_weak_ref(holder) -> weakref.ref:
@@ -1397,20 +1452,21 @@ def is_leak(verdict: str) -> bool:
     return verdict.split(" (task ", 1)[0] in (LEAKED, THREAD_GONE)
 
 
-def holder_verdict(ref: weakref.ref, site: int, scope: int
-                   ) -> Optional[str]:
+def holder_verdict(ref: weakref.ref, mark: FrameMark) -> Optional[str]:
     """What a long holder's connection is now (the "held at" place,
-    "leaked" or "thread gone"), or None when it cannot be seen now."""
+    "leaked" or "thread gone"), from its holder and the mark of its
+    checkout's site; None when it cannot be seen now."""
     ended, stack, label = holder_stack(ref)
     if ended:
         return THREAD_GONE + label
     if stack is None:
         return None
-    code = _site_places[site][0]
-    for index, frame in enumerate(stack):
-        if id(frame) == scope and frame.f_code is code:
-            return printable(describe_stack(stack[:index + 1]) + label,
+    on_stack = {id(frame.f_trace) for frame in stack}
+    while mark is not None:
+        if id(mark) in on_stack:
+            return printable(describe_stack(stack) + label,
                              MAX_LOCATION)   # what the daemon takes
+        mark = mark.outer
     return LEAKED + label
 
 
@@ -1432,16 +1488,18 @@ def holder_verdict(ref: weakref.ref, site: int, scope: int
 # list used as a queue, flat: eight items an event, added at the end by one
 # list.extend() (atomic: C code, holding the GIL throughout) and taken from
 # the front eight at a time.  So what waits in the queue is only numbers,
-# strings and None, which the cyclic garbage collector never looks at;
-# queued tuples made the application's collector run several times as
-# often (measured: see the Performance section).
+# strings, None and a checkout's FrameMark (one that exists already: it is
+# made once per call of a frame, not per event), so queuing makes nothing
+# for the cyclic garbage collector to count; queued tuples made the
+# application's collector run several times as often (measured: see the
+# Performance section).
 #   (CONNECT, conn, when, pool, None, None, None, began)
 #       a new DBAPI connection; began: when its opening began (None when
 #       not known), so the connect time is when - began
-#   (CHECKOUT, conn, when, pool, site, scope, holder, began)
-#       handed to the application: site's number, id() of the site's
-#       frame, id() of the holder's weak reference (kept meanwhile in
-#       Sender.handed); None
+#   (CHECKOUT, conn, when, pool, site, mark, holder, began)
+#       handed to the application: site's number, the FrameMark of the
+#       site's frame (None when no frame could be marked), id() of the
+#       holder's weak reference (kept meanwhile in Sender.handed); None
 #       without a site; began: when the application asked the pool (None
 #       for a pool connmon could not measure)
 #   (CHECKIN, conn, when, None, None, None, None, None)  returned to the
@@ -1508,10 +1566,10 @@ class ProcessState:
         self.max_conns = self.max_checked_out = self.max_waiting = 0
         self._long_waits: List[Tuple[float, float]] = []   # app side
         # The leak finder: where each checked-out connection was checked out
-        # (a site number, named in site_names), by which frame and holder
-        # (app side only: ids, see holder_verdict), and for long holders
-        # where they are now.
-        self.holders: Dict[int, tuple] = {}   # conn -> (site, scope, holder)
+        # (a site number, named in site_names), by which frames and holder
+        # (app side only: the site's FrameMark and the holder's id, see
+        # holder_verdict), and for long holders where they are now.
+        self.holders: Dict[int, tuple] = {}   # conn -> (site, mark, holder)
         self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
         self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
         self._held_texts: Dict[str, str] = {}  # daemon side: each text once
@@ -1564,7 +1622,7 @@ class ProcessState:
         waits, wait_total, wait_max = (self.waits, self.wait_total,
                                        self.wait_max)
         peak_conns, peak_out = self.peak_conns, self.peak_checked_out
-        for kind, ident, when, pool, site, scope, holder, began in events:
+        for kind, ident, when, pool, site, mark, holder, began in events:
             if kind is CHECKIN:
                 since = out.pop(ident, None)
                 if since is not None:
@@ -1591,7 +1649,7 @@ class ProcessState:
                     conns[ident] = pool
                     peak_conns = max(peak_conns, len(conns))
                 if site is not None:
-                    holders[ident] = (site, scope, holder)
+                    holders[ident] = (site, mark, holder)
             elif kind is CONNECT:
                 conns[ident] = pool
                 if len(conns) > peak_conns:
@@ -1728,11 +1786,11 @@ class ProcessState:
             if now - since < threshold or ident not in self.holders or (
                     is_leak(self.held_at.get(ident, ""))):
                 continue
-            site, scope, holder_id = self.holders[ident]
+            _, mark, holder_id = self.holders[ident]
             ref = handed.get(ident)
-            if id(ref) != holder_id:   # checked out again meanwhile
-                continue
-            verdict = holder_verdict(ref, site, scope)
+            if mark is None or id(ref) != holder_id:   # no frame marked
+                continue   # (a tracer's), or checked out again meanwhile
+            verdict = holder_verdict(ref, mark)
             if verdict is not None:
                 self.held_at[ident] = verdict
 
@@ -3029,7 +3087,7 @@ class PoolProbe:
         note = getattr(entry, NOTE, None)   # (see ident(), inlined)
         ident = (note.ident if note.__class__ is ConnectionNote
                  and note.opened is None else self.ident(entry))
-        site = scope = holder = None
+        site = mark = holder = None
         if self.sites:
             try:
                 frame = _getframe(_site_depth)
@@ -3039,13 +3097,15 @@ class PoolProbe:
             if site is None:
                 site, frame = checkout_site()
             if site is not None:   # see holder_verdict
-                scope = id(frame)
+                mark = frame.f_trace
+                if type(mark) is not FrameMark:   # a new run of the site
+                    mark = frame_mark(frame)
                 current_holder, first_holder, refer = self.holders
                 self.sender.handed[ident] = ref = refer(current_holder()
                                                         or first_holder())
                 holder = id(ref)
         now = _clock()
-        self.record((CHECKOUT, ident, now, self.pool_id, site, scope,
+        self.record((CHECKOUT, ident, now, self.pool_id, site, mark,
                      holder, began))
         if now > self.sender.wake_until:
             self.sender.wake()

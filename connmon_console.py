@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -163,13 +164,25 @@ def over_server_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
 LEAK_VERDICTS = ("leaked", "thread gone")   # the app's "held_at" for sure
 
 
+def is_leak(holder: Dict[str, Any]) -> bool:
+    """Whether the application judged a long holder a leak for sure:
+    "leaked" or "thread gone" (a task's verdict adds its name: "leaked
+    (task Task-12)")."""
+    return (holder.get("held_at") or "").startswith(LEAK_VERDICTS)
+
+
 def leaked(row: Dict[str, Any]) -> bool:
-    """Whether the application judged a long holder of the row's
-    connections a leak for sure: "leaked" or "thread gone" (a task's
-    verdict adds its name: "leaked (task Task-12)")."""
-    return any((holder.get("held_at") or "").startswith(LEAK_VERDICTS)
-               for site in row.get("sites") or ()
-               for holder in site.get("long_holders", ()))
+    """Whether a long holder of the row's connections is a leak for sure:
+    one of its own (a process, a site) or of its sites' (a program)."""
+    return any(map(is_leak, row.get("long_holders") or ())) or any(
+        is_leak(holder) for site in row.get("sites") or ()
+        for holder in site.get("long_holders", ()))
+
+
+def holder_alarm(holder: Dict[str, Any], _: Dict[str, float]) -> str:
+    """A long holder is past hold_warn_seconds: a leak for sure, or a
+    look."""
+    return LEAKED if is_leak(holder) else ABOVE
 
 
 class Column:
@@ -264,7 +277,7 @@ PROC_COLUMNS = [
     Column("MAXCONN", "maxconn", keep=30),
     Column("MAXCKOUT", "maxckout", keep=20),
     Column("MAXWAIT", "maxwaiting", keep=25),
-    Column("OLDEST", "oldest", keep=90, alarm=oldest_above),
+    Column("OLDEST", "oldest", keep=90, alarm=oldest_alarm),
     Column("CONNECTED SINCE", "since", "text", keep=10, show=since_text),
 ]
 
@@ -300,7 +313,7 @@ DATABASE_COLUMNS = [
 # now: held at a line, "leaked" or "thread gone" (see docs/leaks.txt).
 HOLDER_COLUMNS = [
     Column("PID", "pid", keep=100),
-    Column("AGE", "age", keep=100),
+    Column("AGE", "age", keep=100, alarm=holder_alarm),
     Column("SITE", "site", "location", keep=90, width=10),
     Column("HELD AT", "held_at", "location", keep=80, width=10),
 ]
@@ -310,7 +323,7 @@ SITE_COLUMNS = [
     Column("HOSTNAME", "hostname", "text", keep=60, width=7),
     Column("PROGNAME", "progname", "text", keep=90, width=9),
     Column("HELD", "held", keep=100),
-    Column("OLDEST", "oldest", keep=80),
+    Column("OLDEST", "oldest", keep=80, alarm=oldest_alarm),
     Column("SITE", "site", "location", keep=100, width=12),
 ]
 
@@ -330,10 +343,12 @@ def plan(columns: List[Column], width: int, rows: List[Dict[str, Any]],
     widens the names again, then the locations share what is left.
     """
     widths = whole_widths(columns, rows, visible)
+    whole = dict(widths)
     longest = {c: min(c.most, widths[c]) for c in columns if c.text}
     for column in longest:
         widths[column] = max(column.min_width, longest[column]) if (
-            column.kind == "text") else column.min_width
+            column.kind == "text") else max(column.min_width, min(
+                whole[column], location_floor(column, rows)))
     kept = list(columns)
 
     def too_wide() -> bool:
@@ -353,12 +368,23 @@ def plan(columns: List[Column], width: int, rows: List[Dict[str, Any]],
         grow = max(0, min(spare, longest[column] - widths[column]))
         widths[column] += grow
         spare -= grow
-    locations = [c for c in kept if c.kind == "location"]
-    for index, column in enumerate(locations):
-        share = spare // (len(locations) - index)
-        widths[column] += share
-        spare -= share
+    # Each location as wide as its longest text, if there is room: fair
+    # shares, the least needing first (the last takes what is left).
+    locations = sorted((c for c in kept if c.kind == "location"),
+                       key=lambda c: whole[c] - widths[c])
+    for left, column in zip(range(len(locations), 0, -1), locations):
+        grow = spare if left == 1 else min(spare // left,
+                                           whole[column] - widths[column])
+        widths[column] += grow
+        spare -= grow
     return [(column, widths[column]) for column in kept]
+
+
+def location_floor(column: Column, rows: List[Dict[str, Any]]) -> int:
+    """The least width of a location column: its line numbers and
+    functions whole (see cut_location)."""
+    return max((len(place_tail(column.show(column.value(row))))
+                for row in rows), default=0) + len(CUT_MARK) + 1
 
 
 def whole_widths(columns: List[Column], rows: List[Dict[str, Any]],
@@ -422,12 +448,26 @@ class Cutter:
                                           else "")
 
 
+# Where a location's line begins: "…/nova/db/api.py:123 in api_get".
+PLACE_LINE = re.compile(r".*(:[0-9]+ in )", re.DOTALL)
+
+
+def place_tail(text: str) -> str:
+    """A location's line and function (and what follows them), or ""."""
+    found = PLACE_LINE.match(text)
+    return text[found.start(1):] if found else ""
+
+
 def cut_location(text: str, room: int, mark: str) -> str:
-    """A location keeps its end (file name, line, function)."""
+    """A location loses the beginning of its path, never its line and
+    function (the column is made wide enough for them: see plan); on a
+    screen too narrow even for those, their beginning is what shows."""
     if len(text) <= room:
         return text
-    return mark + text[len(text) - room + len(mark):] if room > len(
-        mark) else text[:room]
+    tail = place_tail(text)
+    if room < len(mark) + len(tail):
+        return tail[:room] if tail else text[:room]
+    return mark + text[len(text) - room + len(mark):]
 
 
 def format_cells(layout: Layout, texts: List[str],
@@ -845,12 +885,13 @@ Rows: green = program has live processes, red = none left (dim without
 colours), highlighted = every pooled connection is checked out
 (ckout >= limit), white on red = checkouts are waiting for a connection
 (WAIT > 0).  A marker left of a number needs a look:
-  !  OLDEST above the apps' hold_warn_seconds, HOLD_MS above the daemon's
-     hold_ms_warn, CKOUT at the pools' limit (exhausted), WAIT above 0
-     (checkouts waiting), or, in the databases view, LIMIT above the
-     server's MAX_CONN
-  *  OLDEST: a long holder leaked for sure (HELD AT "leaked" or
-     "thread gone")
+  !  OLDEST or a long holder's AGE above the apps' hold_warn_seconds,
+     HOLD_MS above the daemon's hold_ms_warn, CKOUT at the pools' limit
+     (exhausted), WAIT above 0 (checkouts waiting), or, in the databases
+     view, LIMIT above the server's MAX_CONN
+  *  OLDEST, AGE: a long holder leaked for sure (HELD AT "leaked" or
+     "thread gone"), the same in the table, the drill-down and the
+     sites view
 OLDEST: age in seconds of the longest checked-out connection.
 HOLD_MS: mean checkout hold time over the last second.
 WAIT: checkouts waiting for a connection; TMOUT/S: checkouts that gave

@@ -3134,7 +3134,9 @@ def test_console_drill_down_long_holders_and_history(tmp_path, leak_daemon,
         lines = holder_lines(term)
         holders = [line.split(None, 2) for line in lines]
         assert {int(pid) for pid, _, _ in holders} == {app.proc.pid}
-        ages = [float(age) for _, age, _ in holders]
+        # Each AGE marked: "!" held past the threshold, "*" a sure leak.
+        assert [age[0] for _, age, _ in holders] == ["!", "*", "*"], lines
+        ages = [float(age[1:]) for _, age, _ in holders]
         assert ages == sorted(ages, reverse=True) and ages[-1] >= 1
         # The sleeper checked out first: the oldest, held where it sleeps.
         # The leak's thread ended without returning its two connections.
@@ -8825,3 +8827,368 @@ def test_info_dictionaries_equal_plain_sqlalchemys(form, daemon, tmp_path):
     daemon.wait_row(connmon.progname(), conn=0, ckout=0)   # (the detached
     for engine in engines.values():                       # one is closed)
         engine.dispose()
+
+
+# --- (new) the leak finder: held while the code that asked still runs ---
+
+# A connection is held while an application frame of its checkout (the
+# site or one of its application callers) is still on its holder's stack;
+# leaked when none is.  Every holder below holds before its program says
+# "ready".
+
+# What web frameworks do with a request's Session: the view opens it, the
+# middleware closes it after the view returned (or forgets to).
+VIEW_CODE = r"""
+class Request:
+    "What a web framework hands its views."
+
+def view(request):
+    request.session = Session()
+    request.session.execute(sa.text("SELECT 1"))   # VIEW-SITE
+
+def middleware(request, forget):
+    view(request)
+    began.release()
+    if forget:
+        kept.append(request)   # the Session with it: never closed
+        return
+    time.sleep(600)   # MIDDLEWARE-HELD
+    request.session.close()
+"""
+
+ORM_SCRIPT = r"""
+import concurrent.futures, json, sys, threading, time
+import sqlalchemy as sa
+from sqlalchemy import orm
+from oslo_db.sqlalchemy import enginefacade
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+Session = orm.sessionmaker(engine)
+facade = enginefacade.transaction_context()
+facade.configure(connection=sys.argv[1], max_pool_size=10)
+kept = []
+began = threading.Semaphore(0)   # each holder says when it holds
+
+@enginefacade.transaction_context_provider
+class Context:
+    "A request context: enginefacade keeps its session on it."
+
+def lookup(session):
+    return session.execute(sa.text("SELECT 1")).scalar()   # ORM-SITE
+
+def orm_request():
+    with Session() as session, session.begin():
+        lookup(session)
+        began.release()
+        time.sleep(600)   # ORM-HELD
+
+def _lookup(session):
+    return session.execute(sa.text("SELECT 1")).scalar()   # READER-SITE
+
+@facade.reader
+def api_get(context):
+    _lookup(context.session)
+    began.release()
+    time.sleep(600)   # READER-HELD
+
+@facade.reader
+def _read_nested(context):
+    context.session.execute(sa.text("SELECT 1"))   # NESTED-SITE
+
+@facade.writer
+def api_update(context):
+    _read_nested(context)
+    began.release()
+    time.sleep(600)   # WRITER-HELD
+
+def open_conn():
+    return engine.connect()   # HANDED-SITE
+
+def caller():
+    conn = open_conn()
+    began.release()
+    time.sleep(600)   # HANDED-HELD
+    conn.close()
+
+def store_and_go():
+    kept.append(engine.connect())   # STORED-SITE
+
+def other_work():
+    began.release()
+    time.sleep(600)
+""" + VIEW_CODE + r"""
+for target, args in ((orm_request, ()), (api_get, (Context(),)),
+                     (api_update, (Context(),)), (caller, ()),
+                     (middleware, (Request(), False))):
+    threading.Thread(target=target, args=args, daemon=True).start()
+pool = concurrent.futures.ThreadPoolExecutor(1)
+pool.submit(store_and_go).result()
+pool.submit(other_work)
+print("ready", all(began.acquire(timeout=60) for _ in range(6)), flush=True)
+time.sleep(600)
+"""
+
+# One worker thread serving request after request, as gunicorn's gthread
+# workers do (their pools are ThreadPoolExecutors).  A request of the
+# handler leaks its Session; the next one runs the same handler in a new
+# frame, which holds its own connection when the allocator gave it the
+# leaking frame's memory (else it returns the leaked Session, and the pair
+# is tried again): the case where an address tells nothing.
+WORKER_SCRIPT = r"""
+import concurrent.futures, json, queue, sys, threading, time
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+Session = orm.sessionmaker(engine)
+kept = []
+began = threading.Semaphore(0)
+frames = []       # id() of each request's frame of handle
+pending = []      # the Session of the last request
+reused = queue.Queue()
+
+def handle(request):
+    caller = sys._getframe(1)   # (its memory first: the one freed last)
+    frames.append(id(sys._getframe()))
+    del caller
+    if request == "leak":
+        session = Session()
+        session.execute(sa.text("SELECT 1"))   # WORKER-LEAK-SITE
+        pending.append(session)
+    elif frames[-1] != frames[-2]:
+        pending.pop().close()
+        reused.put(False)
+    else:
+        kept.append(pending.pop())
+        with engine.connect() as conn:   # WORKER-SLOW-SITE
+            reused.put(True)
+            time.sleep(600)   # WORKER-SLOW-HELD
+""" + VIEW_CODE + r"""
+worker = concurrent.futures.ThreadPoolExecutor(1)
+worker.submit(middleware, Request(), True).result()
+for _ in range(100):
+    worker.submit(handle, "leak")
+    worker.submit(handle, "next")
+    if reused.get(timeout=60):
+        break
+print("ready", reused.empty() and frames[-1] == frames[-2], flush=True)
+time.sleep(600)
+"""
+
+GREEN_ORM_SCRIPT = r"""
+import eventlet
+eventlet.monkey_patch()
+import json, sys, time
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+Session = orm.sessionmaker(engine)
+held = []
+
+def lookup(session):
+    return session.execute(sa.text("SELECT 1")).scalar()   # GREEN-ORM-SITE
+
+def orm_request():
+    with Session() as session, session.begin():
+        lookup(session)
+        held.append(True)
+        eventlet.sleep(600)   # GREEN-ORM-HELD
+
+eventlet.spawn(orm_request)
+while not held:
+    eventlet.sleep(0.01)
+print("ready", flush=True)
+eventlet.sleep(600)
+"""
+
+GEVENT_ORM_SCRIPT = GREEN_ORM_SCRIPT.replace(
+    "import eventlet\neventlet.monkey_patch()\n",
+    "from gevent import monkey\nmonkey.patch_all()\nimport gevent\n").replace(
+    "eventlet.", "gevent.")
+
+ASYNC_ORM_SCRIPT = r"""
+import asyncio, json, sys
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+async def lookup(session):
+    return (await session.execute(sa.text("SELECT 1"))).scalar()   # ASYNC-ORM-SITE
+
+async def orm_request(Session, held):
+    async with Session() as session, session.begin():
+        await lookup(session)
+        held.set()
+        await asyncio.sleep(600)   # ASYNC-ORM-HELD
+
+async def main():
+    engine = create_async_engine(sys.argv[1], **json.loads(sys.argv[2]))
+    held = asyncio.Event()
+    request = asyncio.create_task(orm_request(async_sessionmaker(engine),
+                                              held), name="request-1")
+    await held.wait()
+    print("ready", flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+MODULE_SCRIPT = r"""
+import json, sys, time
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+
+def lookup(session):
+    return session.execute(sa.text("SELECT 1")).scalar()   # MODULE-ORM-SITE
+
+conn = engine.connect()   # MODULE-SITE
+with orm.Session(engine) as session, session.begin():
+    lookup(session)
+    print("ready", flush=True)
+    time.sleep(600)   # MODULE-HELD
+"""
+
+
+def test_leak_finder_holds_orm_and_enginefacade_requests(tmp_path,
+                                                         leak_daemon):
+    """The issue's table, and more: each connection is held by the
+    request that asked for it (at the request's current line), though the
+    helper that ran its first query returned; the pooled thread's stored
+    connection is leaked."""
+    app = ScriptApp(tmp_path, ORM_SCRIPT, mariadb_leak_url(leak_daemon),
+                    "orm.py", pool_size=10)
+    try:
+        assert app.said == ["True"]
+        at = functools.partial(place, app, source=ORM_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("ORM-SITE", "lookup"): at("ORM-HELD", "orm_request"),
+            at("READER-SITE", "_lookup"): at("READER-HELD", "api_get"),
+            at("NESTED-SITE", "_read_nested"): at("WRITER-HELD",
+                                                  "api_update"),
+            at("HANDED-SITE", "open_conn"): at("HANDED-HELD", "caller"),
+            at("VIEW-SITE", "view"): at("MIDDLEWARE-HELD", "middleware"),
+            at("STORED-SITE", "store_and_go"): "leaked"})
+    finally:
+        app.stop()
+
+
+def test_leak_finder_worker_thread_serving_other_requests(tmp_path,
+                                                         leak_daemon):
+    """A worker thread whose requests leaked a Session (the view's, which
+    the middleware forgot; the handler's own) and which then serves
+    another request of the same handler, in a frame at the leaking
+    frame's address: leaked."""
+    app = ScriptApp(tmp_path, WORKER_SCRIPT, mariadb_leak_url(leak_daemon),
+                    "worker.py", pool_size=10)
+    try:
+        assert app.said == ["True"], "no frame was given the same memory"
+        at = functools.partial(place, app, source=WORKER_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("VIEW-SITE", "view"): "leaked",
+            at("WORKER-LEAK-SITE", "handle"): "leaked",
+            at("WORKER-SLOW-SITE", "handle"): at("WORKER-SLOW-HELD",
+                                                 "handle")})
+    finally:
+        app.stop()
+
+
+@pytest.mark.parametrize("runtime", ["eventlet", "gevent"])
+def test_leak_finder_holds_orm_requests_in_greenlets(tmp_path, leak_daemon,
+                                                     runtime):
+    source = GREEN_ORM_SCRIPT if runtime == "eventlet" else GEVENT_ORM_SCRIPT
+    app = ScriptApp(tmp_path, source, mariadb_leak_url(leak_daemon),
+                    f"green_orm_{runtime}.py", pool_size=10)
+    try:
+        at = functools.partial(place, app, source=source)
+        verdicts(leak_daemon, app, {
+            at("GREEN-ORM-SITE", "lookup"): at("GREEN-ORM-HELD",
+                                               "orm_request")})
+    finally:
+        app.stop()
+
+
+def test_leak_finder_holds_orm_requests_in_asyncio_tasks(tmp_path,
+                                                         leak_daemon):
+    app = ScriptApp(tmp_path, ASYNC_ORM_SCRIPT,
+                    mariadb_leak_url(leak_daemon, "aiomysql"),
+                    "async_orm.py", pool_size=10)
+    try:
+        at = functools.partial(place, app, source=ASYNC_ORM_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("ASYNC-ORM-SITE", "lookup"):
+                at("ASYNC-ORM-HELD", "orm_request") + " (task request-1)"})
+    finally:
+        app.stop()
+
+
+def test_leak_finder_holds_a_module_level_script(tmp_path, leak_daemon):
+    """A script holding connections at module level while it sleeps: its
+    module's frame runs, so both are held there."""
+    app = ScriptApp(tmp_path, MODULE_SCRIPT, mariadb_leak_url(leak_daemon),
+                    "module_level.py", pool_size=10)
+    try:
+        at = functools.partial(place, app, source=MODULE_SCRIPT)
+        held = at("MODULE-HELD", "<module>")
+        verdicts(leak_daemon, app, {at("MODULE-SITE", "<module>"): held,
+                                    at("MODULE-ORM-SITE", "lookup"): held})
+    finally:
+        app.stop()
+
+
+def test_console_marks_a_sure_leak_alike_in_every_view(tmp_path,
+                                                       leak_daemon,
+                                                       terminal):
+    """A held connection and a leaked one, past hold_warn_seconds: "*" for
+    the leak in the table, the drill-down's process and long holder, and
+    the sites view; "!" for the held one; the sites whole on a wide
+    screen, and cut from the left of their paths (never their line and
+    function) on a narrow one."""
+    app = leak_app(tmp_path, leak_daemon)
+    try:
+        app("sleeper")
+        app("leak 1")
+        sleeper, leak = (leak_site("SLEEPER-SITE", "sleeper"),
+                         leak_site("LEAK-SITE", "leak"))
+        wait_until(lambda: sorted(
+            h["held_at"] for s in sites_of(leak_daemon, "leaky.py").values()
+            for h in s["long_holders"]) == [
+                f"{tmp_path / leak_site('SLEEPER-HELD', 'sleeper')}",
+                "thread gone"], 30, "the two verdicts")
+        term = terminal("-H", leak_daemon.address, "-i", "0.2", cols=200)
+        term.wait_for(lambda t: [row[-1][0] for row in table_on_screen(t)[1]
+                                 ] == ["*"], "OLDEST marked * in the table")
+        term.press(b"s")
+
+        def oldest_marks(t: Terminal) -> Dict[str, str]:
+            return {fields[4].rsplit("/", 1)[-1]: fields[3][0]
+                    for fields in (line.rstrip().split(None, 4)
+                                   for line in t.display[7:-1])
+                    if len(fields) == 5 and fields[2].isdigit()}
+        term.wait_for(lambda t: oldest_marks(t) == {sleeper: "!", leak: "*"},
+                      "the sites' OLDEST marked")
+        assert sorted(s for _, _, s in screen_sites(term)) == [
+            str(tmp_path / leak), str(tmp_path / sleeper)]
+        term.resize(80, 30)
+
+        def cut_in_their_paths(t: Terminal) -> bool:
+            shown = [s for _, _, s in screen_sites(t)]
+            return len(shown) == 2 and all(
+                s.startswith("\N{HORIZONTAL ELLIPSIS}")
+                and re.search(r":[0-9]+ in (leak|sleeper)$", s)
+                and any(str(tmp_path / name).endswith(s[1:])
+                        for name in (leak, sleeper)) for s in shown)
+        term.wait_for(cut_in_their_paths, "sites cut in their paths only")
+        term.resize(200, 30)
+        term.press(b"\x1b")
+        term.press(b"\r")
+        term.wait_text("leaky.py on ")
+        term.wait_for(lambda t: [line.split()[1][0]
+                                 for line in holder_lines(t)] == ["!", "*"],
+                      "the long holders' AGE marked")
+        (proc,) = [line.split() for line in term.display[7:9]
+                   if line.split()[:1] == [str(app.proc.pid)]]
+        assert proc[-3][0] == "*", proc   # OLDEST (then CONNECTED SINCE)
+    finally:
+        app.stop()
