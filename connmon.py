@@ -1262,8 +1262,7 @@ class TaskRef(weakref.ref):
 
     __slots__ = ("name",)
 
-    def __init__(self, task) -> None:
-        super().__init__(task)
+    def __init__(self, task) -> None:   # (weakref.ref.__new__ refers)
         self.name = printable(str(task.get_name())[:MAX_TASK_NAME])
 
 
@@ -1392,7 +1391,7 @@ def holder_stack(ref: weakref.ref) -> Tuple[bool, Optional[List[Any]], str]:
     carry."""
     holder = ref()
     is_task = isinstance(ref, TaskRef)
-    label = f" (task {ref.name})" if is_task else ""
+    label = f" (task {ref.name})" if isinstance(ref, TaskRef) else ""
     if holder is None:
         return True, None, label
     if is_task:
@@ -1412,7 +1411,8 @@ def holder_stack(ref: weakref.ref) -> Tuple[bool, Optional[List[Any]], str]:
     root = holder
     while root.parent is not None:
         root = root.parent
-    frame = sys._current_frames().get(_thread_greenlets.get(root))
+    ident = _thread_greenlets.get(root)
+    frame = None if ident is None else sys._current_frames().get(ident)
     if frame is None or holder.gr_frame is not None:
         return False, None, ""
     return False, _frames_out(frame), ""
@@ -1452,7 +1452,8 @@ def is_leak(verdict: str) -> bool:
     return verdict.split(" (task ", 1)[0] in (LEAKED, THREAD_GONE)
 
 
-def holder_verdict(ref: weakref.ref, mark: FrameMark) -> Optional[str]:
+def holder_verdict(ref: weakref.ref, mark: Optional[FrameMark]
+                   ) -> Optional[str]:
     """What a long holder's connection is now (the "held at" place,
     "leaked" or "thread gone"), from its holder and the mark of its
     checkout's site; None when it cannot be seen now."""
@@ -1746,7 +1747,7 @@ class ProcessState:
         judges a process)."""
         out: Dict[int, int] = {}
         for ident in self.checked_out:
-            pool = self.conns.get(ident)
+            pool = self.conns[ident]   # (every one checked out is open)
             out[pool] = out.get(pool, 0) + 1
         return {pool for pool, limit in self.pools.items()
                 if limit and out.get(pool, 0) >= limit}
@@ -1788,8 +1789,9 @@ class ProcessState:
                 continue
             _, mark, holder_id = self.holders[ident]
             ref = handed.get(ident)
-            if mark is None or id(ref) != holder_id:   # no frame marked
-                continue   # (a tracer's), or checked out again meanwhile
+            if mark is None or ref is None or id(ref) != holder_id:
+                continue   # no frame marked (a tracer's), or checked out
+            #                again meanwhile
             verdict = holder_verdict(ref, mark)
             if verdict is not None:
                 self.held_at[ident] = verdict
@@ -3047,7 +3049,8 @@ class ConnectionNote:
     def forget(self) -> int:
         """The counted connection leaves its pool (closed or detached):
         its id."""
-        self.connections.discard(self.ident)
+        if self.connections is not None:   # (counted: see counted_note)
+            self.connections.discard(self.ident)
         return self.ident
 
 
@@ -3070,7 +3073,7 @@ class PoolProbe:
                  "pending")
 
     def __init__(self, sender: Sender, pool_id: int, sites: bool,
-                 holders: Tuple[Any, Any]):
+                 holders: Tuple[Any, Any, Any]):
         self.record = sender.events.extend
         self.sender = sender
         self.pool_id = pool_id
@@ -3096,7 +3099,7 @@ class PoolProbe:
                 pass
             if site is None:
                 site, frame = checkout_site()
-            if site is not None:   # see holder_verdict
+            if site is not None and ident is not None:   # (holder_verdict)
                 mark = frame.f_trace
                 if type(mark) is not FrameMark:   # a new run of the site
                     mark = frame_mark(frame)
@@ -3120,12 +3123,14 @@ class PoolProbe:
         if note.__class__ is not ConnectionNote:
             return None
         if note.opened is not None:
-            self.count(note)
+            self.count(note, note.opened)
         return note.ident
 
-    def count(self, note: ConnectionNote) -> None:
-        """Count a connection opened (see on_connect)."""
-        when, began, pool = note.opened
+    def count(self, note: ConnectionNote,
+              opened: Tuple[float, Optional[float], Any]) -> None:
+        """Count a connection opened (see on_connect): ``opened`` is when,
+        when its opening began, and its pool."""
+        when, began, pool = opened
         note.opened = None
         note.connections = pool_connections(pool, self.sender)
         note.connections.add(note.ident)
@@ -3364,13 +3369,11 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     # puts SQLAlchemy's event dispatch on every statement of every
     # connection: do_connect measured 5,900 CPU instructions a statement,
     # a fifth of connmon's whole cost for a request of one statement.)
-    listeners = [("connect", on_connect),
-                 ("checkin", on_checkin),
-                 ("close", on_close),
-                 ("invalidate", on_invalidate),
-                 ("soft_invalidate", on_invalidate),
-                 ("detach", on_detach),
-                 ("close_detached", on_close_detached)]
+    listeners: List[Tuple[str, Callable[..., Any]]] = [
+        ("connect", on_connect), ("checkin", on_checkin),
+        ("close", on_close), ("invalidate", on_invalidate),
+        ("soft_invalidate", on_invalidate), ("detach", on_detach),
+        ("close_detached", on_close_detached)]
     if isinstance(engine.pool, MeasuredPool):
         engine.pool.connmon_probe = probe   # it queues the checkouts
     else:
