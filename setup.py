@@ -27,7 +27,7 @@ setup(
                  "psycopg[binary]", "pytest", "pyte", "hypothesis",
                  "prometheus_client", "oslo.db", "trustme", "gevent",
                  "eventlet", "aiomysql", "asyncpg", "gunicorn", "uWSGI",
-                 "oslo.service", "celery"],
+                 "oslo.service", "celery", "mypy"],
     },
     entry_points={
         "console_scripts": [
