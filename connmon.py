@@ -2552,12 +2552,6 @@ class MeasuredPool:
 
     connmon_probe: Optional[PoolProbe] = None
 
-    def recreate(self):
-        """engine.dispose() replaces the pool: the new one reports alike."""
-        pool = super().recreate()
-        pool.connmon_probe = self.connmon_probe
-        return pool
-
 
 def measured_connect(pool_connect):
     """The connect() of a measured pool class whose own is
@@ -2586,6 +2580,19 @@ def measured_connect(pool_connect):
     return connect
 
 
+def measured_recreate(pool_recreate):
+    """The recreate() of a measured pool class whose own is
+    ``pool_recreate``: engine.dispose() replaces the pool, and the new one
+    reports alike."""
+    def recreate(self):
+        pool = pool_recreate(self)
+        pool.connmon_probe = self.connmon_probe
+        return pool
+
+    recreate.__doc__ = pool_recreate.__doc__
+    return recreate
+
+
 def _unpend(pending: List[float], began: float) -> None:
     """A checkout's wait is over.  It may be gone already: a child of a
     fork without at-fork hooks notices the fork at its first event (see
@@ -2601,14 +2608,19 @@ _measured_classes: Dict[type, type] = {}
 
 
 def measured_pool_class(pool_class: type) -> type:
-    """``pool_class`` with MeasuredPool mixed in (made once per class)."""
+    """``pool_class`` with MeasuredPool mixed in (made once per class).
+    The pool class comes first among the bases, so that a pool made by
+    the application (see measure_given_pool) can take the measured class
+    in place (``__class__`` assignment needs the same base layout); the
+    measured methods are the class's own."""
     if issubclass(pool_class, MeasuredPool):
         return pool_class
     measured = _measured_classes.get(pool_class)
     if measured is None:
         measured = _measured_classes[pool_class] = type(
-            pool_class.__name__, (MeasuredPool, pool_class),
+            pool_class.__name__, (pool_class, MeasuredPool),
             {"connect": measured_connect(pool_class.connect),
+             "recreate": measured_recreate(pool_class.recreate),
              "__doc__": f"{pool_class.__name__}, measured by connmon.",
              # SQLAlchemy names the pool's logger after the class's module:
              # the application's logging settings must still apply
@@ -2847,7 +2859,24 @@ class ConnmonDialect:
         return self.get_dialect_cls(url, _is_async=True)
 
     def engine_created(self, engine) -> None:
+        measure_given_pool(engine)
         instrument(engine, url_settings(engine.url.query))
+
+
+def measure_given_pool(engine) -> None:
+    """A dialect name sees no create_engine() arguments, so it cannot choose
+    the pool class as ?plugin=connmon does: an engine given poolclass= (or
+    pool=) gets a pool of the application's class.  Here, before its first
+    connection, that pool becomes its class's measured twin (a subclass
+    adding only the measuring connect(); see measured_pool_class), so that
+    waits and timeouts are measured with either URL form."""
+    pool = engine.pool
+    if isinstance(pool, MeasuredPool) or pool in _instrumented:
+        return
+    try:
+        pool.__class__ = measured_pool_class(type(pool))
+    except TypeError:   # a class that cannot take it: instrument() says so
+        pass
 
 
 # Entry points of setup.py point at these names.

@@ -7449,3 +7449,49 @@ def test_unknown_service_names_the_source_read(tmp_path):
     with pytest.raises(connmon.ConfigError, match="^<built-in default>: "
                        "unknown service 'nope'"):
         sa.create_engine("sqlite+pysqlite_connmon:///?connmon_service=nope")
+
+
+# --- (new) issue 26: the operator's console, the demo, --check-config ---
+
+
+def demo_alarms(snapshot: Dict[str, Any]) -> Dict[str, set]:
+    """alarm -> the demo programs raising it, in a snapshot with
+    processes: exhausted, waiting, timeouts, a leak, a long holder."""
+    found: Dict[str, set] = {}
+    for row in snapshot["rows"]:
+        for alarm, raised in (
+                ("exhausted", row["exhausted"]),
+                ("waiting", row["waiting"] > 0 or row["maxwaiting"] > 0),
+                ("timeouts", row["timeouts_total"] > 0),
+                ("leak", connmon_console.leaked(row)),
+                ("long holder", any(proc["long_holders"]
+                                    for proc in row["procs"]))):
+            if raised:
+                found.setdefault(alarm, set()).add(row["progname"])
+    return found
+
+
+def test_demo_shows_every_alarm_it_promises_within_30s(terminal):
+    """The demo's apps pass poolclass= with a <driver>_connmon URL: their
+    pools are measured, so glance-api's waits and timeouts show."""
+    require_module("sqlalchemy")
+    term = terminal("--demo", cols=80, lines=24)
+    started = time.monotonic()
+    term.wait_text("attached to 127.0.0.1:")
+    port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
+    found: Dict[str, set] = {}
+
+    def every_alarm() -> bool:
+        result = subprocess.run(
+            [sys.executable, "-m", "connmon_console", "-H",
+             f"127.0.0.1:{port}", "--once", "--json", "--procs"], cwd=HERE,
+            env=CHILD_ENV, capture_output=True, text=True, timeout=30)
+        for alarm, progs in demo_alarms(json.loads(result.stdout)).items():
+            found.setdefault(alarm, set()).update(progs)
+        return {"glance-api"} <= found.get("waiting", set()) & found.get(
+            "timeouts", set()) & found.get("exhausted", set()) and (
+                "keystone-leaky" in found.get("leak", ())) and (
+                    "nova-conductor" in found.get("long holder", ()))
+
+    wait_until(every_alarm, 30 - (time.monotonic() - started),
+               "the demo's five alarms")
