@@ -1056,7 +1056,7 @@ def test_console_once_json_and_table(daemon, apps, tmp_path):
          daemon.address], cwd=HERE, env=CHILD_ENV, capture_output=True,
         text=True,
         timeout=30)
-    assert "Connections [1 / 1]" in result.stdout
+    assert "Conn 1/1" in result.stdout
     assert "console_app.py" in result.stdout
 
 
@@ -2421,10 +2421,10 @@ def test_console_rows_match_the_truth_with_colours(daemon, apps, tmp_path,
     truth = daemon.snapshot()
     assert (truth["hosts"], truth["processes"], truth["connections"],
             truth["checkouts"]) == (1, 2, 4, 3)
-    totals = [f"Hosts       [1 / {truth['max_hosts']}]",
-              f"Processes   [2 / {truth['max_processes']}]",
-              f"Connections [4 / {truth['max_connections']}]",
-              f"Checkouts   [3 / {truth['max_checkouts']} / "]
+    totals = [f"Hosts 1/{truth['max_hosts']}",
+              f"Procs 2/{truth['max_processes']}",
+              f"Conn 4/{truth['max_connections']}",
+              f"Ckout 3/{truth['max_checkouts']} "]
     term.wait_for(lambda t: all(line in t.text for line in totals),
                   f"totals {totals}")
 
@@ -3129,11 +3129,13 @@ def test_once_lists_the_sites_under_their_rows(tmp_path, leak_daemon):
         lines = result.stdout.splitlines()
         (blind_at,) = [i for i, line in enumerate(lines)
                        if line.split()[1:2] == ["blind.py"]]
-        # No known site (capture off): no site lines, the next row follows.
-        assert lines[blind_at + 1].split()[1] == "leaky.py"
+        (leaky_at,) = [i for i, line in enumerate(lines)
+                       if line.split()[1:2] == ["leaky.py"]]
+        # Sorted by CONN: leaky.py first.  No known site (capture off): no
+        # site lines under blind.py (the databases after a blank line).
+        assert leaky_at < blind_at and lines[blind_at + 1] == ""
         script = tmp_path / "leaky.py"
-        under_leaky = lines[blind_at + 2:lines.index("", blind_at)]   # (the
-        # databases after the blank line)
+        under_leaky = lines[leaky_at + 1:blind_at]
         assert [re.sub(r"oldest +[0-9.]+", "oldest N", line)
                 for line in under_leaky] == [
             f"    held    5  oldest N  {script}:{line_of('SITE-B')} in "
@@ -6786,7 +6788,7 @@ def test_console_shows_waiting_programs_and_databases_at_80x24(
             "wait.py WAIT 4")
         assert "MAXCONN" not in term.text
         assert "sorted by CONN descending" in term.text
-        assert re.search(r"Waiting \[4 / \d+\]", term.text)
+        assert re.search(r"Wait 4/\d+", term.text)
         y = screen_row(term, "wait.py")["y"]
         assert (term.screen.buffer[y][0].fg, term.screen.buffer[y][0].bg
                 ) == ("white", "red")
@@ -7495,3 +7497,223 @@ def test_demo_shows_every_alarm_it_promises_within_30s(terminal):
 
     wait_until(every_alarm, 30 - (time.monotonic() - started),
                "the demo's five alarms")
+
+
+# The OpenStack fleet with an alarm of each kind: heat-engine (one
+# connection: last by CONN) has checkouts waiting and timing out; nova-api
+# runs 12 processes in one row; nova-conductor's oldest holder leaked;
+# nova-scheduler's pool is exhausted; and database server db1, which every
+# pool uses, holds 95 % of its max_connections.
+ALARM_DB = ("mysql", "db1", 3306, "nova", "nova")
+
+
+def alarm_fleet(daemon: Daemon) -> Dict[Tuple[str, str, int],
+                                        "SyntheticApp"]:
+    """OPENSTACK, plus heat-engine and nova-api's 12 processes, every pool
+    on db1; returns the apps by (host, program, index)."""
+    fleet = {}
+    programs = [(host, prog, conns, out, age, limit, 0)
+                for host, prog, conns, out, age, limit in OPENSTACK]
+    programs += [("ctl3", prog, 2, 0, None, 10, 0) for prog in (
+        "glance-api", "cinder-api", "cinder-scheduler", "cinder-volume",
+        "keystone", "placement-api", "heat-api", "octavia-api")]
+    programs += [("ctl3", "heat-engine", 1, 1, 1.0, 1, 0)]
+    programs += [("api1", "nova-api", 1, 0, None, 5, index)
+                 for index in range(12)]
+    for host, prog, conns, out, age, limit, index in programs:
+        app = SyntheticApp(daemon, host, prog)
+        app.event(connmon.POOL, 1, limit)
+        app.state.fold([(connmon.POOL, 1, time.monotonic(), limit,
+                         ALARM_DB, None, None, None)])
+        for conn in range(1, conns + 1):
+            app.event(connmon.CONNECT, conn, 1)
+        now = time.monotonic()
+        app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
+                         1, None, None, None, None)
+                        for conn in range(1, out + 1)])
+        if prog == "nova-conductor":
+            app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
+            app.state.holders[1] = (7, None, None)
+            app.state.held_at[1] = "thread gone"
+        app.send()
+        fleet[host, prog, index] = app
+    wait_until(lambda: len(daemon.snapshot()["rows"]) == len(OPENSTACK) + 10,
+               what="the fleet's rows")
+    return fleet
+
+
+class TimeoutStorm(threading.Thread):
+    """heat-engine: three checkouts waiting for good, and one giving up
+    every half second, until stopped."""
+
+    def __init__(self, app: "SyntheticApp"):
+        super().__init__(daemon=True)
+        self.app = app
+        self.stopping = threading.Event()
+        self.began = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            self.app.state.fold([(connmon.TIMED_OUT, None, now, 1, None,
+                                  None, None, now - 5)])
+            self.app.state.look_at_waiters(now, {1: [self.began] * 3})
+            self.app.send()
+            self.stopping.wait(0.5)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+
+
+@pytest.fixture
+def alarm_daemon(tmp_path):
+    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n"
+                    "database_servers:\n    db1:3306 max_connections=96\n")
+    fleet = alarm_fleet(daemon)
+    storm = TimeoutStorm(fleet["ctl3", "heat-engine", 0])
+    storm.start()
+    wait_until(lambda: (daemon.row("heat-engine") or {}).get("waiting") == 3
+               and daemon.row("heat-engine")["timeouts_total"] > 0,
+               what="heat-engine waiting and timing out")
+    yield daemon
+    storm.stop()
+    daemon.stop()
+
+
+def alarm_words(t: Terminal) -> str:
+    """The header's lines under the title (totals and alarms), joined."""
+    return " ".join(t.display[1:5])
+
+
+@pytest.mark.parametrize("cols, lines", [(80, 24), (40, 15)])
+def test_console_every_alarm_on_the_first_screen(alarm_daemon, terminal,
+                                                 cols, lines):
+    daemon = alarm_daemon
+    term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
+                    lines=lines)
+    term.wait_text("sorted by CONN descending")
+    # heat-engine sorts last by CONN, below the bottom at either size ...
+    term.wait_for(lambda t: "heat-engine" not in "\n".join(
+        t.display[7:-1]) and "ALARMS 4: heat-engine" in alarm_words(t),
+        "heat-engine named first in the alarm line")
+    words = alarm_words(term)
+    assert "WAIT 3" in words and "TMOUT " in words
+    if cols == 80:   # ... and every alarm is named on the first screen
+        for alarm in ("DB db1:3306 CONN 91/96 95%", "nova-scheduler "
+                      "EXHAUSTED", "nova-conductor LEAK"):
+            assert alarm in words, (alarm, term.text)
+        # the numbers of the header are whole
+        assert re.search(r"Conn 91/91 .*Tmout [\d.]+/s", words), words
+    else:
+        assert "+2 more (a)" in words or "+3 more (a)" in words, words
+    # the alarms view lists them all; Enter on one opens its processes
+    term.press(b"a")
+    term.wait_text("4 alarms:")
+    listed = "\n".join(term.display[7:-1])
+    for name in ("heat-engine", "db1:3306", "nova-sche", "nova-cond"):
+        assert name in listed, (name, term.text)
+    term.press(b"\r")
+    term.wait_text("heat-engine on ctl3: 1 process")
+    term.press(b"\x1b")
+    term.wait_text("4 alarms:")
+    term.press(b"\x1b")
+    # TMOUT/S marked, whatever the sort: End shows the row
+    term.press(term.key["kend"])
+    term.wait_for(lambda t: "heat-engine" in "\n".join(t.display[7:-1]),
+                  "heat-engine at the end")
+    if cols == 80:
+        row = term.wait_for(lambda t: screen_row(t, "heat-engine"),
+                            "the heat-engine row")
+        heads, _ = table_on_screen(term)
+        fields = dict(zip(heads, term.display[row["y"]].split()))
+        assert fields["WAIT"] == "!3" and fields["TMOUT/S"].startswith(
+            "!"), fields
+    term.press(b"w")   # one key: sort by WAIT (the selection follows
+    term.wait_text("sorted by WAIT descending")   # its row: Home)
+    term.press(term.key["khome"])
+    term.wait_for(lambda t: "heat-engine" in t.display[7], "WAIT sort")
+    term.press(b"o")
+    term.wait_text("sorted by OLDEST descending")
+    term.press(term.key["khome"])
+    term.wait_for(lambda t: shown_as(t.display[7].split()[1],
+                                     "nova-conductor"), "OLDEST sort")
+
+
+@pytest.mark.parametrize("cols, lines", [(80, 24), (40, 15)])
+def test_console_every_list_reachable_by_keys(alarm_daemon, terminal,
+                                              cols, lines):
+    daemon = alarm_daemon
+    truth = daemon.snapshot()["rows"]
+    term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
+                    lines=lines)
+    term.wait_text("sorted by CONN descending")
+    # the table: cut, it says how many more; PgDn and End reach the rest
+    term.wait_for(lambda t: t.display[-1].startswith(
+        f"[1-{lines - 8} of 19]"), "the footer's 1-N of 19")
+    if cols == 80:
+        term.wait_text(f"(1-16 shown, 3 more)")
+    seen = set()
+
+    def collect(t: Terminal) -> bool:
+        for line in t.display[7:-1]:
+            fields = line.split()
+            if len(fields) > 2:
+                seen.add(fields[1])
+        return True
+
+    for _ in range(4):
+        term.wait_for(collect, "rows")
+        term.press(term.key["knp"])
+        time.sleep(0.4)   # (the keys are read between refreshes)
+    term.wait_for(collect, "rows")
+    for row in truth:
+        assert any(shown_as(name, row["progname"]) for name in seen), (
+            row["progname"], seen)
+    # the drill-down of nova-api: 12 processes, 12 pools, all reachable
+    term.press(b"/nova-api\r")
+    term.wait_text("[filter: nova-api]")
+    term.press(b"\r")
+    term.wait_text("nova-api on api1: 12 processes")
+    term.wait_text("more lines (Down/j, PgDn, End)")
+    document: Dict[int, str] = {}
+
+    def read(t: Terminal) -> bool:
+        """The drill-down's lines on screen by their place in it (the
+        caption says where the screen starts)."""
+        found = re.search(r": 12 processes \((\d+)-", t.display[5])
+        if found is None:
+            return False
+        lines = t.display[7:-1]
+        if "more lines" in lines[-1]:
+            lines = lines[:-1]
+        for offset, line in enumerate(lines):
+            document[int(found[1]) - 1 + offset] = line
+        return True
+
+    term.wait_for(read, "the first page")
+    while "more lines (Down/j" in term.text:
+        before = term.display[5]
+        term.press(term.key["knp"])
+        term.wait_for(lambda t: t.display[5] != before and read(t),
+                      "the next page")
+    term.press(term.key["khome"] + b"j")   # j: one line down
+    term.wait_for(lambda t: re.search(r"processes \(2-", t.display[5]),
+                  "one line down")
+    term.press(term.key["kcud1"])          # Down: one more
+    term.wait_for(lambda t: re.search(r"processes \(3-", t.display[5]),
+                  "two lines down")
+    term.press(term.key["kend"])
+    term.wait_for(lambda t: read(t) and "more lines" not in t.text,
+                  "the end")
+    text = [document[index] for index in sorted(document)]
+    assert sorted(document) == list(range(len(document)))   # none skipped
+    pools_at = [i for i, line in enumerate(text)
+                if "12 pools, with the database of each" in line]
+    assert pools_at, text
+    processes = [line for line in text[:pools_at[0]]
+                 if line.split()[:1] == ["4242"]]
+    pools = [line for line in text[pools_at[0]:]
+             if line.split()[:1] == ["4242"]]
+    assert len(pools) == 12, text
+    assert len(processes) == 12, text
