@@ -729,8 +729,11 @@ def format_table(snapshot: Dict[str, Any], width: Optional[int] = None
     RecentTimeouts().annotate(snapshot, time.monotonic())
     sort = COLUMNS[3]
     rows = sorted(snapshot["rows"], key=sort.sort_key, reverse=True)
+    marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)",
+             "waiting": "  (waiting)"}
+    mark_room = max((len(marks[row_state(row)]) for row in rows), default=0)
     layout = natural(COLUMNS, rows) if width is None else plan(
-        COLUMNS, width, rows, rows)
+        COLUMNS, width - mark_room, rows, rows)
     formatter = Formatter(layout, rows, thresholds_of(snapshot), Cutter())
     room = width or 1 << 20
     lines = [f"connmon: service {snapshot['service']} node {snapshot['node']}"]
@@ -741,8 +744,6 @@ def format_table(snapshot: Dict[str, Any], width: Optional[int] = None
     lines.append(f"{connmon.plural(len(rows), 'row')}, sorted by "
                  f"{sort.heading} descending")
     lines.append(headings(layout).rstrip())
-    marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)",
-             "waiting": "  (waiting)"}
     for row in rows:
         lines.append(formatter.line(row).rstrip() + marks[row_state(row)])
         under = pressure_lines(row) + site_lines(row)

@@ -1449,13 +1449,22 @@ def run_connmond(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=30)
 
 
+def located(message: str) -> str:
+    """A config mistake as --check-config lists it: "[SECTION], line N:
+    problem" becomes ":N: [SECTION] problem"."""
+    found = re.fullmatch(r"(?:\[(.*?)\], )?line (\d+): (.*)", message,
+                         re.S)
+    section = f" [{found[1]}]" if found[1] else ""
+    return f":{found[2]}:{section} {found[3]}"
+
+
 @pytest.mark.parametrize("text, message", MALFORMED_CONFIGS)
 def test_check_config_catches_malformed_configs(tmp_path, text, message):
     result = run_connmond("--check-config", "-c", write(tmp_path, text),
                           "-s", "a")
     assert result.returncode == 2
     assert result.stderr.startswith("connmond: error: ")
-    assert message in result.stderr
+    assert located(message) in result.stderr
     assert result.stdout == ""
 
 
@@ -1464,17 +1473,17 @@ def test_check_config_says_ok_in_one_line(tmp_path):
         [connmon_service_a]
         name: a
         metrics_port: 9187
-        csv_dump: /var/lib/connmon/a.csv
+        csv_dump: TMP/a.csv
         csv_interval: 2.5
         nodes:
             n1 hostname=127.0.0.1:1 bind=127.0.0.1
-        """)
+        """.replace("TMP", str(tmp_path)))
     result = run_connmond("--check-config", "-c", path, "-s", "a")
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout == (
         f"connmond: config OK: {path} service 'a': node n1 listening on "
-        "127.0.0.1:1, metrics on 127.0.0.1:9187, CSV to "
-        "/var/lib/connmon/a.csv every 2.5s\n")
+        f"127.0.0.1:1, metrics on 127.0.0.1:9187, CSV to "
+        f"{tmp_path}/a.csv every 2.5s\n")
 
 
 @pytest.mark.parametrize("options, message", [
@@ -1501,8 +1510,9 @@ def test_check_config_catches_bad_daemon_options(tmp_path, options, message):
                  "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
     result = run_connmond("--check-config", "-c", path, "-s", "a")
     assert result.returncode == 2
-    assert f"connmond: error: {path} [connmon_service_a]: {message}" in (
-        result.stderr)
+    assert re.search(re.escape(f"connmond: error: {path}:") + r"\d+: " +
+                     re.escape(f"[connmon_service_a] {message}"),
+                     result.stderr), result.stderr
 
 
 def test_check_config_catches_bad_logging_sections(tmp_path):
@@ -7400,7 +7410,7 @@ def test_check_config_refuses_each_mistake(tmp_path, line, message,
     result = run_connmond("--check-config", "-c", path, "-s", "a")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.startswith(
-        f"connmond: error: {path} [connmon_service_a]: {message}")
+        f"connmond: error: {path}:3: [connmon_service_a] {message}")
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -7433,7 +7443,7 @@ def test_check_config_parse_errors_in_one_line(tmp_path, text, message):
     path = write(tmp_path, text)
     result = run_connmond("--check-config", "-c", path, "-s", "a")
     assert result.returncode == 2
-    assert result.stderr == f"connmond: error: {path}, {message}\n"
+    assert result.stderr == f"connmond: error: {path}{located(message)}\n"
 
 
 def test_unknown_service_names_the_source_read(tmp_path):
@@ -7717,3 +7727,101 @@ def test_console_every_list_reachable_by_keys(alarm_daemon, terminal,
              if line.split()[:1] == ["4242"]]
     assert len(pools) == 12, text
     assert len(processes) == 12, text
+
+
+def test_check_config_reports_every_mistake_in_one_run(tmp_path):
+    path = write(tmp_path, f"""\
+        [connmon]
+        service: a
+
+        [connmon_servce_b]
+        name: b
+        nodes:
+            n1 hostname=127.0.0.1:1
+
+        [connmon_service_a]
+        name: a
+        hold_warn_seconds: soon
+        metrics_prot: 9187
+        csv_dump: {tmp_path}/missing/a.csv
+        nodes:
+            n1 hostname=127.0.0.1:1
+            n2 hostnme=h
+        """)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        f"connmond: error: {path}:1: [connmon] unknown section: connmon "
+        "reads [connmon_service_NAME] sections (and logging's); did you "
+        "mean [connmon_service_default]?",
+        f"connmond: error: {path}:4: [connmon_servce_b] unknown section: "
+        "connmon reads [connmon_service_NAME] sections (and logging's); did "
+        "you mean [connmon_service_b]?",
+        f"connmond: error: {path}:16: [connmon_service_a] unexpected "
+        "'hostnme=h' in node line 'n2 hostnme=h'; expected "
+        "hostname=HOST[:PORT] [bind=ADDR[:PORT]]",
+        f"connmond: error: {path}:11: [connmon_service_a] hold_warn_seconds: "
+        "expected a number of seconds from 0.1 to 86400, got 'soon'",
+        f"connmond: error: {path}:12: [connmon_service_a] unknown option "
+        "'metrics_prot' (did you mean metrics_port?)",
+        f"connmond: error: {path}:13: [connmon_service_a] csv_dump: "
+        f"directory {tmp_path}/missing does not exist"]
+
+
+def test_check_config_misspelt_section_is_named_not_unknown(tmp_path):
+    path = write(tmp_path, "[connmon_servce_default]\nname: default\n"
+                 "nodes:\n    n1 hostname=127.0.0.1:1\n")
+    result = run_connmond("--check-config", "-c", path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"connmond: error: {path}:1: [connmon_servce_default] unknown "
+        "section: connmon reads [connmon_service_NAME] sections (and "
+        "logging's); did you mean [connmon_service_default]?\n")
+
+
+def test_check_config_prints_the_warnings_start_up_logs(tmp_path):
+    path = write(tmp_path, """\
+        [connmon_service_a]
+        name: a
+        metrics_port: 9187
+        metrics_bind: 0.0.0.0
+        nodes:
+            n1 hostname=127.0.0.1:1 bind=0.0.0.0
+        """)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"connmond: config OK: {path}")
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(
+        f"connmond: warning: {path}: [connmon_service_a] listening on "
+        "0.0.0.0:1 without auth_secret_file: anyone who can reach")
+    assert warnings[1].startswith(
+        f"connmond: warning: {path}: [connmon_service_a] serving /metrics "
+        "on 0.0.0.0:9187 without metrics_token_file")
+
+
+def test_once_fits_80_columns_and_says_its_sort(alarm_daemon):
+    def once(*args: str, **env: str) -> List[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             alarm_daemon.address, *args], cwd=HERE,
+            env={**CHILD_ENV, **env}, capture_output=True, text=True,
+            timeout=30, check=True).stdout.splitlines()
+
+    lines = once(COLUMNS="80")
+    assert max(len(line) for line in lines) <= 80, lines
+    (context,) = [line for line in lines if "sorted by" in line]
+    assert context == "19 rows, sorted by CONN descending"
+    heads = lines[lines.index(context) + 1].split()
+    assert heads[:2] == ["HOSTNAME", "PROGNAME"] and "CONN" in heads
+    rows = [line.split("  (")[0].split()   # (a state mark after a row)
+            for line in lines[lines.index(context) + 2:]
+            if line[:1] not in (" ", "")]
+    rows = [fields for fields in rows if len(fields) == len(heads)]
+    conns = [int(fields[heads.index("CONN")]) for fields in rows]
+    assert len(conns) == 19 and conns == sorted(conns, reverse=True)
+    assert any(line.startswith("ALARMS 4: heat-engine") for line in lines)
+    wide = once("--wide", COLUMNS="80")
+    assert max(len(line) for line in wide) > 80
+    assert "MAXCKOUT" in "\n".join(wide)
