@@ -163,6 +163,13 @@ def timeouts_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
     return ABOVE if row.get("timeouts_recent") else ""
 
 
+def near_limit_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
+    """A database server's connections at NEAR_LIMIT % of its
+    max_connections or over."""
+    percent = row.get("use_percent")
+    return ABOVE if percent is not None and percent >= NEAR_LIMIT else ""
+
+
 def over_server_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
     """The pools' summed limits exceed the database server's own."""
     return ABOVE if row.get("over_server") else ""
@@ -289,18 +296,20 @@ POOL_COLUMNS = [
 ]
 
 # The databases view: per database server, its total, its databases and
-# the programs holding its connections.  Its numbers are what it is for:
-# a name is cut before any of them goes.
+# the programs holding its connections (their host in a cell of its own).
+# Its numbers are what it is for: a name is cut before any of them goes,
+# but MAX_CONN (USE% says it) and NPROC go before a name is cut.
 DATABASE_COLUMNS = [
-    Column("SERVER", "hostname", "text", keep=100, width=15, most=22),
-    Column("DATABASE / PROGRAM", "progname", "text", keep=99, width=9,
-           most=30),
-    Column("CONN", "conn", keep=97),
+    Column("SERVER", "hostname", "text", keep=100, width=15),
+    Column("DATABASE / PROGRAM", "progname", "text", keep=99, width=9),
+    Column("HOST", "host", "text", keep=98, width=6),
+    Column("CONN", "conn", keep=97, alarm=near_limit_alarm),
+    Column("USE%", "use_percent", keep=96, alarm=near_limit_alarm),
     Column("CKOUT", "ckout", keep=96),
     Column("WAIT", "waiting", keep=95, alarm=waiting_alarm),
     Column("LIMIT", "limit", keep=94, alarm=over_server_alarm),
-    Column("MAX_CONN", "max_connections", keep=93),
-    Column("NPROC", "nproc", keep=91),
+    Column("MAX_CONN", "max_connections", keep=60),
+    Column("NPROC", "nproc", keep=70),
 ]
 
 # The drill-down's long holders: connections held past the apps'
@@ -871,6 +880,28 @@ def site_lines(row: Dict[str, Any]) -> List[str]:
 # ---------------------------------------------------------------------------
 
 
+# What another server's first bytes say it is (see failure_text).
+LOOKS_LIKE = [(("mariadb", "mysql", "\\x00\\x00\\x00\\n"), "a MySQL/MariaDB server"),
+              (("sfatal", "postgres"), "a PostgreSQL server"),
+              (("http/",), "a web server")]
+
+
+def failure_text(err: Exception) -> str:
+    """Why the console could not attach, in words: for a server that is
+    not connmond, what it looks like instead of its raw bytes (their
+    escapes, printable, end the line)."""
+    text = connmon.printable(str(err))
+    if not isinstance(err, connmon.NotConnmond):
+        return text
+    lowered = text.lower()
+    for needles, kind in LOOKS_LIKE:
+        if any(needle in lowered for needle in needles):
+            return (f"not connmond: this looks like {kind}; is the port "
+                    f"connmond's (default {connmon.DEFAULT_PORT})? "
+                    f"[{text}]")
+    return text
+
+
 class Feed:
     """Keeps the console's one connection to connmond and fetches a
     snapshot every interval on a thread of its own, so that a slow or dead
@@ -946,11 +977,12 @@ class Feed:
                 if conn is not None:
                     conn.close()
                     conn = None
-                top = (self.NOT_CONNMOND_RETRY if isinstance(
-                    err, connmon.NotConnmond) else self.RETRY_MAX)
-                delay = min(top, max(self.interval, delay * 2))
-                self._publish(state="disconnected", error=f"{err} (next "
-                              f"try in {delay:.0f}s)")
+                if isinstance(err, connmon.NotConnmond):
+                    delay = self.NOT_CONNMOND_RETRY   # at once: no backoff
+                else:
+                    delay = min(self.RETRY_MAX, max(self.interval, delay * 2))
+                self._publish(state="disconnected", error=f"{failure_text(err)}"
+                              f" (next try in {delay:.0f}s)")
                 self._sleep(delay)
                 continue
             delay = 0.0
@@ -1465,14 +1497,18 @@ class Console:
             lines += [{**database, "hostname": name,
                        "progname": f"db {database['database'] or '-'}"}
                       for database in server["databases"]]
-            lines += [{**program, "hostname": name, "progname":
-                       f"{program['hostname']} {program['progname']}"}
+            lines += [{**program, "hostname": name,
+                       "host": program["hostname"],
+                       "progname": program["progname"]}
                       for program in server["programs"]]
             most = server["max_connections"]
-            rows += [{"max_connections": most, **line,
+            lines[0]["use_percent"] = server_percent(server) if most else None
+            rows += [{"max_connections": most, "host": "", **line,
                       "over_server": None not in (most, line["limit"])
                       and line["limit"] > most} for line in lines
-                     if needle in name.lower() + line["progname"].lower()]
+                     if needle in (name + line["host"] if "host" in line
+                                   else name).lower()
+                     + line["progname"].lower()]
         return rows
 
     def proc_rows(self) -> Optional[List[Dict[str, Any]]]:
@@ -1517,6 +1553,8 @@ class Console:
         else:
             self.draw_summary()
             getattr(self, "draw_" + self.view)()
+            if self.picture is None and self.feed.error:
+                self.draw_failure()
         self.draw_footer()
         self.window.refresh()
 
@@ -1547,6 +1585,15 @@ class Console:
         self.put(0, title, self.styles["title"])
         if self.paused:
             self.put(0, "PAUSED", self.styles["paused"], 0)
+
+    def draw_failure(self) -> None:
+        """Why the console is not attached yet, whole, over the lines it
+        needs (the footer's one line would cut it)."""
+        _, width = self.window.getmaxyx()
+        lines = textwrap.wrap(self.feed.error, max(10, width - 1))
+        for y, line in enumerate(lines, 1):
+            if y < HEADER_LINES - 1 or y < self.body_height() + HEADER_LINES:
+                self.put(y, line)
 
     def draw_summary(self) -> None:
         """The totals (never a number cut: whole words, over up to three
@@ -1708,7 +1755,7 @@ class Console:
         more = left_out(picture, "databases", "server")
         self.draw_listing(
             f"{servers}{f' ({more})' if more else ''}: the pools' "
-            "connections and summed limits against MAX_CONN"
+            "connections (USE% of MAX_CONN, ! from 90%) and summed limits"
             + self.filter_text(), DATABASE_COLUMNS, rows)
 
     def draw_listing(self, caption: str, columns: List[Column],

@@ -6816,10 +6816,11 @@ def test_console_shows_waiting_programs_and_databases_at_80x24(
         term.press(b"d")   # the databases view
         term.wait_text("database servers")
         term.wait_for(lambda t: re.search(
-            r"127\.0\.0\.1:3306 +all \(mysql\) +2 +2 +!4 +2 +151 +1",
+            r"127\.0\.0\.1:3306 +all \(mysql\) +2 +1 +2 +!4 +2\b",
             t.text), "the MariaDB server against its 151")
-        assert re.search(r"127\.0\.0\.1:3306 +db test +2 +2 +!4", term.text)
-        assert re.search(r"127\.0\.0\.1:3306 +\S+ wait\.py +2 +2 +!4",
+        assert re.search(r"127\.0\.0\.1:3306 +db test +2 +- +2 +!4",
+                         term.text)
+        assert re.search(r"127\.0\.0\.1:3306 +wait\.py +\S+ +2 +- +2 +!4",
                          term.text)
         # The footer names this view's keys only (the table's "s sites"
         # does nothing here).
@@ -7639,6 +7640,12 @@ def test_console_every_alarm_on_the_first_screen(alarm_daemon, terminal,
         fields = dict(zip(heads, term.display[row["y"]].split()))
         assert fields["WAIT"] == "!3" and fields["TMOUT/S"].startswith(
             "!"), fields
+    term.press(b"d")   # the databases view: db1 at 95 %, marked
+    term.wait_for(lambda t: re.search(r"db1:3306 +all \(mysql\) +!91"
+                                      + (r" +!95 " if cols == 80 else ""),
+                                      t.text), "db1's CONN (USE%) marked")
+    term.press(b"\x1b")
+    term.wait_text("sorted by CONN descending")
     term.press(b"w")   # one key: sort by WAIT (the selection follows
     term.wait_text("sorted by WAIT descending")   # its row: Home)
     term.press(term.key["khome"])
@@ -7825,3 +7832,12 @@ def test_once_fits_80_columns_and_says_its_sort(alarm_daemon):
     wide = once("--wide", COLUMNS="80")
     assert max(len(line) for line in wide) > 80
     assert "MAXCKOUT" in "\n".join(wide)
+
+
+def test_console_pointed_at_mariadb_says_so_whole(terminal):
+    require_database(MYSQL_URL)
+    term = terminal("-H", "127.0.0.1:3306", cols=80, lines=24)
+    term.wait_text("this looks like a MySQL/MariaDB server")
+    text = " ".join(line.strip() for line in term.display[1:-1])
+    assert "is the port connmond's (default 5800)?" in text
+    assert "(next try in 60s)" in text   # once a minute, not 1, 2, 4 s
