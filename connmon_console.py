@@ -240,6 +240,23 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def duration(seconds: Any) -> str:
+    """An age as people read it: seconds to a tenth under a minute, then
+    5m44s, 2h05m, 3d04h (top's and htop's habit)."""
+    if not isinstance(seconds, (int, float)):
+        return cell(seconds)
+    if seconds < 60:
+        return cell(float(seconds))
+    whole = int(seconds)
+    for unit, small, name, small_name in ((86400, 3600, "d", "h"),
+                                          (3600, 60, "h", "m"),
+                                          (60, 1, "m", "s")):
+        if whole >= unit:
+            return (f"{whole // unit}{name}"
+                    f"{whole % unit // small:02d}{small_name}")
+    return cell(seconds)
+
+
 def since_text(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
@@ -266,7 +283,7 @@ COLUMNS = [
     Column("MAXCKOUT", "maxckout", keep=20),
     Column("CKOUT/S", "ckout_per_sec", keep=35),
     Column("HOLD_MS", "hold_ms", keep=45, alarm=above("hold_ms")),
-    Column("OLDEST", "oldest", keep=95, alarm=oldest_alarm),
+    Column("OLDEST", "oldest", keep=95, alarm=oldest_alarm, show=duration),
 ]
 
 PROC_COLUMNS = [
@@ -279,7 +296,7 @@ PROC_COLUMNS = [
     Column("MAXCONN", "maxconn", keep=30),
     Column("MAXCKOUT", "maxckout", keep=20),
     Column("MAXWAIT", "maxwaiting", keep=25),
-    Column("OLDEST", "oldest", keep=90, alarm=oldest_above),
+    Column("OLDEST", "oldest", keep=90, alarm=oldest_above, show=duration),
     Column("CONNECTED SINCE", "since", "text", keep=10, show=since_text),
 ]
 
@@ -317,7 +334,7 @@ DATABASE_COLUMNS = [
 # now: held at a line, "leaked" or "thread gone" (see README.txt).
 HOLDER_COLUMNS = [
     Column("PID", "pid", keep=100),
-    Column("AGE", "age", keep=100),
+    Column("AGE", "age", keep=100, show=duration),
     Column("SITE", "site", "location", keep=90, width=10),
     Column("HELD AT", "held_at", "location", keep=80, width=10),
 ]
@@ -334,7 +351,7 @@ SITE_COLUMNS = [
     Column("HOSTNAME", "hostname", "text", keep=60, width=7),
     Column("PROGNAME", "progname", "text", keep=90, width=9),
     Column("HELD", "held", keep=100),
-    Column("OLDEST", "oldest", keep=80),
+    Column("OLDEST", "oldest", keep=80, show=duration),
     Column("SITE", "site", "location", keep=100, width=12),
 ]
 
@@ -888,8 +905,7 @@ LOOKS_LIKE = [(("mariadb", "mysql", "\\x00\\x00\\x00\\n"), "a MySQL/MariaDB serv
 
 def failure_text(err: Exception) -> str:
     """Why the console could not attach, in words: for a server that is
-    not connmond, what it looks like instead of its raw bytes (their
-    escapes, printable, end the line)."""
+    not connmond, what it looks like rather than its raw bytes."""
     text = connmon.printable(str(err))
     if not isinstance(err, connmon.NotConnmond):
         return text
@@ -897,8 +913,7 @@ def failure_text(err: Exception) -> str:
     for needles, kind in LOOKS_LIKE:
         if any(needle in lowered for needle in needles):
             return (f"not connmond: this looks like {kind}; is the port "
-                    f"connmond's (default {connmon.DEFAULT_PORT})? "
-                    f"[{text}]")
+                    f"connmond's (default {connmon.DEFAULT_PORT})?")
     return text
 
 
@@ -1067,7 +1082,8 @@ colours), highlighted = every pooled connection is checked out
      in the databases view, LIMIT above the server's MAX_CONN
   *  OLDEST: a long holder leaked for sure (HELD AT "leaked" or
      "thread gone")
-OLDEST: age in seconds of the longest checked-out connection.
+OLDEST: age of the longest checked-out connection (seconds under a
+minute, then 5m44s, 2h05m, 3d04h).
 HOLD_MS: mean checkout hold time over the last second.
 WAIT: checkouts waiting for a connection; TMOUT/S: checkouts that gave
 up waiting (pool timeout), a second over the last 10 seconds (! while
