@@ -898,9 +898,11 @@ def site_lines(row: Dict[str, Any]) -> List[str]:
 
 
 # What another server's first bytes say it is (see failure_text).
-LOOKS_LIKE = [(("mariadb", "mysql", "\\x00\\x00\\x00\\n"), "a MySQL/MariaDB server"),
-              (("sfatal", "postgres"), "a PostgreSQL server"),
-              (("http/",), "a web server")]
+LOOKS_LIKE = [
+    (("mariadb", "mysql", "\\x00\\x00\\x00\\n"), "a MySQL/MariaDB server"),
+    (("sfatal", "postgres"), "a PostgreSQL server"),
+    (("http/",), "a web server"),
+]
 
 
 def failure_text(err: Exception) -> str:
@@ -996,8 +998,9 @@ class Feed:
                     delay = self.NOT_CONNMOND_RETRY   # at once: no backoff
                 else:
                     delay = min(self.RETRY_MAX, max(self.interval, delay * 2))
-                self._publish(state="disconnected", error=f"{failure_text(err)}"
-                              f" (next try in {delay:.0f}s)")
+                self._publish(state="disconnected",
+                              error=f"{failure_text(err)} (next try in "
+                              f"{delay:.0f}s)")
                 self._sleep(delay)
                 continue
             delay = 0.0
@@ -1728,7 +1731,8 @@ class Console:
             return ""
         last = min(count, self.top + height)
         self.shown = f"{self.top + 1}-{last} of {count}"
-        return f" ({self.top + 1}-{last} shown, {count - last + self.top} more)"
+        return (f" ({self.top + 1}-{last} shown, "
+                f"{count - last + self.top} more)")
 
     def filter_text(self) -> str:
         return f", filter {self.filter!r}" if self.filter else ""

@@ -7518,6 +7518,12 @@ def test_demo_shows_every_alarm_it_promises_within_30s(terminal):
 
     wait_until(every_alarm, 30 - (time.monotonic() - started),
                "the demo's five alarms")
+    # ... and the screen's alarm line names them
+    term.wait_for(lambda t: re.search(r"glance-api (WAIT \d+ )?TMOUT",
+                                      alarm_words(t)), "glance-api's alarm")
+    term.wait_for(lambda t: re.search(
+        r"keystone-leaky ((WAIT \d+|TMOUT [\d.]+/s|EXHAUSTED) )*LEAK",
+        alarm_words(t)), "keystone-leaky's leak")
 
 
 # The OpenStack fleet with an alarm of each kind: heat-engine (one
