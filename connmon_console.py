@@ -1111,6 +1111,7 @@ MOVE_KEYS = (curses.KEY_UP, curses.KEY_DOWN, curses.KEY_PPAGE,
              ord("k"))
 HEADER_LINES = 7           # title, totals, alarms, context, column headings
 SUMMARY_LINES = 4          # the totals and the alarms
+SUMMARY_COUNTS = 6         # summary_words' counts, before the optional
 MESSAGE_SECONDS = 3.0      # how long a message stays in the footer
 INTERVALS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)   # + and -
 
@@ -1608,11 +1609,10 @@ class Console:
     def draw_failure(self) -> None:
         """Why the console is not attached yet, whole, over the lines it
         needs (the footer's one line would cut it)."""
-        _, width = self.window.getmaxyx()
+        height, width = self.window.getmaxyx()
         lines = textwrap.wrap(self.feed.error, max(10, width - 1))
-        for y, line in enumerate(lines, 1):
-            if y < HEADER_LINES - 1 or y < self.body_height() + HEADER_LINES:
-                self.put(y, line)
+        for y, line in enumerate(lines[:max(0, height - 2)], 1):
+            self.put(y, line)
 
     def draw_summary(self) -> None:
         """The totals (never a number cut: whole words, over up to three
@@ -1623,13 +1623,15 @@ class Console:
         _, width = self.window.getmaxyx()
         words = summary_words(self.picture)
         alarms = alarm_rows(self.picture)
-        totals = pack(words, width,
-                      SUMMARY_LINES - min(2, max(1, len(alarms))))
+        # The counts first, then the alarms, then what room is left for
+        # the fullest server and the maxima's start.
+        counts = pack(words[:SUMMARY_COUNTS], width, SUMMARY_LINES - 1)
+        named = alarm_lines(alarms, width, SUMMARY_LINES - len(counts))
+        totals = pack(words, width, SUMMARY_LINES - len(named))
         attr = self.styles["alarm"] if alarms else curses.A_NORMAL
         for y, line in enumerate(totals, 1):
             self.put(y, line)
-        for y, line in enumerate(alarm_lines(
-                alarms, width, SUMMARY_LINES - len(totals)), len(totals) + 1):
+        for y, line in enumerate(named, len(totals) + 1):
             self.put(y, line, attr)
 
     def draw_help(self) -> None:

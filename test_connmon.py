@@ -7613,7 +7613,7 @@ def alarm_words(t: Terminal) -> str:
     return " ".join(t.display[1:5])
 
 
-@pytest.mark.parametrize("cols, lines", [(80, 24), (40, 15)])
+@pytest.mark.parametrize("cols, lines", [(80, 24), (60, 20), (40, 15)])
 def test_console_every_alarm_on_the_first_screen(alarm_daemon, terminal,
                                                  cols, lines):
     daemon = alarm_daemon
@@ -7626,6 +7626,11 @@ def test_console_every_alarm_on_the_first_screen(alarm_daemon, terminal,
         "heat-engine named first in the alarm line")
     words = alarm_words(term)
     assert "WAIT 3" in words and "TMOUT " in words
+    # the header's numbers are whole at any width
+    for total in ("Hosts 6/6", "Procs 30/30", "Conn 91/91", "Ckout 12/12 ",
+                  "Wait 3/"):
+        assert total in words, (total, term.text)
+    assert re.search(r"Tmout [\d.]+/s", words), words
     if cols == 80:   # ... and every alarm is named on the first screen
         for alarm in ("DB db1:3306 CONN 91/96 95%", "nova-scheduler "
                       "EXHAUSTED", "nova-conductor LEAK"):
@@ -7633,7 +7638,7 @@ def test_console_every_alarm_on_the_first_screen(alarm_daemon, terminal,
         # the numbers of the header are whole
         assert re.search(r"Conn 91/91 .*Tmout [\d.]+/s", words), words
     else:
-        assert "+2 more (a)" in words or "+3 more (a)" in words, words
+        assert re.search(r"\+[123] more \(a\)", words), words
     # the alarms view lists them all; Enter on one opens its processes
     term.press(b"a")
     term.wait_text("4 alarms:")
