@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import collections
 import ctypes
 import functools
 import curses
@@ -573,6 +574,20 @@ def pack(words: List[str], width: int, lines: int = 1 << 20) -> List[str]:
     return packed
 
 
+def fitting(words: List[str], width: int, lines: int) -> int:
+    """How many of ``words`` pack (see pack) into ``lines`` lines."""
+    used, line = 0, -1   # lines used, the current line's length
+    for count, word in enumerate(words):
+        size = min(len(word), width)
+        if used and line + 2 + size <= width:
+            line += 2 + size
+        elif used < lines:
+            used, line = used + 1, size
+        else:
+            return count
+    return len(words)
+
+
 def fullest_server(snapshot: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The database server whose connections come nearest its
     max_connections (of those the operator gave one)."""
@@ -611,8 +626,11 @@ class RecentTimeouts:
     def annotate(self, snapshot: Dict[str, Any], now: float) -> None:
         seen = {}
         for row in snapshot["rows"]:
-            key = (row["hostname"], row["progname"])
             total = row.get("timeouts_total") or 0
+            if not total:   # (most rows: nothing to remember)
+                row["timeouts_recent"] = 0
+                continue
+            key = (row["hostname"], row["progname"])
             samples = [(when, count) for when, count in self.totals.get(
                 key, ()) if when >= now - TIMEOUT_WINDOW and count <= total]
             samples.append((now, total))
@@ -645,6 +663,9 @@ def alarm_rows(snapshot: Dict[str, Any]) -> List[Dict[str, Any]]:
     exhausted pools, then leaks."""
     found = []
     for row in snapshot.get("rows", ()):
+        if not (row.get("waiting") or row.get("timeouts_recent")
+                or row.get("exhausted") or row.get("sites")):
+            continue   # (most rows: calm)
         alarms = row_alarms(row)
         if alarms:
             rank = 0 if row.get("waiting") or row.get(
@@ -671,14 +692,15 @@ def alarm_lines(alarms: List[Dict[str, Any]], width: int,
     alarms on more than one."""
     if not alarms:
         return ["No alarms"]
-    programs = [alarm["progname"] for alarm in alarms]
+    programs = collections.Counter(alarm["progname"] for alarm in alarms)
     words = [f"DB {alarm['hostname']} {alarm['alarm']}"
              if alarm["progname"] == "(database server)" else
              f"{alarm['progname']}@{alarm['hostname']} {alarm['alarm']}"
-             if programs.count(alarm["progname"]) > 1 else
+             if programs[alarm["progname"]] > 1 else
              f"{alarm['progname']} {alarm['alarm']}" for alarm in alarms]
     words[0] = f"ALARMS {len(alarms)}: {words[0]}"
-    for shown in range(len(words), 0, -1):
+    # (from as many as fit without the "+N more" word: a step or two)
+    for shown in range(fitting(words, width, lines), 0, -1):
         more = [f"+{len(words) - shown} more (a)"] if shown < len(
             words) else []
         packed = pack(words[:shown] + more, width)
@@ -1210,11 +1232,10 @@ class Console:
     and the keys that change it.  Only the visible rows are formatted, so
     thousands of rows are cheap."""
 
-    def __init__(self, window, feed: Feed, interval: float, colors: bool,
+    def __init__(self, window, feed: Feed, colors: bool,
                  hide_gone: bool = False):
         self.window = window
-        self.feed = feed
-        self.interval = interval
+        self.feed = feed   # its interval is the refresh's (+ and - set it)
         self.styles = Styles(colors)
         # curses encodes text for the locale: only UTF-8 has the pretty ones
         self.glyphs = (UNICODE_GLYPHS
@@ -1223,6 +1244,7 @@ class Console:
         self.cutter = Cutter(self.glyphs["cut"])
         self.picture: Optional[Dict[str, Any]] = None
         self.recent = RecentTimeouts()
+        self.alarms: List[Dict[str, Any]] = []   # the picture's alarm_rows
         self.seen_generation = -1
         self.view = "table"      # or "procs", "sites", "sort", "help"
         self.sort_column = COLUMNS[3]    # CONN, the biggest first
@@ -1282,6 +1304,7 @@ class Console:
             if fresh is not None and fresh is not self.picture:
                 self.recent.annotate(fresh, time.monotonic())
                 self.picture = fresh
+                self.alarms = alarm_rows(fresh)
 
     def say(self, text: str) -> None:
         self.message = text
@@ -1502,7 +1525,7 @@ class Console:
     def alarm_rows(self) -> List[Dict[str, Any]]:
         """Every alarm (see alarm_rows), those matching the filter."""
         needle = self.filter.lower()
-        return [alarm for alarm in alarm_rows(self.picture or {})
+        return [alarm for alarm in self.alarms
                 if needle in (alarm["hostname"] + alarm["progname"]).lower()]
 
     def database_rows(self) -> List[Dict[str, Any]]:
@@ -1622,7 +1645,7 @@ class Console:
             return
         _, width = self.window.getmaxyx()
         words = summary_words(self.picture)
-        alarms = alarm_rows(self.picture)
+        alarms = self.alarms
         # The counts first, then the alarms, then what room is left for
         # the fullest server and the maxima's start.
         counts = pack(words[:SUMMARY_COUNTS], width, SUMMARY_LINES - 1)
@@ -1922,7 +1945,7 @@ def run_screen(target: Target, interval: float, colors: bool,
     try:
         curses.noecho()
         curses.cbreak()
-        Console(window, feed, interval, colors and curses.has_colors(),
+        Console(window, feed, colors and curses.has_colors(),
                 hide_gone).run()
     finally:
         feed.stop()
