@@ -7716,14 +7716,20 @@ def test_console_every_list_reachable_by_keys(alarm_daemon, terminal,
     term.wait_text("nova-api on api1: 12 processes")
     term.wait_text("more lines (Down/j, PgDn, End)")
     document: Dict[int, str] = {}
+    frames: List[List[str]] = [[]]
 
     def read(t: Terminal) -> bool:
         """The drill-down's lines on screen by their place in it (the
-        caption says where the screen starts)."""
-        found = re.search(r": 12 processes \((\d+)-", t.display[5])
+        caption says where the screen starts), once the screen has held
+        still for a poll (a whole frame drawn)."""
+        display = t.display
+        if display != frames[-1]:
+            frames.append(display)
+            return False
+        found = re.search(r": 12 processes \((\d+)-", display[5])
         if found is None:
             return False
-        lines = t.display[7:-1]
+        lines = display[7:-1]
         if "more lines" in lines[-1]:
             lines = lines[:-1]
         for offset, line in enumerate(lines):
