@@ -782,7 +782,7 @@ feed = cc.Feed(target, 1.0)            # not started: fed by hand below
 conn = target.connect()
 window = cc.curses.initscr()
 try:
-    console = cc.Console(window, feed, 1.0, True)
+    console = cc.Console(window, feed, True)
     samples = []
     for refresh in range(refreshes):
         if refresh == refreshes // 2:   # half the time sorted by name

@@ -88,7 +88,33 @@ nodes:
 
 
 class ConfigError(ValueError):
-    """A configuration file, URL parameter or address that cannot be used."""
+    """A configuration file, URL parameter or address that cannot be used.
+
+    One found in a file knows where (``at``), so that --check-config can
+    list it as ``FILE:LINE: [SECTION] problem``; its text names the place
+    too."""
+
+    def __init__(self, message: str, source: str = "",
+                 section: Optional[str] = None, line: int = 0,
+                 problem: str = ""):
+        super().__init__(message)
+        self.source, self.section, self.line = source, section, line
+        self.problem = problem or message
+
+    @classmethod
+    def at(cls, source: str, section: Optional[str], line: int,
+           problem: str) -> "ConfigError":
+        return cls(f"{_place(source, section, line)}: {problem}", source,
+                   section, line, problem)
+
+    def located(self) -> str:
+        """``FILE:LINE: [SECTION] problem``, as much of the place as is
+        known."""
+        if not self.source:
+            return str(self)
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        section = f" [{self.section}]" if self.section else ""
+        return f"{where}:{section} {self.problem}"
 
 
 Address = Tuple[str, int]
@@ -144,11 +170,20 @@ class Service:
     """A ``[connmon_service_NAME]`` section: its nodes and other options."""
 
     def __init__(self, name: str, nodes: List[Node], options: Dict[str, str],
-                 source: str):
+                 source: str, file: str = "", section: Optional[str] = None,
+                 lines: Optional[Dict[str, int]] = None):
         self.name = name
         self.nodes = nodes
         self.options = options
         self.source = source
+        # where it was read: the file, the section, each option's line
+        self.file, self.section = file, section
+        self.lines = lines or {}
+
+    def mistake(self, option: str, problem: str) -> ConfigError:
+        """A ConfigError about ``option``, placed at its line."""
+        return ConfigError(f"{self.source}: {problem}", self.file,
+                           self.section, self.lines.get(option, 0), problem)
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -159,26 +194,25 @@ class Service:
                           f"{name!r} (nodes: {known})")
 
 
-def _parse_node_line(line: str, where: str) -> Node:
+def _parse_node_line(line: str) -> Node:
     """``NODENAME hostname=HOST[:PORT] [bind=ADDR[:PORT]]``."""
     name, *words = line.split()
     fields = {}
     for word in words:
         key, sep, value = word.partition("=")
         if not sep or key not in ("hostname", "bind") or not value:
-            raise ConfigError(f"{where}: unexpected {word!r} in node line "
+            raise ConfigError(f"unexpected {word!r} in node line "
                               f"{line!r}; expected hostname=HOST[:PORT] "
                               "[bind=ADDR[:PORT]]")
         fields[key] = value
     if "hostname" not in fields:
-        raise ConfigError(f"{where}: node line {line!r} has no "
-                          "hostname=HOST[:PORT]")
+        raise ConfigError(f"node line {line!r} has no hostname=HOST[:PORT]")
     try:
         address = parse_address(fields["hostname"])
         wildcard = "::" if ":" in address[0] else "0.0.0.0"
         bind = parse_address(fields.get("bind", wildcard), address[1])
     except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
+        raise ConfigError(str(err)) from None
     return Node(name, address, bind)
 
 
@@ -221,12 +255,13 @@ def _check_headers(text: str, source: str) -> None:
     option line, and complain about something else)."""
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.startswith("[") and not line.rstrip().endswith("]"):
-            where = _place(source, _section_at(text, lineno - 1), lineno)
-            raise ConfigError(f"{where}: section header {line.strip()!r} "
-                              "has no closing ']'")
+            raise ConfigError.at(source, _section_at(text, lineno - 1),
+                                 lineno, f"section header {line.strip()!r} "
+                                 "has no closing ']'")
 
 
-def _parse_error(err: configparser.Error, text: str, source: str) -> str:
+def _parse_error(err: configparser.Error, text: str,
+                 source: str) -> ConfigError:
     """configparser's many-line complaint as one line naming the file, the
     section and the line."""
     lineno = getattr(err, "lineno", None)
@@ -234,53 +269,129 @@ def _parse_error(err: configparser.Error, text: str, source: str) -> str:
     if errors:
         lineno = errors[0][0]
     if not lineno:
-        return f"{source}: " + " ".join(str(err).split())
+        return ConfigError.at(source, None, 0, " ".join(str(err).split()))
     line = text.splitlines()[lineno - 1].strip()
-    where = _place(source, _section_at(text, lineno - 1), lineno)
+    section = _section_at(text, lineno - 1)
     if isinstance(err, (configparser.DuplicateOptionError,
                         configparser.DuplicateSectionError)):
         what = (f"option {err.option!r}" if isinstance(
             err, configparser.DuplicateOptionError) else
             f"section [{err.section}]")
-        return f"{where}: {what} is given twice"
+        return ConfigError.at(source, section, lineno, f"{what} is given "
+                              "twice")
     if isinstance(err, configparser.MissingSectionHeaderError):
-        return f"{where}: {line!r} comes before any [section] header"
-    return (f"{where}: {line!r} is not 'option: value' (no ':' or '=')")
+        return ConfigError.at(source, section, lineno, f"{line!r} comes "
+                              "before any [section] header")
+    return ConfigError.at(source, section, lineno, f"{line!r} is not "
+                          "'option: value' (no ':' or '=')")
 
 
 def parse_config(text: str, source: str) -> Dict[str, Service]:
-    """Parse config text into services keyed by their ``name:``."""
-    _check_headers(text, source)
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        parser.read_string(text, source=source)
-    except configparser.Error as err:
-        raise ConfigError(_parse_error(err, text, source)) from None
-    services: Dict[str, Service] = {}
-    for section in parser.sections():
-        if not section.startswith("connmon_service_"):
-            continue
-        options = dict(parser[section])
-
-        def where(needle: Optional[str]) -> str:
-            return _place(source, section,
-                          _line_number(text, section, needle))
-
-        if not options.get("name"):
-            raise ConfigError(f"{where(None)}: missing 'name:'")
-        if not options.get("nodes", "").strip():
-            raise ConfigError(f"{where(None)}: missing 'nodes:' (one node "
-                              "a line: NODENAME hostname=HOST[:PORT])")
-        nodes = [_parse_node_line(line, where(line))
-                 for line in options.pop("nodes").splitlines() if line.strip()]
-        names = [node.name for node in nodes]
-        for name in names:
-            if names.count(name) > 1:
-                raise ConfigError(f"{where(name)}: node {name!r} is listed "
-                                  "twice")
-        name = options.pop("name")
-        services[name] = Service(name, nodes, options, f"{source} [{section}]")
+    """Parse config text into services keyed by their ``name:``; the first
+    mistake is a ConfigError (config_problems finds them all)."""
+    services, problems = read_config(text, source)
+    if problems:
+        raise problems[0]
     return services
+
+
+# Sections a config file may hold besides [connmon_service_NAME]: the
+# logging.config.fileConfig format's (connmond honours them).
+LOGGING_SECTIONS = ("loggers", "handlers", "formatters")
+LOGGING_SECTION_PREFIXES = ("logger_", "handler_", "formatter_")
+SERVICE_PREFIX = "connmon_service_"
+
+
+def read_config(text: str, source: str
+                ) -> Tuple[Dict[str, Service], List[ConfigError]]:
+    """The services of config text, and every mistake found in it, in the
+    order of the file: each section is read whatever the others hold (a
+    file that is not 'option: value' lines is one mistake, and no more is
+    read)."""
+    try:
+        _check_headers(text, source)
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(text, source=source)
+    except ConfigError as err:
+        return {}, [err]
+    except configparser.Error as err:
+        return {}, [_parse_error(err, text, source)]
+    services: Dict[str, Service] = {}
+    problems: List[ConfigError] = []
+    for section in parser.sections():
+        if section.startswith(SERVICE_PREFIX):
+            service = _read_service(parser[section], text, source, problems)
+            if service is not None:
+                services[service.name] = service
+        elif section not in LOGGING_SECTIONS and not section.startswith(
+                LOGGING_SECTION_PREFIXES):
+            problems.append(ConfigError.at(
+                source, section, _line_number(text, section, None),
+                _unknown_section(section)))
+    return services, problems
+
+
+def _unknown_section(section: str) -> str:
+    """What is wrong with a section connmon does not read, and the
+    likeliest one meant."""
+    head, _, rest = section.rpartition("_")
+    if section == "connmon" or not head:
+        meant = f"[{SERVICE_PREFIX}{DEFAULT_SERVICE}]"
+    elif difflib.get_close_matches(head + "_", [SERVICE_PREFIX], 1, 0.8):
+        meant = f"[{SERVICE_PREFIX}{rest}]"
+    else:
+        meant = ""
+    return ("unknown section: connmon reads [connmon_service_NAME] sections "
+            "(and logging's)" + (f"; did you mean {meant}?" if meant else ""))
+
+
+def _read_service(section, text: str, source: str,
+                  problems: List[ConfigError]) -> Optional[Service]:
+    """One [connmon_service_NAME] section (None when it has no name or no
+    good node); its mistakes go to ``problems``."""
+    name = section.name
+    options = dict(section)
+
+    def mistake(needle: Optional[str], problem: str) -> None:
+        problems.append(ConfigError.at(
+            source, name, _line_number(text, name, needle), problem))
+
+    if not options.get("name"):
+        mistake(None, "missing 'name:'")
+    if not options.get("nodes", "").strip():
+        mistake(None, "missing 'nodes:' (one node a line: NODENAME "
+                "hostname=HOST[:PORT])")
+    if not options.get("name") or not options.get("nodes", "").strip():
+        return None
+    nodes = []
+    for line in options.pop("nodes").splitlines():
+        if line.strip():
+            try:
+                nodes.append(_parse_node_line(line))
+            except ConfigError as err:
+                mistake(line, str(err))
+    names = [node.name for node in nodes]
+    for node_name in sorted(set(names)):
+        if names.count(node_name) > 1:
+            mistake(node_name, f"node {node_name!r} is listed twice")
+    if not nodes:
+        return None
+    return Service(options.pop("name"), nodes, options, f"{source} [{name}]",
+                   source, name, _option_lines(text, name))
+
+
+def _option_lines(text: str, section: str) -> Dict[str, int]:
+    """option -> the line it starts on, in ``section`` of ``text``."""
+    lines: Dict[str, int] = {}
+    in_section = False
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            in_section = stripped == f"[{section}]"
+        elif in_section and line[:1] not in (" ", "\t", "#", ";", ""):
+            key = line.replace("=", ":", 1).split(":", 1)[0].strip().lower()
+            lines.setdefault(key, number)
+    return lines
 
 
 def config_file(path: Optional[str] = None) -> Optional[str]:
@@ -399,19 +510,35 @@ def option_value(service: Service, name: str,
     try:
         return option.parse(text)
     except ValueError as err:
-        raise ConfigError(f"{service.source}: {name}: {err}") from None
+        raise service.mistake(name, f"{name}: {err}") from None
 
 
 def check_options(service: Service, table: Dict[str, Option]) -> None:
     """Every option of ``service`` is in ``table`` and valid; a misspelt
-    one is named, with the likeliest option meant."""
-    for name in service.options:
+    one is named, with the likeliest option meant.  The first mistake is
+    raised (option_problems lists them all)."""
+    problems = option_problems(service, table)
+    if problems:
+        raise problems[0]
+
+
+def option_problems(service: Service, table: Dict[str, Option]
+                    ) -> List[ConfigError]:
+    """Every unknown or invalid option of ``service``, in file order."""
+    problems = []
+    for name in sorted(service.options, key=lambda n: service.lines.get(
+            n, 0)):
         if name not in table:
             close = difflib.get_close_matches(name, table, 1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{service.source}: unknown option "
-                              f"{name!r}{hint}")
-        option_value(service, name, table)
+            problems.append(service.mistake(
+                name, f"unknown option {name!r}{hint}"))
+            continue
+        try:
+            option_value(service, name, table)
+        except ConfigError as err:
+            problems.append(err)
+    return problems
 
 
 def candidate_addresses(service: Service,
@@ -3168,6 +3295,11 @@ class MeasuredPool:
 
     ``connmon_probe`` is set by instrument(); until then, and for an engine
     connmon does not monitor, connect() is the pool's own.
+
+    It comes after the pool class among the bases (so that a pool made by
+    the application can take its measured twin's class: see
+    measure_given_pool), so its methods are put in the twin's own
+    namespace, and reach the pool class's as super(type(self), self).
     """
 
     connmon_probe: Optional[PoolProbe] = None
@@ -3176,7 +3308,7 @@ class MeasuredPool:
     def connect(self):
         probe = self.connmon_probe
         if probe is None:
-            return super().connect()
+            return super(type(self), self).connect()
         pending = probe.pending
         began = _clock()
         pending.append(began)
@@ -3189,7 +3321,7 @@ class MeasuredPool:
             pool_connect = self.connmon_pool_class.connect
             fairy = (pool_connect(self)
                      if pool_connect.__class__ is _function
-                     else super().connect())
+                     else super(type(self), self).connect())
         except BaseException as error:
             _unpend(pending, began)
             probe.gave_up(error, began)
@@ -3203,7 +3335,7 @@ class MeasuredPool:
 
     def recreate(self):
         """engine.dispose() replaces the pool: the new one reports alike."""
-        pool = super().recreate()
+        pool = super(type(self), self).recreate()
         pool.connmon_probe = self.connmon_probe
         return pool
 
@@ -3223,14 +3355,20 @@ _measured_classes: Dict[type, type] = {}
 
 
 def measured_pool_class(pool_class: type) -> type:
-    """``pool_class`` with MeasuredPool mixed in (made once per class)."""
+    """``pool_class`` with MeasuredPool mixed in (made once per class).
+    The pool class comes first among the bases, so that a pool made by
+    the application (see measure_given_pool) can take the measured class
+    in place (``__class__`` assignment needs the same base layout); the
+    measured methods are the class's own."""
     if issubclass(pool_class, MeasuredPool):
         return pool_class
     measured = _measured_classes.get(pool_class)
     if measured is None:
         measured = _measured_classes[pool_class] = type(
-            pool_class.__name__, (MeasuredPool, pool_class),
+            pool_class.__name__, (pool_class, MeasuredPool),
             {"connmon_pool_class": pool_class,
+             "connect": MeasuredPool.connect,
+             "recreate": MeasuredPool.recreate,
              "__doc__": f"{pool_class.__name__}, measured by connmon.",
              # SQLAlchemy names the pool's logger after the class's module:
              # the application's logging settings must still apply
@@ -3474,7 +3612,24 @@ class ConnmonDialect:
         included.)"""
         settings = url_settings(engine.url.query)
         engine.url = without_settings(engine.url)
+        measure_given_pool(engine)
         instrument(engine, settings)
+
+
+def measure_given_pool(engine) -> None:
+    """A dialect name sees no create_engine() arguments, so it cannot choose
+    the pool class as ?plugin=connmon does: an engine given poolclass= (or
+    pool=) gets a pool of the application's class.  Here, before its first
+    connection, that pool becomes its class's measured twin (a subclass
+    adding only the measuring connect(); see measured_pool_class), so that
+    waits and timeouts are measured with either URL form."""
+    pool = engine.pool
+    if isinstance(pool, MeasuredPool) or pool in _instrumented:
+        return
+    try:
+        pool.__class__ = measured_pool_class(type(pool))
+    except TypeError:   # a class that cannot take it: instrument() says so
+        pass
 
 
 # Entry points of setup.py point at these names.

@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import collections
 import ctypes
+import functools
 import curses
 import importlib.util
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unicodedata
@@ -156,6 +160,18 @@ def waiting_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
     return ABOVE if row.get("waiting") else ""
 
 
+def timeouts_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
+    """Checkouts gave up waiting within the last TIMEOUT_WINDOW seconds."""
+    return ABOVE if row.get("timeouts_recent") else ""
+
+
+def near_limit_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
+    """A database server's connections at NEAR_LIMIT % of its
+    max_connections or over."""
+    percent = row.get("use_percent")
+    return ABOVE if percent is not None and percent >= NEAR_LIMIT else ""
+
+
 def over_server_alarm(row: Dict[str, Any], _: Dict[str, float]) -> str:
     """The pools' summed limits exceed the database server's own."""
     return ABOVE if row.get("over_server") else ""
@@ -238,6 +254,23 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def duration(seconds: Any) -> str:
+    """An age as people read it: seconds to a tenth under a minute, then
+    5m44s, 2h05m, 3d04h (top's and htop's habit)."""
+    if not isinstance(seconds, (int, float)):
+        return cell(seconds)
+    if seconds < 60:
+        return cell(float(seconds))
+    whole = int(seconds)
+    for unit, small, name, small_name in ((86400, 3600, "d", "h"),
+                                          (3600, 60, "h", "m"),
+                                          (60, 1, "m", "s")):
+        if whole >= unit:
+            return (f"{whole // unit}{name}"
+                    f"{whole % unit // small:02d}{small_name}")
+    return cell(seconds)
+
+
 def since_text(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
@@ -258,13 +291,13 @@ COLUMNS = [
     Column("CKOUT", "ckout", keep=95, alarm=exhausted_alarm),
     Column("LIMIT", "limit", keep=40),
     Column("WAIT", "waiting", keep=89, alarm=waiting_alarm),
-    Column("TMOUT/S", "timeouts_per_sec", keep=85),
+    Column("TMOUT/S", "timeouts_recent", keep=85, alarm=timeouts_alarm),
     Column("MAXNPROC", "maxnproc", keep=10),
     Column("MAXCONN", "maxconn", keep=30),
     Column("MAXCKOUT", "maxckout", keep=20),
     Column("CKOUT/S", "ckout_per_sec", keep=35),
     Column("HOLD_MS", "hold_ms", keep=45, alarm=above("hold_ms")),
-    Column("OLDEST", "oldest", keep=95, alarm=oldest_alarm),
+    Column("OLDEST", "oldest", keep=95, alarm=oldest_alarm, show=duration),
 ]
 
 PROC_COLUMNS = [
@@ -277,7 +310,7 @@ PROC_COLUMNS = [
     Column("MAXCONN", "maxconn", keep=30),
     Column("MAXCKOUT", "maxckout", keep=20),
     Column("MAXWAIT", "maxwaiting", keep=25),
-    Column("OLDEST", "oldest", keep=90, alarm=oldest_alarm),
+    Column("OLDEST", "oldest", keep=90, alarm=oldest_alarm, show=duration),
     Column("CONNECTED SINCE", "since", "text", keep=10, show=since_text),
 ]
 
@@ -294,18 +327,20 @@ POOL_COLUMNS = [
 ]
 
 # The databases view: per database server, its total, its databases and
-# the programs holding its connections.  Its numbers are what it is for:
-# a name is cut before any of them goes.
+# the programs holding its connections (their host in a cell of its own).
+# Its numbers are what it is for: a name is cut before any of them goes,
+# but MAX_CONN (USE% says it) and NPROC go before a name is cut.
 DATABASE_COLUMNS = [
-    Column("SERVER", "hostname", "text", keep=100, width=15, most=22),
-    Column("DATABASE / PROGRAM", "progname", "text", keep=99, width=9,
-           most=30),
-    Column("CONN", "conn", keep=97),
+    Column("SERVER", "hostname", "text", keep=100, width=15),
+    Column("DATABASE / PROGRAM", "progname", "text", keep=99, width=9),
+    Column("HOST", "host", "text", keep=98, width=6),
+    Column("CONN", "conn", keep=97, alarm=near_limit_alarm),
+    Column("USE%", "use_percent", keep=96, alarm=near_limit_alarm),
     Column("CKOUT", "ckout", keep=96),
     Column("WAIT", "waiting", keep=95, alarm=waiting_alarm),
     Column("LIMIT", "limit", keep=94, alarm=over_server_alarm),
-    Column("MAX_CONN", "max_connections", keep=93),
-    Column("NPROC", "nproc", keep=91),
+    Column("MAX_CONN", "max_connections", keep=60),
+    Column("NPROC", "nproc", keep=70),
 ]
 
 # The drill-down's long holders: connections held past the apps'
@@ -313,9 +348,16 @@ DATABASE_COLUMNS = [
 # now: held at a line, "leaked" or "thread gone" (see docs/leaks.txt).
 HOLDER_COLUMNS = [
     Column("PID", "pid", keep=100),
-    Column("AGE", "age", keep=100, alarm=holder_alarm),
+    Column("AGE", "age", keep=100, alarm=holder_alarm, show=duration),
     Column("SITE", "site", "location", keep=90, width=10),
     Column("HELD AT", "held_at", "location", keep=80, width=10),
+]
+
+# The alarms view: every alarm the header's alarm line names.
+ALARM_COLUMNS = [
+    Column("HOSTNAME", "hostname", "text", keep=90, width=7),
+    Column("PROGNAME", "progname", "text", keep=95, width=9),
+    Column("ALARM", "alarm", "location", keep=100, width=10),
 ]
 
 # The sites view: every program's checkout sites, for the whole fleet.
@@ -323,7 +365,7 @@ SITE_COLUMNS = [
     Column("HOSTNAME", "hostname", "text", keep=60, width=7),
     Column("PROGNAME", "progname", "text", keep=90, width=9),
     Column("HELD", "held", keep=100),
-    Column("OLDEST", "oldest", keep=80, alarm=oldest_alarm),
+    Column("OLDEST", "oldest", keep=80, alarm=oldest_alarm, show=duration),
     Column("SITE", "site", "location", keep=100, width=12),
 ]
 
@@ -529,20 +571,182 @@ def thresholds_of(snapshot: Dict[str, Any]) -> Dict[str, float]:
     return {**DEFAULT_THRESHOLDS, **(snapshot.get("thresholds") or {})}
 
 
-def summary_lines(snapshot: Dict[str, Any]) -> List[str]:
-    since = snapshot.get("max_since")
-    since = (f"   max since {time.strftime('%H:%M', time.localtime(since))}"
-             if since else "")
-    return [
-        f"Hosts       [{snapshot['hosts']} / {snapshot['max_hosts']}]{since}",
-        f"Processes   [{snapshot['processes']} / {snapshot['max_processes']}]",
-        f"Connections [{snapshot['connections']} / "
-        f"{snapshot['max_connections']}]",
-        f"Checkouts   [{snapshot['checkouts']} / {snapshot['max_checkouts']}"
-        f" / {snapshot['checkouts_per_sec']}/s]   Waiting "
-        f"[{snapshot.get('waiting', 0)} / {snapshot.get('max_waiting', 0)}]"
-        f"   Timeouts {snapshot.get('timeouts_per_sec', 0)}/s",
+def summary_words(snapshot: Dict[str, Any]) -> List[str]:
+    """The header's totals, each a word that is never cut (see pack): now
+    and at most, the checkouts a second, the timeouts a second over the
+    last TIMEOUT_WINDOW seconds, the fullest database server against its
+    max_connections; and since when the maxima run."""
+    words = [
+        f"Hosts {snapshot['hosts']}/{snapshot['max_hosts']}",
+        f"Procs {snapshot['processes']}/{snapshot['max_processes']}",
+        f"Conn {snapshot['connections']}/{snapshot['max_connections']}",
+        f"Ckout {snapshot['checkouts']}/{snapshot['max_checkouts']} "
+        f"{cell(snapshot['checkouts_per_sec'])}/s",
+        f"Wait {snapshot.get('waiting', 0)}/"
+        f"{snapshot.get('max_waiting', 0)}",
+        f"Tmout {cell(snapshot.get('timeouts_recent', 0))}/s",
     ]
+    fullest = fullest_server(snapshot)
+    if fullest is not None:
+        words.append(f"Fullest DB {server_text(fullest)} "
+                     f"{fullest['conn']}/{fullest['max_connections']} "
+                     f"{server_percent(fullest)}%")
+    since = snapshot.get("max_since")
+    if since:
+        words.append("max since "
+                     + time.strftime("%H:%M", time.localtime(since)))
+    return words
+
+
+def pack(words: List[str], width: int, lines: int = 1 << 20) -> List[str]:
+    """``words`` in at most ``lines`` lines of ``width``, two spaces apart,
+    each word whole (one wider than a line is cut at its end, its start
+    says what it is); the words that do not fit are left out (the least
+    needed come last)."""
+    packed: List[str] = []
+    for word in words:
+        word = word if len(word) <= width else word[:max(0, width - 1)] + (
+            CUT_MARK)
+        if packed and len(packed[-1]) + 2 + len(word) <= width:
+            packed[-1] += "  " + word
+        elif len(packed) < lines:
+            packed.append(word)
+    return packed
+
+
+def fitting(words: List[str], width: int, lines: int) -> int:
+    """How many of ``words`` pack (see pack) into ``lines`` lines."""
+    used, line = 0, -1   # lines used, the current line's length
+    for count, word in enumerate(words):
+        size = min(len(word), width)
+        if used and line + 2 + size <= width:
+            line += 2 + size
+        elif used < lines:
+            used, line = used + 1, size
+        else:
+            return count
+    return len(words)
+
+
+def fullest_server(snapshot: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The database server whose connections come nearest its
+    max_connections (of those the operator gave one)."""
+    return max((server for server in snapshot.get("databases", ())
+                if server.get("max_connections")),
+               key=server_percent, default=None)
+
+
+def server_percent(server: Dict[str, Any]) -> int:
+    """A database server's connections as a percentage of its
+    max_connections (0 when it has none)."""
+    most = server.get("max_connections")
+    return round(100 * server["conn"] / most) if most else 0
+
+
+def server_text(server: Dict[str, Any]) -> str:
+    return server.get("server") or "(not reported)"
+
+
+NEAR_LIMIT = 90    # percent of a server's max_connections: an alarm
+
+# How far back TMOUT/S looks: timeouts come in bursts, a second's rate
+# flickers between 0 and a few.
+TIMEOUT_WINDOW = 10.0
+
+
+class RecentTimeouts:
+    """Each row's timeouts a second over the last TIMEOUT_WINDOW seconds,
+    from the running totals of the snapshots seen ("timeouts_recent" in
+    each row, and the sum in the snapshot); until a window has passed,
+    over what there is, at least the daemon's last second."""
+
+    def __init__(self) -> None:
+        self.totals: Dict[Tuple[str, str], List[Tuple[float, int]]] = {}
+
+    def annotate(self, snapshot: Dict[str, Any], now: float) -> None:
+        seen = {}
+        for row in snapshot["rows"]:
+            total = row.get("timeouts_total") or 0
+            if not total:   # (most rows: nothing to remember)
+                row["timeouts_recent"] = 0
+                continue
+            key = (row["hostname"], row["progname"])
+            samples = [(when, count) for when, count in self.totals.get(
+                key, ()) if when >= now - TIMEOUT_WINDOW and count <= total]
+            samples.append((now, total))
+            seen[key] = samples
+            first_when, first_total = samples[0]
+            rate = ((total - first_total) / (now - first_when)
+                    if now > first_when else 0.0)
+            rate = max(rate, row.get("timeouts_per_sec") or 0)
+            row["timeouts_recent"] = round(rate, 1) or 0
+        self.totals = seen
+        snapshot["timeouts_recent"] = round(sum(
+            row["timeouts_recent"] for row in snapshot["rows"]), 1) or 0
+
+
+def row_alarms(row: Dict[str, Any]) -> List[str]:
+    """What needs a look in a row: checkouts waiting, timeouts, the pools
+    exhausted, a leak."""
+    return [text for text, raised in (
+        (f"WAIT {row.get('waiting')}", row.get("waiting")),
+        (f"TMOUT {cell(row.get('timeouts_recent'))}/s",
+         row.get("timeouts_recent")),
+        ("EXHAUSTED", row.get("exhausted")),
+        ("LEAK", leaked(row))) if raised]
+
+
+def alarm_rows(snapshot: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every alarm of a snapshot, one row each (hostname, progname,
+    alarm): programs whose checkouts wait or time out first, database
+    servers at NEAR_LIMIT % of their max_connections or over, then
+    exhausted pools, then leaks."""
+    found = []
+    for row in snapshot.get("rows", ()):
+        if not (row.get("waiting") or row.get("timeouts_recent")
+                or row.get("exhausted") or row.get("sites")):
+            continue   # (most rows: calm)
+        alarms = row_alarms(row)
+        if alarms:
+            rank = 0 if row.get("waiting") or row.get(
+                "timeouts_recent") else 2 if row.get("exhausted") else 3
+            found.append((rank, {"hostname": row["hostname"],
+                                 "progname": row["progname"],
+                                 "alarm": " ".join(alarms)}))
+    for server in snapshot.get("databases", ()):
+        if server.get("max_connections") and server_percent(
+                server) >= NEAR_LIMIT:
+            found.append((1, {"hostname": server_text(server),
+                              "progname": "(database server)",
+                              "alarm": f"CONN {server['conn']}/"
+                              f"{server['max_connections']} "
+                              f"{server_percent(server)}%"}))
+    return [alarm for _, alarm in sorted(found, key=lambda item: item[0])]
+
+
+def alarm_lines(alarms: List[Dict[str, Any]], width: int,
+                lines: int = 1 << 20) -> List[str]:
+    """The header's lines naming the alarms, in at most ``lines`` lines
+    of ``width``: as many as fit, then how many more (the alarms view, a,
+    lists them all).  A program is named with its host when it has
+    alarms on more than one."""
+    if not alarms:
+        return ["No alarms"]
+    programs = collections.Counter(alarm["progname"] for alarm in alarms)
+    words = [f"DB {alarm['hostname']} {alarm['alarm']}"
+             if alarm["progname"] == "(database server)" else
+             f"{alarm['progname']}@{alarm['hostname']} {alarm['alarm']}"
+             if programs[alarm["progname"]] > 1 else
+             f"{alarm['progname']} {alarm['alarm']}" for alarm in alarms]
+    words[0] = f"ALARMS {len(alarms)}: {words[0]}"
+    # (from as many as fit without the "+N more" word: a step or two)
+    for shown in range(fitting(words, width, lines), 0, -1):
+        more = [f"+{len(words) - shown} more (a)"] if shown < len(
+            words) else []
+        packed = pack(words[:shown] + more, width)
+        if len(packed) <= lines:
+            return packed
+    return pack(words[:1], width, lines)   # the first, cut at its end
 
 
 def row_state(row: Dict[str, Any]) -> str:
@@ -566,7 +770,7 @@ def row_identity(row: Dict[str, Any]) -> Any:
 # The fleet view's pool pressure: counts and rates summed over the hosts,
 # times the worst host's.
 PRESSURE_SUMS = ("waiting", "maxwaiting", "timeouts_per_sec",
-                 "timeouts_total", "connect_errors_per_sec",
+                 "timeouts_recent", "timeouts_total", "connect_errors_per_sec",
                  "connect_errors_total", "invalidations_per_sec",
                  "invalidations_total")
 PRESSURE_WORST = ("longest_wait_ms", "wait_ms", "wait_max_ms", "connect_ms")
@@ -605,26 +809,49 @@ def by_program(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return fleet
 
 
-def format_table(snapshot: Dict[str, Any]) -> str:
-    rows = snapshot["rows"]
-    layout = natural(COLUMNS, rows)
-    formatter = Formatter(layout, rows, thresholds_of(snapshot), Cutter())
-    lines = [f"connmon: service {snapshot['service']} node {snapshot['node']}"]
-    lines += summary_lines(snapshot)
-    if trimmed_text(snapshot):
-        lines.append(trimmed_text(snapshot))
-    lines.append("")
-    lines.append(headings(layout).rstrip())
+def format_table(snapshot: Dict[str, Any], width: Optional[int] = None
+                 ) -> str:
+    """The plain table of ``connmon --once``: sorted as the screen starts
+    (CONN, the biggest first), in ``width`` columns as the screen would
+    lay them out (None: every column, nothing cut)."""
+    RecentTimeouts().annotate(snapshot, time.monotonic())
+    sort = COLUMNS[3]
+    rows = sorted(snapshot["rows"], key=sort.sort_key, reverse=True)
     marks = {"live": "", "gone": "  (gone)", "exhausted": "  (exhausted)",
              "waiting": "  (waiting)"}
+    mark_room = max((len(marks[row_state(row)]) for row in rows), default=0)
+    layout = natural(COLUMNS, rows) if width is None else plan(
+        COLUMNS, width - mark_room, rows, rows)
+    formatter = Formatter(layout, rows, thresholds_of(snapshot), Cutter())
+    room = width or 1 << 20
+    lines = [f"connmon: service {snapshot['service']} node {snapshot['node']}"]
+    lines += pack(summary_words(snapshot), room)
+    lines += alarm_lines(alarm_rows(snapshot), room)
+    if trimmed_text(snapshot):
+        lines.append(trimmed_text(snapshot))
+    lines.append(f"{connmon.plural(len(rows), 'row')}, sorted by "
+                 f"{sort.heading} descending")
+    lines.append(headings(layout).rstrip())
     for row in rows:
         lines.append(formatter.line(row).rstrip() + marks[row_state(row)])
-        lines += pressure_lines(row)
-        lines += site_lines(row)
+        under = pressure_lines(row) + site_lines(row)
         for proc in row.get("procs", ()):
-            lines += process_lines(proc)
-    lines += database_lines(snapshot)
+            under += process_lines(proc)
+        for line in under:
+            lines += fold(line, width)
+    for line in database_lines(snapshot):
+        lines += fold(line, width)
     return "\n".join(lines)
+
+
+def fold(line: str, width: Optional[int]) -> List[str]:
+    """A line of the plain table in lines of ``width`` (None: as it is),
+    the continuations indented under it."""
+    if width is None or len(line) <= width:
+        return [line]
+    indent = " " * min(len(line) - len(line.lstrip()) + 4, width // 2)
+    return textwrap.wrap(line, width, subsequent_indent=indent,
+                         break_on_hyphens=False) or [line]
 
 
 def ms(value: Optional[float]) -> str:
@@ -732,6 +959,28 @@ def site_lines(row: Dict[str, Any]) -> List[str]:
 # ---------------------------------------------------------------------------
 
 
+# What another server's first bytes say it is (see failure_text).
+LOOKS_LIKE = [
+    (("mariadb", "mysql", "\\x00\\x00\\x00\\n"), "a MySQL/MariaDB server"),
+    (("sfatal", "postgres"), "a PostgreSQL server"),
+    (("http/",), "a web server"),
+]
+
+
+def failure_text(err: Exception) -> str:
+    """Why the console could not attach, in words: for a server that is
+    not connmond, what it looks like rather than its raw bytes."""
+    text = connmon.printable(str(err))
+    if not isinstance(err, connmon.NotConnmond):
+        return text
+    lowered = text.lower()
+    for needles, kind in LOOKS_LIKE:
+        if any(needle in lowered for needle in needles):
+            return (f"not connmond: this looks like {kind}; is the port "
+                    f"connmond's (default {connmon.DEFAULT_PORT})?")
+    return text
+
+
 class Feed:
     """Keeps the console's one connection to connmond and fetches a
     snapshot every interval on a thread of its own, so that a slow or dead
@@ -807,11 +1056,13 @@ class Feed:
                 if conn is not None:
                     conn.close()
                     conn = None
-                top = (self.NOT_CONNMOND_RETRY if isinstance(
-                    err, connmon.NotConnmond) else self.RETRY_MAX)
-                delay = min(top, max(self.interval, delay * 2))
-                self._publish(state="disconnected", error=f"{err} (next "
-                              f"try in {delay:.0f}s)")
+                if isinstance(err, connmon.NotConnmond):
+                    delay = self.NOT_CONNMOND_RETRY   # at once: no backoff
+                else:
+                    delay = min(self.RETRY_MAX, max(self.interval, delay * 2))
+                self._publish(state="disconnected",
+                              error=f"{failure_text(err)} (next try in "
+                              f"{delay:.0f}s)")
                 self._sleep(delay)
                 continue
             delay = 0.0
@@ -868,10 +1119,15 @@ connmon keys (Up/Down/PgUp/PgDn scroll this help; any other key returns)
   Ctrl-L       redraw the screen
   F5 f         fleet view: one row per program over every host, and
                back to one row per host+program
+  w o          sort by WAIT / by OLDEST (the biggest first)
+  + -          refresh less / more often (the title says how often)
+  a            alarms: every alarm the header's alarm line names
+               (Enter: that program's processes)
   x            hide / show the rows of programs that are gone
   Enter        the selected row's processes, their long holders
                (where each was checked out, where it is held now) and
-               the daemon's ten-minute history of conn and ckout
+               the daemon's ten-minute history of conn and ckout; the
+               moving keys scroll it
   s            sites: which line of which program holds the most
                connections, fleet-wide, programs whose checkouts wait
                first (Enter: that program's processes)
@@ -887,15 +1143,21 @@ colours), highlighted = every pooled connection is checked out
 (WAIT > 0).  A marker left of a number needs a look:
   !  OLDEST or a long holder's AGE above the apps' hold_warn_seconds,
      HOLD_MS above the daemon's hold_ms_warn, CKOUT at the pools' limit
-     (exhausted), WAIT above 0 (checkouts waiting), or, in the databases
-     view, LIMIT above the server's MAX_CONN
+     (exhausted), WAIT above 0 (checkouts waiting), TMOUT/S above 0 in
+     the last 10 seconds, or, in the databases view, LIMIT above the
+     server's MAX_CONN
   *  OLDEST, AGE: a long holder leaked for sure (HELD AT "leaked" or
      "thread gone"), the same in the table, the drill-down and the
      sites view
-OLDEST: age in seconds of the longest checked-out connection.
+OLDEST: age of the longest checked-out connection (seconds under a
+minute, then 5m44s, 2h05m, 3d04h).
 HOLD_MS: mean checkout hold time over the last second.
 WAIT: checkouts waiting for a connection; TMOUT/S: checkouts that gave
-up waiting (pool timeout) in the last second.
+up waiting (pool timeout), a second over the last 10 seconds (! while
+any did).
+The alarm line under the totals names every program whose checkouts
+wait or time out, every database server at 90% of its MAX_CONN or
+over, every exhausted pool and every leak (a lists them all).
 MAX*: the highest values since the time in the header (c clears them).
 """
 
@@ -911,11 +1173,11 @@ BACK_KEYS = (ESC, curses.KEY_BACKSPACE, 127, 8)
 MOVE_KEYS = (curses.KEY_UP, curses.KEY_DOWN, curses.KEY_PPAGE,
              curses.KEY_NPAGE, curses.KEY_HOME, curses.KEY_END, ord("j"),
              ord("k"))
-HEADER_LINES = 7           # title, four totals, context, column headings
-HISTORY_LINES = 3          # the drill-down's history: caption, two lines
-HOLDERS_HEADER_LINES = 2   # the drill-down's long holders: caption, headings
-PRESSURE_LINES = 2         # the drill-down's waits, timeouts, connects
+HEADER_LINES = 7           # title, totals, alarms, context, column headings
+SUMMARY_LINES = 4          # the totals and the alarms
+SUMMARY_COUNTS = 6         # summary_words' counts, before the optional
 MESSAGE_SECONDS = 3.0      # how long a message stays in the footer
+INTERVALS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)   # + and -
 
 
 class Binding(NamedTuple):
@@ -949,9 +1211,14 @@ VIEW_KEYS = {
         Binding((ord("c"),), "c clear max", "confirm_clear"),
         Binding((ord("x"),), "x gone", "toggle_gone"),
         Binding((ord("r"),), "r reverse", "reverse_sort"),
+        Binding((ord("a"),), "a alarms", "open_alarms"),
+        Binding((ord("w"), ord("o")), "w/o sort WAIT/OLDEST", "sort_key"),
+        Binding((ord("+"), ord("-")), "+/- rate", "change_interval"),
         Binding((ESC,), "", "clear_filter"),
     ],
     "procs": [Binding(BACK_KEYS, "Esc back", "close_view")],
+    "alarms": [Binding(ENTER_KEYS, "Enter procs", "drill_into"),
+               Binding(BACK_KEYS + (ord("a"),), "Esc back", "close_view")],
     "sites": [Binding(ENTER_KEYS, "Enter procs", "drill_into"),
               Binding(BACK_KEYS + (ord("s"),), "Esc back", "close_view")],
     "databases": [Binding(BACK_KEYS + (ord("d"),), "Esc back",
@@ -1007,11 +1274,10 @@ class Console:
     and the keys that change it.  Only the visible rows are formatted, so
     thousands of rows are cheap."""
 
-    def __init__(self, window, feed: Feed, interval: float, colors: bool,
+    def __init__(self, window, feed: Feed, colors: bool,
                  hide_gone: bool = False):
         self.window = window
-        self.feed = feed
-        self.interval = interval
+        self.feed = feed   # its interval is the refresh's (+ and - set it)
         self.styles = Styles(colors)
         # curses encodes text for the locale: only UTF-8 has the pretty ones
         self.glyphs = (UNICODE_GLYPHS
@@ -1019,6 +1285,8 @@ class Console:
                        else ASCII_GLYPHS)
         self.cutter = Cutter(self.glyphs["cut"])
         self.picture: Optional[Dict[str, Any]] = None
+        self.recent = RecentTimeouts()
+        self.alarms: List[Dict[str, Any]] = []   # the picture's alarm_rows
         self.seen_generation = -1
         self.view = "table"      # or "procs", "sites", "sort", "help"
         self.sort_column = COLUMNS[3]    # CONN, the biggest first
@@ -1040,6 +1308,7 @@ class Console:
         self.previous: List[tuple] = []
         self.message = ""
         self.message_until = 0.0
+        self.shown = ""     # "1-16 of 19" when the view's lines are cut
         self.running = True
 
     # -- the loop -------------------------------------------------------------
@@ -1073,7 +1342,11 @@ class Console:
         if feed.generation != self.seen_generation and not self.paused:
             with feed.lock:
                 self.seen_generation = feed.generation
-                self.picture = feed.snapshot or self.picture
+                fresh = feed.snapshot
+            if fresh is not None and fresh is not self.picture:
+                self.recent.annotate(fresh, time.monotonic())
+                self.picture = fresh
+                self.alarms = alarm_rows(fresh)
 
     def say(self, text: str) -> None:
         self.message = text
@@ -1156,6 +1429,26 @@ class Console:
     def toggle_gone(self, key: int) -> None:
         self.hide_gone = not self.hide_gone
 
+    def sort_key(self, key: int) -> None:
+        """w: sort by WAIT, o: by OLDEST (both the biggest first)."""
+        heading = "WAIT" if key == ord("w") else "OLDEST"
+        self.sort_by(next(c for c in COLUMNS if c.heading == heading))
+
+    def change_interval(self, key: int) -> None:
+        """+ refreshes less often, - more often (a step of INTERVALS)."""
+        now = self.feed.interval
+        if key == ord("+"):
+            steps = [step for step in INTERVALS if step > now]
+            self.feed.interval = steps[0] if steps else now
+        else:
+            steps = [step for step in INTERVALS if step < now]
+            self.feed.interval = steps[-1] if steps else now
+        self.feed.refresh_now()
+        self.say(f"refreshing every {self.feed.interval:g}s")
+
+    def open_alarms(self, key: int) -> None:
+        self.open_view("alarms")
+
     def open_sites(self, key: int) -> None:
         self.open_view("sites")
 
@@ -1181,6 +1474,12 @@ class Console:
                  ord("j"): 1, curses.KEY_PPAGE: -page,
                  curses.KEY_NPAGE: page, curses.KEY_HOME: -1 << 30,
                  curses.KEY_END: 1 << 30}
+        if self.view == "procs":   # a document: the keys scroll it (a page
+            # less its last line, which may have said "more lines")
+            self.top = max(0, self.top + max(-page + 1, min(
+                page - 1, steps[key])) if abs(steps[key]) == page
+                else self.top + steps[key])
+            return
         self.selected += steps[key]
         self.selected_key = None
         self.follow = True
@@ -1190,10 +1489,13 @@ class Console:
     def drill_into(self, key: int) -> None:
         """Open the processes of the selected row (in the fleet view: of
         the program on every host)."""
-        rows = self.site_rows() if self.view == "sites" else (
-            self.table_rows())
+        rows = {"sites": self.site_rows, "alarms": self.alarm_rows}.get(
+            self.view, self.table_rows)()
         if rows:
             row = rows[min(self.selected, len(rows) - 1)]
+            if row["progname"] == "(database server)":
+                self.open_view("databases")
+                return
             host = None if self.fleet and self.view == "table" else (
                 row["hostname"])
             self.drill = (host, row["progname"])
@@ -1262,6 +1564,12 @@ class Console:
                                            -r["oldest"], r["hostname"],
                                            r["progname"], r["site"] or ""))
 
+    def alarm_rows(self) -> List[Dict[str, Any]]:
+        """Every alarm (see alarm_rows), those matching the filter."""
+        needle = self.filter.lower()
+        return [alarm for alarm in self.alarms
+                if needle in (alarm["hostname"] + alarm["progname"]).lower()]
+
     def database_rows(self) -> List[Dict[str, Any]]:
         """Per database server: its total, its databases, then the
         programs holding its connections (those matching the filter)."""
@@ -1274,14 +1582,18 @@ class Console:
             lines += [{**database, "hostname": name,
                        "progname": f"db {database['database'] or '-'}"}
                       for database in server["databases"]]
-            lines += [{**program, "hostname": name, "progname":
-                       f"{program['hostname']} {program['progname']}"}
+            lines += [{**program, "hostname": name,
+                       "host": program["hostname"],
+                       "progname": program["progname"]}
                       for program in server["programs"]]
             most = server["max_connections"]
-            rows += [{"max_connections": most, **line,
+            lines[0]["use_percent"] = server_percent(server) if most else None
+            rows += [{"max_connections": most, "host": "", **line,
                       "over_server": None not in (most, line["limit"])
                       and line["limit"] > most} for line in lines
-                     if needle in name.lower() + line["progname"].lower()]
+                     if needle in (name + line["host"] if "host" in line
+                                   else name).lower()
+                     + line["progname"].lower()]
         return rows
 
     def proc_rows(self) -> Optional[List[Dict[str, Any]]]:
@@ -1319,14 +1631,15 @@ class Console:
 
     def draw(self) -> None:
         self.window.erase()
+        self.shown = ""
         self.draw_title()
         if self.view == "help":
             self.draw_help()
         else:
-            if self.picture is not None:
-                for y, line in enumerate(summary_lines(self.picture), 1):
-                    self.put(y, line)
+            self.draw_summary()
             getattr(self, "draw_" + self.view)()
+            if self.picture is None and self.feed.error:
+                self.draw_failure()
         self.draw_footer()
         self.window.refresh()
 
@@ -1344,7 +1657,8 @@ class Console:
         else:
             state = f"disconnected {self.glyphs['dash']} retrying"
         parts = [f"connmon {connmon.__version__}", where, state,
-                 f"every {self.interval:g}s"]
+                 f"every {self.feed.interval:g}s",
+                 time.strftime("%H:%M:%S")]
         title = f" {self.glyphs['dash']} ".join(parts)
         if self.picture is not None and trimmed_text(self.picture):
             title = trimmed_text(self.picture) + " " + title
@@ -1356,6 +1670,34 @@ class Console:
         self.put(0, title, self.styles["title"])
         if self.paused:
             self.put(0, "PAUSED", self.styles["paused"], 0)
+
+    def draw_failure(self) -> None:
+        """Why the console is not attached yet, whole, over the lines it
+        needs (the footer's one line would cut it)."""
+        height, width = self.window.getmaxyx()
+        lines = textwrap.wrap(self.feed.error, max(10, width - 1))
+        for y, line in enumerate(lines[:max(0, height - 2)], 1):
+            self.put(y, line)
+
+    def draw_summary(self) -> None:
+        """The totals (never a number cut: whole words, over up to three
+        lines) and under them the alarms, named as far as the lines left
+        go (``a`` lists them all)."""
+        if self.picture is None:
+            return
+        _, width = self.window.getmaxyx()
+        words = summary_words(self.picture)
+        alarms = self.alarms
+        # The counts first, then the alarms, then what room is left for
+        # the fullest server and the maxima's start.
+        counts = pack(words[:SUMMARY_COUNTS], width, SUMMARY_LINES - 1)
+        named = alarm_lines(alarms, width, SUMMARY_LINES - len(counts))
+        totals = pack(words, width, SUMMARY_LINES - len(named))
+        attr = self.styles["alarm"] if alarms else curses.A_NORMAL
+        for y, line in enumerate(totals, 1):
+            self.put(y, line)
+        for y, line in enumerate(named, len(totals) + 1):
+            self.put(y, line, attr)
 
     def draw_help(self) -> None:
         lines = HELP.splitlines()
@@ -1432,15 +1774,32 @@ class Console:
         rows = self.table_rows()
         order = "descending" if self.descending else "ascending"
         what = connmon.plural(len(rows), "program" if self.fleet else "row")
+        formatter = self.formatter(COLUMNS, rows, self.body_height())
         context = (f"{what}{' over every host' if self.fleet else ''}, "
                    f"sorted by {self.sort_column.heading} {order}"
                    + self.filter_text()
-                   + (", gone hidden" if self.hide_gone else ""))
+                   + (", gone hidden" if self.hide_gone else "")
+                   + self.more_text(len(rows)))
+        if self.picture is not None and not self.picture["rows"]:
+            context = ("No applications yet: waiting for applications "
+                       "to report" + self.glyphs["cut"])
         self.put(HEADER_LINES - 2, context)
-        formatter = self.formatter(COLUMNS, rows, self.body_height())
         self.draw_headings(HEADER_LINES - 1, formatter.layout,
                            self.sort_column)
         self.draw_rows(formatter, rows, HEADER_LINES, self.body_height())
+
+    def more_text(self, count: int) -> str:
+        """What the context line adds when ``count`` lines do not all fit:
+        which are shown, and how many more there are (the footer says it
+        too, first, for a narrow screen)."""
+        height = self.body_height()
+        self.shown = ""
+        if count <= height:
+            return ""
+        last = min(count, self.top + height)
+        self.shown = f"{self.top + 1}-{last} of {count}"
+        return (f" ({self.top + 1}-{last} shown, "
+                f"{count - last + self.top} more)")
 
     def filter_text(self) -> str:
         return f", filter {self.filter!r}" if self.filter else ""
@@ -1467,6 +1826,14 @@ class Console:
             "connections, most held first (a program waiting on top)"
             + self.filter_text(), SITE_COLUMNS, rows)
 
+    def draw_alarms(self) -> None:
+        rows = self.alarm_rows()
+        self.draw_listing(
+            f"{connmon.plural(len(rows), 'alarm')}: checkouts waiting or "
+            "timing out first, then database servers near their limit, "
+            "exhausted pools, leaks" + self.filter_text(), ALARM_COLUMNS,
+            rows)
+
     def draw_databases(self) -> None:
         rows = self.database_rows()
         picture = self.picture or {}
@@ -1475,28 +1842,29 @@ class Console:
         more = left_out(picture, "databases", "server")
         self.draw_listing(
             f"{servers}{f' ({more})' if more else ''}: the pools' "
-            "connections and summed limits against MAX_CONN"
+            "connections (USE% of MAX_CONN, ! from 90%) and summed limits"
             + self.filter_text(), DATABASE_COLUMNS, rows)
 
     def draw_listing(self, caption: str, columns: List[Column],
                      rows: List[Dict[str, Any]]) -> None:
         """A view of one table under its caption (sites, databases)."""
-        self.put(HEADER_LINES - 2, caption, self.styles["title"])
         formatter = self.formatter(columns, rows, self.body_height())
+        self.put(HEADER_LINES - 2, caption + self.more_text(len(rows)),
+                 self.styles["title"])
         self.draw_headings(HEADER_LINES - 1, formatter.layout)
         self.draw_rows(formatter, rows, HEADER_LINES, self.body_height())
 
     def draw_procs(self) -> None:
-        """The drilled-into program: its processes, the daemon's history
-        of its conn and ckout, and its long holders, oldest first."""
+        """The drilled-into program: its processes, its pool pressure, the
+        daemon's history of its conn and ckout, its long holders (oldest
+        first) and its pools; one document under the processes' headings,
+        scrolled by the moving keys."""
         host, prog = self.drill
         procs = self.proc_rows()
         count = connmon.plural(len(procs), "process", "processes") if (
             procs is not None) else ("paused (Space resumes)" if self.paused
                                      else "loading")
         where = f"on {host}" if host else "on every host"
-        self.put(HEADER_LINES - 2, f"{prog} {where}: {count}",
-                 self.styles["title"])
         columns = PROC_COLUMNS if host is None else PROC_COLUMNS[1:]
         holders = sorted(({"pid": proc["pid"], **holder}
                           for proc in procs or ()
@@ -1504,37 +1872,45 @@ class Console:
                          key=lambda holder: -holder["age"])
         pools = [{"pid": proc["pid"], **pool} for proc in procs or ()
                  for pool in proc.get("pools", ())]
-        room = (self.body_height() - PRESSURE_LINES - HISTORY_LINES
-                - 2 * HOLDERS_HEADER_LINES)
-        below = len(holders) + len(pools)
-        shown = min(len(procs or ()), max(1, room - min(below, room // 2)))
-        formatter = self.formatter(columns, procs or [], shown)
-        self.draw_headings(HEADER_LINES - 1, formatter.layout)
-        self.draw_rows(formatter, procs or [], HEADER_LINES, shown)
-        y = HEADER_LINES + shown
-        for y, line in enumerate(self.pressure_of_drilled(), y):
-            self.put(y, line.strip())
-        y += 1
-        self.draw_history(y)
-        y += HISTORY_LINES
-        room = max(0, room - shown)
         _, width = self.window.getmaxyx()
+        thresholds = thresholds_of(self.picture or {})
+        layout = plan(columns, width, procs or [], procs or [])
+        document = self.listing_lines(layout, procs or [], thresholds)
+        document += [(line.strip(), curses.A_NORMAL)
+                     for line in self.pressure_of_drilled()]
+        document += self.history_lines()
         for caption, columns, lines in (
                 (f"{connmon.plural(len(holders), 'long holder')} (held past "
                  "the apps' hold_warn_seconds), oldest first",
-                 HOLDER_COLUMNS, holders[:max(1, room // 2)]),
+                 HOLDER_COLUMNS, holders),
                 (f"{connmon.plural(len(pools), 'pool')}, with the "
                  "database of each", POOL_COLUMNS, pools)):
-            self.put(y, caption, self.styles["title"])
-            lines = lines[:room]
-            layout = plan(columns, width, lines, lines)
-            line_format = Formatter(layout, lines, {}, self.cutter)
-            self.draw_headings(y + 1, layout)
-            for y, line in enumerate(lines, y + HOLDERS_HEADER_LINES):
-                self.put(y, line_format.line(line),
-                         self.row_attr(line, False))
-            y += 2   # the last line, and a blank one
-            room -= len(lines) + 1
+            document.append((caption, self.styles["title"]))
+            if lines:   # an empty section shows no headings
+                layout_below = plan(columns, width, lines, lines)
+                document.append((headings(layout_below, self.glyphs["cut"]),
+                                 self.styles["heading"]))
+                document += self.listing_lines(layout_below, lines, {})
+            document.append(("", curses.A_NORMAL))
+        height = self.body_height()
+        self.top = max(0, min(self.top, len(document) - height))
+        self.put(HEADER_LINES - 2, f"{prog} {where}: {count}"
+                 + self.more_text(len(document)), self.styles["title"])
+        self.draw_headings(HEADER_LINES - 1, layout)
+        shown = document[self.top:self.top + height]
+        below = len(document) - self.top - len(shown)
+        if below and shown:
+            shown[-1] = (f"{self.glyphs['down']} {below + 1} more lines "
+                         "(Down/j, PgDn, End)", self.styles["title"])
+        for y, (text, attr) in enumerate(shown, HEADER_LINES):
+            self.put(y, text() if callable(text) else text, attr)
+
+    def listing_lines(self, layout: Layout, rows: List[Dict[str, Any]],
+                      thresholds: Dict[str, float]) -> List[tuple]:
+        """A document's lines for ``rows`` (formatted when drawn)."""
+        line_format = Formatter(layout, rows, thresholds, self.cutter)
+        return [(functools.partial(line_format.line, row),
+                 self.row_attr(row, False)) for row in rows]
 
     def pressure_of_drilled(self) -> List[str]:
         """The drilled-into row's pool pressure, all of it (two lines);
@@ -1546,28 +1922,29 @@ class Console:
                 return pressure_lines(row, always=True)
         return ["", ""]
 
-    def draw_history(self, y: int) -> None:
+    def history_lines(self) -> List[tuple]:
         """Sparklines of the drilled-into row's conn and ckout as the
         daemon kept them (one sample a second), on one scale (the
-        highest conn)."""
+        highest conn): a caption and two lines."""
         history = self.feed.history
+        title = self.styles["title"]
         if history is None or history.get("row") != self.drill:
-            self.put(y, "History: loading", self.styles["title"])
-            return
+            return [("History: loading", title), ("", 0), ("", 0)]
         _, width = self.window.getmaxyx()
         room = max(0, width - 13)
         series = [history["conn"][-room:] if room else [],
                   history["ckout"][-room:] if room else []]
         top = max(history["conn"], default=0)
         seconds = len(history["conn"]) * history["interval"]
-        self.put(y, f"History of the last {seconds:g}s (connmond's, one "
-                 f"sample every {history['interval']:g}s), 0 to "
-                 f"{connmon.plural(top, 'connection')}", self.styles["title"])
-        for y, (label, values) in enumerate(zip(("CONN", "CKOUT"), series),
-                                            y + 1):
+        lines = [(f"History of the last {seconds:g}s (connmond's, one "
+                  f"sample every {history['interval']:g}s), 0 to "
+                  f"{connmon.plural(top, 'connection')}", title)]
+        for label, values in zip(("CONN", "CKOUT"), series):
             now = cell(values[-1] if values else None)
-            self.put(y, f"{label:<6}{now:>6} "
-                     + sparkline(values, top, self.glyphs["spark"]))
+            lines.append((f"{label:<6}{now:>6} "
+                          + sparkline(values, top, self.glyphs["spark"]),
+                          curses.A_NORMAL))
+        return lines
 
     def draw_footer(self) -> None:
         height, width = self.window.getmaxyx()
@@ -1583,10 +1960,13 @@ class Console:
         elif self.view == "help":
             text = "Up/Down/PgUp/PgDn scroll  any other key returns"
         else:
-            words = [binding.label for binding in self.bindings()
-                     if binding.label]
+            words = [("F5 by host" if self.fleet and binding.action ==
+                      "toggle_fleet" else binding.label)
+                     for binding in self.bindings() if binding.label]
             if self.filter:
                 words.insert(0, f"[filter: {self.filter}]")
+            if self.shown:
+                words.insert(0, f"[{self.shown}]")
             text = ""   # as many whole words as fit
             for word in words:
                 if len(text) + len(word) > width:
@@ -1607,7 +1987,7 @@ def run_screen(target: Target, interval: float, colors: bool,
     try:
         curses.noecho()
         curses.cbreak()
-        Console(window, feed, interval, colors and curses.has_colors(),
+        Console(window, feed, colors and curses.has_colors(),
                 hide_gone).run()
     finally:
         feed.stop()
@@ -1875,6 +2255,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print one snapshot and exit")
     parser.add_argument("--json", action="store_true",
                         help="with --once: print the snapshot as JSON")
+    parser.add_argument("--wide", action="store_true",
+                        help="with --once: every column, nothing cut, "
+                        "whatever the terminal's width")
     parser.add_argument("--procs", action="store_true",
                         help="with --once: list each row's processes and "
                         "their pools")
@@ -1893,6 +2276,8 @@ def main(argv: Optional[list] = None) -> int:
         parser.error("--json goes with --once")
     if args.procs and not args.once:
         parser.error("--procs goes with --once")
+    if args.wide and not args.once:
+        parser.error("--wide goes with --once")
     if args.demo and args.once:
         parser.error("--demo is interactive; it does not go with --once")
     if args.demo:
@@ -1929,9 +2314,20 @@ def print_once(target: Target, args: argparse.Namespace) -> int:
         json.dump(snapshot, sys.stdout, indent=1)
         print()
     else:
-        print(format_table(escaped(snapshot)))
+        print(format_table(escaped(snapshot), once_width(args)))
     sys.stdout.flush()
     return 0
+
+
+def once_width(args: argparse.Namespace) -> Optional[int]:
+    """The plain table's width: the terminal's (or $COLUMNS), unless
+    --wide or the output is no terminal (a file, a pipe: nothing cut)."""
+    if args.wide:
+        return None
+    if os.isatty(sys.stdout.fileno()):
+        return shutil.get_terminal_size().columns
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else None
 
 
 def no_terminal() -> bool:

@@ -2231,22 +2231,40 @@ class DaemonOptions:
     database_servers: Optional[Dict[str, int]]
 
     def __init__(self, service: connmon.Service, node: connmon.Node):
-        connmon.check_options(service, OPTIONS)
+        problems = self.problems(service)
+        if problems:
+            raise problems[0]
         for name in OPTIONS:
             setattr(self, name, connmon.option_value(service, name, OPTIONS))
-        given = {name: bool(service.options.get(name, "").strip())
-                 for name in OPTIONS}
-        needs = {"metrics_bind": "metrics_port", "csv_columns": "csv_dump",
-                 "csv_token": "csv_dump", "csv_interval": "csv_dump",
-                 "metrics_token_file": "metrics_port"}
-        for name, needed in needs.items():
-            if given[name] and not given[needed]:
-                raise connmon.ConfigError(f"{service.source}: {name} is set "
-                                          f"but {needed} is not")
         # The fleet's picture stays on this host unless the operator says.
         self.metrics_bind = self.metrics_bind or (
             "::1" if ":" in node.bind[0] else "127.0.0.1")
         self.csv_token = self.csv_token or ""
+
+    # option -> the option it goes with
+    NEEDS = {"metrics_bind": "metrics_port", "csv_columns": "csv_dump",
+             "csv_token": "csv_dump", "csv_interval": "csv_dump",
+             "metrics_token_file": "metrics_port"}
+
+    @classmethod
+    def problems(cls, service: connmon.Service) -> List[connmon.ConfigError]:
+        """Every mistake in the options of ``service``: unknown or invalid
+        options, an option without the one it goes with, a CSV file in a
+        directory that does not exist."""
+        problems = connmon.option_problems(service, OPTIONS)
+        given = {name: bool(service.options.get(name, "").strip())
+                 for name in OPTIONS}
+        for name, needed in cls.NEEDS.items():
+            if given[name] and not given[needed]:
+                problems.append(service.mistake(
+                    name, f"{name} is set but {needed} is not"))
+        path = service.options.get("csv_dump", "").strip()
+        directory = os.path.dirname(os.path.abspath(path)) if path else ""
+        if directory and not os.path.isdir(directory):
+            problems.append(service.mistake(
+                "csv_dump", f"csv_dump: directory {directory} does not "
+                "exist"))
+        return problems
 
 
 # ---------------------------------------------------------------------------
@@ -2635,24 +2653,34 @@ def describe(node: connmon.Node, options: DaemonOptions) -> str:
 def warn_exposure(server: ConnmonServer, options: DaemonOptions) -> None:
     """Say plainly, once, what a daemon open to the network lets anyone
     there do."""
-    security = server.security
-    if not is_loopback(server.node.bind[0]) and security.secret is None:
-        log.warning(
-            "listening on %s without auth_secret_file: anyone who can reach "
-            "this port can read every process's host and program names and "
-            "counts, add processes and rows of their own, and clear the "
-            "maxima%s (see docs/security.txt)",
-            connmon.format_address(server.node.bind),
-            "" if security.peer_secret else ", and, from a node's address, "
-            "act as that node")
+    for warning in exposure_warnings(server.service, server.node,
+                                     server.security, options):
+        log.warning("%s", warning)
+
+
+def exposure_warnings(service: connmon.Service, node: connmon.Node,
+                      security: connmon.Security,
+                      options: DaemonOptions) -> List[str]:
+    """What a daemon open to the network lets anyone there do, and the
+    secret files others may read (start-up logs it, --check-config prints
+    it)."""
+    warnings = []
+    if not is_loopback(node.bind[0]) and security.secret is None:
+        warnings.append(
+            f"listening on {connmon.format_address(node.bind)} without "
+            "auth_secret_file: anyone who can reach this port can read every "
+            "process's host and program names and counts, add processes and "
+            "rows of their own, and clear the maxima"
+            + ("" if security.peer_secret else ", and, from a node's "
+               "address, act as that node") + " (see docs/security.txt)")
     if (options.metrics_port and options.metrics_token_file is None
             and not is_loopback(options.metrics_bind)):
-        log.warning("serving /metrics on %s without metrics_token_file: "
-                    "anyone who can reach it reads the fleet's picture",
-                    connmon.format_address((options.metrics_bind,
-                                            options.metrics_port)))
-    for warning in connmon.loose_secret_files(server.service.options):
-        log.warning("%s", warning)
+        warnings.append(
+            "serving /metrics on " + connmon.format_address(
+                (options.metrics_bind, options.metrics_port))
+            + " without metrics_token_file: anyone who can reach it reads "
+            "the fleet's picture")
+    return warnings + connmon.loose_secret_files(service.options)
 
 
 def raise_file_limit(clients: int) -> None:
@@ -2671,8 +2699,62 @@ def raise_file_limit(clients: int) -> None:
                         "raise LimitNOFILE)", new, clients)
 
 
+def check_config(args: argparse.Namespace) -> int:
+    """--check-config: every mistake of the file, each as ``FILE:LINE:
+    [SECTION] problem`` on stderr, then the warnings start-up would log;
+    or OK and what the daemon would do, on stdout."""
+    path = connmon.config_file(args.config)
+    source = path or connmon.BUILT_IN
+    try:
+        text = connmon.DEFAULT_CONFIG_TEXT
+        if path is not None:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"connmond: error: cannot read config file {path}: {err}",
+              file=sys.stderr)
+        return 2
+    services, problems = connmon.read_config(text, source)
+    service = services.get(args.service)
+    node = options = security = None
+    if service is None:
+        if not problems or services:
+            known = ", ".join(sorted(services)) or "none"
+            problems.append(connmon.ConfigError(
+                f"{source}: unknown service {args.service!r} (services: "
+                f"{known})"))
+    else:
+        problems += DaemonOptions.problems(service)
+        try:
+            node = choose_node(service, args.node)
+            security = connmon.Security.of_service(service, daemon=True)
+            security.server_context()
+        except connmon.ConfigError as err:
+            problems.append(err)
+        if not problems:
+            options = DaemonOptions(service, node)
+    try:
+        configure_logging(path, args.log_level)
+    except connmon.ConfigError as err:
+        problems.append(err)
+    except configparser.Error:
+        pass   # a file that is not 'option: value' lines: said already
+    for problem in problems:
+        print(f"connmond: error: {problem.located()}", file=sys.stderr)
+    if problems:
+        return 2
+    for warning in exposure_warnings(service, node, security, options):
+        print(f"connmond: warning: {service.file or source}: "
+              f"[{service.section}] {warning}", file=sys.stderr)
+    print(f"connmond: config OK: {source} service {service.name!r}: "
+          f"{describe(node, options)}")
+    return 0
+
+
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.check_config:
+        return check_config(args)
     path = connmon.config_file(args.config)
     try:
         service = connmon.find_service(args.service, args.config)
@@ -2683,12 +2765,6 @@ def main(argv: Optional[list] = None) -> int:
     except connmon.ConfigError as err:
         print(f"connmond: error: {err}", file=sys.stderr)
         return 2
-    if args.check_config:
-        for warning in connmon.loose_secret_files(service.options):
-            print(f"connmond: warning: {warning}")
-        print(f"connmond: config OK: {path or connmon.BUILT_IN} service "
-              f"{service.name!r}: {describe(node, options)}")
-        return 0
     sys.setswitchinterval(SWITCH_INTERVAL)
     # SIGTERM stops it like Ctrl-C from here on, even while it starts.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -1093,7 +1093,7 @@ def test_console_once_json_and_table(daemon, apps, tmp_path):
          daemon.address], cwd=HERE, env=CHILD_ENV, capture_output=True,
         text=True,
         timeout=30)
-    assert "Connections [1 / 1]" in result.stdout
+    assert "Conn 1/1" in result.stdout
     assert "console_app.py" in result.stdout
 
 
@@ -1486,13 +1486,22 @@ def run_connmond(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=30)
 
 
+def located(message: str) -> str:
+    """A config mistake as --check-config lists it: "[SECTION], line N:
+    problem" becomes ":N: [SECTION] problem"."""
+    found = re.fullmatch(r"(?:\[(.*?)\], )?line (\d+): (.*)", message,
+                         re.S)
+    section = f" [{found[1]}]" if found[1] else ""
+    return f":{found[2]}:{section} {found[3]}"
+
+
 @pytest.mark.parametrize("text, message", MALFORMED_CONFIGS)
 def test_check_config_catches_malformed_configs(tmp_path, text, message):
     result = run_connmond("--check-config", "-c", write(tmp_path, text),
                           "-s", "a")
     assert result.returncode == 2
     assert result.stderr.startswith("connmond: error: ")
-    assert message in result.stderr
+    assert located(message) in result.stderr
     assert result.stdout == ""
 
 
@@ -1501,17 +1510,17 @@ def test_check_config_says_ok_in_one_line(tmp_path):
         [connmon_service_a]
         name: a
         metrics_port: 9187
-        csv_dump: /var/lib/connmon/a.csv
+        csv_dump: TMP/a.csv
         csv_interval: 2.5
         nodes:
             n1 hostname=127.0.0.1:1 bind=127.0.0.1
-        """)
+        """.replace("TMP", str(tmp_path)))
     result = run_connmond("--check-config", "-c", path, "-s", "a")
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout == (
         f"connmond: config OK: {path} service 'a': node n1 listening on "
-        "127.0.0.1:1, metrics on 127.0.0.1:9187, CSV to "
-        "/var/lib/connmon/a.csv every 2.5s\n")
+        f"127.0.0.1:1, metrics on 127.0.0.1:9187, CSV to "
+        f"{tmp_path}/a.csv every 2.5s\n")
 
 
 @pytest.mark.parametrize("options, message", [
@@ -1538,8 +1547,9 @@ def test_check_config_catches_bad_daemon_options(tmp_path, options, message):
                  "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
     result = run_connmond("--check-config", "-c", path, "-s", "a")
     assert result.returncode == 2
-    assert f"connmond: error: {path} [connmon_service_a]: {message}" in (
-        result.stderr)
+    assert re.search(re.escape(f"connmond: error: {path}:") + r"\d+: " +
+                     re.escape(f"[connmon_service_a] {message}"),
+                     result.stderr), result.stderr
 
 
 def test_check_config_catches_bad_logging_sections(tmp_path):
@@ -2458,10 +2468,10 @@ def test_console_rows_match_the_truth_with_colours(daemon, apps, tmp_path,
     truth = daemon.snapshot()
     assert (truth["hosts"], truth["processes"], truth["connections"],
             truth["checkouts"]) == (1, 2, 4, 3)
-    totals = [f"Hosts       [1 / {truth['max_hosts']}]",
-              f"Processes   [2 / {truth['max_processes']}]",
-              f"Connections [4 / {truth['max_connections']}]",
-              f"Checkouts   [3 / {truth['max_checkouts']} / "]
+    totals = [f"Hosts 1/{truth['max_hosts']}",
+              f"Procs 2/{truth['max_processes']}",
+              f"Conn 4/{truth['max_connections']}",
+              f"Ckout 3/{truth['max_checkouts']} "]
     term.wait_for(lambda t: all(line in t.text for line in totals),
                   f"totals {totals}")
 
@@ -3168,11 +3178,13 @@ def test_once_lists_the_sites_under_their_rows(tmp_path, leak_daemon):
         lines = result.stdout.splitlines()
         (blind_at,) = [i for i, line in enumerate(lines)
                        if line.split()[1:2] == ["blind.py"]]
-        # No known site (capture off): no site lines, the next row follows.
-        assert lines[blind_at + 1].split()[1] == "leaky.py"
+        (leaky_at,) = [i for i, line in enumerate(lines)
+                       if line.split()[1:2] == ["leaky.py"]]
+        # Sorted by CONN: leaky.py first.  No known site (capture off): no
+        # site lines under blind.py (the databases after a blank line).
+        assert leaky_at < blind_at and lines[blind_at + 1] == ""
         script = tmp_path / "leaky.py"
-        under_leaky = lines[blind_at + 2:lines.index("", blind_at)]   # (the
-        # databases after the blank line)
+        under_leaky = lines[leaky_at + 1:blind_at]
         assert [re.sub(r"oldest +[0-9.]+", "oldest N", line)
                 for line in under_leaky] == [
             f"    held    5  oldest N  {script}:{line_of('SITE-B')} in "
@@ -6219,22 +6231,16 @@ def http_get_url(url: str, authorization: str = "") -> tuple:
         return err.code, err.read().decode()
 
 
-def test_trust_open_to_the_network_without_secret_says_what_anyone_can_do(
-        caplog):
+def test_trust_open_to_the_network_without_secret_says_what_anyone_can_do():
     service = connmon.parse_config(
         "[connmon_service_a]\nname: a\nnodes:\n"
         "    n1 hostname=10.0.0.5:5800\n    n2 hostname=10.0.0.6:5800\n"
         "metrics_port: 9187\nmetrics_bind: 0.0.0.0\n", "test.cfg")["a"]
     node = service.node("n1")
-
-    class Open:   # what warn_exposure looks at of a server
-        security = connmon.Security.of_service(service, daemon=True)
-
-    Open.node = node
+    security = connmon.Security.of_service(service, daemon=True)
     options = connmon_server.DaemonOptions(service, node)
-    with caplog.at_level("WARNING", logger="connmond"):
-        connmon_server.warn_exposure(Open, options)
-    (listening, metrics) = [r.getMessage() for r in caplog.records]
+    (listening, metrics) = connmon_server.exposure_warnings(
+        service, node, security, options)
     assert listening == (
         "listening on 0.0.0.0:5800 without auth_secret_file: anyone who can "
         "reach this port can read every process's host and program names "
@@ -6244,11 +6250,10 @@ def test_trust_open_to_the_network_without_secret_says_what_anyone_can_do(
     assert metrics == ("serving /metrics on 0.0.0.0:9187 without "
                        "metrics_token_file: anyone who can reach it reads "
                        "the fleet's picture")
-    caplog.clear()
-    Open.node = connmon.Node("n1", ("127.0.0.1", 5800), ("127.0.0.1", 5800))
+    loopback = connmon.Node("n1", ("127.0.0.1", 5800), ("127.0.0.1", 5800))
     options.metrics_bind = "127.0.0.1"
-    connmon_server.warn_exposure(Open, options)
-    assert caplog.records == []
+    assert connmon_server.exposure_warnings(service, loopback, security,
+                                            options) == []
 
 
 def test_fuzz_peer_role_and_nested_messages(tmp_path, apps):
@@ -6845,7 +6850,7 @@ def test_console_shows_waiting_programs_and_databases_at_80x24(
             "wait.py WAIT 4")
         assert "MAXCONN" not in term.text
         assert "sorted by CONN descending" in term.text
-        assert re.search(r"Waiting \[4 / \d+\]", term.text)
+        assert re.search(r"Wait 4/\d+", term.text)
         y = screen_row(term, "wait.py")["y"]
         assert (term.screen.buffer[y][0].fg, term.screen.buffer[y][0].bg
                 ) == ("white", "red")
@@ -6863,10 +6868,11 @@ def test_console_shows_waiting_programs_and_databases_at_80x24(
         term.press(b"d")   # the databases view
         term.wait_text("database servers")
         term.wait_for(lambda t: re.search(
-            r"127\.0\.0\.1:3306 +all \(mysql\) +2 +2 +!4 +2 +151 +1",
+            r"127\.0\.0\.1:3306 +all \(mysql\) +2 +1 +2 +!4 +2\b",
             t.text), "the MariaDB server against its 151")
-        assert re.search(r"127\.0\.0\.1:3306 +db test +2 +2 +!4", term.text)
-        assert re.search(r"127\.0\.0\.1:3306 +\S+ wait\.py +2 +2 +!4",
+        assert re.search(r"127\.0\.0\.1:3306 +db test +2 +- +2 +!4",
+                         term.text)
+        assert re.search(r"127\.0\.0\.1:3306 +wait\.py +\S+ +2 +- +2 +!4",
                          term.text)
         # The footer names this view's keys only (the table's "s sites"
         # does nothing here).
@@ -6963,6 +6969,16 @@ def table_on_screen(t: Terminal) -> Tuple[List[str], List[List[str]]]:
     return heads, rows
 
 
+def seconds_shown(text: str) -> float:
+    """A duration as the console shows it (12.3, 5m44s, 2h05m, 3d04h)."""
+    found = re.fullmatch(r"(\d+)([dhm])(\d+)[hms]", text)
+    if found is None:
+        return float(text)
+    unit, small = {"d": (86400, 3600), "h": (3600, 60), "m": (60, 1)}[
+        found[2]]
+    return int(found[1]) * unit + int(found[3]) * small
+
+
 def check_openstack_table(t: Terminal, truth: Dict[Tuple[str, str], dict]
                           ) -> List[Tuple[str, str]]:
     """Every row on screen is one real row, told apart from the others;
@@ -6984,8 +7000,8 @@ def check_openstack_table(t: Terminal, truth: Dict[Tuple[str, str], dict]
                        heading, heading.lower())
             if key == "oldest":
                 assert (value == "-") == (row["oldest"] is None), field
-                if value != "-":   # older now, never cut short
-                    assert row["oldest"] <= float(value) < row[
+                if value != "-":   # older now, never cut short (5m44s)
+                    assert row["oldest"] - 1 < seconds_shown(value) < row[
                         "oldest"] + 60, (real, field)
             elif key not in ("ckout_per_sec", "hold_ms"):
                 assert value == connmon_console.cell(row[key]), (
@@ -7027,9 +7043,9 @@ def test_console_openstack_names_at_80x24_and_40x15(tmp_path, terminal,
         assert set(seen) == set(truth)
         # The leak's OLDEST is marked, in the alarm colour.
         term.press(term.key["khome"])
-        term.wait_for(lambda t: "*12" in t.text, "the leak's marker")
-        (y,) = [y for y, line in enumerate(term.display) if "*12" in line]
-        x = term.display[y].index("*12")
+        term.wait_for(lambda t: "*20m" in t.text, "the leak's marker")
+        (y,) = [y for y, line in enumerate(term.display) if "*20m" in line]
+        x = term.display[y].index("*20m")
         assert term.screen.buffer[y][x].bg == "red"
         # PAUSED, at any width, first on the title line.
         term.press(b" ")
@@ -7181,14 +7197,14 @@ def test_console_thresholds_marked_with_and_without_colour(tmp_path,
             found = marks(term)
             # OLDEST above 30 s: "!"; the gone thread's leak: "*";
             # nova-scheduler's pool (2) all out: CKOUT "!"; calm rows bare.
-            assert re.fullmatch(r"\*12[0-9][0-9]\.[0-9]",
+            assert re.fullmatch(r"\*2[01]m[0-9][0-9]s",
                                 *found["ctl1/nova-conductor"])
-            assert re.fullmatch(r"!1[0-9][0-9]\.[0-9]",
+            assert re.fullmatch(r"![23]m[0-9][0-9]s",
                                 *found["ctl1/neutron-server"])
             assert found["ctl1/nova-scheduler"] == ["!2"]
             assert found["ctl1/neutron-dhcp-agent"] == []   # 5 s: calm
             assert found["ctl1/neutron-l3-agent"] == []
-            assert re.fullmatch(r"![0-9]+\.[0-9]",
+            assert re.fullmatch(r"![12]m[0-9][0-9]s",
                                 *found["ctl2/neutron-dhcp-agent"])
             colours = {char.bg for line in term.screen.buffer.values()
                        for char in line.values()}
@@ -7457,7 +7473,7 @@ def test_check_config_refuses_each_mistake(tmp_path, line, message,
     result = run_connmond("--check-config", "-c", path, "-s", "a")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.startswith(
-        f"connmond: error: {path} [connmon_service_a]: {message}")
+        f"connmond: error: {path}:3: [connmon_service_a] {message}")
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -7490,7 +7506,7 @@ def test_check_config_parse_errors_in_one_line(tmp_path, text, message):
     path = write(tmp_path, text)
     result = run_connmond("--check-config", "-c", path, "-s", "a")
     assert result.returncode == 2
-    assert result.stderr == f"connmond: error: {path}, {message}\n"
+    assert result.stderr == f"connmond: error: {path}{located(message)}\n"
 
 
 def test_unknown_service_names_the_source_read(tmp_path):
@@ -7938,8 +7954,9 @@ auth_secret_file: {loose}
 """)
     result = run_connmond("--check-config", "-c", config)
     assert result.returncode == 0, result
-    assert (f"warning: auth_secret_file {loose} may be read by others "
-            "(mode 644); chmod 600 it") in result.stdout
+    assert (f"connmond: warning: {config}: [connmon_service_default] "
+            f"auth_secret_file {loose} may be read by others (mode 644); "
+            "chmod 600 it") in result.stderr
     daemon = Daemon(tmp_path, extra_config=f"auth_secret_file: {loose}\n")
     try:   # (said at start, just after connmond listens)
         wait_until(lambda: f"auth_secret_file {loose} may be read by "
@@ -9192,3 +9209,400 @@ def test_console_marks_a_sure_leak_alike_in_every_view(tmp_path,
         assert proc[-3][0] == "*", proc   # OLDEST (then CONNECTED SINCE)
     finally:
         app.stop()
+
+
+# --- (new) the operator's console, the demo, --check-config ---
+
+
+def demo_alarms(snapshot: Dict[str, Any]) -> Dict[str, set]:
+    """alarm -> the demo programs raising it, in a snapshot with
+    processes: exhausted, waiting, timeouts, a leak, a long holder."""
+    found: Dict[str, set] = {}
+    for row in snapshot["rows"]:
+        for alarm, raised in (
+                ("exhausted", row["exhausted"]),
+                ("waiting", row["waiting"] > 0 or row["maxwaiting"] > 0),
+                ("timeouts", row["timeouts_total"] > 0),
+                ("leak", connmon_console.leaked(row)),
+                ("long holder", any(proc["long_holders"]
+                                    for proc in row["procs"]))):
+            if raised:
+                found.setdefault(alarm, set()).add(row["progname"])
+    return found
+
+
+def test_demo_shows_every_alarm_it_promises_within_30s(terminal):
+    """The demo's apps pass poolclass= with a <driver>_connmon URL: their
+    pools are measured, so glance-api's waits and timeouts show."""
+    require_module("sqlalchemy")
+    term = terminal("--demo", cols=80, lines=24)
+    started = time.monotonic()
+    term.wait_text("attached to 127.0.0.1:")
+    port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
+    found: Dict[str, set] = {}
+
+    def every_alarm() -> bool:
+        result = subprocess.run(
+            [sys.executable, "-m", "connmon_console", "-H",
+             f"127.0.0.1:{port}", "--once", "--json", "--procs"], cwd=HERE,
+            env=CHILD_ENV, capture_output=True, text=True, timeout=30)
+        for alarm, progs in demo_alarms(json.loads(result.stdout)).items():
+            found.setdefault(alarm, set()).update(progs)
+        return {"glance-api"} <= found.get("waiting", set()) & found.get(
+            "timeouts", set()) & found.get("exhausted", set()) and (
+                "keystone-leaky" in found.get("leak", ())) and (
+                    "nova-conductor" in found.get("long holder", ()))
+
+    wait_until(every_alarm, 30 - (time.monotonic() - started),
+               "the demo's five alarms")
+    # ... and the screen's alarm line names them
+    term.wait_for(lambda t: re.search(r"glance-api (WAIT \d+ )?TMOUT",
+                                      alarm_words(t)), "glance-api's alarm")
+    term.wait_for(lambda t: re.search(
+        r"keystone-leaky ((WAIT \d+|TMOUT [\d.]+/s|EXHAUSTED) )*LEAK",
+        alarm_words(t)), "keystone-leaky's leak")
+
+
+# The OpenStack fleet with an alarm of each kind: heat-engine (one
+# connection: last by CONN) has checkouts waiting and timing out; nova-api
+# runs 12 processes in one row; nova-conductor's oldest holder leaked;
+# nova-scheduler's pool is exhausted; and database server db1, which every
+# pool uses, holds 95 % of its max_connections.
+ALARM_DB = ("mysql", "db1", 3306, "nova", "nova")
+
+
+def alarm_fleet(daemon: Daemon) -> Dict[Tuple[str, str, int],
+                                        "SyntheticApp"]:
+    """OPENSTACK, plus heat-engine and nova-api's 12 processes, every pool
+    on db1; returns the apps by (host, program, index)."""
+    fleet = {}
+    programs = [(host, prog, conns, out, age, limit, 0)
+                for host, prog, conns, out, age, limit in OPENSTACK]
+    programs += [("ctl3", prog, 2, 0, None, 10, 0) for prog in (
+        "glance-api", "cinder-api", "cinder-scheduler", "cinder-volume",
+        "keystone", "placement-api", "heat-api", "octavia-api")]
+    programs += [("ctl3", "heat-engine", 1, 1, 1.0, 1, 0)]
+    programs += [("api1", "nova-api", 1, 0, None, 5, index)
+                 for index in range(12)]
+    for host, prog, conns, out, age, limit, index in programs:
+        app = SyntheticApp(daemon, host, prog)
+        app.event(connmon.POOL, 1, limit)
+        app.state.fold([(connmon.POOL, 1, time.monotonic(), limit,
+                         ALARM_DB, None, None, None)])
+        for conn in range(1, conns + 1):
+            app.event(connmon.CONNECT, conn, 1)
+        now = time.monotonic()
+        app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
+                         1, None, None, None, None)
+                        for conn in range(1, out + 1)])
+        if prog == "nova-conductor":
+            app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
+            app.state.holders[1] = (7, None, None)
+            app.state.held_at[1] = "thread gone"
+        app.send()
+        fleet[host, prog, index] = app
+    wait_until(lambda: len(daemon.snapshot()["rows"]) == len(OPENSTACK) + 10,
+               what="the fleet's rows")
+    return fleet
+
+
+class TimeoutStorm(threading.Thread):
+    """heat-engine: three checkouts waiting for good, and one giving up
+    every half second, until stopped."""
+
+    def __init__(self, app: "SyntheticApp"):
+        super().__init__(daemon=True)
+        self.app = app
+        self.stopping = threading.Event()
+        self.began = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            self.app.state.fold([(connmon.TIMED_OUT, None, now, 1, None,
+                                  None, None, now - 5)])
+            self.app.state.look_at_waiters(now, {1: [self.began] * 3})
+            self.app.send()
+            self.stopping.wait(0.5)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+
+
+@pytest.fixture
+def alarm_daemon(tmp_path):
+    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n"
+                    "database_servers:\n    db1:3306 max_connections=96\n")
+    fleet = alarm_fleet(daemon)
+    storm = TimeoutStorm(fleet["ctl3", "heat-engine", 0])
+    storm.start()
+    wait_until(lambda: (daemon.row("heat-engine") or {}).get("waiting") == 3
+               and daemon.row("heat-engine")["timeouts_total"] > 0,
+               what="heat-engine waiting and timing out")
+    yield daemon
+    storm.stop()
+    daemon.stop()
+
+
+def alarm_words(t: Terminal) -> str:
+    """The header's lines under the title (totals and alarms), joined."""
+    return " ".join(t.display[1:5])
+
+
+@pytest.mark.parametrize("cols, lines", [(80, 24), (60, 20), (40, 15)])
+def test_console_every_alarm_on_the_first_screen(alarm_daemon, terminal,
+                                                 cols, lines):
+    daemon = alarm_daemon
+    term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
+                    lines=lines)
+    term.wait_text("sorted by CONN descending")
+    # heat-engine sorts last by CONN, below the bottom at either size ...
+    # (its timeouts are seen as recent from the second snapshot on)
+    term.wait_for(lambda t: "heat-engine" not in "\n".join(
+        t.display[7:-1]) and re.search(
+            r"ALARMS 4: heat-engine WAIT 3 TMOUT [\d.]+", alarm_words(t)),
+        "heat-engine named first in the alarm line")
+    words = alarm_words(term)
+    # the header's numbers are whole at any width
+    for total in ("Hosts 6/6", "Procs 30/30", "Conn 91/91", "Ckout 12/12 ",
+                  "Wait 3/"):
+        assert total in words, (total, term.text)
+    assert re.search(r"Tmout [\d.]+/s", words), words
+    if cols == 80:   # ... and every alarm is named on the first screen
+        for alarm in ("DB db1:3306 CONN 91/96 95%", "nova-scheduler "
+                      "EXHAUSTED", "nova-conductor LEAK"):
+            assert alarm in words, (alarm, term.text)
+        # the numbers of the header are whole
+        assert re.search(r"Conn 91/91 .*Tmout [\d.]+/s", words), words
+    else:
+        assert re.search(r"\+[123] more \(a\)", words), words
+    # the alarms view lists them all; Enter on one opens its processes
+    term.press(b"a")
+    term.wait_text("4 alarms:")
+    listed = "\n".join(term.display[7:-1])
+    for name in ("heat-engine", "db1:3306", "nova-sche", "nova-cond"):
+        assert name in listed, (name, term.text)
+    term.press(b"\r")
+    term.wait_text("heat-engine on ctl3: 1 process")
+    term.press(b"\x1b")
+    term.wait_text("4 alarms:")
+    term.press(b"\x1b")
+    # TMOUT/S marked, whatever the sort: End shows the row
+    term.press(term.key["kend"])
+    term.wait_for(lambda t: "heat-engine" in "\n".join(t.display[7:-1]),
+                  "heat-engine at the end")
+    if cols == 80:
+        row = term.wait_for(lambda t: screen_row(t, "heat-engine"),
+                            "the heat-engine row")
+        heads, _ = table_on_screen(term)
+        fields = dict(zip(heads, term.display[row["y"]].split()))
+        assert fields["WAIT"] == "!3" and fields["TMOUT/S"].startswith(
+            "!"), fields
+    term.press(b"d")   # the databases view: db1 at 95 %, marked
+    term.wait_for(lambda t: re.search(r"db1:3306 +all \(mysql\) +!91"
+                                      + (r" +!95 " if cols == 80 else ""),
+                                      t.text), "db1's CONN (USE%) marked")
+    term.press(b"\x1b")
+    term.wait_text("sorted by CONN descending")
+    term.press(b"w")   # one key: sort by WAIT (the selection follows
+    term.wait_text("sorted by WAIT descending")   # its row: Home)
+    term.press(term.key["khome"])
+    term.wait_for(lambda t: "heat-engine" in t.display[7], "WAIT sort")
+    term.press(b"o")
+    term.wait_text("sorted by OLDEST descending")
+    term.press(term.key["khome"])
+    term.wait_for(lambda t: shown_as(t.display[7].split()[1],
+                                     "nova-conductor"), "OLDEST sort")
+
+
+@pytest.mark.parametrize("cols, lines", [(80, 24), (40, 15)])
+def test_console_every_list_reachable_by_keys(alarm_daemon, terminal,
+                                              cols, lines):
+    daemon = alarm_daemon
+    truth = daemon.snapshot()["rows"]
+    term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
+                    lines=lines)
+    term.wait_text("sorted by CONN descending")
+    # the table: cut, it says how many more; PgDn and End reach the rest
+    term.wait_for(lambda t: t.display[-1].startswith(
+        f"[1-{lines - 8} of 19]"), "the footer's 1-N of 19")
+    if cols == 80:
+        term.wait_text("(1-16 shown, 3 more)")
+    seen = set()
+
+    def collect(t: Terminal) -> bool:
+        for line in t.display[7:-1]:
+            fields = line.split()
+            if len(fields) > 2:
+                seen.add(fields[1])
+        return True
+
+    for _ in range(4):
+        term.wait_for(collect, "rows")
+        term.press(term.key["knp"])
+        time.sleep(0.4)   # (the keys are read between refreshes)
+    term.wait_for(collect, "rows")
+    for row in truth:
+        assert any(shown_as(name, row["progname"]) for name in seen), (
+            row["progname"], seen)
+    # the drill-down of nova-api: 12 processes, 12 pools, all reachable
+    term.press(b"/nova-api\r")
+    term.wait_text("[filter: nova-api]")
+    term.press(b"\r")
+    term.wait_text("nova-api on api1: 12 processes")
+    term.wait_text("more lines (Down/j, PgDn, End)")
+    document: Dict[int, str] = {}
+    frames: List[List[str]] = [[]]
+
+    def read(t: Terminal) -> bool:
+        """The drill-down's lines on screen by their place in it (the
+        caption says where the screen starts), once the screen has held
+        still for a poll (a whole frame drawn)."""
+        display = t.display
+        if display != frames[-1]:
+            frames.append(display)
+            return False
+        found = re.search(r": 12 processes \((\d+)-", display[5])
+        if found is None:
+            return False
+        lines = display[7:-1]
+        if "more lines" in lines[-1]:
+            lines = lines[:-1]
+        for offset, line in enumerate(lines):
+            document[int(found[1]) - 1 + offset] = line
+        return True
+
+    term.wait_for(read, "the first page")
+    while "more lines (Down/j" in term.text:
+        before = term.display[5]
+        term.press(term.key["knp"])
+        term.wait_for(lambda t: t.display[5] != before and read(t),
+                      "the next page")
+    term.press(term.key["khome"] + b"j")   # j: one line down
+    term.wait_for(lambda t: re.search(r"processes \(2-", t.display[5]),
+                  "one line down")
+    term.press(term.key["kcud1"])          # Down: one more
+    term.wait_for(lambda t: re.search(r"processes \(3-", t.display[5]),
+                  "two lines down")
+    term.press(term.key["kend"])
+    term.wait_for(lambda t: read(t) and "more lines" not in t.text,
+                  "the end")
+    text = [document[index] for index in sorted(document)]
+    assert sorted(document) == list(range(len(document)))   # none skipped
+    pools_at = [i for i, line in enumerate(text)
+                if "12 pools, with the database of each" in line]
+    assert pools_at, text
+    processes = [line for line in text[:pools_at[0]]
+                 if line.split()[:1] == ["4242"]]
+    pools = [line for line in text[pools_at[0]:]
+             if line.split()[:1] == ["4242"]]
+    assert len(pools) == 12, text
+    assert len(processes) == 12, text
+
+
+def test_check_config_reports_every_mistake_in_one_run(tmp_path):
+    path = write(tmp_path, f"""\
+        [connmon]
+        service: a
+
+        [connmon_servce_b]
+        name: b
+        nodes:
+            n1 hostname=127.0.0.1:1
+
+        [connmon_service_a]
+        name: a
+        hold_warn_seconds: soon
+        metrics_prot: 9187
+        csv_dump: {tmp_path}/missing/a.csv
+        nodes:
+            n1 hostname=127.0.0.1:1
+            n2 hostnme=h
+        """)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        f"connmond: error: {path}:1: [connmon] unknown section: connmon "
+        "reads [connmon_service_NAME] sections (and logging's); did you "
+        "mean [connmon_service_default]?",
+        f"connmond: error: {path}:4: [connmon_servce_b] unknown section: "
+        "connmon reads [connmon_service_NAME] sections (and logging's); did "
+        "you mean [connmon_service_b]?",
+        f"connmond: error: {path}:16: [connmon_service_a] unexpected "
+        "'hostnme=h' in node line 'n2 hostnme=h'; expected "
+        "hostname=HOST[:PORT] [bind=ADDR[:PORT]]",
+        f"connmond: error: {path}:11: [connmon_service_a] hold_warn_seconds: "
+        "expected a number of seconds from 0.1 to 86400, got 'soon'",
+        f"connmond: error: {path}:12: [connmon_service_a] unknown option "
+        "'metrics_prot' (did you mean metrics_port?)",
+        f"connmond: error: {path}:13: [connmon_service_a] csv_dump: "
+        f"directory {tmp_path}/missing does not exist"]
+
+
+def test_check_config_misspelt_section_is_named_not_unknown(tmp_path):
+    path = write(tmp_path, "[connmon_servce_default]\nname: default\n"
+                 "nodes:\n    n1 hostname=127.0.0.1:1\n")
+    result = run_connmond("--check-config", "-c", path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"connmond: error: {path}:1: [connmon_servce_default] unknown "
+        "section: connmon reads [connmon_service_NAME] sections (and "
+        "logging's); did you mean [connmon_service_default]?\n")
+
+
+def test_check_config_prints_the_warnings_start_up_logs(tmp_path):
+    path = write(tmp_path, """\
+        [connmon_service_a]
+        name: a
+        metrics_port: 9187
+        metrics_bind: 0.0.0.0
+        nodes:
+            n1 hostname=127.0.0.1:1 bind=0.0.0.0
+        """)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"connmond: config OK: {path}")
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(
+        f"connmond: warning: {path}: [connmon_service_a] listening on "
+        "0.0.0.0:1 without auth_secret_file: anyone who can reach")
+    assert warnings[1].startswith(
+        f"connmond: warning: {path}: [connmon_service_a] serving /metrics "
+        "on 0.0.0.0:9187 without metrics_token_file")
+
+
+def test_once_fits_80_columns_and_says_its_sort(alarm_daemon):
+    def once(*args: str, **env: str) -> List[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             alarm_daemon.address, *args], cwd=HERE,
+            env={**CHILD_ENV, **env}, capture_output=True, text=True,
+            timeout=30, check=True).stdout.splitlines()
+
+    lines = once(COLUMNS="80")
+    assert max(len(line) for line in lines) <= 80, lines
+    (context,) = [line for line in lines if "sorted by" in line]
+    assert context == "19 rows, sorted by CONN descending"
+    heads = lines[lines.index(context) + 1].split()
+    assert heads[:2] == ["HOSTNAME", "PROGNAME"] and "CONN" in heads
+    rows = [line.split("  (")[0].split()   # (a state mark after a row)
+            for line in lines[lines.index(context) + 2:]
+            if line[:1] not in (" ", "")]
+    rows = [fields for fields in rows if len(fields) == len(heads)]
+    conns = [int(fields[heads.index("CONN")]) for fields in rows]
+    assert len(conns) == 19 and conns == sorted(conns, reverse=True)
+    assert any(line.startswith("ALARMS 4: heat-engine") for line in lines)
+    wide = once("--wide", COLUMNS="80")
+    assert max(len(line) for line in wide) > 80
+    assert "MAXCKOUT" in "\n".join(wide)
+
+
+def test_console_pointed_at_mariadb_says_so_whole(terminal):
+    require_database(MYSQL_URL)
+    term = terminal("-H", "127.0.0.1:3306", cols=80, lines=24)
+    term.wait_text("this looks like a MySQL/MariaDB server")
+    text = " ".join(line.strip() for line in term.display[1:-1])
+    assert "is the port connmond's (default 5800)?" in text
+    assert "(next try in 60s)" in text   # once a minute, not 1, 2, 4 s
