@@ -477,13 +477,13 @@ class Cutter:
             return {name: name[:room] for name in long}
         kept = room - len(self.mark)
         short = names.difference(long)
-        best = None
+        best: Optional[Dict[str, str]] = None
         for head in sorted(range(kept + 1), key=lambda h: abs(h - kept // 3)):
             cut = {name: self.cut(name, head, kept - head) for name in long}
             if len(set(cut.values()) | short) == len(names):
                 return cut
             best = best or cut
-        return best
+        return best or {}
 
     def cut(self, name: str, head: int, tail: int) -> str:
         return name[:head] + self.mark + (name[len(name) - tail:] if tail
@@ -882,7 +882,7 @@ def endpoint_text(endpoint: Optional[Dict[str, Any]]) -> str:
     """backend://user@host:port/database, as far as it is known."""
     if endpoint is None:
         return "(database not reported)"
-    server = connmon.server_name(endpoint)
+    server = connmon.server_name(endpoint) or ""
     user = f"{endpoint['user']}@" if endpoint["user"] else ""
     where = "" if server == endpoint["backend"] else user + server
     return f"{endpoint['backend']}://{where}/{endpoint['database'] or ''}"
@@ -1600,7 +1600,7 @@ class Console:
         """The drilled-into row's processes (on every host, from the
         fleet view); None until they arrive."""
         host, prog = self.drill
-        procs: Optional[List[Dict[str, Any]]] = []
+        procs: List[Dict[str, Any]] = []
         for row in (self.picture or {}).get("rows", []):
             if row["progname"] == prog and host in (None, row["hostname"]):
                 if row.get("procs") is None:
@@ -2099,7 +2099,8 @@ class Demo:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-                proc.stdin.close()
+                if proc.stdin is not None:
+                    proc.stdin.close()
         self.workdir.cleanup()
 
 
