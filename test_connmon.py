@@ -7528,10 +7528,11 @@ def test_unknown_service_names_the_source_read(tmp_path):
 
 # --- (new) fast unit tests of the pure logic ---
 
-def test_parse_config_reads_every_service_and_skips_other_sections():
+def test_parse_config_reads_every_service_and_refuses_other_sections():
     """Several services in one text, each with its nodes (default port,
-    the wildcard bind of the address's family) and its other options;
-    sections that are not a service are none of connmon's business."""
+    the wildcard bind of the address's family) and its other options; a
+    section that is neither a service nor logging's is a mistake, named
+    with the service likeliest meant."""
     services = connmon.parse_config(textwrap.dedent("""\
         [DEFAULT]
         heartbeat_timeout: 7
@@ -7542,8 +7543,6 @@ def test_parse_config_reads_every_service_and_skips_other_sections():
             # a comment line between nodes
             b hostname=[fd00::2]:5900 bind=[::1]
         csv_dir: /var/lib/connmon
-        [database]
-        connection: sqlite://
         [connmon_service_second]
         name: neutron
         nodes: c hostname=localhost:6000 bind=127.0.0.1
@@ -7561,6 +7560,10 @@ def test_parse_config_reads_every_service_and_skips_other_sections():
     assert nova.node("b").address == ("fd00::2", 5900)
     with pytest.raises(connmon.ConfigError, match="has no node 'z'"):
         nova.node("z")
+    with pytest.raises(connmon.ConfigError, match=r"test.cfg, \[connmon\], "
+                       r"line 1: unknown section: .* did you mean "
+                       r"\[connmon_service_default\]\?"):
+        connmon.parse_config("[connmon]\nname: nova\n", "test.cfg")
 
 
 NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789-"
