@@ -552,9 +552,10 @@ class Picture:
                 since = min(proc.checked_out.values())
                 oldest[proc.key] = min(since, oldest.get(proc.key, since))
                 proc.count_sites(sites.setdefault(proc.key, {}), now)
-            if proc.waiting:
-                since = proc.waiting_since
-                waited[proc.key] = min(since, waited.get(proc.key, since))
+            waiting_since = proc.waiting_since   # (None: no one waits)
+            if waiting_since is not None:
+                waited[proc.key] = min(waiting_since,
+                                       waited.get(proc.key, waiting_since))
             total, limit = limits.get(proc.key, 0), proc.limit
             limits[proc.key] = (None if total is None or limit is None
                                 else total + limit)
@@ -718,7 +719,8 @@ def databases(processes: Iterable[ProcessState],
     for (name, database), conns in database_conns.items():
         if name in on_server:
             on_server[name][database] = conns
-    listed = {name: (_Holdings(), {
+    listed: Dict[Any, Tuple[_Holdings, Dict[Any, tuple]]] = {
+        name: (_Holdings(), {
         database: (_Holdings(), collections.Counter())
         for database in _top(names, TOP_DATABASES)})
         for name, names in on_server.items()}
@@ -796,7 +798,7 @@ def _ms(now: float, since: Optional[float]) -> Optional[float]:
 def is_exhausted(ckout: int, limit: Optional[int]) -> bool:
     """Every connection the pools allow is checked out: threads that want
     one more wait (and time out)."""
-    return bool(limit) and ckout >= limit
+    return limit is not None and 0 < limit <= ckout
 
 
 # ---------------------------------------------------------------------------
@@ -1518,10 +1520,11 @@ def process_from(proc: Any, max_session: int = 1 << 62
     attach), checking every field."""
     if not isinstance(proc, dict):
         raise ProtocolError("app hello needs a 'proc' object")
-    fields = []
+    fields: List[str] = []
     for key in ("id", "hostname", "progname"):
         value = proc.get(key)
-        if not connmon.is_text(value, connmon.MAX_NAME):
+        if not (isinstance(value, str)
+                and connmon.is_text(value, connmon.MAX_NAME)):
             raise ProtocolError(f"app hello: 'proc.{key}' must be a string "
                                 f"of 1 to {connmon.MAX_NAME} printable "
                                 "characters")
@@ -1532,7 +1535,8 @@ def process_from(proc: Any, max_session: int = 1 << 62
     if type(session) is not int or not 0 <= session < max_session:
         raise ProtocolError(f"app hello: 'proc.session' must be a count "
                             f"below {max_session}")
-    return connmon.ProcessState(*fields, pid, session)
+    ident, hostname, progname = fields
+    return connmon.ProcessState(ident, hostname, progname, pid, session)
 
 
 def nested(message: Dict[str, Any], key: str, op: str) -> Dict[str, Any]:
@@ -1813,7 +1817,7 @@ def node_addresses(node: connmon.Node) -> set:
                                    type=socket.SOCK_STREAM)
     except OSError:
         return set()
-    return {same_address(info[4][0]) for info in infos}
+    return {same_address(str(info[4][0])) for info in infos}
 
 
 def is_loopback(host: str) -> bool:
@@ -1823,7 +1827,7 @@ def is_loopback(host: str) -> bool:
                                    type=socket.SOCK_STREAM)
     except OSError:
         return False
-    return all(ipaddress.ip_address(same_address(info[4][0])).is_loopback
+    return all(ipaddress.ip_address(same_address(str(info[4][0]))).is_loopback
                for info in infos)
 
 
@@ -1995,7 +1999,8 @@ class PeerLink:
             picture.attach(proc, self.node.name)
         elif op in ("forward", "detach"):
             ident, session = message.get("id"), message.get("session")
-            if not (connmon.is_text(ident, connmon.MAX_NAME)
+            if not (isinstance(ident, str)
+                    and connmon.is_text(ident, connmon.MAX_NAME)
                     and type(session) is int and 0 <= session < 1 << 62):
                 raise ProtocolError(f"{op} needs 'id' and 'session'")
             if op == "detach":
@@ -2116,7 +2121,7 @@ def csv_known_columns() -> List[str]:
     snapshot row, learnt from the model so that a key added there is a
     column here without a change."""
     picture = Picture()
-    picture.attach(connmon.ProcessState("x", "host", "prog", 1), None)
+    picture.attach(connmon.ProcessState("x", "host", "prog", 1), "")
     (row,) = picture.snapshot(0.0)["rows"]
     return ["time", "token", "service", "node", *row]
 
@@ -2249,8 +2254,7 @@ class DaemonOptions:
     @classmethod
     def problems(cls, service: connmon.Service) -> List[connmon.ConfigError]:
         """Every mistake in the options of ``service``: unknown or invalid
-        options, an option without the one it goes with, a CSV file in a
-        directory that does not exist."""
+        options, an option without the one it goes with."""
         problems = connmon.option_problems(service, OPTIONS)
         given = {name: bool(service.options.get(name, "").strip())
                  for name in OPTIONS}
@@ -2258,13 +2262,20 @@ class DaemonOptions:
             if given[name] and not given[needed]:
                 problems.append(service.mistake(
                     name, f"{name} is set but {needed} is not"))
+        return problems
+
+    @staticmethod
+    def missing_directories(service: connmon.Service
+                            ) -> List[connmon.ConfigError]:
+        """A CSV file in a directory that does not exist: a mistake for
+        --check-config, while a running daemon waits for the directory
+        (one log line; a mount may come later)."""
         path = service.options.get("csv_dump", "").strip()
         directory = os.path.dirname(os.path.abspath(path)) if path else ""
         if directory and not os.path.isdir(directory):
-            problems.append(service.mistake(
-                "csv_dump", f"csv_dump: directory {directory} does not "
-                "exist"))
-        return problems
+            return [service.mistake("csv_dump", f"csv_dump: directory "
+                                    f"{directory} does not exist")]
+        return []
 
 
 # ---------------------------------------------------------------------------
@@ -2507,7 +2518,7 @@ class CsvDump:
 
     def __init__(self, daemon: ConnmonServer, options: DaemonOptions):
         self.daemon = daemon
-        self.path = options.csv_dump
+        self.path: str = options.csv_dump or ""   # (made when it is set)
         self.columns = options.csv_columns
         self.interval = options.csv_interval
         self.fixed = {"token": options.csv_token,
@@ -2623,7 +2634,8 @@ def configure_logging(path: Optional[str], level: Optional[str]) -> None:
     sections = configparser.ConfigParser(interpolation=None)
     if path:
         sections.read(path, encoding="utf-8")   # readable: parsed already
-    if {"loggers", "handlers", "formatters"} & set(sections.sections()):
+    if path and {"loggers", "handlers", "formatters"} & set(
+            sections.sections()):
         try:
             logging.config.fileConfig(path, disable_existing_loggers=False)
         except Exception as err:  # fileConfig raises anything at all
@@ -2725,13 +2737,14 @@ def check_config(args: argparse.Namespace) -> int:
                 f"{known})"))
     else:
         problems += DaemonOptions.problems(service)
+        problems += DaemonOptions.missing_directories(service)
         try:
             node = choose_node(service, args.node)
             security = connmon.Security.of_service(service, daemon=True)
             security.server_context()
         except connmon.ConfigError as err:
             problems.append(err)
-        if not problems:
+        if not problems and node is not None:
             options = DaemonOptions(service, node)
     try:
         configure_logging(path, args.log_level)
@@ -2741,7 +2754,8 @@ def check_config(args: argparse.Namespace) -> int:
         pass   # a file that is not 'option: value' lines: said already
     for problem in problems:
         print(f"connmond: error: {problem.located()}", file=sys.stderr)
-    if problems:
+    if (problems or service is None or node is None or security is None
+            or options is None):   # (each None has said its problem)
         return 2
     for warning in exposure_warnings(service, node, security, options):
         print(f"connmond: warning: {service.file or source}: "
