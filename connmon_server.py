@@ -6,6 +6,16 @@ carries its pool state; when it closes, the process leaves the current
 counts at once (its host+program row stays, with its maxima).  A console's
 connection asks for snapshots.
 
+One departure from a handler per connection, for apps' streams only: once
+an app's hello and first state are through (on its handler thread, past
+the door), its connection is handed to one reader thread (``AppReader``)
+that waits for every app connection at once and applies their messages
+in batches.  A thread per app woke for each message: at about a message
+a second from each of thousands of processes, those wake-ups and the
+interpreter handed between thousands of threads cost ~100 us a message
+and each thread's memory, and starved snapshots and greetings.  Hellos,
+consoles and peers keep a handler thread each (see docs/performance.txt).
+
 Every client passes the ``Door``, the one place where roles are checked:
 what it may do is its ``Role`` in ``ROLES``; texts are checked where they
 enter (``connmon.is_text``), and what one client can make the daemon hold
@@ -30,7 +40,7 @@ at start and by ``--check-config``.
 Read top to bottom: 1. the picture (``Picture``: per host+program rows,
 their meters, the databases), 2. the door and the server (``Door``,
 ``ConnmonServer``, the lock that guards the picture, the handler per
-connection), 3. the cluster, 4. daemon options, 5. Prometheus, 6. CSV,
+connection, the apps' reader), 3. the cluster, 4. daemon options, 5. Prometheus, 6. CSV,
 7. the command line.
 
 Run ``connmond`` or ``python -m connmon_server``.
@@ -104,7 +114,22 @@ def state_cost(proc: ProcessState) -> int:
             + COST_TEXT * (len(proc.site_names) + len(proc.held_at)))
 
 
-class RateMeter:
+class Meter:
+    """What the meters share: a copy cheap enough to take of every row
+    under the lock for a snapshot (copy.copy of a slotted object costs
+    several times as much: over half of a 10,000-process snapshot's time
+    under the lock went to it)."""
+
+    __slots__: Tuple[str, ...] = ()
+
+    def copy(self) -> "Meter":
+        twin = object.__new__(type(self))
+        for name in self.__slots__:
+            setattr(twin, name, getattr(self, name))
+        return twin
+
+
+class RateMeter(Meter):
     """Events per second over the last complete second, and their total
     since the daemon started."""
 
@@ -131,7 +156,7 @@ class RateMeter:
         return self.count if second == self.second + 1 else 0
 
 
-class DurationMeter:
+class DurationMeter(Meter):
     """Durations (checkout holds, waits, connects): their mean and their
     longest over the last complete second (RateMeter's window), so they
     read like ckout/s, and their sum and count since the daemon started
@@ -237,7 +262,7 @@ class ProgramRow:
         twin.__dict__.update(self.__dict__)
         for meter in ("checkouts", "holds", "waits", "timeouts", "failures",
                       "connects", "invalidations"):
-            setattr(twin, meter, copy.copy(getattr(self, meter)))
+            setattr(twin, meter, getattr(self, meter).copy())
         return twin
 
 
@@ -1446,7 +1471,7 @@ class AppReader:
     and each waiting thread tens of KB.  This thread waits for all app
     connections at once (``selectors``), reads what each has sent,
     checks every message outside the lock (``connmon.Update``), applies
-    a round's updates under few holds of the lock (ROUND a hold), answers
+    those of a batch of connections under one hold of the lock, answers
     pings once the updates before them are applied, and ends a connection
     exactly as its handler did: on its end, bad input (the reason sent
     back, the connection closed), a lost or failed connection (TLS
@@ -1454,7 +1479,10 @@ class AppReader:
     consoles and peers keep their handler threads.
     """
 
-    ROUND = 500   # updates applied per hold of the picture's lock
+    # Connections read, and their updates applied under one hold of the
+    # picture's lock, at a time: a round's messages are let go before the
+    # next batch is read (they die young, where the collector is cheap).
+    BATCH = 64
     READ_SIZE = 65536   # bytes read from a connection at a time
 
     def __init__(self, server: "ConnmonServer"):
@@ -1499,21 +1527,22 @@ class AppReader:
         ready = self.selector.select(
             max(0.0, self.next_sweep - time.monotonic()))
         now = time.monotonic()
-        for key, _ in ready:
-            if key.data is None:
-                self._take_arrivals(now)
-            else:
-                self._read(key.data, now)
+        for first in range(0, len(ready), self.BATCH):
+            for key, _ in ready[first:first + self.BATCH]:
+                if key.data is None:
+                    self._take_arrivals(now)
+                else:
+                    self._read(key.data, now)
+            self._apply(now)
+            for stream in self.pings:
+                self._reply(stream, PONG)
+            self.pings.clear()
         if now >= self.next_sweep:
             self.next_sweep = now + self.sweep_interval
             silence = now - self.server.heartbeat
             for stream in self.streams:
                 if stream.heard < silence:
                     self.ending.setdefault(stream, socket.timeout())
-        self._apply(now)
-        for stream in self.pings:
-            self._reply(stream, PONG)
-        self.pings.clear()
         for stream, err in self.ending.items():
             self._end(stream, err)
         self.ending.clear()
@@ -1577,26 +1606,24 @@ class AppReader:
     def _apply(self, now: float) -> None:
         lock, picture, cluster = (self.server.lock, self.server.picture,
                                   self.server.cluster)
-        changes, unknowns, refused = self.changes, [], set()
-        for first in range(0, len(changes), self.ROUND):
-            with lock:
-                for stream, change, message in changes[
-                        first:first + self.ROUND]:
-                    if stream in refused:   # (its messages after the bad one)
-                        continue
-                    try:
-                        unknown = picture.update(stream.ident,
-                                                 stream.session, change, now)
-                        if unknown is not None and cluster.links:
-                            cluster.forward(stream.ident, stream.session,
-                                            message)
-                    except Exception as err:   # past a cap, or a bug
-                        refused.add(stream)
-                        self.ending[stream] = err
-                        continue
-                    if unknown:
-                        unknowns.append((stream, unknown))
-        changes.clear()
+        unknowns, refused = [], set()
+        with lock:
+            for stream, change, message in self.changes:
+                if stream in refused:   # (its messages after the bad one)
+                    continue
+                try:
+                    unknown = picture.update(stream.ident, stream.session,
+                                             change, now)
+                    if unknown is not None and cluster.links:
+                        cluster.forward(stream.ident, stream.session,
+                                        message)
+                except Exception as err:   # past a cap, or a bug
+                    refused.add(stream)
+                    self.ending[stream] = err
+                    continue
+                if unknown:
+                    unknowns.append((stream, unknown))
+        self.changes.clear()
         for stream, unknown in unknowns:
             problems.log(logging.WARNING, "unknown", "%s: app %s sent %d "
                          "events for connections it never announced; "
