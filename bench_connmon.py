@@ -1700,6 +1700,9 @@ def bench_fleet(quick: bool) -> None:
                                     f"{took:5.1f} s after a restart",))
                 except RuntimeError as err:   # (said why: go on)
                     report_row((f"{title}: {err}",))
+                except OSError as err:   # (a probe not answered in time)
+                    report_row((f"{title}: connmond did not answer a probe "
+                                f"({err})",))
                 finally:
                     fleet.close()
                     daemon.stop()
