@@ -76,7 +76,7 @@ import sys
 import threading
 import time
 from typing import (Any, Dict, FrozenSet, Iterable, Iterator, List,
-                    NamedTuple, Optional, Tuple)
+                    NamedTuple, Optional, Tuple, cast)
 
 import connmon
 from connmon import (MAX_NAME, ProcessState, ProtocolError,
@@ -1202,15 +1202,12 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
             self.door.depart(request)
             self.refuse(request, client_address, f"overloaded: {err}")
 
-    def finish_request(self, request, client_address) -> "ConnmonHandler":
-        return self.RequestHandlerClass(request, client_address, self)
-
     def process_request_thread(self, request, client_address) -> None:
         """ThreadingMixIn's, except that an app's connection handed to the
         reader (``AppReader``) ends there, not when its handler returns."""
-        handler = None
+        handler: Optional[ConnmonHandler] = None
         try:
-            handler = self.finish_request(request, client_address)
+            handler = ConnmonHandler(request, client_address, self)
         except Exception:
             self.handle_error(request, client_address)
         finally:
@@ -1590,7 +1587,7 @@ class AppReader:
                 end = buffer.find(b"\n", start, start + limit + 1)
                 if end < 0:
                     break
-                message = connmon.decode(buffer[start:end + 1])
+                message = connmon.decode(bytes(buffer[start:end + 1]))
                 start = end + 1
                 if request_op(message, ROLES["app"]) == "ping":
                     self.pings.append(stream)
@@ -1748,7 +1745,7 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
                  connmon.plural(len(proc.conns), "connection"))
         server.app_reader.add(AppStream(
             self.connection, self.ticket_key, self.peer, name, proc,
-            self.rfile.buffer))
+            cast(LineReader, self.rfile).buffer))
         self.handed_off = True
 
     # -- consoles -------------------------------------------------------------
