@@ -6,6 +6,16 @@ carries its pool state; when it closes, the process leaves the current
 counts at once (its host+program row stays, with its maxima).  A console's
 connection asks for snapshots.
 
+One departure from a handler per connection, for apps' streams only: once
+an app's hello and first state are through (on its handler thread, past
+the door), its connection is handed to one reader thread (``AppReader``)
+that waits for every app connection at once and applies their messages
+in batches.  A thread per app woke for each message: at about a message
+a second from each of thousands of processes, those wake-ups and the
+interpreter handed between thousands of threads cost ~100 us a message
+and each thread's memory, and starved snapshots and greetings.  Hellos,
+consoles and peers keep a handler thread each (see docs/performance.txt).
+
 Every client passes the ``Door``, the one place where roles are checked:
 what it may do is its ``Role`` in ``ROLES``; texts are checked where they
 enter (``connmon.is_text``), and what one client can make the daemon hold
@@ -31,7 +41,7 @@ at start and by ``--check-config``.
 Read top to bottom: 1. the picture (``Picture``: per host+program rows,
 their meters, the databases), 2. the door and the server (``Door``,
 ``ConnmonServer``, the lock that guards the picture, the handler per
-connection), 3. the cluster, 4. daemon options, 5. Prometheus, 6. CSV,
+connection, the apps' reader), 3. the cluster, 4. daemon options, 5. Prometheus, 6. CSV,
 7. the command line.
 
 Run ``connmond`` or ``python -m connmon_server``.
@@ -58,6 +68,7 @@ import operator
 import os
 import random
 import secrets
+import selectors
 import signal
 import socket
 import socketserver
@@ -66,7 +77,7 @@ import sys
 import threading
 import time
 from typing import (Any, Dict, FrozenSet, Iterable, Iterator, List,
-                    NamedTuple, Optional, Tuple)
+                    NamedTuple, Optional, Tuple, cast)
 
 import connmon
 from connmon import (MAX_NAME, ProcessState, ProtocolError,
@@ -104,7 +115,22 @@ def state_cost(proc: ProcessState) -> int:
             + COST_TEXT * (len(proc.site_names) + len(proc.held_at)))
 
 
-class RateMeter:
+class Meter:
+    """What the meters share: a copy cheap enough to take of every row
+    under the lock for a snapshot (copy.copy of a slotted object costs
+    several times as much: over half of a 10,000-process snapshot's time
+    under the lock went to it)."""
+
+    __slots__: Tuple[str, ...] = ()
+
+    def copy(self) -> "Meter":
+        twin = object.__new__(type(self))
+        for name in self.__slots__:
+            setattr(twin, name, getattr(self, name))
+        return twin
+
+
+class RateMeter(Meter):
     """Events per second over the last complete second, and their total
     since the daemon started."""
 
@@ -131,7 +157,7 @@ class RateMeter:
         return self.count if second == self.second + 1 else 0
 
 
-class DurationMeter:
+class DurationMeter(Meter):
     """Durations (checkout holds, waits, connects): their mean and their
     longest over the last complete second (RateMeter's window), so they
     read like ckout/s, and their sum and count since the daemon started
@@ -237,7 +263,7 @@ class ProgramRow:
         twin.__dict__.update(self.__dict__)
         for meter in ("checkouts", "holds", "waits", "timeouts", "failures",
                       "connects", "invalidations"):
-            setattr(twin, meter, copy.copy(getattr(self, meter)))
+            setattr(twin, meter, getattr(self, meter).copy())
         return twin
 
 
@@ -933,6 +959,15 @@ ROLES = {
 }
 
 
+def request_op(message: Dict[str, Any], role: Role) -> str:
+    """The op of a message from a client of ``role``: a ping, or one of
+    its role's requests; any other is a ProtocolError."""
+    op = message["op"]
+    if op != "ping" and op not in role.requests:
+        raise ProtocolError(f"a {role.name} may not send {op!r}")
+    return op
+
+
 def requests(rfile, role: Role, reply) -> Iterator[Dict[str, Any]]:
     """The messages a client of ``role`` sends, until it hangs up; any op
     its role may not send is a ProtocolError.  Pings are answered with a
@@ -941,11 +976,9 @@ def requests(rfile, role: Role, reply) -> Iterator[Dict[str, Any]]:
         message = read_message(rfile, role.message_limit)
         if message is None:
             return
-        op = message["op"]
+        op = request_op(message, role)
         if op == "ping":
             reply(PONG)
-        elif op not in role.requests:
-            raise ProtocolError(f"a {role.name} may not send {op!r}")
         elif op != "pong":
             yield message
 
@@ -1130,6 +1163,7 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         self.door = Door(self)
         self.cluster = Cluster(self)
         self.departures = Departures(self)
+        self.app_reader = AppReader(self)
         self.accept_backoff = 0.0   # > 0 while out of file descriptors
         if ":" in node.bind[0]:
             self.address_family = socket.AF_INET6
@@ -1172,10 +1206,17 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
             self.refuse(request, client_address, f"overloaded: {err}")
 
     def process_request_thread(self, request, client_address) -> None:
+        """ThreadingMixIn's, except that an app's connection handed to the
+        reader (``AppReader``) ends there, not when its handler returns."""
+        handler: Optional[ConnmonHandler] = None
         try:
-            super().process_request_thread(request, client_address)
+            handler = ConnmonHandler(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self.door.depart(request)
+            if handler is None or not handler.handed_off:
+                self.shutdown_request(request)
+                self.door.depart(request)
 
     def refuse(self, request: socket.socket, client_address,
                reason: str) -> None:
@@ -1367,15 +1408,273 @@ PING = {"op": "ping"}
 PONG = {"op": "pong"}
 
 
+def say_why_it_ends(peer: str, err: Exception, role: Optional[str],
+                    heartbeat: float) -> Optional[str]:
+    """Log why a client's connection ends on ``err`` (``role`` None while
+    it has not been admitted), and return what to tell it, if anything:
+    the reason it is refused.  Bad input gets one rate-limited line."""
+    if isinstance(err, ProtocolError):
+        kind = ("auth" if isinstance(err, connmon.AuthError)
+                else f"bad {role or 'hello'}")
+        problems.log(logging.WARNING, kind, "%s: %s; closing the connection",
+                     peer, brief(err))
+        return brief(err)
+    if isinstance(err, ssl.SSLError):
+        problems.log(logging.WARNING, "tls", "%s: TLS failed: %s; closing "
+                     "the connection", peer, brief(err))
+    elif isinstance(err, socket.timeout):
+        if role is not None:
+            log.info("%s: silent for %gs (heartbeat_timeout); closing the "
+                     "connection", peer, heartbeat)
+        else:
+            problems.log(logging.WARNING, "hello", "%s: no hello within %gs;"
+                         " closing the connection", peer, HELLO_TIMEOUT)
+    elif isinstance(err, OSError):
+        if role is not None:
+            log.info("%s: connection lost: %s", peer, err)
+        else:
+            problems.log(logging.INFO, "lost", "%s: connection lost before "
+                         "hello: %s", peer, brief(err))
+    else:   # a bug: say so, keep serving everyone else
+        log.error("%s: internal error; closing the connection", peer,
+                  exc_info=err)
+    return None
+
+
+class AppStream:
+    """An app's connection once its hello and first state are through:
+    what the reader needs to serve it."""
+
+    __slots__ = ("sock", "ticket_key", "peer", "name", "ident", "session",
+                 "buffer", "heard")
+
+    def __init__(self, sock: socket.socket, ticket_key: socket.socket,
+                 peer: str, name: str, proc: ProcessState,
+                 unread: bytearray):
+        sock.setblocking(False)
+        self.sock = sock   # the TLS one, if any
+        self.ticket_key = ticket_key   # the door's
+        self.peer, self.name = peer, name
+        self.ident, self.session = proc.ident, proc.session
+        self.buffer = bytearray(unread)   # read past its first state
+        self.heard = time.monotonic()   # the last time it sent anything
+
+
+class AppReader:
+    """One thread that serves every app's connection after its hello.
+
+    A departure from "a handler per connection" (see docs/performance.txt):
+    a handler thread per app wakes for each of its messages, and at about
+    a message a second from each of thousands of processes, those
+    wake-ups, the interpreter handed between thousands of threads and
+    their turns at the picture's lock cost connmond ~100 us a message,
+    and each waiting thread tens of KB.  This thread waits for all app
+    connections at once (``selectors``), reads what each has sent,
+    checks every message outside the lock (``connmon.Update``), applies
+    those of a batch of connections under one hold of the lock, answers
+    pings once the updates before them are applied, and ends a connection
+    exactly as its handler did: on its end, bad input (the reason sent
+    back, the connection closed), a lost or failed connection (TLS
+    included), or silence longer than heartbeat_timeout.  Hellos,
+    consoles and peers keep their handler threads.
+    """
+
+    # Connections read, and their updates applied under one hold of the
+    # picture's lock, at a time: a round's messages are let go before the
+    # next batch is read (they die young, where the collector is cheap).
+    BATCH = 64
+    READ_SIZE = 65536   # bytes read from a connection at a time
+
+    def __init__(self, server: "ConnmonServer"):
+        self.server = server
+        self.selector = selectors.DefaultSelector()
+        self.streams: Dict[AppStream, None] = {}
+        self.arrivals: collections.deque = collections.deque()
+        self.wake, self._waker = socket.socketpair()
+        for sock in (self.wake, self._waker):
+            sock.setblocking(False)
+        self.selector.register(self.wake, selectors.EVENT_READ, None)
+        # Silence is looked for a few times a heartbeat, at most each second.
+        self.sweep_interval = min(1.0, server.heartbeat / 4)
+        self.next_sweep = time.monotonic()
+        # A round's work: updates to apply, pings to answer, endings.
+        self.changes: List[Tuple[AppStream, connmon.Update,
+                                 Dict[str, Any]]] = []
+        self.pings: List[AppStream] = []
+        self.ending: Dict[AppStream, Optional[Exception]] = {}
+        threading.Thread(target=self._run, daemon=True,
+                         name="app-reader").start()
+
+    def add(self, stream: AppStream) -> None:
+        """Serve ``stream`` from now on (called by its handler thread)."""
+        self.arrivals.append(stream)
+        try:
+            self._waker.send(b"\0")
+        except OSError:   # woken already, its buffer full
+            pass
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._round()
+            except Exception:   # a bug: say so, drop the round, go on
+                log.exception("app reader: internal error")
+                self.changes.clear()
+                self.pings.clear()
+                self.ending.clear()
+
+    def _round(self) -> None:
+        ready = self.selector.select(
+            max(0.0, self.next_sweep - time.monotonic()))
+        now = time.monotonic()
+        for first in range(0, len(ready), self.BATCH):
+            for key, _ in ready[first:first + self.BATCH]:
+                if key.data is None:
+                    self._take_arrivals(now)
+                else:
+                    self._read(key.data, now)
+            self._apply(now)
+            for stream in self.pings:
+                self._reply(stream, PONG)
+            self.pings.clear()
+        if now >= self.next_sweep:
+            self.next_sweep = now + self.sweep_interval
+            silence = now - self.server.heartbeat
+            for stream in self.streams:
+                if stream.heard < silence:
+                    self.ending.setdefault(stream, socket.timeout())
+        for stream, err in self.ending.items():
+            self._end(stream, err)
+        self.ending.clear()
+
+    def _take_arrivals(self, now: float) -> None:
+        try:
+            while self.wake.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self.arrivals:
+            stream = self.arrivals.popleft()
+            self.streams[stream] = None
+            self.selector.register(stream.sock, selectors.EVENT_READ,
+                                   stream)
+            self._parse(stream, now)   # what its handler read past the state
+
+    def _read(self, stream: AppStream, now: float) -> None:
+        sock = stream.sock
+        try:
+            data = sock.recv(self.READ_SIZE)
+            if isinstance(sock, ssl.SSLSocket):   # decrypted, not yet read
+                while data and sock.pending():
+                    data += sock.recv(self.READ_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return
+        except Exception as err:
+            self.ending.setdefault(stream, err)
+            return
+        stream.heard = now
+        if not data:
+            self.ending.setdefault(stream, ProtocolError(
+                "connection closed in the middle of a message")
+                if stream.buffer else None)
+            return
+        stream.buffer += data
+        self._parse(stream, now)
+
+    def _parse(self, stream: AppStream, now: float) -> None:
+        """Take the complete messages out of ``stream``'s buffer: its
+        updates, checked, to apply; its pings, to answer."""
+        buffer, limit, start = stream.buffer, connmon.MAX_MESSAGE_BYTES, 0
+        try:
+            while True:
+                end = buffer.find(b"\n", start, start + limit + 1)
+                if end < 0:
+                    break
+                message = connmon.decode(bytes(buffer[start:end + 1]))
+                start = end + 1
+                if request_op(message, ROLES["app"]) == "ping":
+                    self.pings.append(stream)
+                else:
+                    self.changes.append((stream, connmon.Update(message),
+                                         message))
+            if len(buffer) - start > limit:
+                raise ProtocolError(f"message longer than {limit} bytes")
+        except Exception as err:   # bad input; any other is a bug
+            self.ending[stream] = err
+        del buffer[:start]
+
+    def _apply(self, now: float) -> None:
+        lock, picture, cluster = (self.server.lock, self.server.picture,
+                                  self.server.cluster)
+        unknowns, refused = [], set()
+        with lock:
+            for stream, change, message in self.changes:
+                if stream in refused:   # (its messages after the bad one)
+                    continue
+                try:
+                    unknown = picture.update(stream.ident, stream.session,
+                                             change, now)
+                    if unknown is not None and cluster.links:
+                        cluster.forward(stream.ident, stream.session,
+                                        message)
+                except Exception as err:   # past a cap, or a bug
+                    refused.add(stream)
+                    self.ending[stream] = err
+                    continue
+                if unknown:
+                    unknowns.append((stream, unknown))
+        self.changes.clear()
+        for stream, unknown in unknowns:
+            problems.log(logging.WARNING, "unknown", "%s: app %s sent %d "
+                         "events for connections it never announced; "
+                         "ignored", stream.peer, stream.name, unknown)
+
+    def _reply(self, stream: AppStream, message: Dict[str, Any]) -> None:
+        """Send a short reply at once, or end a connection whose app does
+        not read what it is sent."""
+        data = connmon.encode(message, connmon.MAX_REPLY_BYTES)
+        try:
+            if stream.sock.send(data) == len(data):
+                return
+            err: Exception = OSError("the app reads nothing connmond sends")
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            err = OSError("the app reads nothing connmond sends")
+        except Exception as failed:
+            err = failed
+        self.ending.setdefault(stream, err)
+
+    def _end(self, stream: AppStream, err: Optional[Exception]) -> None:
+        """What the handler's end did: the process leaves, the reason is
+        logged (and told, for bad input), the connection closed."""
+        server = self.server
+        self.selector.unregister(stream.sock)
+        del self.streams[stream]
+        server.departures.add(stream.ident, stream.session)
+        log.info("%s: app %s disconnected", stream.peer, stream.name)
+        reason = None if err is None else say_why_it_ends(
+            stream.peer, err, "app", server.heartbeat)
+        if reason is not None:
+            try:
+                stream.sock.send(connmon.encode(
+                    {"op": "error", "error": reason},
+                    connmon.MAX_REPLY_BYTES))
+            except OSError:
+                pass
+        server.shutdown_request(stream.sock)
+        server.door.depart(stream.ticket_key)
+
+
 class ConnmonHandler(socketserver.StreamRequestHandler):
     """One client connection: an application process, a console or a peer
-    node."""
+    node.  An app's connection is handed to the reader (``AppReader``)
+    once its hello and first state are through (``handed_off``)."""
 
     server: ConnmonServer
 
     def setup(self) -> None:
         self.ticket_key = self.request   # the door's, before any TLS
         self.peer = connmon.format_address(self.client_address[:2])
+        self.handed_off = False
         self.request.settimeout(HELLO_TIMEOUT)
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.server.ssl_context is not None:
@@ -1392,13 +1691,14 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
 
     def finish(self) -> None:
         super().finish()
-        self.connection.close()   # the TLS socket, if any
+        if not self.handed_off:
+            self.connection.close()   # the TLS socket, if any
 
     def send(self, message: Dict[str, Any]) -> None:
         self.wfile.write(connmon.encode(message, connmon.MAX_REPLY_BYTES))
 
     def handle(self) -> None:
-        trusted = False
+        role: Optional[str] = None
         try:
             if isinstance(self.connection, ssl.SSLSocket):
                 try:
@@ -1412,81 +1712,44 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
             if hello is None:   # a port probe, most likely
                 log.debug("%s: closed before hello", self.peer)
                 return
-            role = self.server.door.admit(
+            admitted = self.server.door.admit(
                 self.ticket_key, connmon.expect(hello, "hello"), nonce)
-            trusted = True
+            role = admitted.name
             self.rfile.deadline = None
             self.connection.settimeout(self.server.heartbeat)
             self.send({"op": "ready"})
-            getattr(self, "serve_" + role.name)(hello, role)
-        except connmon.AuthError as err:
-            self.refuse("auth", err)
-        except ProtocolError as err:
-            self.refuse("bad " + (hello["role"] if trusted else "hello"), err)
-        except ssl.SSLError as err:
-            problems.log(logging.WARNING, "tls", "%s: TLS failed: %s; closing "
-                         "the connection", self.peer, brief(err))
-        except socket.timeout:
-            if trusted:
-                log.info("%s: silent for %gs (heartbeat_timeout); closing "
-                         "the connection", self.peer, self.server.heartbeat)
-            else:
-                problems.log(logging.WARNING, "hello", "%s: no hello within "
-                             "%gs; closing the connection", self.peer,
-                             HELLO_TIMEOUT)
-        except OSError as err:
-            if trusted:
-                log.info("%s: connection lost: %s", self.peer, err)
-            else:
-                problems.log(logging.INFO, "lost", "%s: connection lost "
-                             "before hello: %s", self.peer, brief(err))
-        except Exception:   # a bug: say so, keep serving everyone else
-            log.exception("%s: internal error; closing the connection",
-                          self.peer)
-
-    def refuse(self, kind: str, err: ProtocolError) -> None:
-        """One rate-limited log line, the reason to the client, hang up."""
-        problems.log(logging.WARNING, kind, "%s: %s; closing the connection",
-                     self.peer, brief(err))
-        try:
-            self.send({"op": "error", "error": brief(err)})
-        except OSError:
-            pass
+            getattr(self, "serve_" + role)(hello, admitted)
+        except Exception as err:
+            reason = say_why_it_ends(self.peer, err, role,
+                                     self.server.heartbeat)
+            if reason is not None:
+                try:
+                    self.send({"op": "error", "error": reason})
+                except OSError:
+                    pass
 
     # -- applications ---------------------------------------------------------
 
     def serve_app(self, hello: Dict[str, Any], role: Role) -> None:
+        """Attach the process its hello and first state tell of, then hand
+        the connection to the reader, which serves it from then on."""
         proc = process_from(hello.get("proc"), connmon.MAX_SESSION)
         name = f"{proc.progname}[{proc.pid}] on {proc.hostname}"
         proc.update(connmon.expect(read_message(self.rfile), "state"),
                     time.monotonic())
-        lock, picture, cluster = (self.server.lock, self.server.picture,
-                                  self.server.cluster)
-        with lock:
-            taken = picture.attach_own(proc)
+        server = self.server
+        with server.lock:
+            taken = server.picture.attach_own(proc)
             if taken is None:
-                cluster.broadcast(attach_message(proc))
+                server.cluster.broadcast(attach_message(proc))
         if taken is not None:
             raise ProtocolError(taken)
         log.info("%s: app %s connected (%s)", self.peer, name,
                  connmon.plural(len(proc.conns), "connection"))
-        try:
-            for message in requests(self.rfile, role, self.send):
-                # Checked before the lock: it guards the applying only.
-                change, now = connmon.Update(message), time.monotonic()
-                with lock:
-                    unknown = picture.update(proc.ident, proc.session,
-                                             change, now)
-                    if unknown is not None and cluster.links:
-                        cluster.forward(proc.ident, proc.session, message)
-                if unknown:
-                    problems.log(logging.WARNING, "unknown", "%s: app %s "
-                                 "sent %d events for connections it never "
-                                 "announced; ignored", self.peer, name,
-                                 unknown)
-        finally:
-            self.server.departures.add(proc.ident, proc.session)
-            log.info("%s: app %s disconnected", self.peer, name)
+        server.app_reader.add(AppStream(
+            self.connection, self.ticket_key, self.peer, name, proc,
+            cast(LineReader, self.rfile).buffer))
+        self.handed_off = True
 
     # -- consoles -------------------------------------------------------------
 

@@ -9612,3 +9612,139 @@ def test_console_pointed_at_mariadb_says_so_whole(terminal):
     text = " ".join(line.strip() for line in term.display[1:-1])
     assert "is the port connmond's (default 5800)?" in text
     assert "(next try in 60s)" in text   # once a minute, not 1, 2, 4 s
+
+
+# --- (new) one reader thread serves every app's stream ---
+
+def test_messages_sent_with_the_state_are_all_applied(daemon):
+    """What an app sends in the same write as its first state (read by its
+    handler thread past the state) reaches the reader and is applied, in
+    order, before the pong that follows it."""
+    sock, rfile, answer = say_hello(daemon.port, "app", **proc_fields(
+        "eager-1", "eager.py"))
+    with sock:
+        assert answer == {"op": "ready"}
+        sock.sendall(connmon.encode(state_message(3, 1))
+                     + connmon.encode(empty_update(checkout=[[1, 0.5]]))
+                     + connmon.encode(counters_only())
+                     + connmon.encode({"op": "ping"}))
+        assert connmon.read_message(rfile) == {"op": "pong"}
+        row = daemon.row("eager.py")
+        assert (row["nproc"], row["conn"], row["ckout"],
+                row["ckout_total"]) == (1, 3, 2, 5)
+
+
+@pytest.mark.parametrize("line, error", [
+    (b"this is not JSON\n", "not JSON"),
+    (connmon.encode({"op": "snapshot"}), "may not send 'snapshot'"),
+    (connmon.encode(empty_update(hold=[0, "lots"])), "update needs"),
+    (connmon.encode(empty_update(connect=[[n, 1] for n in range(5001)])),
+     "more than 5000 connections in one process"),
+    (b" " * (connmon.MAX_MESSAGE_BYTES + 1) + b"\n", "message longer than"),
+], ids=["garbage", "op", "field", "cap", "long"])
+def test_bad_input_on_an_app_stream_is_refused_clearly(daemon, line, error):
+    """Bad input from an app whose stream the reader serves: the clear
+    error, a closed connection, its process gone; the messages before it
+    applied; another app on the same reader carries on."""
+    other, other_rfile = app_attached(daemon.port, "steady-1", "steady.py",
+                                      conns=2)
+    sock, rfile = app_attached(daemon.port, "bad-1", "bad.py", conns=1)
+    try:
+        assert pong_after(sock, rfile, counters_only()) == {"op": "pong"}
+        sock.sendall(connmon.encode(counters_only()) + line
+                     + connmon.encode(counters_only()))
+        reply = connmon.read_message(rfile)
+        assert reply["op"] == "error" and error in reply["error"], reply
+        assert rfile.read() == b""
+        daemon.wait_row("bad.py", nproc=0, conn=0, ckout_total=10)
+        wait_until(lambda: error in daemon.log.read_text(), 10,
+                   "the log line")
+        assert pong_after(other, other_rfile, counters_only()) == {
+            "op": "pong"}
+        daemon.wait_row("steady.py", nproc=1, conn=2, ckout_total=5)
+        assert "Traceback" not in daemon.log.read_text()
+    finally:
+        sock.close()
+        other.close()
+
+
+def test_silent_app_is_cut_at_the_heartbeat_talking_one_kept(tmp_path):
+    """The reader ends an app connection silent for heartbeat_timeout (its
+    process leaves, the log says why, the socket is closed), while an app
+    that talks stays attached."""
+    daemon = Daemon(tmp_path, extra_config="heartbeat_timeout: 1\n")
+    silent, silent_rfile = app_attached(daemon.port, "mute-1", "mute.py",
+                                        conns=1)
+    talker, talker_rfile = app_attached(daemon.port, "chat-1", "chat.py",
+                                        conns=1)
+    try:
+        daemon.wait_row("mute.py", nproc=1, conn=1)
+
+        def mute_gone() -> bool:
+            assert pong_after(talker, talker_rfile) == {"op": "pong"}
+            return counts(daemon, "mute.py") == (0, 0, 0)
+        wait_until(mute_gone, 20, "the silent app cut")
+        assert silent_rfile.read() == b""
+        assert "silent for 1s (heartbeat_timeout)" in daemon.log.read_text()
+        assert counts(daemon, "chat.py") == (1, 1, 1)
+    finally:
+        silent.close()
+        talker.close()
+        daemon.stop()
+
+
+def test_app_over_tls_streams_through_the_reader(tmp_path):
+    """An app over TLS, its stream served by the reader: many messages in
+    one write (more than one TLS record, so some wait decrypted in the TLS
+    layer) are all applied, pings answered; bad input gets the error."""
+    ca = CertificateAuthority(tmp_path, "ca")
+    certfile, keyfile = ca.issue("server", "127.0.0.1")
+    daemon = SecureDaemon(tmp_path, extra_config=(
+        f"ssl_certfile: {certfile}\nssl_keyfile: {keyfile}\n"
+        f"ssl_cafile: {ca.cafile}\n"))
+    try:
+        config = client_config(tmp_path, daemon, "tls-app.cfg",
+                               f"ssl_cafile: {ca.cafile}\n")
+        security = connmon.Security.of_service(
+            connmon.find_service("test", config))
+        proc = connmon.ProcessState("tls-1", "tls-host", "tls.py", 7, 1)
+        conn = connmon.open_connection([("127.0.0.1", daemon.port)], "app",
+                                       security=security,
+                                       proc=proc.describe())
+        try:
+            assert conn.sock.version() is not None   # (TLS)
+            conn.sock.sendall(connmon.encode(state_message(2, 1)) + b"".join(
+                connmon.encode(counters_only()) for _ in range(2000)))
+            conn.send({"op": "ping"})
+            assert connmon.read_message(conn.rfile) == {"op": "pong"}
+            row = daemon.row("tls.py")
+            assert (row["nproc"], row["conn"], row["ckout"],
+                    row["ckout_total"]) == (1, 2, 1, 10000)
+            conn.send({"op": "nonsense"})
+            reply = connmon.read_message(conn.rfile)
+            assert reply["op"] == "error" and "may not send" in reply[
+                "error"]
+            daemon.wait_row("tls.py", nproc=0)
+        finally:
+            conn.close()
+    finally:
+        daemon.stop()
+
+
+def test_departure_storm_leaves_the_picture_and_the_daemon_serving(daemon):
+    """More apps than make a storm (Departures.STORM) hang up at once: all
+    leave the picture, each says so in the log, and the daemon greets and
+    serves a new app afterwards."""
+    size = connmon_server.STORM + 100
+    socks = [app_attached(daemon.port, f"storm-{n}", "storm.py",
+                          conns=1)[0] for n in range(size)]
+    daemon.wait_row("storm.py", nproc=size, conn=size, timeout=60)
+    for sock in socks:
+        sock.close()
+    daemon.wait_row("storm.py", nproc=0, conn=0, timeout=60)
+    text = daemon.log.read_text()
+    assert text.count("app storm.py[666] on attacker-host") == 2 * size
+    sock, rfile = app_attached(daemon.port, "after-1", "after.py", conns=1)
+    with sock:
+        assert pong_after(sock, rfile, counters_only()) == {"op": "pong"}
+        daemon.wait_row("after.py", nproc=1, conn=1, ckout_total=5)
