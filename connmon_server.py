@@ -77,7 +77,7 @@ import sys
 import threading
 import time
 from typing import (Any, Dict, FrozenSet, Iterable, Iterator, List,
-                    NamedTuple, Optional, Tuple, cast)
+                    NamedTuple, Optional, Tuple)
 
 import connmon
 from connmon import (MAX_NAME, ProcessState, ProtocolError,
@@ -888,18 +888,25 @@ def brief(err: Exception, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-class LineReader:
+class LineReader(io.BufferedIOBase):
     """Reads lines from a socket like a binary file's ``readline``, but
     under an optional absolute deadline (the hello's): a client that
-    trickles a byte at a time cannot hold a connection open past it."""
+    trickles a byte at a time cannot hold a connection open past it.  A
+    file, so that http.server's handler reads its request through one."""
 
     def __init__(self, sock: socket.socket, deadline: Optional[float]):
+        super().__init__()
         self.sock = sock
         self.deadline = deadline
         self.buffer = bytearray()
         self.scanned = 0   # no newline in buffer[:scanned]
 
-    def readline(self, size: int) -> bytes:
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, size: Optional[int] = -1) -> bytes:
+        if size is None or size < 0:
+            size = sys.maxsize
         while True:
             end = self.buffer.find(b"\n", self.scanned, size)
             if end >= 0 or len(self.buffer) >= size:
@@ -923,6 +930,7 @@ class LineReader:
 
     def close(self) -> None:
         self.buffer.clear()
+        super().close()
 
 
 class Role(NamedTuple):
@@ -1686,7 +1694,7 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
             self.server.door.reads(self.ticket_key, self.request)
         super().setup()
         self.rfile.close()
-        self.rfile = LineReader(self.connection,
+        self.lines = LineReader(self.connection,
                                 time.monotonic() + HELLO_TIMEOUT)
 
     def finish(self) -> None:
@@ -1708,14 +1716,14 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
                     return
             nonce = secrets.token_hex(16)
             self.send(self.server.welcome(nonce))
-            hello = read_message(self.rfile, MAX_HELLO_BYTES)
+            hello = read_message(self.lines, MAX_HELLO_BYTES)
             if hello is None:   # a port probe, most likely
                 log.debug("%s: closed before hello", self.peer)
                 return
             admitted = self.server.door.admit(
                 self.ticket_key, connmon.expect(hello, "hello"), nonce)
             role = admitted.name
-            self.rfile.deadline = None
+            self.lines.deadline = None
             self.connection.settimeout(self.server.heartbeat)
             self.send({"op": "ready"})
             getattr(self, "serve_" + role)(hello, admitted)
@@ -1735,7 +1743,7 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
         the connection to the reader, which serves it from then on."""
         proc = process_from(hello.get("proc"), connmon.MAX_SESSION)
         name = f"{proc.progname}[{proc.pid}] on {proc.hostname}"
-        proc.update(connmon.expect(read_message(self.rfile), "state"),
+        proc.update(connmon.expect(read_message(self.lines), "state"),
                     time.monotonic())
         server = self.server
         with server.lock:
@@ -1748,14 +1756,14 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
                  connmon.plural(len(proc.conns), "connection"))
         server.app_reader.add(AppStream(
             self.connection, self.ticket_key, self.peer, name, proc,
-            cast(LineReader, self.rfile).buffer))
+            self.lines.buffer))
         self.handed_off = True
 
     # -- consoles -------------------------------------------------------------
 
     def serve_console(self, hello: Dict[str, Any], role: Role) -> None:
         log.info("%s: console connected", self.peer)
-        for request in requests(self.rfile, role, self.send):
+        for request in requests(self.lines, role, self.send):
             if request["op"] == "snapshot":
                 self.wfile.write(self.server.snapshot_reply(
                     procs=request.get("procs") is True))
@@ -1774,7 +1782,7 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
 
     def serve_peer(self, hello: Dict[str, Any], role: Role) -> None:
         link = self.server.cluster.links[hello["node"]]
-        link.run(self.request, self.rfile, hello.get("batches") is True)
+        link.run(self.request, self.lines, hello.get("batches") is True)
 
 
 def process_from(proc: Any, max_session: int = 1 << 62
