@@ -2651,6 +2651,7 @@ class Sender:
                         for pool, (limit, endpoint) in self.announced.items())
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent
+        self._dialing = False   # the network thread is connecting
         # When the changes held back are to be sent (see _fold_batch)
         self._due_at: Optional[float] = None
         # The lock the network thread releases once it has sent what an
@@ -2797,7 +2798,8 @@ class Sender:
         the lock, then for the send), since the daemon may not be reading.
         Not in a child of a fork that has not noticed it: the connection
         is its parent's."""
-        if (self._conn is None or self.state.pid != os.getpid()
+        if ((self._conn is None and not self._dialing)
+                or self.state.pid != os.getpid()
                 or not self.lock.acquire(True, EXIT_WAIT)):
             return
         rt = runtime()
@@ -2869,6 +2871,7 @@ class Sender:
     def _connect(self, failures: int) -> Optional[Connection]:
         state = self.state
         state.session += 1
+        self._dialing = True   # (an exiting process waits for its state)
         try:
             conn = open_connection(
                 _jitter.sample(self.addresses, len(self.addresses)), "app",
@@ -2883,6 +2886,8 @@ class Sender:
             (log.warning if failures == 0 else log.debug)(
                 "connmon: cannot reach connmond %s: %s", self.description, err)
             return None
+        finally:
+            self._dialing = False
         log.info("connmon: connected to connmond %s (node %s)",
                  self.description, conn.welcome.get("node"))
         return conn

@@ -3575,7 +3575,10 @@ def test_silent_daemon_app_and_console_are_given_up(tmp_path, apps):
                        app.log.read_text(), 20, "the app to give up")
         finally:
             daemon.proc.send_signal(signal.SIGCONT)
-        # (the queries opened a second connection, now idle in the pool)
+        # (the queries opened a second connection, now idle in the pool;
+        # the app reconnects, having given the silent connection up)
+        wait_until(lambda: "connected (2 connections)" in
+                   daemon.log.read_text(), 20, "the app to reconnect")
         daemon.wait_row("stopped.py", nproc=1, conn=2, ckout=1, timeout=20)
 
         # A stopped app: the daemon drops it; once resumed it comes back.
