@@ -5445,8 +5445,8 @@ with orm.Session(engine) as session, session.begin():
 
 def test_leak_finder_holds_orm_and_enginefacade_requests(tmp_path,
                                                          leak_daemon):
-    """The held-or-leaked table of ORM applications, and more: each connection is held by the
-    request that asked for it (at the request's current line), though the
+    """ORM applications' holders, each with its exact text: each
+    connection is held by the request that asked for it (at the request's current line), though the
     helper that ran its first query returned; the pooled thread's stored
     connection is leaked."""
     app = ScriptApp(tmp_path, ORM_SCRIPT, mariadb_leak_url(leak_daemon),
