@@ -5446,9 +5446,9 @@ with orm.Session(engine) as session, session.begin():
 def test_leak_finder_holds_orm_and_enginefacade_requests(tmp_path,
                                                          leak_daemon):
     """ORM applications' holders, each with its exact text: each
-    connection is held by the request that asked for it (at the request's current line), though the
-    helper that ran its first query returned; the pooled thread's stored
-    connection is leaked."""
+    connection is held by the request that asked for it (at the
+    request's current line), though the helper that ran its first query
+    returned; the pooled thread's stored connection is leaked."""
     app = ScriptApp(tmp_path, ORM_SCRIPT, mariadb_leak_url(leak_daemon),
                     "orm.py", pool_size=10)
     try:
