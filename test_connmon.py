@@ -3720,26 +3720,37 @@ OPENSTACK = [
 MARK = connmon_console.CUT_MARK
 
 
+def synthetic_program(daemon: Daemon, host: str, prog: str, conns: int,
+                      out: int, age: Optional[float], limit: Optional[int],
+                      endpoint: Optional[tuple] = None) -> SyntheticApp:
+    """A process of ``prog`` on ``host`` with ``conns`` connections of
+    one pool (of ``limit``, on ``endpoint``), ``out`` of them checked out
+    since the ages given; nova-conductor's first one by a thread that is
+    gone."""
+    app = SyntheticApp(daemon, host, prog)
+    app.state.fold([(connmon.POOL, 1, time.monotonic(), limit, endpoint,
+                     None, None, None)])
+    for conn in range(1, conns + 1):
+        app.event(connmon.CONNECT, conn, 1)
+    now = time.monotonic()
+    app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
+                     1, None, None, None, None)
+                    for conn in range(1, out + 1)])
+    if prog == "nova-conductor":
+        app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
+        app.state.holders[1] = (7, None, None)
+        app.state.held_at[1] = "thread gone"
+    app.send()
+    return app
+
+
 def openstack_fleet(daemon: Daemon) -> Dict[Tuple[str, str], "SyntheticApp"]:
     """One synthetic process per row of OPENSTACK, its connections held
     since the ages given (nova-conductor's first one by a thread that is
     gone)."""
-    fleet = {}
-    for host, prog, conns, out, age, limit in OPENSTACK:
-        app = SyntheticApp(daemon, host, prog)
-        app.event(connmon.POOL, 1, limit)
-        for conn in range(1, conns + 1):
-            app.event(connmon.CONNECT, conn, 1)
-        now = time.monotonic()
-        app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
-                         1, None, None, None, None)
-                        for conn in range(1, out + 1)])
-        if prog == "nova-conductor":
-            app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
-            app.state.holders[1] = (7, None, None)
-            app.state.held_at[1] = "thread gone"
-        app.send()
-        fleet[host, prog] = app
+    fleet = {(host, prog): synthetic_program(daemon, host, prog, conns,
+                                             out, age, limit)
+             for host, prog, conns, out, age, limit in OPENSTACK}
     want = {(host, prog, conns, out, limit)
             for host, prog, conns, out, _, limit in OPENSTACK}
     wait_until(lambda: {(row["hostname"], row["progname"], row["conn"],
@@ -4285,22 +4296,8 @@ def alarm_fleet(daemon: Daemon) -> Dict[Tuple[str, str, int],
     programs += [("api1", "nova-api", 1, 0, None, 5, index)
                  for index in range(12)]
     for host, prog, conns, out, age, limit, index in programs:
-        app = SyntheticApp(daemon, host, prog)
-        app.event(connmon.POOL, 1, limit)
-        app.state.fold([(connmon.POOL, 1, time.monotonic(), limit,
-                         ALARM_DB, None, None, None)])
-        for conn in range(1, conns + 1):
-            app.event(connmon.CONNECT, conn, 1)
-        now = time.monotonic()
-        app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
-                         1, None, None, None, None)
-                        for conn in range(1, out + 1)])
-        if prog == "nova-conductor":
-            app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
-            app.state.holders[1] = (7, None, None)
-            app.state.held_at[1] = "thread gone"
-        app.send()
-        fleet[host, prog, index] = app
+        fleet[host, prog, index] = synthetic_program(
+            daemon, host, prog, conns, out, age, limit, ALARM_DB)
     wait_until(lambda: len(daemon.snapshot()["rows"]) == len(OPENSTACK) + 10,
                what="the fleet's rows")
     return fleet
