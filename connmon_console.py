@@ -104,10 +104,18 @@ def escaped(value: Any) -> Any:
 
 
 def trimmed_text(snapshot: Dict[str, Any]) -> str:
-    """The mark of a snapshot the daemon had to trim to fit its reply."""
-    trimmed = snapshot.get("trimmed")
-    return (f"TRIMMED: {trimmed} rows not shown (the reply would be too "
-            "large)" if trimmed else "")
+    """What connmond left out of a reply too large to send whole: rows,
+    and the lists (processes, sites) of the rows it cut, named."""
+    parts = []
+    if snapshot.get("trimmed"):
+        parts.append(f"{snapshot['trimmed']} rows not shown")
+    cut = [row["progname"] for row in snapshot.get("rows", ())
+           if row.get("trimmed")]
+    if cut:
+        parts.append("lists cut in " + ", ".join(cut[:3])
+                     + (f" and {len(cut) - 3} more" if len(cut) > 3 else ""))
+    return ("TRIMMED: " + "; ".join(parts) + " (the reply would be too "
+            "large)" if parts else "")
 
 
 def fetch_snapshot(target: Target, timeout: float = 5.0,

@@ -8239,8 +8239,11 @@ def test_trust_too_large_snapshot_is_trimmed_not_refused(tmp_path, apps):
              daemon.address], cwd=HERE, env=CHILD_ENV, capture_output=True,
             text=True, timeout=30)
         assert table.returncode == 0, table.stderr
-        assert (f"TRIMMED: {snapshot['trimmed']} rows not shown (the reply "
-                "would be too large)") in table.stdout
+        (said,) = [line for line in table.stdout.splitlines()
+                   if line.startswith("TRIMMED: ")]
+        assert said.startswith(f"TRIMMED: {snapshot['trimmed']} rows not "
+                               "shown") and said.endswith(
+            " (the reply would be too large)")
         assert "honest.py" in table.stdout
     finally:
         for sock in clients:
@@ -8910,6 +8913,14 @@ def test_trust_fat_rows_cannot_push_an_honest_row_out(tmp_path, apps):
         table = console("-H", daemon.address)
         assert table.returncode == 0, table.stderr
         assert "nova-api" in table.stdout
+        table = subprocess.run(   # the console names the rows cut
+            [sys.executable, "-m", "connmon_console", "--once", "--procs",
+             "--wide", "-H", daemon.address], cwd=HERE, env=CHILD_ENV,
+            capture_output=True, text=True, timeout=30)
+        assert table.returncode == 0, table.stderr
+        (said,) = [line for line in table.stdout.splitlines()
+                   if line.startswith("TRIMMED: ")]
+        assert said.startswith("TRIMMED: lists cut in ") and "fat" in said
         honest("release 1")
         daemon.wait_row("nova-api", nproc=1, conn=2, ckout=1)
     finally:
