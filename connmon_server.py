@@ -398,6 +398,12 @@ class Picture:
         self._add(proc, 1)
         return True
 
+    def count_first(self, proc: ProcessState, state: connmon.Update,
+                    now: float) -> None:
+        """Count the counters of a process's first "state": the checkouts
+        it made before it could send (attaching counts no counter)."""
+        self._row(proc.key).count(now, state)
+
     def taken(self, ident: str) -> Optional[str]:
         """Why an app may not attach process ``ident`` now, if it may not:
         another live connection, to any node, has it."""
@@ -1743,12 +1749,15 @@ class ConnmonHandler(socketserver.StreamRequestHandler):
         the connection to the reader, which serves it from then on."""
         proc = process_from(hello.get("proc"), connmon.MAX_SESSION)
         name = f"{proc.progname}[{proc.pid}] on {proc.hostname}"
-        proc.update(connmon.expect(read_message(self.lines), "state"),
-                    time.monotonic())
+        state = connmon.Update(connmon.expect(read_message(self.lines),
+                                              "state"))
+        now = time.monotonic()
+        proc.apply(state, now)
         server = self.server
         with server.lock:
             taken = server.picture.attach_own(proc)
-            if taken is None:
+            if taken is None:   # (what it counted before it could send)
+                server.picture.count_first(proc, state, now)
                 server.cluster.broadcast(attach_message(proc))
         if taken is not None:
             raise ProtocolError(taken)

@@ -9042,6 +9042,20 @@ def counters_only(**fields: Any) -> Dict[str, Any]:
             "peak": [2, 2], **fields}
 
 
+def test_counters_of_the_first_state_are_counted(daemon):
+    """A process that checked out before it could reach connmond sends
+    those counts in its first "state": they count like an update's."""
+    sock, rfile, answer = say_hello(daemon.port, "app", **proc_fields(
+        "early", "early.py"))
+    with sock:
+        assert answer == {"op": "ready"}, answer
+        sock.sendall(connmon.encode(state_message(
+            2, 1, checkouts=1000, hold=[2.5, 999])))
+        row = daemon.wait_row("early.py", nproc=1, conn=2, ckout=1,
+                              ckout_total=1000)
+        assert row["holds_total"] == 999
+
+
 def test_counters_only_update_changes_only_the_counters(daemon):
     app = SyntheticApp(daemon, "fast-host", "fast.py")
     for conn in (1, 2):
