@@ -2937,7 +2937,8 @@ class Sender:
     def _drain(self) -> None:
         """Fold the queued events into our state.  Listeners only ever add
         at the end, so the events queued now can be copied, then deleted,
-        while they go on adding; C code groups the items six by six."""
+        while they go on adding; C code groups the items EVENT_ITEMS
+        by EVENT_ITEMS."""
         queued = len(self.events)
         batch = self.events[:queued]
         del self.events[:queued]
