@@ -2531,6 +2531,29 @@ def answer(path):
 """
 
 
+def whole_message_transport() -> type:
+    """kombu's filesystem transport, writing each message whole before
+    it appears in the queue's folder: its own creates the file, then
+    writes it, and a worker polling in between reads an empty message
+    and dies of it (JSONDecodeError).  The worker reads as usual."""
+    import uuid
+    from kombu.transport import filesystem
+
+    class WholeChannel(filesystem.Channel):
+        def _put(self, queue, payload, **kwargs):
+            name = (f"{int(time.monotonic() * 1000)}_{uuid.uuid4()}."
+                    f"{queue}.msg")
+            final = os.path.join(self.data_folder_out, name)
+            with open(final + ".part", "wb") as part:   # (not a .msg)
+                part.write(filesystem.str_to_bytes(filesystem.dumps(payload)))
+            os.rename(final + ".part", final)
+
+    class Transport(filesystem.Transport):
+        Channel = WholeChannel
+
+    return Transport
+
+
 class CeleryWorker(Server):
     """A real Celery worker with a prefork pool of ``concurrency``
     children, its app's engine monitored by ``daemon``; the test sends it
@@ -2558,7 +2581,8 @@ class CeleryWorker(Server):
         (tmp_path / "connmon_celery_app.py").write_text(
             CELERY_APP.format(config=config))
         self.client = celery.Celery("connmon-test-client")
-        self.client.conf.update(config)
+        self.client.conf.update(config,
+                                broker_transport=whole_message_transport())
         super().__init__(tmp_path, [
             "celery", "-A", "connmon_celery_app", "worker",
             "--pool=prefork", f"--concurrency={concurrency}",
