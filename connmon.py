@@ -2125,10 +2125,11 @@ class ProcessState:
     def pool_figures(self) -> Dict[int, Dict[str, Any]]:
         """Per pool: its database, limit, connections, checkouts and
         checkouts waiting."""
-        figures: Dict[int, Dict[str, Any]] = {pool: {"endpoint": self.endpoints.get(pool),
-                          "limit": limit, "conn": 0, "ckout": 0,
-                          "waiting": self.waiting.get(pool, (0, 0.0))[0]}
-                   for pool, limit in self.pools.items()}
+        figures: Dict[int, Dict[str, Any]] = {
+            pool: {"endpoint": self.endpoints.get(pool), "limit": limit,
+                   "conn": 0, "ckout": 0,
+                   "waiting": self.waiting.get(pool, (0, 0.0))[0]}
+            for pool, limit in self.pools.items()}
         for ident, pool in self.conns.items():
             if pool in figures:
                 figures[pool]["conn"] += 1
@@ -2463,10 +2464,11 @@ class Runtime:
 
     The background work runs on real OS threads, with the standard
     library's own thread, lock, sleep, poll and pipe I/O, whatever the
-    application monkey-patched (see docs/openstack.txt, "Runtimes"): a green thread
-    would run only when the application yields to its hub, so a busy or
-    blocked hub would freeze the counts just when they matter, and a
-    connmon loop that did not yield would freeze the application.  Our
+    application monkey-patched (see docs/openstack.txt, "Runtimes"): a
+    green thread would run only when the application yields to its hub,
+    so a busy or blocked hub would freeze the counts just when they
+    matter, and a connmon loop that did not yield would freeze the
+    application.  Our
     threads never wait on the hub and the hub never waits on them.  Their
     sockets may be green ones (connect, TLS, DNS as the application
     patched them): in a real thread those wait in that thread's own hub.

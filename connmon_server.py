@@ -41,8 +41,8 @@ at start and by ``--check-config``.
 Read top to bottom: 1. the picture (``Picture``: per host+program rows,
 their meters, the databases), 2. the door and the server (``Door``,
 ``ConnmonServer``, the lock that guards the picture, the handler per
-connection, the apps' reader), 3. the cluster, 4. daemon options, 5. Prometheus, 6. CSV,
-7. the command line.
+connection, the apps' reader), 3. the cluster, 4. daemon options,
+5. Prometheus, 6. CSV, 7. the command line.
 
 Run ``connmond`` or ``python -m connmon_server``.
 """
