@@ -1975,20 +1975,6 @@ class ProcessState:
                                 for p, limit in self.pools.items()]
         return message
 
-    def frozen(self) -> "ProcessState":
-        """A copy for the daemon's snapshot, built from it outside the
-        daemon's lock: the tables a snapshot walks are copied (in C),
-        the ones it only looks up in are shared."""
-        twin = ProcessState.__new__(ProcessState)
-        twin.__dict__.update(self.__dict__)
-        twin.conns = self.conns.copy()
-        twin.checked_out = self.checked_out.copy()
-        twin.pools = self.pools.copy()
-        twin.endpoints = self.endpoints.copy()
-        twin.waiting = self.waiting.copy()
-        twin.held_at = self.held_at.copy()
-        return twin
-
     def copy(self) -> "ProcessState":
         """A copy of the connections and pools (what was sent)."""
         twin = ProcessState(self.ident, self.hostname, self.progname,

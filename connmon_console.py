@@ -2319,9 +2319,8 @@ def print_once(target: Target, args: argparse.Namespace) -> int:
         print(f"connmon: cannot get a snapshot from {target.description}: "
               f"{err}", file=sys.stderr)
         return 1
-    if args.json:
-        json.dump(snapshot, sys.stdout, indent=1)
-        print()
+    if args.json:   # (dumps: one write, not one for each bit of JSON)
+        print(json.dumps(snapshot, indent=1))
     else:
         print(format_table(escaped(snapshot), once_width(args)))
     sys.stdout.flush()

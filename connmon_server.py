@@ -53,7 +53,6 @@ import argparse
 import array
 import collections
 import configparser
-import copy
 import csv
 import errno
 import heapq
@@ -116,18 +115,10 @@ def state_cost(proc: ProcessState) -> int:
 
 
 class Meter:
-    """What the meters share: a copy cheap enough to take of every row
-    under the lock for a snapshot (copy.copy of a slotted object costs
-    several times as much: over half of a 10,000-process snapshot's time
-    under the lock went to it)."""
+    """What the meters share: slots, since a picture has one of each
+    meter a row, and a row a host+program."""
 
     __slots__: Tuple[str, ...] = ()
-
-    def copy(self) -> "Meter":
-        twin = object.__new__(type(self))
-        for name in self.__slots__:
-            setattr(twin, name, getattr(self, name))
-        return twin
 
 
 class RateMeter(Meter):
@@ -257,14 +248,6 @@ class ProgramRow:
     def clear_maxima(self) -> None:
         self.maxnproc, self.maxconn, self.maxckout, self.maxwaiting = (
             self.nproc, self.conn, self.ckout, self.waiting)
-
-    def frozen(self) -> "ProgramRow":
-        twin = ProgramRow.__new__(ProgramRow)
-        twin.__dict__.update(self.__dict__)
-        for meter in ("checkouts", "holds", "waits", "timeouts", "failures",
-                      "connects", "invalidations"):
-            setattr(twin, meter, getattr(self, meter).copy())
-        return twin
 
 
 class Picture:
@@ -553,18 +536,6 @@ class Picture:
             self.connections, self.checkouts, self.waiting)
         self.max_since = time.time()
 
-    def frozen(self) -> "Picture":
-        """A copy to build a snapshot from while this picture goes on
-        changing: taking it costs the daemon's lock a few dict copies a
-        process, whatever the process's checkouts and sites."""
-        twin = copy.copy(self)
-        twin.processes = {ident: proc.frozen()
-                          for ident, proc in self.processes.items()}
-        twin.rows = {key: row.frozen() for key, row in self.rows.items()}
-        twin.host_nproc = self.host_nproc.copy()
-        twin.server_limits = self.server_limits.copy()
-        return twin
-
     def snapshot(self, now: float, procs: bool = False) -> Dict[str, Any]:
         """The JSON snapshot of DESIGN.md (without "service" and "node").
 
@@ -580,17 +551,19 @@ class Picture:
         limits: Dict[Tuple[str, str], Optional[int]] = {}
         sites: Dict[Tuple[str, str], Dict[Optional[str], dict]] = {}
         for proc in self.processes.values():
+            key = proc.key
             if proc.checked_out:
                 since = min(proc.checked_out.values())
-                oldest[proc.key] = min(since, oldest.get(proc.key, since))
-                proc.count_sites(sites.setdefault(proc.key, {}), now)
-            waiting_since = proc.waiting_since   # (None: no one waits)
-            if waiting_since is not None:
-                waited[proc.key] = min(waiting_since,
-                                       waited.get(proc.key, waiting_since))
-            total, limit = limits.get(proc.key, 0), proc.limit
-            limits[proc.key] = (None if total is None or limit is None
-                                else total + limit)
+                oldest[key] = min(since, oldest.get(key, since))
+                proc.count_sites(sites.setdefault(key, {}), now)
+            if proc.waiting:
+                waiting_since = proc.waiting_since
+                if waiting_since is not None:
+                    waited[key] = min(waiting_since,
+                                      waited.get(key, waiting_since))
+            total, limit = limits.get(key, 0), proc.limit
+            limits[key] = (None if total is None or limit is None
+                           else total + limit)
         rows = [{
             "hostname": row.hostname,
             "progname": row.progname,
@@ -688,31 +661,41 @@ def row_pressure(row: ProgramRow, now: float,
 
 
 class _Holdings:
-    """What a fleet's pools hold on one database server or database."""
+    """What a fleet's pools hold on one database server or database, and
+    (``programs``) per host+program."""
 
-    def __init__(self) -> None:
-        self.conn = self.ckout = self.waiting = 0
+    __slots__ = ("conn", "ckout", "waiting", "limit", "nproc", "last",
+                 "programs")
+
+    def __init__(self, by_program: bool = True) -> None:
+        self.conn = self.ckout = self.waiting = self.nproc = 0
         self.limit: Optional[int] = 0
-        self.processes: set = set()
-        self.programs: Dict[Tuple[str, str], "_Holdings"] = {}
+        self.last: Optional[ProcessState] = None   # the process counted last
+        self.programs: Optional[Dict[Tuple[str, str], "_Holdings"]] = (
+            {} if by_program else None)
 
-    def add(self, proc: ProcessState, figures: Dict[str, Any],
-            by_program: bool = True) -> None:
+    def add(self, proc: ProcessState, figures: Dict[str, Any]) -> None:
+        """Add a pool of ``proc``; a process's pools come one after the
+        other, so it is counted once however many of them hold here."""
+        if self.last is not proc:
+            self.last = proc
+            self.nproc += 1
         self.conn += figures["conn"]
         self.ckout += figures["ckout"]
         self.waiting += figures["waiting"]
         self.limit = (None if self.limit is None or figures["limit"] is None
                       else self.limit + figures["limit"])
-        self.processes.add(proc.ident)
-        if by_program:
-            self.programs.setdefault(proc.key, _Holdings()).add(
-                proc, figures, by_program=False)
+        if self.programs is not None:
+            program = self.programs.get(proc.key)
+            if program is None:
+                program = self.programs[proc.key] = _Holdings(False)
+            program.add(proc, figures)
 
     def figures(self) -> Dict[str, Any]:
         figures = {"conn": self.conn, "ckout": self.ckout,
                    "waiting": self.waiting, "limit": self.limit,
-                   "nproc": len(self.processes)}
-        if self.programs:
+                   "nproc": self.nproc}
+        if self.programs is not None:
             figures["nprog"] = len(self.programs)
         return figures
 
@@ -735,53 +718,53 @@ def databases(processes: Iterable[ProcessState],
     the TOP_DATABASES databases holding the most, each naming the
     TOP_USERS users holding the most.  "databases_trimmed" (beside the
     servers, and in each server) and "users_trimmed" count what is left
-    out; its figures still count in the lines above it.  A first pass
-    only sums connections, so that the full figures are gathered for
-    what is listed alone."""
-    pools = [(proc, figures, server_name(figures["endpoint"]),
-              figures["endpoint"] or {}) for proc in processes
-             for figures in proc.pool_figures().values()]
-    server_conns: Dict[Any, int] = collections.Counter()
-    database_conns: Dict[Any, int] = collections.Counter()
-    for _, figures, name, endpoint in pools:
-        server_conns[name] += figures["conn"]
-        database_conns[name, endpoint.get("database")] += figures["conn"]
-    on_server: Dict[Any, Dict[Any, int]] = {
-        name: {} for name in _top(server_conns, TOP_SERVERS)}
-    for (name, database), conns in database_conns.items():
-        if name in on_server:
-            on_server[name][database] = conns
-    listed: Dict[Any, Tuple[_Holdings, Dict[Any, tuple]]] = {
-        name: (_Holdings(), {
-        database: (_Holdings(), collections.Counter())
-        for database in _top(names, TOP_DATABASES)})
-        for name, names in on_server.items()}
+    out; its figures still count in the lines above it.  One pass over
+    the processes gathers every server and database; the lists are cut
+    after."""
+    servers: Dict[Any, _Holdings] = {}
+    on_server: Dict[Any, Dict[Any, Tuple[_Holdings,
+                                         collections.Counter]]] = {}
     backends: Dict[Any, Optional[str]] = {}
-    for proc, figures, name, endpoint in pools:
-        if name in listed:
-            backends.setdefault(name, endpoint.get("backend"))
-            server, names = listed[name]
+    for proc in processes:
+        for figures in proc.pool_figures().values():
+            endpoint = figures["endpoint"] or {}
+            name = server_name(figures["endpoint"])
+            server = servers.get(name)
+            if server is None:
+                server = servers[name] = _Holdings()
+                on_server[name] = {}
+                backends[name] = endpoint.get("backend")
             server.add(proc, figures)
+            names = on_server[name]
             database = names.get(endpoint.get("database"))
-            if database is not None:
-                database[0].add(proc, figures)
-                if endpoint.get("user") is not None:
-                    database[1][endpoint["user"]] += figures["conn"]
+            if database is None:
+                database = names[endpoint.get("database")] = (
+                    _Holdings(), collections.Counter())
+            database[0].add(proc, figures)
+            if endpoint.get("user") is not None:
+                database[1][endpoint["user"]] += figures["conn"]
+    listed = _top({name: server.conn for name, server in servers.items()},
+                  TOP_SERVERS)
     return {"databases": [{
         "server": name,
         "backend": backends[name],
         "max_connections": server_limits.get(name),
-        **server.figures(),
+        **servers[name].figures(),
         "programs": [{"hostname": hostname, "progname": progname,
                       **program.figures()} for (hostname, progname), program
-                     in sorted(server.programs.items())],
+                     in sorted((servers[name].programs or {}).items())],
         "databases": [{"database": database, "users": _top(users, TOP_USERS),
                        "users_trimmed": max(0, len(users) - TOP_USERS),
                        **holdings.figures()}
-                      for database, (holdings, users) in names.items()],
-        "databases_trimmed": len(on_server[name]) - len(names),
-    } for name, (server, names) in listed.items()],
-        "databases_trimmed": len(server_conns) - len(listed)}
+                      for database, (holdings, users) in (
+                          (database, on_server[name][database])
+                          for database in _top({
+                              database: holdings.conn for database, (
+                                  holdings, _) in on_server[name].items()},
+                              TOP_DATABASES))],
+        "databases_trimmed": max(0, len(on_server[name]) - TOP_DATABASES),
+    } for name in listed],
+        "databases_trimmed": len(servers) - len(listed)}
 
 
 def _top(conns: Dict[Any, int], count: int) -> List[Any]:
@@ -1247,15 +1230,22 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         self.shutdown_request(request)
 
     def snapshot(self, procs: bool = False) -> Dict[str, Any]:
-        """The picture now; built outside the lock, from a copy."""
+        """The picture now, read under the lock: the app reader waits
+        meanwhile (about 0.2 s with 10,000 processes), and what it reads
+        waits in the kernel's buffers.  A copy of the picture to read
+        outside the lock cost more than the reading itself, and the
+        reading, sharing the interpreter with the reader, took several
+        times as long; the snapshot holds none of the picture's objects,
+        so it is encoded outside."""
         with self.lock:
-            picture, now = self.picture.frozen(), time.monotonic()
+            now = time.monotonic()
+            picture = self.picture.snapshot(now, procs)
             peers = self.cluster.status()
         return {"service": self.service.name, "node": self.node.name,
                 "peers": peers, "thresholds": {
                     "oldest": self.options.hold_warn_seconds,
                     "hold_ms": self.options.hold_ms_warn},
-                **picture.snapshot(now, procs)}
+                **picture}
 
     def history_of(self, request: Dict[str, Any]) -> Dict[str, Any]:
         """The "history" reply: a program's conn and ckout, one sample a
