@@ -1364,6 +1364,7 @@ FLEET_VARIANTS = 16           # different replays, handed out in turn
 FLEET_PROGRAMS = ("nova-api", "nova-conductor", "neutron-server",
                   "cinder-api")
 FLEET_STALL_BYTES = 1 << 16   # unsent bytes after which a client reconnects
+FLEET_ANSWER_WAIT = 5.0       # the plugin's wait for the welcome, the ready
 FLEET_POOL = 139_800_000_000  # ids as CPython's id() spells them
 FLEET_CONNS = 4               # connections of a simulated process
 
@@ -1451,7 +1452,8 @@ class FleetClient:
     replay."""
 
     __slots__ = ("number", "ident", "replay", "step", "sock", "out",
-                 "backoff", "session", "state", "address", "source")
+                 "backoff", "session", "state", "address", "source",
+                 "answer_by")
 
     def __init__(self, number: int, replay: Replay, address: tuple):
         import connmon
@@ -1463,7 +1465,8 @@ class FleetClient:
         self.out = bytearray()
         self.backoff = connmon.Backoff()
         self.session = 0
-        self.state = "down"   # down, connecting, live
+        self.state = "down"   # down, connecting, welcome, ready, live
+        self.answer_by = 0.0  # the daemon's answer, or the plugin gives up
         self.address = address
         self.source = f"127.0.{number // 250 % 250 + 1}.{number % 250 + 2}"
 
@@ -1482,8 +1485,10 @@ class FleetDriver:
     """Run in a child process: simulated plugin processes, each on its own
     TCP connection (from its own loopback address, as from its own host),
     all driven by one thread with a selector.  Each replays its Replay in
-    a loop from a random phase; each reconnects as the plugin does (its
-    jittered Backoff) and then sends its whole state again.  A client
+    a loop from a random phase; each connects as the plugin does (its
+    hello once welcomed, its state once ready, giving up after
+    FLEET_ANSWER_WAIT), reconnects as it does (its jittered Backoff) and
+    then sends its whole state again.  A client
     whose daemon does not read FLEET_STALL_BYTES is dropped and
     reconnects, as the plugin does on its send timeout."""
 
@@ -1536,6 +1541,9 @@ class FleetDriver:
             self._connect(client)
             return
         if client.state != "live":
+            if client.state != "connecting" and now >= client.answer_by:
+                self.counts["timeouts"] += 1   # as open_connection's
+                self._drop(client)
             return
         delay, line, checkouts = client.replay.updates[client.step]
         if self.sending:
@@ -1570,14 +1578,34 @@ class FleetDriver:
             if client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                 self._drop(client)
                 return
+            self._await(client, "welcome")
+            self.selector.modify(client.sock, selectors.EVENT_READ, client)
+        self._flush(client)
+
+    def _await(self, client: FleetClient, answer: str) -> None:
+        """Wait for the daemon's ``answer`` as the plugin does, at most
+        its connect timeout."""
+        import heapq
+        client.state = answer
+        client.answer_by = time.monotonic() + FLEET_ANSWER_WAIT
+        heapq.heappush(self.due, (client.answer_by, id(client), client))
+
+    def _answered(self, client: FleetClient, data: bytes) -> None:
+        """The plugin's handshake: its hello once welcomed, its state
+        once ready; then its updates."""
+        import heapq
+        if client.state == "welcome" and b'"welcome"' in data:
+            client.out += client.hello()
+            self._await(client, "ready")
+            self._flush(client)
+        if client.state == "ready" and b'"ready"' in data:
             client.state = "live"
             self.counts["connects"] += 1
-            client.out[:] = client.hello() + client.replay.state
+            client.out += client.replay.state
             client.step = random.randrange(len(client.replay.updates))
-            self.selector.modify(client.sock, selectors.EVENT_READ, client)
             heapq.heappush(self.due, (time.monotonic() + random.random(),
                                       id(client), client))
-        self._flush(client)
+            self._flush(client)
 
     def _flush(self, client: FleetClient) -> None:
         import selectors
@@ -1609,6 +1637,8 @@ class FleetDriver:
             self.counts["refused"] += 1
         if not data:
             self._drop(client)
+        elif client.state != "live":
+            self._answered(client, data)
 
     def _drop(self, client: FleetClient) -> None:
         import heapq
@@ -1810,7 +1840,8 @@ def fleet_row(label: str, figures: FleetFigures) -> tuple:
             f"max {lag[-1] * 1000:5.0f} ms",
             f"drops {figures.counts['drops']} stalls "
             f"{figures.counts['stalls']} refused "
-            f"{figures.counts['refused']}")
+            f"{figures.counts['refused']} unanswered "
+            f"{figures.counts['timeouts']}")
 
 
 def restart_convergence(daemon: Daemon, workdir: str, size: int

@@ -838,7 +838,7 @@ STORM_SWITCH_INTERVAL = 0.5   # seconds a thread runs on, during one
 # is long, and with thousands of handler threads waking every second, a
 # 5 ms turn hands it to them hundreds of times a snapshot (measured:
 # snapshots of 3,000 processes reporting each second took over 5 s).
-SWITCH_INTERVAL = 0.05
+SWITCH_INTERVAL = 0.001
 
 
 class ProblemLog:
