@@ -1,20 +1,20 @@
 """connmond: the daemon that application processes report to.
 
-One ``socketserver.ThreadingTCPServer``, one handler thread per connection,
-and one ``Picture`` (section 1) behind one lock.  An application's connection
-carries its pool state; when it closes, the process leaves the current
-counts at once (its host+program row stays, with its maxima).  A console's
-connection asks for snapshots.
+One ``socketserver.ThreadingTCPServer`` and one ``Picture`` (section 1)
+behind one lock.  An application's connection carries its pool state; when
+it closes, the process leaves the current counts at once (its host+program
+row stays, with its maxima).  A console's connection asks for snapshots.
 
-One departure from a handler per connection, for apps' streams only: once
-an app's hello and first state are through (on its handler thread, past
-the door), its connection is handed to one reader thread (``AppReader``)
-that waits for every app connection at once and applies their messages
-in batches.  A thread per app woke for each message: at about a message
-a second from each of thousands of processes, those wake-ups and the
-interpreter handed between thousands of threads cost ~100 us a message
-and each thread's memory, and starved snapshots and greetings.  Hellos,
-consoles and peers keep a handler thread each (see docs/performance.txt).
+One departure from a handler thread per connection: one ``Reader`` thread
+greets every new connection (TLS handshake, welcome, hello) and serves
+every app's for good, waiting for all of them at once and applying their
+messages in batches; a console or a peer, once admitted, gets a
+``ConnmonHandler`` thread of its own.  A thread per connection cost a
+thread's start and the interpreter handed to it at each step of a hello,
+then a wake-up for each message: at about a message a second from each of
+thousands of processes ~100 us a message, and after a restart the
+reconnecting cloud's hellos queued behind each other for longer than the
+plugin waits for its welcome (see docs/performance.txt).
 
 Every client passes the ``Door``, the one place where roles are checked:
 what it may do is its ``Role`` in ``ROLES``; texts are checked where they
@@ -1160,7 +1160,7 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         self.door = Door(self)
         self.cluster = Cluster(self)
         self.departures = Departures(self)
-        self.app_reader = AppReader(self)
+        self.reader = Reader(self)
         self.accept_backoff = 0.0   # > 0 while out of file descriptors
         if ":" in node.bind[0]:
             self.address_family = socket.AF_INET6
@@ -1191,29 +1191,24 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         return request
 
     def process_request(self, request, client_address) -> None:
-        """Start a handler thread, unless the door is full."""
+        """Hand a new connection to the reader, which greets it, unless
+        the door is full."""
         reason = self.door.arrive(request, client_address[0])
         if reason is not None:
             self.refuse(request, client_address, reason)
             return
-        try:
-            super().process_request(request, client_address)
-        except RuntimeError as err:   # no thread to be had
-            self.door.depart(request)
-            self.refuse(request, client_address, f"overloaded: {err}")
+        self.reader.add(Greeting(request, client_address))
 
-    def process_request_thread(self, request, client_address) -> None:
-        """ThreadingMixIn's, except that an app's connection handed to the
-        reader (``AppReader``) ends there, not when its handler returns."""
-        handler: Optional[ConnmonHandler] = None
+    def serve_admitted(self, greeting: "Greeting") -> None:
+        """A console's or a peer's connection, in a thread of its own
+        until it ends."""
         try:
-            handler = ConnmonHandler(request, client_address, self)
+            ConnmonHandler(greeting, greeting.client_address, self)
         except Exception:
-            self.handle_error(request, client_address)
+            self.handle_error(greeting.ticket_key, greeting.client_address)
         finally:
-            if handler is None or not handler.handed_off:
-                self.shutdown_request(request)
-                self.door.depart(request)
+            self.shutdown_request(greeting.sock)
+            self.door.depart(greeting.ticket_key)
 
     def refuse(self, request: socket.socket, client_address,
                reason: str) -> None:
@@ -1445,6 +1440,26 @@ def say_why_it_ends(peer: str, err: Exception, role: Optional[str],
     return None
 
 
+class Greeting:
+    """A connection from its accept until its hello is through (an app's:
+    until its first state is): what the reader needs to greet it."""
+
+    __slots__ = ("sock", "ticket_key", "client_address", "peer", "nonce",
+                 "deadline", "buffer", "handshaking", "hello", "role")
+
+    def __init__(self, request: socket.socket, client_address: Any):
+        self.sock = request   # the TLS one, once made
+        self.ticket_key = request   # the door's
+        self.client_address = client_address
+        self.peer = connmon.format_address(client_address[:2])
+        self.nonce = secrets.token_hex(16)
+        self.deadline = time.monotonic() + HELLO_TIMEOUT
+        self.buffer = bytearray()   # read, not yet taken as messages
+        self.handshaking = False    # TLS, until its handshake is through
+        self.hello: Dict[str, Any] = {}
+        self.role: Optional[Role] = None   # once admitted
+
+
 class AppStream:
     """An app's connection once its hello and first state are through:
     what the reader needs to serve it."""
@@ -1452,35 +1467,37 @@ class AppStream:
     __slots__ = ("sock", "ticket_key", "peer", "name", "ident", "session",
                  "buffer", "heard")
 
-    def __init__(self, sock: socket.socket, ticket_key: socket.socket,
-                 peer: str, name: str, proc: ProcessState,
-                 unread: bytearray):
-        sock.setblocking(False)
-        self.sock = sock   # the TLS one, if any
-        self.ticket_key = ticket_key   # the door's
-        self.peer, self.name = peer, name
+    def __init__(self, greeting: Greeting, name: str, proc: ProcessState):
+        self.sock = greeting.sock
+        self.ticket_key = greeting.ticket_key
+        self.peer, self.name = greeting.peer, name
         self.ident, self.session = proc.ident, proc.session
-        self.buffer = bytearray(unread)   # read past its first state
+        self.buffer = greeting.buffer   # read past its first state
         self.heard = time.monotonic()   # the last time it sent anything
 
 
-class AppReader:
-    """One thread that serves every app's connection after its hello.
+class Reader:
+    """One thread that greets every connection and serves every app's.
 
     A departure from "a handler per connection" (see docs/performance.txt):
-    a handler thread per app wakes for each of its messages, and at about
-    a message a second from each of thousands of processes, those
-    wake-ups, the interpreter handed between thousands of threads and
-    their turns at the picture's lock cost connmond ~100 us a message,
-    and each waiting thread tens of KB.  This thread waits for all app
-    connections at once (``selectors``), reads what each has sent,
-    checks every message outside the lock (``connmon.Update``), applies
-    those of a batch of connections under one hold of the lock, answers
-    pings once the updates before them are applied, and ends a connection
-    exactly as its handler did: on its end, bad input (the reason sent
-    back, the connection closed), a lost or failed connection (TLS
-    included), or silence longer than heartbeat_timeout.  Hellos,
-    consoles and peers keep their handler threads.
+    a thread per connection costs a thread's start and the interpreter
+    handed to it at each step of a hello, and then a wake-up for each
+    message; at about a message a second from each of thousands of
+    processes those cost connmond ~100 us a message, and after a restart,
+    when a whole cloud reconnects at once, its hellos queued behind each
+    other for longer than the plugin waits for its welcome, so that the
+    cloud never got back in.  This thread waits for all connections at
+    once (``selectors``): it does each one's TLS handshake, sends its
+    welcome, reads its hello and lets the door admit it (``Door.admit``).
+    A console or a peer then gets a handler thread of its own
+    (``ConnmonHandler``); an app stays: its first state attaches its
+    process, and from then on the reader reads what it sends, checks every
+    message outside the lock (``connmon.Update``), applies those of a
+    batch of connections under one hold of the lock, answers pings once
+    the updates before them are applied, and ends a connection on its
+    end, bad input (the reason sent back, the connection closed), a lost
+    or failed connection (TLS included), or silence: no hello within
+    HELLO_TIMEOUT, nothing for heartbeat_timeout.
     """
 
     # Connections read, and their updates applied under one hold of the
@@ -1493,13 +1510,16 @@ class AppReader:
     # a second from each of thousands of processes a round reads dozens,
     # not one (a wake-up, a select and a hold of the lock shared by them),
     # for at most this much more delay, far inside the console's second.
+    # A new connection begins a round at once: it is welcomed at once.
     ROUND_TIME = 0.02
 
     def __init__(self, server: "ConnmonServer"):
         self.server = server
         self.selector = selectors.DefaultSelector()
         self.streams: Dict[AppStream, None] = {}
+        self.greetings: Dict[Greeting, None] = {}
         self.arrivals: collections.deque = collections.deque()
+        self.arrived = threading.Event()   # (ends the rest between rounds)
         self.wake, self._waker = socket.socketpair()
         for sock in (self.wake, self._waker):
             sock.setblocking(False)
@@ -1511,14 +1531,15 @@ class AppReader:
         self.changes: List[Tuple[AppStream, connmon.Update,
                                  Dict[str, Any]]] = []
         self.pings: List[AppStream] = []
-        self.ending: Dict[AppStream, Optional[Exception]] = {}
+        self.ending: Dict[Any, Optional[Exception]] = {}
         threading.Thread(target=self._run, daemon=True,
-                         name="app-reader").start()
+                         name="reader").start()
 
-    def add(self, stream: AppStream) -> None:
-        """Serve ``stream`` from now on (called by its handler thread)."""
-        self.arrivals.append(stream)
-        try:
+    def add(self, greeting: Greeting) -> None:
+        """Greet a new connection (called by the accepting thread)."""
+        self.arrivals.append(greeting)
+        self.arrived.set()
+        try:   # (ends a select)
             self._waker.send(b"\0")
         except OSError:   # woken already, its buffer full
             pass
@@ -1529,11 +1550,12 @@ class AppReader:
             try:
                 self._round()
             except Exception:   # a bug: say so, drop the round, go on
-                log.exception("app reader: internal error")
+                log.exception("reader: internal error")
                 self.changes.clear()
                 self.pings.clear()
                 self.ending.clear()
-            time.sleep(max(0.0, began + self.ROUND_TIME - time.monotonic()))
+            self.arrived.wait(max(0.0, began + self.ROUND_TIME
+                                  - time.monotonic()))
 
     def _round(self) -> None:
         ready = self.selector.select(
@@ -1543,8 +1565,10 @@ class AppReader:
             for key, _ in ready[first:first + self.BATCH]:
                 if key.data is None:
                     self._take_arrivals(now)
-                else:
+                elif type(key.data) is AppStream:
                     self._read(key.data, now)
+                elif key.data in self.greetings:   # (not just admitted)
+                    self._greet(key.data, now)
             self._apply(now)
             for stream in self.pings:
                 self._reply(stream, PONG)
@@ -1555,22 +1579,187 @@ class AppReader:
             for stream in self.streams:
                 if stream.heard < silence:
                     self.ending.setdefault(stream, socket.timeout())
-        for stream, err in self.ending.items():
-            self._end(stream, err)
+            for greeting in self.greetings:
+                if greeting.deadline < now:
+                    self.ending.setdefault(greeting, socket.timeout())
+        for client, err in self.ending.items():
+            if type(client) is AppStream:
+                self._end(client, err)
+            else:
+                self._end_greeting(client, err)
         self.ending.clear()
 
+    # -- greeting -------------------------------------------------------------
+
     def _take_arrivals(self, now: float) -> None:
+        self.arrived.clear()
         try:
             while self.wake.recv(4096):
                 pass
         except BlockingIOError:
             pass
+        context = self.server.ssl_context
         while self.arrivals:
-            stream = self.arrivals.popleft()
-            self.streams[stream] = None
-            self.selector.register(stream.sock, selectors.EVENT_READ,
-                                   stream)
-            self._parse(stream, now)   # what its handler read past the state
+            greeting = self.arrivals.popleft()
+            self.greetings[greeting] = None
+            try:
+                sock = greeting.sock
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if context is not None:
+                    greeting.sock = context.wrap_socket(
+                        sock, server_side=True,
+                        do_handshake_on_connect=False)
+                    greeting.handshaking = True
+                    self.server.door.reads(greeting.ticket_key,
+                                           greeting.sock)
+                self.selector.register(greeting.sock, selectors.EVENT_READ,
+                                       greeting)
+                if context is None:
+                    self._say(greeting, self.server.welcome(greeting.nonce))
+            except Exception as err:
+                self.ending.setdefault(greeting, err)
+
+    def _greet(self, greeting: Greeting, now: float) -> None:
+        """A step of the handshake: TLS's, then the welcome sent, the
+        hello read and admitted, and an app's first state."""
+        sock = greeting.sock
+        try:
+            if isinstance(sock, ssl.SSLSocket) and greeting.handshaking:
+                sock.do_handshake()
+                greeting.handshaking = False
+                self.selector.modify(sock, selectors.EVENT_READ, greeting)
+                self._say(greeting, self.server.welcome(greeting.nonce))
+            data = sock.recv(self.READ_SIZE)
+            if isinstance(sock, ssl.SSLSocket):
+                while data and sock.pending():
+                    data += sock.recv(self.READ_SIZE)
+            if not data:
+                self.ending.setdefault(greeting, None)
+                return
+            greeting.buffer += data
+            self._greeting_messages(greeting, now)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            pass
+        except ssl.SSLWantWriteError:   # (the handshake's turn to write)
+            self.selector.modify(sock, selectors.EVENT_WRITE, greeting)
+        except Exception as err:
+            self.ending.setdefault(greeting, err)
+
+    def _greeting_messages(self, greeting: Greeting, now: float) -> None:
+        """The hello (admitted by the door: a console or a peer goes to a
+        handler thread of its own), then an app's first state."""
+        buffer = greeting.buffer
+        while True:
+            limit = (MAX_HELLO_BYTES if greeting.role is None
+                     else connmon.MAX_MESSAGE_BYTES)
+            end = buffer.find(b"\n", 0, limit + 1)
+            if end < 0:
+                if len(buffer) > limit:
+                    raise ProtocolError(f"message longer than {limit} "
+                                        "bytes")
+                return
+            message = connmon.decode(bytes(buffer[:end + 1]))
+            del buffer[:end + 1]
+            if greeting.role is not None:   # an app's first state
+                self._attach(greeting, message, now)
+                return
+            greeting.role = self.server.door.admit(
+                greeting.ticket_key, connmon.expect(message, "hello"),
+                greeting.nonce)
+            greeting.hello = message
+            self._say(greeting, {"op": "ready"})
+            if greeting.role.name != "app":
+                self._hand_over(greeting)
+                return
+            greeting.deadline = now + self.server.heartbeat
+
+    def _attach(self, greeting: Greeting, message: Dict[str, Any],
+                now: float) -> None:
+        """An app's first state: its process joins the picture (unless
+        another live connection has it), and the reader serves it."""
+        proc = process_from(greeting.hello.get("proc"), connmon.MAX_SESSION)
+        name = f"{proc.progname}[{proc.pid}] on {proc.hostname}"
+        state = connmon.Update(connmon.expect(message, "state"))
+        proc.apply(state, now)
+        server = self.server
+        with server.lock:
+            taken = server.picture.attach_own(proc)
+            if taken is None:   # (what it counted before it could send)
+                server.picture.count_first(proc, state, now)
+                server.cluster.broadcast(attach_message(proc))
+        if taken is not None:
+            raise ProtocolError(taken)
+        log.info("%s: app %s connected (%s)", greeting.peer, name,
+                 connmon.plural(len(proc.conns), "connection"))
+        del self.greetings[greeting]
+        stream = AppStream(greeting, name, proc)
+        self.streams[stream] = None
+        self.selector.modify(stream.sock, selectors.EVENT_READ, stream)
+        self._parse(stream, now)   # what it sent past its state
+
+    def _hand_over(self, greeting: Greeting) -> None:
+        """A console's or a peer's connection, admitted: served from now
+        on by a handler thread of its own."""
+        del self.greetings[greeting]
+        self.selector.unregister(greeting.sock)
+        try:
+            threading.Thread(target=self.server.serve_admitted,
+                             args=(greeting,), daemon=True).start()
+        except RuntimeError as err:   # no thread to be had
+            self.greetings[greeting] = None   # (to be ended)
+            self.selector.register(greeting.sock, selectors.EVENT_READ,
+                                   greeting)
+            raise ProtocolError(f"overloaded: {err}") from None
+
+    @staticmethod
+    def _say(greeting: Greeting, message: Dict[str, Any]) -> None:
+        """Send one of the handshake's short lines, whole at once: a new
+        connection's send buffer has room for it, or its client reads
+        nothing."""
+        data = connmon.encode(message)
+        try:
+            if greeting.sock.send(data) == len(data):
+                return
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            pass
+        raise OSError("the client reads nothing connmond sends")
+
+    def _end_greeting(self, greeting: Greeting,
+                      err: Optional[Exception]) -> None:
+        """A connection that ends before it is served: why is logged (and
+        told, for bad input), the connection closed."""
+        self.greetings.pop(greeting, None)
+        try:
+            self.selector.unregister(greeting.sock)
+        except (KeyError, ValueError):   # never registered
+            pass
+        role = None if greeting.role is None else greeting.role.name
+        if err is None and role is not None:   # an app, before its state
+            err = ProtocolError("connection closed while waiting for "
+                                "'state'")
+        if err is None or isinstance(err, ssl.SSLEOFError):
+            log.debug("%s: closed before %s", greeting.peer,
+                      "TLS" if greeting.handshaking else "hello")
+            reason = None   # a port probe, most likely
+        else:
+            reason = say_why_it_ends(greeting.peer, err, role,
+                                     self.server.heartbeat)
+        self._close(greeting.sock, greeting.ticket_key, reason)
+
+    def _close(self, sock: socket.socket, ticket_key: socket.socket,
+               reason: Optional[str]) -> None:
+        """Tell ``reason``, if any, and close the connection."""
+        if reason is not None:
+            try:
+                sock.send(connmon.encode({"op": "error", "error": reason},
+                                         connmon.MAX_REPLY_BYTES))
+            except OSError:
+                pass
+        self.server.shutdown_request(sock)
+        self.server.door.depart(ticket_key)
+
+    # -- serving apps ---------------------------------------------------------
 
     def _read(self, stream: AppStream, now: float) -> None:
         sock = stream.sock
@@ -1663,108 +1852,49 @@ class AppReader:
         del self.streams[stream]
         server.departures.add(stream.ident, stream.session)
         log.info("%s: app %s disconnected", stream.peer, stream.name)
-        reason = None if err is None else say_why_it_ends(
-            stream.peer, err, "app", server.heartbeat)
-        if reason is not None:
-            try:
-                stream.sock.send(connmon.encode(
-                    {"op": "error", "error": reason},
-                    connmon.MAX_REPLY_BYTES))
-            except OSError:
-                pass
-        server.shutdown_request(stream.sock)
-        server.door.depart(stream.ticket_key)
+        self._close(stream.sock, stream.ticket_key, None if err is None
+                    else say_why_it_ends(stream.peer, err, "app",
+                                         server.heartbeat))
 
 
 class ConnmonHandler(socketserver.StreamRequestHandler):
-    """One client connection: an application process, a console or a peer
-    node.  An app's connection is handed to the reader (``AppReader``)
-    once its hello and first state are through (``handed_off``)."""
+    """A console's or a peer node's connection, once the reader has
+    greeted it and the door admitted it (see ConnmonServer.serve_admitted):
+    its ``request`` is the TLS socket, if any."""
 
     server: ConnmonServer
 
+    def __init__(self, greeting: Greeting, client_address: Any,
+                 server: ConnmonServer):
+        self.greeting = greeting
+        super().__init__(greeting.sock, client_address, server)
+
     def setup(self) -> None:
-        self.ticket_key = self.request   # the door's, before any TLS
-        self.peer = connmon.format_address(self.client_address[:2])
-        self.handed_off = False
-        self.request.settimeout(HELLO_TIMEOUT)
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.server.ssl_context is not None:
-            # No I/O yet: the handshake waits for handle(), under the hello
-            # deadline and its error handling.
-            self.request = self.server.ssl_context.wrap_socket(
-                self.request, server_side=True,
-                do_handshake_on_connect=False)
-            self.server.door.reads(self.ticket_key, self.request)
+        greeting = self.greeting
+        self.peer, self.hello = greeting.peer, greeting.hello
+        assert greeting.role is not None   # (admitted: Reader._hand_over)
+        self.role = greeting.role
+        self.request.setblocking(True)
+        self.request.settimeout(self.server.heartbeat)
         super().setup()
         self.rfile.close()
-        self.lines = LineReader(self.connection,
-                                time.monotonic() + HELLO_TIMEOUT)
-
-    def finish(self) -> None:
-        super().finish()
-        if not self.handed_off:
-            self.connection.close()   # the TLS socket, if any
+        self.lines = LineReader(self.connection, None)
+        self.lines.buffer += greeting.buffer   # read past its hello
 
     def send(self, message: Dict[str, Any]) -> None:
         self.wfile.write(connmon.encode(message, connmon.MAX_REPLY_BYTES))
 
     def handle(self) -> None:
-        role: Optional[str] = None
         try:
-            if isinstance(self.connection, ssl.SSLSocket):
-                try:
-                    self.connection.do_handshake()
-                except ssl.SSLEOFError:   # a port probe, most likely
-                    log.debug("%s: closed before TLS", self.peer)
-                    return
-            nonce = secrets.token_hex(16)
-            self.send(self.server.welcome(nonce))
-            hello = read_message(self.lines, MAX_HELLO_BYTES)
-            if hello is None:   # a port probe, most likely
-                log.debug("%s: closed before hello", self.peer)
-                return
-            admitted = self.server.door.admit(
-                self.ticket_key, connmon.expect(hello, "hello"), nonce)
-            role = admitted.name
-            self.lines.deadline = None
-            self.connection.settimeout(self.server.heartbeat)
-            self.send({"op": "ready"})
-            getattr(self, "serve_" + role)(hello, admitted)
+            getattr(self, "serve_" + self.role.name)(self.hello, self.role)
         except Exception as err:
-            reason = say_why_it_ends(self.peer, err, role,
+            reason = say_why_it_ends(self.peer, err, self.role.name,
                                      self.server.heartbeat)
             if reason is not None:
                 try:
                     self.send({"op": "error", "error": reason})
                 except OSError:
                     pass
-
-    # -- applications ---------------------------------------------------------
-
-    def serve_app(self, hello: Dict[str, Any], role: Role) -> None:
-        """Attach the process its hello and first state tell of, then hand
-        the connection to the reader, which serves it from then on."""
-        proc = process_from(hello.get("proc"), connmon.MAX_SESSION)
-        name = f"{proc.progname}[{proc.pid}] on {proc.hostname}"
-        state = connmon.Update(connmon.expect(read_message(self.lines),
-                                              "state"))
-        now = time.monotonic()
-        proc.apply(state, now)
-        server = self.server
-        with server.lock:
-            taken = server.picture.attach_own(proc)
-            if taken is None:   # (what it counted before it could send)
-                server.picture.count_first(proc, state, now)
-                server.cluster.broadcast(attach_message(proc))
-        if taken is not None:
-            raise ProtocolError(taken)
-        log.info("%s: app %s connected (%s)", self.peer, name,
-                 connmon.plural(len(proc.conns), "connection"))
-        server.app_reader.add(AppStream(
-            self.connection, self.ticket_key, self.peer, name, proc,
-            self.lines.buffer))
-        self.handed_off = True
 
     # -- consoles -------------------------------------------------------------
 
