@@ -1191,12 +1191,8 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         return request
 
     def process_request(self, request, client_address) -> None:
-        """Hand a new connection to the reader, which greets it, unless
-        the door is full."""
-        reason = self.door.arrive(request, client_address[0])
-        if reason is not None:
-            self.refuse(request, client_address, reason)
-            return
+        """Hand a new connection to the reader, which lets the door count
+        it in (or refuse it) and greets it."""
         self.reader.add(Greeting(request, client_address))
 
     def serve_admitted(self, greeting: "Greeting") -> None:
@@ -1212,7 +1208,7 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
 
     def refuse(self, request: socket.socket, client_address,
                reason: str) -> None:
-        """Say why in one line, without ever blocking the accept loop."""
+        """Say why in one line, without ever blocking the reader."""
         problems.log(logging.WARNING, "refused", "%s: refused: %s",
                      connmon.format_address(client_address[:2]), reason)
         if self.ssl_context is None:
@@ -1453,7 +1449,7 @@ class Greeting:
         self.client_address = client_address
         self.peer = connmon.format_address(client_address[:2])
         self.nonce = secrets.token_hex(16)
-        self.deadline = time.monotonic() + HELLO_TIMEOUT
+        self.deadline = 0.0   # for its hello, once the door counts it
         self.buffer = bytearray()   # read, not yet taken as messages
         self.handshaking = False    # TLS, until its handshake is through
         self.hello: Dict[str, Any] = {}
@@ -1512,6 +1508,11 @@ class Reader:
     # for at most this much more delay, far inside the console's second.
     # A new connection begins a round at once: it is welcomed at once.
     ROUND_TIME = 0.02
+    # New connections taken (welcomed) a round, and waiting to be taken
+    # at most: after a restart, the room of the door (MAX_WAITING) holds
+    # a few rounds' hellos.
+    ARRIVALS_A_ROUND = 256
+    MAX_ARRIVALS = 1024
 
     def __init__(self, server: "ConnmonServer"):
         self.server = server
@@ -1520,6 +1521,7 @@ class Reader:
         self.greetings: Dict[Greeting, None] = {}
         self.arrivals: collections.deque = collections.deque()
         self.arrived = threading.Event()   # (ends the rest between rounds)
+        self.room = threading.BoundedSemaphore(self.MAX_ARRIVALS)
         self.wake, self._waker = socket.socketpair()
         for sock in (self.wake, self._waker):
             sock.setblocking(False)
@@ -1536,10 +1538,19 @@ class Reader:
                          name="reader").start()
 
     def add(self, greeting: Greeting) -> None:
-        """Greet a new connection (called by the accepting thread)."""
+        """Greet a new connection (called by the accepting thread, which
+        waits here while MAX_ARRIVALS are still to be taken: the rest wait
+        in the kernel's queue, not counted at the door yet, so that a
+        whole cloud reconnecting at once does not fill the door's room
+        faster than the hellos are read)."""
+        self.room.acquire()
         self.arrivals.append(greeting)
         self.arrived.set()
-        try:   # (ends a select)
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        """End the reader's select."""
+        try:
             self._waker.send(b"\0")
         except OSError:   # woken already, its buffer full
             pass
@@ -1598,10 +1609,18 @@ class Reader:
                 pass
         except BlockingIOError:
             pass
-        context = self.server.ssl_context
-        while self.arrivals:
+        server, context = self.server, self.server.ssl_context
+        for _ in range(min(self.ARRIVALS_A_ROUND, len(self.arrivals))):
             greeting = self.arrivals.popleft()
+            self.room.release()
+            reason = server.door.arrive(greeting.ticket_key,
+                                        greeting.client_address[0])
+            if reason is not None:
+                server.refuse(greeting.ticket_key, greeting.client_address,
+                              reason)
+                continue
             self.greetings[greeting] = None
+            greeting.deadline = now + HELLO_TIMEOUT
             try:
                 sock = greeting.sock
                 sock.setblocking(False)
@@ -1619,6 +1638,9 @@ class Reader:
                     self._say(greeting, self.server.welcome(greeting.nonce))
             except Exception as err:
                 self.ending.setdefault(greeting, err)
+        if self.arrivals:   # (the next round takes more)
+            self.arrived.set()
+            self._wake_up()
 
     def _greet(self, greeting: Greeting, now: float) -> None:
         """A step of the handshake: TLS's, then the welcome sent, the
