@@ -1453,7 +1453,7 @@ class FleetClient:
 
     __slots__ = ("number", "ident", "replay", "step", "sock", "out",
                  "backoff", "session", "state", "address", "source",
-                 "answer_by")
+                 "due_at")
 
     def __init__(self, number: int, replay: Replay, address: tuple):
         import connmon
@@ -1466,7 +1466,7 @@ class FleetClient:
         self.backoff = connmon.Backoff()
         self.session = 0
         self.state = "down"   # down, connecting, welcome, ready, live
-        self.answer_by = 0.0  # the daemon's answer, or the plugin gives up
+        self.due_at = 0.0   # its one time due (other times are stale)
         self.address = address
         self.source = f"127.0.{number // 250 % 250 + 1}.{number % 250 + 2}"
 
@@ -1510,8 +1510,7 @@ class FleetDriver:
         self.selector.register(self.pipe, selectors.EVENT_READ, None)
         start = time.monotonic()
         for place, client in enumerate(self.clients):   # 400 a second
-            heapq.heappush(self.due, (start + place / 400, id(client),
-                                      client))
+            self._schedule(client, start + place / 400)
         while True:
             timeout = max(0.0, self.due[0][0] - time.monotonic()) \
                 if self.due else 1.0
@@ -1535,15 +1534,21 @@ class FleetDriver:
                 when, _, client = heapq.heappop(self.due)
                 self._due(client, when, now)
 
-    def _due(self, client: FleetClient, when: float, now: float) -> None:
+    def _schedule(self, client: FleetClient, when: float) -> None:
+        """Make ``client`` due at ``when``, and at no other time."""
         import heapq
+        client.due_at = when
+        heapq.heappush(self.due, (when, id(client), client))
+
+    def _due(self, client: FleetClient, when: float, now: float) -> None:
+        if when != client.due_at:
+            return
         if client.state == "down":
             self._connect(client)
             return
-        if client.state != "live":
-            if client.state != "connecting" and now >= client.answer_by:
-                self.counts["timeouts"] += 1   # as open_connection's
-                self._drop(client)
+        if client.state != "live":   # its answer did not come in time
+            self.counts["timeouts"] += 1   # (as open_connection's)
+            self._drop(client)
             return
         delay, line, checkouts = client.replay.updates[client.step]
         if self.sending:
@@ -1553,10 +1558,8 @@ class FleetDriver:
             self._flush(client)
         if client.sock is not None:
             client.step = (client.step + 1) % len(client.replay.updates)
-            heapq.heappush(self.due, (max(when, now - 1.0)
-                                      + client.replay.updates[
-                                          client.step][0],
-                                      id(client), client))
+            self._schedule(client, max(when, now - 1.0)
+                           + client.replay.updates[client.step][0])
 
     def _connect(self, client: FleetClient) -> None:
         import selectors
@@ -1572,7 +1575,6 @@ class FleetDriver:
         self.selector.register(sock, selectors.EVENT_WRITE, client)
 
     def _writable(self, client: FleetClient) -> None:
-        import heapq
         import selectors
         if client.state == "connecting":
             if client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
@@ -1585,15 +1587,12 @@ class FleetDriver:
     def _await(self, client: FleetClient, answer: str) -> None:
         """Wait for the daemon's ``answer`` as the plugin does, at most
         its connect timeout."""
-        import heapq
         client.state = answer
-        client.answer_by = time.monotonic() + FLEET_ANSWER_WAIT
-        heapq.heappush(self.due, (client.answer_by, id(client), client))
+        self._schedule(client, time.monotonic() + FLEET_ANSWER_WAIT)
 
     def _answered(self, client: FleetClient, data: bytes) -> None:
         """The plugin's handshake: its hello once welcomed, its state
         once ready; then its updates."""
-        import heapq
         if client.state == "welcome" and b'"welcome"' in data:
             client.out += client.hello()
             self._await(client, "ready")
@@ -1603,8 +1602,7 @@ class FleetDriver:
             self.counts["connects"] += 1
             client.out += client.replay.state
             client.step = random.randrange(len(client.replay.updates))
-            heapq.heappush(self.due, (time.monotonic() + random.random(),
-                                      id(client), client))
+            self._schedule(client, time.monotonic() + random.random())
             self._flush(client)
 
     def _flush(self, client: FleetClient) -> None:
@@ -1641,7 +1639,6 @@ class FleetDriver:
             self._answered(client, data)
 
     def _drop(self, client: FleetClient) -> None:
-        import heapq
         if client.state == "live":
             self.counts["drops"] += 1
         self.selector.unregister(client.sock)
@@ -1649,8 +1646,7 @@ class FleetDriver:
         client.sock, client.state = None, "down"
         client.out.clear()
         client.backoff.failed(time.monotonic())
-        heapq.heappush(self.due, (client.backoff.retry_at, id(client),
-                                  client))
+        self._schedule(client, client.backoff.retry_at)
 
 
 def _run_fleet_driver(clients: List[FleetClient], pipe) -> None:

@@ -829,16 +829,6 @@ MAX_WAITING_PER_ADDRESS = 64  # ... and from one source address
 CONSOLE_ROOM = 64         # consoles served beside max_clients apps
 MAXIMA_INTERVAL = 5.0     # seconds between two maxima sent to each peer
 ACCEPT_BACKOFF_MAX = 1.0  # seconds the accept loop rests, out of files
-STORM = 200               # departures waiting that make a storm
-STORM_SWITCH_INTERVAL = 0.5   # seconds a thread runs on, during one
-# Seconds a thread holding the interpreter runs on while others wait for
-# it (Python's default is 5 ms).  A handler's work on a message is tens of
-# microseconds and gives the interpreter up at its next read, so this
-# never holds one up; but a console's snapshot of thousands of processes
-# is long, and with thousands of handler threads waking every second, a
-# 5 ms turn hands it to them hundreds of times a snapshot (measured:
-# snapshots of 3,000 processes reporting each second took over 5 s).
-SWITCH_INTERVAL = 0.001
 
 
 class ProblemLog:
@@ -1355,15 +1345,9 @@ class History:
 
 class Departures:
     """The processes whose connection ended, taken out of the picture by
-    one thread, in batches: when thousands of clients drop at once, their
-    handler threads do not queue for the state lock, and consoles are not
-    queued behind them.
-
-    During such a storm (STORM departures waiting), threads switch every
-    STORM_SWITCH_INTERVAL instead of every 5 ms: thousands of threads
-    woken at once otherwise spend the machine handing the interpreter to
-    each other, and a console's snapshot waits for all of them.  The
-    usual interval is back once the storm is over.
+    one thread, in batches: when thousands of clients drop at once, the
+    reader does not hold the state lock for all of them in one go, and
+    consoles are not queued behind them.
     """
 
     BATCH = 500   # departures a hold of the state lock
@@ -1377,17 +1361,12 @@ class Departures:
 
     def add(self, ident: str, session: int) -> None:
         self.queue.append((ident, session))
-        if len(self.queue) >= STORM:
-            sys.setswitchinterval(STORM_SWITCH_INTERVAL)
         self.wake.set()
 
     def _run(self) -> None:
         server, queue = self.server, self.queue
-        usual = sys.getswitchinterval()
         while True:
-            if not self.wake.wait(1.0):
-                sys.setswitchinterval(usual)   # a second without any
-                continue
+            self.wake.wait()
             self.wake.clear()
             while queue:
                 with server.lock:
@@ -1609,38 +1588,43 @@ class Reader:
                 pass
         except BlockingIOError:
             pass
+        try:
+            for _ in range(min(self.ARRIVALS_A_ROUND, len(self.arrivals))):
+                greeting = self.arrivals.popleft()
+                self.room.release()
+                self._welcome(greeting, now)
+        finally:
+            if self.arrivals:   # (the next round takes more)
+                self.arrived.set()
+                self._wake_up()
+
+    def _welcome(self, greeting: Greeting, now: float) -> None:
+        """A new connection: counted in by the door (or refused), then its
+        TLS handshake begins, or its welcome is sent."""
         server, context = self.server, self.server.ssl_context
-        for _ in range(min(self.ARRIVALS_A_ROUND, len(self.arrivals))):
-            greeting = self.arrivals.popleft()
-            self.room.release()
-            reason = server.door.arrive(greeting.ticket_key,
-                                        greeting.client_address[0])
-            if reason is not None:
-                server.refuse(greeting.ticket_key, greeting.client_address,
-                              reason)
-                continue
-            self.greetings[greeting] = None
-            greeting.deadline = now + HELLO_TIMEOUT
-            try:
-                sock = greeting.sock
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if context is not None:
-                    greeting.sock = context.wrap_socket(
-                        sock, server_side=True,
-                        do_handshake_on_connect=False)
-                    greeting.handshaking = True
-                    self.server.door.reads(greeting.ticket_key,
-                                           greeting.sock)
-                self.selector.register(greeting.sock, selectors.EVENT_READ,
-                                       greeting)
-                if context is None:
-                    self._say(greeting, self.server.welcome(greeting.nonce))
-            except Exception as err:
-                self.ending.setdefault(greeting, err)
-        if self.arrivals:   # (the next round takes more)
-            self.arrived.set()
-            self._wake_up()
+        reason = server.door.arrive(greeting.ticket_key,
+                                    greeting.client_address[0])
+        if reason is not None:
+            server.refuse(greeting.ticket_key, greeting.client_address,
+                          reason)
+            return
+        self.greetings[greeting] = None
+        greeting.deadline = now + HELLO_TIMEOUT
+        try:
+            sock = greeting.sock
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if context is not None:
+                greeting.sock = context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False)
+                greeting.handshaking = True
+                server.door.reads(greeting.ticket_key, greeting.sock)
+            self.selector.register(greeting.sock, selectors.EVENT_READ,
+                                   greeting)
+            if context is None:
+                self._say(greeting, server.welcome(greeting.nonce))
+        except Exception as err:
+            self.ending.setdefault(greeting, err)
 
     def _greet(self, greeting: Greeting, now: float) -> None:
         """A step of the handshake: TLS's, then the welcome sent, the
@@ -1661,8 +1645,11 @@ class Reader:
                 return
             greeting.buffer += data
             self._greeting_messages(greeting, now)
-        except (BlockingIOError, ssl.SSLWantReadError):
+        except BlockingIOError:
             pass
+        except ssl.SSLWantReadError:   # (the handshake's turn to read)
+            if greeting.handshaking:
+                self.selector.modify(sock, selectors.EVENT_READ, greeting)
         except ssl.SSLWantWriteError:   # (the handshake's turn to write)
             self.selector.modify(sock, selectors.EVENT_WRITE, greeting)
         except Exception as err:
@@ -3209,7 +3196,6 @@ def main(argv: Optional[list] = None) -> int:
     except connmon.ConfigError as err:
         print(f"connmond: error: {err}", file=sys.stderr)
         return 2
-    sys.setswitchinterval(SWITCH_INTERVAL)
     # SIGTERM stops it like Ctrl-C from here on, even while it starts.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGHUP, lambda *_: log.warning(
