@@ -9260,6 +9260,56 @@ def test_departure_storm_leaves_the_picture_and_the_daemon_serving(daemon):
         daemon.wait_row("after.py", nproc=1, conn=1, ckout_total=5)
 
 
+def test_a_cloud_reconnecting_at_once_is_greeted_and_attached(daemon):
+    """More apps than the door's waiting room (MAX_WAITING) connect in the
+    same instant from many hosts, as after a restart of connmond: each
+    is welcomed, says its hello once welcomed and its state once ready,
+    as the plugin does, and each attaches; none is refused or let go
+    (the door counts a connection in only as the reader greets it)."""
+    import resource
+    import selectors
+    size, hosts = connmon_server.MAX_WAITING + 576, 32   # 50 from a host
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (max(soft, min(hard, 2 * size + 256)), hard))
+    selector = selectors.DefaultSelector()
+    answers: Dict[int, List[bytes]] = {}
+    socks: List[socket.socket] = []
+    try:
+        for n in range(size):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.setblocking(False)
+            sock.bind((f"127.0.2.{n % hosts + 1}", 0))
+            sock.connect_ex((daemon.host, daemon.port))
+            selector.register(sock, selectors.EVENT_READ, n)
+            answers[n] = []
+        hello = {"op": "hello", "version": 1, "role": "app"}
+        deadline = time.monotonic() + 120
+        while (time.monotonic() < deadline
+               and any(len(lines) < 2 for lines in answers.values())):
+            for key, _ in selector.select(1.0):
+                n, sock = key.data, key.fileobj
+                data = sock.recv(65536)
+                lines = answers[n]
+                lines.extend(data.splitlines() if data else [b"(closed)"])
+                if not data or any(b'"error"' in line for line in lines):
+                    selector.unregister(sock)
+                elif len(lines) == 1:   # welcomed: the hello
+                    sock.sendall(connmon.encode({**hello, **proc_fields(
+                        f"cloud-{n}", "cloud.py")}))
+                elif len(lines) == 2:   # ready: the state
+                    sock.sendall(connmon.encode(state_message(1)))
+        assert [n for n, lines in answers.items() if [
+            json.loads(line)["op"] if line.startswith(b"{") else line
+            for line in lines] != ["welcome", "ready"]] == []
+        daemon.wait_row("cloud.py", nproc=size, conn=size, timeout=60)
+        assert "refused" not in daemon.log.read_text()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 # ===========================================================================
 # Exports (Prometheus, CSV, logging)
 #
