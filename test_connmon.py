@@ -8760,6 +8760,42 @@ def fit_rows(count: int) -> List[Dict[str, Any]]:
              "ckout": i % 3} for i in range(count)]
 
 
+def test_snapshot_replies_are_shared_by_consoles_asking_meanwhile():
+    """Sixteen consoles asking at once cost two builds, not sixteen (the
+    first asker's, and one for all who asked while it was built), and
+    none gets a reply begun before it asked; each kind is built apart."""
+    builds: List[bool] = []
+
+    def build(procs: bool) -> bytes:
+        builds.append(procs)
+        number = len(builds)
+        time.sleep(0.2)
+        return str(number).encode()
+
+    replies = connmon_server.SharedReplies(build)
+    start = threading.Barrier(17)
+    got: Dict[int, Tuple[int, int]] = {}   # thread -> (builds before, reply)
+
+    def ask(n: int) -> None:
+        start.wait()
+        if n:   # (the first asks alone, the others while it builds)
+            time.sleep(0.05)
+        before = len(builds)
+        got[n] = before, int(replies.get(False))
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    for thread in threads:
+        thread.join(30)
+    assert len(got) == 16
+    assert all(reply > before for before, reply in got.values()), got
+    assert len(builds) <= 3   # (2, unless the box held a thread back)
+    assert int(replies.get(True)) == len(builds) and builds[-1] is True
+    assert replies.done[False][1] == b""   # (kept only while wanted)
+
+
 def test_fit_reply_under_the_limit_is_the_message_itself():
     message = {"op": "snapshot", "rows": fit_rows(5)}
     reply = connmon_server.fit_reply(message, 1 << 20)
