@@ -1538,13 +1538,16 @@ class Reader:
     # next batch is read (they die young, where the collector is cheap).
     BATCH = 64
     READ_SIZE = 65536   # bytes read from a connection at a time
-    # A round begins at most this often: what comes meanwhile waits in the
-    # kernel's buffers and is read in the next round, so that at a message
-    # a second from each of thousands of processes a round reads dozens,
-    # not one (a wake-up, a select and a hold of the lock shared by them),
-    # for at most this much more delay, far inside the console's second.
-    # A new connection begins a round at once: it is welcomed at once.
+    # While more than BUSY apps are served and connections are read more
+    # than BUSY times a second, a round begins at most every ROUND_TIME:
+    # what comes meanwhile waits in the kernel's buffers and is read in
+    # the next round, so that at a message a second from each of thousands
+    # of processes a round reads dozens, not one (a wake-up, a select and
+    # a hold of the lock shared by them), for at most this much more
+    # delay, far inside the console's second.  Otherwise (a few clients,
+    # however chatty), and for a new connection, a round begins at once.
     ROUND_TIME = 0.02
+    BUSY = 200
     # New connections taken (welcomed) a round, and waiting to be taken
     # at most: after a restart, the room of the door (MAX_WAITING) holds
     # a few rounds' hellos.
@@ -1566,6 +1569,10 @@ class Reader:
         # Silence is looked for a few times a heartbeat, at most each second.
         self.sweep_interval = min(1.0, server.heartbeat / 4)
         self.next_sweep = time.monotonic()
+        self.busy = False   # read more than BUSY times in the last second
+        #                     with more than BUSY apps
+        self.reads = 0      # ... this second, so far
+        self.second = int(self.next_sweep)
         # A round's work: updates to apply, pings to answer, endings.
         self.changes: List[Tuple[AppStream, connmon.Update,
                                  Dict[str, Any]]] = []
@@ -1602,13 +1609,19 @@ class Reader:
                 self.changes.clear()
                 self.pings.clear()
                 self.ending.clear()
-            self.arrived.wait(max(0.0, began + self.ROUND_TIME
-                                  - time.monotonic()))
+            if self.busy:
+                self.arrived.wait(max(0.0, began + self.ROUND_TIME
+                                      - time.monotonic()))
 
     def _round(self) -> None:
         ready = self.selector.select(
             max(0.0, self.next_sweep - time.monotonic()))
         now = time.monotonic()
+        if int(now) != self.second:
+            self.busy = (self.reads > self.BUSY < len(self.streams)
+                         and int(now) == self.second + 1)
+            self.second, self.reads = int(now), 0
+        self.reads += len(ready)
         for first in range(0, len(ready), self.BATCH):
             for key, _ in ready[first:first + self.BATCH]:
                 if key.data is None:
