@@ -9163,9 +9163,9 @@ def test_malformed_counters_only_update_is_refused_clearly(daemon, fields,
 
 
 def test_messages_sent_with_the_state_are_all_applied(daemon):
-    """What an app sends in the same write as its first state (read by its
-    handler thread past the state) reaches the reader and is applied, in
-    order, before the pong that follows it."""
+    """What an app sends in the same write as its first state (read with
+    the state, while it is greeted) is applied, in order, before the pong
+    that follows it."""
     sock, rfile, answer = say_hello(daemon.port, "app", **proc_fields(
         "eager-1", "eager.py"))
     with sock:
