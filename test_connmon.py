@@ -8476,6 +8476,11 @@ def test_trust_out_of_file_descriptors_backs_off_and_says_so_once(
     daemon = FewFilesDaemon(tmp_path)
     held = []
     try:
+        # The start's probe (a connection closed at once) is gone first:
+        # its end would free a file mid-flood, a second episode.
+        wait_until(lambda: re.search("(closed|lost) before hello",
+                                     daemon.log.read_text()),
+                   15, "the probe's end")
         for n in range(60):   # more than the daemon can hold open
             source = f"127.0.0.{10 + n % 3}"
             held.append(socket.create_connection(
