@@ -756,15 +756,19 @@ def databases(processes: Iterable[ProcessState],
         "databases": [{"database": database, "users": _top(users, TOP_USERS),
                        "users_trimmed": max(0, len(users) - TOP_USERS),
                        **holdings.figures()}
-                      for database, (holdings, users) in (
-                          (database, on_server[name][database])
-                          for database in _top({
-                              database: holdings.conn for database, (
-                                  holdings, _) in on_server[name].items()},
-                              TOP_DATABASES))],
+                      for database, (holdings, users) in _top_items(
+                          on_server[name], TOP_DATABASES)],
         "databases_trimmed": max(0, len(on_server[name]) - TOP_DATABASES),
     } for name in listed],
         "databases_trimmed": len(servers) - len(listed)}
+
+
+def _top_items(held: Dict[Any, Tuple[_Holdings, Any]], count: int
+               ) -> List[Tuple[Any, Tuple[_Holdings, Any]]]:
+    """The ``count`` items of ``held`` whose holdings hold the most
+    connections (see _top)."""
+    return [(name, held[name]) for name in _top(
+        {name: holdings.conn for name, (holdings, _) in held.items()}, count)]
 
 
 def _top(conns: Dict[Any, int], count: int) -> List[Any]:
@@ -1035,7 +1039,7 @@ class Door:
         return None
 
     def reads(self, request: socket.socket, sock: socket.socket) -> None:
-        """The handler of ``request`` reads ``sock`` now (TLS)."""
+        """The reader reads ``request`` through ``sock`` now (TLS)."""
         with self.lock:
             self.tickets[request].sock = sock
 
@@ -1265,7 +1269,7 @@ class ConnmonServer(socketserver.ThreadingTCPServer):
         self.shutdown_request(request)
 
     def snapshot(self, procs: bool = False) -> Dict[str, Any]:
-        """The picture now, read under the lock: the app reader waits
+        """The picture now, read under the lock: the reader waits
         meanwhile (about 0.2 s with 10,000 processes), and what it reads
         waits in the kernel's buffers.  A copy of the picture to read
         outside the lock cost more than the reading itself, and the
@@ -1473,6 +1477,16 @@ def say_why_it_ends(peer: str, err: Exception, role: Optional[str],
     return None
 
 
+def line_end(buffer: bytearray, start: int, limit: int) -> int:
+    """Where the message at ``start`` of ``buffer`` ends (past its
+    newline), or -1 while it has not all come; ProtocolError when it is
+    longer than ``limit`` bytes."""
+    end = buffer.find(b"\n", start, start + limit + 1)
+    if end < 0 and len(buffer) - start > limit:
+        raise ProtocolError(f"message longer than {limit} bytes")
+    return end + 1 if end >= 0 else -1
+
+
 class Greeting:
     """A connection from its accept until its hello is through (an app's:
     until its first state is): what the reader needs to greet it."""
@@ -1618,8 +1632,9 @@ class Reader:
             max(0.0, self.next_sweep - time.monotonic()))
         now = time.monotonic()
         if int(now) != self.second:
-            self.busy = (self.reads > self.BUSY < len(self.streams)
-                         and int(now) == self.second + 1)
+            last_second = int(now) == self.second + 1
+            self.busy = (last_second and self.reads > self.BUSY
+                         and len(self.streams) > self.BUSY)
             self.second, self.reads = int(now), 0
         self.reads += len(ready)
         for first in range(0, len(ready), self.BATCH):
@@ -1707,10 +1722,7 @@ class Reader:
                 greeting.handshaking = False
                 self.selector.modify(sock, selectors.EVENT_READ, greeting)
                 self._say(greeting, self.server.welcome(greeting.nonce))
-            data = sock.recv(self.READ_SIZE)
-            if isinstance(sock, ssl.SSLSocket):
-                while data and sock.pending():
-                    data += sock.recv(self.READ_SIZE)
+            data = self._receive(sock)
             if not data:
                 self.ending.setdefault(greeting, None)
                 return
@@ -1731,16 +1743,12 @@ class Reader:
         handler thread of its own), then an app's first state."""
         buffer = greeting.buffer
         while True:
-            limit = (MAX_HELLO_BYTES if greeting.role is None
-                     else connmon.MAX_MESSAGE_BYTES)
-            end = buffer.find(b"\n", 0, limit + 1)
+            end = line_end(buffer, 0, MAX_HELLO_BYTES if greeting.role is None
+                           else connmon.MAX_MESSAGE_BYTES)
             if end < 0:
-                if len(buffer) > limit:
-                    raise ProtocolError(f"message longer than {limit} "
-                                        "bytes")
                 return
-            message = connmon.decode(bytes(buffer[:end + 1]))
-            del buffer[:end + 1]
+            message = connmon.decode(bytes(buffer[:end]))
+            del buffer[:end]
             if greeting.role is not None:   # an app's first state
                 self._attach(greeting, message, now)
                 return
@@ -1839,15 +1847,20 @@ class Reader:
         self.server.shutdown_request(sock)
         self.server.door.depart(ticket_key)
 
+    def _receive(self, sock: socket.socket) -> bytes:
+        """What a connection has sent (b"" at its end); over TLS, also
+        what the TLS layer holds decrypted, which select does not see."""
+        data = sock.recv(self.READ_SIZE)
+        if isinstance(sock, ssl.SSLSocket):
+            while data and sock.pending():
+                data += sock.recv(self.READ_SIZE)
+        return data
+
     # -- serving apps ---------------------------------------------------------
 
     def _read(self, stream: AppStream, now: float) -> None:
-        sock = stream.sock
         try:
-            data = sock.recv(self.READ_SIZE)
-            if isinstance(sock, ssl.SSLSocket):   # decrypted, not yet read
-                while data and sock.pending():
-                    data += sock.recv(self.READ_SIZE)
+            data = self._receive(stream.sock)
         except (BlockingIOError, ssl.SSLWantReadError):
             return
         except Exception as err:
@@ -1865,21 +1878,19 @@ class Reader:
     def _parse(self, stream: AppStream, now: float) -> None:
         """Take the complete messages out of ``stream``'s buffer: its
         updates, checked, to apply; its pings, to answer."""
-        buffer, limit, start = stream.buffer, connmon.MAX_MESSAGE_BYTES, 0
+        buffer, start = stream.buffer, 0
         try:
             while True:
-                end = buffer.find(b"\n", start, start + limit + 1)
+                end = line_end(buffer, start, connmon.MAX_MESSAGE_BYTES)
                 if end < 0:
                     break
-                message = connmon.decode(bytes(buffer[start:end + 1]))
-                start = end + 1
+                message = connmon.decode(bytes(buffer[start:end]))
+                start = end
                 if request_op(message, ROLES["app"]) == "ping":
                     self.pings.append(stream)
                 else:
                     self.changes.append((stream, connmon.Update(message),
                                          message))
-            if len(buffer) - start > limit:
-                raise ProtocolError(f"message longer than {limit} bytes")
         except Exception as err:   # bad input; any other is a bug
             self.ending[stream] = err
         del buffer[:start]

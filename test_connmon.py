@@ -8770,11 +8770,13 @@ def test_snapshot_replies_are_shared_by_consoles_asking_meanwhile():
     first asker's, and one for all who asked while it was built), and
     none gets a reply begun before it asked; each kind is built apart."""
     builds: List[bool] = []
+    first_begun = threading.Event()
 
     def build(procs: bool) -> bytes:
         builds.append(procs)
         number = len(builds)
-        time.sleep(0.2)
+        first_begun.set()
+        time.sleep(0.2)   # (a build's length: the others ask meanwhile)
         return str(number).encode()
 
     replies = connmon_server.SharedReplies(build)
@@ -8784,7 +8786,7 @@ def test_snapshot_replies_are_shared_by_consoles_asking_meanwhile():
     def ask(n: int) -> None:
         start.wait()
         if n:   # (the first asks alone, the others while it builds)
-            time.sleep(0.05)
+            assert first_begun.wait(10)
         before = len(builds)
         got[n] = before, int(replies.get(False))
 
