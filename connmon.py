@@ -617,9 +617,10 @@ def candidate_addresses(service: Service,
 #
 # Room: max_clients apps at once, CONSOLE_ROOM (64) consoles, four links
 # an other node; at most MAX_WAITING (1024) connections before their
-# hello, MAX_WAITING_PER_ADDRESS (64) from one address (the refusals say
-# "too many connections (max_clients is N)", "too many connections from
-# ADDRESS waiting for their hello (64)").
+# hello (past it, the one waiting longest is let go once it has had
+# HELLO_GRACE, 1 s), MAX_WAITING_PER_ADDRESS (64) from one address (the
+# refusals say "too many connections (max_clients is N)", "too many
+# connections from ADDRESS waiting for their hello (64)").
 #
 # Heartbeat.  Every client (and every peer, on a quiet link) sends
 # {"op": "ping"} when it has sent nothing else for a third of the

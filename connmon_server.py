@@ -830,6 +830,7 @@ MAX_HELLO_BYTES = 16384   # the most a client may send before it is trusted
 PROBLEM_LOG_INTERVAL = 10.0   # seconds between two log lines of one kind
 MAX_WAITING = 1024        # connections not yet past their hello, in all
 MAX_WAITING_PER_ADDRESS = 64  # ... and from one source address
+HELLO_GRACE = 1.0         # seconds one of them keeps its place in any case
 CONSOLE_ROOM = 64         # consoles served beside max_clients apps
 MAXIMA_INTERVAL = 5.0     # seconds between two maxima sent to each peer
 ACCEPT_BACKOFF_MAX = 1.0  # seconds the accept loop rests, out of files
@@ -979,10 +980,11 @@ class Ticket:
     admitted as (None while it has not said its hello), and the socket
     its handler reads (the TLS one, once made)."""
 
-    def __init__(self, host: str, sock: socket.socket):
+    def __init__(self, host: str, sock: socket.socket, since: float):
         self.host = host
         self.role: Optional[str] = None
         self.sock = sock
+        self.since = since   # (monotonic) counted in
 
 
 class Door:
@@ -993,8 +995,10 @@ class Door:
     that silent ones cannot lock anyone out: from one address they are
     refused past their share, and when all the room is taken (silent
     ones from many addresses) the one that has waited longest is let go
-    for the newcomer, since an honest client says its hello at once and
-    leaves the room within milliseconds.  After its hello a client
+    for the newcomer, once it has had HELLO_GRACE to say its hello (an
+    honest client says it within milliseconds, a whole cloud reconnecting
+    at once within the grace; newcomers wait in the kernel's queue
+    meanwhile, see Reader).  After its hello a client
     takes the room of its role: max_clients apps, of which at most
     max_clients_per_address from one source address (so that one host,
     or one holder of the apps' secret, cannot lock the others out),
@@ -1024,8 +1028,19 @@ class Door:
         """Every connection the door may let in at once."""
         return MAX_WAITING + sum(self.room.values())
 
-    def arrive(self, request: socket.socket, host: str) -> Optional[str]:
-        """Count a new connection in, or say why it is refused."""
+    def place_at(self) -> float:
+        """When a newcomer may be counted in (monotonic): at once (0.0)
+        while the waiting room has a place, else once the connection that
+        has waited longest has had its HELLO_GRACE."""
+        with self.lock:
+            if self.waiting[""] < MAX_WAITING:
+                return 0.0
+            return next(iter(self.unheard.values())).since + HELLO_GRACE
+
+    def arrive(self, request: socket.socket, host: str,
+               now: float) -> Optional[str]:
+        """Count a new connection in, or say why it is refused (the caller
+        has waited for ``place_at``)."""
         with self.lock:
             if self.waiting[host] >= MAX_WAITING_PER_ADDRESS:
                 return (f"too many connections from {host} waiting for "
@@ -1034,8 +1049,8 @@ class Door:
                 self._let_go(next(iter(self.unheard)))
             self.waiting[""] += 1
             self.waiting[host] += 1
-            self.tickets[request] = self.unheard[request] = Ticket(host,
-                                                                   request)
+            self.tickets[request] = self.unheard[request] = Ticket(
+                host, request, now)
         return None
 
     def reads(self, request: socket.socket, sock: socket.socket) -> None:
@@ -1564,7 +1579,8 @@ class Reader:
     BUSY = 200
     # New connections taken (welcomed) a round, and waiting to be taken
     # at most: after a restart, the room of the door (MAX_WAITING) holds
-    # a few rounds' hellos.
+    # a few rounds' hellos.  While the room is full, newcomers are taken
+    # as hellos are read, or as the grace of the longest waiting ends.
     ARRIVALS_A_ROUND = 256
     MAX_ARRIVALS = 1024
 
@@ -1575,6 +1591,7 @@ class Reader:
         self.greetings: Dict[Greeting, None] = {}
         self.arrivals: collections.deque = collections.deque()
         self.arrived = threading.Event()   # (ends the rest between rounds)
+        self.take_at = 0.0   # (monotonic) when arrivals may be taken next
         self.room = threading.BoundedSemaphore(self.MAX_ARRIVALS)
         self.wake, self._waker = socket.socketpair()
         for sock in (self.wake, self._waker):
@@ -1628,8 +1645,9 @@ class Reader:
                                       - time.monotonic()))
 
     def _round(self) -> None:
-        ready = self.selector.select(
-            max(0.0, self.next_sweep - time.monotonic()))
+        until = (min(self.next_sweep, self.take_at) if self.arrivals
+                 else self.next_sweep)
+        ready = self.selector.select(max(0.0, until - time.monotonic()))
         now = time.monotonic()
         if int(now) != self.second:
             last_second = int(now) == self.second + 1
@@ -1640,7 +1658,7 @@ class Reader:
         for first in range(0, len(ready), self.BATCH):
             for key, _ in ready[first:first + self.BATCH]:
                 if key.data is None:
-                    self._take_arrivals(now)
+                    self._drain_wake()
                 elif type(key.data) is AppStream:
                     self._read(key.data, now)
                 elif key.data in self.greetings:   # (not just admitted)
@@ -1664,32 +1682,43 @@ class Reader:
             else:
                 self._end_greeting(client, err)
         self.ending.clear()
+        if self.arrivals:
+            self._take_arrivals(now)
 
     # -- greeting -------------------------------------------------------------
 
-    def _take_arrivals(self, now: float) -> None:
+    def _drain_wake(self) -> None:
         self.arrived.clear()
         try:
             while self.wake.recv(4096):
                 pass
         except BlockingIOError:
             pass
+
+    def _take_arrivals(self, now: float) -> None:
+        """Welcome up to ARRIVALS_A_ROUND new connections, as long as the
+        door has a place for them; the next round takes more at once, or
+        when the door will have a place."""
+        taken = 0
         try:
-            for _ in range(min(self.ARRIVALS_A_ROUND, len(self.arrivals))):
+            while self.arrivals and taken < self.ARRIVALS_A_ROUND:
+                self.take_at = self.server.door.place_at()
+                if self.take_at > now:
+                    return
                 greeting = self.arrivals.popleft()
                 self.room.release()
+                taken += 1
                 self._welcome(greeting, now)
         finally:
-            if self.arrivals:   # (the next round takes more)
-                self.arrived.set()
-                self._wake_up()
+            if self.arrivals and self.take_at <= now:
+                self.arrived.set()   # (ends a rest between rounds)
 
     def _welcome(self, greeting: Greeting, now: float) -> None:
         """A new connection: counted in by the door (or refused), then its
         TLS handshake begins, or its welcome is sent."""
         server, context = self.server, self.server.ssl_context
         reason = server.door.arrive(greeting.ticket_key,
-                                    greeting.client_address[0])
+                                    greeting.client_address[0], now)
         if reason is not None:
             server.refuse(greeting.ticket_key, greeting.client_address,
                           reason)
