@@ -1434,11 +1434,6 @@ def frame_mark(frame) -> Optional[FrameMark]:
     return mark
 
 
-def _task_or_weak_ref(holder) -> weakref.ref:
-    return TaskRef(holder) if hasattr(holder, "get_coro") else weakref.ref(
-        holder)
-
-
 class ThreadHolder:
     """The holder of the checkouts of one OS thread (where no green thread
     runs), kept in a thread-local: so it lives exactly as long as the
@@ -1456,23 +1451,23 @@ class ThreadHolder:
         self.ident = ident
 
 
-def holder_finder(is_async: bool) -> Tuple[Any, Any, Any]:
-    """The functions a checkout listener calls for the current holder and
-    its weak reference: the task on an asyncio engine, else the greenlet
-    where green threads may run (greenlet imported), else the thread's
+def holder_finder(is_async: bool) -> Tuple[Any, Any]:
+    """The functions a checkout listener calls for a weak reference to the
+    current holder: the task on an asyncio engine, else the greenlet where
+    green threads may run (greenlet imported), else the thread's
     ThreadHolder.  The first is quick and may answer None; then the
-    second, once per thread, knows; the third refers to the holder."""
+    second, once per thread, knows."""
     if is_async:
         import asyncio
         running_loop, current_task = (asyncio.events._get_running_loop,
                                       asyncio.current_task)
-        quick, fallback, _ = holder_finder(False)
+        quick, fallback = holder_finder(False)
 
         def current_task_or_fallback():
             loop = running_loop()
-            return (loop and current_task(loop)) or quick() or fallback()
-        return (current_task_or_fallback, current_task_or_fallback,
-                _task_or_weak_ref)
+            task = loop and current_task(loop)
+            return TaskRef(task) if task else quick() or fallback()
+        return current_task_or_fallback, current_task_or_fallback
     greenlet = sys.modules.get("greenlet")
     real_get_ident = _real_get_ident()
     if greenlet is None:
@@ -1480,17 +1475,18 @@ def holder_finder(is_async: bool) -> Tuple[Any, Any, Any]:
 
         def first_checkout_in_thread():
             local.holder = holder = ThreadHolder(real_get_ident())
-            return holder
-        return (functools.partial(getattr, local, "holder", None),
-                first_checkout_in_thread, weakref.ref)
+            local.ref = ref = weakref.ref(holder)
+            return ref
+        return (functools.partial(getattr, local, "ref", None),
+                first_checkout_in_thread)
     getcurrent = greenlet.getcurrent
 
     def current_greenlet():
         current = getcurrent()
         if current.parent is None and current not in _thread_greenlets:
             _note_thread_greenlet(current, real_get_ident())
-        return current
-    return current_greenlet, current_greenlet, weakref.ref
+        return weakref.ref(current)
+    return current_greenlet, current_greenlet
 
 
 # A thread's main greenlet -> the thread's ident: a running greenlet's frames
@@ -1614,39 +1610,37 @@ def holder_verdict(ref: weakref.ref, mark: Optional[FrameMark]
 # a count, a hold-time sum and the peaks, not ten thousand events.
 
 # Pool events go from the listeners to the sender's fold thread through a
-# list used as a queue, flat: eight items an event, added at the end by one
+# list used as a queue, flat: six items an event, added at the end by one
 # list.extend() (atomic: C code, holding the GIL throughout) and taken from
-# the front eight at a time.  So what waits in the queue is only numbers,
-# strings, None and a checkout's FrameMark (one that exists already: it is
-# made once per call of a frame, not per event), so queuing makes nothing
-# for the cyclic garbage collector to count; queued tuples made the
-# application's collector run several times as often (measured: see the
-# Performance section).
-#   (CONNECT, conn, when, pool, None, None, None, began)
+# the front six at a time.  So what waits in the queue is only numbers,
+# strings, None and a checkout's "held" tuple (which lives on in
+# Sender.handed until the connection's next checkout, then in the fold's
+# holders until its checkin: queuing it makes nothing new for the cyclic
+# garbage collector to count); queued event tuples made the application's
+# collector run several times as often (measured: see the Performance
+# section).
+#   (CONNECT, conn, when, pool, None, began)
 #       a new DBAPI connection; began: when its opening began (None when
 #       not known), so the connect time is when - began
-#   (CHECKOUT, conn, when, pool, site, mark, holder, began)
-#       handed to the application: site's number, the FrameMark of the
-#       site's frame (None when no frame could be marked), id() of the
-#       holder's weak reference (kept meanwhile in Sender.handed); None
+#   (CHECKOUT, conn, when, pool, held, began)
+#       handed to the application; held: (site's number, the FrameMark of
+#       the site's frame or None when no frame could be marked, a weak
+#       reference to the holder), also kept in Sender.handed, or None
 #       without a site; began: when the application asked the pool (None
 #       for a pool connmon could not measure)
-#   (CHECKIN, conn, when, None, None, None, None, None)  returned to the
-#       pool
-#   (CLOSE, conn, when, None, None, None, None, None)  closed,
-#       invalidated, discarded
-#   (INVALIDATED, conn, when, pool, None, None, None, None)  invalidated:
-#       a failed pre-ping, a disconnect detected, invalidate() (hard or
-#       soft)
-#   (TIMED_OUT, None, when, pool, None, None, None, began)  a checkout gave
-#       up (sqlalchemy.exc.TimeoutError)
-#   (FAILED, None, when, pool, None, None, None, began)  a checkout failed
-#       otherwise: the connection could not be opened
-#   (POOL, pool, when, limit, endpoint, None, None, None)  limit:
-#       pool_size + max_overflow, None when unlimited; endpoint: (backend,
-#       host, port, database, user) or None
-#   (ENGINE_GONE, pool, when, None, None, None, None, None)  its engine
-#       was collected: the pool and its connections are no more
+#   (CHECKIN, conn, when, None, None, None)  returned to the pool
+#   (CLOSE, conn, when, None, None, None)  closed, invalidated, discarded
+#   (INVALIDATED, conn, when, pool, None, None)  invalidated: a failed
+#       pre-ping, a disconnect detected, invalidate() (hard or soft)
+#   (TIMED_OUT, None, when, pool, None, began)  a checkout gave up
+#       (sqlalchemy.exc.TimeoutError)
+#   (FAILED, None, when, pool, None, began)  a checkout failed otherwise:
+#       the connection could not be opened
+#   (POOL, pool, when, limit, endpoint, None)  limit: pool_size +
+#       max_overflow, None when unlimited; endpoint: (backend, host, port,
+#       database, user) or None
+#   (ENGINE_GONE, pool, when, None, None, None)  its engine was collected:
+#       the pool and its connections are no more
 CONNECT = "connect"
 CHECKOUT = "checkout"
 CHECKIN = "checkin"
@@ -1656,7 +1650,7 @@ TIMED_OUT = "timed out"
 FAILED = "failed"
 POOL = "pool"
 ENGINE_GONE = "engine gone"
-EVENT_ITEMS = 8
+EVENT_ITEMS = 6
 
 # A checkout counts as waiting once it has taken this long: a checkout
 # that finds a connection idle takes microseconds, so this leaves out only
@@ -1696,8 +1690,9 @@ class ProcessState:
         self._long_waits: List[Tuple[float, float]] = []   # app side
         # The leak finder: where each checked-out connection was checked out
         # (a site number, named in site_names), by which frames and holder
-        # (app side only: the site's FrameMark and the holder's id, see
-        # holder_verdict), and for long holders where they are now.
+        # (app side only: the site's FrameMark and a weak reference to the
+        # holder, see holder_verdict), and for long holders where they are
+        # now.
         self.holders: Dict[int, tuple] = {}   # conn -> (site, mark, holder)
         self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
         self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
@@ -1751,7 +1746,7 @@ class ProcessState:
         waits, wait_total, wait_max = (self.waits, self.wait_total,
                                        self.wait_max)
         peak_conns, peak_out = self.peak_conns, self.peak_checked_out
-        for kind, ident, when, pool, site, mark, holder, began in events:
+        for kind, ident, when, pool, held, began in events:
             if kind is CHECKIN:
                 since = out.pop(ident, None)
                 if since is not None:
@@ -1777,8 +1772,8 @@ class ProcessState:
                 if ident not in conns:
                     conns[ident] = pool
                     peak_conns = max(peak_conns, len(conns))
-                if site is not None:
-                    holders[ident] = (site, mark, holder)
+                if held is not None:
+                    holders[ident] = held
             elif kind is CONNECT:
                 conns[ident] = pool
                 if len(conns) > peak_conns:
@@ -1805,8 +1800,8 @@ class ProcessState:
                     self._long_waits.append((began, when))
             elif kind is POOL:
                 self.pools[ident] = pool
-                if site is not None:
-                    self.endpoints[ident] = dict(zip(ENDPOINT_FIELDS, site))
+                if held is not None:   # (the endpoint)
+                    self.endpoints[ident] = dict(zip(ENDPOINT_FIELDS, held))
             elif kind is ENGINE_GONE:
                 for gone in self._forget_pool(ident):
                     handed.pop(gone, None)
@@ -1915,9 +1910,9 @@ class ProcessState:
             if now - since < threshold or ident not in self.holders or (
                     is_leak(self.held_at.get(ident, ""))):
                 continue
-            _, mark, holder_id = self.holders[ident]
-            ref = handed.get(ident)
-            if mark is None or ref is None or id(ref) != holder_id:
+            held = self.holders[ident]
+            _, mark, ref = held
+            if mark is None or handed.get(ident) is not held:
                 continue   # no frame marked (a tracer's), or checked out
             #                again meanwhile
             verdict = holder_verdict(ref, mark)
@@ -2615,13 +2610,11 @@ class Sender:
         # pool -> when each checkout now in a measured pool's connect()
         # began (the pool's MeasuredPool.connmon_probe.pending)
         self.pending: Dict[int, List[float]] = {}
-        # connection -> a weak reference to the holder (thread, greenlet,
-        # task) of its last checkout, from the checkout listener to the
-        # leak finder: the queue holds no object the garbage collector
-        # tracks, so the reference's id() travels there and the reference
-        # itself waits here (until the connection is checked out again or
-        # closed; as long as it is held, its id is its own).
-        self.handed: Dict[int, weakref.ref] = {}
+        # connection -> what its last checkout noted of its holder (the
+        # "held" of the CHECKOUT event), written by the checkout listener
+        # at once: the leak finder judges a long holder only while the
+        # fold's holder is still this one (not checked out again since).
+        self.handed: Dict[int, Tuple[int, Any, weakref.ref]] = {}
         # pool -> (capacity, endpoint), of the engines alive: what a forked
         # child announces before it has folded any event of its own
         self.announced: Dict[int, Tuple[Optional[int], Any]] = {}
@@ -2636,7 +2629,7 @@ class Sender:
         self.state = ProcessState(os.urandom(8).hex(),
                                   printable(socket.gethostname(), MAX_NAME),
                                   progname(), os.getpid())
-        self.state.fold((POOL, pool, 0.0, limit, endpoint, None, None, None)
+        self.state.fold((POOL, pool, 0.0, limit, endpoint, None)
                         for pool, (limit, endpoint) in self.announced.items())
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent
@@ -3131,8 +3124,7 @@ def _pool_gone(sender: Sender, connections: Set[int]) -> None:
     """A pool was collected (weakref.finalize): its connections are closed."""
     now = time.monotonic()
     for ident in list(connections):
-        sender.events.extend((CLOSE, ident, now, None, None, None, None,
-                              None))
+        sender.events.extend((CLOSE, ident, now, None, None, None))
     sender.wake(start=False)
 
 
@@ -3141,7 +3133,7 @@ def _engine_gone(sender: Sender, pool_id: int) -> None:
     sender.announced.pop(pool_id, None)
     sender.pending.pop(pool_id, None)
     sender.events.extend((ENGINE_GONE, pool_id, time.monotonic(), None, None,
-                          None, None, None))
+                          None))
     sender.wake(start=False)
 
 
@@ -3187,20 +3179,20 @@ def counted_note(entry) -> Optional[ConnectionNote]:
 
 class PoolProbe:
     """What one monitored engine's pool reports through: its sender's
-    queue, its pool id, whether checkout sites are noted (and how to find
-    a checkout's holder: see holder_finder), and when each checkout now in
-    its connect() began."""
+    queue, its pool id, whether checkout sites are noted (and how to refer
+    to a checkout's holder: see holder_finder), and when each checkout now
+    in its connect() began."""
 
-    __slots__ = ("record", "sender", "pool_id", "sites", "holders",
-                 "pending")
+    __slots__ = ("record", "sender", "pool_id", "sites", "holder",
+                 "first_holder", "pending")
 
     def __init__(self, sender: Sender, pool_id: int, sites: bool,
-                 holders: Tuple[Any, Any, Any]):
+                 holder_refs: Tuple[Any, Any]):
         self.record = sender.events.extend
         self.sender = sender
         self.pool_id = pool_id
         self.sites = sites
-        self.holders = holders
+        self.holder, self.first_holder = holder_refs
         self.pending: List[float] = sender.pending.setdefault(pool_id, [])
 
     def checked_out(self, entry, began: Optional[float]) -> None:
@@ -3212,7 +3204,7 @@ class PoolProbe:
         note = getattr(entry, NOTE, None)   # (see ident(), inlined)
         ident = (note.ident if note.__class__ is ConnectionNote
                  and note.opened is None else self.ident(entry))
-        site = mark = holder = None
+        held = site = None
         if self.sites:
             try:
                 frame = _getframe(_site_depth)
@@ -3225,13 +3217,10 @@ class PoolProbe:
                 mark = frame.f_trace
                 if type(mark) is not FrameMark:   # a new run of the site
                     mark = frame_mark(frame)
-                current_holder, first_holder, refer = self.holders
-                self.sender.handed[ident] = ref = refer(current_holder()
-                                                        or first_holder())
-                holder = id(ref)
+                self.sender.handed[ident] = held = (
+                    site, mark, self.holder() or self.first_holder())
         now = _clock()
-        self.record((CHECKOUT, ident, now, self.pool_id, site, mark,
-                     holder, began))
+        self.record((CHECKOUT, ident, now, self.pool_id, held, began))
         if now > self.sender.wake_until:
             self.sender.wake()
 
@@ -3256,8 +3245,7 @@ class PoolProbe:
         note.opened = None
         note.connections = pool_connections(pool, self.sender)
         note.connections.add(note.ident)
-        self.record((CONNECT, note.ident, when, self.pool_id, None, None,
-                     None, began))
+        self.record((CONNECT, note.ident, when, self.pool_id, None, began))
 
     def gave_up(self, error: BaseException, began: float) -> None:
         """A checkout that raised: a timeout, or a connection that could
@@ -3266,8 +3254,7 @@ class PoolProbe:
             from sqlalchemy.exc import TimeoutError
             kind = TIMED_OUT if isinstance(error, TimeoutError) else FAILED
             now = _clock()
-            self.record((kind, None, now, self.pool_id, None, None, None,
-                         began))
+            self.record((kind, None, now, self.pool_id, None, began))
             if now > self.sender.wake_until:
                 self.sender.wake()
 
@@ -3445,7 +3432,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         ident = (note.ident if note.__class__ is ConnectionNote
                  and note.opened is None else probe.ident(connection_record))
         now = clock()
-        record((CHECKIN, ident, now, None, None, None, None, None))
+        record((CHECKIN, ident, now, None, None, None))
         if now > sender.wake_until:
             sender.wake()
 
@@ -3453,7 +3440,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         note = counted_note(connection_record)
         ident = note.forget() if note else None
         now = clock()
-        record((CLOSE, ident, now, None, None, None, None, None))
+        record((CLOSE, ident, now, None, None, None))
         if now > sender.wake_until:
             sender.wake()
 
@@ -3461,7 +3448,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         note = counted_note(connection_record)
         now = clock()
         record((INVALIDATED, note.ident if note else None, now, pool_id,
-                None, None, None, None))
+                None, None))
         if now > sender.wake_until:
             sender.wake()
 
@@ -3486,7 +3473,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         ident = detached.pop(key, None)
         if ident is not None:
             now = clock()
-            record((CLOSE, ident, now, None, None, None, None, None))
+            record((CLOSE, ident, now, None, None, None))
             if now > sender.wake_until:
                 sender.wake()
 
@@ -3522,7 +3509,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     announced = sender.announced[pool_id] = (
         _pool_limit(engine.pool),
         endpoint_of(engine.url) if target.endpoints else None)
-    record((POOL, pool_id, clock(), *announced, None, None, None))
+    record((POOL, pool_id, clock(), *announced, None))
     weakref.finalize(engine, _engine_gone, sender, pool_id)
     sender.wake(start=False)   # threads start at the first use of a pool
 
