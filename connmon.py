@@ -1299,7 +1299,8 @@ def checkout_site(_getframe=sys._getframe) -> Tuple[Optional[int], Any]:
     coroutine waits, suspended, in the greenlet that started the bridge,
     so the walk goes on there."""
     global _site_depth
-    frame, depth = _first_application_frame(_getframe(2))   # 0: here
+    frame, depth = _first_application_frame(_getframe(3))   # 0: here,
+    #                                      1: site_and_mark, 2: the listener
     if frame is not None:
         _site_depth = depth + 1   # counted from the listener
     else:
@@ -1405,13 +1406,32 @@ class FrameMark:
     calling this one gets None, which asks for no line events, as the
     frame's None did."""
 
-    __slots__ = ("outer",)
+    __slots__ = ("outer", "lasti", "site")
 
     def __init__(self, outer: Optional["FrameMark"]) -> None:
         self.outer = outer
+        self.lasti = -1   # where its frame last checked out (the site's
+        self.site = 0     # offset and number), to spare the next look-up
 
     def __call__(self, frame, event: str, arg: Any) -> None:
         return None
+
+
+def site_and_mark(frame) -> Tuple[Optional[int], Optional[FrameMark]]:
+    """The site of a checkout and the mark of its frame, when the frame
+    at the depth the last site was found (``frame``, or None) has not
+    checked out at this place before in this run of it."""
+    site = frame and _sites.get((id(frame.f_code), frame.f_lasti))
+    if not site:
+        site, frame = checkout_site()
+        if site is None:
+            return None, None
+    mark = frame.f_trace
+    if type(mark) is not FrameMark:   # a new run of the site
+        mark = frame_mark(frame)
+    if mark is not None and frame.f_trace is mark:   # (not a tracer's)
+        mark.lasti, mark.site = frame.f_lasti, site
+    return site, mark
 
 
 def frame_mark(frame) -> Optional[FrameMark]:
@@ -3019,6 +3039,8 @@ SWITCHES = {"connmon_sites": ("checkout_sites", "note checkout sites"),
                                  "and user")}
 # The attribute of a pool entry (ConnectionPoolEntry) that holds connmon's
 # ConnectionNote of its connection: the entry's .info is the application's.
+# (The checkout and the checkin read it as entry._connmon: an attribute
+# read costs them less than getattr().)
 NOTE = "_connmon"
 
 _connection_ids = itertools.count(1)
@@ -3198,25 +3220,29 @@ class PoolProbe:
     def checked_out(self, entry, began: Optional[float]) -> None:
         """Queue a checkout of a pool entry (``began``: when the
         application asked, None when not known), with its site and holder.
-        Runs on the application's thread, for every checkout: the site is
-        looked for at the depth the last one was found first (see
-        checkout_site)."""
-        note = getattr(entry, NOTE, None)   # (see ident(), inlined)
-        ident = (note.ident if note.__class__ is ConnectionNote
-                 and note.opened is None else self.ident(entry))
-        held = site = None
+        Runs on the application's thread, for every checkout: the frame
+        at the depth the last site was found is looked at first, and its
+        mark, once it has checked out at this place, remembers the site
+        (see site_and_mark)."""
+        try:   # (see ident(), inlined)
+            note = entry._connmon
+            ident = (note.ident if note.__class__ is ConnectionNote
+                     and note.opened is None else self.ident(entry))
+        except AttributeError:
+            ident = None
+        held = None
         if self.sites:
+            site: Optional[int]
             try:
                 frame = _getframe(_site_depth)
-                site = _sites.get((id(frame.f_code), frame.f_lasti))
-            except ValueError:   # a shallower stack
-                pass
-            if site is None:
-                site, frame = checkout_site()
-            if site is not None and ident is not None:   # (holder_verdict)
                 mark = frame.f_trace
-                if type(mark) is not FrameMark:   # a new run of the site
-                    mark = frame_mark(frame)
+                if type(mark) is FrameMark and mark.lasti == frame.f_lasti:
+                    site = mark.site   # (this run of the frame's last)
+                else:
+                    site, mark = site_and_mark(frame)
+            except ValueError:   # a shallower stack
+                site, mark = site_and_mark(None)
+            if site is not None and ident is not None:   # (holder_verdict)
                 self.sender.handed[ident] = held = (
                     site, mark, self.holder() or self.first_holder())
         now = _clock()
@@ -3428,9 +3454,12 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         probe.checked_out(connection_record, None)
 
     def on_checkin(dbapi_connection, connection_record):
-        note = getattr(connection_record, NOTE, None)   # (see probe.ident)
-        ident = (note.ident if note.__class__ is ConnectionNote
-                 and note.opened is None else probe.ident(connection_record))
+        try:   # (see probe.ident)
+            note = connection_record._connmon
+            ident = (note.ident if note.__class__ is ConnectionNote and
+                     note.opened is None else probe.ident(connection_record))
+        except AttributeError:
+            ident = None
         now = clock()
         record((CHECKIN, ident, now, None, None, None))
         if now > sender.wake_until:
