@@ -1401,9 +1401,9 @@ def plugin_replay(seed: int, seconds: float, rhythm: float) -> Replay:
             when = began + rand.uniform(0.0001, 0.0005)
             hold = rand.expovariate(1 / 0.02)
             events.append((when, (connmon.CHECKOUT, conn, when, FLEET_POOL,
-                                  None, began)))
+                                  None, None, None, began)))
             events.append((when + hold, (connmon.CHECKIN, conn, when + hold,
-                                         None, None, None)))
+                                         None, None, None, None, None)))
             free_at[conn] = when + hold
             now += rand.expovariate(2 * FLEET_REQUESTS)
         now, busy = max(now, spell), not busy

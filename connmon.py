@@ -1630,37 +1630,39 @@ def holder_verdict(ref: weakref.ref, mark: Optional[FrameMark]
 # a count, a hold-time sum and the peaks, not ten thousand events.
 
 # Pool events go from the listeners to the sender's fold thread through a
-# list used as a queue, flat: six items an event, added at the end by one
+# list used as a queue, flat: eight items an event, added at the end by one
 # list.extend() (atomic: C code, holding the GIL throughout) and taken from
-# the front six at a time.  So what waits in the queue is only numbers,
-# strings, None and a checkout's "held" tuple (which lives on in
-# Sender.handed until the connection's next checkout, then in the fold's
-# holders until its checkin: queuing it makes nothing new for the cyclic
-# garbage collector to count); queued event tuples made the application's
-# collector run several times as often (measured: see the Performance
-# section).
-#   (CONNECT, conn, when, pool, None, began)
+# the front eight at a time.  So what waits in the queue is only numbers,
+# strings, None and a checkout's FrameMark (one that exists already: it is
+# made once per call of a frame, not per event), so queuing makes nothing
+# for the cyclic garbage collector to count; queued tuples made the
+# application's collector run several times as often (measured: see the
+# Performance section).
+#   (CONNECT, conn, when, pool, None, None, None, began)
 #       a new DBAPI connection; began: when its opening began (None when
 #       not known), so the connect time is when - began
-#   (CHECKOUT, conn, when, pool, held, began)
-#       handed to the application; held: (site's number, the FrameMark of
-#       the site's frame or None when no frame could be marked, a weak
-#       reference to the holder), also kept in Sender.handed, or None
+#   (CHECKOUT, conn, when, pool, site, mark, holder, began)
+#       handed to the application: site's number, the FrameMark of the
+#       site's frame (None when no frame could be marked), id() of the
+#       holder's weak reference (kept meanwhile in Sender.handed); None
 #       without a site; began: when the application asked the pool (None
 #       for a pool connmon could not measure)
-#   (CHECKIN, conn, when, None, None, None)  returned to the pool
-#   (CLOSE, conn, when, None, None, None)  closed, invalidated, discarded
-#   (INVALIDATED, conn, when, pool, None, None)  invalidated: a failed
-#       pre-ping, a disconnect detected, invalidate() (hard or soft)
-#   (TIMED_OUT, None, when, pool, None, began)  a checkout gave up
-#       (sqlalchemy.exc.TimeoutError)
-#   (FAILED, None, when, pool, None, began)  a checkout failed otherwise:
-#       the connection could not be opened
-#   (POOL, pool, when, limit, endpoint, None)  limit: pool_size +
-#       max_overflow, None when unlimited; endpoint: (backend, host, port,
-#       database, user) or None
-#   (ENGINE_GONE, pool, when, None, None, None)  its engine was collected:
-#       the pool and its connections are no more
+#   (CHECKIN, conn, when, None, None, None, None, None)  returned to the
+#       pool
+#   (CLOSE, conn, when, None, None, None, None, None)  closed,
+#       invalidated, discarded
+#   (INVALIDATED, conn, when, pool, None, None, None, None)  invalidated:
+#       a failed pre-ping, a disconnect detected, invalidate() (hard or
+#       soft)
+#   (TIMED_OUT, None, when, pool, None, None, None, began)  a checkout gave
+#       up (sqlalchemy.exc.TimeoutError)
+#   (FAILED, None, when, pool, None, None, None, began)  a checkout failed
+#       otherwise: the connection could not be opened
+#   (POOL, pool, when, limit, endpoint, None, None, None)  limit:
+#       pool_size + max_overflow, None when unlimited; endpoint: (backend,
+#       host, port, database, user) or None
+#   (ENGINE_GONE, pool, when, None, None, None, None, None)  its engine
+#       was collected: the pool and its connections are no more
 CONNECT = "connect"
 CHECKOUT = "checkout"
 CHECKIN = "checkin"
@@ -1670,7 +1672,7 @@ TIMED_OUT = "timed out"
 FAILED = "failed"
 POOL = "pool"
 ENGINE_GONE = "engine gone"
-EVENT_ITEMS = 6
+EVENT_ITEMS = 8
 
 # A checkout counts as waiting once it has taken this long: a checkout
 # that finds a connection idle takes microseconds, so this leaves out only
@@ -1710,9 +1712,8 @@ class ProcessState:
         self._long_waits: List[Tuple[float, float]] = []   # app side
         # The leak finder: where each checked-out connection was checked out
         # (a site number, named in site_names), by which frames and holder
-        # (app side only: the site's FrameMark and a weak reference to the
-        # holder, see holder_verdict), and for long holders where they are
-        # now.
+        # (app side only: the site's FrameMark and the holder's id, see
+        # holder_verdict), and for long holders where they are now.
         self.holders: Dict[int, tuple] = {}   # conn -> (site, mark, holder)
         self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
         self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
@@ -1766,7 +1767,7 @@ class ProcessState:
         waits, wait_total, wait_max = (self.waits, self.wait_total,
                                        self.wait_max)
         peak_conns, peak_out = self.peak_conns, self.peak_checked_out
-        for kind, ident, when, pool, held, began in events:
+        for kind, ident, when, pool, site, mark, holder, began in events:
             if kind is CHECKIN:
                 since = out.pop(ident, None)
                 if since is not None:
@@ -1792,8 +1793,8 @@ class ProcessState:
                 if ident not in conns:
                     conns[ident] = pool
                     peak_conns = max(peak_conns, len(conns))
-                if held is not None:
-                    holders[ident] = held
+                if site is not None:
+                    holders[ident] = (site, mark, holder)
             elif kind is CONNECT:
                 conns[ident] = pool
                 if len(conns) > peak_conns:
@@ -1820,8 +1821,8 @@ class ProcessState:
                     self._long_waits.append((began, when))
             elif kind is POOL:
                 self.pools[ident] = pool
-                if held is not None:   # (the endpoint)
-                    self.endpoints[ident] = dict(zip(ENDPOINT_FIELDS, held))
+                if site is not None:
+                    self.endpoints[ident] = dict(zip(ENDPOINT_FIELDS, site))
             elif kind is ENGINE_GONE:
                 for gone in self._forget_pool(ident):
                     handed.pop(gone, None)
@@ -1930,9 +1931,9 @@ class ProcessState:
             if now - since < threshold or ident not in self.holders or (
                     is_leak(self.held_at.get(ident, ""))):
                 continue
-            held = self.holders[ident]
-            _, mark, ref = held
-            if mark is None or handed.get(ident) is not held:
+            _, mark, holder_id = self.holders[ident]
+            ref = handed.get(ident)
+            if mark is None or ref is None or id(ref) != holder_id:
                 continue   # no frame marked (a tracer's), or checked out
             #                again meanwhile
             verdict = holder_verdict(ref, mark)
@@ -2630,11 +2631,13 @@ class Sender:
         # pool -> when each checkout now in a measured pool's connect()
         # began (the pool's MeasuredPool.connmon_probe.pending)
         self.pending: Dict[int, List[float]] = {}
-        # connection -> what its last checkout noted of its holder (the
-        # "held" of the CHECKOUT event), written by the checkout listener
-        # at once: the leak finder judges a long holder only while the
-        # fold's holder is still this one (not checked out again since).
-        self.handed: Dict[int, Tuple[int, Any, weakref.ref]] = {}
+        # connection -> a weak reference to the holder (thread, greenlet,
+        # task) of its last checkout, from the checkout listener to the
+        # leak finder: the queue holds no object the garbage collector
+        # tracks, so the reference's id() travels there and the reference
+        # itself waits here (until the connection is checked out again or
+        # closed; as long as it is held, its id is its own).
+        self.handed: Dict[int, weakref.ref] = {}
         # pool -> (capacity, endpoint), of the engines alive: what a forked
         # child announces before it has folded any event of its own
         self.announced: Dict[int, Tuple[Optional[int], Any]] = {}
@@ -2649,7 +2652,7 @@ class Sender:
         self.state = ProcessState(os.urandom(8).hex(),
                                   printable(socket.gethostname(), MAX_NAME),
                                   progname(), os.getpid())
-        self.state.fold((POOL, pool, 0.0, limit, endpoint, None)
+        self.state.fold((POOL, pool, 0.0, limit, endpoint, None, None, None)
                         for pool, (limit, endpoint) in self.announced.items())
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent
@@ -3146,7 +3149,8 @@ def _pool_gone(sender: Sender, connections: Set[int]) -> None:
     """A pool was collected (weakref.finalize): its connections are closed."""
     now = time.monotonic()
     for ident in list(connections):
-        sender.events.extend((CLOSE, ident, now, None, None, None))
+        sender.events.extend((CLOSE, ident, now, None, None, None, None,
+                              None))
     sender.wake(start=False)
 
 
@@ -3155,7 +3159,7 @@ def _engine_gone(sender: Sender, pool_id: int) -> None:
     sender.announced.pop(pool_id, None)
     sender.pending.pop(pool_id, None)
     sender.events.extend((ENGINE_GONE, pool_id, time.monotonic(), None, None,
-                          None))
+                          None, None, None))
     sender.wake(start=False)
 
 
@@ -3226,13 +3230,12 @@ class PoolProbe:
         (see site_and_mark)."""
         try:   # (see ident(), inlined)
             note = entry._connmon
-            ident = (note.ident if note.__class__ is ConnectionNote
-                     and note.opened is None else self.ident(entry))
         except AttributeError:
-            ident = None
-        held = None
+            note = None
+        ident = (note.ident if note.__class__ is ConnectionNote
+                 and note.opened is None else self.ident(entry))
+        site = mark = holder = None
         if self.sites:
-            site: Optional[int]
             try:
                 frame = _getframe(_site_depth)
                 mark = frame.f_trace
@@ -3243,10 +3246,12 @@ class PoolProbe:
             except ValueError:   # a shallower stack
                 site, mark = site_and_mark(None)
             if site is not None and ident is not None:   # (holder_verdict)
-                self.sender.handed[ident] = held = (
-                    site, mark, self.holder() or self.first_holder())
+                self.sender.handed[ident] = ref = (self.holder()
+                                                   or self.first_holder())
+                holder = id(ref)
         now = _clock()
-        self.record((CHECKOUT, ident, now, self.pool_id, held, began))
+        self.record((CHECKOUT, ident, now, self.pool_id, site, mark, holder,
+                     began))
         if now > self.sender.wake_until:
             self.sender.wake()
 
@@ -3271,7 +3276,8 @@ class PoolProbe:
         note.opened = None
         note.connections = pool_connections(pool, self.sender)
         note.connections.add(note.ident)
-        self.record((CONNECT, note.ident, when, self.pool_id, None, began))
+        self.record((CONNECT, note.ident, when, self.pool_id, None, None,
+                     None, began))
 
     def gave_up(self, error: BaseException, began: float) -> None:
         """A checkout that raised: a timeout, or a connection that could
@@ -3280,7 +3286,8 @@ class PoolProbe:
             from sqlalchemy.exc import TimeoutError
             kind = TIMED_OUT if isinstance(error, TimeoutError) else FAILED
             now = _clock()
-            self.record((kind, None, now, self.pool_id, None, began))
+            self.record((kind, None, now, self.pool_id, None, None, None,
+                         began))
             if now > self.sender.wake_until:
                 self.sender.wake()
 
@@ -3456,12 +3463,12 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     def on_checkin(dbapi_connection, connection_record):
         try:   # (see probe.ident)
             note = connection_record._connmon
-            ident = (note.ident if note.__class__ is ConnectionNote and
-                     note.opened is None else probe.ident(connection_record))
         except AttributeError:
-            ident = None
+            note = None
+        ident = (note.ident if note.__class__ is ConnectionNote
+                 and note.opened is None else probe.ident(connection_record))
         now = clock()
-        record((CHECKIN, ident, now, None, None, None))
+        record((CHECKIN, ident, now, None, None, None, None, None))
         if now > sender.wake_until:
             sender.wake()
 
@@ -3469,7 +3476,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         note = counted_note(connection_record)
         ident = note.forget() if note else None
         now = clock()
-        record((CLOSE, ident, now, None, None, None))
+        record((CLOSE, ident, now, None, None, None, None, None))
         if now > sender.wake_until:
             sender.wake()
 
@@ -3477,7 +3484,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         note = counted_note(connection_record)
         now = clock()
         record((INVALIDATED, note.ident if note else None, now, pool_id,
-                None, None))
+                None, None, None, None))
         if now > sender.wake_until:
             sender.wake()
 
@@ -3502,7 +3509,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         ident = detached.pop(key, None)
         if ident is not None:
             now = clock()
-            record((CLOSE, ident, now, None, None, None))
+            record((CLOSE, ident, now, None, None, None, None, None))
             if now > sender.wake_until:
                 sender.wake()
 
@@ -3538,7 +3545,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     announced = sender.announced[pool_id] = (
         _pool_limit(engine.pool),
         endpoint_of(engine.url) if target.endpoints else None)
-    record((POOL, pool_id, clock(), *announced, None))
+    record((POOL, pool_id, clock(), *announced, None, None, None))
     weakref.finalize(engine, _engine_gone, sender, pool_id)
     sender.wake(start=False)   # threads start at the first use of a pool
 

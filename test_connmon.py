@@ -592,7 +592,8 @@ class SyntheticApp:
               ) -> None:
         """One pool event of ``kind`` (connmon.CONNECT...), as a listener
         without checkout sites queues it."""
-        self.state.fold([(kind, conn, time.monotonic(), pool, None, None)])
+        self.state.fold([(kind, conn, time.monotonic(), pool, None, None,
+                          None, None)])
 
 
 def csv_rows(path) -> List[Dict[str, str]]:
@@ -3754,12 +3755,12 @@ def synthetic_program(daemon: Daemon, host: str, prog: str, conns: int,
     gone."""
     app = SyntheticApp(daemon, host, prog)
     app.state.fold([(connmon.POOL, 1, time.monotonic(), limit, endpoint,
-                     None)])
+                     None, None, None)])
     for conn in range(1, conns + 1):
         app.event(connmon.CONNECT, conn, 1)
     now = time.monotonic()
     app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
-                     1, None, None)
+                     1, None, None, None, None)
                     for conn in range(1, out + 1)])
     if prog == "nova-conductor":
         app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
@@ -4005,8 +4006,10 @@ def test_console_thresholds_marked_with_and_without_colour(tmp_path,
             while not stop.wait(0.2):
                 now = time.monotonic()
                 slow.state.fold([
-                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None),
-                    (connmon.CHECKIN, 1, now, None, None, None)])
+                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None, None,
+                     None),
+                    (connmon.CHECKIN, 1, now, None, None, None, None,
+                     None)])
                 slow.send()
         threading.Thread(target=slow_queries, daemon=True).start()
         for env in ({}, {"TERM": "vt100"}):
@@ -4340,7 +4343,7 @@ class TimeoutStorm(threading.Thread):
         while not self.stopping.is_set():
             now = time.monotonic()
             self.app.state.fold([(connmon.TIMED_OUT, None, now, 1, None,
-                                  now - 5)])
+                                  None, None, now - 5)])
             self.app.state.look_at_waiters(now, {1: [self.began] * 3})
             self.app.send()
             self.stopping.wait(0.5)
@@ -6498,7 +6501,8 @@ def _session_news(ident: str, session: int, held: int, ends: bool
     attached (with ``held`` connections checked out), and maybe it ended."""
     proc = connmon.ProcessState(ident, "host", "prog.py", 42, session)
     for conn in range(held):
-        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None)])
+        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None, None,
+                    None)])
     news = [("attach", proc)]
     if ends:
         news.append(("detach", session))
@@ -8889,14 +8893,15 @@ def pool_events(drawn: List[tuple], start: float) -> List[tuple]:
     for n, (kind, ident, pool, limit) in enumerate(drawn):
         when = start + n / 1000
         if kind == connmon.POOL:
-            events.append((kind, pool, when, limit, None, None))
+            events.append((kind, pool, when, limit, None, None, None, None))
         elif kind == connmon.ENGINE_GONE:
-            events.append((kind, pool, when, None, None, None))
+            events.append((kind, pool, when) + (None,) * 5)
         elif kind in (connmon.CONNECT, connmon.CHECKOUT,
                       connmon.INVALIDATED):   # a connection's pool is fixed
-            events.append((kind, ident, when, ident % 3, None, None))
+            events.append((kind, ident, when, ident % 3, None, None, None,
+                           None))
         else:
-            events.append((kind, ident, when, None, None, None))
+            events.append((kind, ident, when) + (None,) * 5)
     return events
 
 
@@ -9127,7 +9132,7 @@ def test_counters_only_update_changes_only_the_counters(daemon):
     for conn in (1, 2):
         app.event(connmon.CONNECT, conn, pool=7)
     app.event(connmon.CHECKOUT, 1, pool=7)
-    app.state.fold([(connmon.POOL, 7, 0.0, 5, None, None)])
+    app.state.fold([(connmon.POOL, 7, 0.0, 5, None, None, None, None)])
     app.send()
     before = daemon.wait_row("fast.py", procs=True, conn=2, ckout=1)
     assert not connmon.Update(counters_only()).moves
