@@ -1290,8 +1290,8 @@ _site_places: Dict[int, Tuple[Any, int]] = {}   # number -> (code, offset)
 
 
 def checkout_site(_getframe=sys._getframe) -> Tuple[Optional[int], Any]:
-    """Walk out from the checkout listener that calls this to the first
-    application frame, and remember its site and depth: the site's number
+    """Walk out from the checkout listener (which calls this through
+    site_and_mark) to the first application frame, and remember its site and depth: the site's number
     and the frame, or (None, None) if there is no application frame.
 
     On an asyncio engine the pool is called inside SQLAlchemy's greenlet
@@ -3042,8 +3042,6 @@ SWITCHES = {"connmon_sites": ("checkout_sites", "note checkout sites"),
                                  "and user")}
 # The attribute of a pool entry (ConnectionPoolEntry) that holds connmon's
 # ConnectionNote of its connection: the entry's .info is the application's.
-# (The checkout and the checkin read it as entry._connmon: an attribute
-# read costs them less than getattr().)
 NOTE = "_connmon"
 
 _connection_ids = itertools.count(1)
@@ -3228,10 +3226,7 @@ class PoolProbe:
         at the depth the last site was found is looked at first, and its
         mark, once it has checked out at this place, remembers the site
         (see site_and_mark)."""
-        try:   # (see ident(), inlined)
-            note = entry._connmon
-        except AttributeError:
-            note = None
+        note = getattr(entry, NOTE, None)   # (see ident(), inlined)
         ident = (note.ident if note.__class__ is ConnectionNote
                  and note.opened is None else self.ident(entry))
         site = mark = holder = None
@@ -3461,10 +3456,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         probe.checked_out(connection_record, None)
 
     def on_checkin(dbapi_connection, connection_record):
-        try:   # (see probe.ident)
-            note = connection_record._connmon
-        except AttributeError:
-            note = None
+        note = getattr(connection_record, NOTE, None)   # (see probe.ident)
         ident = (note.ident if note.__class__ is ConnectionNote
                  and note.opened is None else probe.ident(connection_record))
         now = clock()
