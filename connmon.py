@@ -1406,10 +1406,12 @@ class FrameMark:
     calling this one gets None, which asks for no line events, as the
     frame's None did."""
 
-    __slots__ = ("outer", "lasti", "site")
+    __slots__ = ("outer", "holder", "lasti", "site")
 
-    def __init__(self, outer: Optional["FrameMark"]) -> None:
+    def __init__(self, outer: Optional["FrameMark"],
+                 holder: weakref.ref) -> None:
         self.outer = outer
+        self.holder = holder   # who runs the frame: see holder_finder
         self.lasti = -1   # where its frame last checked out (the site's
         self.site = 0     # offset and number), to spare the next look-up
 
@@ -1417,10 +1419,12 @@ class FrameMark:
         return None
 
 
-def site_and_mark(frame) -> Tuple[Optional[int], Optional[FrameMark]]:
+def site_and_mark(frame, find_holder
+                  ) -> Tuple[Optional[int], Optional[FrameMark]]:
     """The site of a checkout and the mark of its frame, when the frame
     at the depth the last site was found (``frame``, or None) has not
-    checked out at this place before in this run of it."""
+    checked out at this place before in this run of it; ``find_holder``
+    gives a weak reference to the holder running it (see frame_mark)."""
     site = frame and _sites.get((id(frame.f_code), frame.f_lasti))
     if not site:
         site, frame = checkout_site()
@@ -1428,17 +1432,22 @@ def site_and_mark(frame) -> Tuple[Optional[int], Optional[FrameMark]]:
             return None, None
     mark = frame.f_trace
     if type(mark) is not FrameMark:   # a new run of the site
-        mark = frame_mark(frame)
+        mark = frame_mark(frame, find_holder)
     if mark is not None and frame.f_trace is mark:   # (not a tracer's)
         mark.lasti, mark.site = frame.f_lasti, site
     return site, mark
 
 
-def frame_mark(frame) -> Optional[FrameMark]:
+def frame_mark(frame, find_holder) -> Optional[FrameMark]:
     """The mark of the application frame ``frame``, marking it and its
     application callers not marked yet: the walk out stops at the first
     frame marked already, whose callers were marked with it (it has not
-    returned, so they have not).  None when no frame could be marked."""
+    returned, so they have not).  None when no frame could be marked.
+
+    Each new mark notes the holder running its frame (``find_holder()``,
+    asked once a walk): a frame runs in one holder, so its checkouts need
+    not ask again.  (A generator's frame resumed by another thread would
+    be judged by the holder that ran it first.)"""
     unmarked = []
     while frame is not None:
         mark = frame.f_trace
@@ -1449,8 +1458,10 @@ def frame_mark(frame) -> Optional[FrameMark]:
         frame = frame.f_back
     else:
         mark = None
-    for frame in reversed(unmarked):
-        frame.f_trace = mark = FrameMark(mark)
+    if unmarked:
+        holder = find_holder()
+        for frame in reversed(unmarked):
+            frame.f_trace = mark = FrameMark(mark, holder)
     return mark
 
 
@@ -1596,22 +1607,22 @@ def is_leak(verdict: str) -> bool:
     return verdict.split(" (task ", 1)[0] in (LEAKED, THREAD_GONE)
 
 
-def holder_verdict(ref: weakref.ref, mark: Optional[FrameMark]
-                   ) -> Optional[str]:
+def holder_verdict(mark: FrameMark) -> Optional[str]:
     """What a long holder's connection is now (the "held at" place,
-    "leaked" or "thread gone"), from its holder and the mark of its
-    checkout's site; None when it cannot be seen now."""
-    ended, stack, label = holder_stack(ref)
+    "leaked" or "thread gone"), from the mark of its checkout's site and
+    the holder that mark notes; None when it cannot be seen now."""
+    ended, stack, label = holder_stack(mark.holder)
     if ended:
         return THREAD_GONE + label
     if stack is None:
         return None
     on_stack = {id(frame.f_trace) for frame in stack}
-    while mark is not None:
-        if id(mark) in on_stack:
+    marked: Optional[FrameMark] = mark
+    while marked is not None:
+        if id(marked) in on_stack:
             return printable(describe_stack(stack) + label,
                              MAX_LOCATION)   # what the daemon takes
-        mark = mark.outer
+        marked = marked.outer
     return LEAKED + label
 
 
@@ -1625,54 +1636,48 @@ def holder_verdict(ref: weakref.ref, mark: Optional[FrameMark]
 # attached process and changes it with those messages (update).  Both
 # sides use this one class, so they cannot disagree about the meaning.
 #
-# Per-event work is kept to a few dict operations on the application side,
-# and never crosses the wire: a flush that saw ten thousand checkouts sends
-# a count, a hold-time sum and the peaks, not ten thousand events.
+# A checkout and a checkin, the events of every request, cross no thread:
+# the listener counts them in the connection's own ConnectionNote, which
+# only the thread holding the connection writes (the pool hands it to one
+# holder at a time), and puts the connections out in one dict shared by
+# the process's pools (Sender.out; a dict's item set and pop are atomic).
+# The fold thread reads the notes (ProcessState.fold): its cost follows
+# the connections, once a batch, not the traffic; and nothing is made for
+# a request (no event, no tuple), so the application's garbage collector
+# is not made to run any more often.  A flush that saw ten thousand
+# checkouts sends a count, a hold-time sum and the peaks.
 
-# Pool events go from the listeners to the sender's fold thread through a
-# list used as a queue, flat: eight items an event, added at the end by one
+# The rarer events go from the listeners to the fold thread through a
+# list used as a queue, flat: six items an event, added at the end by one
 # list.extend() (atomic: C code, holding the GIL throughout) and taken from
-# the front eight at a time.  So what waits in the queue is only numbers,
-# strings, None and a checkout's FrameMark (one that exists already: it is
-# made once per call of a frame, not per event), so queuing makes nothing
-# for the cyclic garbage collector to count; queued tuples made the
-# application's collector run several times as often (measured: see the
-# Performance section).
-#   (CONNECT, conn, when, pool, None, None, None, began)
-#       a new DBAPI connection; began: when its opening began (None when
-#       not known), so the connect time is when - began
-#   (CHECKOUT, conn, when, pool, site, mark, holder, began)
-#       handed to the application: site's number, the FrameMark of the
-#       site's frame (None when no frame could be marked), id() of the
-#       holder's weak reference (kept meanwhile in Sender.handed); None
-#       without a site; began: when the application asked the pool (None
-#       for a pool connmon could not measure)
-#   (CHECKIN, conn, when, None, None, None, None, None)  returned to the
-#       pool
-#   (CLOSE, conn, when, None, None, None, None, None)  closed,
-#       invalidated, discarded
-#   (INVALIDATED, conn, when, pool, None, None, None, None)  invalidated:
-#       a failed pre-ping, a disconnect detected, invalidate() (hard or
-#       soft)
-#   (TIMED_OUT, None, when, pool, None, None, None, began)  a checkout gave
-#       up (sqlalchemy.exc.TimeoutError)
-#   (FAILED, None, when, pool, None, None, None, began)  a checkout failed
-#       otherwise: the connection could not be opened
-#   (POOL, pool, when, limit, endpoint, None, None, None)  limit:
-#       pool_size + max_overflow, None when unlimited; endpoint: (backend,
-#       host, port, database, user) or None
-#   (ENGINE_GONE, pool, when, None, None, None, None, None)  its engine
-#       was collected: the pool and its connections are no more
+# the front six at a time.
+#   (CONNECT, conn, when, pool, note, began)  a connection counted (see
+#       PoolProbe.count): its ConnectionNote; began: when its opening began
+#       (None when not known), so the connect time is when - began
+#   (CLOSE, conn, when, None, None, None)  closed, invalidated, discarded
+#   (INVALIDATED, conn, when, pool, None, None)  invalidated: a failed
+#       pre-ping, a disconnect detected, invalidate() (hard or soft)
+#   (WAITED, None, when, pool, None, began)  a checkout that waited for
+#       WAITING_AFTER or more (it is counted in its note too)
+#   (TIMED_OUT, None, when, pool, None, began)  a checkout gave up
+#       (sqlalchemy.exc.TimeoutError)
+#   (FAILED, None, when, pool, None, began)  a checkout failed otherwise:
+#       the connection could not be opened
+#   (POOL, pool, when, limit, endpoint, None)  limit: pool_size +
+#       max_overflow, None when unlimited; endpoint: (backend, host, port,
+#       database, user) or None
+#   (ENGINE_GONE, pool, when, None, None, None)  its engine was collected:
+#       the pool and its connections are no more
 CONNECT = "connect"
-CHECKOUT = "checkout"
-CHECKIN = "checkin"
 CLOSE = "close"
 INVALIDATED = "invalidated"
+WAITED = "waited"
 TIMED_OUT = "timed out"
 FAILED = "failed"
 POOL = "pool"
 ENGINE_GONE = "engine gone"
-EVENT_ITEMS = 8
+EVENT_ITEMS = 6
+CONNECT_NOTE = 4   # where a CONNECT event has its note
 
 # A checkout counts as waiting once it has taken this long: a checkout
 # that finds a connection idle takes microseconds, so this leaves out only
@@ -1684,6 +1689,85 @@ ENDPOINT_FIELDS = ("backend", "host", "port", "database", "user")
 # clients send.
 MAX_PROCESS_CONNECTIONS = 5000   # with the others: <= 8.2 MiB a process
 MAX_PROCESS_POOLS = 1000
+
+
+class ConnectionNote:
+    """What connmon notes of one open DBAPI connection of a pool, kept as
+    the ``_connmon`` attribute (NOTE) of its pool entry: not in the entry's
+    ``.info``, which is the application's (it is Connection.info too), nor
+    in a mapping keyed by the entry, whose look-up would cost each checkout
+    and checkin more than an attribute (or by the DBAPI connection:
+    sqlite3's cannot be weakly referenced).  A reconnect of the entry replaces
+    the note (see on_connect).
+
+    The connection is counted at its first checkout or checkin, not when
+    opened (see on_connect): until then ``opened`` holds when it was
+    opened, when its opening began, and its pool; once counted,
+    ``connections`` is that pool's set of open connections (see
+    pool_connections), which it is in.
+
+    Its checkouts and checkins are counted here, by the thread holding it
+    (see PoolProbe.checked_out and the checkin listener): when it was
+    last checked out (``out_at``), from which site and frame (``site``,
+    ``mark``: see holder_verdict), and since it was opened how many
+    checkouts and the seconds they waited (``waited``, when its pool is
+    ``measured``), and how many holds and their seconds.  Each counter is
+    written after the sums it gates (``waited`` before ``checkouts``,
+    ``held`` before ``holds``), and the fold thread reads them the other
+    way round, so a count it has seen never lacks its seconds.  ``seen``
+    is the fold thread's own: the counts and sums it has folded.  The
+    longest wait since the fold last looked (``wait_max``) is the one
+    value both write: the fold thread's reset may drop a wait of under
+    WAITING_AFTER that ends in the same instant (longer ones also come as
+    WAITED events)."""
+
+    __slots__ = ("ident", "pool", "measured", "opened", "connections",
+                 "out_at", "site", "mark", "checkouts", "waited", "wait_max",
+                 "holds", "held", "seen")
+
+    def __init__(self, ident: int, pool: int, measured: bool,
+                 opened: Tuple[float, Optional[float], Any]):
+        self.ident = ident
+        self.pool = pool
+        self.measured = measured
+        self.opened: Optional[Tuple[float, Optional[float], Any]] = opened
+        self.connections: Optional[Set[int]] = None
+        self.out_at = 0.0
+        self.site: Optional[int] = None
+        self.mark: Optional[FrameMark] = None
+        self.checkouts = self.holds = 0
+        self.waited = self.wait_max = self.held = 0.0
+        self.seen: Tuple[int, int, float, float] = (0, 0, 0.0, 0.0)
+
+    def counted_since_seen(self) -> Tuple[int, int, float, float, float]:
+        """(Fold thread) the checkouts, holds, hold seconds, wait seconds
+        and longest wait since the fold thread last looked, which it has
+        now seen."""
+        checkouts, holds = self.checkouts, self.holds   # (then their sums)
+        seen = self.seen
+        if checkouts == seen[0] and holds == seen[1]:
+            return 0, 0, 0.0, 0.0, 0.0
+        held, waited, wait_max = self.held, self.waited, self.wait_max
+        self.wait_max = 0.0
+        self.seen = (checkouts, holds, held, waited)
+        return (checkouts - seen[0], holds - seen[1], held - seen[2],
+                waited - seen[3], wait_max)
+
+    def inherited(self, now: float) -> None:
+        """(Forked child) The parent's connection: what the parent counted
+        is the parent's, and the child counts it at its first checkout or
+        checkin, as it would one it opened now (see PoolProbe.counted)."""
+        self.seen = (self.checkouts, self.holds, self.held, self.waited)
+        self.wait_max = 0.0
+        self.opened = (now, None, None)
+
+    def forget(self) -> int:
+        """The counted connection leaves its pool (closed or detached):
+        its id."""
+        if self.connections is not None:   # (counted: see counted_note)
+            self.connections.discard(self.ident)
+        return self.ident
+
 
 
 class ProcessState:
@@ -1709,12 +1793,15 @@ class ProcessState:
         # pool -> (checkouts waiting now, since when the longest waits)
         self.waiting: Dict[int, Tuple[int, float]] = {}
         self.max_conns = self.max_checked_out = self.max_waiting = 0
-        self._long_waits: List[Tuple[float, float]] = []   # app side
+        # App side: the notes of the connections open, and the waits of
+        # WAITING_AFTER or more that ended since the last look (began, end)
+        self.notes: Dict[int, "ConnectionNote"] = {}
+        self._long_waits: List[Tuple[float, float]] = []
         # The leak finder: where each checked-out connection was checked out
-        # (a site number, named in site_names), by which frames and holder
-        # (app side only: the site's FrameMark and the holder's id, see
-        # holder_verdict), and for long holders where they are now.
-        self.holders: Dict[int, tuple] = {}   # conn -> (site, mark, holder)
+        # (a site number, named in site_names), by which frames (app side
+        # only: the site's FrameMark, see holder_verdict), and for long
+        # holders where they are now.
+        self.holders: Dict[int, tuple] = {}   # conn -> (site, mark)
         self.site_names: Dict[int, str] = {}  # site -> "file:line in func"
         self.held_at: Dict[int, str] = {}     # connection -> "file:line..."
         self._held_texts: Dict[str, str] = {}  # daemon side: each text once
@@ -1749,88 +1836,97 @@ class ProcessState:
     # -- application side -----------------------------------------------------
 
     def fold(self, events: Iterable[tuple],
-             handed: Optional[Dict[int, Any]] = None) -> None:
-        """Fold pool events in, in order (the eight items of each: see the
-        event kinds above).
+             out: Optional[Dict[int, "ConnectionNote"]] = None,
+             peak_out: int = 0) -> bool:
+        """Fold pool events in, in order (the six items of each: see the
+        event kinds above), then what the connections' notes counted since
+        the last fold, and which connections are out now (``out``, a copy
+        of Sender.out; ``peak_out``: the most out at once meanwhile, as the
+        listeners saw it).  Returns whether anything changed.
 
-        One call a batch, the kinds tested inline, commonest first, and the
-        counters kept in locals: this runs for every checkout and checkin of
-        the application.  A forked child sees its parent's pooled
-        connections: a checkout adopts such a connection, a checkin or close
-        of one changes nothing.  ``handed`` (connection -> its last holder,
-        see Sender.handed) forgets the connections closed.
-        """
-        handed = {} if handed is None else handed
-        conns, out, holders = self.conns, self.checked_out, self.holders
-        checkouts, holds, hold_total = (self.checkouts, self.holds,
-                                        self.hold_total)
-        waits, wait_total, wait_max = (self.waits, self.wait_total,
-                                       self.wait_max)
-        peak_conns, peak_out = self.peak_conns, self.peak_checked_out
-        for kind, ident, when, pool, site, mark, holder, began in events:
-            if kind is CHECKIN:
-                since = out.pop(ident, None)
-                if since is not None:
-                    hold_total += when - since
-                    holds += 1
-                    if holders.pop(ident, None) and self.held_at:
-                        self.held_at.pop(ident, None)
-            elif kind is CHECKOUT:
-                if began is not None:
-                    waited = when - began
-                    waits += 1
-                    wait_total += waited
-                    if waited > wait_max:
-                        wait_max = waited
-                    if waited >= WAITING_AFTER:
-                        self._long_waits.append((began, when))
-                if ident is None or ident in out:   # None: never seen open
-                    continue
-                out[ident] = when
-                checkouts += 1
-                if len(out) > peak_out:
-                    peak_out = len(out)
-                if ident not in conns:
-                    conns[ident] = pool
-                    peak_conns = max(peak_conns, len(conns))
-                if site is not None:
-                    holders[ident] = (site, mark, holder)
-            elif kind is CONNECT:
+        A forked child counts its parent's pooled connections as it
+        first checks them out or in (see ConnectionNote.inherited)."""
+        conns, notes = self.conns, self.notes
+        changed = False
+        for kind, ident, when, pool, extra, began in events:
+            changed = True
+            if kind is CONNECT:
                 conns[ident] = pool
-                if len(conns) > peak_conns:
-                    peak_conns = len(conns)
+                notes[ident] = extra
+                self.peak_conns = max(self.peak_conns, len(conns))
                 if began is not None:
                     self.connects += 1
                     self.connect_total += when - began
             elif kind is CLOSE:
+                note = notes.pop(ident, None)
+                if note is not None:   # its last counts
+                    self._count(note)
                 conns.pop(ident, None)
-                handed.pop(ident, None)
-                if out.pop(ident, None) is not None:
+                if self.checked_out.pop(ident, None) is not None:
                     self._forget_holder(ident)
             elif kind is INVALIDATED:
                 self.invalidations += 1
+            elif kind is WAITED:
+                self._long_waits.append((began, when))
+                self.wait_max = max(self.wait_max, when - began)
             elif kind is TIMED_OUT or kind is FAILED:
                 if kind is TIMED_OUT:
                     self.timeouts += 1
                 else:
                     self.failures += 1
-                waits += 1
-                wait_total += when - began
-                wait_max = max(wait_max, when - began)
+                self.waits += 1
+                self.wait_total += when - began
+                self.wait_max = max(self.wait_max, when - began)
                 if when - began >= WAITING_AFTER:
                     self._long_waits.append((began, when))
             elif kind is POOL:
                 self.pools[ident] = pool
-                if site is not None:
-                    self.endpoints[ident] = dict(zip(ENDPOINT_FIELDS, site))
+                if extra is not None:
+                    self.endpoints[ident] = dict(zip(ENDPOINT_FIELDS, extra))
             elif kind is ENGINE_GONE:
-                for gone in self._forget_pool(ident):
-                    handed.pop(gone, None)
-        self.checkouts, self.holds, self.hold_total = (checkouts, holds,
-                                                       hold_total)
-        self.waits, self.wait_total, self.wait_max = (waits, wait_total,
-                                                      wait_max)
-        self.peak_conns, self.peak_checked_out = peak_conns, peak_out
+                self._forget_pool(ident)
+        if out is None:
+            return changed
+        for note in notes.values():
+            changed = self._count(note) or changed
+        return self._checked_out_now(out, peak_out) or changed
+
+    def _count(self, note: "ConnectionNote") -> bool:
+        """Add what ``note`` counted since the last look; whether any."""
+        checkouts, holds, held, waited, wait_max = note.counted_since_seen()
+        if not (checkouts or holds):
+            return False
+        self.checkouts += checkouts
+        self.holds += holds
+        self.hold_total += held
+        if note.measured and checkouts:
+            self.waits += checkouts
+            self.wait_total += waited
+            self.wait_max = max(self.wait_max, wait_max)
+        return True
+
+    def _checked_out_now(self, out: Dict[int, "ConnectionNote"],
+                         peak_out: int) -> bool:
+        """Note which connections are out now and since when, where each
+        was checked out, and forget where the ones checked in or out again
+        were held; whether any of that changed."""
+        before, conns = self.checked_out, self.conns
+        now_out = {ident: note.out_at for ident, note in out.items()
+                   if ident in conns}
+        if now_out == before:
+            self.peak_checked_out = max(self.peak_checked_out, peak_out)
+            return False
+        for ident, since in before.items():
+            if now_out.get(ident) != since:   # checked in, or out again
+                self._forget_holder(ident)
+        for ident, since in now_out.items():
+            note = out[ident]
+            if before.get(ident) != since and note.site is not None:
+                self.holders[ident] = (note.site, note.mark)
+        self.checked_out = now_out
+        self.peak_checked_out = max(self.peak_checked_out, peak_out,
+                                    len(now_out))
+        return True
 
     def look_at_waiters(self, now: float,
                         pending: Dict[int, List[float]]) -> None:
@@ -1896,23 +1992,23 @@ class ProcessState:
         return {pool for pool, limit in self.pools.items()
                 if limit and out.get(pool, 0) >= limit}
 
-    def _forget_pool(self, pool: int) -> List[int]:
+    def _forget_pool(self, pool: int) -> None:
         """An application that makes engine after engine must not grow
-        its state (nor reach MAX_PROCESS_POOLS at the daemon).  Returns
-        the connections forgotten."""
+        its state (nor reach MAX_PROCESS_POOLS at the daemon)."""
         self.pools.pop(pool, None)
         self.endpoints.pop(pool, None)
         self.waiting.pop(pool, None)
-        gone = [c for c, owner in self.conns.items() if owner == pool]
-        for ident in gone:
+        for ident in [c for c, owner in self.conns.items() if owner == pool]:
             del self.conns[ident]
+            note = self.notes.pop(ident, None)
+            if note is not None:   # its last counts
+                self._count(note)
             if self.checked_out.pop(ident, None) is not None:
                 self._forget_holder(ident)
-        return gone
 
     def name_sites(self) -> None:
         """Name the checkout sites of the connections out (app side)."""
-        for site, _, _ in self.holders.values():
+        for site, _ in self.holders.values():
             if site not in self.site_names:
                 self.site_names[site] = site_name(site)
 
@@ -1920,23 +2016,19 @@ class ProcessState:
         self.holders.pop(ident, None)
         self.held_at.pop(ident, None)
 
-    def look_at_long_holders(self, now: float, threshold: float,
-                             handed: Dict[int, Any]) -> None:
+    def look_at_long_holders(self, now: float, threshold: float) -> None:
         """Say what each connection held for longer than ``threshold``
         seconds is now (see holder_verdict): held at a place, "leaked" or
-        "thread gone".  ``handed`` is the holder of each connection's last
-        checkout.  Costs nothing without long holders; a leak, once found,
-        is not looked at again."""
+        "thread gone".  Costs nothing without long holders; a leak, once
+        found, is not looked at again."""
         for ident, since in self.checked_out.items():
             if now - since < threshold or ident not in self.holders or (
                     is_leak(self.held_at.get(ident, ""))):
                 continue
-            _, mark, holder_id = self.holders[ident]
-            ref = handed.get(ident)
-            if mark is None or ref is None or id(ref) != holder_id:
-                continue   # no frame marked (a tracer's), or checked out
-            #                again meanwhile
-            verdict = holder_verdict(ref, mark)
+            mark = self.holders[ident][1]
+            if mark is None:   # no frame marked (a tracer's)
+                continue
+            verdict = holder_verdict(mark)
             if verdict is not None:
                 self.held_at[ident] = verdict
 
@@ -2069,7 +2161,7 @@ class ProcessState:
             # A named site only, each holder tuple once: bounded bytes.
             if ident in self.checked_out and site in self.site_names:
                 self.holders[ident] = self._site_holders.setdefault(
-                    site, (site, None, None))
+                    site, (site, None))
         for ident, text in change.held_at:
             if ident in self.checked_out and (
                     ident in self.held_at or len(self.held_at) < MAX_SITES):
@@ -2613,9 +2705,11 @@ class Sender:
     """Ships one process's connection state to connmond from two
     background threads, started at the first pool event (see Runtime).
 
-    Listeners on application threads call ``events.extend`` and ``wake``
-    only.  The fold thread folds the events into ``state``, never touching
-    the network, so memory stays bounded however long a connect, a DNS
+    Listeners on application threads count checkouts and checkins in
+    the connections' notes, put the connections out in ``out`` (and the
+    most out at once in ``peak_out``), and call ``events.extend`` and
+    ``wake`` only.  The fold thread folds all that into ``state``, never
+    touching the network, so memory stays bounded however long a connect, a DNS
     look-up or a send to a stuck daemon blocks.  The network thread, while
     connected, sends what changed; after every (re)connect it first sends
     the whole state.
@@ -2628,16 +2722,10 @@ class Sender:
         self.security = security
         self.hold_warn = hold_warn
         self.events: List[Any] = []   # see the event kinds
+        self.out: Dict[int, ConnectionNote] = {}   # connection -> its note
         # pool -> when each checkout now in a measured pool's connect()
         # began (the pool's MeasuredPool.connmon_probe.pending)
         self.pending: Dict[int, List[float]] = {}
-        # connection -> a weak reference to the holder (thread, greenlet,
-        # task) of its last checkout, from the checkout listener to the
-        # leak finder: the queue holds no object the garbage collector
-        # tracks, so the reference's id() travels there and the reference
-        # itself waits here (until the connection is checked out again or
-        # closed; as long as it is held, its id is its own).
-        self.handed: Dict[int, weakref.ref] = {}
         # pool -> (capacity, endpoint), of the engines alive: what a forked
         # child announces before it has folded any event of its own
         self.announced: Dict[int, Tuple[Optional[int], Any]] = {}
@@ -2648,11 +2736,12 @@ class Sender:
         """(Re)initialise everything per-process: when made, and in a
         forked child.  No thread yet: see wake."""
         self.events.clear()
-        self.handed.clear()
+        self.out.clear()
+        self.peak_out = 0   # the most out at once since the last send
         self.state = ProcessState(os.urandom(8).hex(),
                                   printable(socket.gethostname(), MAX_NAME),
                                   progname(), os.getpid())
-        self.state.fold((POOL, pool, 0.0, limit, endpoint, None, None, None)
+        self.state.fold((POOL, pool, 0.0, limit, endpoint, None)
                         for pool, (limit, endpoint) in self.announced.items())
         self._sent = self.state.copy()
         self._sent_at = 0.0     # when _sent was sent
@@ -2684,6 +2773,13 @@ class Sender:
         self._news.close_inherited()
         for began in self.pending.values():   # the parent's threads' waits
             began.clear()
+        queued = self.events[CONNECT_NOTE::EVENT_ITEMS]   # (or None)
+        now = time.monotonic()
+        for note in [*self.state.notes.values(), *self.out.values(),
+                     *queued]:
+            if note.__class__ is ConnectionNote and (
+                    note.connections is not None):   # (counted)
+                note.inherited(now)
         self._begin()
 
     def wake(self, start: bool = True) -> None:
@@ -2750,22 +2846,22 @@ class Sender:
                     due = self._scan_due()
                     rt.sleep(FLUSH_DELAY if due is None
                              else min(FLUSH_DELAY, due))
-                    busy = bool(self.events)
+                    busy = self._fold_batch()
                     if busy:
                         self.wake_until = time.monotonic() + WAKE_AGAIN
-                    else:   # a quiet spell: back to being woken
-                        self._wake.drain()
+                    else:   # a quiet spell: back to being woken, and
+                        self._wake.drain()   # what came meanwhile folded
                         self.wake_until = 0.0
-                    # (the quiet one folds what came meanwhile, too)
-                    self._fold_batch()
+                        self._fold_batch()
                 if not woken:   # something is due (see _scan_due)
                     self._fold_batch()
             except Exception:  # never let the thread die silently
                 log.exception("connmon: error folding pool events")
                 rt.sleep(RECONNECT_MAX)
 
-    def _fold_batch(self) -> None:
-        """Fold the queued events, look at long holders when that is due,
+    def _fold_batch(self) -> bool:
+        """Fold the queued events and the notes (whether anything changed
+        is returned), look at long holders when that is due,
         and tell the network thread when there is something to send: at
         once for an alarm (see ProcessState.alarm_since); what merely
         changed, once COUNTERS_DELAY has passed since the last message,
@@ -2774,13 +2870,12 @@ class Sender:
         process is what lets one daemon follow a cloud, and spares an
         application that shares the host with it."""
         with self.lock:
-            self._drain()
+            changed = self._drain()
             state, now = self.state, time.monotonic()
             look_at = self._holders_look_at()
             if look_at is not None and now >= look_at:
                 self._scanned = now
-                state.look_at_long_holders(now, self.hold_warn,
-                                           self.handed)
+                state.look_at_long_holders(now, self.hold_warn)
             state.look_at_waiters(now, self.pending)
             counted = (state.checkouts or state.holds or state.waits
                        or state.connects or state.invalidations)   # since
@@ -2794,6 +2889,7 @@ class Sender:
                 news = False
         if news:
             self._news.notify()
+        return changed
 
     def flush_at_exit(self) -> None:
         """Send, as the process exits normally, what has not been sent:
@@ -2915,6 +3011,8 @@ class Sender:
             self._sent = state.copy()
             self._sent_at = time.monotonic()
             state.reset_counters()
+            self.peak_out = len(self.out)   # (a checkout in between may
+            # be missed from the next peak: the peaks are a gauge)
             flushed, self._flushed = self._flushed, None
         conn.send(message)
         if flushed is not None:   # an exiting process waits for this one
@@ -2939,16 +3037,20 @@ class Sender:
             moments.append(now + WAITERS_LOOK)
         return max(0.0, min(moments) - now) if moments else None
 
-    def _drain(self) -> None:
-        """Fold the queued events into our state.  Listeners only ever add
-        at the end, so the events queued now can be copied, then deleted,
-        while they go on adding; C code groups the items EVENT_ITEMS
-        by EVENT_ITEMS."""
+    def _drain(self) -> bool:
+        """Fold the queued events and the notes into our state; whether
+        anything changed.  Listeners only ever add at the end, so the
+        events queued now can be copied, then deleted, while they go on
+        adding; C code groups the items EVENT_ITEMS by EVENT_ITEMS.  The
+        connections out are copied first: each one's CONNECT is queued
+        before it is put there."""
+        out = self.out.copy()
         queued = len(self.events)
         batch = self.events[:queued]
         del self.events[:queued]
         items = iter(batch)
-        self.state.fold(zip(*[items] * EVENT_ITEMS), self.handed)
+        return self.state.fold(zip(*[items] * EVENT_ITEMS), out,
+                               self.peak_out)
 
 
 _senders: Dict[tuple, Sender] = {}
@@ -3147,8 +3249,8 @@ def _pool_gone(sender: Sender, connections: Set[int]) -> None:
     """A pool was collected (weakref.finalize): its connections are closed."""
     now = time.monotonic()
     for ident in list(connections):
-        sender.events.extend((CLOSE, ident, now, None, None, None, None,
-                              None))
+        sender.out.pop(ident, None)
+        sender.events.extend((CLOSE, ident, now, None, None, None))
     sender.wake(start=False)
 
 
@@ -3156,40 +3258,12 @@ def _engine_gone(sender: Sender, pool_id: int) -> None:
     """An instrumented engine was collected (weakref.finalize)."""
     sender.announced.pop(pool_id, None)
     sender.pending.pop(pool_id, None)
+    for ident, note in list(sender.out.items()):
+        if note.pool == pool_id:
+            sender.out.pop(ident, None)
     sender.events.extend((ENGINE_GONE, pool_id, time.monotonic(), None, None,
-                          None, None, None))
+                          None))
     sender.wake(start=False)
-
-
-class ConnectionNote:
-    """What connmon notes of one open DBAPI connection of a pool, kept as
-    the ``_connmon`` attribute (NOTE) of its pool entry: not in the entry's
-    ``.info``, which is the application's (it is Connection.info too), nor
-    in a mapping keyed by the entry, whose look-up would cost each checkout
-    and checkin more than an attribute (or by the DBAPI connection:
-    sqlite3's cannot be weakly referenced).  A reconnect of the entry replaces
-    the note (see on_connect).
-
-    The connection is counted at its first checkout or checkin, not when
-    opened (see on_connect): until then ``opened`` holds when it was
-    opened, when its opening began, and its pool; once counted,
-    ``connections`` is that pool's set of open connections (see
-    pool_connections), which it is in."""
-
-    __slots__ = ("ident", "opened", "connections")
-
-    def __init__(self, ident: int, opened: Tuple[float, Optional[float],
-                                                 Any]):
-        self.ident = ident
-        self.opened: Optional[Tuple[float, Optional[float], Any]] = opened
-        self.connections: Optional[Set[int]] = None
-
-    def forget(self) -> int:
-        """The counted connection leaves its pool (closed or detached):
-        its id."""
-        if self.connections is not None:   # (counted: see counted_note)
-            self.connections.discard(self.ident)
-        return self.ident
 
 
 def counted_note(entry) -> Optional[ConnectionNote]:
@@ -3202,77 +3276,89 @@ def counted_note(entry) -> Optional[ConnectionNote]:
 
 
 class PoolProbe:
-    """What one monitored engine's pool reports through: its sender's
-    queue, its pool id, whether checkout sites are noted (and how to refer
-    to a checkout's holder: see holder_finder), and when each checkout now
-    in its connect() began."""
+    """What one monitored engine's pool reports through: its sender (its
+    queue and the connections out), its pool id, whether its pool measures
+    waits, whether checkout sites are noted (and how to refer to a
+    checkout's holder: see holder_finder), and when each checkout now in
+    its connect() began."""
 
-    __slots__ = ("record", "sender", "pool_id", "sites", "holder",
-                 "first_holder", "pending")
+    __slots__ = ("record", "sender", "out", "pool_id", "measured", "sites",
+                 "holder", "first_holder", "pending")
 
-    def __init__(self, sender: Sender, pool_id: int, sites: bool,
-                 holder_refs: Tuple[Any, Any]):
+    def __init__(self, sender: Sender, pool_id: int, measured: bool,
+                 sites: bool, holder_refs: Tuple[Any, Any]):
         self.record = sender.events.extend
         self.sender = sender
+        self.out = sender.out
         self.pool_id = pool_id
+        self.measured = measured
         self.sites = sites
         self.holder, self.first_holder = holder_refs
         self.pending: List[float] = sender.pending.setdefault(pool_id, [])
 
     def checked_out(self, entry, began: Optional[float]) -> None:
-        """Queue a checkout of a pool entry (``began``: when the
-        application asked, None when not known), with its site and holder.
+        """Count a checkout of a pool entry in its connection's note
+        (``began``: when the application asked, None when not known), with
+        its site and frame mark, and put it among the connections out.
         Runs on the application's thread, for every checkout: the frame
         at the depth the last site was found is looked at first, and its
         mark, once it has checked out at this place, remembers the site
         (see site_and_mark)."""
-        note = getattr(entry, NOTE, None)   # (see ident(), inlined)
-        ident = (note.ident if note.__class__ is ConnectionNote
-                 and note.opened is None else self.ident(entry))
-        site = mark = holder = None
+        note = getattr(entry, NOTE, None)   # (see counted(), inlined)
+        if note.__class__ is not ConnectionNote or note.opened is not None:
+            note = self.counted(entry)
+            if note is None:
+                return
         if self.sites:
             try:
                 frame = _getframe(_site_depth)
                 mark = frame.f_trace
                 if type(mark) is FrameMark and mark.lasti == frame.f_lasti:
-                    site = mark.site   # (this run of the frame's last)
+                    note.site = mark.site   # (this run of the frame's last)
                 else:
-                    site, mark = site_and_mark(frame)
+                    note.site, mark = site_and_mark(frame, self.find_holder)
             except ValueError:   # a shallower stack
-                site, mark = site_and_mark(None)
-            if site is not None and ident is not None:   # (holder_verdict)
-                self.sender.handed[ident] = ref = (self.holder()
-                                                   or self.first_holder())
-                holder = id(ref)
-        now = _clock()
-        self.record((CHECKOUT, ident, now, self.pool_id, site, mark, holder,
-                     began))
-        if now > self.sender.wake_until:
-            self.sender.wake()
+                note.site, mark = site_and_mark(None, self.find_holder)
+            note.mark = mark
+        now = note.out_at = _clock()
+        if began is not None:   # (its sums before its count: see the note)
+            waited = now - began
+            note.waited += waited
+            if waited > note.wait_max:
+                note.wait_max = waited
+            if waited >= WAITING_AFTER:
+                self.record((WAITED, None, now, self.pool_id, None, began))
+        note.checkouts += 1
+        out = self.out
+        out[note.ident] = note
+        sender = self.sender
+        if len(out) > sender.peak_out:
+            sender.peak_out = len(out)
+        if now > sender.wake_until:
+            sender.wake()
 
-    def ident(self, entry) -> Optional[int]:
-        """The id of a pool entry's connection, at its checkout or checkin:
-        counted, the first time, as opened (see on_connect); None for one
-        connmon did not see open (or a stand-in for a pool entry).  The
-        checkout and the checkin inline the common case, a connection
+    def counted(self, entry) -> Optional[ConnectionNote]:
+        """The note of a pool entry's connection, at its checkout or
+        checkin: counted, the first time, as opened (see on_connect); None
+        for one connmon did not see open (or a stand-in for a pool entry).
+        The checkout and the checkin inline the common case, a connection
         already counted: a call costs them a measurable share."""
         note = getattr(entry, NOTE, None)
         if note.__class__ is not ConnectionNote:
             return None
         if note.opened is not None:
-            self.count(note, note.opened)
-        return note.ident
+            when, began, pool = note.opened
+            note.opened = None
+            if note.connections is None:   # (not a forked child's own)
+                note.connections = pool_connections(pool, self.sender)
+                note.connections.add(note.ident)
+            self.record((CONNECT, note.ident, when, self.pool_id, note,
+                         began))
+        return note
 
-    def count(self, note: ConnectionNote,
-              opened: Tuple[float, Optional[float], Any]) -> None:
-        """Count a connection opened (see on_connect): ``opened`` is when,
-        when its opening began, and its pool."""
-        when, began, pool = opened
-        note.opened = None
-        note.connections = pool_connections(pool, self.sender)
-        note.connections.add(note.ident)
-        self.record((CONNECT, note.ident, when, self.pool_id, None, None,
-                     None, began))
+    def find_holder(self) -> weakref.ref:
+        """A weak reference to the holder running now (see frame_mark)."""
+        return self.holder() or self.first_holder()
 
     def gave_up(self, error: BaseException, began: float) -> None:
         """A checkout that raised: a timeout, or a connection that could
@@ -3281,8 +3367,7 @@ class PoolProbe:
             from sqlalchemy.exc import TimeoutError
             kind = TIMED_OUT if isinstance(error, TimeoutError) else FAILED
             now = _clock()
-            self.record((kind, None, now, self.pool_id, None, None, None,
-                         began))
+            self.record((kind, None, now, self.pool_id, None, began))
             if now > self.sender.wake_until:
                 self.sender.wake()
 
@@ -3431,44 +3516,52 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     except Exception:  # e.g. no threads left: run unmonitored, never fail
         log.exception("connmon: cannot start; %s runs unmonitored", engine)
         return
-    # The listeners run on the application's threads: each only queues an
-    # event and, for an event later than wake_until (the first of a batch),
-    # wakes the sender (the test is inlined because a function call here is
-    # a measurable share of a pool checkout).
+    # The listeners run on the application's threads: each only counts in
+    # a note or queues an event and, for an event later than wake_until
+    # (the first of a batch), wakes the sender (the test is inlined
+    # because a function call here is a measurable share of a checkout).
     record = sender.events.extend
+    out = sender.out
     clock = time.monotonic
     pool_id = next(_pool_ids)
-    probe = PoolProbe(sender, pool_id, target.sites,
+    measured = isinstance(engine.pool, MeasuredPool)
+    probe = PoolProbe(sender, pool_id, measured, target.sites,
                       holder_finder(engine.dialect.is_async))
 
     def on_connect(dbapi_connection, connection_record):
-        # Counted at its first checkout or checkin (see PoolProbe.ident):
+        # Counted at its first checkout or checkin (see PoolProbe.counted):
         # a connect listener of the application's, called after this one,
         # may still fail, and SQLAlchemy then closes the connection without
         # a close event.  (A reconnect of an invalidated entry replaces the
         # note of its previous connection.)
         now = clock()
         setattr(connection_record, NOTE, ConnectionNote(
-            next(_connection_ids),
+            next(_connection_ids), pool_id, measured,
             (now, connect_began(connection_record, now), engine.pool)))
 
     def on_checkout(dbapi_connection, connection_record, connection_proxy):
         probe.checked_out(connection_record, None)
 
     def on_checkin(dbapi_connection, connection_record):
-        note = getattr(connection_record, NOTE, None)   # (see probe.ident)
-        ident = (note.ident if note.__class__ is ConnectionNote
-                 and note.opened is None else probe.ident(connection_record))
+        note = getattr(connection_record, NOTE, None)   # (probe.counted)
+        if note.__class__ is not ConnectionNote or note.opened is not None:
+            note = probe.counted(connection_record)
+            if note is None:
+                return
         now = clock()
-        record((CHECKIN, ident, now, None, None, None, None, None))
+        if out.pop(note.ident, None) is not None:   # (a child's inherited
+            note.held += now - note.out_at          # checkout is not)
+            note.holds += 1   # (after its sum: see ConnectionNote)
         if now > sender.wake_until:
             sender.wake()
 
     def on_close(dbapi_connection, connection_record):
         note = counted_note(connection_record)
-        ident = note.forget() if note else None
+        if note is None:
+            return
+        out.pop(note.ident, None)   # (closed while out: no hold)
         now = clock()
-        record((CLOSE, ident, now, None, None, None, None, None))
+        record((CLOSE, note.forget(), now, None, None, None))
         if now > sender.wake_until:
             sender.wake()
 
@@ -3476,7 +3569,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         note = counted_note(connection_record)
         now = clock()
         record((INVALIDATED, note.ident if note else None, now, pool_id,
-                None, None, None, None))
+                None, None))
         if now > sender.wake_until:
             sender.wake()
 
@@ -3500,8 +3593,9 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     def detached_closed(key: int) -> None:
         ident = detached.pop(key, None)
         if ident is not None:
+            out.pop(ident, None)
             now = clock()
-            record((CLOSE, ident, now, None, None, None, None, None))
+            record((CLOSE, ident, now, None, None, None))
             if now > sender.wake_until:
                 sender.wake()
 
@@ -3537,7 +3631,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     announced = sender.announced[pool_id] = (
         _pool_limit(engine.pool),
         endpoint_of(engine.url) if target.endpoints else None)
-    record((POOL, pool_id, clock(), *announced, None, None, None))
+    record((POOL, pool_id, clock(), *announced, None))
     weakref.finalize(engine, _engine_gone, sender, pool_id)
     sender.wake(start=False)   # threads start at the first use of a pool
 

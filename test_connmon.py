@@ -570,6 +570,51 @@ def expected_samples(snapshot: Dict[str, Any]) -> Dict[tuple, float]:
             for row in snapshot["rows"] if row.get(m.key) is not None}
 
 
+# What a pool's listeners count in a connection's note rather than queue
+CHECKOUT, CHECKIN = "checkout", "checkin"
+
+
+class PoolListeners:
+    """What connmon's pool listeners write, for a ProcessState made by
+    hand, and the fold thread's fold after each: a checkout and a checkin
+    counted in the connection's note and the connections out (as
+    PoolProbe.checked_out and the checkin listener do; a checkout of a
+    connection not open connects it first), any other event queued."""
+
+    def __init__(self, state: connmon.ProcessState):
+        self.state = state
+        self.out: Dict[int, connmon.ConnectionNote] = {}
+
+    def __call__(self, kind: str, ident: Optional[int], when: float,
+                 pool: Any = None, site: Optional[int] = None) -> None:
+        events: List[tuple] = []
+        if kind == CHECKOUT:
+            note = self.state.notes.get(ident)
+            if note is None:
+                note = connmon.ConnectionNote(ident, pool, False, None)
+                events.append((connmon.CONNECT, ident, when, pool, note,
+                               None))
+            note.out_at, note.site = when, site
+            note.checkouts += 1
+            self.out[ident] = note
+        elif kind == CHECKIN:
+            note = self.out.pop(ident, None)
+            if note is not None:
+                note.held += when - note.out_at
+                note.holds += 1
+        else:
+            extra = (connmon.ConnectionNote(ident, pool, False, None)
+                     if kind == connmon.CONNECT else None)
+            if kind == connmon.CLOSE:
+                self.out.pop(ident, None)
+            elif kind == connmon.ENGINE_GONE:
+                for conn, note in list(self.out.items()):
+                    if note.pool == ident:
+                        del self.out[conn]
+            events.append((kind, ident, when, pool, extra, None))
+        self.state.fold(events, dict(self.out), len(self.out))
+
+
 class SyntheticApp:
     """An application process that speaks the real protocol by hand, so it
     can claim any hostname."""
@@ -577,6 +622,7 @@ class SyntheticApp:
     def __init__(self, daemon: Daemon, hostname: str, progname: str):
         self.state = connmon.ProcessState(os.urandom(8).hex(), hostname,
                                           progname, 4242, session=1)
+        self.listeners = PoolListeners(self.state)
         self.sent: Optional[connmon.ProcessState] = None
         self.conn = connmon.open_connection(
             [("127.0.0.1", daemon.port)], "app", proc=self.state.describe())
@@ -588,12 +634,12 @@ class SyntheticApp:
         self.sent = self.state.copy()
         self.state.reset_counters()
 
-    def event(self, kind: str, conn: int, pool: Optional[int] = None
-              ) -> None:
-        """One pool event of ``kind`` (connmon.CONNECT...), as a listener
-        without checkout sites queues it."""
-        self.state.fold([(kind, conn, time.monotonic(), pool, None, None,
-                          None, None)])
+    def event(self, kind: str, conn: int, pool: Optional[int] = None,
+              when: Optional[float] = None) -> None:
+        """One pool event of ``kind`` (CHECKOUT, connmon.CONNECT...), as
+        the listeners without checkout sites note it, now or ``when``."""
+        self.listeners(kind, conn, time.monotonic() if when is None
+                       else when, pool)
 
 
 def csv_rows(path) -> List[Dict[str, str]]:
@@ -3755,16 +3801,15 @@ def synthetic_program(daemon: Daemon, host: str, prog: str, conns: int,
     gone."""
     app = SyntheticApp(daemon, host, prog)
     app.state.fold([(connmon.POOL, 1, time.monotonic(), limit, endpoint,
-                     None, None, None)])
+                     None)])
     for conn in range(1, conns + 1):
         app.event(connmon.CONNECT, conn, 1)
     now = time.monotonic()
-    app.state.fold([(connmon.CHECKOUT, conn, now - (age or 0) + conn - 1,
-                     1, None, None, None, None)
-                    for conn in range(1, out + 1)])
+    for conn in range(1, out + 1):
+        app.event(CHECKOUT, conn, 1, when=now - (age or 0) + conn - 1)
     if prog == "nova-conductor":
         app.state.site_names[7] = "/srv/nova/db/api.py:88 in leak"
-        app.state.holders[1] = (7, None, None)
+        app.state.holders[1] = (7, None)
         app.state.held_at[1] = "thread gone"
     app.send()
     return app
@@ -3965,7 +4010,7 @@ def test_console_draws_the_daemons_history_after_a_restart(tmp_path,
         app.event(connmon.POOL, 1, 20)
         for conn in range(1, 4):   # a leak's staircase, before any console
             app.event(connmon.CONNECT, conn, 1)
-            app.event(connmon.CHECKOUT, conn, 1)
+            app.event(CHECKOUT, conn, 1)
             app.send()
             time.sleep(2.2)
         daemon.wait_row("nova-conductor", ckout=3)
@@ -4005,11 +4050,8 @@ def test_console_thresholds_marked_with_and_without_colour(tmp_path,
         def slow_queries() -> None:   # each one held for half a second
             while not stop.wait(0.2):
                 now = time.monotonic()
-                slow.state.fold([
-                    (connmon.CHECKOUT, 1, now - 0.5, 1, None, None, None,
-                     None),
-                    (connmon.CHECKIN, 1, now, None, None, None, None,
-                     None)])
+                slow.event(CHECKOUT, 1, when=now - 0.5)
+                slow.event(CHECKIN, 1, when=now)
                 slow.send()
         threading.Thread(target=slow_queries, daemon=True).start()
         for env in ({}, {"TERM": "vt100"}):
@@ -4343,7 +4385,7 @@ class TimeoutStorm(threading.Thread):
         while not self.stopping.is_set():
             now = time.monotonic()
             self.app.state.fold([(connmon.TIMED_OUT, None, now, 1, None,
-                                  None, None, now - 5)])
+                                  now - 5)])
             self.app.state.look_at_waiters(now, {1: [self.began] * 3})
             self.app.send()
             self.stopping.wait(0.5)
@@ -6305,7 +6347,7 @@ def test_largest_attach_fits_a_peer_message():
         conn = big_int - n
         proc.conns[conn] = big_int
         proc.checked_out[conn] = now - age
-        proc.holders[conn] = (big_int - n % connmon.MAX_SITES, None, None)
+        proc.holders[conn] = (big_int - n % connmon.MAX_SITES, None)
     for n in range(connmon.MAX_SITES):
         proc.site_names[big_int - n] = longest
         proc.held_at[big_int - n] = longest
@@ -6339,7 +6381,7 @@ def test_a_process_larger_than_a_message_reaches_every_peer(cluster):
     # One update as close to the limit as it gets: grown by sites, then
     # by ASCII characters at the end of the last name.
     app.event(connmon.CONNECT, 1, 1)
-    app.event(connmon.CHECKOUT, 1)
+    app.event(CHECKOUT, 1)
 
     def size() -> int:
         return len(json.dumps(app.state.message(time.monotonic(), app.sent),
@@ -6500,9 +6542,9 @@ def _session_news(ident: str, session: int, held: int, ends: bool
     """What one node tells others about one session of a process: it
     attached (with ``held`` connections checked out), and maybe it ended."""
     proc = connmon.ProcessState(ident, "host", "prog.py", 42, session)
+    listeners = PoolListeners(proc)
     for conn in range(held):
-        proc.fold([(connmon.CHECKOUT, conn, 0.0, 1, None, None, None,
-                    None)])
+        listeners(CHECKOUT, conn, 0.0, 1)
     news = [("attach", proc)]
     if ends:
         news.append(("detach", session))
@@ -6568,7 +6610,7 @@ def test_cluster_batched_forwards_carry_every_update(cluster):
         for app in apps:
             app.conn.send(counters_only())
         if round_ % 5 == 0:
-            apps[0].event(connmon.CHECKOUT, 1 + round_ // 5 % 3, pool=7)
+            apps[0].event(CHECKOUT, 1 + round_ // 5 % 3, pool=7)
             apps[0].send()
     wait_converged(cluster, {"batch1.py": (1, 3, 3), "batch2.py": (1, 3, 0),
                              "batch3.py": (1, 3, 0)})
@@ -8876,8 +8918,8 @@ def test_fit_reply_refuses_a_limit_not_even_the_header_fits():
 
 
 POOL_EVENTS = st.lists(st.tuples(
-    st.sampled_from([connmon.CONNECT, connmon.CHECKOUT, connmon.CHECKIN,
-                     connmon.CLOSE, connmon.POOL, connmon.ENGINE_GONE,
+    st.sampled_from([connmon.CONNECT, CHECKOUT, CHECKIN, connmon.CLOSE,
+                     connmon.POOL, connmon.ENGINE_GONE,
                      connmon.INVALIDATED]),
     st.integers(0, 7),              # connection
     st.integers(0, 2),              # pool (of POOL and ENGINE_GONE)
@@ -8885,24 +8927,21 @@ POOL_EVENTS = st.lists(st.tuples(
     max_size=25)
 
 
-def pool_events(drawn: List[tuple], start: float) -> List[tuple]:
-    """The eight-item events of ``drawn``, a millisecond apart; connection
-    N belongs to pool N % 3, as a connection stays in the pool that
-    opened it."""
-    events = []
+def play_pool_events(listeners: PoolListeners, drawn: List[tuple],
+                     start: float) -> None:
+    """The events of ``drawn``, a millisecond apart, through the
+    listeners; connection N belongs to pool N % 3, as a connection stays
+    in the pool that opened it."""
     for n, (kind, ident, pool, limit) in enumerate(drawn):
         when = start + n / 1000
         if kind == connmon.POOL:
-            events.append((kind, pool, when, limit, None, None, None, None))
+            listeners(kind, pool, when, limit)
         elif kind == connmon.ENGINE_GONE:
-            events.append((kind, pool, when) + (None,) * 5)
-        elif kind in (connmon.CONNECT, connmon.CHECKOUT,
-                      connmon.INVALIDATED):   # a connection's pool is fixed
-            events.append((kind, ident, when, ident % 3, None, None, None,
-                           None))
+            listeners(kind, pool, when)
+        elif kind in (connmon.CONNECT, CHECKOUT, connmon.INVALIDATED):
+            listeners(kind, ident, when, ident % 3)
         else:
-            events.append((kind, ident, when) + (None,) * 5)
-    return events
+            listeners(kind, ident, when)
 
 
 @hypothesis.settings(max_examples=100, deadline=None)
@@ -8915,9 +8954,10 @@ def test_process_state_message_update_round_trip(batches):
     app = connmon.ProcessState("i", "host", "prog.py", 42)
     daemon_side = connmon.ProcessState("i", "host", "prog.py", 42)
     sent: Optional[connmon.ProcessState] = None
+    listeners = PoolListeners(app)
     now = 1000.0
     for drawn in batches:
-        app.fold(pool_events(drawn, now))
+        play_pool_events(listeners, drawn, now)
         now += 1.0
         message = app.message(now, sent)
         change = connmon.Update(json.loads(json.dumps(message)))
@@ -9131,8 +9171,8 @@ def test_counters_only_update_changes_only_the_counters(daemon):
     app = SyntheticApp(daemon, "fast-host", "fast.py")
     for conn in (1, 2):
         app.event(connmon.CONNECT, conn, pool=7)
-    app.event(connmon.CHECKOUT, 1, pool=7)
-    app.state.fold([(connmon.POOL, 7, 0.0, 5, None, None, None, None)])
+    app.event(CHECKOUT, 1, pool=7)
+    app.state.fold([(connmon.POOL, 7, 0.0, 5, None, None)])
     app.send()
     before = daemon.wait_row("fast.py", procs=True, conn=2, ckout=1)
     assert not connmon.Update(counters_only()).moves
@@ -9385,11 +9425,11 @@ def test_metrics_equal_the_snapshot_with_awkward_labels(tmp_path, apps):
         synthetic = SyntheticApp(daemon, hostname, 'nova-"api"')
         for conn in (1, 2):
             synthetic.event(connmon.CONNECT, conn, 1)
-        synthetic.event(connmon.CHECKOUT, 1, 1)
+        synthetic.event(CHECKOUT, 1, 1)
         synthetic.send()
         for _ in range(3):
-            synthetic.event(connmon.CHECKOUT, 2, 1)
-            synthetic.event(connmon.CHECKIN, 2)
+            synthetic.event(CHECKOUT, 2, 1)
+            synthetic.event(CHECKIN, 2)
         synthetic.send()
         daemon.wait_row('nova-"api"', conn=2, ckout=1, ckout_total=4)
 
