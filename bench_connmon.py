@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Tuple
 
-from test_connmon import free_port
+from test_connmon import CHECKIN, CHECKOUT, PoolListeners, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -365,12 +365,11 @@ class SyntheticApp:
                                          name, os.getpid(), 1)
         self.conn = connmon.open_connection([("127.0.0.1", port)], "app",
                                             proc=self.proc.describe())
-        self.proc.fold([(connmon.CONNECT, ident, 0.0, 1, None, None, None,
-                         None)
-                        for ident in range(conns)])
-        self.proc.fold([(connmon.CHECKOUT, ident, 0.0, 1, None, None, None,
-                         None)
-                        for ident in range(checked_out)])
+        listeners = PoolListeners(self.proc)
+        for ident in range(conns):
+            listeners(connmon.CONNECT, ident, 0.0, 1)
+        for ident in range(checked_out):
+            listeners(CHECKOUT, ident, 0.0, 1)
         self.conn.send(self.proc.message(0.0))
         ids = list(range(conns))
         base = {"connect": [], "close": [], "checkouts": 0, "hold": [0, 0],
@@ -1400,19 +1399,19 @@ def plugin_replay(seed: int, seconds: float, rhythm: float) -> Replay:
             began = max(now, free_at[conn])
             when = began + rand.uniform(0.0001, 0.0005)
             hold = rand.expovariate(1 / 0.02)
-            events.append((when, (connmon.CHECKOUT, conn, when, FLEET_POOL,
-                                  None, None, None, began)))
-            events.append((when + hold, (connmon.CHECKIN, conn, when + hold,
-                                         None, None, None, None, None)))
+            events.append((when, (CHECKOUT, conn, when, FLEET_POOL, None,
+                                  began)))
+            events.append((when + hold, (CHECKIN, conn, when + hold)))
             free_at[conn] = when + hold
             now += rand.expovariate(2 * FLEET_REQUESTS)
         now, busy = max(now, spell), not busy
     events.sort(key=lambda pair: pair[0])
     proc = connmon.ProcessState("replay", "host", "prog", 1, 1)
-    proc.fold([(connmon.POOL, FLEET_POOL, 0.0, 15,
-                ("mysql", "db.cloud.example", 3306, "nova", "nova"), None,
-                None, None)] + [(connmon.CONNECT, conn, 0.01, FLEET_POOL,
-                                 None, None, None, 0.0) for conn in conns])
+    listeners = PoolListeners(proc, measured=True)
+    listeners(connmon.POOL, FLEET_POOL, 0.0, 15,
+              ("mysql", "db.cloud.example", 3306, "nova", "nova"))
+    for conn in conns:
+        listeners(connmon.CONNECT, conn, 0.01, FLEET_POOL, began=0.0)
     state = connmon.encode(proc.message(0.1))
     sent, sent_at, updates = proc.copy(), 0.1, []
     proc.reset_counters()
@@ -1429,14 +1428,14 @@ def plugin_replay(seed: int, seconds: float, rhythm: float) -> Replay:
     if rhythm:
         for tick in range(1, int(seconds) + 1):
             while index < len(events) and events[index][0] < tick:
-                proc.fold([events[index][1]])
+                listeners(*events[index][1])
                 index += 1
             send(float(tick))
         return Replay(state, updates)
     while index < len(events):   # batches of FLUSH_DELAY
         end = events[index][0] + connmon.FLUSH_DELAY
         while index < len(events) and events[index][0] < end:
-            proc.fold([events[index][1]])
+            listeners(*events[index][1])
             index += 1
         quiet = index == len(events) or events[index][0] >= end + (
             connmon.FLUSH_DELAY)

@@ -579,22 +579,32 @@ class PoolListeners:
     hand, and the fold thread's fold after each: a checkout and a checkin
     counted in the connection's note and the connections out (as
     PoolProbe.checked_out and the checkin listener do; a checkout of a
-    connection not open connects it first), any other event queued."""
+    connection not open connects it first), any other event queued.
+    ``measured``: whether the pools measure waits (then a checkout says
+    when it ``began``)."""
 
-    def __init__(self, state: connmon.ProcessState):
+    def __init__(self, state: connmon.ProcessState, measured: bool = False):
         self.state = state
+        self.measured = measured
         self.out: Dict[int, connmon.ConnectionNote] = {}
 
     def __call__(self, kind: str, ident: Optional[int], when: float,
-                 pool: Any = None, site: Optional[int] = None) -> None:
+                 pool: Any = None, site: Optional[int] = None,
+                 began: Optional[float] = None) -> None:
         events: List[tuple] = []
         if kind == CHECKOUT:
             note = self.state.notes.get(ident)
             if note is None:
-                note = connmon.ConnectionNote(ident, pool, False, None)
+                note = self.note(ident, pool)
                 events.append((connmon.CONNECT, ident, when, pool, note,
                                None))
             note.out_at, note.site = when, site
+            if began is not None:
+                note.waited += when - began
+                note.wait_max = max(note.wait_max, when - began)
+                if when - began >= connmon.WAITING_AFTER:
+                    events.append((connmon.WAITED, None, when, pool, None,
+                                   began))
             note.checkouts += 1
             self.out[ident] = note
         elif kind == CHECKIN:
@@ -603,16 +613,19 @@ class PoolListeners:
                 note.held += when - note.out_at
                 note.holds += 1
         else:
-            extra = (connmon.ConnectionNote(ident, pool, False, None)
-                     if kind == connmon.CONNECT else None)
+            extra = (self.note(ident, pool) if kind == connmon.CONNECT
+                     else site)   # (a POOL's endpoint)
             if kind == connmon.CLOSE:
                 self.out.pop(ident, None)
             elif kind == connmon.ENGINE_GONE:
                 for conn, note in list(self.out.items()):
                     if note.pool == ident:
                         del self.out[conn]
-            events.append((kind, ident, when, pool, extra, None))
+            events.append((kind, ident, when, pool, extra, began))
         self.state.fold(events, dict(self.out), len(self.out))
+
+    def note(self, ident: int, pool: int) -> connmon.ConnectionNote:
+        return connmon.ConnectionNote(ident, pool, self.measured, None)
 
 
 class SyntheticApp:
