@@ -1291,8 +1291,9 @@ _site_places: Dict[int, Tuple[Any, int]] = {}   # number -> (code, offset)
 
 def checkout_site(_getframe=sys._getframe) -> Tuple[Optional[int], Any]:
     """Walk out from the checkout listener (which calls this through
-    site_and_mark) to the first application frame, and remember its site and depth: the site's number
-    and the frame, or (None, None) if there is no application frame.
+    site_and_mark) to the first application frame, and remember its site
+    and depth: the site's number and the frame, or (None, None) if there
+    is no application frame.
 
     On an asyncio engine the pool is called inside SQLAlchemy's greenlet
     bridge, whose stack holds no application frame: the application's
@@ -1348,16 +1349,16 @@ def site_name(number: int) -> str:
 
 
 # Who holds a checked-out connection, and whether the code that asked for
-# it still runs.  At each checkout the listener notes the holder (the
-# asyncio task, the greenlet or the thread running the checkout: objects
-# that outlive their work and say when it has ended), weakly, so that
-# connmon keeps no holder alive, nor what a task returned (one that has
-# been collected has ended); and the application frames on the holder's
-# stack: the site's frame and its application callers (the request
-# handler, the @reader-decorated API function, the Session's owner).  In
-# an ORM application the first query, and so the checkout, runs in a
-# helper that returns long before the transaction ends: its callers say
-# whether the request still runs.
+# it still runs.  At each checkout the listener notes the application
+# frames on the holder's stack: the site's frame and its application
+# callers (the request handler, the @reader-decorated API function, the
+# Session's owner); and, once a run of a frame, the holder running it (the
+# asyncio task, the greenlet or the thread: objects that outlive their
+# work and say when it has ended), weakly, so that connmon keeps no holder
+# alive, nor what a task returned (one that has been collected has
+# ended).  In an ORM application the first query, and so the checkout,
+# runs in a helper that returns long before the transaction ends: its
+# callers say whether the request still runs.
 #
 # A frame cannot be referenced weakly, and a strong reference would keep
 # its locals (the connection among them) alive after it returns; nor does
@@ -1375,7 +1376,7 @@ def site_name(number: int) -> str:
 #   one of them on it            -> "FILE:LINE in FUNC": the innermost
 #                                   application frame of that stack
 #
-# A task holder adds " (task NAME)", its name noted at the checkout.  Both
+# A task holder adds " (task NAME)", its name noted with the mark.  Both
 # leak verdicts are final: a frame that has returned never runs again, and
 # no other frame carries its mark.  A connection found "held" is looked at
 # again at every scan.

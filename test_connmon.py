@@ -2774,7 +2774,8 @@ def test_no_thread_until_the_first_pool_event(daemon, tmp_path):
 # A uWSGI master, as connmon sees one: the "uwsgi" module the server
 # embeds says worker 0, mule 0.  The application churns its pool there;
 # nothing may grow, and the counts are right once it becomes a worker.
-MASTER_SCRIPT = r'''
+MASTER_CHURN = 6000
+MASTER_SCRIPT = f"CHURN = {MASTER_CHURN}\n" + r'''
 import sys, types
 import sqlalchemy as sa
 uwsgi = sys.modules["uwsgi"] = types.ModuleType("uwsgi")
@@ -2788,10 +2789,17 @@ engine = sa.create_engine(sys.argv[1], pool_size=3, max_overflow=0)
 held = [engine.connect(), engine.connect()]
 (sender,) = connmon._senders.values()
 longest = 0
-for _ in range(60000):
-    engine.connect().close()
+for _ in range(CHURN):   # a connection closed and one opened: 3 events
+    conn = engine.connect()
+    conn.invalidate()
+    conn.close()
     longest = max(longest, len(sender.events))
-print(len(sender.threads), longest, connmon.MAX_QUEUED, flush=True)
+engine.connect().close()   # (the last one closed opens again)
+queued = len(sender.events)
+for _ in range(CHURN):   # checkouts and checkins queue nothing
+    engine.connect().close()
+print(len(sender.threads), longest, connmon.MAX_QUEUED,
+      len(sender.events) - queued, flush=True)
 worker = 1   # the loading process becomes worker 1 (uWSGI without --master)
 engine.connect().close()
 print(len(sender.threads), flush=True)
@@ -2804,12 +2812,16 @@ def test_queue_bounded_while_no_thread_may_start(daemon, tmp_path):
                     f"sqlite:///{tmp_path}/m.sqlite?plugin=connmon"
                     f"&connmon_addr={daemon.address}")
     try:
-        started, longest, cap = map(int, master.line(timeout=120))
+        started, longest, cap, grown = map(int, master.line(timeout=120))
         assert started == 0
         assert cap // 2 < longest <= cap
+        assert grown == 0
         assert master.line() == ["2"]
-        # Nothing was lost: 60,000 checkouts folded on the way.
-        row = daemon.wait_row("master.py", nproc=1, conn=3, ckout=2)
+        # Nothing was lost: the events folded on the way, and every
+        # checkout counted in the notes.
+        row = daemon.wait_row("master.py", nproc=1, conn=3, ckout=2,
+                              ckout_total=2 * MASTER_CHURN + 4,
+                              invalidations_total=MASTER_CHURN)
         assert row["limit"] == 3
     finally:
         master.stop()
