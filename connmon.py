@@ -11,8 +11,9 @@ bottom:
 3. leak finder     -- where in the application a connection was checked out,
                       and whether the code that asked for it still runs
 4. process state   -- one process's connections (``ProcessState``): the
-                      application folds its pool events into it and sends
-                      what changed; the daemon applies those messages
+                      application folds its pool events and connection
+                      notes into it and sends what changed; the daemon
+                      applies those messages
 5. sender          -- the background threads that fold a process's pool
                       events and ship them to ``connmond``, resending its
                       whole state after every reconnect
@@ -27,10 +28,11 @@ them); SQLAlchemy is imported only by section 6, when an engine asks for it.
 
 The application is never hurt by monitoring: pool event listeners, and the
 measured pool's connect() (``MeasuredPool``: when checkouts begin to wait),
-only queue the event (at a checkout, with its site and its holder); the
-network, DNS, the leak finder's looks and every retry happen on background
-threads, and no exception from here reaches the application once
-``create_engine()`` has returned.
+only count a checkout or a checkin in the connection's note (with the
+checkout's site) or queue a rarer event; the network, DNS, the leak
+finder's looks and every retry happen on background threads, and no
+exception from here reaches the application once ``create_engine()`` has
+returned.
 """
 
 from __future__ import annotations
@@ -1653,7 +1655,7 @@ def holder_verdict(mark: FrameMark) -> Optional[str]:
 # list.extend() (atomic: C code, holding the GIL throughout) and taken from
 # the front six at a time.
 #   (CONNECT, conn, when, pool, note, began)  a connection counted (see
-#       PoolProbe.count): its ConnectionNote; began: when its opening began
+#       PoolProbe.counted): its ConnectionNote; began: when its opening began
 #       (None when not known), so the connect time is when - began
 #   (CLOSE, conn, when, None, None, None)  closed, invalidated, discarded
 #   (INVALIDATED, conn, when, pool, None, None)  invalidated: a failed
@@ -2710,10 +2712,10 @@ class Sender:
     the connections' notes, put the connections out in ``out`` (and the
     most out at once in ``peak_out``), and call ``events.extend`` and
     ``wake`` only.  The fold thread folds all that into ``state``, never
-    touching the network, so memory stays bounded however long a connect, a DNS
-    look-up or a send to a stuck daemon blocks.  The network thread, while
-    connected, sends what changed; after every (re)connect it first sends
-    the whole state.
+    touching the network, so memory stays bounded however long a
+    connect, a DNS look-up or a send to a stuck daemon blocks.  The
+    network thread, while connected, sends what changed; after every
+    (re)connect it first sends the whole state.
     """
 
     def __init__(self, addresses: List[Address], description: str,
