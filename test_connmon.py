@@ -260,6 +260,11 @@ def hold(n):
         conn.execute(sa.text("SELECT 1"))
         held.append(conn)
 
+def query(n):
+    for _ in range(n):
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1")).scalar()
+
 fail_next = [0]
 
 def failing_connect(dbapi_connection, connection_record):
@@ -288,9 +293,14 @@ for line in sys.stdin:
         for _ in range(n):
             held.pop().close()
     elif cmd == "query":
-        for _ in range(n):
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1")).scalar()
+        query(n)
+    elif cmd == "parallel":   # N threads at once, each querying M times
+        threads = [threading.Thread(target=query, args=(int(args[1]),))
+                   for _ in range(n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     elif cmd == "invalidate":
         conn = held.pop()
         conn.invalidate()
@@ -579,7 +589,8 @@ class PoolListeners:
     hand, and the fold thread's fold after each: a checkout and a checkin
     counted in the connection's note and the connections out (as
     PoolProbe.checked_out and the checkin listener do; a checkout of a
-    connection not open connects it first), any other event queued.
+    connection not open connects it first), any other event queued.  The
+    arguments are an event's six items (``extra``: a checkout's site);
     ``measured``: whether the pools measure waits (then a checkout says
     when it ``began``)."""
 
@@ -589,7 +600,7 @@ class PoolListeners:
         self.out: Dict[int, connmon.ConnectionNote] = {}
 
     def __call__(self, kind: str, ident: Optional[int], when: float,
-                 pool: Any = None, site: Optional[int] = None,
+                 pool: Any = None, extra: Any = None,
                  began: Optional[float] = None) -> None:
         events: List[tuple] = []
         if kind == CHECKOUT:
@@ -598,7 +609,7 @@ class PoolListeners:
                 note = self.note(ident, pool)
                 events.append((connmon.CONNECT, ident, when, pool, note,
                                None))
-            note.out_at, note.site = when, site
+            note.out_at, note.site = when, extra
             if began is not None:
                 note.waited += when - began
                 note.wait_max = max(note.wait_max, when - began)
@@ -613,9 +624,9 @@ class PoolListeners:
                 note.held += when - note.out_at
                 note.holds += 1
         else:
-            extra = (self.note(ident, pool) if kind == connmon.CONNECT
-                     else site)   # (a POOL's endpoint)
-            if kind == connmon.CLOSE:
+            if kind == connmon.CONNECT:
+                extra = self.note(ident, pool)
+            elif kind == connmon.CLOSE:
                 self.out.pop(ident, None)
             elif kind == connmon.ENGINE_GONE:
                 for conn, note in list(self.out.items()):
@@ -2004,6 +2015,23 @@ def test_counters_of_a_process_that_exits_all_arrive(daemon, apps,
     app.proc.stdin.flush()
     assert app.proc.wait(10) == 0
     daemon.wait_row("exits.py", connected=False, ckout_total=1000)
+
+
+def test_checkouts_of_many_threads_each_counted_once(daemon, apps,
+                                                    tmp_path):
+    """Eight threads check out and in 1,500 times each from a pool of
+    four: every checkout and every hold counted once, though each is
+    counted only in its connection's note, by the thread holding it; and
+    a connection invalidated while out is closed, not a hold."""
+    app = apps(sqlite_url(tmp_path, daemon), "notes.py", pool_size=4,
+               max_overflow=0)
+    app("parallel 8 1500")
+    app("hold 1")
+    app("invalidate")
+    row = daemon.wait_row("notes.py", conn=3, ckout=0, ckout_total=12001,
+                          holds_total=12000, invalidations_total=1,
+                          maxckout=4)
+    assert row["hold_seconds_total"] > 0
 
 
 PLAIN_URLS = {"sqlite": None, "mariadb": MYSQL_URL,
