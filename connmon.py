@@ -1772,7 +1772,6 @@ class ConnectionNote:
         return self.ident
 
 
-
 class ProcessState:
     """The open connections of one process, which of them are checked out
     and since when, its pools' capacities and databases, the checkouts
@@ -1916,8 +1915,9 @@ class ProcessState:
         before, conns = self.checked_out, self.conns
         now_out = {ident: note.out_at for ident, note in out.items()
                    if ident in conns}
+        self.peak_checked_out = max(self.peak_checked_out, peak_out,
+                                    len(now_out))
         if now_out == before:
-            self.peak_checked_out = max(self.peak_checked_out, peak_out)
             return False
         for ident, since in before.items():
             if now_out.get(ident) != since:   # checked in, or out again
@@ -1927,8 +1927,6 @@ class ProcessState:
             if before.get(ident) != since and note.site is not None:
                 self.holders[ident] = (note.site, note.mark)
         self.checked_out = now_out
-        self.peak_checked_out = max(self.peak_checked_out, peak_out,
-                                    len(now_out))
         return True
 
     def look_at_waiters(self, now: float,
@@ -3280,21 +3278,19 @@ def counted_note(entry) -> Optional[ConnectionNote]:
 
 class PoolProbe:
     """What one monitored engine's pool reports through: its sender (its
-    queue and the connections out), its pool id, whether its pool measures
-    waits, whether checkout sites are noted (and how to refer to a
-    checkout's holder: see holder_finder), and when each checkout now in
-    its connect() began."""
+    queue and the connections out), its pool id, whether checkout sites
+    are noted (and how to refer to a checkout's holder: see
+    holder_finder), and when each checkout now in its connect() began."""
 
-    __slots__ = ("record", "sender", "out", "pool_id", "measured", "sites",
-                 "holder", "first_holder", "pending")
+    __slots__ = ("record", "sender", "out", "pool_id", "sites", "holder",
+                 "first_holder", "pending")
 
-    def __init__(self, sender: Sender, pool_id: int, measured: bool,
-                 sites: bool, holder_refs: Tuple[Any, Any]):
+    def __init__(self, sender: Sender, pool_id: int, sites: bool,
+                 holder_refs: Tuple[Any, Any]):
         self.record = sender.events.extend
         self.sender = sender
         self.out = sender.out
         self.pool_id = pool_id
-        self.measured = measured
         self.sites = sites
         self.holder, self.first_holder = holder_refs
         self.pending: List[float] = sender.pending.setdefault(pool_id, [])
@@ -3528,7 +3524,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     clock = time.monotonic
     pool_id = next(_pool_ids)
     measured = isinstance(engine.pool, MeasuredPool)
-    probe = PoolProbe(sender, pool_id, measured, target.sites,
+    probe = PoolProbe(sender, pool_id, target.sites,
                       holder_finder(engine.dialect.is_async))
 
     def on_connect(dbapi_connection, connection_record):
@@ -3558,15 +3554,17 @@ def instrument(engine, settings: Dict[str, str]) -> None:
         if now > sender.wake_until:
             sender.wake()
 
-    def on_close(dbapi_connection, connection_record):
-        note = counted_note(connection_record)
-        if note is None:
-            return
-        out.pop(note.ident, None)   # (closed while out: no hold)
+    def closed(ident: int) -> None:
+        out.pop(ident, None)   # (closed while out: no hold)
         now = clock()
-        record((CLOSE, note.forget(), now, None, None, None))
+        record((CLOSE, ident, now, None, None, None))
         if now > sender.wake_until:
             sender.wake()
+
+    def on_close(dbapi_connection, connection_record):
+        note = counted_note(connection_record)
+        if note is not None:
+            closed(note.forget())
 
     def on_invalidate(dbapi_connection, connection_record, exception):
         note = counted_note(connection_record)
@@ -3596,11 +3594,7 @@ def instrument(engine, settings: Dict[str, str]) -> None:
     def detached_closed(key: int) -> None:
         ident = detached.pop(key, None)
         if ident is not None:
-            out.pop(ident, None)
-            now = clock()
-            record((CLOSE, ident, now, None, None, None))
-            if now > sender.wake_until:
-                sender.wake()
+            closed(ident)
 
     def on_close_detached(dbapi_connection):
         detached_closed(id(dbapi_connection))
